@@ -1,0 +1,101 @@
+"""Service settings: one typed object, read from ``IVVAE_*`` environment variables.
+
+This is the single source of truth for every knob the gateway has. Deployment files
+(docker-compose.yml, k8s/) are checked against the field names here by a test, so a
+variable renamed here and not there fails CI.
+
+Nothing is read at import time: call ``Settings()`` (or ``Settings.from_env()``) where the
+application is built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["local", "triton"]
+PrecisionName = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 50051
+
+
+class Settings(BaseSettings):
+    """Gateway configuration. Every field maps to ``IVVAE_<FIELD_NAME_UPPER>``."""
+
+    model_config = SettingsConfigDict(env_prefix="IVVAE_", extra="ignore", frozen=True)
+
+    # -- network ---------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
+    grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
+    enable_http: bool = True
+    enable_grpc: bool = True
+
+    # -- models ----------------------------------------------------------------------------
+    # Path of the default model's weights (.pth or .safetensors). Empty: the bundled model.
+    weights: str = ""
+    # Extra models, "name=path,name2=path2". The default model is also listed under its name.
+    extra_weights: str = ""
+    model_name: str = ""  # name of the default model; derived from the weights when empty
+    device: str = "cpu"
+    encode_precision: PrecisionName = "float32"
+    decode_precision: PrecisionName = "float32"
+
+    # -- backend ---------------------------------------------------------------------------
+    backend: BackendName = "local"
+    triton_url: str = "127.0.0.1:8001"  # gRPC endpoint of Triton
+    triton_encoder_model: str = "ivvae_encoder"
+    triton_decoder_model: str = "ivvae_decoder"
+    triton_timeout_s: float = Field(60.0, gt=0)
+    triton_connect_retries: int = Field(3, ge=0)
+
+    # -- batching --------------------------------------------------------------------------
+    batch_max_size: int = Field(8, ge=1)
+    batch_max_delay_ms: float = Field(5.0, ge=0)
+    groups_per_step: int = Field(4, ge=1)  # frame groups sent to the model in one step
+
+    # -- result cache ----------------------------------------------------------------------
+    redis_url: str = ""  # empty: in-memory LRU
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0)  # 0 = no expiry
+    cache_max_entry_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    cache_memory_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    cache_key_prefix: str = "ivvae"
+    redis_timeout_s: float = Field(2.0, gt=0)
+
+    # -- limits ----------------------------------------------------------------------------
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    max_frames: int = Field(2048, ge=1)
+    max_pixels: int = Field(1920 * 1088, ge=1)  # per frame, width * height
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_concurrent_requests: int = Field(64, ge=1)
+
+    # -- auth ------------------------------------------------------------------------------
+    api_keys: str = ""  # comma-separated; empty disables auth
+
+    log_level: str = "info"
+
+    @field_validator("api_keys", "extra_weights")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip()
+
+    @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
+    def extra_weight_paths(self) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for item in self.extra_weights.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"IVVAE_EXTRA_WEIGHTS entry {item!r} is not NAME=PATH")
+            out[name.strip()] = Path(path.strip())
+        return out

@@ -1,0 +1,44 @@
+"""The IV-VAE network in pure PyTorch. Imports nothing from the service layers."""
+
+from .cache import FeatureCache
+from .checkpoint import (
+    CheckpointError,
+    infer_config,
+    load_model,
+    official_state_dict,
+    read_weights,
+    save_safetensors,
+    weights_sha256,
+)
+from .config import PRESETS, IVVAEConfig
+from .vae import (
+    IVVAE,
+    PADDING_POLICY,
+    StreamDecoder,
+    StreamEncoder,
+    latent_frames,
+    latent_size,
+    pad_space,
+    padded_frames,
+)
+
+__all__ = [
+    "IVVAE",
+    "PADDING_POLICY",
+    "PRESETS",
+    "CheckpointError",
+    "FeatureCache",
+    "IVVAEConfig",
+    "StreamDecoder",
+    "StreamEncoder",
+    "infer_config",
+    "latent_frames",
+    "latent_size",
+    "load_model",
+    "official_state_dict",
+    "pad_space",
+    "padded_frames",
+    "read_weights",
+    "save_safetensors",
+    "weights_sha256",
+]

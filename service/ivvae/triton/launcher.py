@@ -1,0 +1,725 @@
+"""Start a real Triton Inference Server from the ``nvidia-pytriton`` wheel, without Docker.
+
+The wheel bundles a Triton 2.51 ``tritonserver`` binary with only the python backend. Tests
+and the local stack use it on the CPU; production runs the NGC image. Three steps:
+
+1. :func:`find_triton_install` locates the binary and copies the python-backend stub that
+   matches the running interpreter into ``backends/python/`` (the server looks for it there).
+2. :func:`prepare_repository` copies a committed model repository and writes the
+   machine-specific parameters (``EXECUTION_ENV_PATH``: which venv the stub activates) into
+   the copy. Committed ``config.pbtxt`` files stay free of absolute paths.
+3. :func:`start_triton` runs the server on loopback ports in its own process group and waits
+   until ``/v2/health/ready`` answers; :class:`TritonServer` stops it together with its
+   python stub processes.
+
+``python -m ivvae.triton.launcher --repository DIR --workdir DIR`` does all three and serves
+until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import functools
+import http.client
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+STUB_NAME = "triton_python_backend_stub"
+# Model-config parameter read by the python backend: the stub runs `source <dir>/bin/activate`.
+EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
+ALL_MODELS = "*"
+# Written into a prepared repository so that preparing it again may safely replace it.
+PREPARED_MARKER = ".ivvae-prepared-repository"
+LOG_TAIL_CHARS = 4000
+
+
+# -- where the wheel put things ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Paths inside the installed ``nvidia-pytriton`` wheel."""
+
+    binary: Path  # bin/tritonserver
+    backend_dir: Path  # backends/ (holds python/libtriton_python.so)
+    cache_dir: Path  # caches/ (holds local/libtritoncache_local.so)
+    stub: Path  # backends/python/triton_python_backend_stub, for this Python version
+
+
+def find_triton_install() -> TritonInstall:
+    """Locate the tritonserver binary of the ``nvidia-pytriton`` wheel.
+
+    Copies the python-backend stub built for the running interpreter's Python version into
+    ``backends/python/`` unless an identical copy is already there (idempotent, and atomic
+    so that parallel test workers do not see a half-written executable).
+
+    Raises ``RuntimeError`` when the wheel is not installed or lacks a piece.
+    """
+    # find_spec does not import pytriton (its own imports need dependencies we do not install).
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "Triton Inference Server not found: install it with "
+            "`pip install --no-deps nvidia-pytriton==0.7.0` (the wheel ships the tritonserver "
+            "binary), or run the NGC Triton image."
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    backend_dir = root / "backends"
+    cache_dir = root / "caches"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub_source = root / "python_backend_stubs" / version / STUB_NAME
+    for needed in (binary, backend_dir / "python", cache_dir, stub_source):
+        if not needed.exists():
+            raise RuntimeError(
+                f"incomplete nvidia-pytriton install: {needed} is missing "
+                f"(Python {version} needs a stub built for it)"
+            )
+    stub = backend_dir / "python" / STUB_NAME
+    if not (stub.exists() and filecmp.cmp(stub_source, stub, shallow=False)):
+        try:
+            _copy_atomically(stub_source, stub)
+        except OSError as exc:
+            raise RuntimeError(f"cannot copy the python-backend stub to {stub}: {exc}") from exc
+    return TritonInstall(binary=binary, backend_dir=backend_dir, cache_dir=cache_dir, stub=stub)
+
+
+def _copy_atomically(src: Path, dst: Path) -> None:
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the model repository ------------------------------------------------------------------
+
+
+def prepare_repository(
+    src: Path,
+    dst: Path,
+    *,
+    env_path: Path | None = None,
+    parameters: Mapping[str, Mapping[str, str]] | None = None,
+) -> Path:
+    """Copy a committed model repository to ``dst`` and write machine-specific parameters.
+
+    ``src`` holds one directory per model (``<name>/config.pbtxt`` + ``<name>/1/model.py``).
+    In every copied ``config.pbtxt`` the model-config ``parameters`` entry
+    ``EXECUTION_ENV_PATH`` is set to ``env_path``, then the entries of
+    ``parameters[<model name>]`` and ``parameters["*"]`` (all models; a model's own entry
+    wins) are set. An entry whose key already exists is replaced, never duplicated.
+
+    ``env_path`` defaults to the running interpreter's environment (``sys.prefix``); the
+    link ``<venv>/lib/libpython3.X.so.1.0`` is created so that the stub does not mix the
+    system's libpython with this Python's standard library. A given ``env_path`` must be a
+    directory with ``bin/activate`` and its Python must be the one the stub was built for.
+
+    ``dst`` must be absent, empty, or a repository prepared earlier (it is then replaced).
+    Returns ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    models = sorted(p.name for p in src.iterdir() if (p / "config.pbtxt").is_file())
+    if not models:
+        raise ValueError(f"{src} holds no model directory with a config.pbtxt")
+    parameters = parameters or {}
+    unknown = set(parameters) - set(models) - {ALL_MODELS}
+    if unknown:
+        raise ValueError(f"parameters for unknown models {sorted(unknown)}; models: {models}")
+    env = _execution_env(env_path)
+
+    if dst.exists() and any(dst.iterdir()):
+        if not (dst / PREPARED_MARKER).exists():
+            raise ValueError(f"{dst} is not empty and was not prepared by prepare_repository")
+        shutil.rmtree(dst)
+    shutil.copytree(
+        src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
+    )
+    (dst / PREPARED_MARKER).write_text(f"prepared from {src.resolve()}\n")
+
+    for model in models:
+        values = {EXECUTION_ENV_PATH: str(env)}
+        values.update(parameters.get(ALL_MODELS, {}))
+        values.update(parameters.get(model, {}))
+        config = dst / model / "config.pbtxt"
+        config.write_text(set_config_parameters(config.read_text(), values))
+    return dst
+
+
+def _execution_env(env_path: Path | None) -> Path:
+    env = Path(env_path if env_path is not None else sys.prefix).absolute()
+    if not (env / "bin" / "activate").is_file():
+        raise ValueError(
+            f"{env} is not a virtual environment (no bin/activate); the python-backend stub "
+            "activates EXECUTION_ENV_PATH before importing the model"
+        )
+    if env.resolve() == Path(sys.prefix).resolve():
+        _check_numpy_below_2()
+        _link_libpython(env)
+    return env
+
+
+def _check_numpy_below_2() -> None:
+    try:
+        version = importlib.metadata.version("numpy")
+    except importlib.metadata.PackageNotFoundError:
+        return  # a model that needs numpy will say so at load time
+    if int(version.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {version} in {sys.prefix}: the Triton 2.51 python-backend stub corrupts "
+            "input tensors with numpy 2; install numpy<2"
+        )
+
+
+def _link_libpython(env: Path) -> None:
+    libdir = sysconfig.get_config_var("LIBDIR")
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if not libdir or not soname:
+        log.warning("cannot tell where libpython is; the stub may load the system's libpython")
+        return
+    target = Path(libdir) / soname
+    link = env / "lib" / soname
+    if not target.exists():
+        log.warning("%s does not exist; the stub may load the system's libpython", target)
+        return
+    if link.exists() and (not link.is_symlink() or link.resolve() == target.resolve()):
+        return  # the real library lives here, or the link is already right
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{soname}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+# -- editing config.pbtxt as text ----------------------------------------------------------
+# The committed file keeps its comments and layout; only top-level `parameters` fields are
+# rewritten. Protobuf text format is tokenised so that braces or keys inside strings and
+# comments, and `parameters` maps nested in other messages, are never mistaken for ours.
+
+_TOKEN = re.compile(
+    r"""
+    (?P<space>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<punct>[{}<>\[\]:,;])
+  | (?P<word>[^\s{}<>\[\]:,;"'\#]+)
+    """,
+    re.VERBOSE,
+)
+_OPEN = "{<["
+_CLOSE = "}>]"
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str  # "string", "punct" or "word"
+    text: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    start: int  # offset of the field name
+    end: int  # offset just past the value and an optional separator
+    value: list[_Token]  # the value's tokens, delimiters included
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    pos = 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            raise ValueError(f"cannot parse config.pbtxt at offset {pos}: {text[pos : pos + 20]!r}")
+        kind = match.lastgroup
+        assert kind is not None
+        if kind not in ("space", "comment"):
+            tokens.append(_Token(kind, match.group(), match.start(), match.end()))
+        pos = match.end()
+    return tokens
+
+
+def _skip_value(tokens: list[_Token], i: int) -> int:
+    """Index just past the value starting at ``tokens[i]``."""
+    first = tokens[i]
+    if first.kind == "punct" and first.text in _OPEN:
+        depth = 0
+        for j in range(i, len(tokens)):
+            tok = tokens[j]
+            if tok.kind == "punct" and tok.text in _OPEN:
+                depth += 1
+            elif tok.kind == "punct" and tok.text in _CLOSE:
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+        raise ValueError("unbalanced brackets in config.pbtxt")
+    if first.kind == "string":  # adjacent strings concatenate
+        while i < len(tokens) and tokens[i].kind == "string":
+            i += 1
+        return i
+    if first.kind == "word":
+        return i + 1
+    raise ValueError(f"unexpected {first.text!r} at offset {first.start} in config.pbtxt")
+
+
+def _fields(tokens: list[_Token]) -> list[_Field]:
+    """The fields of the message whose body is ``tokens`` (delimiters excluded)."""
+    fields: list[_Field] = []
+    i = 0
+    while i < len(tokens):
+        name = tokens[i]
+        if name.kind != "word":
+            raise ValueError(f"expected a field name at offset {name.start}, got {name.text!r}")
+        i += 1
+        if i < len(tokens) and tokens[i].text == ":" and tokens[i].kind == "punct":
+            i += 1
+        if i >= len(tokens):
+            raise ValueError(f"field {name.text!r} has no value")
+        end = _skip_value(tokens, i)
+        value = tokens[i:end]
+        if end < len(tokens) and tokens[end].kind == "punct" and tokens[end].text in ",;":
+            end += 1
+        fields.append(_Field(name.text, name.start, tokens[end - 1].end, value))
+        i = end
+    return fields
+
+
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
+_BLANK_TO_EOL = re.compile(r"[ \t]*(?:\n|$)")
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+
+
+def _unquote(tokens: list[_Token]) -> str:
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if code[0] == "x":
+            return chr(int(code[1:], 16))
+        if code[0] in "01234567":
+            return chr(int(code, 8))
+        return _SIMPLE_ESCAPES.get(code, code)
+
+    return "".join(_ESCAPE.sub(one, tok.text[1:-1]) for tok in tokens)
+
+
+def _quote(value: str) -> str:
+    escaped = []
+    for char in value:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif char == "\n":
+            escaped.append("\\n")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            escaped.append(f"\\{ord(char):03o}")
+        else:
+            escaped.append(char)
+    return '"' + "".join(escaped) + '"'
+
+
+def _entries_in(text: str, parameters: _Field) -> Iterator[tuple[str | None, str]]:
+    """(key, original text) of each map entry of a top-level ``parameters`` field."""
+    value = parameters.value
+    items: list[list[_Token]] = []
+    if value[0].text == "[":
+        body = value[1:-1]
+        i = 0
+        while i < len(body):
+            end = _skip_value(body, i)
+            items.append(body[i:end])
+            i = end + 1 if end < len(body) and body[end].text == "," else end
+    else:
+        items.append(value)
+    for entry in items:
+        if entry[0].kind != "punct" or entry[0].text not in _OPEN:
+            raise ValueError(f"a parameters entry must be a message, at offset {entry[0].start}")
+        key = None
+        for f in _fields(entry[1:-1]):
+            if f.name == "key" and f.value[0].kind == "string":
+                key = _unquote(f.value)
+        yield key, text[entry[0].start : entry[-1].end]
+
+
+def _end_of_line_if_blank(text: str, pos: int) -> int:
+    """``pos`` moved past trailing blanks and the newline, if nothing else follows on its line."""
+    match = _BLANK_TO_EOL.match(text, pos)
+    return match.end() if match else pos
+
+
+def set_config_parameters(text: str, values: Mapping[str, str]) -> str:
+    """Return ``config.pbtxt`` text with top-level ``parameters`` entries set to ``values``.
+
+    Existing entries with other keys are kept verbatim; an entry with a key in ``values``
+    is replaced. Everything outside the top-level ``parameters`` fields is left untouched.
+    """
+    tokens = _tokenize(text)
+    params = [f for f in _fields(tokens) if f.name == "parameters"]
+    kept: list[str] = []
+    for f in params:
+        for key, entry in _entries_in(text, f):
+            if key not in values:
+                kept.append(entry)
+    block = "".join(f"parameters {entry}\n" for entry in kept) + "".join(
+        f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}\n"
+        for key, value in values.items()
+    )
+    if not params:
+        return text + ("" if text.endswith("\n") or not text else "\n") + block
+    pieces: list[str] = []
+    pos = 0
+    for n, f in enumerate(params):
+        pieces.append(text[pos : f.start])
+        if n == 0:
+            pieces.append(block)
+        pos = _end_of_line_if_blank(text, f.end)
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+# -- the server process --------------------------------------------------------------------
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver, leader of its own process group (its python stubs included).
+
+    Endpoints listen on 127.0.0.1 only. ``stop()`` and ``kill()`` end the whole group.
+    """
+
+    process: subprocess.Popen[bytes]
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    repository: Path
+    log_path: Path
+    _ended: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{LOOPBACK}:{self.metrics_port}"
+
+    def is_ready(self) -> bool:
+        """Whether ``GET /v2/health/ready`` answers 200 (all models loaded, server live)."""
+        if self.has_exited():
+            return False
+        # http.client rather than urllib: urllib would send loopback requests to an HTTP proxy.
+        conn = http.client.HTTPConnection(LOOPBACK, self.http_port, timeout=2)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
+        """The end of the server's log (its stdout and stderr, stubs included)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - chars))
+                return f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(cannot read {self.log_path}: {exc})"
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the server (it unloads models, ending its stubs), then SIGKILL the group.
+
+        Waits at most ``timeout`` seconds for a graceful exit. Idempotent.
+        """
+        if self._ended:
+            return
+        if not self.has_exited():
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while not self.has_exited() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process of its group at once (a crash). Idempotent."""
+        if self._ended:
+            return
+        pgid = self.process.pid
+        if self.process.returncode is None:
+            # Safe while the server is unreaped (alive or a zombie): its pid, which is the
+            # group id, cannot be reused until it is reaped.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        else:
+            # Someone reaped the server (process.poll()), so the group id may have been
+            # reused: end only leftover processes that are ours by session and name.
+            for pid in process_group_members(pgid, session=pgid, names=_OUR_PROCESS_NAMES):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._ended = True
+        # The stubs' parent is gone; init reaps them, give it a moment.
+        deadline = time.monotonic() + 5
+        while process_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def has_exited(self) -> bool:
+        """Whether the server process has exited. Unlike ``process.poll()`` it does not reap
+        the process, so its pid keeps identifying the process group until ``stop()``."""
+        if self.process.returncode is not None:
+            return True
+        try:
+            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None
+
+    def __enter__(self) -> TritonServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# /proc/<pid>/comm is cut at 15 characters.
+_OUR_PROCESS_NAMES = ("tritonserver", STUB_NAME[:15])
+
+
+def process_group_members(
+    pgid: int, *, session: int | None = None, names: Sequence[str] | None = None
+) -> list[int]:
+    """Pids of the live (not zombie) processes of process group ``pgid``, from ``/proc``;
+    optionally only those of ``session`` whose command name is one of ``names``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name is in parentheses and may contain anything: split after it.
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, _ppid, pgrp, sid = stat[stat.rindex(")") + 2 :].split()[:4]
+        if int(pgrp) != pgid or state in ("Z", "X"):
+            continue
+        if session is not None and int(sid) != session:
+            continue
+        if names is not None and comm not in names:
+            continue
+        members.append(int(entry.name))
+    return members
+
+
+def _pick_ports(requested: dict[str, int]) -> dict[str, int]:
+    """Replace each 0 with a loopback port that is free now (another process may take it
+    before the server binds it). All sockets stay open until all are picked, so the picked
+    ports differ from each other."""
+    with contextlib.ExitStack() as stack:
+        ports = dict(requested)
+        for name, port in requested.items():
+            if port == 0:
+                sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                sock.bind((LOOPBACK, 0))
+                ports[name] = int(sock.getsockname()[1])
+    if len(set(ports.values())) != len(ports):
+        raise ValueError(f"the ports must differ: {ports}")
+    return ports
+
+
+@functools.cache
+def _accepted_flags(binary: Path) -> str:
+    """The binary's ``--help`` text (flags differ between Triton releases)."""
+    result = subprocess.run(
+        [str(binary), "--help"], capture_output=True, text=True, timeout=30, check=False
+    )
+    return result.stdout + result.stderr
+
+
+def start_triton(
+    repository: Path,
+    *,
+    http_port: int = 0,
+    grpc_port: int = 0,
+    metrics_port: int = 0,
+    log_path: Path | None = None,
+    ready_timeout: float = 60,
+    extra_args: Sequence[str] = (),
+    models: Sequence[str] | None = None,
+) -> TritonServer:
+    """Start tritonserver on a prepared repository and wait until it is ready.
+
+    A port of 0 means a free loopback port. All endpoints bind to 127.0.0.1. With ``models``
+    the server runs in explicit model-control mode and loads only those; otherwise it loads
+    every model of the repository. stdout and stderr go to ``log_path`` (default: a new
+    file in the temp directory). Raises ``RuntimeError`` with the log's tail if the server
+    exits or is not ready within ``ready_timeout`` seconds (it is stopped then).
+    """
+    install = find_triton_install()
+    repository = Path(repository).absolute()
+    if not repository.is_dir():
+        raise ValueError(f"model repository {repository} is not a directory")
+    ports = _pick_ports({"http": http_port, "grpc": grpc_port, "metrics": metrics_port})
+    if log_path is None:
+        fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+        os.close(fd)
+        log_path = Path(name)
+
+    args = [
+        str(install.binary),
+        f"--model-repository={repository}",
+        f"--backend-directory={install.backend_dir}",
+        f"--cache-directory={install.cache_dir}",
+        f"--http-address={LOOPBACK}",
+        f"--http-port={ports['http']}",
+        f"--grpc-address={LOOPBACK}",
+        f"--grpc-port={ports['grpc']}",
+        f"--metrics-address={LOOPBACK}",
+        f"--metrics-port={ports['metrics']}",
+        # Config comes from the committed files only: ready in ~1 s instead of ~3 s.
+        "--disable-auto-complete-config",
+        "--pinned-memory-pool-byte-size=0",
+    ]
+    if "--allow-gpu-metrics" in _accepted_flags(install.binary):
+        args.append("--allow-gpu-metrics=false")
+    if models is not None:
+        args.append("--model-control-mode=explicit")
+        args += [f"--load-model={model}" for model in models]
+    args += extra_args
+
+    log.info("starting %s", " ".join(args))
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # own process group: stop() reaches the stubs too
+        )
+    server = TritonServer(
+        process=process,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        repository=repository,
+        log_path=log_path,
+    )
+    deadline = time.monotonic() + ready_timeout
+    while not server.is_ready():
+        if server.has_exited():
+            server.kill()
+            raise RuntimeError(
+                f"tritonserver exited with status {process.returncode} before it was ready; "
+                f"log {log_path}:\n{server.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(
+                f"tritonserver was not ready after {ready_timeout:g} s; "
+                f"log {log_path}:\n{server.log_tail()}"
+            )
+        time.sleep(0.05)
+    log.info("tritonserver ready: http %s grpc %s", server.http_url, server.grpc_url)
+    return server
+
+
+# -- python -m ivvae.triton.launcher -------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prepare a repository copy, start tritonserver, serve until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ivvae.triton.launcher", description=main.__doc__
+    )
+    parser.add_argument("--repository", type=Path, required=True, help="committed repository")
+    parser.add_argument(
+        "--workdir", type=Path, required=True, help="where the prepared copy and the log go"
+    )
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument(
+        "--env-path", type=Path, default=None, help="venv the stubs activate (default: this one)"
+    )
+    parser.add_argument(
+        "--model", dest="models", action="append", default=None, help="load only these models"
+    )
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping tritonserver", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    repository = prepare_repository(
+        args.repository, args.workdir / "model_repository", env_path=args.env_path
+    )
+    server = start_triton(
+        repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_path=args.workdir / "tritonserver.log",
+        ready_timeout=args.ready_timeout,
+        models=args.models,
+    )
+    with server:
+        print(
+            f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} "
+            f"metrics {server.metrics_url} log {server.log_path}",
+            flush=True,
+        )
+        while not stop_requested.wait(0.5):
+            if server.has_exited():
+                server.kill()
+                log.error(
+                    "tritonserver exited with status %s:\n%s",
+                    server.process.returncode,
+                    server.log_tail(),
+                )
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
