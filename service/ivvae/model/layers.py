@@ -18,7 +18,6 @@ that tensors never leave the 5-D layout (no (B*T) folding copies).
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ class PerFrameConv(nn.Module):
     """A 2-D convolution applied to every frame. Weight ``[Co, Ci, k, k]`` (official shape)."""
 
     def __init__(self, ci: int, co: int, kernel: int, *, stride: int = 1, dilation: int = 1,
-                 padding: Optional[int] = None) -> None:
+                 padding: int | None = None) -> None:
         super().__init__()
         self.weight, self.bias = _conv_param(co, ci, kernel, kernel)
         pad = dilation * (kernel // 2) if padding is None else padding
@@ -87,7 +86,7 @@ class GroupCausalConv3d(nn.Module):
         self.weight, self.bias = _conv_param(co, ci, 3, 3, 3)
         self.group = group
 
-    def forward(self, x: Tensor, prev: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, prev: Tensor | None) -> Tensor:
         if prev is None:
             stack = torch.cat([x, x, torch.zeros_like(x)], dim=2)  # (B, C, 3, H, W)
             return F.conv3d(stack, self.weight, self.bias, padding=(0, 1, 1))
@@ -139,7 +138,7 @@ class SepConv3d(nn.Module):
         else:
             raise ValueError(f"SepConv3d kernel must be 1 or 3, got {kernel}")
 
-    def forward(self, x: Tensor, prev: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, prev: Tensor | None) -> Tensor:
         if self.kernel == 3:
             y3 = self.conv_3d(x, prev)
         else:
@@ -163,7 +162,7 @@ class ResBlock3D(nn.Module):
         self.conv1 = SepConv3d(2 * ci, co, 3, group)
         self.norm2 = GroupRMSNorm(co)
         self.conv2 = SepConv3d(2 * co, co, 3, group)
-        self.shortcut: Optional[SepConv3d] = SepConv3d(2 * ci, co, 1) if ci != co else None
+        self.shortcut: SepConv3d | None = SepConv3d(2 * ci, co, 1) if ci != co else None
 
     def forward(self, x: Tensor, cache: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
         h = F.silu(self.norm1(x))
@@ -248,7 +247,7 @@ class Downsample(nn.Module):
         self.temporal = temporal
         self.conv_2d = PerFrameConv(width, width, 3, stride=2, padding=0)
         self.conv_3d = PerFrameConv(width, width, 3, stride=2, padding=0)
-        self.time_conv: Optional[nn.Conv3d] = None
+        self.time_conv: nn.Conv3d | None = None
         if temporal:
             self.time_conv = nn.Conv3d(width, width, (2, 1, 1), stride=(2, 1, 1))
 
@@ -283,7 +282,7 @@ class Upsample(nn.Module):
         self.temporal = temporal
         self.conv_2d = PerFrameConv(width, width // 2, 3)
         self.conv_3d = PerFrameConv(width, width // 2, 3)
-        self.time_conv: Optional[nn.Conv3d] = None
+        self.time_conv: nn.Conv3d | None = None
         if temporal:
             self.time_conv = nn.Conv3d(width, 2 * width, 1)
 

@@ -10,7 +10,6 @@ call (n = 1) and ``n' = 4n`` later; channels ``[0:3]`` are the keyframe branch a
 the temporal branch (the VAE assembles frames from them).
 """
 
-from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +30,11 @@ from .layers import (
 GROUP = 4  # frames per group at the full frame rate
 
 
+def _slots(block: nn.Module) -> int:
+    """Cache slots a block uses (ResBlock3D: 2, stateless blocks: 0)."""
+    return int(getattr(block, "num_slots", 0))
+
+
 def _run_blocks(
     blocks: nn.ModuleList, x: Tensor, cache: list[Tensor], offset: int, first: bool
 ) -> tuple[Tensor, list[Tensor]]:
@@ -38,7 +42,7 @@ def _run_blocks(
     new_cache: list[Tensor] = []
     i = offset
     for block in blocks:
-        n = block.num_slots
+        n = _slots(block)
         x, c = block(x, [] if first else cache[i : i + n], first)
         new_cache.extend(c)
         i += n
@@ -73,12 +77,12 @@ class Encoder(nn.Module):
         self.middle = nn.ModuleList([ResBlock2D(co), Attention(co), ResBlock2D(co)])
         self.head_norm = GroupRMSNorm(co)
         self.head = PACHead(2 * co, cfg.z_dim)
-        self.num_slots = 1 + sum(int(b.num_slots) for b in blocks)
+        self.num_slots = 1 + sum(_slots(b) for b in blocks)
 
     def forward(
         self, x: Tensor, cache: list[Tensor], first: bool
     ) -> tuple[Tensor, list[Tensor]]:
-        stem_prev: Optional[Tensor] = None if first else cache[0]
+        stem_prev: Tensor | None = None if first else cache[0]
         new_cache = [_last_frame(x)]
         h = self.stem(x, stem_prev)
         h, c = _run_blocks(self.downsamples, h, cache, 1, first)
@@ -121,12 +125,11 @@ class Decoder(nn.Module):
         out_w = widths[-1]
         self.head_norm = GroupRMSNorm(out_w)
         self.head = SepConv3d(2 * out_w, 3, 3, GROUP)
-        self.num_slots = 1 + sum(int(b.num_slots) for b in blocks)
+        self.num_slots = 1 + sum(_slots(b) for b in blocks)
 
     def forward(
         self, x: Tensor, cache: list[Tensor], first: bool
     ) -> tuple[Tensor, list[Tensor]]:
-        b, z, n, h, w = x.shape
         # conv_in is per frame on the (B, z, n, h, w) latent.
         y = F.conv3d(x, self.conv_in.weight.unsqueeze(2), self.conv_in.bias, padding=(0, 1, 1))
         y, _ = _run_blocks(self.middle, y, cache, 0, first)

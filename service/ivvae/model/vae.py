@@ -114,7 +114,7 @@ class IVVAE(nn.Module):
             self.decode_dtype = self._parse_precision(decode)
 
     def _parse_precision(self, value: str | torch.dtype) -> torch.dtype:
-        dtype = _PRECISIONS.get(value, None) if isinstance(value, str) else value
+        dtype = _PRECISIONS.get(value) if isinstance(value, str) else value
         if dtype not in _PRECISIONS.values():
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {value!r}")
         assert dtype is not None
@@ -180,7 +180,9 @@ class IVVAE(nn.Module):
             mu, logvar = self._moments(e_all)
         return mu, logvar, FeatureCache(tuple(tensors), seen + x.shape[2])
 
-    def decode_step(self, latent: Tensor, cache: FeatureCache | None) -> tuple[Tensor, FeatureCache]:
+    def decode_step(
+        self, latent: Tensor, cache: FeatureCache | None
+    ) -> tuple[Tensor, FeatureCache]:
         """One streaming decoder step.
 
         ``latent``: ``(B, z, n, h, w)``. Without a cache the first latent frame starts the
