@@ -51,7 +51,10 @@ EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
 ALL_MODELS = "*"
 # Written into a prepared repository so that preparing it again may safely replace it.
 PREPARED_MARKER = ".ivvae-prepared-repository"
-LOG_TAIL_CHARS = 4000
+LOG_EXCERPT_BYTES = 1 << 20
+_GLOG_ERROR = re.compile(r"^E\d{4} ")
+# Logged at every start on a machine without a GPU.
+_LOG_NOISE = ("CudaDriverHelper has not been initialized",)
 
 
 # -- where the wheel put things ------------------------------------------------------------
@@ -143,6 +146,8 @@ def prepare_repository(
     Returns ``dst``.
     """
     src, dst = Path(src), Path(dst)
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise ValueError(f"{dst} lies inside the repository it would copy, {src}")
     models = sorted(p.name for p in src.iterdir() if (p / "config.pbtxt").is_file())
     if not models:
         raise ValueError(f"{src} holds no model directory with a config.pbtxt")
@@ -439,19 +444,31 @@ class TritonServer:
         try:
             conn.request("GET", "/v2/health/ready")
             return conn.getresponse().status == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
         finally:
             conn.close()
 
-    def log_tail(self, chars: int = LOG_TAIL_CHARS) -> str:
-        """The end of the server's log (its stdout and stderr, stubs included)."""
+    def log_excerpt(self, lines: int = 20) -> str:
+        """The server log's error lines, then its last lines (the wide tables left out).
+
+        The log holds the server's stdout and stderr, python stubs included.
+        """
         try:
             with self.log_path.open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - chars))
-                return f.read().decode(errors="replace")
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_EXCERPT_BYTES))
+                text = f.read().decode(errors="replace")
         except OSError as exc:
             return f"(cannot read {self.log_path}: {exc})"
+        all_lines = text.splitlines()
+        errors = [
+            line
+            for line in all_lines
+            if _GLOG_ERROR.match(line) and not any(noise in line for noise in _LOG_NOISE)
+        ]
+        tail = [line for line in all_lines if not line.startswith(("|", "+"))][-lines:]
+        excerpt = ["error lines:", *errors[-lines:]] if errors else []
+        return "\n".join([*excerpt, "last lines:", *tail])
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM the server (it unloads models, ending its stubs), then SIGKILL the group.
@@ -585,8 +602,8 @@ def start_triton(
     A port of 0 means a free loopback port. All endpoints bind to 127.0.0.1. With ``models``
     the server runs in explicit model-control mode and loads only those; otherwise it loads
     every model of the repository. stdout and stderr go to ``log_path`` (default: a new
-    file in the temp directory). Raises ``RuntimeError`` with the log's tail if the server
-    exits or is not ready within ``ready_timeout`` seconds (it is stopped then).
+    file in the temp directory). Raises ``RuntimeError`` with an excerpt of the log if the
+    server exits or is not ready within ``ready_timeout`` seconds (it is stopped then).
     """
     install = find_triton_install()
     repository = Path(repository).absolute()
@@ -597,6 +614,7 @@ def start_triton(
         fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
         os.close(fd)
         log_path = Path(name)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
 
     args = [
         str(install.binary),
@@ -643,13 +661,13 @@ def start_triton(
             server.kill()
             raise RuntimeError(
                 f"tritonserver exited with status {process.returncode} before it was ready; "
-                f"log {log_path}:\n{server.log_tail()}"
+                f"log {log_path}:\n{server.log_excerpt()}"
             )
         if time.monotonic() > deadline:
             server.stop()
             raise RuntimeError(
                 f"tritonserver was not ready after {ready_timeout:g} s; "
-                f"log {log_path}:\n{server.log_tail()}"
+                f"log {log_path}:\n{server.log_excerpt()}"
             )
         time.sleep(0.05)
     log.info("tritonserver ready: http %s grpc %s", server.http_url, server.grpc_url)
@@ -694,15 +712,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     repository = prepare_repository(
         args.repository, args.workdir / "model_repository", env_path=args.env_path
     )
-    server = start_triton(
-        repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
-        log_path=args.workdir / "tritonserver.log",
-        ready_timeout=args.ready_timeout,
-        models=args.models,
-    )
+    try:
+        server = start_triton(
+            repository,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port,
+            log_path=args.workdir / "tritonserver.log",
+            ready_timeout=args.ready_timeout,
+            models=args.models,
+        )
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
     with server:
         print(
             f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} "
@@ -715,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error(
                     "tritonserver exited with status %s:\n%s",
                     server.process.returncode,
-                    server.log_tail(),
+                    server.log_excerpt(),
                 )
                 return 1
     return 0

@@ -1,0 +1,471 @@
+"""Decode an uploaded video (or image) into RGB frames, within limits, with PyAV.
+
+``open_video`` is the only way in. It opens the container, picks the first video stream,
+checks the limits against what the headers say, and decodes the first frame (which tells
+the orientation, see ``ivvae.video.orientation``, and proves the data decodes) before it
+returns. ``VideoReader.iter_frames``
+then streams the rest in chunks.
+
+Every refusal is one of the service's errors (``ivvae.errors``):
+
+================================================  ===================
+empty bytes or empty file                          ``EmptyInput``
+a path that cannot be read                         ``InvalidInput``
+not media, a format we do not accept, no video     ``UnsupportedMedia``
+recognised container that does not decode          ``CorruptMedia``
+over ``VideoLimits`` (pixels per frame, frames)    ``TooLarge``
+================================================  ===================
+
+How the pixel limit is kept without allocating an oversized frame: FFmpeg's
+``avformat_find_stream_info`` decodes a frame or more to fill in stream parameters, so it
+runs with the decoder option ``max_pixels`` set to (a little over, see
+``_DECODER_CAP_FACTOR``) the limit. A decoder then refuses, before allocating, any picture
+over it, and the stream comes back with a size of 0x0. Only then is the declared size
+looked up, in a second open with every decoder disabled (the size from the container
+header) or, for still images, from the PNG/JPEG header itself; it picks ``TooLarge`` over
+``CorruptMedia``. The decoder used for the frames gets the same ``max_pixels``, and the
+limit proper is checked against the real size of the first frame.
+
+Security: only the demuxers in ``ALLOWED_DEMUXERS`` may open an upload, and no protocol may
+be opened from inside one, so a playlist (HLS, concat, ...) cannot make FFmpeg fetch URLs or
+read local files. Paths are opened by Python, never handed to FFmpeg as URLs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import BinaryIO, cast
+
+import av
+import av.error
+import numpy as np
+import numpy.typing as npt
+from av.container import InputContainer
+from av.stream import Discard
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
+
+from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
+from ivvae.video import orientation, sniff
+from ivvae.video.orientation import Orientation
+
+# Frame rate reported for still images and for streams that declare none (or a nonsense one).
+DEFAULT_FPS = 24.0
+# Rates outside (0, MAX_FPS] are treated as undeclared: broken timestamps produce 90000/1.
+MAX_FPS = 1000.0
+
+# FFmpeg demuxers an upload may be opened with (any alias of a demuxer's name matches).
+# Audio-only formats are included so that their refusal says "no video stream".
+ALLOWED_DEMUXERS = (
+    "mov",  # mov,mp4,m4a,3gp,3g2,mj2
+    "matroska",  # matroska,webm
+    "avi",
+    "gif",
+    "apng",
+    "flv",
+    "mpegts",
+    "mpeg",
+    "ogg",
+    "asf",
+    "ivf",
+    "yuv4mpegpipe",
+    "h264",
+    "hevc",
+    "m4v",
+    "obu",
+    "mjpeg",
+    "png_pipe",
+    "jpeg_pipe",
+    "webp_pipe",
+    "bmp_pipe",
+    "tiff_pipe",
+    "mp3",
+    "wav",
+    "flac",
+    "aac",
+)
+# FFmpeg's image2pipe demuxers ("png_pipe", ...) read still images.
+_STILL_IMAGE_SUFFIX = "_pipe"
+
+_CONTAINER_OPTIONS = {
+    "format_whitelist": ",".join(ALLOWED_DEMUXERS),
+    # No protocol has this name, so nothing can be opened from inside the upload.
+    "protocol_whitelist": "none",
+}
+_OPEN_TIMEOUT_S = 30.0  # probing the container and its streams
+_READ_TIMEOUT_S = 30.0  # one packet read
+_IO_BUFFER_BYTES = 1 << 18
+# Decoders allocate whole macroblocks/superblocks (1920x1080 H.264 is decoded as 1920x1088)
+# and check FFmpeg's ``max_pixels`` against that padded size, so their cap leaves room;
+# the limit itself is checked against the real frame size.
+_DECODER_CAP_FACTOR = 2
+_DECODER_CAP_SLACK = 256 * 256
+# Decoder threads per open video; the service decodes several uploads at once.
+_DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+Frames = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """What an upload may not exceed. ``max_pixels`` is per frame, width * height."""
+
+    max_frames: int = 2048
+    max_pixels: int = 1920 * 1088
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1 or self.max_pixels < 1:
+            raise ValueError(f"limits must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video is, as a player shows it.
+
+    ``width`` and ``height`` are the displayed size: after ``rotation``, the clockwise
+    rotation in degrees (0, 90, 180 or 270) that was applied to the coded pictures, as
+    the container's display matrix or a JPEG's EXIF orientation asks (a mirrored picture,
+    rare, is also flipped left-right after the turn; see ``ivvae.video.orientation``).
+    ``fps`` is the average frame rate, or
+    ``DEFAULT_FPS`` for still images and streams that declare none. ``num_frames`` is the
+    count the container declares, or an estimate from its duration, or ``None``; the
+    frames actually decoded are authoritative. ``codec`` is FFmpeg's decoder name
+    (``"h264"``) and ``container`` its demuxer name (``"mov,mp4,m4a,3gp,3g2,mj2"``).
+    """
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int | None
+    codec: str
+    container: str
+    rotation: int
+
+
+class _Source:
+    """An upload as bytes or a path, which can be opened more than once."""
+
+    def __init__(self, source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> None:
+        self._data: bytes | None = None
+        self._path: str | None = None
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self._data = bytes(source)
+            if not self._data:
+                raise EmptyInput("the upload is empty")
+            self.head = self._data[: sniff.HEAD_BYTES]
+            return
+        self._path = os.fspath(source)
+        try:
+            with open(self._path, "rb") as file:
+                self.head = file.read(sniff.HEAD_BYTES)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {self._path!r}: {exc.strerror or exc}") from exc
+        if not self.head:
+            raise EmptyInput(f"{self._path!r} is empty")
+
+    def open(self) -> BinaryIO:
+        if self._data is not None:
+            return io.BytesIO(self._data)
+        assert self._path is not None
+        try:
+            return open(self._path, "rb")
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {self._path!r}: {exc.strerror or exc}") from exc
+
+
+def _open_container(
+    source: _Source, *, options: dict[str, str], container_options: dict[str, str]
+) -> tuple[InputContainer, BinaryIO]:
+    file = source.open()
+    try:
+        container = av.open(
+            file,
+            mode="r",
+            options=options,
+            container_options={**_CONTAINER_OPTIONS, **container_options},
+            buffer_size=_IO_BUFFER_BYTES,
+            timeout=(_OPEN_TIMEOUT_S, _READ_TIMEOUT_S),
+        )
+    except av.error.ExitError as exc:
+        file.close()
+        raise CorruptMedia("the container could not be read in time") from exc
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
+        file.close()
+        # Not media, a format off the whitelist (EINVAL), or a damaged container.
+        kind = sniff.container_signature(source.head)
+        if kind is None:
+            raise UnsupportedMedia("not a supported video or image file") from exc
+        raise CorruptMedia(f"damaged or truncated {kind} data") from exc
+    except BaseException:
+        file.close()
+        raise
+    return container, file
+
+
+def _video_stream(container: InputContainer) -> VideoStream | None:
+    """The first video stream that is not a cover picture (an audio file's album art)."""
+    for stream in container.streams.video:
+        if not stream.disposition & av.stream.Disposition.attached_pic:
+            return stream
+    return None
+
+
+def _declared_size(source: _Source) -> tuple[int, int] | None:
+    """The frame size the headers declare, found without decoding anything."""
+    container, file = _open_container(
+        source, options={}, container_options={"codec_whitelist": "none"}
+    )
+    try:
+        stream = _video_stream(container)
+        if stream is not None and stream.width > 0 and stream.height > 0:
+            return stream.width, stream.height
+    finally:
+        container.close()
+        file.close()
+    return sniff.image_size(source.head)
+
+
+def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise TooLarge(f"frames of {width}x{height} exceed the limit of {limits.max_pixels} pixels")
+
+
+def _frame_rate(stream: VideoStream, still: bool) -> float:
+    if still:
+        return DEFAULT_FPS
+    for rate in (stream.average_rate, stream.guessed_rate):
+        if rate is not None and 0 < rate <= MAX_FPS:
+            return float(rate)
+    return DEFAULT_FPS
+
+
+def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> int | None:
+    if stream.frames > 0:
+        return stream.frames
+    seconds: float | None = None
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return max(1, round(seconds * fps))
+
+
+def open_video(
+    source: bytes | str | os.PathLike[str], *, limits: VideoLimits = VideoLimits()
+) -> VideoReader:
+    """Open an upload (bytes) or a file (path) for decoding; see the module docstring.
+
+    Checks the limits against the stream headers, then decodes the first frame. Raises
+    ``EmptyInput``, ``InvalidInput``, ``UnsupportedMedia``, ``CorruptMedia`` or
+    ``TooLarge``; nothing from PyAV or the OS escapes.
+    """
+    src = _Source(source)
+    decoder_cap = _DECODER_CAP_FACTOR * limits.max_pixels + _DECODER_CAP_SLACK
+    pixel_cap = {"max_pixels": str(decoder_cap)}
+    container, file = _open_container(src, options=pixel_cap, container_options={})
+    try:
+        stream = _video_stream(container)
+        if stream is None:
+            raise UnsupportedMedia("no video stream")
+        if stream.codec_context is None:
+            raise UnsupportedMedia("no decoder for the video codec")
+        if stream.width > 0 and stream.height > 0:
+            _check_pixels(stream.width, stream.height, limits)
+        else:
+            # A decoder refused an oversized picture while probing, or could not decode.
+            declared = _declared_size(src)
+            if declared is not None:
+                _check_pixels(*declared, limits)
+        if stream.frames > limits.max_frames:
+            raise TooLarge(
+                f"the video declares {stream.frames} frames, over the limit of {limits.max_frames}"
+            )
+        return VideoReader._start(container, file, stream, src, limits, pixel_cap)
+    except BaseException:
+        container.close()
+        file.close()
+        raise
+
+
+class VideoReader:
+    """Frames of one open video, decoded on demand. Made by ``open_video``; not thread-safe.
+
+    Use as a context manager, or call ``close``. ``iter_frames`` can run once: decoding
+    streams forward through the upload.
+    """
+
+    info: VideoInfo
+
+    def __init__(
+        self,
+        container: InputContainer,
+        file: BinaryIO,
+        frames: Iterator[VideoFrame],
+        first: VideoFrame,
+        info: VideoInfo,
+        orientation: Orientation,
+        limits: VideoLimits,
+    ) -> None:
+        self.info = info
+        self._container = container
+        self._file = file
+        self._frames = frames
+        self._first: VideoFrame | None = first
+        self._limits = limits
+        self._coded_size = (first.width, first.height)
+        self._orientation = orientation
+        self._started = False
+        self._closed = False
+
+    @classmethod
+    def _start(
+        cls,
+        container: InputContainer,
+        file: BinaryIO,
+        stream: VideoStream,
+        source: _Source,
+        limits: VideoLimits,
+        decoder_options: dict[str, str],
+    ) -> VideoReader:
+        for other in container.streams:
+            if other.index != stream.index:
+                other.discard = Discard.all
+        codec_context = stream.codec_context
+        codec_context.thread_count = _DECODE_THREADS
+        codec_context.thread_type = "AUTO"
+        codec_context.options = dict(decoder_options)
+
+        frames = _decode(container, stream)
+        first = next(frames, None)
+        if first is None:
+            raise CorruptMedia("the video stream has no decodable frames")
+        _check_pixels(first.width, first.height, limits)
+
+        still = container.format.name.endswith(_STILL_IMAGE_SUFFIX)
+        fps = _frame_rate(stream, still)
+        exif = sniff.jpeg_exif_orientation(source.head) if still else None
+        turn = orientation.of_frame(first, exif)
+        width, height = turn.display_size(first.width, first.height)
+        info = VideoInfo(
+            width=width,
+            height=height,
+            fps=fps,
+            num_frames=_frame_count(stream, container, fps),
+            codec=stream.codec_context.name,
+            container=container.format.name,
+            rotation=turn.clockwise,
+        )
+        return cls(container, file, frames, first, info, turn, limits)
+
+    def iter_frames(self, chunk: int) -> Iterator[Frames]:
+        """Yield the frames in presentation order as ``(n, H, W, 3)`` uint8 RGB, ``n <= chunk``.
+
+        ``H, W`` are ``info.height, info.width``: rotation and mirroring are applied (see
+        ``ivvae.video.orientation``). Frames whose coded size changes mid-stream are scaled
+        to the first frame's size, as players do; alpha is composited over black. Raises
+        ``TooLarge`` as soon as a frame past ``limits.max_frames`` is decoded and
+        ``CorruptMedia`` if decoding fails. Holds at most one chunk.
+        """
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        if self._closed:
+            raise RuntimeError("the reader is closed")
+        if self._started:
+            raise RuntimeError("iter_frames can run only once per open video")
+        self._started = True
+        return self._chunks(chunk)
+
+    def read_all(self) -> Frames:
+        """Every frame as one ``(T, H, W, 3)`` uint8 RGB array; see ``iter_frames``."""
+        return np.concatenate(list(self.iter_frames(64)), axis=0)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._first = None
+        self._container.close()
+        self._file.close()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _chunks(self, chunk: int) -> Iterator[Frames]:
+        height, width = self.info.height, self.info.width
+        buffer: Frames | None = None
+        filled = 0
+        for frame in self._all_frames():
+            if buffer is None:
+                buffer = np.empty((chunk, height, width, 3), dtype=np.uint8)
+            buffer[filled] = self._to_rgb(frame)
+            filled += 1
+            if filled == chunk:
+                yield buffer
+                buffer, filled = None, 0
+        if buffer is not None:
+            yield buffer[:filled]
+
+    def _all_frames(self) -> Iterator[VideoFrame]:
+        first, self._first = self._first, None
+        if first is None:
+            return
+        count = 1
+        yield first
+        while not self._closed:
+            frame = next(self._frames, None)
+            if frame is None:
+                return
+            count += 1
+            if count > self._limits.max_frames:
+                raise TooLarge(f"the video has more than {self._limits.max_frames} frames")
+            yield frame
+
+    def _to_rgb(self, frame: VideoFrame) -> npt.NDArray[np.uint8]:
+        """One frame as ``(H, W, 3)`` uint8 RGB at the display size."""
+        width, height = self._coded_size
+        # A palette can hold transparency too (GIF, PNG with tRNS).
+        has_alpha = frame.format.has_palette or any(
+            component.is_alpha for component in frame.format.components
+        )
+        try:
+            if has_alpha:
+                rgba = cast(Frames, frame.to_ndarray(format="rgba", width=width, height=height))
+                alpha = rgba[..., 3:].astype(np.uint16)
+                rgb = ((rgba[..., :3] * alpha + 127) // 255).astype(np.uint8)
+            else:
+                rgb = cast(Frames, frame.to_ndarray(format="rgb24", width=width, height=height))
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise CorruptMedia(f"a frame could not be converted to RGB: {exc}") from exc
+        return self._orientation.apply(rgb)
+
+
+def _decode(container: InputContainer, stream: VideoStream) -> Iterator[VideoFrame]:
+    """Decoded frames of ``stream`` in presentation order, FFmpeg's errors as ours."""
+    try:
+        for packet in container.demux(stream):
+            yield from stream.decode(packet)
+    except av.error.ExitError as exc:
+        raise CorruptMedia("reading the video timed out") from exc
+    except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise CorruptMedia(f"the video stream does not decode: {_describe(exc)}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, av.error.FFmpegError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,138 @@
+"""Cheap looks at the first bytes of an upload, used only where FFmpeg cannot tell us.
+
+Questions FFmpeg leaves open:
+
+* Was it a media file at all? ``avformat_open_input`` fails the same way for random bytes
+  and for an MP4 whose ``moov`` box was cut off. A known container signature at the start
+  turns "not media" (``UnsupportedMedia``) into "damaged media" (``CorruptMedia``).
+* How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
+  ``open_video`` does not let them decode a picture over the pixel limit, so the size of
+  an oversized PNG or JPEG is read from its header here.
+* Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
+  it (see ``orientation``), so it is read here too.
+
+Nothing here is trusted beyond that: a signature or a header only picks an error class,
+and an orientation only turns pictures FFmpeg has decoded.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+# Read this much of an upload for the checks below. A JPEG's frame header can sit behind
+# EXIF/ICC segments of up to 64 KiB each, so this is more than a few bytes.
+HEAD_BYTES = 1 << 20
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM, RST0-7, SOI.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+_JPEG_SOS = 0xDA
+_EXIF_ORIENTATION = 0x0112
+_TIFF_SHORT = 3
+# Box types that can open an ISO BMFF / QuickTime file.
+_ISOBMFF_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"})
+_MPEGTS_PACKET = 188
+
+
+def container_signature(head: bytes) -> str | None:
+    """Name of the media container whose signature ``head`` starts with, else ``None``."""
+    if len(head) >= 8 and head[4:8] in _ISOBMFF_FIRST_BOXES:
+        return "mp4"
+    if head.startswith(b"RIFF") and len(head) >= 12:
+        return {b"AVI ": "avi", b"WAVE": "wav", b"WEBP": "webp"}.get(head[8:12])
+    prefixes = (
+        (b"\x1a\x45\xdf\xa3", "matroska"),
+        (b"GIF87a", "gif"),
+        (b"GIF89a", "gif"),
+        (_PNG_SIGNATURE, "png"),
+        (b"\xff\xd8\xff", "jpeg"),
+        (b"OggS", "ogg"),
+        (b"FLV\x01", "flv"),
+        (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf"),
+        (b"DKIF", "ivf"),
+        (b"YUV4MPEG2", "y4m"),
+        (b"\x00\x00\x01\xba", "mpeg"),
+        (b"fLaC", "flac"),
+        (b"ID3", "mp3"),
+    )
+    for prefix, name in prefixes:
+        if head.startswith(prefix):
+            return name
+    if len(head) > 2 * _MPEGTS_PACKET and all(
+        head[i] == 0x47 for i in range(0, 3 * _MPEGTS_PACKET, _MPEGTS_PACKET)
+    ):
+        return "mpegts"
+    return None
+
+
+def image_size(head: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` declared by a PNG or JPEG header, else ``None``."""
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 24:
+        width, height = struct.unpack(">II", head[16:24])
+        return int(width), int(height)
+    if head.startswith(b"\xff\xd8"):
+        return _jpeg_size(head)
+    return None
+
+
+def jpeg_exif_orientation(head: bytes) -> int | None:
+    """The EXIF Orientation tag (1-8) of a JPEG, else ``None``."""
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    for marker, payload in _jpeg_segments(head):
+        if marker in _JPEG_SOF:
+            break  # EXIF comes before the frame header
+        if marker == 0xE1 and payload.startswith(b"Exif\x00\x00"):
+            return _tiff_orientation(payload[6:])
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    for marker, payload in _jpeg_segments(data):
+        if marker in _JPEG_SOF and len(payload) >= 5:
+            height, width = struct.unpack(">HH", payload[1:5])
+            return int(width), int(height)
+    return None
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(marker, payload)`` of each JPEG segment up to the end of ``data`` or the scan."""
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        yield marker, data[pos + 4 : pos + 2 + length]
+        if marker == _JPEG_SOS:
+            return
+        pos += 2 + length
+
+
+def _tiff_orientation(tiff: bytes) -> int | None:
+    """Orientation (tag 0x0112) from the first IFD of a TIFF structure (EXIF's layout)."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return None
+    (entries,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for index in range(entries):
+        entry = ifd + 2 + 12 * index
+        if entry + 12 > len(tiff):
+            return None
+        tag, kind, _count = struct.unpack(order + "HHI", tiff[entry : entry + 8])
+        if tag == _EXIF_ORIENTATION and kind == _TIFF_SHORT:
+            (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            return int(value) if 1 <= value <= 8 else None
+    return None

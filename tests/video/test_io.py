@@ -1,0 +1,537 @@
+"""ivvae.video: decoding uploads into frames and encoding frames into MP4.
+
+Expected values come from the generated source frames (``media.make_frames``) or from
+PyAV read independently of ``ivvae.video``; nothing is a stored answer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import av
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from ivvae.errors import (
+    CorruptMedia,
+    EmptyInput,
+    InvalidInput,
+    TooLarge,
+    UnsupportedMedia,
+)
+from ivvae.video import (
+    DEFAULT_FPS,
+    Mp4Writer,
+    VideoLimits,
+    encode_mp4_bytes,
+    exact_rate,
+    open_video,
+)
+from tests import media
+
+Frames = npt.NDArray[np.uint8]
+
+
+def psnr(a: Frames, b: Frames) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def assert_same_frames(decoded: Frames, source: Frames, min_psnr: float) -> None:
+    """Same shape, each frame close to its source and closer to it than to any other."""
+    assert decoded.shape == source.shape
+    assert decoded.dtype == np.uint8
+    for index, (got, want) in enumerate(zip(decoded, source, strict=True)):
+        assert psnr(got, want) > min_psnr, f"frame {index}"
+    if len(source) > 1:
+        flat_got = decoded.reshape(len(decoded), -1).astype(np.float64)
+        flat_want = source.reshape(len(source), -1).astype(np.float64)
+        distances = ((flat_got[:, None, :] - flat_want[None, :, :]) ** 2).mean(axis=2)
+        assert (distances.argmin(axis=1) == np.arange(len(source))).all(), "frame order"
+
+
+def read(source: bytes | str | os.PathLike[str], limits: VideoLimits | None = None) -> Frames:
+    with open_video(source, limits=limits or VideoLimits()) as reader:
+        return reader.read_all()
+
+
+# -- round trips through the formats uploads come in -------------------------------------
+
+FORMATS = [
+    ("libx264", "mp4", 22.0),
+    ("libvpx-vp9", "webm", 22.0),
+    ("libx264", "mkv", 22.0),
+    ("mjpeg", "avi", 22.0),
+    ("mpeg4", "avi", 22.0),
+    ("gif", "gif", 17.0),  # 3-3-2 bit palette
+]
+
+
+@pytest.mark.parametrize("frames", [1, 2, 6])
+@pytest.mark.parametrize(("codec", "container", "min_psnr"), FORMATS)
+def test_round_trip(codec: str, container: str, min_psnr: float, frames: int) -> None:
+    data = media.make_video(
+        None, frames=frames, width=32, height=24, codec=codec, container=container
+    )
+    with open_video(data) as reader:
+        info = reader.info
+        decoded = reader.read_all()
+    assert (info.width, info.height, info.rotation) == (32, 24, 0)
+    # GIF delays are in 1/100 s: 1/24 s becomes 4/100 s.
+    assert info.fps == pytest.approx(25.0 if container == "gif" else 24.0, rel=1e-6)
+    assert info.num_frames in (frames, None)
+    assert_same_frames(decoded, media.make_frames(frames, 32, 24), min_psnr)
+
+
+@pytest.mark.parametrize(("codec", "container"), [("libx264", "mp4"), ("libvpx-vp9", "webm")])
+def test_long_clip_streams_in_chunks(codec: str, container: str) -> None:
+    data = media.make_video(None, frames=400, width=32, height=24, codec=codec, container=container)
+    with open_video(data) as reader:
+        sizes = [len(chunk) for chunk in reader.iter_frames(64)]
+    assert sizes == [64] * 6 + [16]
+
+
+def test_chunks_concatenate_to_read_all() -> None:
+    data = media.make_video(None, frames=10, width=32, height=24)
+    with open_video(data) as reader:
+        chunks = list(reader.iter_frames(4))
+    assert [c.shape for c in chunks] == [(4, 24, 32, 3), (4, 24, 32, 3), (2, 24, 32, 3)]
+    np.testing.assert_array_equal(np.concatenate(chunks), read(data))
+
+
+def test_path_and_bytes_read_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "clip.webm"
+    data = media.make_video(
+        path, frames=5, width=32, height=24, codec="libvpx-vp9", container="webm"
+    )
+    np.testing.assert_array_equal(read(path), read(data))
+    np.testing.assert_array_equal(read(str(path)), read(data))
+
+
+def test_iter_frames_runs_once_and_checks_chunk() -> None:
+    data = media.make_video(None, frames=3, width=32, height=24)
+    with open_video(data) as reader:
+        with pytest.raises(ValueError):
+            reader.iter_frames(0)
+        list(reader.iter_frames(2))
+        with pytest.raises(RuntimeError):
+            reader.iter_frames(2)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize(("width", "height"), [(32, 24), (33, 17), (1, 1)])
+def test_image_is_one_frame(fmt: Literal["png", "jpeg"], width: int, height: int) -> None:
+    data = media.make_image(fmt, width, height)
+    with open_video(data) as reader:
+        info = reader.info
+        decoded = reader.read_all()
+    assert (info.width, info.height) == (width, height)
+    assert info.fps == DEFAULT_FPS
+    source = media.make_frames(1, width, height)
+    if fmt == "png":
+        np.testing.assert_array_equal(decoded, source)  # lossless
+    elif width > 1:
+        assert_same_frames(decoded, source, 25.0)
+    else:
+        assert decoded.shape == (1, 1, 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("codec", "container"),
+    [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("mjpeg", "avi"), ("gif", "gif")],
+)
+def test_odd_sizes(codec: str, container: str) -> None:
+    data = media.make_video(None, frames=4, width=33, height=17, codec=codec, container=container)
+    decoded = read(data)
+    assert_same_frames(decoded, media.make_frames(4, 33, 17), 17.0)
+
+
+@pytest.mark.parametrize(
+    ("codec", "container"),
+    [("libx264", "mp4"), ("libx264", "mkv"), ("libvpx-vp9", "webm"), ("mjpeg", "avi")],
+)
+def test_audio_track_is_ignored(codec: str, container: str) -> None:
+    data = media.make_video(
+        None, frames=5, width=32, height=24, codec=codec, container=container, audio=True
+    )
+    with av.open(io.BytesIO(data)) as check:
+        assert len(check.streams.audio) == 1
+    assert_same_frames(read(data), media.make_frames(5, 32, 24), 22.0)
+
+
+def test_audio_only_file_has_no_video() -> None:
+    with pytest.raises(UnsupportedMedia, match="no video stream"):
+        open_video(media.make_audio_only())
+
+
+@pytest.mark.parametrize(
+    ("container", "rotation", "mirror"),
+    [("mp4", r, m) for r in (0, 90, 180, 270) for m in (False, True)]
+    + [("mkv", 90, False), ("mkv", 270, True)],
+)
+def test_display_matrix_is_applied(container: str, rotation: int, mirror: bool) -> None:
+    data = media.make_video(
+        None, frames=3, width=32, height=16, container=container, rotation=rotation, mirror=mirror
+    )
+    with open_video(data) as reader:
+        info = reader.info
+        decoded = reader.read_all()
+    assert info.rotation == rotation
+    turned = rotation in (90, 270)
+    assert (info.width, info.height) == ((16, 32) if turned else (32, 16))
+    source = media.make_frames(3, 32, 16)
+    # A clockwise turn by `rotation` is np.rot90 with k = -rotation / 90; then the mirror.
+    upright = np.rot90(source, -rotation // 90, axes=(1, 2))
+    if mirror:
+        upright = upright[:, :, ::-1]
+    assert_same_frames(decoded, upright, 22.0)
+    other_ways = [np.rot90(source, k, axes=(1, 2)) for k in range(4)]
+    other_ways += [way[:, :, ::-1] for way in other_ways]
+    for way in other_ways:
+        if way.shape == upright.shape and not np.array_equal(way, upright):
+            assert psnr(decoded, way) < psnr(decoded, upright) - 5
+
+
+def _exif_upright(image: Frames, orientation: int) -> Frames:
+    """What EXIF says orientation 1-8 looks like upright, from the tag's definition."""
+    transposed = image.transpose(1, 0, 2)
+    return {
+        1: image,
+        2: image[:, ::-1],
+        3: image[::-1, ::-1],
+        4: image[::-1],
+        5: transposed,
+        6: transposed[:, ::-1],
+        7: transposed[::-1, ::-1],
+        8: transposed[::-1],
+    }[orientation]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_exif_orientation_is_applied(orientation: int) -> None:
+    byte_order = "II" if orientation % 2 else "MM"
+    data = media.add_exif_orientation(media.make_image("jpeg", 32, 16), orientation, byte_order)
+    decoded = read(data)
+    upright = _exif_upright(media.make_frames(1, 32, 16)[0], orientation)
+    assert_same_frames(decoded, upright[None], 24.0)
+
+
+def test_transparency_is_composited_over_black() -> None:
+    rgba = np.zeros((8, 16, 4), np.uint8)
+    rgba[..., :3] = (200, 120, 40)
+    rgba[:, 8:, 3] = 255  # right half opaque, left half fully transparent
+    rgba[:, :8, 3] = 0
+    decoded = read(media.encode_png(rgba))[0]
+    np.testing.assert_array_equal(decoded[:, :8], 0)
+    np.testing.assert_array_equal(decoded[:, 8:], rgba[:, 8:, :3])
+
+
+def test_variable_frame_rate_keeps_every_frame_in_order() -> None:
+    timestamps = [0, 1, 2, 4, 8, 9, 10, 16]
+    data = media.make_video(
+        None, frames=len(timestamps), width=32, height=24, fps=24, timestamps=timestamps
+    )
+    with open_video(data) as reader:
+        info = reader.info
+        decoded = reader.read_all()
+    assert_same_frames(decoded, media.make_frames(len(timestamps), 32, 24), 22.0)
+    assert 24 * len(timestamps) / 17 - 1 < info.fps < 24
+
+
+@pytest.mark.parametrize("name", ["bikes", "carphone_pristine", "bigbuckbunny"])
+def test_real_clips(name: str) -> None:
+    path = media.sample_clip(name)
+    with av.open(str(path)) as check:  # the oracle: what the container holds
+        stream = check.streams.video[0]
+        size = (stream.width, stream.height)
+        packets = sum(1 for packet in check.demux(stream) if packet.size)
+    with open_video(path) as reader:
+        assert (reader.info.width, reader.info.height) == size
+        assert reader.info.num_frames == packets
+        count = 0
+        for chunk in reader.iter_frames(32):
+            assert chunk.shape[1:] == (size[1], size[0], 3)
+            count += len(chunk)
+    assert count == packets
+
+
+# -- uploads that must be refused -------------------------------------------------------
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    with pytest.raises(EmptyInput):
+        open_video(b"")
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(EmptyInput):
+        open_video(empty)
+
+
+def test_unreadable_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        open_video(tmp_path / "missing.mp4")
+    with pytest.raises(InvalidInput):
+        open_video(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        np.random.default_rng(7).bytes(50_000),
+        b"Just some text, not a video.\n" * 200,
+        b'{"video": "no"}',
+        b"#EXTM3U\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
+    ],
+    ids=["random", "text", "json", "playlist"],
+)
+def test_not_media(data: bytes) -> None:
+    with pytest.raises(UnsupportedMedia):
+        open_video(data)
+
+
+def drain(data: bytes) -> None:
+    with open_video(data) as reader:
+        for _ in reader.iter_frames(8):
+            pass
+
+
+def _garble(data: bytes, start: int, length: int) -> bytes:
+    garbled = bytearray(data)
+    garbled[start : start + length] = bytes([0x55]) * len(garbled[start : start + length])
+    return bytes(garbled)
+
+
+def test_garbled_data_in_a_valid_container() -> None:
+    png = media.make_image("png", 32, 24)
+    idat = png.find(b"IDAT") + 6  # past the chunk type and the zlib header
+    with pytest.raises(CorruptMedia):
+        drain(_garble(png, idat, len(png) - idat - 16))
+    mp4 = media.make_video(None, frames=6, width=32, height=24)
+    mdat = mp4.find(b"mdat") + 4
+    with pytest.raises(CorruptMedia):
+        drain(_garble(mp4, mdat, 600))
+
+
+def test_writer_given_no_frames_writes_nothing() -> None:
+    sink = io.BytesIO()
+    with Mp4Writer(sink, width=32, height=24, fps=24):
+        pass
+    assert sink.getvalue() == b""
+    with pytest.raises(EmptyInput):
+        open_video(sink.getvalue())
+
+
+def test_truncated_real_mp4() -> None:
+    data = media.sample_clip("bikes").read_bytes()
+    with pytest.raises(CorruptMedia):
+        drain(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_faststart_mp4(tmp_path: Path, keep: float) -> None:
+    # Index first: the cut loses media data, not the index, so it shows while decoding.
+    path = tmp_path / "fast.mp4"
+    with Mp4Writer(path, width=64, height=48, fps=24) as writer:
+        writer.write(media.make_frames(48, 64, 48))
+    data = path.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    with pytest.raises(CorruptMedia):
+        drain(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: media.make_huge_png(8192, 8192),
+        lambda: media.make_lying_jpeg(8192, 8192),
+        lambda: media.make_blank_video(3840, 2160, "libx264"),
+        lambda: media.make_blank_video(4096, 4096, "gif"),
+    ],
+    ids=["png", "jpeg", "h264", "gif"],
+)
+def test_oversized_frames_are_refused_at_open(make: object) -> None:
+    assert callable(make)
+    with pytest.raises(TooLarge, match="exceed"):
+        open_video(make())
+
+
+def test_oversized_png_is_refused_without_decoding_it(tmp_path: Path) -> None:
+    # In a fresh process, so the peak RSS says what open_video allocated. Decoding the
+    # picture would take 64 MiB (grey) plus 192 MiB (RGB).
+    path = tmp_path / "huge.png"
+    path.write_bytes(media.make_huge_png(8192, 8192))
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from ivvae.errors import TooLarge, UnsupportedMedia
+        from ivvae.video import open_video
+        try:  # warm up: load FFmpeg's formats and codecs
+            open_video(b"not a video")
+        except UnsupportedMedia:
+            pass
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            open_video({str(path)!r})
+        except TooLarge:
+            pass
+        else:
+            raise SystemExit("not refused")
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print((after - before) // 1024)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    grown_mib = int(result.stdout.strip())
+    assert grown_mib < 32
+
+
+def test_pixel_limit_boundary() -> None:
+    data = media.make_video(None, frames=2, width=32, height=24)
+    assert read(data, VideoLimits(max_pixels=32 * 24)).shape == (2, 24, 32, 3)
+    with pytest.raises(TooLarge):
+        open_video(data, limits=VideoLimits(max_pixels=32 * 24 - 1))
+
+
+def test_declared_frame_count_over_limit_is_refused_at_open() -> None:
+    data = media.make_video(None, frames=20, width=32, height=24)  # MP4 declares 20
+    with pytest.raises(TooLarge):
+        open_video(data, limits=VideoLimits(max_frames=10))
+
+
+def test_frame_limit_stops_decoding_early() -> None:
+    # WebM declares no frame count: the limit is met while decoding, not after.
+    data = media.make_video(
+        None, frames=30, width=32, height=24, codec="libvpx-vp9", container="webm"
+    )
+    yielded = 0
+    with open_video(data, limits=VideoLimits(max_frames=10)) as reader:
+        assert reader.info.num_frames in (30, None)  # an estimate at most
+        with pytest.raises(TooLarge):
+            for chunk in reader.iter_frames(1):
+                yielded += len(chunk)
+    assert yielded == 10
+    assert read(data, VideoLimits(max_frames=30)).shape[0] == 30
+
+
+# -- Mp4Writer ---------------------------------------------------------------------------
+
+
+def frames_and_rate(data: bytes) -> tuple[int, int, int, Fraction | None, str | None]:
+    """Independent look at an MP4: frame count, size, average rate and pixel format."""
+    with av.open(io.BytesIO(data), mode="r") as check:
+        stream = check.streams.video[0]
+        frames = list(check.decode(stream))
+        return (
+            len(frames),
+            frames[0].width,
+            frames[0].height,
+            stream.average_rate,
+            stream.codec_context.pix_fmt,
+        )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "fps", "count"),
+    [
+        (32, 24, 24.0, 1),
+        (32, 24, 25.0, 2),
+        (33, 17, 29.97, 37),
+        (17, 32, 23.976, 5),
+        (64, 48, Fraction(30000, 1001), 12),
+        (1, 1, 30.0, 3),
+        (2, 2, 60.0, 4),
+        (3, 5, 12.5, 6),
+    ],
+)
+def test_writer_round_trips_size_count_and_rate(
+    width: int, height: int, fps: float | Fraction, count: int
+) -> None:
+    source = media.make_frames(count, width, height)
+    data = encode_mp4_bytes(source, fps)
+    frames, got_w, got_h, rate, pix_fmt = frames_and_rate(data)
+    assert (frames, got_w, got_h) == (count, width, height)
+    if count > 1:
+        assert rate == exact_rate(fps)
+        assert float(rate) == pytest.approx(float(fps), abs=1e-9)
+    assert pix_fmt == ("yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p")
+    with open_video(data) as reader:
+        assert (reader.info.width, reader.info.height) == (width, height)
+        if count > 1:
+            assert reader.info.fps == float(exact_rate(fps))
+        decoded = reader.read_all()
+    assert decoded.shape == source.shape
+
+
+def test_writer_streams_across_calls_and_sinks(tmp_path: Path) -> None:
+    source = media.make_frames(20, 48, 32)
+    path = tmp_path / "out.mp4"
+    with Mp4Writer(path, width=48, height=32, fps=24) as writer:
+        for start in range(0, 20, 7):
+            writer.write(source[start : start + 7])
+    from_path = path.read_bytes()
+    assert from_path.find(b"moov") < from_path.find(b"mdat")  # faststart
+
+    class Pipe(io.RawIOBase):
+        """A sink that cannot seek, like a socket."""
+
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, chunk: bytes) -> int:  # type: ignore[override]
+            self.data += chunk
+            return len(chunk)
+
+    pipe = Pipe()
+    with Mp4Writer(pipe, width=48, height=32, fps=24) as writer:
+        writer.write(source)
+    for data in (from_path, bytes(pipe.data), encode_mp4_bytes(source, 24)):
+        assert_same_frames(read(data), source, 25.0)
+
+
+def test_writer_fidelity_on_a_smooth_gradient() -> None:
+    source = media.make_frames(12, 96, 64, pattern="gradient")
+    decoded = read(encode_mp4_bytes(source, 24, crf=18))
+    assert psnr(decoded, source) > 35.0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros((2, 24, 32), np.uint8),
+        np.zeros((2, 24, 32, 3), np.float32),
+        np.zeros((2, 32, 24, 3), np.uint8),
+        np.zeros((24, 32, 3), np.uint8),
+    ],
+    ids=["no-channels", "float", "transposed", "no-time"],
+)
+def test_writer_rejects_wrong_frames(bad: Frames) -> None:
+    with Mp4Writer(io.BytesIO(), width=32, height=24, fps=24) as writer, pytest.raises(ValueError):
+        writer.write(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"width": 0, "height": 24, "fps": 24},
+        {"width": 32, "height": 24, "fps": 0},
+        {"width": 32, "height": 24, "fps": float("nan")},
+        {"width": 32, "height": 24, "fps": 24, "crf": 60},
+        {"width": 32, "height": 24, "fps": 24, "preset": "warp"},
+    ],
+)
+def test_writer_rejects_bad_settings(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Mp4Writer(io.BytesIO(), **kwargs)  # type: ignore[arg-type]
