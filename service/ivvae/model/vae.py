@@ -87,6 +87,8 @@ class IVVAE(nn.Module):
     """The IV-VAE model (KTC split latent, GCConv encoder/decoder).
 
     Module names differ from the official checkpoint; ``ivvae.model.checkpoint`` maps them.
+    Gradients flow through every method when parameters require them (training); models
+    from ``load_model`` are frozen, so inference builds no autograd graph.
     """
 
     def __init__(self, cfg: IVVAEConfig) -> None:
@@ -161,7 +163,7 @@ class IVVAE(nn.Module):
         t = frames.shape[2]
         x = frames.to(self.param_dtype)
         outs: list[Tensor] = []
-        with torch.no_grad(), self._compute(self.encode_dtype):
+        with self._compute(self.encode_dtype):
             if cache is None:
                 if (t - 1) % TIME_COMPRESSION:
                     raise ValueError(f"a stream starts with 1 + 4k frames, got {t}")
@@ -196,7 +198,7 @@ class IVVAE(nn.Module):
             )
         u = latent.to(self.param_dtype) / cfg.scale_factor + cfg.shift_factor
         outs: list[Tensor] = []
-        with torch.no_grad(), self._compute(self.decode_dtype):
+        with self._compute(self.decode_dtype):
             d = self.post_quant_conv(u, None)  # (B, z, n, h, w): [2D k || 3D k]
             if cache is None:
                 o0, tensors = self.decoder(d[:, :, :1], [], True)

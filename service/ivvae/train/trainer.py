@@ -1,0 +1,358 @@
+"""``ivvae train``: the IV-VAE two-stage recipe, on one CPU or many GPUs (torchrun/DDP).
+
+Stage ``image`` (steps ``[0, image_steps)``): single frames, the keyframe path only (see
+``ktc``): an image VAE with half the latent width. Stage ``video`` (the next
+``video_steps`` steps): 1+4N-frame windows, all weights, starting from the stage-1 weights.
+
+Loss: L1 (or Charbonnier) + ``kl_weight`` * KL (mean-reduced over latent elements)
++ optional ``ssim_weight`` * (1 - SSIM) + optional hinge-GAN term (``--adversarial``, a small
+3-D patch discriminator trained from scratch; no pretrained perceptual network is used).
+
+Determinism and exact resume: each step's batch and reparameterisation noise are pure
+functions of (seed, rank, step); checkpoints hold model, optimizer and step. Resuming from
+step s reproduces the uninterrupted run's loss at step s bit for bit (same thread count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..model.checkpoint import load_model, save_safetensors
+from ..model.config import IVVAEConfig
+from ..model.vae import IVVAE
+from .config import TrainConfig
+from .data import ClipDataset, default_train_clips, expand_sources
+from .ktc import KeyframeMask
+from .metrics import charbonnier, kl_divergence, psnr_per_frame, ssim_per_frame
+
+
+class PatchDiscriminator(nn.Module):
+    """A small 3-D conv patch discriminator for the optional hinge-GAN term."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv3d(3, width, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1)),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(width, 2 * width, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1)),
+            nn.GroupNorm(8, 2 * width),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(2 * width, 4 * width, (3, 4, 4), stride=(2, 2, 2), padding=(1, 1, 1)),
+            nn.GroupNorm(8, 4 * width),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(4 * width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Objective(nn.Module):
+    """The training forward pass as one module (what DDP wraps)."""
+
+    def __init__(self, vae: IVVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar, _ = self.vae.encode_step(x, None)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        rec, _ = self.vae.decode_step(z, None)  # factors are 1/0 while training
+        return rec, mu, logvar
+
+
+@dataclass
+class StepLog:
+    step: int
+    stage: str
+    loss: float
+    rec: float
+    kl: float
+    psnr: float
+    lr: float
+    frames_per_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            t = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"{idx}.{name}"] = t.contiguous()
+    return tensors, sd["param_groups"]
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                       groups: list[Any]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = t
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, dataset: ClipDataset | None = None,
+                 on_log: Callable[[StepLog], None] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.rank, self.world = _dist_info()
+        self.on_log = on_log
+        if dataset is None:
+            paths = expand_sources(cfg.data) if cfg.data else default_train_clips()
+            dataset = ClipDataset.from_paths(paths, max_side=cfg.max_side,
+                                             max_frames=cfg.max_clip_frames)
+        self.data = dataset
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
+        if cfg.init_weights:
+            self.vae = load_model(cfg.init_weights, scale_factor=1.0, shift_factor=0.0)
+            if (self.vae.cfg.z_dim, self.vae.cfg.dim) != (cfg.z_dim, cfg.dim):
+                raise ValueError("init_weights do not match z_dim/dim")
+        else:
+            self.vae = IVVAE(model_cfg)
+            k = model_cfg.half_z
+            with torch.no_grad():  # logvar = [conv_2d rows k:, conv_3d rows k:]
+                for conv in (self.vae.quant_conv.conv_2d, self.vae.quant_conv.conv_3d):
+                    bias = conv.bias
+                    assert isinstance(bias, Tensor)
+                    bias[k:] = cfg.init_logvar
+        self.vae.train().requires_grad_(True)
+        self.mask = KeyframeMask(self.vae)
+        self.disc = PatchDiscriminator() if cfg.adversarial else None
+        self.step = 0
+        self.opt: torch.optim.Optimizer | None = None
+        self.disc_opt: torch.optim.Optimizer | None = None
+        self.objective: nn.Module = Objective(self.vae)
+        self._stage: str | None = None
+
+    # -- stage setup -----------------------------------------------------------------------
+
+    def _enter_stage(self, stage: str) -> None:
+        if stage == self._stage:
+            return
+        self._stage = stage
+        if stage == "image" and not self.cfg.init_weights:
+            self.mask.zero_weights()
+        params = list(self.vae.parameters())
+        self.opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.9, 0.99))
+        if self.disc is not None:
+            self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=self.cfg.lr,
+                                             betas=(0.5, 0.9))
+        objective: nn.Module = Objective(self.vae)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # time_conv layers are unused on single frames (stage 1)
+            objective = DDP(objective, find_unused_parameters=(stage == "image"))
+        self.objective = objective
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        assert self.opt is not None
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_safetensors(self.vae, tmp / "model.safetensors")
+        opt_tensors, groups = _optimizer_tensors(self.opt)
+        save_file(opt_tensors, str(tmp / "optim.safetensors"))
+        state: dict[str, Any] = {"step": self.step, "stage": self._stage,
+                                 "config": dataclasses.asdict(self.cfg), "param_groups": groups}
+        if self.disc is not None and self.disc_opt is not None:
+            save_file({k: v.contiguous() for k, v in self.disc.state_dict().items()},
+                      str(tmp / "disc.safetensors"))
+            d_tensors, d_groups = _optimizer_tensors(self.disc_opt)
+            save_file(d_tensors, str(tmp / "disc_optim.safetensors"))
+            state["disc_param_groups"] = d_groups
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt_dir.exists():
+            self.ckpt_dir.rename(old)
+        tmp.rename(self.ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        """Load the checkpoint in ``out`` if there is one. Returns whether it did."""
+        if not (self.ckpt_dir / "state.json").exists():
+            return False
+        state = json.loads((self.ckpt_dir / "state.json").read_text())
+        # Anything but these changes the run; video_steps may grow to train longer.
+        free = {"out", "save_every", "log_every", "video_steps"}
+        saved = state["config"]
+        mine = dataclasses.asdict(self.cfg)
+        mine["data"] = list(mine["data"])
+        changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
+        if changed:
+            raise ValueError(f"checkpoint was made with different settings: {changed}")
+        loaded = load_model(self.ckpt_dir / "model.safetensors", scale_factor=1.0,
+                            shift_factor=0.0)
+        with torch.no_grad():
+            for p, q in zip(self.vae.parameters(), loaded.parameters(), strict=True):
+                p.copy_(q)
+        self.step = int(state["step"])
+        self._enter_stage(state["stage"])
+        assert self.opt is not None
+        _restore_optimizer(self.opt, load_file(str(self.ckpt_dir / "optim.safetensors")),
+                           state["param_groups"])
+        if self.disc is not None and self.disc_opt is not None:
+            self.disc.load_state_dict(load_file(str(self.ckpt_dir / "disc.safetensors")))
+            _restore_optimizer(self.disc_opt,
+                               load_file(str(self.ckpt_dir / "disc_optim.safetensors")),
+                               state["disc_param_groups"])
+        return True
+
+    # -- one step --------------------------------------------------------------------------
+
+    def train_step(self) -> StepLog:
+        cfg = self.cfg
+        stage = cfg.stage_at(self.step)
+        self._enter_stage(stage)
+        assert self.opt is not None
+        image = stage == "image"
+        frames = 1 if image else cfg.frames
+        batch = cfg.image_batch if image else cfg.video_batch
+        crop = cfg.image_crop if image else cfg.video_crop
+        t0 = time.perf_counter()
+        x = self.data.batch(seed=cfg.seed, rank=self.rank, step=self.step,
+                            batch_size=batch, frames=frames, crop=crop)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
+        eps = torch.randn((batch, cfg.z_dim, 1 + (frames - 1) // 4, crop // 8, crop // 8),
+                          generator=g)
+        lr = cfg.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16
+               else torch.autocast("cpu", enabled=False))
+        with ctx:
+            rec, mu, logvar = self.objective(x, eps)
+        rec = rec.float()
+        k = cfg.z_dim // 2
+        if image:  # the keyframe half only: an image VAE of half the latent width
+            mu, logvar = mu[:, :k], logvar[:, :k]
+        rec_loss = charbonnier(rec, x) if cfg.loss == "charbonnier" else (rec - x).abs().mean()
+        kl = kl_divergence(mu, logvar)
+        loss = rec_loss + cfg.kl_weight * kl
+        extra: dict[str, float] = {}
+        if cfg.ssim_weight > 0:
+            ssim = ssim_per_frame(rec, x).mean()
+            loss = loss + cfg.ssim_weight * (1 - ssim)
+            extra["ssim"] = float(ssim)
+        use_gan = (self.disc is not None and not image
+                   and self.step - cfg.image_steps >= cfg.adv_start)
+        if use_gan and self.disc is not None:
+            g_adv = -self.disc(rec).mean()
+            loss = loss + cfg.adv_weight * g_adv
+            extra["g_adv"] = float(g_adv)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if image and not cfg.init_weights:
+            self.mask.zero_grads()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if use_gan and self.disc is not None and self.disc_opt is not None:
+            d_loss = (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if self.world > 1:
+                for p in self.disc.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= self.world
+            self.disc_opt.step()
+            extra["d_loss"] = float(d_loss)
+        dt = time.perf_counter() - t0
+        psnr = float(psnr_per_frame(rec.detach(), x).mean())
+        log = StepLog(self.step, stage, loss.item(), rec_loss.item(), kl.item(), psnr, lr,
+                      batch * frames * self.world / dt, extra)
+        self.step += 1
+        return log
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def fit(self, *, progress: bool = True, max_steps: int | None = None) -> None:
+        """Train until the configured total (or ``max_steps`` more steps), checkpointing."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        end = cfg.total_steps if max_steps is None else min(cfg.total_steps,
+                                                            self.step + max_steps)
+        bar = tqdm(total=end, initial=self.step, disable=not progress or self.rank != 0,
+                   unit="step", dynamic_ncols=True)
+        log_path = self.out / "log.jsonl"
+        with bar:
+            while self.step < end:
+                log = self.train_step()
+                bar.update(1)
+                bar.set_postfix(stage=log.stage, loss=f"{log.loss:.4f}", psnr=f"{log.psnr:.2f}",
+                                fps=f"{log.frames_per_s:.1f}")
+                if self.rank == 0 and (log.step % cfg.log_every == 0 or self.step == end):
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(dataclasses.asdict(log)) + "\n")
+                if self.on_log is not None:
+                    self.on_log(log)
+                if self.step % cfg.save_every == 0 or self.step == end:
+                    self.save()
+                    if self.world > 1:
+                        dist.barrier()
+
+    def export_model(self, path: str | os.PathLike[str], *, calibration_batches: int = 8,
+                     name: str = "") -> IVVAEConfig:
+        """Write inference weights with scale/shift factors fitted on training data.
+
+        ``shift`` is the mean of ``mu`` and ``scale`` 1 / its standard deviation, so the
+        diffusion latents are roughly zero-mean and unit-variance (as the official ones).
+        """
+        cfg = self.cfg
+        was_training = self.vae.training
+        self.vae.eval()
+        mus = []
+        with torch.no_grad():
+            for i in range(calibration_batches):
+                x = self.data.batch(seed=cfg.seed + 1, rank=0, step=i, batch_size=cfg.video_batch,
+                                    frames=cfg.frames, crop=cfg.video_crop)
+                mu, _, _ = self.vae.encode_step(x, None)
+                mus.append(mu.flatten())
+        allmu = torch.cat(mus)
+        shift = float(allmu.mean())
+        scale = float(1.0 / allmu.std().clamp_min(1e-6))
+        self.vae.train(was_training)
+        model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
+        frozen = IVVAE(model_cfg)
+        frozen.load_state_dict(self.vae.state_dict())
+        frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
+        save_safetensors(frozen, path, {"training_steps": str(self.step),
+                                        "training_config": json.dumps(dataclasses.asdict(cfg))})
+        return model_cfg
+

@@ -1,0 +1,147 @@
+"""Training recipe: loss falls, exact resume, the KTC stage-1 mask, DDP on 2 CPU processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ivvae.model import load_model
+from ivvae.train.config import TrainConfig
+from ivvae.train.data import ClipDataset, synthetic_clips
+from ivvae.train.ktc import KeyframeMask
+from ivvae.train.trainer import Trainer
+from tests import media
+
+
+def tiny_cfg(out: Path, **kw: object) -> TrainConfig:
+    base = dict(out=str(out), z_dim=4, dim=4, image_steps=6, video_steps=30, image_batch=4,
+                image_crop=16, video_batch=2, video_crop=16, frames=5, lr=3e-3,
+                warmup_steps=2, save_every=1000, log_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def clips() -> ClipDataset:
+    return synthetic_clips(3, 24, 32, seed=1)
+
+
+def _eval_l1(tr: Trainer, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        mu, _, _ = tr.vae.encode_step(x, None)
+        rec, _ = tr.vae.decode_step(mu, None)
+    return float((rec - x).abs().mean())
+
+
+def test_loss_falls(tmp_path: Path, clips: ClipDataset) -> None:
+    torch.set_num_threads(1)
+    tr = Trainer(tiny_cfg(tmp_path, video_steps=40), dataset=clips)
+    held_out = clips.batch(seed=99, rank=0, step=0, batch_size=4, frames=5, crop=16)
+    before = _eval_l1(tr, held_out)
+    logs = [tr.train_step() for _ in range(46)]
+    assert [entry.stage for entry in logs[:7]] == ["image"] * 6 + ["video"]
+    after = _eval_l1(tr, held_out)
+    assert after < 0.93 * before, (before, after)
+    assert all(math.isfinite(entry.loss) for entry in logs)
+
+
+def test_resume_is_bit_identical(tmp_path: Path, clips: ClipDataset) -> None:
+    torch.set_num_threads(1)
+    a = Trainer(tiny_cfg(tmp_path / "a", save_every=8), dataset=clips)
+    a.fit(progress=False, max_steps=8)  # crosses into the video stage at step 6
+    reference = [a.train_step().loss for _ in range(2)]
+
+    b = Trainer(tiny_cfg(tmp_path / "a", save_every=8), dataset=clips)
+    assert b.resume()
+    assert b.step == 8
+    resumed = [b.train_step().loss for _ in range(2)]
+    assert resumed == reference  # bit for bit
+
+    state = json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8 and state["stage"] == "video"
+    with pytest.raises(ValueError, match="different settings"):
+        Trainer(tiny_cfg(tmp_path / "a", lr=1.0), dataset=clips).resume()
+
+
+def test_stage1_is_an_image_vae_of_the_keyframe_half(tmp_path: Path, clips: ClipDataset) -> None:
+    tr = Trainer(tiny_cfg(tmp_path), dataset=clips)
+    for _ in range(3):
+        tr.train_step()
+    vae = tr.vae
+    for p, idx in KeyframeMask(vae).blocks:
+        assert torch.count_nonzero(p[idx]) == 0
+    vae.eval()
+    x = torch.rand(1, 3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mu, _, _ = vae.encode_step(x, None)
+        rec, _ = vae.decode_step(mu, None)
+        # scramble everything the 3D half computes: keyframe outputs must not move
+        k = vae.cfg.half_z
+        mu2 = mu.clone()
+        mu2[:, k:] = torch.randn_like(mu2[:, k:]) * 10
+        rec2, _ = vae.decode_step(mu2, None)
+        x2 = x.clone()
+        assert torch.equal(rec, rec2)
+        for name, p in vae.encoder.named_parameters():
+            if name.endswith("conv_3d.weight") and "stem" not in name:
+                p.add_(torch.randn_like(p))
+        mu3, _, _ = vae.encode_step(x2, None)
+    assert torch.allclose(mu3[:, :k], mu[:, :k], atol=1e-6)
+    assert not torch.allclose(mu3[:, k:], mu[:, k:], atol=1e-3)
+
+
+def test_export_writes_loadable_weights_with_fitted_factors(
+    tmp_path: Path, clips: ClipDataset
+) -> None:
+    tr = Trainer(tiny_cfg(tmp_path), dataset=clips)
+    for _ in range(8):
+        tr.train_step()
+    path = tmp_path / "model.safetensors"
+    cfg = tr.export_model(path, calibration_batches=2)
+    model = load_model(path)
+    assert model.cfg == cfg
+    assert cfg.scale_factor > 0 and cfg.scale_factor != 1.0
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    assert model.decode(model.encode(x)).shape == x.shape
+
+
+@pytest.mark.slow
+def test_ddp_two_process_gloo_smoke(tmp_path: Path) -> None:
+    data = tmp_path / "clips"
+    data.mkdir()
+    for i in range(2):
+        media.make_video(data / f"clip{i}.mp4", frames=12 + i, width=32, height=32)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "ivvae.cli", "train", "--out", str(out),
+        "--data", str(data), "--z-dim", "4", "--dim", "4", "--image-steps", "2",
+        "--video-steps", "2", "--image-batch", "2", "--image-crop", "16", "--video-batch", "1",
+        "--video-crop", "16", "--frames", "5", "--save-every", "4", "--log-every", "1", "--threads", "1",
+        "--no-progress", "--export", str(tmp_path / "ddp.safetensors"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 4  # rank 0 logs each step once
+    load_model(tmp_path / "ddp.safetensors")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="1 \\+ 4N"):
+        TrainConfig(out="x", frames=6)
+    cfg = TrainConfig(out="x", image_steps=10, video_steps=10, warmup_steps=2)
+    assert cfg.stage_at(9) == "image" and cfg.stage_at(10) == "video"
+    assert cfg.lr_at(0) < cfg.lr_at(1) <= cfg.lr
+    assert dataclasses.replace(cfg, lr=1.0).lr_at(11) == 1.0
