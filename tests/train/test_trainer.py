@@ -126,7 +126,8 @@ def test_ddp_two_process_gloo_smoke(tmp_path: Path) -> None:
         "--data", str(data), "--z-dim", "4", "--dim", "4", "--image-steps", "2",
         "--video-steps", "2", "--image-batch", "2", "--image-crop", "16", "--video-batch", "1",
         "--video-crop", "16", "--frames", "5", "--save-every", "4",
-        "--log-every", "1", "--threads", "1", "--no-progress", "--export", str(tmp_path / "ddp.safetensors"),
+        "--log-every", "1", "--threads", "1", "--no-progress",
+        "--export", str(tmp_path / "ddp.safetensors"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
