@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.redis_server import redis_server  # noqa: F401  (the `redis_server` fixture)
+
 DATA = Path(__file__).parent / "data"
 GOLDEN_FILES = sorted((DATA / "golden").glob("*.safetensors"))
 

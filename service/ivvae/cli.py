@@ -7,6 +7,10 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -68,6 +72,151 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    """Settings from IVVAE_* environment variables, overridden by explicit CLI options."""
+    from .config import Settings
+
+    values = {k: v for k, v in vars(args).items()
+              if k in Settings.model_fields and v is not None}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def _setup_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .server import serve
+
+    settings = _settings(args)
+    _setup_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from .errors import IVVAEError
+    from .pipeline import EncodeOptions
+    from .service import Service
+
+    settings = _settings(args, backend="local", redis_url="")
+    _setup_logging(settings.log_level if args.verbose else "warning")
+    options = EncodeOptions(model=args.model or "", sample=args.sample, seed=args.seed,
+                            dtype=args.dtype, include_moments=args.moments)
+
+    async def run() -> int:
+        service = Service(settings)
+        await service.start()
+        try:
+            with _progress("encode", args.no_progress) as bar:
+                result = await service.pipeline.encode(Path(args.input), options,
+                                                       on_frames=bar)
+        finally:
+            await service.close()
+        out = args.output or str(Path(args.input).with_suffix(".latent.safetensors"))
+        _atomic_write(out, result.data)
+        print(json.dumps({"output": out, "latent_shape": list(result.latent_shape),
+                          "model": result.info.model_name, "frames": result.info.num_frames,
+                          "seconds": round(result.seconds, 3)}))
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except IVVAEError as exc:
+        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
+        return 2
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    import numpy as np
+
+    from .errors import IVVAEError
+    from .safetensors_io import dumps
+    from .service import Service
+    from .video import Mp4Writer
+
+    settings = _settings(args, backend="local", redis_url="")
+    _setup_logging(settings.log_level if args.verbose else "warning")
+    out = args.output or str(Path(args.input).with_suffix(".mp4"))
+
+    async def run() -> int:
+        service = Service(settings)
+        await service.start()
+        try:
+            info, frames = await service.pipeline.decode_frames(Path(args.input).read_bytes())
+            tmp = f"{out}.tmp-{os.getpid()}"
+            with _progress("decode", args.no_progress, total=info.num_frames) as bar:
+                if out.endswith(".safetensors"):
+                    parts = []
+                    async for part in frames:
+                        parts.append(part)
+                        bar(len(part))
+                    meta = {"fps": f"{info.fps.numerator}/{info.fps.denominator}",
+                            "layout": "THWC uint8 RGB"}
+                    Path(tmp).write_bytes(dumps({"frames": np.concatenate(parts)}, meta))
+                else:
+                    with Mp4Writer(tmp, width=info.width, height=info.height, fps=info.fps,
+                                   crf=args.crf) as writer:
+                        async for part in frames:
+                            await asyncio.to_thread(writer.write, part)
+                            bar(len(part))
+            os.replace(tmp, out)
+        finally:
+            await service.close()
+        print(json.dumps({"output": out, "frames": info.num_frames, "width": info.width,
+                          "height": info.height}))
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except IVVAEError as exc:
+        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
+        return 2
+
+
+class _progress:
+    """A tqdm bar as a frames callback (no-op when disabled)."""
+
+    def __init__(self, desc: str, disabled: bool, total: int | None = None) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit="frame", total=total, disable=disabled,
+                        dynamic_ncols=True)
+
+    def __enter__(self) -> Callable[[int], None]:
+        return lambda n: self.bar.update(n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _add_service_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="weights file (.pth/.safetensors); default: bundled")
+    p.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--encode-precision", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--decode-precision", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--groups-per-step", type=int, help="frame groups per model step")
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --option per dataclass field (defaults stay in the dataclass)."""
     import dataclasses
@@ -99,6 +248,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-golden", help="check the model against golden vector files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(handler=_verify_golden)
+
+    p = sub.add_parser("serve", help="run the HTTP and gRPC service (settings: IVVAE_* env)")
+    _add_service_options(p)
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--backend", choices=["local", "triton"])
+    p.add_argument("--triton-url")
+    p.add_argument("--redis-url")
+    p.add_argument("--log-level")
+    p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("encode", help="encode a video file to a latent file (no server)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("-o", "--output", help="default: IN with .latent.safetensors")
+    p.add_argument("--model", default="")
+    p.add_argument("--sample", action="store_true", help="sample the posterior")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--moments", action="store_true", help="also store mu and logvar")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _add_service_options(p)
+    p.set_defaults(handler=_encode)
+
+    p = sub.add_parser("decode", help="decode a latent file to .mp4 (or .safetensors frames)")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("-o", "--output", help="OUT.mp4, or OUT.safetensors for raw frames")
+    p.add_argument("--crf", type=int, default=18)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _add_service_options(p)
+    p.set_defaults(handler=_decode)
 
     from .train.config import TrainConfig
 

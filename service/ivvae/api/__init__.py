@@ -1,0 +1,1 @@
+"""Transports: HTTP (FastAPI) and gRPC. They parse, validate, call the pipeline, map errors."""

@@ -1,0 +1,5 @@
+"""The HTTP transport."""
+
+from .app import create_app
+
+__all__ = ["create_app"]

@@ -1,0 +1,40 @@
+"""The HTTP status of every service error: one table."""
+
+from __future__ import annotations
+
+from ...errors import (
+    BackendUnavailable,
+    CorruptMedia,
+    DeadlineExceeded,
+    EmptyInput,
+    InvalidInput,
+    InvalidLatent,
+    IVVAEError,
+    Overloaded,
+    TooLarge,
+    Unauthorized,
+    UnknownModel,
+    UnsupportedMedia,
+)
+
+# Most specific first: the first matching class decides.
+STATUS: tuple[tuple[type[IVVAEError], int], ...] = (
+    (EmptyInput, 400),
+    (CorruptMedia, 422),
+    (InvalidLatent, 422),
+    (UnknownModel, 400),
+    (InvalidInput, 400),
+    (UnsupportedMedia, 415),
+    (TooLarge, 413),
+    (Unauthorized, 401),
+    (BackendUnavailable, 503),
+    (Overloaded, 503),
+    (DeadlineExceeded, 504),
+)
+
+
+def http_status(exc: IVVAEError) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500

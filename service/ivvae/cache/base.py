@@ -1,0 +1,182 @@
+"""The ResultCache interface: posterior moments stored under a content key.
+
+The cache is an optimization, so it never fails a request: ``get`` answers a miss and ``put``
+answers ``False`` on any trouble (absent or corrupt entry, backend down or slow), and the
+trouble is logged on ``ivvae.cache`` and counted in :class:`CacheStats`.
+
+The semantics live here once; a backend only moves bytes (``_load``, ``_store``,
+``_discard``) and may raise whatever its client raises.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from .codec import CachedMoments, CorruptEntry, deserialize, serialize
+
+log = logging.getLogger("ivvae.cache")
+
+# Checksumming and copying a blob this big takes long enough to stall other requests, so it
+# runs on a worker thread (hashlib and numpy release the GIL for large buffers).
+OFFLOAD_BYTES = 1 << 20
+
+_T = TypeVar("_T")
+_A = TypeVar("_A")
+
+
+@dataclass
+class CacheStats:
+    """Monotonic counters, exported to Prometheus by the service.
+
+    Every ``get`` counts one hit or one miss; ``corrupt`` and ``errors`` say why some misses
+    (and failed puts) happened. ``errors``: backend failures (connection, timeout, any client
+    error) and values that could not be encoded (non-finite arrays).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    errors: int = 0
+    skipped_too_large: int = 0
+    writes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+async def _off_loop(fn: Callable[[_A], _T], arg: _A, nbytes: int) -> _T:
+    if nbytes >= OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, arg)
+    return fn(arg)
+
+
+class ResultCache(abc.ABC):
+    """Async cache of :class:`CachedMoments` under string keys (see :func:`cache_key`).
+
+    ``max_entry_bytes``: serialized entries larger than this are not stored (``put`` answers
+    ``False`` and counts ``skipped_too_large``); 0 stores nothing.
+    """
+
+    name: str
+
+    def __init__(self, *, max_entry_bytes: int) -> None:
+        if max_entry_bytes < 0:
+            raise ValueError(f"max_entry_bytes must be >= 0, got {max_entry_bytes}")
+        self.max_entry_bytes = max_entry_bytes
+        self.stats = CacheStats()
+        self._failing = False  # logs a backend outage once, and its end once
+
+    async def get(self, key: str) -> CachedMoments | None:
+        """The entry under ``key``, or None (absent, corrupt, backend trouble). Never raises.
+
+        A corrupt entry is deleted so that the next ``put`` can replace it.
+        """
+        try:
+            blob = await self._load(key)
+        except Exception as exc:
+            self._backend_failed("get", key, exc)
+            self.stats.misses += 1
+            return None
+        self._backend_ok()
+        if blob is None:
+            self.stats.misses += 1
+            return None
+        try:
+            value = await _off_loop(deserialize, blob, len(blob))
+        except CorruptEntry as exc:
+            self.stats.corrupt += 1
+            self.stats.misses += 1
+            log.warning("%s cache: dropping corrupt entry %s: %s", self.name, key, exc)
+            try:
+                await self._discard(key, blob)
+            except Exception as discard_exc:
+                self._backend_failed("delete", key, discard_exc)
+            return None
+        self.stats.hits += 1
+        return value
+
+    async def put(self, key: str, value: CachedMoments) -> bool:
+        """Store ``value`` under ``key``, replacing any entry there. True when stored; False
+        when skipped (too large, non-finite) or failed. Never raises."""
+        # The arrays alone bound the blob from below: skip a hopeless entry before encoding it.
+        if value.nbytes > self.max_entry_bytes:
+            return self._skip_too_large(key, value.nbytes)
+        try:
+            blob = await _off_loop(serialize, value, value.nbytes)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("%s cache: not storing %s: %s", self.name, key, exc)
+            return False
+        if len(blob) > self.max_entry_bytes:
+            return self._skip_too_large(key, len(blob))
+        try:
+            await self._store(key, blob)
+        except Exception as exc:
+            self._backend_failed("put", key, exc)
+            return False
+        self._backend_ok()
+        self.stats.writes += 1
+        return True
+
+    @abc.abstractmethod
+    async def ping(self) -> bool:
+        """True when the backend answers. Never raises."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the backend's connections and memory."""
+
+    # -- what a backend provides ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _load(self, key: str) -> bytes | None:
+        """The stored blob, or None when absent. May raise backend errors."""
+
+    @abc.abstractmethod
+    async def _store(self, key: str, blob: bytes) -> None:
+        """Store ``blob`` atomically (a reader sees the old blob or the new, whole). May raise."""
+
+    @abc.abstractmethod
+    async def _discard(self, key: str, blob: bytes) -> None:
+        """Remove the corrupt ``blob`` read under ``key``. May raise."""
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _skip_too_large(self, key: str, nbytes: int) -> bool:
+        self.stats.skipped_too_large += 1
+        log.info(
+            "%s cache: not storing %s: %d bytes > max entry %d bytes",
+            self.name,
+            key,
+            nbytes,
+            self.max_entry_bytes,
+        )
+        return False
+
+    def _backend_failed(self, op: str, key: str, exc: Exception) -> None:
+        self.stats.errors += 1
+        # During an outage every request fails the same way: warn once, then only debug.
+        level = logging.DEBUG if self._failing else logging.WARNING
+        self._failing = True
+        log.log(
+            level,
+            "%s cache: %s %s failed (%s: %s); answering without the cache",
+            self.name,
+            op,
+            key,
+            type(exc).__name__,
+            exc,
+            # The first failure of an outage carries its traceback: it may be a bug, not a
+            # network problem.
+            exc_info=exc if level == logging.WARNING else None,
+        )
+
+    def _backend_ok(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("%s cache: backend answers again", self.name)

@@ -1,0 +1,87 @@
+"""ResultCache on Redis: one key per entry, ``{prefix}:v1:{key}``, written by one ``SET``.
+
+A single ``SET`` replaces a value atomically, so a reader sees the old blob or the new one,
+never part of ours. ``v1`` names the key layout; the blob carries its own format magic.
+
+Failure behaviour: every socket read, write and connect is bounded by ``timeout_s``. A
+command that meets a dropped connection (Redis restarted) is retried once on a fresh one;
+a timeout is not retried, so a hung Redis costs a request at most ``timeout_s`` per command.
+The connection pool reconnects by itself once Redis answers again.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from .base import ResultCache, log
+
+KEY_LAYOUT = "v1"
+
+
+class RedisCache(ResultCache):
+    """Entries in Redis at ``url`` (``redis://``, ``rediss://`` or ``unix://``).
+
+    ``ttl_s``: expiry of each entry, 0 for none. No connection is made until first use.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: int,
+        max_entry_bytes: int,
+        key_prefix: str,
+        timeout_s: float,
+    ) -> None:
+        if ttl_s < 0:
+            raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        super().__init__(max_entry_bytes=max_entry_bytes)
+        self.ttl_s = ttl_s
+        self.key_prefix = key_prefix
+        self.timeout_s = timeout_s
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            # Blobs are binary; decoding them as text would corrupt every entry.
+            decode_responses=False,
+            # redis-py's default retries with backoff would stretch an outage's cost per
+            # request far past timeout_s.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+
+    def redis_key(self, key: str) -> str:
+        """The Redis key that holds the entry for ``key``."""
+        return f"{self.key_prefix}:{KEY_LAYOUT}:{key}"
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._client.ping())
+        except Exception as exc:
+            log.debug("redis cache: ping failed: %s: %s", type(exc).__name__, exc)
+            return False
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _load(self, key: str) -> bytes | None:
+        blob = await self._client.get(self.redis_key(key))
+        if isinstance(blob, str):
+            # A backend fault, not a corrupt entry: the entry must not be deleted for it.
+            raise TypeError("Redis answered text: the URL must not set decode_responses")
+        return blob
+
+    async def _store(self, key: str, blob: bytes) -> None:
+        await self._client.set(self.redis_key(key), blob, ex=self.ttl_s or None)
+
+    async def _discard(self, key: str, blob: bytes) -> None:
+        # Unconditional: a valid entry written since the read would be lost, which costs one
+        # recomputation, while a compare-and-delete would send the whole blob back.
+        await self._client.delete(self.redis_key(key))

@@ -1,0 +1,192 @@
+"""The latent file: what /encode returns and /decode accepts (HTTP, gRPC and the CLI).
+
+A ``.safetensors`` file holding
+
+* ``latent``: ``(1, z, n, h, w)`` in float32, bfloat16 or float16, the diffusion latent
+  ``scale_factor * (s - shift_factor)``, with ``n = 1 + ceil((T-1)/4)``, ``h = ceil(H/8)``,
+  ``w = ceil(W/8)``;
+* optionally ``mu`` and ``logvar`` (float32, same shape): the posterior moments, for
+  training with fresh samples each epoch;
+
+and string metadata (``__metadata__``) recording everything needed to decode it and to
+train on it. ``META_KEYS`` is the one list of those keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import numpy as np
+
+from . import __version__
+from .errors import InvalidLatent
+from .safetensors_io import SafetensorsError, Tensor, dumps, float32_to_bf16_bits, loads
+
+FORMAT = "ivvae.latent"
+FORMAT_VERSION = "1"
+TIME_COMPRESSION = 4
+SPACE_COMPRESSION = 8
+
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_ST_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
+
+META_KEYS = (
+    "format", "format_version", "model_name", "weights_sha256", "scale_factor",
+    "shift_factor", "z_dim", "num_frames", "height", "width", "fps", "padding_policy",
+    "dtype", "content_sha256", "mode", "seed", "latent_shape", "ivvae_version",
+)
+
+
+def latent_frames(num_frames: int) -> int:
+    return 1 + math.ceil((num_frames - 1) / TIME_COMPRESSION)
+
+
+def latent_side(pixels: int) -> int:
+    return max(1, math.ceil(pixels / SPACE_COMPRESSION))
+
+
+@dataclass(frozen=True)
+class LatentInfo:
+    """Metadata of one latent file (see ``META_KEYS``)."""
+
+    model_name: str
+    weights_sha256: str
+    scale_factor: float
+    shift_factor: float
+    z_dim: int
+    num_frames: int
+    height: int
+    width: int
+    fps: Fraction
+    padding_policy: str
+    dtype: str  # float32 | bfloat16 | float16
+    content_sha256: str
+    mode: str  # mean | sample
+    seed: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        return (1, self.z_dim, latent_frames(self.num_frames), latent_side(self.height),
+                latent_side(self.width))
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "weights_sha256": self.weights_sha256,
+            "scale_factor": repr(self.scale_factor),
+            "shift_factor": repr(self.shift_factor),
+            "z_dim": str(self.z_dim),
+            "num_frames": str(self.num_frames),
+            "height": str(self.height),
+            "width": str(self.width),
+            "fps": f"{self.fps.numerator}/{self.fps.denominator}",
+            "padding_policy": self.padding_policy,
+            "dtype": self.dtype,
+            "content_sha256": self.content_sha256,
+            "mode": self.mode,
+            "seed": "" if self.seed is None else str(self.seed),
+            "latent_shape": ",".join(str(s) for s in self.latent_shape),
+            "ivvae_version": __version__,
+        }
+        meta.update(self.extra)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> LatentInfo:
+        if meta.get("format") != FORMAT:
+            raise InvalidLatent(
+                f"not an ivvae latent file: metadata 'format' is {meta.get('format')!r}, "
+                f"expected {FORMAT!r}"
+            )
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InvalidLatent(f"unsupported latent format_version {meta.get('format_version')!r}")
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise InvalidLatent(f"latent metadata is missing {', '.join(missing)}")
+        try:
+            info = cls(
+                model_name=meta["model_name"],
+                weights_sha256=meta["weights_sha256"],
+                scale_factor=float(meta["scale_factor"]),
+                shift_factor=float(meta["shift_factor"]),
+                z_dim=int(meta["z_dim"]),
+                num_frames=int(meta["num_frames"]),
+                height=int(meta["height"]),
+                width=int(meta["width"]),
+                fps=Fraction(meta["fps"]),
+                padding_policy=meta["padding_policy"],
+                dtype=meta["dtype"],
+                content_sha256=meta["content_sha256"],
+                mode=meta["mode"],
+                seed=int(meta["seed"]) if meta["seed"] else None,
+                extra={k: v for k, v in meta.items() if k not in META_KEYS},
+            )
+        except (ValueError, ZeroDivisionError) as exc:
+            raise InvalidLatent(f"latent metadata has a malformed value: {exc}") from exc
+        if min(info.num_frames, info.height, info.width, info.z_dim) < 1:
+            raise InvalidLatent("latent metadata has non-positive sizes")
+        if info.fps <= 0:
+            raise InvalidLatent(f"latent metadata has a non-positive fps {meta['fps']}")
+        if not math.isfinite(info.scale_factor) or info.scale_factor == 0 or not math.isfinite(
+                info.shift_factor):
+            raise InvalidLatent("latent metadata has an invalid scale/shift factor")
+        if info.dtype not in DTYPE_NAMES:
+            raise InvalidLatent(f"latent metadata has an unknown dtype {info.dtype!r}")
+        return info
+
+
+def encode_latent_file(latent: np.ndarray, info: LatentInfo, *,
+                       mu: np.ndarray | None = None, logvar: np.ndarray | None = None) -> bytes:
+    """``latent`` float32 ``info.latent_shape``, stored in ``info.dtype``."""
+    if latent.shape != info.latent_shape:
+        raise ValueError(f"latent shape {latent.shape} != {info.latent_shape}")
+    st = DTYPE_NAMES[info.dtype]
+    if st == "BF16":
+        stored = Tensor("BF16", float32_to_bf16_bits(latent))
+    else:
+        stored = Tensor(st, latent.astype(np.float32 if st == "F32" else np.float16))
+    tensors: dict[str, Tensor | np.ndarray] = {"latent": stored}
+    if mu is not None and logvar is not None:
+        tensors["mu"] = np.ascontiguousarray(mu, dtype=np.float32)
+        tensors["logvar"] = np.ascontiguousarray(logvar, dtype=np.float32)
+    return dumps(tensors, info.to_metadata())
+
+
+def decode_latent_file(data: bytes) -> tuple[np.ndarray, LatentInfo]:
+    """Parse and validate an uploaded latent file: ``(latent float32, info)``.
+
+    Raises ``InvalidLatent`` naming the problem: not safetensors, missing metadata, a shape
+    that does not match the recorded video size, a dtype that is not floating point or not
+    the recorded one, non-finite values.
+    """
+    if not data:
+        raise InvalidLatent("empty latent file")
+    try:
+        tensors, meta = loads(data)
+    except SafetensorsError as exc:
+        raise InvalidLatent(f"not a readable latent file: {exc}") from exc
+    info = LatentInfo.from_metadata(meta)
+    if "latent" not in tensors:
+        raise InvalidLatent(f"latent file has no 'latent' tensor (has {sorted(tensors)})")
+    t = tensors["latent"]
+    if t.dtype not in _ST_TO_NAME:
+        raise InvalidLatent(f"latent dtype {t.dtype} is not float32, bfloat16 or float16")
+    if _ST_TO_NAME[t.dtype] != info.dtype:
+        raise InvalidLatent(f"latent dtype {_ST_TO_NAME[t.dtype]} disagrees with metadata "
+                            f"dtype {info.dtype}")
+    if t.shape != info.latent_shape:
+        raise InvalidLatent(
+            f"latent shape {t.shape} does not match the metadata: a {info.num_frames}-frame "
+            f"{info.width}x{info.height} video with z_dim {info.z_dim} has latent shape "
+            f"{info.latent_shape}"
+        )
+    latent = t.as_float32()
+    if not np.isfinite(latent).all():
+        bad = int((~np.isfinite(latent)).sum())
+        raise InvalidLatent(f"latent has {bad} non-finite values (NaN or inf)")
+    return np.ascontiguousarray(latent), info

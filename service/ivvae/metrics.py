@@ -1,0 +1,32 @@
+"""Prometheus metrics. One registry per app instance (tests build many apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("ivvae_requests", "Requests by operation, transport and outcome",
+                                ["op", "transport", "outcome"], registry=r)
+        self.latency = Histogram("ivvae_request_seconds", "Request latency",
+                                 ["op", "transport"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("ivvae_errors", "Errors by code", ["code"], registry=r)
+        self.frames = Counter("ivvae_frames", "Video frames processed", ["op"], registry=r)
+        self.frames_per_second = Gauge("ivvae_frames_per_second",
+                                       "Frames/s of the last completed request", ["op"],
+                                       registry=r)
+        self.batch_size = Histogram("ivvae_batch_size", "Videos per model call", ["kind"],
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.batch_seconds = Histogram("ivvae_batch_seconds", "Model call duration", ["kind"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.cache = Counter("ivvae_cache", "Result cache lookups and writes",
+                             ["event"], registry=r)
+        self.in_flight = Gauge("ivvae_in_flight_requests", "Requests being served",
+                               registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

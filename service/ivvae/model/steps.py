@@ -1,0 +1,66 @@
+"""Serving step functions: the unit the gateway batches and Triton runs.
+
+Frames travel as uint8 (4x smaller than float) and are normalised inside; latents travel as
+float32 diffusion latents. Feature caches are explicit tensor lists, in and out, with the
+batch dimension = independent videos, so steps of several videos at the same size can be
+concatenated and run together.
+
+* ``EncoderStep.first(frames)``: frames ``(B, 1, H, W, 3)`` uint8 (frame 0; H, W multiples
+  of 8) -> ``mu, logvar`` ``(B, z, 1, H/8, W/8)`` float32 and the cache.
+* ``EncoderStep.next(frames, cache)``: frames ``(B, 4k, H, W, 3)`` -> moments of ``k`` latent
+  frames and the new cache.
+* ``DecoderStep.first(latent)``: latent ``(B, z, 1, h, w)`` -> frames ``(B, 1, 8h, 8w, 3)``
+  uint8 (rounded, clamped) and the cache.
+* ``DecoderStep.next(latent, cache)``: latent ``(B, z, k, h, w)`` -> ``(B, 4k, 8h, 8w, 3)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .cache import FeatureCache
+from .vae import IVVAE
+
+ENCODER_SLOTS = 13
+DECODER_SLOTS = 19
+
+
+def frames_to_video(frames: Tensor) -> Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float32 in [-1, 1]."""
+    return frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+
+
+def video_to_frames(video: Tensor) -> Tensor:
+    """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8, rounded (not truncated)."""
+    x = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+class EncoderStep(nn.Module):
+    def __init__(self, vae: IVVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def first(self, frames: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        mu, logvar, cache = self.vae.encode_step(frames_to_video(frames), None)
+        return mu, logvar, list(cache.tensors)
+
+    def next(self, frames: Tensor, cache: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        mu, logvar, new = self.vae.encode_step(frames_to_video(frames),
+                                               FeatureCache(tuple(cache), 1))
+        return mu, logvar, list(new.tensors)
+
+
+class DecoderStep(nn.Module):
+    def __init__(self, vae: IVVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def first(self, latent: Tensor) -> tuple[Tensor, list[Tensor]]:
+        video, cache = self.vae.decode_step(latent, None)
+        return video_to_frames(video), list(cache.tensors)
+
+    def next(self, latent: Tensor, cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        video, new = self.vae.decode_step(latent, FeatureCache(tuple(cache), 1))
+        return video_to_frames(video), list(new.tensors)

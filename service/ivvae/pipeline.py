@@ -1,0 +1,314 @@
+"""The use cases, one way through: encode a video to a latent file, decode one to frames.
+
+HTTP, gRPC and the CLI all call ``Pipeline``. It owns the order of things: limits, the
+result cache, video decoding (PyAV, on worker threads), splitting into GCConv frame groups
+(frame 0 alone, then ``groups_per_step`` groups of 4 per step), driving a backend session,
+and building the latent file. Memory stays bounded: frames are decoded a step at a time and
+only the (small) latent moments are kept.
+
+Cache policy: entries are the posterior moments keyed by content hash, model, weights and
+encode precision. Sampling and the output dtype are applied after the cache, so
+deterministic and seeded-sample requests share an entry. An entry is written only after
+the whole video encoded successfully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import Backend, ModelInfo
+from .cache import CachedMoments, ResultCache, cache_key
+from .config import Settings
+from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
+from .latents import DTYPE_NAMES, LatentInfo, decode_latent_file, encode_latent_file
+from .metrics import Metrics
+from .video import VideoLimits, exact_rate, open_video
+
+log = logging.getLogger("ivvae.pipeline")
+
+GROUP = 4
+PADDING_POLICY = "time:repeat-last-to-1+4n;space:replicate-right-bottom-to-multiple-of-8"
+MOMENTS_VERSION = "moments-v1"
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    model: str = ""  # empty: the default model
+    sample: bool = False  # False: the posterior mean (deterministic)
+    seed: int | None = None  # for sample; drawn and recorded when absent
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    include_moments: bool = False  # also store mu and logvar in the file
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise InvalidInput(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidInput("seed must be in [0, 2**63)")
+        if self.seed is not None and not self.sample:
+            raise InvalidInput("seed is only meaningful with sample=true")
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    data: bytes  # the latent .safetensors file
+    info: LatentInfo
+    cache_hit: bool
+    seconds: float
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.info.latent_shape
+
+
+def pad_frames(frames: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) uint8 -> (1, n, H8, W8, 3): replicate right/bottom to multiples of 8."""
+    _, h, w, _ = frames.shape
+    ph = max(8, -(-h // 8) * 8) - h
+    pw = max(8, -(-w // 8) * 8) - w
+    if ph or pw:
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    return np.ascontiguousarray(frames)[None]
+
+
+def moments_to_latent(mu: np.ndarray, logvar: np.ndarray, model: ModelInfo, *,
+                      sample: bool, seed: int | None) -> np.ndarray:
+    """``scale * (s - shift)`` with ``s = mu`` or ``mu + exp(logvar / 2) * eps``.
+
+    ``eps`` comes from numpy's PCG64 seeded with ``seed``: the same on every backend and
+    machine, so a (video, seed) pair always gives the same latent.
+    """
+    s = mu
+    if sample:
+        eps = np.random.default_rng(seed).standard_normal(mu.shape, dtype=np.float32)
+        s = mu + np.exp(0.5 * logvar) * eps
+    return (model.scale_factor * (s - model.shift_factor)).astype(np.float32)
+
+
+def sha256_of(source: bytes | Path) -> str:
+    h = hashlib.sha256()
+    if isinstance(source, bytes):
+        h.update(source)
+    else:
+        with open(source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, backend: Backend, cache: ResultCache,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.cache = cache
+        self.metrics = metrics
+        self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
+
+    # -- models ----------------------------------------------------------------------------
+
+    def model(self, name: str = "") -> ModelInfo:
+        name = name or self.backend.default_model
+        models = self.backend.models
+        if name not in models:
+            raise UnknownModel(f"unknown model {name!r}; served: {sorted(models)}")
+        return models[name]
+
+    # -- encode ----------------------------------------------------------------------------
+
+    async def encode(self, source: bytes | Path, options: EncodeOptions = EncodeOptions(),
+                     *, on_frames: Callable[[int], None] | None = None) -> EncodeResult:
+        """Encode a video (bytes of a file, or a path) to a latent file.
+
+        ``on_frames(n)`` is called as frames are consumed (progress bars).
+        """
+        async with self._slots:
+            try:
+                return await asyncio.wait_for(self._encode(source, options, on_frames),
+                                              self.settings.request_timeout_s)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"encoding took longer than {self.settings.request_timeout_s:g} s"
+                ) from None
+
+    async def _encode(self, source: bytes | Path, options: EncodeOptions,
+                      on_frames: Callable[[int], None] | None) -> EncodeResult:
+        start = time.perf_counter()
+        model = self.model(options.model)
+        content = await asyncio.to_thread(sha256_of, source)
+        key = cache_key(content, model.name, model.weights_sha256,
+                        self.settings.encode_precision, MOMENTS_VERSION)
+        cached = await self.cache.get(key)
+        self.metrics.cache.labels("hit" if cached else "miss").inc()
+        if cached is None:
+            mu, logvar, meta = await self._encode_video(source, model, on_frames)
+            stored = await self.cache.put(key, CachedMoments(mu, logvar, meta))
+            self.metrics.cache.labels("write" if stored else "write_skipped").inc()
+            seconds = time.perf_counter() - start
+            frames = int(meta["num_frames"])
+            self.metrics.frames.labels("encode").inc(frames)
+            self.metrics.frames_per_second.labels("encode").set(frames / max(seconds, 1e-9))
+        else:
+            mu, logvar, meta = cached.mu, cached.logvar, dict(cached.meta)
+        seed = options.seed
+        if options.sample and seed is None:
+            seed = secrets.randbits(63)
+        latent = moments_to_latent(mu, logvar, model, sample=options.sample, seed=seed)
+        info = LatentInfo(
+            model_name=model.name, weights_sha256=model.weights_sha256,
+            scale_factor=model.scale_factor, shift_factor=model.shift_factor,
+            z_dim=model.z_dim, num_frames=int(meta["num_frames"]), height=int(meta["height"]),
+            width=int(meta["width"]), fps=Fraction(meta["fps"]), padding_policy=PADDING_POLICY,
+            dtype=options.dtype, content_sha256=content,
+            mode="sample" if options.sample else "mean", seed=seed,
+            extra={"source_" + k: v for k, v in meta.items()
+                   if k not in ("num_frames", "height", "width", "fps")},
+        )
+        data = encode_latent_file(latent, info, mu=mu if options.include_moments else None,
+                                  logvar=logvar if options.include_moments else None)
+        return EncodeResult(data, info, cached is not None, time.perf_counter() - start)
+
+    async def _encode_video(self, source: bytes | Path, model: ModelInfo,
+                            on_frames: Callable[[int], None] | None = None,
+                            ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+        s = self.settings
+        limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
+        reader = await asyncio.to_thread(open_video, source, limits=limits)
+        step = GROUP * s.groups_per_step
+        session = self.backend.encode_session(model.name)
+        mus: list[np.ndarray] = []
+        logvars: list[np.ndarray] = []
+        count = 0
+        try:
+            chunks = reader.iter_frames(step)
+            pending = np.empty((0, reader.info.height, reader.info.width, 3), np.uint8)
+            while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
+                count += len(chunk)
+                if on_frames is not None:
+                    on_frames(len(chunk))
+                pending = chunk if not len(pending) else np.concatenate([pending, chunk])
+                if count == len(chunk):  # frame 0 is its own step (the image path)
+                    mu, logvar = await session.first(pad_frames(pending[:1]))
+                    mus.append(mu)
+                    logvars.append(logvar)
+                    pending = pending[1:]
+                while len(pending) >= step:
+                    mu, logvar = await session.next(pad_frames(pending[:step]))
+                    mus.append(mu)
+                    logvars.append(logvar)
+                    pending = pending[step:]
+            if count == 0:
+                raise CorruptMedia("the video has no decodable frames")
+            if len(pending):  # the last partial group repeats the last frame
+                fill = -len(pending) % GROUP
+                pending = np.concatenate([pending, np.repeat(pending[-1:], fill, axis=0)])
+                mu, logvar = await session.next(pad_frames(pending))
+                mus.append(mu)
+                logvars.append(logvar)
+        finally:
+            await session.close()
+            await asyncio.to_thread(reader.close)
+        info = reader.info
+        meta = {
+            "num_frames": str(count),
+            "height": str(info.height),
+            "width": str(info.width),
+            "fps": _fps_string(info.fps),
+            "codec": info.codec,
+            "container": info.container,
+            "rotation": str(info.rotation),
+        }
+        return np.concatenate(mus, axis=2), np.concatenate(logvars, axis=2), meta
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def parse_latent(self, data: bytes) -> tuple[np.ndarray, LatentInfo, ModelInfo]:
+        """Validate an uploaded latent file against the served models."""
+        latent, info = decode_latent_file(data)
+        models = self.backend.models
+        if info.model_name not in models:
+            same = [m for m in models.values() if m.weights_sha256 == info.weights_sha256]
+            if not same:
+                raise UnknownModel(
+                    f"the latent was made by model {info.model_name!r} (weights "
+                    f"{info.weights_sha256[:12]}), which this server does not serve; "
+                    f"served: {sorted(models)}"
+                )
+            model = same[0]
+        else:
+            model = models[info.model_name]
+        if model.weights_sha256 != info.weights_sha256:
+            raise InvalidLatent(
+                f"the latent was made by weights {info.weights_sha256[:12]} but model "
+                f"{model.name!r} here has weights {model.weights_sha256[:12]}: decoding it "
+                "would give garbage"
+            )
+        if model.z_dim != info.z_dim:
+            raise InvalidLatent(f"latent z_dim {info.z_dim} != model z_dim {model.z_dim}")
+        if (info.scale_factor, info.shift_factor) != (model.scale_factor, model.shift_factor):
+            raise InvalidLatent("latent scale/shift factors differ from the model's")
+        frames = info.num_frames * info.height * info.width
+        if info.num_frames > self.settings.max_frames or frames > (
+                self.settings.max_frames * self.settings.max_pixels):
+            raise InvalidLatent(f"decoding {info.num_frames} frames of {info.width}x"
+                                f"{info.height} exceeds the server's limits")
+        if info.height * info.width > self.settings.max_pixels:
+            raise InvalidLatent(f"a {info.width}x{info.height} frame exceeds max_pixels")
+        return latent, info, model
+
+    async def decode_frames(self, data: bytes) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
+        """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)`` uint8, in
+        order, cropped to the original frame count and size."""
+        latent, info, model = self.parse_latent(data)
+        return info, self._decode_iter(latent, info, model)
+
+    async def _decode_iter(self, latent: np.ndarray, info: LatentInfo, model: ModelInfo
+                           ) -> AsyncIterator[np.ndarray]:
+        start = time.perf_counter()
+        async with self._slots:
+            deadline = start + self.settings.request_timeout_s
+            session = self.backend.decode_session(model.name)
+            produced = 0
+            try:
+                for a, b in _latent_steps(latent.shape[2], self.settings.groups_per_step):
+                    part = np.ascontiguousarray(latent[:, :, a:b])
+                    step = session.first(part) if a == 0 else session.next(part)
+                    remaining = deadline - time.perf_counter()
+                    try:
+                        frames = await asyncio.wait_for(step, max(remaining, 0.001))
+                    except TimeoutError:
+                        raise DeadlineExceeded(
+                            f"decoding took longer than {self.settings.request_timeout_s:g} s"
+                        ) from None
+                    keep = min(frames.shape[1], info.num_frames - produced)
+                    produced += keep
+                    yield frames[0, :keep, : info.height, : info.width]
+            finally:
+                await session.close()
+        self.metrics.frames.labels("decode").inc(produced)
+        self.metrics.frames_per_second.labels("decode").set(
+            produced / max(time.perf_counter() - start, 1e-9))
+
+
+def _latent_steps(n: int, groups_per_step: int) -> Iterator[tuple[int, int]]:
+    yield 0, 1
+    for a in range(1, n, groups_per_step):
+        yield a, min(n, a + groups_per_step)
+
+
+def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:
+    return next(chunks, None)
+
+
+def _fps_string(fps: float) -> str:
+    rate = exact_rate(fps)
+    return f"{rate.numerator}/{rate.denominator}"

@@ -1,0 +1,80 @@
+"""``ivvae serve``: one Service, served over HTTP (uvicorn) and gRPC, in one event loop.
+
+SIGTERM/SIGINT stop both gracefully: uvicorn stops accepting and finishes in-flight
+requests, the gRPC server gets a grace period, then the backend and cache close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+from .config import Settings
+from .service import Service
+
+log = logging.getLogger("ivvae.server")
+
+GRACE_S = 10.0
+
+
+def _quiet_server_class() -> type:
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        """uvicorn without its own signal handling: ``serve`` decides when to stop (and
+        uvicorn would re-raise the signal afterwards, killing us before cleanup)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return QuietServer
+
+
+async def serve(settings: Settings) -> None:
+    import uvicorn
+
+    _QuietServer = _quiet_server_class()
+
+    from .api.http import create_app
+
+    if not (settings.enable_http or settings.enable_grpc):
+        raise ValueError("both HTTP and gRPC are disabled; enable at least one")
+    service = Service(settings)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    http_server: uvicorn.Server | None = None
+    grpc_server = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        if settings.enable_grpc:
+            from .api.grpc.server import start_grpc_server
+
+            grpc_server = await start_grpc_server(service, settings)
+            log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
+        if settings.enable_http:
+            app = create_app(settings, service=service)
+            config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                                    log_level=settings.log_level.lower(), lifespan="on",
+                                    timeout_graceful_shutdown=int(GRACE_S))
+            http_server = _QuietServer(config)
+            tasks.append(asyncio.create_task(http_server.serve()))
+            log.info("HTTP listening on %s:%d", settings.host, settings.port)
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+    finally:
+        log.info("shutting down")
+        if http_server is not None:
+            http_server.should_exit = True
+        if grpc_server is not None:
+            await grpc_server.stop(GRACE_S)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await service.close()

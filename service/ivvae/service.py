@@ -1,0 +1,53 @@
+"""The running service: settings -> metrics, backend, result cache, pipeline.
+
+Both transports (HTTP and gRPC) serve one ``Service``; ``ivvae serve`` starts it once and
+hands it to each. Nothing is created at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .backends import Backend, create_backend
+from .cache import ResultCache, create_cache
+from .config import Settings
+from .metrics import Metrics
+from .pipeline import Pipeline
+
+log = logging.getLogger("ivvae.service")
+
+
+class Service:
+    def __init__(self, settings: Settings, *, backend: Backend | None = None,
+                 cache: ResultCache | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.backend = backend or create_backend(settings, self.metrics)
+        self.cache = cache or create_cache(settings)
+        self.pipeline = Pipeline(settings, self.backend, self.cache, self.metrics)
+        self.started = False
+
+    async def start(self) -> None:
+        await self.backend.start()
+        self.started = True
+        for info in self.backend.models.values():
+            if not info.trained:
+                log.warning("model %s is UNTRAINED: its latents are meaningless", info.name)
+        log.info("service ready: backend=%s cache=%s models=%s", self.backend.name,
+                 self.cache.name, sorted(self.backend.models))
+
+    async def close(self) -> None:
+        await self.backend.close()
+        await self.cache.close()
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready = backend ready. A failing cache only degrades (requests still work)."""
+        ok, reason = await self.backend.ready() if self.started else (False, "starting")
+        cache_ok = await self.cache.ping()
+        return ok, {
+            "status": "ready" if ok else "not_ready",
+            "backend": {"name": self.backend.name, "ready": ok, "detail": reason},
+            "cache": {"name": self.cache.name, "status": "ok" if cache_ok else "degraded"},
+            "models": sorted(self.backend.models) if ok else [],
+        }

@@ -1,0 +1,193 @@
+"""ivvae.cache.MemoryCache: LRU by bytes, size limits, corruption, concurrency; create_cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+
+from ivvae.cache import (
+    CachedMoments,
+    MemoryCache,
+    RedisCache,
+    cache_key,
+    create_cache,
+    serialize,
+)
+from ivvae.config import Settings
+from tests.cache.helpers import assert_same, moments
+
+ENTRY_BYTES = len(serialize(moments()))  # every moments(seed) of the default shape
+
+
+def test_entries_of_one_shape_have_one_size() -> None:
+    assert {len(serialize(moments(seed))) for seed in (0, 7, 99, 12345)} == {ENTRY_BYTES}
+
+
+async def test_miss_then_hit_with_identical_arrays() -> None:
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    assert cache.name == "memory"
+    value = moments(1)
+    assert await cache.get("k") is None
+    assert await cache.put("k", value) is True
+    assert_same(await cache.get("k"), value)
+    assert cache.stats.as_dict() == {
+        "hits": 1,
+        "misses": 1,
+        "corrupt": 0,
+        "errors": 0,
+        "skipped_too_large": 0,
+        "writes": 1,
+    }
+    assert await cache.ping() is True
+
+
+async def test_hits_are_independent_copies() -> None:
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    value = moments(2)
+    await cache.put("k", value)
+    first = await cache.get("k")
+    assert first is not None
+    first.mu[...] = 0.0  # a caller scribbling on its result...
+    value.logvar[...] = 0.0  # ...or on what it stored
+    assert_same(await cache.get("k"), moments(2))  # ...changes nothing cached
+
+
+async def test_lru_evicts_least_recently_used_by_bytes() -> None:
+    cache = MemoryCache(max_bytes=3 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    for name in "abc":
+        assert await cache.put(name, moments(ord(name)))
+    assert cache.total_bytes == 3 * ENTRY_BYTES
+    assert await cache.get("a") is not None  # a is now the most recently used
+    assert await cache.put("d", moments(4))
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    assert await cache.get("b") is None
+    assert await cache.put("e", moments(5))  # c is the oldest now
+    assert "c" not in cache and "a" in cache
+    assert len(cache) == 3 and cache.total_bytes == 3 * ENTRY_BYTES
+
+
+async def test_replacing_an_entry_counts_its_bytes_once() -> None:
+    cache = MemoryCache(max_bytes=2 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    for seed in range(5):
+        assert await cache.put("same", moments(seed))
+    assert len(cache) == 1 and cache.total_bytes == ENTRY_BYTES
+    assert_same(await cache.get("same"), moments(4))
+
+
+async def test_budget_evicts_several_small_entries_for_a_big_one() -> None:
+    big = moments(9, (1, 4, 6, 3, 5))  # three times the arrays of a small one
+    big_bytes = len(serialize(big))
+    cache = MemoryCache(max_bytes=big_bytes + ENTRY_BYTES, max_entry_bytes=big_bytes)
+    for name in "abc":
+        await cache.put(name, moments(ord(name)))
+    assert await cache.put("big", big)
+    assert "a" not in cache and "b" not in cache and "c" in cache and "big" in cache
+    assert cache.total_bytes <= cache.max_bytes
+
+
+async def test_entry_over_max_entry_bytes_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    cache = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES - 1)
+    with caplog.at_level(logging.INFO, logger="ivvae.cache"):
+        assert await cache.put("k", moments()) is False
+    assert "k" not in cache and cache.total_bytes == 0
+    assert cache.stats.skipped_too_large == 1 and cache.stats.writes == 0
+    assert "max entry" in caplog.text
+    # Exactly at the limit is fine.
+    at_limit = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    assert await at_limit.put("k", moments()) is True
+
+
+async def test_entry_over_the_whole_budget_is_skipped_and_evicts_nothing() -> None:
+    cache = MemoryCache(max_bytes=ENTRY_BYTES, max_entry_bytes=100 * ENTRY_BYTES)
+    await cache.put("small", moments())
+    assert await cache.put("big", moments(1, (1, 4, 4, 3, 5))) is False
+    assert "small" in cache and cache.stats.skipped_too_large == 1
+
+
+async def test_zero_budget_stores_nothing() -> None:
+    cache = MemoryCache(max_bytes=0, max_entry_bytes=ENTRY_BYTES)
+    assert await cache.put("k", moments()) is False
+    assert await cache.get("k") is None
+
+
+async def test_non_finite_value_is_not_stored(caplog: pytest.LogCaptureFixture) -> None:
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES)
+    value = moments()
+    value.mu[0, 0, 0, 0, 0] = np.nan
+    with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
+        assert await cache.put("k", value) is False
+    assert "k" not in cache and cache.stats.errors == 1
+    assert "non-finite" in caplog.text
+
+
+async def test_corrupt_entry_is_a_counted_miss_and_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES)
+    blob = bytearray(serialize(moments()))
+    blob[-1] ^= 0x80
+    await cache._store("k", bytes(blob))  # as if memory had been damaged
+    with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
+        assert await cache.get("k") is None
+    assert "k" not in cache and cache.total_bytes == 0
+    assert (cache.stats.corrupt, cache.stats.misses, cache.stats.hits) == (1, 1, 0)
+    assert "checksum mismatch" in caplog.text
+
+
+async def test_large_entries_round_trip_off_the_event_loop() -> None:
+    value = moments(7, (1, 16, 5, 64, 64))  # 1.3 MB per array: serialized on a worker thread
+    cache = MemoryCache(max_bytes=1 << 24, max_entry_bytes=1 << 24)
+    assert await cache.put("big", value)
+    assert_same(await cache.get("big"), value)
+
+
+async def test_concurrent_tasks_see_whole_entries() -> None:
+    cache = MemoryCache(max_bytes=8 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    values = {f"k{i}": moments(i) for i in range(16)}
+
+    async def worker(key: str, value: CachedMoments) -> None:
+        for _ in range(5):
+            await cache.put(key, value)
+            got = await cache.get(key)
+            if got is not None:  # evicted by a neighbour is fine; a mixed entry is not
+                assert_same(got, value)
+
+    await asyncio.gather(*(worker(k, v) for k, v in values.items()))
+    assert cache.total_bytes <= cache.max_bytes
+    assert cache.stats.errors == cache.stats.corrupt == 0
+
+
+async def test_close_drops_everything() -> None:
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    await cache.put(cache_key("a"), moments())
+    await cache.close()
+    assert len(cache) == 0 and cache.total_bytes == 0
+
+
+def test_negative_limits_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        MemoryCache(max_bytes=-1, max_entry_bytes=1)
+    with pytest.raises(ValueError):
+        MemoryCache(max_bytes=1, max_entry_bytes=-1)
+
+
+async def test_create_cache_picks_the_backend_from_settings() -> None:
+    memory = create_cache(
+        Settings(redis_url="", cache_memory_max_bytes=1234, cache_max_entry_bytes=99)
+    )
+    assert isinstance(memory, MemoryCache)
+    assert (memory.max_bytes, memory.max_entry_bytes) == (1234, 99)
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0",  # nothing listens: creating must not connect
+        cache_ttl_s=60,
+        cache_key_prefix="test",
+        redis_timeout_s=0.25,
+    )
+    redis_cache = create_cache(settings)
+    assert isinstance(redis_cache, RedisCache) and redis_cache.name == "redis"
+    assert (redis_cache.ttl_s, redis_cache.timeout_s) == (60, 0.25)
+    assert redis_cache.redis_key("abc") == "test:v1:abc"
+    await redis_cache.close()

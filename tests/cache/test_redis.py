@@ -1,0 +1,215 @@
+"""ivvae.cache.RedisCache against a real redis-server, including outages; and that fixture."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from ivvae.cache import RedisCache, cache_key, serialize
+from tests.cache.helpers import assert_same, moments
+from tests.redis_server import RedisServer, redis_binary
+
+pytestmark = pytest.mark.redis
+
+TIMEOUT_S = 0.3
+# What one failed get or put may cost: the command's own timeout, with room for a slow CI box.
+FAIL_FAST_S = 2 * TIMEOUT_S
+TTL_S = 600
+
+
+@pytest.fixture
+async def cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
+    cache = RedisCache(
+        redis_server.url,
+        ttl_s=TTL_S,
+        max_entry_bytes=1 << 20,
+        key_prefix="test",
+        timeout_s=TIMEOUT_S,
+    )
+    yield cache
+    await cache.close()
+
+
+@pytest.fixture
+def plain(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A synchronous client to look at and tamper with what the cache wrote."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    yield client
+    client.close()
+
+
+async def test_miss_then_hit_with_identical_arrays(cache: RedisCache, plain: redis.Redis) -> None:
+    key = cache_key("content", "model", "weights", "float32", "moments-v1")
+    value = moments(1, (1, 16, 3, 4, 6))
+    assert await cache.get(key) is None
+    assert await cache.put(key, value) is True
+    assert_same(await cache.get(key), value)
+    assert plain.get(f"test:v1:{key}") == serialize(value)  # one key, the blob as is
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.writes) == (1, 1, 1)
+    assert cache.stats.errors == cache.stats.corrupt == 0
+    assert await cache.ping() is True
+
+
+async def test_entries_expire_after_ttl(cache: RedisCache, plain: redis.Redis) -> None:
+    await cache.put("k", moments())
+    assert 0 < plain.ttl(cache.redis_key("k")) <= TTL_S
+
+
+async def test_ttl_zero_means_no_expiry(redis_server: RedisServer, plain: redis.Redis) -> None:
+    cache = RedisCache(
+        redis_server.url, ttl_s=0, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+    )
+    await cache.put("k", moments())
+    assert plain.ttl("p:v1:k") == -1  # exists, no expiry
+    await cache.close()
+
+
+async def test_corrupt_value_is_ignored_counted_and_deleted(
+    cache: RedisCache, plain: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_key = cache.redis_key("k")
+    blob = bytearray(serialize(moments()))
+    blob[len(blob) // 2] ^= 0x10
+    plain.set(redis_key, bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
+        assert await cache.get("k") is None
+    assert (cache.stats.corrupt, cache.stats.misses, cache.stats.errors) == (1, 1, 0)
+    assert plain.exists(redis_key) == 0
+    assert "corrupt" in caplog.text
+    # Not ours at all: same outcome.
+    plain.set(redis_key, b"some other program's value")
+    assert await cache.get("k") is None
+    assert cache.stats.corrupt == 2 and plain.exists(redis_key) == 0
+
+
+async def test_entry_over_max_size_is_skipped(
+    redis_server: RedisServer, plain: redis.Redis
+) -> None:
+    cache = RedisCache(
+        redis_server.url, ttl_s=60, max_entry_bytes=1000, key_prefix="p", timeout_s=TIMEOUT_S
+    )
+    assert len(serialize(moments())) > 1000
+    assert await cache.put("k", moments()) is False
+    assert cache.stats.skipped_too_large == 1 and cache.stats.writes == 0
+    assert plain.exists("p:v1:k") == 0
+    await cache.close()
+
+
+async def test_killed_redis_fails_fast_then_recovers(
+    cache: RedisCache, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    value = moments(3)
+    assert await cache.put("k", value)
+    assert await cache.get("k") is not None  # a pooled connection is open now
+    redis_server.kill()
+
+    with caplog.at_level(logging.DEBUG, logger="ivvae.cache"):
+        for _ in range(2):
+            start = time.monotonic()
+            assert await cache.get("k") is None
+            assert await cache.put("k", value) is False
+            assert time.monotonic() - start < 2 * FAIL_FAST_S
+        assert await cache.ping() is False
+    assert cache.stats.errors == 4
+    # One warning for the outage, not one per request.
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "answering without the cache" in warnings[0].getMessage()
+
+    redis_server.start()  # same port, empty (no persistence)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ivvae.cache"):
+        assert await cache.ping() is True
+        assert await cache.get("k") is None  # a plain miss: the data went with the server
+        assert await cache.put("k", value) is True
+        assert_same(await cache.get("k"), value)
+    assert cache.stats.errors == 4  # no new errors
+    assert "answers again" in caplog.text
+
+
+async def test_hung_redis_times_out_then_recovers(
+    cache: RedisCache, redis_server: RedisServer
+) -> None:
+    value = moments(4)
+    assert await cache.put("k", value)
+    redis_server.pause()  # accepts connections, answers nothing
+    try:
+        start = time.monotonic()
+        assert await cache.get("k") is None
+        assert time.monotonic() - start < FAIL_FAST_S
+        start = time.monotonic()
+        assert await cache.put("k2", value) is False
+        assert time.monotonic() - start < FAIL_FAST_S
+        assert cache.stats.errors == 2
+    finally:
+        redis_server.resume()
+    assert_same(await cache.get("k"), value)
+
+
+async def test_restart_between_commands_is_not_an_error(
+    cache: RedisCache, redis_server: RedisServer
+) -> None:
+    # The pooled connection dies with the server; the next command retries on a new one.
+    assert await cache.put("k", moments())
+    redis_server.stop()
+    redis_server.start()
+    assert await cache.get("k") is None
+    assert await cache.put("k", moments(5)) is True
+    assert_same(await cache.get("k"), moments(5))
+    assert cache.stats.errors == 0
+
+
+async def test_redis_down_from_the_start(redis_server: RedisServer) -> None:
+    redis_server.kill()
+    cache = RedisCache(
+        redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+    )
+    assert await cache.ping() is False
+    assert await cache.get("k") is None
+    assert await cache.put("k", moments()) is False
+    redis_server.start()
+    assert await cache.put("k", moments()) is True
+    assert await cache.get("k") is not None
+    await cache.close()
+
+
+# -- the redis_server fixture itself ----------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_server_starts_fast_restarts_on_its_port_and_leaves_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = RedisServer(redis_binary(), tmp_path_factory.mktemp("redis"))
+    try:
+        start = time.monotonic()
+        server.start()
+        assert time.monotonic() - start < 0.5
+        port, pid = server.port, server.pid
+        assert pid is not None and _alive(pid)
+        with redis.Redis.from_url(server.url) as client:
+            assert client.config_get("save") == {"save": ""}
+            assert client.config_get("appendonly") == {"appendonly": "no"}
+            assert client.config_get("bind") == {"bind": "127.0.0.1"}
+        server.stop()
+        assert not server.running and not _alive(pid)
+        server.start()
+        assert server.port == port and server.running
+        with redis.Redis.from_url(server.url) as client:
+            assert client.ping()
+        pid = server.pid
+    finally:
+        server.kill()
+    assert pid is not None and not _alive(pid) and not server.running
+    server.kill()  # idempotent
