@@ -112,8 +112,10 @@ async def test_killed_redis_fails_fast_then_recovers(
         for _ in range(2):
             start = time.monotonic()
             assert await cache.get("k") is None
+            assert time.monotonic() - start < FAIL_FAST_S
+            start = time.monotonic()
             assert await cache.put("k", value) is False
-            assert time.monotonic() - start < 2 * FAIL_FAST_S
+            assert time.monotonic() - start < FAIL_FAST_S
         assert await cache.ping() is False
     assert cache.stats.errors == 4
     # One warning for the outage, not one per request.

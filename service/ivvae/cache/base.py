@@ -97,16 +97,21 @@ class ResultCache(abc.ABC):
             except Exception as discard_exc:
                 self._backend_failed("delete", key, discard_exc)
             return None
+        except Exception as exc:  # not the entry's fault (e.g. no worker thread at shutdown)
+            self.stats.errors += 1
+            self.stats.misses += 1
+            log.warning("%s cache: could not read %s: %s", self.name, key, exc, exc_info=exc)
+            return None
         self.stats.hits += 1
         return value
 
     async def put(self, key: str, value: CachedMoments) -> bool:
         """Store ``value`` under ``key``, replacing any entry there. True when stored; False
         when skipped (too large, non-finite) or failed. Never raises."""
-        # The arrays alone bound the blob from below: skip a hopeless entry before encoding it.
-        if value.nbytes > self.max_entry_bytes:
-            return self._skip_too_large(key, value.nbytes)
         try:
+            # The arrays alone bound the blob from below: skip a hopeless entry unencoded.
+            if value.nbytes > self.max_entry_bytes:
+                return self._skip_too_large(key, value.nbytes)
             blob = await _off_loop(serialize, value, value.nbytes)
         except Exception as exc:
             self.stats.errors += 1

@@ -124,7 +124,7 @@ def serialize(value: CachedMoments) -> bytes:
     return b"".join([MAGIC, digest.digest(), *parts])
 
 
-def deserialize(blob: bytes) -> CachedMoments:
+def deserialize(blob: bytes | bytearray | memoryview) -> CachedMoments:
     """Decode a blob written by :func:`serialize`.
 
     Returns fresh, writable arrays (they share no memory with ``blob``). Raises
@@ -138,7 +138,7 @@ def deserialize(blob: bytes) -> CachedMoments:
         raise CorruptEntry(f"undecodable entry: {exc}") from exc
 
 
-def _deserialize(blob: bytes) -> CachedMoments:
+def _deserialize(blob: bytes | bytearray | memoryview) -> CachedMoments:
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise CorruptEntry(f"entry is {type(blob).__name__}, not bytes")
     view = memoryview(blob).cast("B")

@@ -1,0 +1,1 @@
+from tests.service_fixtures import tiny_weights  # noqa: F401
