@@ -132,8 +132,10 @@ async def test_dtypes_sampling_and_moments(tiny_weights: Path) -> None:
     assert decoded.status_code == 200
     assert bad_seed.status_code == 400 and bad_dtype.status_code == 422
     lat, info = decode_latent_file(mean)
+    assert info.dtype == "float32"
     lb, ib = decode_latent_file(bf16.content)
     lh, ih = decode_latent_file(f16.content)
+    assert ih.dtype == "float16"
     assert loads(bf16.content)[0]["latent"].dtype == "BF16" and ib.dtype == "bfloat16"
     assert loads(f16.content)[0]["latent"].dtype == "F16"
     assert np.abs(lb - lat).max() <= 0.01 * np.abs(lat).max()
