@@ -15,8 +15,10 @@ train on it. ``META_KEYS`` is the one list of those keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -108,26 +110,31 @@ class LatentInfo:
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise InvalidLatent(f"latent metadata is missing {', '.join(missing)}")
-        try:
-            info = cls(
-                model_name=meta["model_name"],
-                weights_sha256=meta["weights_sha256"],
-                scale_factor=float(meta["scale_factor"]),
-                shift_factor=float(meta["shift_factor"]),
-                z_dim=int(meta["z_dim"]),
-                num_frames=int(meta["num_frames"]),
-                height=int(meta["height"]),
-                width=int(meta["width"]),
-                fps=Fraction(meta["fps"]),
-                padding_policy=meta["padding_policy"],
-                dtype=meta["dtype"],
-                content_sha256=meta["content_sha256"],
-                mode=meta["mode"],
-                seed=int(meta["seed"]) if meta["seed"] else None,
-                extra={k: v for k, v in meta.items() if k not in META_KEYS},
-            )
-        except (ValueError, ZeroDivisionError) as exc:
-            raise InvalidLatent(f"latent metadata has a malformed value: {exc}") from exc
+        def parsed(key: str, parse: Callable[[str], Any]) -> Any:
+            try:
+                return parse(meta[key])
+            except (ValueError, ZeroDivisionError) as exc:
+                raise InvalidLatent(
+                    f"latent metadata {key!r} has a malformed value {meta[key]!r}"
+                ) from exc
+
+        info = cls(
+            model_name=meta["model_name"],
+            weights_sha256=meta["weights_sha256"],
+            scale_factor=parsed("scale_factor", float),
+            shift_factor=parsed("shift_factor", float),
+            z_dim=parsed("z_dim", int),
+            num_frames=parsed("num_frames", int),
+            height=parsed("height", int),
+            width=parsed("width", int),
+            fps=parsed("fps", Fraction),
+            padding_policy=meta["padding_policy"],
+            dtype=meta["dtype"],
+            content_sha256=meta["content_sha256"],
+            mode=meta["mode"],
+            seed=parsed("seed", lambda v: int(v) if v else None),
+            extra={k: v for k, v in meta.items() if k not in META_KEYS},
+        )
         if min(info.num_frames, info.height, info.width, info.z_dim) < 1:
             raise InvalidLatent("latent metadata has non-positive sizes")
         if info.fps <= 0:

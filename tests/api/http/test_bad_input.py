@@ -1,0 +1,150 @@
+"""Bad input gets a clear 4xx JSON error, and the server answers the next good request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ivvae.safetensors_io import Tensor, dumps, loads
+from tests import media
+from tests.service_fixtures import running_app, tiny_settings
+
+GOOD = media.make_video(None, frames=5, width=16, height=16)
+
+
+def _mp4_upload(data: bytes, ctype: str = "video/mp4") -> dict[str, tuple[str, bytes, str]]:
+    return {"file": ("upload", data, ctype)}
+
+
+def _truncated_mp4() -> bytes:
+    data = media.make_video(None, frames=30, width=64, height=48)
+    return data[: len(data) // 2]
+
+
+UPLOADS: dict[str, tuple[Callable[[], dict[str, object]], int, str]] = {
+    "empty body": (lambda: {"content": b"", "headers": {"content-type": "video/mp4"}}, 400,
+                   "empty_input"),
+    "empty file": (lambda: {"files": _mp4_upload(b"")}, 400, "empty_input"),
+    "random bytes": (lambda: {"files": _mp4_upload(np.random.default_rng(0).bytes(5000))},
+                     415, "unsupported_media"),
+    "text file": (lambda: {"files": _mp4_upload(b"hello, world\n" * 50, "text/plain")}, 415,
+                  "unsupported_media"),
+    "text body": (lambda: {"content": b"{}", "headers": {"content-type": "application/json"}},
+                  415, "unsupported_media"),
+    "truncated mp4": (lambda: {"files": _mp4_upload(_truncated_mp4())}, 422, "corrupt_media"),
+    "audio only": (lambda: {"files": _mp4_upload(media.make_audio_only(), "audio/mp4")}, 415,
+                   "unsupported_media"),
+    "8192x8192": (lambda: {"files": _mp4_upload(media.make_huge_png(8192, 8192), "image/png")},
+                  413, "too_large"),
+    "too many frames": (lambda: {"files": _mp4_upload(
+        media.make_video(None, frames=40, width=8, height=8))}, 413, "too_large"),
+    "oversized payload": (lambda: {"files": _mp4_upload(b"\0" * 300_000)}, 413, "too_large"),
+    "no file field": (lambda: {"files": {"video": ("v.mp4", GOOD, "video/mp4")}}, 400,
+                      "invalid_input"),
+    "bad query": (lambda: {"files": _mp4_upload(GOOD), "params": {"seed": "-1"}}, 422,
+                  "invalid_input"),
+    "unknown model": (lambda: {"files": _mp4_upload(GOOD), "params": {"model": "nope"}}, 400,
+                      "unknown_model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UPLOADS))
+async def test_bad_uploads(tiny_weights: Path, case: str) -> None:
+    make, status, code = UPLOADS[case]
+    settings = tiny_settings(tiny_weights, max_frames=32, max_upload_bytes=200_000)
+    async with running_app(settings) as client:
+        bad = await client.post("/encode", **make())  # type: ignore[arg-type]
+        good = await client.post("/encode", files=_mp4_upload(GOOD))
+        metrics = (await client.get("/metrics")).text
+    assert bad.status_code == status, bad.text
+    body = bad.json()
+    assert body["error"] == code and body["detail"]
+    assert good.status_code == 200
+    if status != 422 or code != "invalid_input":
+        assert f'ivvae_errors_total{{code="{code}"}}' in metrics
+
+
+def _tamper(latent_file: bytes, *, tensor: Tensor | None = None,
+            meta: dict[str, str | None] | None = None, extra: bool = False) -> bytes:
+    tensors, metadata = loads(latent_file)
+    stored: dict[str, Tensor | np.ndarray] = {"latent": tensor or tensors["latent"]}
+    for key, value in (meta or {}).items():
+        if value is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = value
+    if extra:
+        stored["junk"] = np.zeros(3, np.float32)
+    return dumps(stored, metadata)
+
+
+async def test_bad_latents(tiny_weights: Path) -> None:
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        enc = await client.post("/encode", files=_mp4_upload(GOOD))
+        assert enc.status_code == 200
+        good = enc.content
+        latent = loads(good)[0]["latent"].array
+        nan = latent.copy()
+        nan[0, 1, 0, 0, 0] = np.nan
+        cases: dict[str, tuple[bytes, int, str, str]] = {
+            "empty": (b"", 400, "empty_input", "empty"),
+            "garbage": (b"\x01\x02not safetensors at all", 422, "invalid_latent", "readable"),
+            "huge header length": (b"\xff" * 8 + b"{}", 422, "invalid_latent", "header"),
+            "truncated": (good[: len(good) - 10], 422, "invalid_latent", "truncated"),
+            "wrong shape": (_tamper(good, tensor=Tensor("F32", np.zeros((1, 4, 3, 2, 2),
+                                                                          np.float32))),
+                            422, "invalid_latent", "shape"),
+            "nan": (_tamper(good, tensor=Tensor("F32", nan)), 422, "invalid_latent",
+                    "non-finite"),
+            "wrong dtype": (_tamper(good, tensor=Tensor("I32", latent.astype(np.int32))), 422,
+                            "invalid_latent", "dtype"),
+            "dtype disagrees": (_tamper(good, meta={"dtype": "bfloat16"}), 422,
+                                "invalid_latent", "disagrees"),
+            "missing metadata": (_tamper(good, meta={"num_frames": None}), 422,
+                                 "invalid_latent", "num_frames"),
+            "not ivvae": (dumps({"x": np.zeros(2, np.float32)}), 422, "invalid_latent",
+                          "format"),
+            "other weights": (_tamper(good, meta={"weights_sha256": "0" * 64}), 422,
+                              "invalid_latent", "weights"),
+            "unknown model": (_tamper(good, meta={"weights_sha256": "1" * 64,
+                                                  "model_name": "elsewhere"}), 400,
+                              "unknown_model", "elsewhere"),
+            "bad fps": (_tamper(good, meta={"fps": "0/0"}), 422, "invalid_latent", "fps"),
+            "absurd size": (_tamper(good, meta={"num_frames": "999999999"}), 422,
+                            "invalid_latent", "shape"),
+        }
+        for name, (data, status, code, word) in cases.items():
+            r = await client.post("/decode", content=data)
+            assert r.status_code == status, (name, r.text)
+            body = r.json()
+            assert body["error"] == code, (name, body)
+            assert word in body["detail"], (name, body)
+        ok = await client.post("/decode", content=good)
+        assert ok.status_code == 200 and ok.headers["content-type"] == "video/mp4"
+
+
+async def test_oversized_latent_upload_is_refused_before_reading_it_all(
+    tiny_weights: Path,
+) -> None:
+    async with running_app(tiny_settings(tiny_weights, max_upload_bytes=10_000)) as client:
+        r = await client.post("/decode", content=b"\0" * 200_000)
+    assert r.status_code == 413 and r.json()["error"] == "too_large"
+
+
+async def test_client_errors_never_500(tiny_weights: Path) -> None:
+    """A fuzz-ish sweep: mangled bytes of a valid mp4 and latent never produce a 500."""
+    rng = np.random.default_rng(1)
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        latent = (await client.post("/encode", files=_mp4_upload(GOOD))).content
+        for i in range(12):
+            for target, data in (("/encode", GOOD), ("/decode", latent)):
+                buf = bytearray(data)
+                for _ in range(1 + i):
+                    buf[int(rng.integers(0, len(buf)))] = int(rng.integers(0, 256))
+                r = await client.post(target, content=bytes(buf),
+                                      headers={"content-type": "video/mp4"})
+                assert r.status_code < 500, (target, i, r.text)
+        assert (await client.post("/encode", files=_mp4_upload(GOOD))).status_code == 200

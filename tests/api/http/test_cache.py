@@ -1,0 +1,89 @@
+"""The result cache through HTTP, against a real redis-server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from tests import media
+from tests.redis_server import RedisServer
+from tests.service_fixtures import running_app, tiny_settings
+
+VIDEO = media.make_video(None, frames=9, width=24, height=16)
+
+
+def _post(video: bytes = VIDEO) -> dict[str, object]:
+    return {"files": {"file": ("v.mp4", video, "video/mp4")}}
+
+
+async def test_miss_then_hit_same_bytes_and_shared_by_sampling(
+    tiny_weights: Path, redis_server: RedisServer
+) -> None:
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.5)
+    async with running_app(settings) as client:
+        first = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        second = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        sampled = await client.post("/encode?sample=true&seed=1", **_post())  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        await client.post("/encode", **_post())  # type: ignore[arg-type]
+        hit_seconds = time.perf_counter() - t0
+        ready = (await client.get("/readyz")).json()
+    assert first.headers["x-cache"] == "miss"
+    assert second.headers["x-cache"] == "hit" and sampled.headers["x-cache"] == "hit"
+    assert second.content == first.content
+    assert ready["cache"] == {"name": "redis", "status": "ok"}
+    keys = redis.Redis(port=redis_server.port).keys("ivvae:v1:*")
+    assert len(keys) == 1  # one entry (the moments) serves mean and sample requests
+    assert redis.Redis(port=redis_server.port).ttl(keys[0]) > 0
+    assert hit_seconds < 5  # sanity only; latency targets live in bench/
+
+
+async def test_redis_down_means_miss_not_failure(tiny_weights: Path,
+                                                 redis_server: RedisServer) -> None:
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.3)
+    async with running_app(settings) as client:
+        first = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        redis_server.kill()
+        during = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        ready = await client.get("/readyz")
+        redis_server.start()
+        again = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        after = await client.post("/encode", **_post())  # type: ignore[arg-type]
+    assert first.status_code == during.status_code == again.status_code == 200
+    assert during.headers["x-cache"] == "miss"
+    assert during.content == first.content
+    assert ready.status_code == 200  # degraded, still ready
+    assert ready.json()["cache"]["status"] == "degraded"
+    assert again.headers["x-cache"] == "miss"  # the restarted Redis is empty
+    assert after.headers["x-cache"] == "hit"
+
+
+async def test_corrupt_entry_is_ignored_and_replaced(tiny_weights: Path,
+                                                     redis_server: RedisServer) -> None:
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url)
+    raw = redis.Redis(port=redis_server.port)
+    async with running_app(settings) as client:
+        first = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        (key,) = raw.keys("ivvae:v1:*")
+        blob = bytearray(raw.get(key))  # type: ignore[arg-type]
+        blob[len(blob) // 2] ^= 0xFF
+        raw.set(key, bytes(blob))
+        second = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        third = await client.post("/encode", **_post())  # type: ignore[arg-type]
+    assert second.status_code == 200 and second.headers["x-cache"] == "miss"
+    assert second.content == first.content
+    assert third.headers["x-cache"] == "hit"
+    assert raw.get(key) != bytes(blob)  # replaced by a good entry
+
+
+async def test_failed_encode_writes_no_cache_entry(tiny_weights: Path,
+                                                   redis_server: RedisServer) -> None:
+    truncated = media.make_video(None, frames=30, width=64, height=48)
+    truncated = truncated[: len(truncated) // 2]
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url)
+    async with running_app(settings) as client:
+        r = await client.post("/encode", **_post(truncated))  # type: ignore[arg-type]
+    assert r.status_code == 422
+    assert redis.Redis(port=redis_server.port).keys("ivvae:*") == []
