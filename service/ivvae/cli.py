@@ -217,6 +217,28 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups-per-step", type=int, help="frame groups per model step")
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import evaluate
+    from .weights import load_weights
+
+    model, info = load_weights(args.weights or None)
+    reports = evaluate.evaluate(model, args.videos, precisions=args.precision,
+                                max_frames=args.max_frames)
+    table = evaluate.format_table(reports)
+    header = f"# ivvae eval: model {info.name} (weights {info.weights_sha256[:12]})\n\n"
+    print(header + table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.md").write_text(header + table + "\n")
+        (out / "eval.json").write_text(evaluate.to_json(reports))
+        evaluate.plot(reports, out / "eval.png")
+        print(f"wrote {out / 'eval.md'}, eval.json and eval.png", file=sys.stderr)
+    return 0
+
+
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --option per dataclass field (defaults stay in the dataclass)."""
     import dataclasses
@@ -248,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify-golden", help="check the model against golden vector files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(handler=_verify_golden)
+
+    p = sub.add_parser("eval", help="PSNR/SSIM per video, frame and group position vs a "
+                       "same-size baseline; table + PNG plot")
+    p.add_argument("videos", nargs="+", metavar="VIDEO")
+    p.add_argument("--weights", default="", help="default: the bundled model")
+    p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"],
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-frames", type=int, default=None, help="evaluate the first N frames")
+    p.add_argument("--out", default="", help="folder for eval.md, eval.json, eval.png")
+    p.set_defaults(handler=_eval)
 
     p = sub.add_parser("serve", help="run the HTTP and gRPC service (settings: IVVAE_* env)")
     _add_service_options(p)
