@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,16 @@ def test_ddp_two_process_gloo_smoke(tmp_path: Path) -> None:
         "--export", str(tmp_path / "ddp.safetensors"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A new session, so a hang kills torchrun *and* its workers (no stray processes).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 4
     lines = (out / "log.jsonl").read_text().splitlines()
