@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1920 * 1088, ge=1)  # per frame, width * height
     request_timeout_s: float = Field(600.0, gt=0)
     max_concurrent_requests: int = Field(64, ge=1)
+    # gRPC: the largest single message either way (EncodeUnary's whole file); the streaming
+    # RPCs use <= 1 MiB chunks, so this does not limit them (max_upload_bytes does).
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
+    # ivvae RPCs in flight over gRPC; more are refused with UNAVAILABLE (clients back off).
+    grpc_max_concurrent_rpcs: int = Field(256, ge=1)
 
     # -- auth ------------------------------------------------------------------------------
     api_keys: str = ""  # comma-separated; empty disables auth

@@ -27,6 +27,9 @@ class Metrics:
                              ["event"], registry=r)
         self.in_flight = Gauge("ivvae_in_flight_requests", "Requests being served",
                                registry=r)
+        self.active_sessions = Gauge("ivvae_active_sessions",
+                                     "Backend sessions (videos mid-encode or mid-decode) open",
+                                     ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -185,6 +185,7 @@ class Pipeline:
         reader = await asyncio.to_thread(open_video, source, limits=limits)
         step = GROUP * s.groups_per_step
         session = self.backend.encode_session(model.name)
+        self.metrics.active_sessions.labels("encode").inc()
         mus: list[np.ndarray] = []
         logvars: list[np.ndarray] = []
         count = 0
@@ -216,6 +217,7 @@ class Pipeline:
                 logvars.append(logvar)
         finally:
             await session.close()
+            self.metrics.active_sessions.labels("encode").dec()
             await asyncio.to_thread(reader.close)
         info = reader.info
         meta = {
@@ -277,6 +279,7 @@ class Pipeline:
         async with self._slots:
             deadline = start + self.settings.request_timeout_s
             session = self.backend.decode_session(model.name)
+            self.metrics.active_sessions.labels("decode").inc()
             produced = 0
             try:
                 for a, b in _latent_steps(latent.shape[2], self.settings.groups_per_step):
@@ -294,6 +297,7 @@ class Pipeline:
                     yield frames[0, :keep, : info.height, : info.width]
             finally:
                 await session.close()
+                self.metrics.active_sessions.labels("decode").dec()
         self.metrics.frames.labels("decode").inc(produced)
         self.metrics.frames_per_second.labels("decode").set(
             produced / max(time.perf_counter() - start, 1e-9))

@@ -1,0 +1,133 @@
+"""``encode-dataset`` throughput: clips/s at concurrency 1 vs 4 through a real server.
+
+Run: ``python bench/bench_dataset.py`` (a minute or two on 2 cores). It writes a tiny model
+and a set of distinct generated clips, starts ``ivvae serve`` (gRPC only, result cache
+off) in a subprocess on a free loopback port, warms it up, then encodes a fresh copy of the
+clips with ``encode_dataset`` at each concurrency (``--url http`` to go over HTTP
+instead) and prints clips/s for each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_weights(path: Path, z: int, dim: int) -> Path:
+    import torch
+
+    from ivvae.model import IVVAE, IVVAEConfig, save_safetensors
+
+    torch.manual_seed(0)
+    model = IVVAE(IVVAEConfig(z_dim=z, dim=dim))
+    model.name = f"bench_z{z}_dim{dim}"
+    save_safetensors(model, path)
+    return path
+
+
+def make_clips(folder: Path, count: int, frames: int, size: int, first_fps: int) -> Path:
+    """``count`` distinct clips (each its own frame rate, so its own bytes and cache key)."""
+    from tests import media
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        media.make_video(folder / f"clip{i:03d}.mp4", frames=frames, width=size, height=size,
+                         fps=first_fps + i)
+    return folder
+
+
+class Server:
+    """``ivvae serve`` in a subprocess: gRPC and HTTP on free loopback ports."""
+
+    def __init__(self, weights: Path, threads: int) -> None:
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self.env = dict(os.environ, IVVAE_WEIGHTS=str(weights), IVVAE_HOST="127.0.0.1",
+                        IVVAE_GRPC_PORT=str(self.grpc_port), IVVAE_PORT=str(self.http_port),
+                        IVVAE_CACHE_MEMORY_MAX_BYTES="0", IVVAE_LOG_LEVEL="warning")
+        if threads:  # torch's intra-op threads in the server (default: one per core)
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, transport: str) -> str:
+        return (f"grpc://127.0.0.1:{self.grpc_port}" if transport == "grpc"
+                else f"http://127.0.0.1:{self.http_port}")
+
+    def __enter__(self) -> Server:
+        from ivvae.client import Client
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=self.env)
+        with Client(self.url("grpc"), timeout=5) as client:
+            deadline = time.monotonic() + 120
+            while not client.healthy():
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("ivvae serve did not become ready")
+                time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def run(src: Path, out: Path, url: str, concurrency: int) -> float:
+    from ivvae.dataset import encode_dataset
+
+    summary = asyncio.run(encode_dataset(src, out, server=url, concurrency=concurrency))
+    if summary.encoded != summary.total:
+        raise RuntimeError(f"only {summary.encoded} of {summary.total} clips encoded")
+    return summary.clips_per_s
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--size", type=int, default=64, help="clip width and height")
+    parser.add_argument("--z", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=8)
+    parser.add_argument("--url", choices=["grpc", "http"], default="grpc")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="torch threads in the server (0: torch's default)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        weights = make_weights(tmp / "weights.safetensors", args.z, args.dim)
+        warmup = make_clips(tmp / "warmup", 4, args.frames, args.size, first_fps=5)
+        sets = {c: make_clips(tmp / f"clips_c{c}", args.clips, args.frames, args.size,
+                              first_fps=10 + 100 * k)
+                for k, c in enumerate(args.concurrency)}
+        print(f"{args.clips} clips of {args.frames} frames {args.size}x{args.size}, model "
+              f"z{args.z} dim{args.dim}, over {args.url}, {os.cpu_count()} CPUs, server "
+              f"threads {args.server_threads or 'default'}", flush=True)
+        with Server(weights, args.server_threads) as server:
+            url = server.url(args.url)
+            run(warmup, tmp / "out_warmup", url, max(args.concurrency))
+            rates = {c: run(src, tmp / f"out_c{c}", url, c) for c, src in sets.items()}
+    for c, rate in rates.items():
+        print(f"concurrency {c}: {rate:.2f} clips/s")
+    first, last = args.concurrency[0], args.concurrency[-1]
+    print(f"ratio (concurrency {last} / {first}): {rates[last] / rates[first]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

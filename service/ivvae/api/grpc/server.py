@@ -1,0 +1,434 @@
+"""The gRPC API: ``ivvae.v1.IVVAE`` on ``grpc.aio``, with health checking and reflection.
+
+A transport only: it reads the request stream (bounded by ``max_upload_bytes``), calls the
+same ``Pipeline`` as HTTP, and writes the answer in chunks of at most ``CHUNK_BYTES``, so
+clients with gRPC's default 4 MB receive limit get outputs of any size. Errors get their
+status from one table (``errors.STATUS``) and their stable code in the trailing metadata
+``ivvae-error-code``.
+
+Handlers are coroutines that ``context.write`` their responses (not async generators): when
+a client cancels or its deadline passes, grpc cancels the handler task, the cancellation
+reaches the pipeline at once, and the pipeline's ``finally`` blocks close the backend
+sessions (``ivvae_active_sessions`` goes back down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ...config import Settings
+from ...errors import (
+    EmptyInput,
+    InvalidInput,
+    IVVAEError,
+    Overloaded,
+    TooLarge,
+    Unauthorized,
+)
+from ...latents import LatentInfo
+from ...pipeline import EncodeOptions
+from ...service import Service
+from ...video import Mp4Writer
+from .errors import ERROR_CODE_KEY, grpc_status
+from .gen import ivvae_pb2 as pb
+from .gen import ivvae_pb2_grpc as pb_grpc
+
+log = logging.getLogger("ivvae.grpc")
+
+CHUNK_BYTES = 1 << 20  # every response message carries at most this many bytes of payload
+HEALTH_POLL_S = 1.0
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IVVAE"].full_name  # "ivvae.v1.IVVAE"
+DEFAULT_CRF = 18
+FIRST_MESSAGE_TIMEOUT_S = 10.0  # a stream that sends nothing is dropped
+
+Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
+
+
+def latent_info_message(info: LatentInfo) -> pb.LatentInfo:
+    return pb.LatentInfo(
+        model=info.model_name, num_frames=info.num_frames, width=info.width,
+        height=info.height, fps_numerator=info.fps.numerator,
+        fps_denominator=info.fps.denominator, latent_shape=list(info.latent_shape),
+        dtype=info.dtype, content_sha256=info.content_sha256, metadata=info.to_metadata(),
+    )
+
+
+def _chunks(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """``data`` (any C-contiguous buffer) in pieces of at most ``CHUNK_BYTES`` bytes."""
+    view = memoryview(data).cast("B")
+    return [bytes(view[i : i + CHUNK_BYTES]) for i in range(0, len(view), CHUNK_BYTES)]
+
+
+def _encode_options(msg: pb.EncodeOptions | None) -> EncodeOptions:
+    if msg is None:
+        return EncodeOptions()
+    return EncodeOptions(model=msg.model, sample=msg.sample,
+                         seed=msg.seed if msg.HasField("seed") else None,
+                         dtype=msg.dtype or "float32", include_moments=msg.moments)
+
+
+def _decode_options(msg: pb.DecodeOptions | None) -> tuple[bool, int]:
+    """(raw frames wanted, crf)."""
+    if msg is None:
+        return False, DEFAULT_CRF
+    if msg.format not in (pb.DECODE_FORMAT_UNSPECIFIED, pb.DECODE_FORMAT_MP4,
+                          pb.DECODE_FORMAT_FRAMES):
+        raise InvalidInput(f"unknown decode format {msg.format}")
+    crf = msg.crf if msg.HasField("crf") else DEFAULT_CRF
+    if not 0 <= crf <= 51:
+        raise InvalidInput(f"crf must be in [0, 51], got {crf}")
+    return msg.format == pb.DECODE_FORMAT_FRAMES, crf
+
+
+class _ChunkSink:
+    """A non-seekable byte sink (so ``Mp4Writer`` writes a fragmented MP4) that hands out
+    what was written so far in chunks. Written on the writer's thread, drained on the event
+    loop between writes, never both at once."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def take(self) -> list[bytes]:
+        out = _chunks(self._buffer)
+        self._buffer = bytearray()
+        return out
+
+
+async def _aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close an async generator now (its ``finally`` closes the backend session), not
+    whenever the garbage collector finds it."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` (if still running) and wait until it has finished."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # seen: the caller has dealt with the outcome already
+
+
+@dataclass
+class _Rpc:
+    admitted: bool = False  # counted against grpc_max_concurrent_rpcs
+
+
+class IVVAEServicer(pb_grpc.IVVAEServicer):
+    """``ivvae.v1.IVVAE`` over one ``Service``."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.settings = service.settings
+        self._active = 0
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _authorize(self, context: Context) -> None:
+        """``authorization: Bearer <key>`` metadata when API keys are configured (as HTTP)."""
+        keys = self.settings.api_key_set
+        if not keys:
+            return
+        value = next((v for k, v in context.invocation_metadata() or ()
+                      if k == "authorization" and isinstance(v, str)), "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not any(
+            hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys
+        ):
+            raise Unauthorized(
+                "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
+
+    def _admit(self, context: Context, rpc: _Rpc) -> None:
+        """The API key, then the cap on RPCs in flight."""
+        self._authorize(context)
+        if self._active >= self.settings.grpc_max_concurrent_rpcs:
+            raise Overloaded(f"the server is at its limit of "
+                             f"{self.settings.grpc_max_concurrent_rpcs} RPCs; retry later")
+        self._active += 1
+        self.service.metrics.in_flight.inc()
+        rpc.admitted = True
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context: Context, op: str, *, admit: bool = True
+                    ) -> AsyncIterator[_Rpc]:
+        """One RPC: admission (unless the handler admits it later), metrics, and errors
+        mapped to statuses."""
+        m = self.service.metrics
+        rpc = _Rpc()
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            if admit:
+                self._admit(context, rpc)
+            yield rpc
+        except IVVAEError as exc:
+            outcome = exc.code
+            status = grpc_status(exc)
+            m.errors.labels(exc.code).inc()
+            (log.warning if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+             else log.info)("gRPC %s -> %s %s: %s", op, status.name, exc.code, exc.detail)
+            await context.abort(status, exc.detail,
+                                trailing_metadata=((ERROR_CODE_KEY, exc.code),))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            outcome = "internal_error"
+            log.exception("unhandled error in gRPC %s", op)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error",
+                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
+        finally:
+            if rpc.admitted:
+                self._active -= 1
+                m.in_flight.dec()
+            m.requests.labels(op, "grpc", outcome).inc()
+            m.latency.labels(op, "grpc").observe(time.perf_counter() - start)
+
+    async def _receive(self, context: Context, rpc: _Rpc, requests: AsyncIterator[Any],
+                       what: str, check: Callable[[Any], object]) -> tuple[Any, bytes]:
+        """Admit the RPC and read its request stream: ``options`` first (optional), then
+        ``chunk``s. Returns (options or None, the file's bytes).
+
+        The first message is read before admission: a grpc.aio client whose first write is
+        still in flight when the RPC ends reports INTERNAL instead of our status
+        (grpc/grpc#36066). ``check(options)`` validates the options (raising); then the
+        response headers go out (clients may wait for them before uploading: see the
+        .proto). Reading stops at once when ``max_upload_bytes`` is passed.
+        """
+        limit = self.settings.max_upload_bytes
+        stream = aiter(requests)
+        try:
+            first: Any = await asyncio.wait_for(anext(stream, None), FIRST_MESSAGE_TIMEOUT_S)
+        except TimeoutError:
+            raise InvalidInput(
+                f"no request message within {FIRST_MESSAGE_TIMEOUT_S:g} s") from None
+        self._admit(context, rpc)
+        has_options = first is not None and first.WhichOneof("part") == "options"
+        options: Any = first.options if has_options else None
+        declared = options.size_bytes if has_options and options.HasField("size_bytes") else None
+        if declared is not None and declared > limit:
+            raise TooLarge(f"the {what} is {declared} bytes; the limit is {limit}")
+        check(options)
+        await context.send_initial_metadata(())
+        parts: list[bytes] = []
+        total = 0
+        async for request in _prepend(None if has_options else first, stream):
+            kind = request.WhichOneof("part")
+            if kind == "chunk":
+                total += len(request.chunk)
+                if total > limit:
+                    raise TooLarge(f"the {what} exceeds the limit of {limit} bytes")
+                parts.append(request.chunk)
+            elif kind == "options":
+                raise InvalidInput("options must be the first message of the stream, and "
+                                   "come once")
+            else:
+                raise InvalidInput("a request message carries neither options nor a chunk")
+        if not total:
+            raise EmptyInput(f"the stream carried no bytes: send the {what} in chunk messages")
+        if declared is not None and declared != total:
+            raise InvalidInput(f"the stream carried {total} bytes of the {what}, but its "
+                               f"options declared {declared}")
+        return options, b"".join(parts)
+
+    # -- the RPCs -----------------------------------------------------------------------------
+
+    async def Encode(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        async with self._call(context, "encode", admit=False) as rpc:
+            options, data = await self._receive(context, rpc, request_iterator, "video",
+                                                _encode_options)
+            opts = _encode_options(options)
+            frames_done = 0
+            moved = asyncio.Event()
+
+            def on_frames(n: int) -> None:
+                nonlocal frames_done
+                frames_done += n
+                moved.set()
+
+            work = asyncio.ensure_future(
+                self.service.pipeline.encode(data, opts, on_frames=on_frames))
+            try:
+                while not work.done():
+                    tick = asyncio.ensure_future(moved.wait())
+                    try:
+                        await asyncio.wait((work, tick), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        tick.cancel()
+                    if moved.is_set() and not work.done():
+                        moved.clear()
+                        await context.write(pb.EncodeResponse(
+                            progress=pb.EncodeProgress(frames_done=frames_done)))
+                result = work.result()
+            finally:
+                await _stop(work)
+            await context.write(pb.EncodeResponse(result=pb.EncodeResult(
+                info=latent_info_message(result.info), cache_hit=result.cache_hit,
+                size_bytes=len(result.data))))
+            for chunk in _chunks(result.data):
+                await context.write(pb.EncodeResponse(chunk=chunk))
+
+    async def EncodeUnary(self, request: Any, context: Context) -> Any:
+        async with self._call(context, "encode"):
+            limit = self.settings.max_upload_bytes
+            if len(request.video) > limit:
+                raise TooLarge(f"the video is {len(request.video)} bytes; the limit is {limit}")
+            if not request.video:
+                raise EmptyInput("the request carries no video bytes")
+            options = request.options if request.HasField("options") else None
+            result = await self.service.pipeline.encode(request.video,
+                                                        _encode_options(options))
+            return pb.EncodeUnaryResponse(info=latent_info_message(result.info),
+                                          cache_hit=result.cache_hit, latent=result.data)
+        raise AssertionError("unreachable: _call aborts the RPC on every error")
+
+    async def Decode(self, request_iterator: AsyncIterator[Any], context: Context) -> None:
+        async with self._call(context, "decode", admit=False) as rpc:
+            options, data = await self._receive(context, rpc, request_iterator,
+                                                "latent file", _decode_options)
+            raw, crf = _decode_options(options)
+            info, frames = await self.service.pipeline.decode_frames(data)
+            del data
+            try:
+                await context.write(pb.DecodeResponse(info=latent_info_message(info)))
+                if raw:
+                    async for part in frames:
+                        for chunk in _chunks(np.ascontiguousarray(part).data):
+                            await context.write(pb.DecodeResponse(chunk=chunk))
+                else:
+                    await self._write_mp4(context, info, frames, crf)
+            finally:
+                await _aclose(frames)
+
+    async def _write_mp4(self, context: Context, info: LatentInfo,
+                         frames: AsyncIterator[np.ndarray], crf: int) -> None:
+        """Encode ``frames`` to a fragmented MP4 and send its bytes as they come out.
+
+        The writer lives on its own thread: its calls stay in order even when this
+        coroutine is cancelled mid-write (the close queues behind the write)."""
+        loop = asyncio.get_running_loop()
+        sink = _ChunkSink()
+        writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps, crf=crf)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivvae-mp4")
+        try:
+            async for part in frames:
+                await loop.run_in_executor(thread, writer.write, part)
+                for chunk in sink.take():
+                    await context.write(pb.DecodeResponse(chunk=chunk))
+            await loop.run_in_executor(thread, writer.close)
+            for chunk in sink.take():
+                await context.write(pb.DecodeResponse(chunk=chunk))
+        finally:
+            thread.submit(writer.close)  # a no-op after a clean close
+            thread.shutdown(wait=False)
+
+    async def ListModels(self, request: Any, context: Context) -> Any:
+        async with self._call(context, "models"):
+            backend = self.service.backend
+            return pb.ListModelsResponse(default_model=backend.default_model, models=[
+                pb.ModelInfo(name=m.name, z_dim=m.z_dim, dim=m.dim,
+                             scale_factor=m.scale_factor, shift_factor=m.shift_factor,
+                             weights_sha256=m.weights_sha256, trained=m.trained,
+                             source=m.source, num_params=m.num_params)
+                for m in backend.models.values()
+            ])
+        raise AssertionError("unreachable: _call aborts the RPC on every error")
+
+
+class GrpcServer:
+    """A started gRPC server: ``port`` (the bound one, useful with port 0) and ``stop``."""
+
+    def __init__(self, server: Any, health_servicer: Any, watcher: asyncio.Task[None],
+                 port: int) -> None:
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+        self._watcher = watcher
+
+    async def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new RPCs, give running ones ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await _stop(self._watcher)
+        await self.server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def _watch_readiness(service: Service, health_servicer: Any, interval: float) -> None:
+    """Keep the health status of "" and ``SERVICE_NAME`` equal to ``service.readiness()``."""
+    last = None
+    while True:
+        try:
+            ready, _ = await service.readiness()
+        except Exception:
+            log.exception("readiness check failed")
+            ready = False
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != last:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            last = status
+        await asyncio.sleep(interval)
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_grpc_server(service: Service, settings: Settings | None = None, *,
+                            health_poll_s: float = HEALTH_POLL_S) -> GrpcServer:
+    """Serve ``service`` on ``settings.host:settings.grpc_port`` (port 0: any free port)."""
+    settings = settings or service.settings
+    size = settings.grpc_max_message_bytes
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
+    ])
+    pb_grpc.add_IVVAEServicer_to_server(IVVAEServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = _bind_address(settings.host, settings.grpc_port)
+    port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"gRPC cannot listen on {address}")
+    await server.start()
+    watcher = asyncio.create_task(_watch_readiness(service, health_servicer, health_poll_s))
+    return GrpcServer(server, health_servicer, watcher, port)

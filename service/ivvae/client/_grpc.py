@@ -1,0 +1,138 @@
+"""The gRPC transport of the clients (``grpc.aio``): the ``ivvae.v1.IVVAE`` streaming RPCs.
+
+Inputs go up in 1 MiB chunks and outputs come down in chunks of at most 1 MiB, so the
+channel keeps gRPC's default 4 MB message limit whatever the sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ..api.grpc.errors import ERROR_CODE_KEY
+from ..api.grpc.gen import ivvae_pb2 as pb
+from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
+from ..backends.base import ModelInfo
+from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
+from ._common import VideoSource, error_from_code, iter_source
+from ._result import LatentResult, Models
+
+
+def _error(status: grpc.StatusCode, details: str | None, trailing: Any,
+           target: str) -> IVVAEError:
+    code = next((v for k, v in trailing or () if k == ERROR_CODE_KEY), None)
+    if code is not None:
+        return error_from_code(str(code), details or "")
+    detail = f"{status.name} from {target}: {details}"
+    if status == grpc.StatusCode.UNAVAILABLE:
+        return BackendUnavailable(detail)
+    if status == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(detail)
+    err = IVVAEError(detail)
+    err.code = status.name.lower()
+    return err
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, target: str) -> IVVAEError:
+    return _error(exc.code(), exc.details(), exc.trailing_metadata(), target)
+
+
+def _size(source: VideoSource | Path) -> int:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    return os.stat(source).st_size
+
+
+class GrpcTransport:
+    def __init__(self, target: str, *, api_key: str | None, timeout: float,
+                 secure: bool = False) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
+                         if secure else grpc.aio.insecure_channel(target))
+        self._stub = pb_grpc.IVVAEStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def _stream(self, method: Any, first: Any, chunk: Callable[[bytes], Any],
+                      source: VideoSource | Path) -> list[Any]:
+        """Send ``first`` (the options), wait for the server's headers (its go-ahead, see
+        the .proto), upload ``source`` in chunks, and return every response."""
+        call = method(metadata=self._metadata, timeout=self.timeout)
+        try:
+            await call.write(first)
+            await call.initial_metadata()
+            if not call.done():  # not refused: upload
+                async for piece in iter_source(source):
+                    await call.write(chunk(piece))
+                await call.done_writing()
+            return [response async for response in call]
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, self.target) from exc
+        except asyncio.InvalidStateError as exc:  # a write after the server ended the RPC
+            raise _error(await call.code(), await call.details(),
+                         await call.trailing_metadata(), self.target) from exc
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def encode(self, video: VideoSource | Path, options: dict[str, Any]) -> LatentResult:
+        responses = await self._stream(
+            self._stub.Encode,
+            pb.EncodeRequest(options=pb.EncodeOptions(**options, size_bytes=_size(video))),
+            lambda piece: pb.EncodeRequest(chunk=piece), video)
+        results = [r.result for r in responses if r.WhichOneof("part") == "result"]
+        data = b"".join(r.chunk for r in responses if r.WhichOneof("part") == "chunk")
+        if len(results) != 1 or len(data) != results[0].size_bytes:
+            raise IVVAEError(f"{self.target} ended the Encode stream early")
+        return LatentResult.from_bytes(data, cache_hit=results[0].cache_hit)
+
+    async def decode(self, latent: bytes, *, frames: bool, crf: int) -> bytes | np.ndarray:
+        fmt = pb.DECODE_FORMAT_FRAMES if frames else pb.DECODE_FORMAT_MP4
+        responses = await self._stream(
+            self._stub.Decode,
+            pb.DecodeRequest(options=pb.DecodeOptions(format=fmt, crf=crf,
+                                                      size_bytes=len(latent))),
+            lambda piece: pb.DecodeRequest(chunk=piece), latent)
+        if not responses or responses[0].WhichOneof("part") != "info":
+            raise IVVAEError(f"{self.target} ended the Decode stream early")
+        info = responses[0].info
+        # writable, so the frames array can use it as is
+        data = bytearray().join(r.chunk for r in responses[1:])
+        if not frames:
+            return bytes(data)
+        shape = (info.num_frames, info.height, info.width, 3)
+        if len(data) != int(np.prod(shape)):
+            raise IVVAEError(f"{self.target} sent {len(data)} bytes of frames, not {shape}")
+        return np.frombuffer(data, np.uint8).reshape(shape)
+
+    async def models(self) -> Models:
+        try:
+            reply = await self._stub.ListModels(pb.ListModelsRequest(), metadata=self._metadata,
+                                                timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, self.target) from exc
+        return Models(default=reply.default_model, models=[
+            ModelInfo(name=m.name, z_dim=m.z_dim, dim=m.dim, scale_factor=m.scale_factor,
+                      shift_factor=m.shift_factor, weights_sha256=m.weights_sha256,
+                      trained=m.trained, source=m.source, num_params=m.num_params)
+            for m in reply.models
+        ])
+
+    async def healthy(self) -> bool:
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                             timeout=min(self.timeout, 10.0))
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,90 @@
+"""The HTTP transport of the clients (httpx): the gateway's REST API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ..backends.base import ModelInfo
+from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
+from ..safetensors_io import SafetensorsError, loads
+from ._common import VideoSource, error_from_code, iter_source
+from ._result import LatentResult, Models
+
+
+def _error(response: httpx.Response) -> IVVAEError:
+    try:
+        body = json.loads(response.content)
+        return error_from_code(str(body["error"]), str(body.get("detail", "")))
+    except (ValueError, KeyError, TypeError):
+        text = response.text[:200]
+        if response.status_code in (502, 503):
+            return BackendUnavailable(f"HTTP {response.status_code}: {text}")
+        if response.status_code == 504:
+            return DeadlineExceeded(f"HTTP 504: {text}")
+        exc = IVVAEError(f"HTTP {response.status_code}: {text}")
+        exc.code = f"http_{response.status_code}"
+        return exc
+
+
+class HttpTransport:
+    def __init__(self, base_url: str, *, api_key: str | None, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
+                                         timeout=httpx.Timeout(timeout, connect=10.0))
+
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = await self._client.request(method, path, **kw)
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise BackendUnavailable(f"cannot connect to {self.base_url}: {exc}") from exc
+            raise DeadlineExceeded(f"no answer from {self.base_url} in time: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"cannot reach {self.base_url}: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise _error(response)
+        return response
+
+    async def encode(self, video: VideoSource | Path, options: dict[str, Any]) -> LatentResult:
+        params = {k: str(v).lower() if isinstance(v, bool) else str(v)
+                  for k, v in options.items() if v is not None}
+        body = video if isinstance(video, bytes) else iter_source(video)
+        response = await self._request(
+            "POST", "/encode", params=params, content=body,
+            headers={"content-type": "application/octet-stream"})
+        return LatentResult.from_bytes(response.content,
+                                       cache_hit=response.headers.get("x-cache") == "hit")
+
+    async def decode(self, latent: bytes, *, frames: bool, crf: int) -> bytes | np.ndarray:
+        response = await self._request(
+            "POST", "/decode", content=latent,
+            params={"format": "frames" if frames else "mp4", "crf": str(crf)},
+            headers={"content-type": "application/octet-stream"})
+        if not frames:
+            return response.content
+        try:
+            tensors, _ = loads(response.content)
+            return np.array(tensors["frames"].array)  # (T, H, W, 3) uint8, writable
+        except (SafetensorsError, KeyError) as exc:
+            raise IVVAEError(f"the server sent unreadable frames: {exc}") from exc
+
+    async def models(self) -> Models:
+        body = (await self._request("GET", "/models")).json()
+        return Models(default=body["default"], models=[ModelInfo(**m) for m in body["models"]])
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._client.get("/readyz")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def close(self) -> None:
+        await self._client.aclose()
+

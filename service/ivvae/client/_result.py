@@ -1,0 +1,107 @@
+"""What the clients return: latent files as bytes, arrays, tensors or files on disk."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..backends.base import ModelInfo
+from ..latents import LatentInfo, decode_latent_file
+from ..safetensors_io import SafetensorsError, loads
+
+if TYPE_CHECKING:
+    import torch
+
+TMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path) -> Path:
+    """A unique name next to ``path`` for writing before the rename: ``<name>.<pid>-<rand>.tmp``."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers (and crashes) see the old file or the whole
+    new one, never a part: a temporary name in the same folder, fsync, rename."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class LatentResult:
+    """A latent file (``.safetensors``) and what its metadata says.
+
+    ``data`` is the file, byte for byte as the server sent it; ``info`` its metadata;
+    ``cache_hit`` whether the server had it cached (None when not known).
+    """
+
+    data: bytes
+    info: LatentInfo
+    cache_hit: bool | None = None
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, cache_hit: bool | None = None) -> LatentResult:
+        """Parse and validate ``data`` (raises ``InvalidLatent``)."""
+        latent, info = decode_latent_file(data)
+        result = cls(data, info, cache_hit)
+        result._arrays["latent"] = latent
+        return result
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LatentResult:
+        return cls.from_bytes(Path(path).read_bytes())
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int, int]:
+        """``(1, z, 1 + ceil((T-1)/4), ceil(H/8), ceil(W/8))``."""
+        return self.info.latent_shape
+
+    def numpy(self, name: str = "latent") -> np.ndarray:
+        """A stored tensor as float32: ``latent`` (``latent_shape``, the diffusion latent
+        ``scale * (s - shift)``), or ``mu`` / ``logvar`` (encoded with ``moments=True``)."""
+        if name not in self._arrays:
+            try:
+                tensors, _ = loads(self.data)
+            except SafetensorsError as exc:  # from_bytes parsed it once already
+                raise ValueError(str(exc)) from exc
+            if name not in tensors:
+                raise KeyError(f"the latent file has no tensor {name!r} (has {sorted(tensors)})")
+            self._arrays[name] = tensors[name].as_float32()
+        return self._arrays[name]
+
+    def torch(self, name: str = "latent") -> torch.Tensor:
+        """``numpy(name)`` as a float32 CPU tensor (imports torch on first use)."""
+        import torch
+
+        return torch.from_numpy(self.numpy(name).copy())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the file atomically (a crash never leaves half a latent at ``path``)."""
+        return atomic_write(path, self.data)
+
+
+@dataclass(frozen=True)
+class Models:
+    """The served models; ``default`` is used when a request names none."""
+
+    default: str
+    models: list[ModelInfo]
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]

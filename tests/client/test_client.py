@@ -1,0 +1,146 @@
+"""ivvae.client over HTTP and gRPC, sync and asyncio: the same results either way, the
+service's errors, retries with backoff, and no torch unless asked for."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ivvae.client import AsyncClient, Client, LatentResult, RetryPolicy
+from ivvae.errors import BackendUnavailable, InvalidLatent, Unauthorized, UnsupportedMedia
+from ivvae.video import open_video
+from tests import media
+from tests.grpc_fixtures import ServerThread, server_thread
+from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+
+KEY = "client-key"
+VIDEO = media.make_video(None, frames=6, width=24, height=16)
+FAST_RETRY = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path) -> Iterator[ServerThread]:  # noqa: F811
+    with server_thread(tiny_settings(tiny_weights, api_keys=KEY), http=True) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["grpc", "http"])
+def url(request: pytest.FixtureRequest, server: ServerThread) -> str:
+    return server.grpc_url if request.param == "grpc" else server.http_url
+
+
+def test_encode_decode_models(url: str, server: ServerThread, tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(VIDEO)
+    with Client(url, api_key=KEY) as client:
+        from_path = client.encode(clip)
+        from_bytes = client.encode(VIDEO, dtype="float16", moments=True)
+        frames = client.decode(from_path, format="frames")
+        mp4 = client.decode(from_path)
+        models = client.models()
+        assert client.healthy()
+    assert from_path.latent_shape == (1, 4, 3, 2, 3)
+    assert from_path.numpy().shape == from_path.latent_shape
+    assert from_path.numpy().dtype == np.float32
+    assert from_bytes.info.dtype == "float16" and from_bytes.numpy("mu").shape == (1, 4, 3, 2, 3)
+    assert from_path.torch().shape == from_path.latent_shape
+    assert isinstance(frames, np.ndarray) and frames.shape == (6, 16, 24, 3)
+    assert frames.dtype == np.uint8
+    assert isinstance(mp4, bytes)
+    with open_video(mp4) as reader:
+        assert reader.read_all().shape == (6, 16, 24, 3)
+    assert models.names() == [server.service.backend.default_model]
+
+    (tmp_path / "out").mkdir()
+    saved = from_path.save(tmp_path / "out" / "clip.latent.safetensors")
+    assert saved.read_bytes() == from_path.data
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no temporary left
+    assert LatentResult.load(saved).info == from_path.info
+
+
+def test_transports_give_the_same_bytes(server: ServerThread) -> None:
+    with Client(server.grpc_url, api_key=KEY) as g, Client(server.http_url, api_key=KEY) as h:
+        a, b = g.encode(VIDEO, sample=True, seed=5), h.encode(VIDEO, sample=True, seed=5)
+        assert a.data == b.data
+        np.testing.assert_array_equal(g.decode(a.data, format="frames"),
+                                      h.decode(a.data, format="frames"))
+
+
+async def test_async_client(url: str) -> None:
+    async with AsyncClient(url, api_key=KEY) as client:
+        latent = await client.encode(VIDEO)
+        frames = await client.decode(latent, format="frames")
+        assert (await client.models()).default
+        assert await client.healthy()
+    assert latent.info.num_frames == 6
+    assert isinstance(frames, np.ndarray) and frames.shape == (6, 16, 24, 3)
+
+
+def test_service_errors_are_raised_as_ivvae_errors(url: str) -> None:
+    with Client(url, api_key=KEY, retry=FAST_RETRY) as client:
+        with pytest.raises(UnsupportedMedia):
+            client.encode(np.random.default_rng(0).bytes(4000))
+        with pytest.raises(InvalidLatent):
+            client.decode(b"not a latent" * 20)
+    with Client(url, api_key="wrong") as client, pytest.raises(Unauthorized):
+        client.encode(VIDEO)
+
+
+def test_unavailable_is_retried(url: str, server: ServerThread,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = server.service.pipeline
+    real = pipeline.encode
+    calls = 0
+
+    async def flaky(*args: Any, **kw: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise BackendUnavailable("the backend is restarting")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "encode", flaky)
+    with Client(url, api_key=KEY, retry=FAST_RETRY) as client:
+        assert client.encode(VIDEO).info.num_frames == 6
+        assert calls == 3
+        calls = -10  # fails every time from now on
+        with pytest.raises(BackendUnavailable):
+            client.encode(VIDEO)
+    assert calls == -10 + FAST_RETRY.attempts
+
+
+@pytest.mark.parametrize("url", ["grpc://127.0.0.1:9", "http://127.0.0.1:9"])
+def test_no_server(url: str) -> None:
+    with Client(url, retry=FAST_RETRY, timeout=5) as client:
+        assert not client.healthy()
+        with pytest.raises(BackendUnavailable):
+            client.encode(VIDEO)
+
+
+def test_bad_urls() -> None:
+    for url in ("ftp://x", "grpc://", "grpc://host:1/path"):
+        with pytest.raises(ValueError):
+            Client(url)
+
+
+def test_client_does_not_import_torch(server: ServerThread) -> None:
+    script = f"""
+import sys
+from ivvae.client import Client
+with Client({server.grpc_url!r}, api_key={KEY!r}) as c:
+    latent = c.encode({VIDEO!r})
+with Client({server.http_url!r}, api_key={KEY!r}) as h:
+    h.models()
+assert "torch" not in sys.modules, "the client imported torch"
+latent.torch()
+assert "torch" in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
