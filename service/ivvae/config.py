@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     extra_weights: str = ""
     model_name: str = ""  # name of the default model; derived from the weights when empty
     device: str = "cpu"
+    # torch intra-op threads for the local backend; 0 = torch's default (one per core).
+    # On small shared CPUs, 1 often wins: many videos in flight batch instead of spinning.
+    torch_threads: int = Field(0, ge=0)
     encode_precision: PrecisionName = "float32"
     decode_precision: PrecisionName = "float32"
 

@@ -64,6 +64,8 @@ class LocalBackend(Backend):
 
     def _load(self) -> None:
         s = self.settings
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         sources = [(s.model_name, s.weights)] + [
             (name, str(path)) for name, path in s.extra_weight_paths.items()
         ]
