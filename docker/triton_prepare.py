@@ -13,9 +13,12 @@ Two jobs, one subcommand each:
     ``config.pbtxt`` through Triton's own ``ModelConfig`` protobuf (shipped by tritonclient):
     set model parameters (``ARTIFACT_DIR``, ``ARTIFACT_FORMAT``, ``PRECISION``,
     ``SEQUENCE_TTL_S``) and, when asked, the instance group (``KIND_GPU`` in production).
+    With ``ARTIFACT_DIR`` the export manifest there also gives ``MODEL_INFO`` (what the
+    gateway learns about the served model); ``SEQUENCE_TTL_S`` also sets Triton's own
+    ``max_sequence_idle_microseconds``, so that the slot and the model's state go together.
     The committed files stay as the CPU tests use them; only the copy changes.
 
-Standard library plus tritonclient and protobuf (both dependencies of the ivvae package).
+Standard library, tritonclient and protobuf, and ``ivvae.triton.contract`` (no torch).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 # Parameters the ivvae python models read; a typo in a --set key fails here, not in Triton.
 KNOWN_PARAMETERS = ("ARTIFACT_DIR", "ARTIFACT_FORMAT", "PRECISION", "SEQUENCE_TTL_S")
+# Written by `ivvae export` next to the artifacts (ivvae.model.artifacts.MANIFEST_NAME; that
+# module imports torch, which this helper must not).
+MANIFEST_NAME = "export_manifest.json"
 
 
 class PrepareError(Exception):
@@ -155,6 +161,9 @@ def rewrite_config(
         raise PrepareError(f"cannot parse model config: {exc}") from exc
     for key, value in parameters.items():
         config.parameters[key].string_value = value
+    ttl = parameters.get("SEQUENCE_TTL_S")
+    if ttl and config.HasField("sequence_batching"):
+        config.sequence_batching.max_sequence_idle_microseconds = round(float(ttl) * 1e6)
     if instance_kind is not None or instance_count is not None:
         # One group replaces whatever was there; what the caller leaves out is kept from the
         # first committed group (count 0 in a config means Triton's default of 1).
@@ -165,6 +174,25 @@ def rewrite_config(
         del config.instance_group[:]
         config.instance_group.add(kind=kinds.Value(kind_name), count=count)
     return str(text_format.MessageToString(config))
+
+
+def model_info(artifact_dir: Path, artifact_format: str | None) -> str:
+    """The ``MODEL_INFO`` parameter for the export in ``artifact_dir``."""
+    import json
+
+    from ivvae.triton.contract import model_info_parameter
+
+    path = artifact_dir / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+        value = model_info_parameter(manifest["model"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrepareError(f"cannot read the export manifest {path} ({exc}); export with "
+                           "`ivvae export`") from None
+    if artifact_format is not None and manifest.get("format") != artifact_format:
+        raise PrepareError(f"ARTIFACT_FORMAT={artifact_format} but {artifact_dir} holds "
+                           f"{manifest.get('format')} artifacts")
+    return str(value)
 
 
 def prepare_repository(
@@ -178,6 +206,9 @@ def prepare_repository(
     configs = sorted(src.glob(f"*/{CONFIG_NAME}"))
     if not configs:
         raise PrepareError(f"no */{CONFIG_NAME} under model repository {src}")
+    if parameters.get("ARTIFACT_DIR"):
+        parameters = {**parameters, "MODEL_INFO": model_info(
+            Path(parameters["ARTIFACT_DIR"]), parameters.get("ARTIFACT_FORMAT"))}
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

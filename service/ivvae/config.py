@@ -50,7 +50,9 @@ class Settings(BaseSettings):
 
     # -- backend ---------------------------------------------------------------------------
     backend: BackendName = "local"
-    triton_url: str = "127.0.0.1:8001"  # gRPC endpoint of Triton
+    # Triton's gRPC endpoint: host:port, a comma-separated list, or dns:///name:port (one
+    # endpoint per address, resolved per video). Each video stays on one endpoint.
+    triton_url: str = "127.0.0.1:8001"
     triton_encoder_model: str = "ivvae_encoder"
     triton_decoder_model: str = "ivvae_decoder"
     triton_timeout_s: float = Field(60.0, gt=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -420,6 +421,8 @@ def test_drift_catches_an_unknown_model_name(vd: ModuleType, deploy_copy: Path) 
 
 
 def test_drift_uses_the_model_repository_once_it_exists(vd: ModuleType, deploy_copy: Path) -> None:
+    shutil.rmtree(deploy_copy / "model_repository")
+    (deploy_copy / "model_repository").mkdir()
     for name in ("ivvae_encoder", "ivvae_decoder_v2"):
         (deploy_copy / "model_repository" / name).mkdir()
         (deploy_copy / "model_repository" / name / "config.pbtxt").write_text(f'name: "{name}"\n')

@@ -7,6 +7,7 @@ they were called, so the export-if-stale logic, the prepared model repository an
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "triton-entrypoint.sh"
@@ -38,18 +41,27 @@ FAKE_IVVAE = """#!/usr/bin/env bash
 set -euo pipefail
 echo "$*" >> "$FAKE_LOG/ivvae.calls"
 [[ "${FAKE_EXPORT_FAILS:-0}" == 1 ]] && { echo "export failed" >&2; exit 3; }
-out=""
+out="" format=""
 while (($#)); do
-  case "$1" in --out) out="$2"; shift 2 ;; *) shift ;; esac
+  case "$1" in --out) out="$2"; shift 2 ;; --format) format="$2"; shift 2 ;; *) shift ;; esac
 done
 echo artifact > "$out/encoder.pt"
 echo artifact > "$out/decoder.pt"
+cat > "$out/export_manifest.json" <<EOF
+{"format": "$format", "model": {"name": "fake", "z_dim": 4, "dim": 4, "scale_factor": 1.0,
+ "shift_factor": 0.0, "weights_sha256": "$(printf 'a%.0s' {1..64})", "trained": true,
+ "source": "/weights/ivvae.pth", "num_params": 10}}
+EOF
 """
 
 FAKE_TRITONSERVER = """#!/usr/bin/env bash
 printf '%s\\n' "$@" > "$FAKE_LOG/tritonserver.args"
 echo "$IVVAE_ARTIFACT_DIR" > "$FAKE_LOG/tritonserver.artifact_dir"
 """
+
+
+def model_config(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
 @dataclass
@@ -152,6 +164,8 @@ def test_serve_exports_prepares_and_execs_tritonserver(stage: Stage) -> None:
     assert 'string_value: "bfloat16"' in config
     assert "kind: KIND_GPU" in config and "count: 1" in config and "KIND_CPU" not in config
     assert 'string_value: "/somewhere/venv"' in config  # untouched parameters stay
+    info = json.loads(model_config(config).parameters["MODEL_INFO"].string_value)
+    assert info["name"] == "fake"  # from the export manifest: what the gateway reads
     assert (stage.repository / "ivvae_decoder" / "1" / "model.py").is_file()
 
 
@@ -267,3 +281,33 @@ def test_fingerprint_follows_weights_bytes_and_format(prepare: ModuleType, tmp_p
 def test_empty_repository_is_an_error(prepare: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(prepare.PrepareError, match=r"no \*/config\.pbtxt"):
         prepare.prepare_repository(tmp_path, tmp_path / "out", {})
+
+
+def test_sequence_ttl_also_sets_the_triton_idle_timeout(prepare: ModuleType) -> None:
+    text = CPU_CONFIG.format(name="ivvae_encoder")
+    config = model_config(prepare.rewrite_config(text, {"SEQUENCE_TTL_S": "2.5"}))
+    assert config.parameters["SEQUENCE_TTL_S"].string_value == "2.5"
+    assert config.sequence_batching.max_sequence_idle_microseconds == 2_500_000
+
+
+def test_model_info_comes_from_the_export_manifest(prepare: ModuleType, tmp_path: Path) -> None:
+    from ivvae.model.artifacts import MANIFEST_NAME
+    from ivvae.triton.contract import MODEL_INFO_KEYS
+
+    assert prepare.MANIFEST_NAME == MANIFEST_NAME
+    source = tmp_path / "src"
+    (source / "ivvae_encoder").mkdir(parents=True)
+    (source / "ivvae_encoder" / "config.pbtxt").write_text(CPU_CONFIG.format(name="ivvae_encoder"))
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    params = {"ARTIFACT_DIR": str(artifacts), "ARTIFACT_FORMAT": "onnx"}
+    with pytest.raises(prepare.PrepareError, match="export with `ivvae export`"):
+        prepare.prepare_repository(source, tmp_path / "out", params)
+    model = dict.fromkeys(MODEL_INFO_KEYS, 1) | {"name": "m", "weights_sha256": "ab" * 32}
+    (artifacts / MANIFEST_NAME).write_text(json.dumps({"format": "torchscript", "model": model}))
+    with pytest.raises(prepare.PrepareError, match="holds torchscript artifacts"):
+        prepare.prepare_repository(source, tmp_path / "out", params)
+    params["ARTIFACT_FORMAT"] = "torchscript"
+    prepare.prepare_repository(source, tmp_path / "out", params)
+    config = model_config((tmp_path / "out" / "ivvae_encoder" / "config.pbtxt").read_text())
+    assert json.loads(config.parameters["MODEL_INFO"].string_value) == model

@@ -699,15 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping tritonserver", signal.Signals(signum).name)
-        stop_requested.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-
+    stop = stop_on_signals()
     args.workdir.mkdir(parents=True, exist_ok=True)
     repository = prepare_repository(
         args.repository, args.workdir / "model_repository", env_path=args.env_path
@@ -725,13 +717,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
+    return serve_until(server, stop)
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGTERM and SIGINT set (install before starting a server, so that a
+    signal during start-up still stops it). Call from the main thread."""
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping tritonserver", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return stop_requested
+
+
+def serve_until(server: TritonServer, stop: threading.Event) -> int:
+    """Print the endpoints, then block until ``stop`` is set (stop the server, return 0) or
+    the server exits on its own (return 1)."""
     with server:
         print(
             f"tritonserver ready: http {server.http_url} grpc {server.grpc_url} "
             f"metrics {server.metrics_url} log {server.log_path}",
             flush=True,
         )
-        while not stop_requested.wait(0.5):
+        while not stop.wait(0.5):
             if server.has_exited():
                 server.kill()
                 log.error(

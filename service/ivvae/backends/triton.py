@@ -1,0 +1,437 @@
+"""The ``triton`` backend: each video is one Triton sequence over ``tritonclient.grpc.aio``.
+
+The model runs in Triton (``model_repository/``); the feature cache of a video lives in the
+Triton model instance that ran its first step, keyed by the sequence's correlation id. This
+module never imports torch and never reads weights: the served model's description comes
+from the ``MODEL_INFO`` parameter of the models' config (``ivvae.triton.contract``).
+
+Endpoints (``IVVAE_TRITON_URL``): ``host:port``, a comma-separated list of them, or
+``dns:///name:port``, resolved at the start of each sequence (cached for a few seconds) to
+one endpoint per address, as a Kubernetes headless Service gives. A sequence is pinned to
+one endpoint from its first step to its last; new sequences go to the endpoint with the
+fewest sequences in flight from this gateway.
+
+Failures:
+
+* connection errors on a sequence's first step: up to ``triton_connect_retries`` more
+  tries, on the next endpoint when there are several, then ``BackendUnavailable`` (503);
+* ``UNAVAILABLE`` after the first step (Triton died or lost the state): ``BackendUnavailable``
+  at once, never a retry (the state is gone; the pipeline then writes no result);
+* a step slower than ``triton_timeout_s``: ``DeadlineExceeded`` (504);
+* ``INVALID_ARGUMENT`` from the model: ``InvalidInput`` (encode) or ``InvalidLatent``
+  (decode); Triton's "must specify the START flag" on a later step means the sequence was
+  dropped: ``BackendUnavailable``.
+
+``close()`` ends the sequence with a data-less ``RELEASE`` request so that Triton frees the
+slot and the model its cache at once; the model's time-to-live is the backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferInput, InferResult
+from tritonclient.utils import InferenceServerException
+
+from ..config import Settings
+from ..errors import (
+    BackendUnavailable,
+    DeadlineExceeded,
+    InvalidInput,
+    InvalidLatent,
+    IVVAEError,
+    Overloaded,
+    UnknownModel,
+)
+from ..metrics import Metrics
+from ..triton import contract as c
+from .base import Backend, DecodeSession, EncodeSession, ModelInfo
+
+log = logging.getLogger("ivvae.backends.triton")
+
+DNS_SCHEME = "dns:///"
+DNS_CACHE_S = 5.0
+PROBE_TIMEOUT_S = 3.0  # readiness and model-config calls
+RELEASE_TIMEOUT_S = 5.0  # the request that ends a sequence
+RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+
+
+def parse_endpoints(url: str) -> tuple[list[str], tuple[str, int] | None]:
+    """``(static endpoints, None)`` or ``([], (dns name, port))`` for ``dns:///name:port``."""
+    url = url.strip()
+    if url.startswith("dns:"):
+        if not url.startswith(DNS_SCHEME):
+            raise ValueError(f"IVVAE_TRITON_URL {url!r}: only {DNS_SCHEME}name:port is supported")
+        host, sep, port = url[len(DNS_SCHEME):].rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"IVVAE_TRITON_URL {url!r} must be {DNS_SCHEME}name:port")
+        return [], (host, int(port))
+    endpoints = [e.strip() for e in url.split(",") if e.strip()]
+    for e in endpoints:
+        host, sep, port = e.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"Triton endpoint {e!r} must be host:port")
+    if not endpoints:
+        raise ValueError("IVVAE_TRITON_URL is empty")
+    return endpoints, None
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What one endpoint serves, from its models' config."""
+
+    info: ModelInfo
+    precision: dict[str, str]  # direction -> PRECISION parameter
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._static, self._dns = parse_endpoints(settings.triton_url)
+        self._models = {"encoder": settings.triton_encoder_model,
+                        "decoder": settings.triton_decoder_model}
+        self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+        self._in_flight: dict[str, int] = defaultdict(int)
+        self._served: dict[str, _Served] = {}  # endpoint -> what it serves (when known)
+        self._info: ModelInfo | None = None
+        self._problem = "not connected to Triton yet"
+        self._known = 0  # endpoints seen by the last refresh
+        self._resolved: tuple[float, list[str]] = (0.0, [])
+        self._refresher: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn what Triton serves; if it is not up yet, keep trying in the background
+        (readiness says so meanwhile) rather than failing the gateway's start."""
+        await self.refresh()
+        if self._info is None:
+            log.warning("Triton at %s is not ready yet (%s); retrying in the background",
+                        self.settings.triton_url, self._problem)
+            self._refresher = asyncio.create_task(self._refresh_until_known())
+
+    async def _refresh_until_known(self) -> None:
+        while self._info is None:
+            await asyncio.sleep(2.0)
+            try:
+                await self.refresh()
+            except Exception:  # keep trying; readiness reports the problem
+                log.exception("asking Triton what it serves failed")
+        log.info("Triton serves model %s (weights %s)", self._info.name,
+                 self._info.weights_sha256[:12])
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            try:
+                await client.close()
+            except Exception:  # closing must not fail shutdown
+                log.debug("closing a Triton client failed", exc_info=True)
+
+    async def ready(self) -> tuple[bool, str]:
+        ready = await self.refresh()
+        if not ready:
+            return False, f"triton: {self._problem}"
+        return True, f"triton: {len(ready)} of {self._known} endpoint(s) ready"
+
+    # -- what is served --------------------------------------------------------------------
+
+    @property
+    def models(self) -> dict[str, ModelInfo]:
+        return {} if self._info is None else {self._info.name: self._info}
+
+    @property
+    def default_model(self) -> str:
+        if self._info is None:
+            raise BackendUnavailable(f"Triton is not ready: {self._problem}")
+        return self._info.name
+
+    async def refresh(self) -> list[str]:
+        """Ask every endpoint whether its models are ready and what they serve. Returns the
+        ready endpoints that serve the current model (adopting a new model only when no
+        ready endpoint serves the current one any more, e.g. after a weights change)."""
+        try:
+            endpoints = await self._endpoints(fresh=True)
+        except BackendUnavailable as exc:
+            self._problem = exc.detail
+            return []
+        self._known = len(endpoints)
+        for gone in [e for e in self._clients if e not in endpoints and not self._in_flight[e]]:
+            # an address that left DNS (a Triton pod went away) and has no video in flight
+            await self._clients.pop(gone).close()
+            self._in_flight.pop(gone, None)
+        probes = await asyncio.gather(*(self._probe(e) for e in endpoints))
+        served = {e: s for e, s in zip(endpoints, probes, strict=True) if isinstance(s, _Served)}
+        problems = [f"{e}: {s}" for e, s in zip(endpoints, probes, strict=True)
+                    if isinstance(s, str)]
+        self._served = served
+        if served and (self._info is None or not any(
+                s.info == self._info for s in served.values())):
+            new = next(iter(served.values())).info
+            if self._info is not None:
+                log.warning("Triton now serves weights %s instead of %s",
+                            new.weights_sha256[:12], self._info.weights_sha256[:12])
+            self._info = new
+        ready = [e for e, s in served.items() if s.info == self._info]
+        if not ready:
+            self._problem = "; ".join(problems) or "no endpoint"
+        return ready
+
+    async def _probe(self, endpoint: str) -> _Served | str:
+        """What the endpoint serves, or why it cannot serve."""
+        client = self._client(endpoint)
+        try:
+            for model in self._models.values():
+                if not await client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
+                    return f"model {model} is not ready"
+            configs = {d: await client.get_model_config(m, as_json=True,
+                                                        client_timeout=PROBE_TIMEOUT_S)
+                       for d, m in self._models.items()}
+        except InferenceServerException as exc:
+            return f"{exc.status() or 'error'}: {exc.message()}"
+        params = {d: c.string_parameters(cfg.get("config", cfg)) for d, cfg in configs.items()}
+        try:
+            infos = {d: c.parse_model_info(p.get(c.MODEL_INFO, "")) for d, p in params.items()}
+        except ValueError as exc:
+            return (f"{exc}; the model repository must be prepared from an export "
+                    "(`ivvae triton-serve` or docker/triton_prepare.py)")
+        if infos["encoder"]["weights_sha256"] != infos["decoder"]["weights_sha256"]:
+            return "the encoder and decoder serve different weights"
+        precision = {d: p.get(c.PRECISION) or "float32" for d, p in params.items()}
+        wanted = {"encoder": self.settings.encode_precision,
+                  "decoder": self.settings.decode_precision}
+        if precision != wanted:
+            return (f"Triton computes in {precision} but this gateway is configured for "
+                    f"{wanted} (IVVAE_ENCODE_PRECISION / IVVAE_DECODE_PRECISION key the "
+                    "result cache): make them agree")
+        raw = infos["encoder"]
+        info = ModelInfo(
+            name=self.settings.model_name or str(raw["name"]), z_dim=int(raw["z_dim"]),
+            dim=int(raw["dim"]), scale_factor=float(raw["scale_factor"]),
+            shift_factor=float(raw["shift_factor"]),
+            weights_sha256=str(raw["weights_sha256"]), trained=bool(raw["trained"]),
+            source=f"triton:{raw['source']}", num_params=int(raw["num_params"]),
+        )
+        return _Served(info, precision)
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    def _client(self, endpoint: str) -> grpcclient.InferenceServerClient:
+        client = self._clients.get(endpoint)
+        if client is None:
+            client = self._clients[endpoint] = grpcclient.InferenceServerClient(endpoint)
+        return client
+
+    async def _endpoints(self, *, fresh: bool = False) -> list[str]:
+        if self._dns is None:
+            return self._static
+        at, resolved = self._resolved
+        if resolved and not fresh and time.monotonic() - at < DNS_CACHE_S:
+            return resolved
+        host, port = self._dns
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot resolve {host}: {exc}") from None
+        addresses = sorted({str(info[4][0]) for info in infos})
+        resolved = [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+        if not resolved:
+            raise BackendUnavailable(f"{host} resolves to no address")
+        self._resolved = (time.monotonic(), resolved)
+        return resolved
+
+    async def _candidates(self) -> list[str]:
+        """Endpoints for a new sequence, fewest in flight first; those known to serve other
+        weights are left out."""
+        endpoints = await self._endpoints()
+        info = self._info
+        usable = [e for e in endpoints
+                  if info is None or e not in self._served or self._served[e].info == info]
+        return sorted(usable or endpoints, key=lambda e: self._in_flight[e])
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def _check_model(self, model: str) -> ModelInfo:
+        info = self._info
+        if info is None:
+            raise BackendUnavailable(f"Triton is not ready: {self._problem}")
+        if model != info.name:
+            raise UnknownModel(f"unknown model {model!r}; served: [{info.name!r}]")
+        return info
+
+    def encode_session(self, model: str) -> EncodeSession:
+        return _TritonEncode(_Sequence(self, "encoder", self._check_model(model)))
+
+    def decode_session(self, model: str) -> DecodeSession:
+        return _TritonDecode(_Sequence(self, "decoder", self._check_model(model)))
+
+
+class _Sequence:
+    """One video's steps on one endpoint, one request at a time."""
+
+    def __init__(self, backend: TritonBackend, direction: str, info: ModelInfo) -> None:
+        self.backend = backend
+        self.direction = direction
+        self.info = info
+        self.model = backend._models[direction]
+        self.input_name, self.output_names = c.TENSORS[direction]
+        self.corrid = secrets.randbelow(c.MAX_CORRELATION_ID) + 1
+        self.endpoint: str | None = None
+        self.started = False  # the first step succeeded
+        self.sent = False  # a request reached the wire (Triton may hold state)
+        self.closed = False
+
+    async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
+        if self.closed:
+            raise RuntimeError("step after close()")
+        if first == self.started:
+            raise RuntimeError("first() must come once, before next()")
+        tensor = InferInput(self.input_name, list(array.shape),
+                            "UINT8" if array.dtype == np.uint8 else "FP32")
+        tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        kind = f"{'encode' if self.direction == 'encoder' else 'decode'}_" + (
+            "first" if first else "next")
+        began = time.perf_counter()
+        result = await (self._start(tensor) if first else self._call(tensor))
+        self.backend.metrics.batch_seconds.labels(kind).observe(time.perf_counter() - began)
+        return [result.as_numpy(name) for name in self.output_names]
+
+    async def _start(self, tensor: InferInput) -> InferResult:
+        """The first step, retried on connection errors (a START resets any state, so a
+        repeat is safe), on another endpoint when there are several."""
+        backend = self.backend
+        retries = backend.settings.triton_connect_retries
+        failed: set[str] = set()
+        for attempt in range(retries + 1):
+            if attempt:
+                await asyncio.sleep(RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S)) - 1])
+            try:
+                candidates = await backend._candidates()
+            except BackendUnavailable:
+                if attempt == retries:
+                    raise
+                continue
+            self._pin(next((e for e in candidates if e not in failed), candidates[0]))
+            try:
+                result = await self._call(tensor, start=True)
+            except BackendUnavailable as exc:
+                if attempt == retries:
+                    raise
+                assert self.endpoint is not None
+                failed.add(self.endpoint)
+                log.info("sequence %d: %s (retry %d of %d)", self.corrid, exc.detail,
+                         attempt + 1, retries)
+                continue
+            self.started = True
+            return result
+        raise AssertionError("unreachable")
+
+    def _pin(self, endpoint: str) -> None:
+        in_flight = self.backend._in_flight
+        if self.endpoint is not None:
+            in_flight[self.endpoint] -= 1
+        self.endpoint = endpoint
+        in_flight[endpoint] += 1
+
+    async def _call(self, tensor: InferInput | None, *, start: bool = False, end: bool = False,
+                    timeout: float | None = None) -> InferResult:
+        assert self.endpoint is not None
+        client = self.backend._client(self.endpoint)
+        inputs = [tensor] if tensor is not None else []
+        if tensor is None:  # the data-less request that ends the sequence
+            release = InferInput(c.RELEASE, [1, 1], "BOOL")
+            release.set_data_from_numpy(np.ones((1, 1), dtype=bool))
+            inputs.append(release)
+        timeout = timeout or self.backend.settings.triton_timeout_s
+        self.sent = True
+        try:
+            return await client.infer(
+                self.model, inputs, sequence_id=self.corrid, sequence_start=start,
+                sequence_end=end, client_timeout=timeout,
+                parameters={c.WEIGHTS_PARAMETER: self.info.weights_sha256} if start else None,
+            )
+        except InferenceServerException as exc:
+            raise self._error(exc, start=start, timeout=timeout) from None
+
+    def _error(self, exc: InferenceServerException, *, start: bool,
+               timeout: float) -> IVVAEError:
+        status = str(exc.status() or "")
+        message = str(exc.message() or exc)
+        where = f"Triton {self.model} at {self.endpoint}"
+        if status.endswith("DEADLINE_EXCEEDED"):
+            return DeadlineExceeded(f"{where}: a step took longer than {timeout:g} s")
+        if status.endswith("UNAVAILABLE"):
+            return BackendUnavailable(f"{where} is unavailable: {message}")
+        if status.endswith("INVALID_ARGUMENT"):
+            if c.UNKNOWN_SEQUENCE_MESSAGE in message and not start:
+                return BackendUnavailable(f"{where} lost the video's sequence (restarted, or "
+                                          f"idle too long): {message}")
+            return (InvalidInput if self.direction == "encoder" else InvalidLatent)(message)
+        if status.endswith("RESOURCE_EXHAUSTED"):
+            return Overloaded(f"{where}: {message}")
+        return IVVAEError(f"{where} failed: {status} {message}")
+
+    async def close(self) -> None:
+        """End the sequence on Triton (frees its slot and cache); never raises."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.endpoint is None:
+            return
+        try:
+            if self.sent:
+                await self._call(None, end=True,
+                                 timeout=min(RELEASE_TIMEOUT_S,
+                                             self.backend.settings.triton_timeout_s))
+        except IVVAEError as exc:
+            log.debug("sequence %d: release failed (its time-to-live will free it): %s",
+                      self.corrid, exc.detail)
+        finally:
+            self.backend._in_flight[self.endpoint] -= 1
+
+
+class _TritonEncode(EncodeSession):
+    def __init__(self, sequence: _Sequence) -> None:
+        self.sequence = sequence
+
+    async def first(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = await self.sequence.step(frames, first=True)
+        return mu, logvar
+
+    async def next(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = await self.sequence.step(frames, first=False)
+        return mu, logvar
+
+    async def close(self) -> None:
+        await self.sequence.close()
+
+
+class _TritonDecode(DecodeSession):
+    def __init__(self, sequence: _Sequence) -> None:
+        self.sequence = sequence
+
+    async def first(self, latent: np.ndarray) -> np.ndarray:
+        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=True)
+        return frames
+
+    async def next(self, latent: np.ndarray) -> np.ndarray:
+        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=False)
+        return frames
+
+    async def close(self) -> None:
+        await self.sequence.close()
+

@@ -1,0 +1,245 @@
+"""The gateway with ``IVVAE_BACKEND=triton`` against a real tritonserver (CPU, from the wheel).
+
+The shared ``ivvae_triton`` server runs the project's ``model_repository/`` over the
+TorchScript export of the tiny test weights; the local backend loads the same weights, so
+both must give the same latents and frames. Tests that kill a server, or need a short
+time-to-live, live in ``tests/triton/test_serve.py`` with their own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from ivvae.backends.triton import TritonBackend, parse_endpoints
+from ivvae.errors import BackendUnavailable, InvalidInput, InvalidLatent
+from ivvae.latents import decode_latent_file
+from ivvae.metrics import Metrics
+from ivvae.safetensors_io import loads
+from tests import media
+from tests.redis_server import free_port
+from tests.service_fixtures import running_app, tiny_settings
+from tests.triton_server import IvvaeTriton
+
+pytestmark = pytest.mark.triton
+
+VIDEO = media.make_video(None, frames=21, width=40, height=24)  # padded to 40x24 -> 5x3
+OCTET = {"content-type": "application/octet-stream"}
+
+
+def settings_for(t: IvvaeTriton, **kw: Any) -> Any:
+    kw.setdefault("triton_url", t.server.grpc_url)
+    return tiny_settings(t.weights, backend="triton", **kw)
+
+
+async def encode(client: httpx.AsyncClient, video: bytes = VIDEO) -> httpx.Response:
+    return await client.post("/encode", files={"file": ("v.mp4", video, "video/mp4")})
+
+
+async def decode_frames(client: httpx.AsyncClient, latent_file: bytes) -> np.ndarray:
+    response = await client.post("/decode?format=frames", content=latent_file, headers=OCTET)
+    assert response.status_code == 200, response.text
+    return loads(response.content)[0]["frames"].array
+
+
+def assert_frames_close(a: np.ndarray, b: np.ndarray) -> None:
+    """uint8 frames from two backends: equal, but for a few values one level apart.
+
+    Both run the same float32 ops, but with other thread counts (one per Triton instance
+    here, the library default in the test process) oneDNN splits the sums differently, and a
+    value on a rounding boundary may tip either way. Measured on this 21-frame 40x24 clip:
+    identical at equal thread counts; 1 vs 2 threads, 3 of 60,480 values one level apart
+    (latents identical).
+    """
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size, (
+        diff.max(), np.count_nonzero(diff))
+
+
+def executions_by_batch_size(t: IvvaeTriton, model: str) -> dict[int, int]:
+    stats = httpx.get(f"http://{t.server.http_url}/v2/models/{model}/stats",
+                      trust_env=False).json()["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"])
+            for b in stats["batch_stats"]}
+
+
+def triton_metric(t: IvvaeTriton, name: str, model: str) -> float:
+    text = httpx.get(f"http://{t.server.metrics_url}/metrics", trust_env=False).text
+    values = re.findall(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
+    return sum(float(v) for v in values)
+
+
+async def test_encode_and_decode_match_the_local_backend(ivvae_triton: IvvaeTriton) -> None:
+    async with running_app(settings_for(ivvae_triton)) as client:
+        ready = await client.get("/readyz")
+        models = (await client.get("/models")).json()
+        via_triton = await encode(client)
+        assert via_triton.status_code == 200, via_triton.text
+        triton_frames = await decode_frames(client, via_triton.content)
+    async with running_app(tiny_settings(ivvae_triton.weights)) as client:
+        local_models = (await client.get("/models")).json()
+        via_local = await encode(client)
+        local_frames = await decode_frames(client, via_triton.content)
+
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["backend"]["detail"] == "triton: 1 of 1 endpoint(s) ready"
+    (served,), (local,) = models["models"], local_models["models"]
+    same = ("name", "z_dim", "dim", "scale_factor", "shift_factor", "weights_sha256",
+            "trained", "num_params")
+    assert {k: served[k] for k in same} == {k: local[k] for k in same}
+    assert served["source"] == f"triton:{local['source']}"
+
+    latent_t, info_t = decode_latent_file(via_triton.content)
+    latent_l, info_l = decode_latent_file(via_local.content)
+    assert latent_t.shape == latent_l.shape == (1, 4, 6, 3, 5)
+    assert np.abs(latent_t - latent_l).max() <= 1e-4
+    assert (info_t.model_name, info_t.weights_sha256) == (info_l.model_name,
+                                                           info_l.weights_sha256)
+    assert triton_frames.shape == (21, 24, 40, 3)
+    assert_frames_close(triton_frames, local_frames)
+    # Every session ended its sequence: nothing waits for the time-to-live.
+    for model in ("ivvae_encoder", "ivvae_decoder"):
+        assert triton_metric(ivvae_triton, "ivvae_open_sequences", model) == 0
+
+
+async def test_concurrent_videos_are_batched_and_match_separate_runs(
+        ivvae_triton: IvvaeTriton) -> None:
+    videos = [media.make_video(None, frames=17, width=32, height=16, mirror=bool(i % 2),
+                               fps=24 + i) for i in range(4)]
+    async with running_app(settings_for(ivvae_triton)) as client:
+        separate = [await encode(client, v) for v in videos]
+    before = executions_by_batch_size(ivvae_triton, "ivvae_encoder")
+    # A new app: an empty result cache, so every video really goes to Triton again.
+    async with running_app(settings_for(ivvae_triton)) as client:
+        together = await asyncio.gather(*(encode(client, v) for v in videos))
+    after = executions_by_batch_size(ivvae_triton, "ivvae_encoder")
+
+    for alone, concurrent in zip(separate, together, strict=True):
+        assert alone.status_code == concurrent.status_code == 200
+        assert concurrent.headers["x-cache"] == "miss"
+        a, _ = decode_latent_file(alone.content)
+        b, _ = decode_latent_file(concurrent.content)
+        assert np.abs(a - b).max() <= 1e-4
+    batched = {size: n - before.get(size, 0) for size, n in after.items() if size > 1}
+    assert sum(batched.values()) > 0, f"no batched execution: {before} -> {after}"
+
+
+async def test_readyz_follows_triton_and_requests_fail_with_503_when_it_is_down(
+        ivvae_triton: IvvaeTriton) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    settings = settings_for(ivvae_triton, triton_url=dead, triton_connect_retries=1)
+    async with running_app(settings) as client:
+        ready = await client.get("/readyz")
+        encoded = await encode(client)
+        models = await client.get("/models")
+    assert ready.status_code == 503
+    assert ready.json()["backend"]["ready"] is False
+    assert dead in ready.json()["backend"]["detail"]
+    assert encoded.status_code == 503 and encoded.json()["error"] == "backend_unavailable"
+    assert models.status_code == 503
+
+
+async def test_first_step_retries_on_the_next_endpoint(ivvae_triton: IvvaeTriton) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    settings = settings_for(ivvae_triton, triton_url=f"{dead},{ivvae_triton.server.grpc_url}",
+                            triton_connect_retries=1)
+    async with running_app(settings) as client:
+        ready = await client.get("/readyz")
+        backend: TritonBackend = client.app.state.service.backend  # type: ignore[attr-defined]
+        backend._served.clear()  # forget what the probe saw: the dead endpoint looks usable
+        assert backend._in_flight[dead] == 0
+        encoded = await encode(client)
+    assert ready.status_code == 200
+    assert ready.json()["backend"]["detail"] == "triton: 1 of 2 endpoint(s) ready"
+    assert encoded.status_code == 200, encoded.text
+
+
+async def test_dns_endpoint(ivvae_triton: IvvaeTriton) -> None:
+    settings = settings_for(ivvae_triton, triton_url=f"dns:///{ivvae_triton.server.grpc_url}")
+    async with running_app(settings) as client:
+        encoded = await encode(client, media.make_video(None, frames=1, width=16, height=8))
+    assert encoded.status_code == 200, encoded.text
+
+
+async def test_a_slow_step_is_a_504(ivvae_triton: IvvaeTriton) -> None:
+    async with running_app(settings_for(ivvae_triton, triton_timeout_s=1e-4)) as client:
+        encoded = await encode(client)
+    assert encoded.status_code == 504, encoded.text
+    assert encoded.json()["error"] == "deadline_exceeded"
+
+
+async def test_model_errors_map_to_the_services_errors(ivvae_triton: IvvaeTriton) -> None:
+    backend = TritonBackend(settings_for(ivvae_triton), Metrics())
+    await backend.start()
+    try:
+        name = backend.default_model
+        session = backend.encode_session(name)
+        try:
+            with pytest.raises(InvalidInput, match="first step takes 1 frame"):
+                await session.first(np.zeros((1, 5, 8, 8, 3), np.uint8))
+        finally:
+            await session.close()
+        session = backend.encode_session(name)
+        try:
+            await session.first(np.zeros((1, 1, 8, 8, 3), np.uint8))
+            with pytest.raises(InvalidInput, match="size changed"):
+                await session.next(np.zeros((1, 4, 16, 8, 3), np.uint8))
+            mu, logvar = await session.next(np.zeros((1, 4, 8, 8, 3), np.uint8))
+            assert mu.shape == logvar.shape == (1, 4, 1, 1, 1)  # the sequence went on
+        finally:
+            await session.close()
+        decoder = backend.decode_session(name)
+        try:
+            with pytest.raises(InvalidLatent, match="channels"):
+                await decoder.first(np.zeros((1, 6, 1, 1, 1), np.float32))
+        finally:
+            await decoder.close()
+    finally:
+        await backend.close()
+
+
+async def test_a_sequence_meant_for_other_weights_is_refused(ivvae_triton: IvvaeTriton) -> None:
+    import dataclasses
+
+    backend = TritonBackend(settings_for(ivvae_triton, triton_connect_retries=0), Metrics())
+    await backend.start()
+    try:
+        assert backend._info is not None
+        backend._info = dataclasses.replace(backend._info, weights_sha256="f" * 64)
+        session = backend.encode_session(backend.default_model)
+        with pytest.raises(BackendUnavailable, match="serves weights"):
+            await session.first(np.zeros((1, 1, 8, 8, 3), np.uint8))
+        await session.close()
+    finally:
+        await backend.close()
+
+
+async def test_precision_must_agree_with_the_gateway(ivvae_triton: IvvaeTriton) -> None:
+    settings = settings_for(ivvae_triton, encode_precision="bfloat16")
+    async with running_app(settings) as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert "make them agree" in ready.json()["backend"]["detail"]
+
+
+def test_endpoint_forms() -> None:
+    assert parse_endpoints(" a:1, b:2 ,") == (["a:1", "b:2"], None)
+    assert parse_endpoints("dns:///triton.ns.svc:8001") == ([], ("triton.ns.svc", 8001))
+    for bad in ("", "host", "dns://authority/name:1", "dns:///name", "a:b"):
+        with pytest.raises(ValueError):
+            parse_endpoints(bad)
+
+
+def test_the_backend_module_does_not_need_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ivvae.backends.triton, ivvae.triton.contract\n"
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=60)
