@@ -100,6 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _encode_dataset(args: argparse.Namespace) -> int:
+    from .dataset import main as encode_dataset
+
+    return encode_dataset(args)
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -314,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_options(p)
     p.set_defaults(handler=_decode)
 
+    from .dataset import add_arguments as _dataset_arguments
+
+    p = sub.add_parser("encode-dataset", help="encode a folder or list of videos through a "
+                       "running service: bounded concurrency, manifest, resumable")
+    _dataset_arguments(p)
+    p.set_defaults(handler=_encode_dataset)
+
     from .train.config import TrainConfig
 
     p = sub.add_parser(
@@ -329,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-only", action="store_true", help="only --export the checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_train)
+
+    from . import export_cli
+    from .triton import serve as triton_serve
+
+    export_cli.add_parser(sub)
+    triton_serve.add_parser(sub)
+
+    from . import stack
+
+    stack.add_parser(sub)
     return parser
 
 
