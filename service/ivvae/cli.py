@@ -209,7 +209,10 @@ class _progress:
                         dynamic_ncols=True)
 
     def __enter__(self) -> Callable[[int], None]:
-        return lambda n: self.bar.update(n)
+        def advance(n: int) -> None:
+            self.bar.update(n)
+
+        return advance
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
