@@ -41,8 +41,7 @@ def _train(args: argparse.Namespace) -> int:
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    if "data" in values:
-        values["data"] = tuple(values["data"])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = TrainConfig(**values)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -262,7 +261,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default {default})")
         elif typing.get_origin(hint) is tuple:
-            parser.add_argument(flag, nargs="+", default=None, help="(default: built-in)")
+            item = typing.get_args(hint)[0]
+            parser.add_argument(flag, nargs="+", type=item, default=None,
+                                help=f"(default {default or 'built-in'})")
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=None,
                                 help=f"(default {default})")

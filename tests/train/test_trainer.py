@@ -155,3 +155,46 @@ def test_config_validation() -> None:
     assert cfg.stage_at(9) == "image" and cfg.stage_at(10) == "video"
     assert cfg.lr_at(0) < cfg.lr_at(1) <= cfg.lr
     assert dataclasses.replace(cfg, lr=1.0).lr_at(11) == 1.0
+
+
+def test_device_resolution() -> None:
+    from ivvae.train.trainer import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    # a bare "cuda" gets this process's index (LOCAL_RANK under torchrun)
+    os.environ["LOCAL_RANK"] = "3"
+    try:
+        assert resolve_device("cuda") == torch.device("cuda", 3)
+    finally:
+        del os.environ["LOCAL_RANK"]
+
+
+def test_resume_on_another_device_setting_is_allowed(tmp_path: Path, clips: ClipDataset) -> None:
+    tr = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=0), dataset=clips)
+    tr.fit(progress=False)
+    again = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=0, device="cpu"),
+                    dataset=clips)
+    assert again.resume() and again.step == 2
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=0, lr=1.0),
+                dataset=clips).resume()
+
+
+def test_extra_scales_add_downscaled_copies(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mp4"
+    media.make_video(path, frames=6, width=64, height=48)
+    ds = ClipDataset.from_paths([path], max_side=256, extra_scales=(24, 100))
+    # 100 is not smaller than the clip: no copy; 24 is
+    assert ds.names == ["clip.mp4", "clip.mp4@24"]
+    assert ds.clips[0].shape == (6, 48, 64, 3)
+    assert ds.clips[1].shape == (6, 24, 32, 3)
+
+
+def test_cli_parses_integer_tuples(tmp_path: Path) -> None:
+    from ivvae.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", str(tmp_path), "--extra-scales", "144",
+                                      "96", "--data", "a.mp4", "b.mp4"])
+    assert args.extra_scales == [144, 96] and args.data == ["a.mp4", "b.mp4"]

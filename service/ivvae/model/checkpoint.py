@@ -249,5 +249,5 @@ def save_safetensors(model: IVVAE, path: str | os.PathLike[str],
     meta = model.cfg.to_metadata()
     meta["model_name"] = getattr(model, "name", _default_name(model.cfg))
     meta.update(extra_metadata or {})
-    sd = {k: v.contiguous() for k, v in official_state_dict(model).items()}
+    sd = {k: v.cpu().contiguous() for k, v in official_state_dict(model).items()}
     save_file(sd, str(path), metadata=meta)

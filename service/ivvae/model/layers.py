@@ -1,10 +1,17 @@
 """IV-VAE building blocks: split norms, GCConv, KTC convolutions, attention, resamplers, PAC.
 
-Layout everywhere: channels-first 5-D ``(B, C, T, H, W)``. A feature with ``2C`` channels is
-two halves: ``[0, C)`` the 2D (keyframe) half and ``[C, 2C)`` the 3D (temporal) half.
+Layout everywhere: 5-D ``(B, C, T, H, W)`` shapes. A feature with ``2C`` channels is two
+halves: ``[0, C)`` the 2D (keyframe) half and ``[C, 2C)`` the 3D (temporal) half.
+
+Memory format. The networks keep activations in ``torch.channels_last_3d`` (memory order
+``B, T, H, W, C``): oneDNN's convolutions are fastest on it, and in that order the frames of a
+clip are consecutive blocks of memory. So folding time into the batch for per-frame 2-D
+convolutions, splitting the channels into halves for the norms, and laying out the padded
+GCConv frame stacks are all views or a single copy. Every op here is correct for any memory
+format (``reshape`` copies where a view is impossible); the layout only decides the speed.
 
 Temporal state. Every block has the same call signature so that the networks can iterate
-over them (and TorchScript can compile that loop)::
+over them::
 
     y, new_cache = block(x, cache, first)
 
@@ -13,8 +20,8 @@ list of this block's cache tensors from the previous call (empty when ``first``)
 ``new_cache`` the list to pass next time. A cache tensor is the last input frame of a group
 causal convolution, ``(B, C, 1, H, W)``. Blocks without temporal state take and return ``[]``.
 
-Per-frame 2-D convolutions are written as 3-D convolutions with a temporal kernel of 1 so
-that tensors never leave the 5-D layout (no (B*T) folding copies).
+In-place arithmetic is used on freshly made intermediates only, and only where autograd does
+not need the overwritten values (``_needs_grad``), so training works unchanged.
 """
 
 import math
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 NORM_EPS = 1e-12
+CHANNELS_LAST = torch.channels_last_3d
 
 
 def _conv_param(co: int, ci: int, *kernel: int) -> tuple[nn.Parameter, nn.Parameter]:
@@ -36,10 +44,65 @@ def _conv_param(co: int, ci: int, *kernel: int) -> tuple[nn.Parameter, nn.Parame
     return weight, bias
 
 
+def _onnx() -> bool:
+    """Whether this run is being traced for ONNX, which has no notion of memory formats."""
+    return torch.onnx.is_in_onnx_export()
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` (B, C, T, H, W) in the networks' working memory format (no copy if it is)."""
+    return x if _onnx() else x.contiguous(memory_format=CHANNELS_LAST)
+
+
+def to_frames(x: Tensor) -> Tensor:
+    """(B, C, T, H, W) -> (B*T, C, H, W): time folded into the batch (a view if channels-last)."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def from_frames(y: Tensor, batch: int) -> Tensor:
+    """(B*T, C, H, W) -> (B, C, T, H, W): the inverse of ``to_frames``."""
+    n, c, h, w = y.shape
+    return y.reshape(batch, n // batch, c, h, w).transpose(1, 2)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records ops on these tensors (then no in-place shortcuts)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _rms_norm(x: Tensor, dim: int, gain: Tensor, silu: bool, inplace: bool = False) -> Tensor:
+    """``x / max(||x||_2 over dim, eps) * gain``, optionally followed by SiLU.
+
+    The same arithmetic as ``F.normalize(x) * gain``. Without autograd, the product and SiLU
+    overwrite the quotient, and ``inplace`` (for an ``x`` the caller made and no longer
+    needs) overwrites ``x`` itself: on large activations a fresh output costs more (page
+    faults) than the arithmetic.
+    """
+    denom = torch.linalg.vector_norm(x, dim=dim, keepdim=True).clamp_min(NORM_EPS)
+    if _needs_grad(x, gain):
+        y = x / denom * gain
+        return F.silu(y) if silu else y
+    y = x.div_(denom) if inplace else torch.div(x, denom)
+    y = y.mul_(gain)
+    return F.silu(y, inplace=True) if silu else y
+
+
+def _last_frame(x: Tensor) -> Tensor:
+    """The cache entry for a conv whose input is ``x``: its last frame, in its own storage
+    (a view would keep the whole input alive)."""
+    if x.shape[2] == 1:
+        return x
+    last = x[:, :, -1:]
+    return last.clone() if _onnx() else last.clone(memory_format=CHANNELS_LAST)
+
+
 class GroupRMSNorm(nn.Module):
     """RMS norm over channels, each half separately, scaled by sqrt(per-half width).
 
-    ``gamma`` is ``[2C, 1, 1, 1]`` (the official shape); there is no bias.
+    ``gamma`` is ``[2C, 1, 1, 1]`` (the official shape); there is no bias. Every use in the
+    network is followed by SiLU, which ``forward(x, silu=True)`` fuses in. ``inplace``:
+    ``x`` is a fresh intermediate that may be overwritten (ignored when autograd records).
     """
 
     def __init__(self, width: int) -> None:
@@ -48,11 +111,13 @@ class GroupRMSNorm(nn.Module):
         self.scale = math.sqrt(width)
         self.gamma = nn.Parameter(torch.ones(2 * width, 1, 1, 1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, silu: bool = False, inplace: bool = False) -> Tensor:
         b, _, t, h, w = x.shape
-        halves = x.reshape(b, 2, self.width, t, h, w)  # (B, 2, C, T, H, W)
-        y = F.normalize(halves, dim=2, eps=NORM_EPS).reshape(b, 2 * self.width, t, h, w)
-        return y * self.scale * self.gamma
+        # Channels last: the two halves are the last two axes, a view of x's memory.
+        halves = x.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, 2, self.width)
+        gain = (self.gamma * self.scale).reshape(2, self.width)
+        y = _rms_norm(halves, -1, gain, silu, inplace)  # (B, T, H, W, 2, C)
+        return y.reshape(b, t, h, w, 2 * self.width).permute(0, 4, 1, 2, 3)
 
 
 class PerFrameConv(nn.Module):
@@ -62,14 +127,16 @@ class PerFrameConv(nn.Module):
                  padding: int | None = None) -> None:
         super().__init__()
         self.weight, self.bias = _conv_param(co, ci, kernel, kernel)
-        pad = dilation * (kernel // 2) if padding is None else padding
-        self.padding = (0, pad, pad)
-        self.stride = (1, stride, stride)
-        self.dilation = (1, dilation, dilation)
+        self.padding = dilation * (kernel // 2) if padding is None else padding
+        self.stride = stride
+        self.dilation = dilation
+
+    def frames(self, x: Tensor) -> Tensor:
+        """The conv on frames already folded into the batch: (N, Ci, H, W) -> (N, Co, H', W')."""
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, self.stride, self.padding,
-                        self.dilation)
+        return from_frames(self.frames(to_frames(x)), x.shape[0])
 
 
 class GroupCausalConv3d(nn.Module):
@@ -87,27 +154,27 @@ class GroupCausalConv3d(nn.Module):
         self.group = group
 
     def forward(self, x: Tensor, prev: Tensor | None) -> Tensor:
-        if prev is None:
-            stack = torch.cat([x, x, torch.zeros_like(x)], dim=2)  # (B, C, 3, H, W)
-            return F.conv3d(stack, self.weight, self.bias, padding=(0, 1, 1))
         b, c, t, h, w = x.shape
-        g = self.group
-        n = t // g
-        if n * g != t:
-            raise ValueError(f"GCConv needs a multiple of {g} frames, got {t}")
-        left = torch.cat([prev, x[:, :, g - 1 : t - 1 : g]], dim=2)  # (B, C, G, H, W)
-        stack = torch.cat(
-            [left.unsqueeze(3), x.reshape(b, c, n, g, h, w), x.new_zeros(b, c, n, 1, h, w)],
-            dim=3,
-        )  # (B, C, G, g + 2, H, W)
-        if n > 1:
-            stack = stack.transpose(1, 2)
-        stack = stack.reshape(b * n, c, g + 2, h, w)
+        frames = x.permute(0, 2, 3, 4, 1)  # (B, T, H, W, C): memory order when channels-last
+        if prev is None:
+            n, g = 1, 1
+            groups = frames.unsqueeze(1)  # (B, 1, 1, H, W, C)
+            left = groups
+        else:
+            g = self.group
+            n = t // g
+            if n * g != t:
+                raise ValueError(f"GCConv needs a multiple of {g} frames, got {t}")
+            groups = frames.reshape(b, n, g, h, w, c)  # (B, G, g, H, W, C)
+            left = torch.cat([prev.permute(0, 2, 3, 4, 1).unsqueeze(1), groups[:, :-1, -1:]],
+                             dim=1)  # (B, G, 1, H, W, C)
+        # One copy builds every group's padded stack [left, group, 0], already in the
+        # channels-last order the conv wants, with the groups folded into the batch.
+        zeros = frames.new_zeros(b, n, 1, h, w, c)
+        stack = torch.cat([left, groups, zeros], dim=2)  # (B, G, g+2, H, W, C)
+        stack = stack.reshape(b * n, g + 2, h, w, c).permute(0, 4, 1, 2, 3)  # (B*G, C, g+2, H, W)
         y = F.conv3d(stack, self.weight, self.bias, padding=(0, 1, 1))  # (B*G, Co, g, H, W)
-        co = y.shape[1]
-        if n > 1:
-            return y.reshape(b, n, co, g, h, w).transpose(1, 2).reshape(b, co, t, h, w)
-        return y.reshape(b, co, t, h, w)
+        return y.permute(0, 2, 3, 4, 1).reshape(b, t, h, w, -1).permute(0, 4, 1, 2, 3)
 
 
 class PointwiseConv3d(nn.Module):
@@ -118,7 +185,9 @@ class PointwiseConv3d(nn.Module):
         self.weight, self.bias = _conv_param(co, ci, 1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv3d(x, self.weight, self.bias)
+        # Per frame as a 1x1 conv2d: the same sums, on oneDNN's faster 2-D path.
+        y = F.conv2d(to_frames(x), self.weight[:, :, 0], self.bias)
+        return from_frames(y, x.shape[0])
 
 
 class SepConv3d(nn.Module):
@@ -146,9 +215,10 @@ class SepConv3d(nn.Module):
         return torch.cat([self.conv_2d(x), y3], dim=1)
 
 
-def _last_frame(x: Tensor) -> Tensor:
-    """The cache entry for a conv whose input is ``x``: its last frame, detached storage."""
-    return x[:, :, -1:].contiguous() if x.shape[2] > 1 else x
+def _add_residual(h: Tensor, x: Tensor) -> Tensor:
+    """``h + x`` into ``h``: ``h`` is a fresh conv (or concat) output, which autograd never
+    saves, so overwriting it is safe in training too."""
+    return h.add_(x)
 
 
 class ResBlock3D(nn.Module):
@@ -165,15 +235,15 @@ class ResBlock3D(nn.Module):
         self.shortcut: SepConv3d | None = SepConv3d(2 * ci, co, 1) if ci != co else None
 
     def forward(self, x: Tensor, cache: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
-        h = F.silu(self.norm1(x))
+        h = self.norm1(x, silu=True)
         c1 = _last_frame(h)
         h = self.conv1(h, None if first else cache[0])
-        h = F.silu(self.norm2(h))
+        h = self.norm2(h, silu=True, inplace=True)  # h: conv1's fresh output
         c2 = _last_frame(h)
         h = self.conv2(h, None if first else cache[1])
         shortcut = self.shortcut
         s = x if shortcut is None else shortcut(x, None)
-        return h + s, [c1, c2]
+        return _add_residual(h, s), [c1, c2]
 
 
 class ResBlock2D(nn.Module):
@@ -189,9 +259,9 @@ class ResBlock2D(nn.Module):
         self.conv2 = PerFrameConv(2 * width, 2 * width, 3)
 
     def forward(self, x: Tensor, cache: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return x + h, []
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True, inplace=True))
+        return _add_residual(h, x), []
 
 
 class FrameAttention(nn.Module):
@@ -207,13 +277,17 @@ class FrameAttention(nn.Module):
 
     def forward(self, u: Tensor) -> Tensor:
         b, c, t, h, w = u.shape
-        n = F.normalize(u, dim=1, eps=NORM_EPS) * self.norm_scale * self.norm_gamma.unsqueeze(1)
-        qkv = self.to_qkv(n)  # (B, 3C, T, H, W)
-        tokens = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, 3 * c)
-        q, k, v = tokens.split(c, dim=2)  # each (B*T, HW, C)
+        frames = to_frames(u)  # (B*T, C, H, W)
+        n = _rms_norm(frames, 1, self.norm_gamma * self.norm_scale, silu=False)
+        qkv = self.to_qkv.frames(n)  # (B*T, 3C, H, W)
+        # Channels last, the pixel-major token matrix is a view (``contiguous`` is then a
+        # no-op). 4-D q/k/v with unit-stride channels take the fused (flash) CPU kernel
+        # instead of materialising the H*W x H*W score matrix.
+        tokens = qkv.permute(0, 2, 3, 1).reshape(b * t, 1, h * w, 3 * c).contiguous()
+        q, k, v = tokens.split(c, dim=3)  # each (B*T, 1, HW, C)
         o = F.scaled_dot_product_attention(q, k, v)
-        o = o.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)  # (B, C, T, H, W)
-        return u + self.proj(o)
+        o = o.reshape(b * t, h, w, c).permute(0, 3, 1, 2)  # (B*T, C, H, W)
+        return from_frames(_add_residual(self.proj.frames(o), frames), b)
 
 
 class Attention(nn.Module):
@@ -267,6 +341,17 @@ class Downsample(nn.Module):
         return torch.cat([a, b], dim=1), []
 
 
+def _upsample_frames(x: Tensor, repeat: int) -> Tensor:
+    """Nearest x2 in space and x``repeat`` in time, in one copy.
+
+    ``x`` (B, T, R, H, W, C) -> (B, T*R, 2H, 2W, C), channels-last order: axis R holds the
+    ``R`` output frames made from each input frame (expanded when it has size 1).
+    """
+    b, t, _, h, w, c = x.shape
+    x = x[:, :, :, :, None, :, None, :].expand(b, t, repeat, h, 2, w, 2, c)
+    return x.reshape(b, t * repeat, 2 * h, 2 * w, c)
+
+
 class Upsample(nn.Module):
     """Optionally time x2, then space x2 (nearest) and a 3x3 conv halving each half's width.
 
@@ -288,16 +373,19 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, cache: list[Tensor], first: bool) -> tuple[Tensor, list[Tensor]]:
         c = self.width
-        a = x[:, :c]
+        a = x[:, :c].permute(0, 2, 3, 4, 1).unsqueeze(2)  # (B, T, 1, H, W, C)
         b = x[:, c:]
         time_conv = self.time_conv
+        repeat = 1
         if time_conv is not None and not first:
+            repeat = 2
             bt, _, t, h, w = b.shape
-            a = a.repeat_interleave(2, dim=2)
-            u = time_conv(b).reshape(bt, 2, c, t, h, w)  # [even frames; odd frames]
-            b = u.permute(0, 2, 3, 1, 4, 5).reshape(bt, c, 2 * t, h, w)
-        a = F.interpolate(a, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
-        b = F.interpolate(b, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+            u = time_conv(b).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 2C): [even || odd frame]
+            b = u.reshape(bt, t, h, w, 2, c).permute(0, 1, 4, 2, 3, 5)  # (B, T, 2, H, W, C)
+        else:
+            b = b.permute(0, 2, 3, 4, 1).unsqueeze(2)
+        a = _upsample_frames(a, repeat).permute(0, 4, 1, 2, 3)  # (B, C, T', 2H, 2W)
+        b = _upsample_frames(b, repeat).permute(0, 4, 1, 2, 3)
         return torch.cat([self.conv_2d(a), self.conv_3d(b)], dim=1), []
 
 
@@ -322,9 +410,11 @@ class PACHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         z = self.z_dim
-        outs = [self.branch_0(x)]
+        frames = to_frames(x)
+        outs = [self.branch_0.frames(frames)]
         for branch in self.dilated:
-            outs.append(branch(x))
+            assert isinstance(branch, PerFrameConv)
+            outs.append(branch.frames(frames))
         firsts = [o[:, :z] for o in outs]
         seconds = [o[:, z:] for o in outs]
-        return self.fuse(torch.cat(firsts + seconds, dim=1))
+        return from_frames(self.fuse.frames(torch.cat(firsts + seconds, dim=1)), x.shape[0])

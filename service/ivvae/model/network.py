@@ -10,8 +10,6 @@ call (n = 1) and ``n' = 4n`` later; channels ``[0:3]`` are the keyframe branch a
 the temporal branch (the VAE assembles frames from them).
 """
 
-
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import TEMPORAL_DOWNSAMPLE, IVVAEConfig
@@ -25,6 +23,9 @@ from .layers import (
     SepConv3d,
     Upsample,
     _last_frame,
+    channels_last,
+    from_frames,
+    to_frames,
 )
 
 GROUP = 4  # frames per group at the full frame rate
@@ -82,13 +83,15 @@ class Encoder(nn.Module):
     def forward(
         self, x: Tensor, cache: list[Tensor], first: bool
     ) -> tuple[Tensor, list[Tensor]]:
+        x = channels_last(x)
         stem_prev: Tensor | None = None if first else cache[0]
         new_cache = [_last_frame(x)]
         h = self.stem(x, stem_prev)
         h, c = _run_blocks(self.downsamples, h, cache, 1, first)
         new_cache.extend(c)
         h, _ = _run_blocks(self.middle, h, cache, 0, first)
-        return self.head(F.silu(self.head_norm(h))), new_cache
+        # h is the last block's fresh output: normalise it in place.
+        return self.head(self.head_norm(h, silu=True, inplace=True)), new_cache
 
 
 class Decoder(nn.Module):
@@ -131,10 +134,10 @@ class Decoder(nn.Module):
         self, x: Tensor, cache: list[Tensor], first: bool
     ) -> tuple[Tensor, list[Tensor]]:
         # conv_in is per frame on the (B, z, n, h, w) latent.
-        y = F.conv3d(x, self.conv_in.weight.unsqueeze(2), self.conv_in.bias, padding=(0, 1, 1))
+        y = from_frames(self.conv_in(to_frames(channels_last(x))), x.shape[0])
         y, _ = _run_blocks(self.middle, y, cache, 0, first)
         y, new_cache = _run_blocks(self.upsamples, y, cache, 0, first)
-        y = F.silu(self.head_norm(y))
+        y = self.head_norm(y, silu=True, inplace=True)  # y: the last block's fresh output
         new_cache.append(_last_frame(y))
         y = self.head(y, None if first else cache[self.num_slots - 1])
         return y, new_cache

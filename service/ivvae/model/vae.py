@@ -149,7 +149,8 @@ class IVVAE(nn.Module):
         b = self.quant_conv.conv_3d(e)
         mu = torch.cat([a[:, :k], b[:, :k]], dim=1)
         logvar = torch.cat([a[:, k:], b[:, k:]], dim=1)
-        return mu.float(), logvar.float()
+        # The networks work channels-last; callers get plain contiguous tensors.
+        return mu.float().contiguous(), logvar.float().contiguous()
 
     def encode_step(
         self, frames: Tensor, cache: FeatureCache | None
@@ -217,7 +218,7 @@ class IVVAE(nn.Module):
                 frames = torch.cat([o[:, 0:3, :, :1], o[:, 3:6, :, 1:]], dim=3)
                 outs.append(frames.reshape(b, 3, n * TIME_COMPRESSION, hh, ww))
             video = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return video.float(), FeatureCache(tuple(tensors), seen + n)
+        return video.float().contiguous(), FeatureCache(tuple(tensors), seen + n)
 
     # -- whole-video API -------------------------------------------------------------------
 

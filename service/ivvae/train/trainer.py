@@ -94,13 +94,25 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is there."""
+    if name != "auto":
+        dev = torch.device(name)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
     sd = opt.state_dict()
     tensors = {}
     for idx, st in sd["state"].items():
         for name, value in st.items():
             t = value if isinstance(value, Tensor) else torch.tensor(value)
-            tensors[f"{idx}.{name}"] = t.contiguous()
+            tensors[f"{idx}.{name}"] = t.detach().cpu().contiguous()
     return tensors, sd["param_groups"]
 
 
@@ -119,11 +131,16 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.rank, self.world = _dist_info()
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True  # fixed shapes per stage
         self.on_log = on_log
         if dataset is None:
             paths = expand_sources(cfg.data) if cfg.data else default_train_clips()
             dataset = ClipDataset.from_paths(paths, max_side=cfg.max_side,
-                                             max_frames=cfg.max_clip_frames)
+                                             max_frames=cfg.max_clip_frames,
+                                             extra_scales=cfg.extra_scales)
         self.data = dataset
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
@@ -139,9 +156,9 @@ class Trainer:
                     bias = conv.bias
                     assert isinstance(bias, Tensor)
                     bias[k:] = cfg.init_logvar
-        self.vae.train().requires_grad_(True)
+        self.vae.to(self.device).train().requires_grad_(True)
         self.mask = KeyframeMask(self.vae)
-        self.disc = PatchDiscriminator() if cfg.adversarial else None
+        self.disc = PatchDiscriminator().to(self.device) if cfg.adversarial else None
         self.step = 0
         self.opt: torch.optim.Optimizer | None = None
         self.disc_opt: torch.optim.Optimizer | None = None
@@ -166,7 +183,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # time_conv layers are unused on single frames (stage 1)
-            objective = DDP(objective, find_unused_parameters=(stage == "image"))
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            objective = DDP(objective, device_ids=ids,
+                            find_unused_parameters=(stage == "image"))
         self.objective = objective
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -188,7 +207,8 @@ class Trainer:
         state: dict[str, Any] = {"step": self.step, "stage": self._stage,
                                  "config": dataclasses.asdict(self.cfg), "param_groups": groups}
         if self.disc is not None and self.disc_opt is not None:
-            save_file({k: v.contiguous() for k, v in self.disc.state_dict().items()},
+            save_file({k: v.detach().cpu().contiguous()
+                       for k, v in self.disc.state_dict().items()},
                       str(tmp / "disc.safetensors"))
             d_tensors, d_groups = _optimizer_tensors(self.disc_opt)
             save_file(d_tensors, str(tmp / "disc_optim.safetensors"))
@@ -207,10 +227,10 @@ class Trainer:
             return False
         state = json.loads((self.ckpt_dir / "state.json").read_text())
         # Anything but these changes the run; video_steps may grow to train longer.
-        free = {"out", "save_every", "log_every", "video_steps"}
+        free = {"out", "save_every", "log_every", "video_steps", "device"}
         saved = state["config"]
         mine = dataclasses.asdict(self.cfg)
-        mine["data"] = list(mine["data"])
+        mine = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()}
         changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
         if changed:
             raise ValueError(f"checkpoint was made with different settings: {changed}")
@@ -225,7 +245,8 @@ class Trainer:
         _restore_optimizer(self.opt, load_file(str(self.ckpt_dir / "optim.safetensors")),
                            state["param_groups"])
         if self.disc is not None and self.disc_opt is not None:
-            self.disc.load_state_dict(load_file(str(self.ckpt_dir / "disc.safetensors")))
+            self.disc.load_state_dict(load_file(str(self.ckpt_dir / "disc.safetensors"),
+                                                device=str(self.device)))
             _restore_optimizer(self.disc_opt,
                                load_file(str(self.ckpt_dir / "disc_optim.safetensors")),
                                state["disc_param_groups"])
@@ -247,12 +268,13 @@ class Trainer:
                             batch_size=batch, frames=frames, crop=crop)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
         eps = torch.randn((batch, cfg.z_dim, 1 + (frames - 1) // 4, crop // 8, crop // 8),
-                          generator=g)
+                          generator=g)  # drawn on the CPU: the same on every device
+        x = x.to(self.device, non_blocking=True)
+        eps = eps.to(self.device, non_blocking=True)
         lr = cfg.lr_at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16
-               else torch.autocast("cpu", enabled=False))
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
         with ctx:
             rec, mu, logvar = self.objective(x, eps)
         rec = rec.float()
@@ -342,15 +364,15 @@ class Trainer:
             for i in range(calibration_batches):
                 x = self.data.batch(seed=cfg.seed + 1, rank=0, step=i, batch_size=cfg.video_batch,
                                     frames=cfg.frames, crop=cfg.video_crop)
-                mu, _, _ = self.vae.encode_step(x, None)
-                mus.append(mu.flatten())
+                mu, _, _ = self.vae.encode_step(x.to(self.device), None)
+                mus.append(mu.flatten().float().cpu())
         allmu = torch.cat(mus)
         shift = float(allmu.mean())
         scale = float(1.0 / allmu.std().clamp_min(1e-6))
         self.vae.train(was_training)
         model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
         frozen = IVVAE(model_cfg)
-        frozen.load_state_dict(self.vae.state_dict())
+        frozen.load_state_dict({k: v.cpu() for k, v in self.vae.state_dict().items()})
         frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
         save_safetensors(frozen, path, {"training_steps": str(self.step),
                                         "training_config": json.dumps(dataclasses.asdict(cfg))})
