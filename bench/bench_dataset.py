@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,23 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def make_weights(path: Path, z: int, dim: int) -> Path:
-    import torch
-
-    from ivvae.model import IVVAE, IVVAEConfig, save_safetensors
-
-    torch.manual_seed(0)
-    model = IVVAE(IVVAEConfig(z_dim=z, dim=dim))
-    model.name = f"bench_z{z}_dim{dim}"
-    save_safetensors(model, path)
-    return path
+from bench._common import free_port, make_weights  # noqa: E402
 
 
 def make_clips(folder: Path, count: int, frames: int, size: int, first_fps: int) -> Path:

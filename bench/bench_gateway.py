@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,11 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench._common import free_port, make_weights  # noqa: E402
 
 
 class Server:
@@ -66,18 +61,6 @@ class Server:
         assert self.proc is not None
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def make_weights(path: Path, z: int, dim: int, seed: int = 0) -> Path:
-    import torch
-
-    from ivvae.model import IVVAE, IVVAEConfig, save_safetensors
-
-    torch.manual_seed(seed)
-    model = IVVAE(IVVAEConfig(z_dim=z, dim=dim))
-    model.name = f"bench_z{z}_dim{dim}"
-    save_safetensors(model, path)
-    return path
 
 
 def post(client: httpx.Client, url: str, data: bytes) -> httpx.Response:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._common import free_port, make_weights  # noqa: E402
+
 OCTET = {"content-type": "application/octet-stream"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Gateway:
@@ -71,18 +66,6 @@ class Gateway:
         assert self.proc is not None
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def make_weights(path: Path, z: int, dim: int) -> Path:
-    import torch
-
-    from ivvae.model import IVVAE, IVVAEConfig, save_safetensors
-
-    torch.manual_seed(0)
-    model = IVVAE(IVVAEConfig(z_dim=z, dim=dim))
-    model.name = f"bench_z{z}_dim{dim}"
-    save_safetensors(model, path)
-    return path
 
 
 async def encode_decode(client: httpx.AsyncClient, video: bytes) -> tuple[float, float]:
