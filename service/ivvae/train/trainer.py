@@ -95,15 +95,14 @@ def _dist_info() -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is there."""
-    if name != "auto":
-        dev = torch.device(name)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    """``auto``: the GPU when CUDA is there, else the CPU. A GPU without an index is this
+    process's (``LOCAL_RANK`` under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
