@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["local", "triton"]
@@ -85,6 +85,10 @@ class Settings(BaseSettings):
 
     # -- auth ------------------------------------------------------------------------------
     api_keys: str = ""  # comma-separated; empty disables auth
+    # TLS for both listeners (HTTPS and gRPC over TLS): PEM certificate chain and private
+    # key files. Both or neither; empty: plain text (e.g. behind a mesh or an ingress).
+    tls_cert: str = ""
+    tls_key: str = ""
 
     log_level: str = "info"
 
@@ -92,6 +96,22 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("IVVAE_TLS_CERT and IVVAE_TLS_KEY must be set together")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {path!r}")
+        return self
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) PEM bytes, or None without TLS."""
+        if not self.tls_cert:
+            return None
+        return Path(self.tls_cert).read_bytes(), Path(self.tls_key).read_bytes()
 
     @property
     def api_key_set(self) -> frozenset[str]:

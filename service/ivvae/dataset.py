@@ -184,7 +184,7 @@ async def encode_dataset(src: Path, out: Path, *, server: str, concurrency: int 
                          encode_options: dict[str, Any] | None = None,
                          api_key: str | None = None, timeout: float = 600.0,
                          retry: RetryPolicy | None = None, progress: bool = False,
-                         ) -> Summary:
+                         ca_cert: str | os.PathLike[str] | None = None) -> Summary:
     """Encode every item of ``src`` not yet done into ``out`` (see the module docstring).
 
     Raises ``DatasetError`` when the run cannot start or the service stays unreachable
@@ -208,7 +208,7 @@ async def encode_dataset(src: Path, out: Path, *, server: str, concurrency: int 
         start = time.perf_counter()
         try:
             async with AsyncClient(server, api_key=api_key, timeout=timeout,
-                                   retry=retry) as client:
+                                   retry=retry, ca_cert=ca_cert) as client:
                 await _run(client, todo, out, manifest, summary, bar, concurrency,
                            encode_options or {})
         finally:
@@ -286,7 +286,8 @@ def main(args: argparse.Namespace) -> int:
         return await encode_dataset(
             Path(args.src), Path(args.out), server=args.server, concurrency=args.concurrency,
             encode_options=options, api_key=args.api_key or os.environ.get("IVVAE_API_KEY"),
-            timeout=args.timeout, retry=retry, progress=not args.no_progress)
+            timeout=args.timeout, retry=retry, progress=not args.no_progress,
+            ca_cert=args.ca_cert)
 
     try:
         summary = asyncio.run(run())
@@ -309,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="grpc://HOST:PORT, HOST:PORT (gRPC) or http(s)://HOST:PORT")
     p.add_argument("--concurrency", type=int, default=4, help="videos in flight (default 4)")
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
+    p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers with a "
+                   "private CA (default: the system's roots)")
     p.add_argument("--model", default="")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int)

@@ -57,15 +57,19 @@ async def serve(settings: Settings) -> None:
             from .api.grpc.server import start_grpc_server
 
             grpc_server = await start_grpc_server(service, settings)
-            log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
+            log.info("gRPC listening on %s:%d%s", settings.host, settings.grpc_port,
+                     " (TLS)" if settings.tls_cert else "")
         if settings.enable_http:
             app = create_app(settings, service=service)
             config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                     log_level=settings.log_level.lower(), lifespan="on",
-                                    timeout_graceful_shutdown=int(GRACE_S))
+                                    timeout_graceful_shutdown=int(GRACE_S),
+                                    ssl_certfile=settings.tls_cert or None,
+                                    ssl_keyfile=settings.tls_key or None)
             http_server = _QuietServer(config)
             tasks.append(asyncio.create_task(http_server.serve()))
-            log.info("HTTP listening on %s:%d", settings.host, settings.port)
+            log.info("HTTP%s listening on %s:%d", "S" if settings.tls_cert else "",
+                     settings.host, settings.port)
         waiter = asyncio.create_task(stop.wait())
         await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import http.server
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from tests.tls import self_signed
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -65,3 +68,28 @@ def test_not_ready_exits_nonzero(
 def test_nothing_listening_exits_nonzero(healthcheck: ModuleType) -> None:
     ok, reason = healthcheck.probe(f"http://127.0.0.1:{_closed_port()}/healthz", timeout_s=2)
     assert not ok and "Connection refused" in reason
+
+
+def test_tls_gateway_is_probed_over_https(
+    healthcheck: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed(tmp_path)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        port = int(httpd.server_address[1])
+        monkeypatch.setenv("IVVAE_PORT", str(port))
+        monkeypatch.setenv("IVVAE_TLS_CERT", str(cert))
+        assert healthcheck.default_url() == f"https://127.0.0.1:{port}/healthz"
+        assert healthcheck.main(["healthcheck.py"]) == 0
+        # plain HTTP against the TLS port is not healthy
+        ok, _ = healthcheck.probe(f"http://127.0.0.1:{port}/healthz", timeout_s=2)
+        assert not ok
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

@@ -26,6 +26,7 @@ The clients never import torch; ``LatentResult.torch()`` does, when called.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -69,15 +70,17 @@ def _parse_url(url: str) -> tuple[Literal["http", "grpc"], str, bool]:
                      "HOST:PORT (gRPC)")
 
 
-def _transport(url: str, api_key: str | None, timeout: float) -> _Transport:
+def _transport(url: str, api_key: str | None, timeout: float,
+               ca_cert: str | os.PathLike[str] | None) -> _Transport:
     kind, address, secure = _parse_url(url)
     if kind == "http":
         from ._http import HttpTransport
 
-        return HttpTransport(address, api_key=api_key, timeout=timeout)
+        return HttpTransport(address, api_key=api_key, timeout=timeout, ca_cert=ca_cert)
     from ._grpc import GrpcTransport
 
-    return GrpcTransport(address, api_key=api_key, timeout=timeout, secure=secure)
+    return GrpcTransport(address, api_key=api_key, timeout=timeout, secure=secure,
+                         ca_cert=ca_cert)
 
 
 class AsyncClient:
@@ -89,10 +92,12 @@ class AsyncClient:
     """
 
     def __init__(self, url: str, *, api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
+                 ca_cert: str | os.PathLike[str] | None = None) -> None:
         _parse_url(url)  # fail now on a malformed URL, not at the first call
         self.url = url
         self.api_key = api_key
+        self.ca_cert = ca_cert
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._impl: _Transport | None = None
@@ -100,7 +105,7 @@ class AsyncClient:
     @property
     def _t(self) -> _Transport:
         if self._impl is None:
-            self._impl = _transport(self.url, self.api_key, self.timeout)
+            self._impl = _transport(self.url, self.api_key, self.timeout, self.ca_cert)
         return self._impl
 
     async def encode(self, video: VideoSource | Path, *, sample: bool = False,
@@ -160,8 +165,10 @@ class Client:
     """
 
     def __init__(self, url: str, *, api_key: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None) -> None:
-        self._async = AsyncClient(url, api_key=api_key, timeout=timeout, retry=retry)
+                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
+                 ca_cert: str | os.PathLike[str] | None = None) -> None:
+        self._async = AsyncClient(url, api_key=api_key, timeout=timeout, retry=retry,
+                                  ca_cert=ca_cert)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

@@ -52,12 +52,16 @@ def _size(source: VideoSource | Path) -> int:
 
 class GrpcTransport:
     def __init__(self, target: str, *, api_key: str | None, timeout: float,
-                 secure: bool = False) -> None:
+                 secure: bool = False, ca_cert: str | os.PathLike[str] | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        self._channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
-                         if secure else grpc.aio.insecure_channel(target))
+        if secure:  # grpcs://: the system's roots, or the given CA bundle (PEM)
+            roots = Path(ca_cert).read_bytes() if ca_cert else None
+            creds = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.aio.secure_channel(target, creds)
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
         self._stub = pb_grpc.IVVAEStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

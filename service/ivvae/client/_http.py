@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,16 @@ def _error(response: httpx.Response) -> IVVAEError:
 
 
 class HttpTransport:
-    def __init__(self, base_url: str, *, api_key: str | None, timeout: float) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None, timeout: float,
+                 ca_cert: str | os.PathLike[str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        # https://: the system's roots, or the given CA bundle (PEM)
+        verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=os.fspath(ca_cert))
+                                         if ca_cert else True)
         self._client = httpx.AsyncClient(base_url=self.base_url, headers=headers,
-                                         timeout=httpx.Timeout(timeout, connect=10.0))
+                                         timeout=httpx.Timeout(timeout, connect=10.0),
+                                         verify=verify)
 
     async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:

@@ -426,7 +426,12 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
     address = _bind_address(settings.host, settings.grpc_port)
-    port = server.add_insecure_port(address)
+    tls = settings.tls_pair()
+    if tls is None:
+        port = server.add_insecure_port(address)
+    else:
+        cert, key = tls
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
     if not port:
         raise OSError(f"gRPC cannot listen on {address}")
     await server.start()
