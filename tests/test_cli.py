@@ -57,3 +57,14 @@ def test_cli_bad_input_exits_nonzero_with_message(tmp_path: Path, tiny_weights: 
     assert main(["encode", str(junk), "--weights", str(tiny_weights), "--no-progress"]) == 2
     assert "unsupported_media" in capsys.readouterr().err
     assert not (tmp_path / "junk.latent.safetensors").exists()
+
+
+def test_invalid_settings_are_a_message_not_a_traceback(tmp_path: Path) -> None:
+    cert = tmp_path / "server.crt"
+    cert.write_text("not used")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--tls-cert", str(cert)])
+    assert "invalid settings" in str(exc.value) and "together" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--port", "70000"])
+    assert "port" in str(exc.value)

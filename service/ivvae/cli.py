@@ -73,12 +73,20 @@ def _train(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     """Settings from IVVAE_* environment variables, overridden by explicit CLI options."""
+    from pydantic import ValidationError
+
     from .config import Settings
 
     values = {k: v for k, v in vars(args).items()
               if k in Settings.model_fields and v is not None}
     values.update(overrides)
-    return Settings(**values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:  # a message, not a traceback
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                 for e in exc.errors()]
+        raise SystemExit("ivvae: invalid settings (IVVAE_* environment or options):\n"
+                         + "\n".join(lines)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -300,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-url")
     p.add_argument("--redis-url")
     p.add_argument("--log-level")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS and gRPC over TLS")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("encode", help="encode a video file to a latent file (no server)")
