@@ -347,6 +347,28 @@ def test_truncated_faststart_mp4(tmp_path: Path, keep: float) -> None:
         drain(data[: int(len(data) * keep)])
 
 
+@pytest.mark.parametrize("keep", [0.8, 0.97])
+@pytest.mark.parametrize(("container", "codec", "audio"), [
+    ("webm", "libvpx-vp9", False), ("mkv", "libx264", False), ("mkv", "libx264", True)])
+def test_truncated_matroska_is_corrupt_not_short(container: str, codec: str, audio: bool,
+                                                 keep: float) -> None:
+    # Matroska demuxers stop quietly at a cut; the stream's DURATION tag gives it away.
+    data = media.make_video(None, frames=40, width=64, height=48, container=container,
+                            codec=codec, audio=audio)  # type: ignore[arg-type]
+    def count(blob: bytes) -> int:
+        with open_video(blob) as reader:
+            return sum(len(chunk) for chunk in reader.iter_frames(8))
+
+    assert count(data) == 40
+    cut = data[: int(len(data) * keep)]
+    if audio and keep > 0.9:
+        # The cut took audio and the trailing index only: every video frame is there.
+        assert count(cut) == 40
+        return
+    with pytest.raises(CorruptMedia, match="truncated"):
+        drain(cut)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -13,6 +13,8 @@ empty bytes or empty file                          ``EmptyInput``
 a path that cannot be read                         ``InvalidInput``
 not media, a format we do not accept, no video     ``UnsupportedMedia``
 recognised container that does not decode          ``CorruptMedia``
+Matroska/WebM ending > 2 frames before its         ``CorruptMedia``
+declared stream duration (a truncated upload)
 over ``VideoLimits`` (pixels per frame, frames)    ``TooLarge``
 ================================================  ===================
 
@@ -257,6 +259,20 @@ def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> 
     return max(1, round(seconds * fps))
 
 
+def _tagged_duration(stream: VideoStream) -> float | None:
+    """The stream's own duration from a Matroska/WebM ``DURATION`` tag (``HH:MM:SS.fff``),
+    which muxers write at the end of the file; ``None`` when absent or malformed."""
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if not tag:
+        return None
+    try:
+        hours, minutes, seconds = tag.strip().split(":")
+        value = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def open_video(
     source: bytes | str | os.PathLike[str], *, limits: VideoLimits = VideoLimits()
 ) -> VideoReader:
@@ -312,8 +328,10 @@ class VideoReader:
         info: VideoInfo,
         orientation: Orientation,
         limits: VideoLimits,
+        declared_seconds: float | None = None,
     ) -> None:
         self.info = info
+        self._declared_seconds = declared_seconds
         self._container = container
         self._file = file
         self._frames = frames
@@ -362,7 +380,8 @@ class VideoReader:
             container=container.format.name,
             rotation=turn.clockwise,
         )
-        return cls(container, file, frames, first, info, turn, limits)
+        return cls(container, file, frames, first, info, turn, limits,
+                   _tagged_duration(stream))
 
     def iter_frames(self, chunk: int) -> Iterator[Frames]:
         """Yield the frames in presentation order as ``(n, H, W, 3)`` uint8 RGB, ``n <= chunk``.
@@ -425,15 +444,31 @@ class VideoReader:
         if first is None:
             return
         count = 1
+        last_time = first.time
         yield first
         while not self._closed:
             frame = next(self._frames, None)
             if frame is None:
+                self._check_complete(last_time)
                 return
+            last_time = frame.time if frame.time is not None else last_time
             count += 1
             if count > self._limits.max_frames:
                 raise TooLarge(f"the video has more than {self._limits.max_frames} frames")
             yield frame
+
+    def _check_complete(self, last_time: float | None) -> None:
+        """Matroska/WebM demuxers stop quietly at a cut: compare the decoded end with the
+        duration the file declares for this stream, and call a shortfall of more than two
+        frames (and 1 %) what it is, a truncated upload."""
+        declared = self._declared_seconds
+        if declared is None or last_time is None:
+            return
+        frame_s = 1.0 / self.info.fps
+        end = last_time + frame_s
+        if end < declared - max(2 * frame_s, 0.01 * declared):
+            raise CorruptMedia(f"truncated {self.info.container} data: the file declares "
+                               f"{declared:.3f} s of video, only {end:.3f} s decode")
 
     def _to_rgb(self, frame: VideoFrame) -> npt.NDArray[np.uint8]:
         """One frame as ``(H, W, 3)`` uint8 RGB at the display size."""

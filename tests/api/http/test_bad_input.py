@@ -24,6 +24,12 @@ def _truncated_mp4() -> bytes:
     return data[: len(data) // 2]
 
 
+def _truncated_webm() -> bytes:
+    data = media.make_video(None, frames=30, width=64, height=48, container="webm",
+                            codec="libvpx-vp9")
+    return data[: int(len(data) * 0.8)]
+
+
 UPLOADS: dict[str, tuple[Callable[[], dict[str, object]], int, str]] = {
     "empty body": (lambda: {"content": b"", "headers": {"content-type": "video/mp4"}}, 400,
                    "empty_input"),
@@ -35,6 +41,8 @@ UPLOADS: dict[str, tuple[Callable[[], dict[str, object]], int, str]] = {
     "text body": (lambda: {"content": b"{}", "headers": {"content-type": "application/json"}},
                   415, "unsupported_media"),
     "truncated mp4": (lambda: {"files": _mp4_upload(_truncated_mp4())}, 422, "corrupt_media"),
+    "truncated webm": (lambda: {"files": _mp4_upload(_truncated_webm(), "video/webm")}, 422,
+                       "corrupt_media"),
     "audio only": (lambda: {"files": _mp4_upload(media.make_audio_only(), "audio/mp4")}, 415,
                    "unsupported_media"),
     "8192x8192": (lambda: {"files": _mp4_upload(media.make_huge_png(8192, 8192), "image/png")},
