@@ -49,11 +49,8 @@ class RunningSum(ArtifactSteps):
         frames = np.broadcast_to(total[:, None, None, None, None] % 256, (b, 1, 8, 8, 3))
         return [frames.astype(np.uint8)], [total]
 
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        return self._step("first", x, np.zeros(len(x)))
-
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
-        return self._step("next", x, cache[0])
+    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+        return self._step(step, x, cache[0] if step == "next" else np.zeros(len(x)))
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
         return [np.concatenate([c[0] for c in caches])]

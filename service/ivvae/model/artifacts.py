@@ -170,11 +170,15 @@ class ArtifactSteps(abc.ABC):
         self.direction = direction
         self.num_slots = len(manifest.cache_slots[direction])
 
-    @abc.abstractmethod
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]: ...
+    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
+        return self._run("first", x, [])
+
+    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+        return self._run("next", x, cache)
 
     @abc.abstractmethod
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]: ...
+    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+        """Run step ``first`` or ``next`` on ``x`` with the streams' cache."""
 
     @abc.abstractmethod
     def concat(self, caches: Sequence[Cache]) -> Cache:
@@ -233,19 +237,13 @@ class TorchScriptSteps(ArtifactSteps):
                 with torch.autocast(device_type=self.device.type, dtype=self.dtype):
                     yield
 
-    def _run(self, method: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
         torch = self._torch
         inp = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         with self._mode():
-            flat = getattr(self.module, method)(inp, *cache)
+            flat = getattr(self.module, step)(inp, *cache)
         outputs, new = self._outputs(flat)
         return [o.cpu().numpy() for o in outputs], new
-
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        return self._run("first", x, [])
-
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
-        return self._run("next", x, cache)
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
         if len(caches) == 1:
@@ -287,12 +285,6 @@ class OnnxSteps(ArtifactSteps):
         feed = {self.input_name: np.ascontiguousarray(x)}
         feed.update({cache_input_name(i): c for i, c in enumerate(cache)})
         return self._outputs(self.sessions[step].run(None, feed))
-
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        return self._run("first", x, [])
-
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
-        return self._run("next", x, cache)
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
         if len(caches) == 1:
