@@ -213,6 +213,26 @@ def add_exif_orientation(jpeg: bytes, orientation: int, byte_order: str = "MM") 
     return jpeg[:2] + segment + jpeg[2:]
 
 
+def add_jpeg_icc_profile(jpeg: bytes, size: int = 3000) -> bytes:
+    """``jpeg`` with an APP2 ICC_PROFILE segment of ``size`` bytes, as cameras write."""
+    payload = b"ICC_PROFILE\x00\x01\x01" + bytes(size)
+    return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def add_icc_profile(png: bytes, name: bytes = b"sRGB-ish") -> bytes:
+    """``png`` with an iCCP chunk (a named ICC profile) after its header chunk.
+
+    FFmpeg hands the profile over as frame side data whose metadata holds the name: the
+    case that PyAV 18 double-frees (see ``ivvae.video.orientation.UNSAFE_SIDE_DATA``).
+    """
+    profile = b"\x00" * 128 + b"acsp" + bytes(124)  # header-sized; nobody parses it here
+    payload = name + b"\x00\x00" + zlib.compress(profile)  # name, NUL, method 0 (zlib)
+    chunk = (struct.pack(">I", len(payload)) + b"iCCP" + payload
+             + struct.pack(">I", zlib.crc32(b"iCCP" + payload)))
+    end_of_header = 8 + 4 + 4 + 13 + 4  # signature, then IHDR: length, type, data, CRC
+    return png[:end_of_header] + chunk + png[end_of_header:]
+
+
 def make_audio_only(seconds: float = 1.0) -> bytes:
     """An MP4 (M4A) file with one AAC track and no video."""
     buffer = io.BytesIO()

@@ -54,7 +54,8 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
         resumed = trainer.resume()
         if trainer.rank == 0:
-            where = f"resumed at step {trainer.step}" if resumed else "from scratch"
+            where = (f"resumed at step {trainer.step}" if resumed
+                     else f"from {cfg.init_weights}" if cfg.init_weights else "from scratch")
             print(f"training {where}; {cfg.total_steps} steps in all; out={cfg.out}",
                   file=sys.stderr)
         if not args.export_only:

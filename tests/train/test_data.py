@@ -1,0 +1,57 @@
+"""ivvae.train.data: still images as training clips (a virtual camera over the picture)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ivvae.train.data import STILL_CLIP_FRAMES, ClipDataset, camera_clip, expand_sources
+from tests import media
+
+
+def _picture(h: int, w: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1).astype(np.uint8)
+
+
+def test_camera_clip_pans_across_the_picture() -> None:
+    image = _picture(96, 128)
+    clip = camera_clip(image, 9, seed=3)
+    assert clip.shape == (9, 72, 96, 3) and clip.dtype == np.uint8
+    np.testing.assert_array_equal(clip, camera_clip(image, 9, seed=3))  # deterministic
+    assert not np.array_equal(clip, camera_clip(image, 9, seed=4))
+    # consecutive frames differ (the camera moves) but only a little (it moves smoothly)
+    steps = np.abs(np.diff(clip.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+    assert (steps > 0.05).all() and (steps < 20).all()
+    # a view of the picture at about its own scale: the red ramp (2 levels per pixel)
+    # shows at 0.85-1x that slope (the window zooms over 85-100 % of the 3/4 view)
+    slope = np.diff(clip[..., 0].astype(np.float32), axis=2)[:, 4:-4, 4:-4].mean()
+    assert 255 / 128 * 0.84 <= slope <= 255 / 128 * 1.01
+
+
+def test_camera_clip_of_a_flat_picture_is_flat() -> None:
+    image = np.full((40, 56, 3), (200, 30, 90), np.uint8)
+    clip = camera_clip(image, 5, seed=0)
+    assert clip.shape == (5, 30, 42, 3)
+    assert (np.abs(clip.astype(int) - [200, 30, 90]) <= 1).all()
+
+
+def test_folders_give_videos_and_images_and_images_become_clips(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    media.make_video(tmp_path / "sub" / "clip.mp4", frames=6, width=64, height=48)
+    (tmp_path / "photo.jpg").write_bytes(
+        media.add_jpeg_icc_profile(media.make_image("jpeg", 80, 64)))
+    (tmp_path / "drawing.png").write_bytes(media.make_image("png", 64, 64))
+    (tmp_path / "notes.txt.bak").write_text("not media")
+    paths = expand_sources([tmp_path])
+    assert [p.name for p in paths] == ["drawing.png", "photo.jpg", "clip.mp4"]
+    ds = ClipDataset.from_paths(paths, max_side=256, extra_scales=(32,))
+    assert ds.names == ["drawing.png", "drawing.png@32", "photo.jpg", "photo.jpg@32",
+                        "clip.mp4", "clip.mp4@32"]
+    shapes = [c.shape for c in ds.clips]
+    assert shapes[0] == (STILL_CLIP_FRAMES, 48, 48, 3)
+    assert shapes[2] == (STILL_CLIP_FRAMES, 48, 60, 3)
+    assert shapes[4] == (6, 48, 64, 3)
+    batch = ds.batch(seed=0, rank=0, step=0, batch_size=4, frames=5, crop=24)
+    assert batch.shape == (4, 3, 5, 24, 24) and batch.min() >= -1 and batch.max() <= 1
