@@ -5,7 +5,7 @@ most ``max_side``). Batches are drawn by a pure function of ``(seed, rank, step)
 is deterministic given its seed and resumes exactly: no sampler state to checkpoint.
 
 Still images (PNG, JPEG, ...) are training data too: each becomes a short clip of a virtual
-camera panning and zooming across it (``camera_clip``), a deterministic function of the
+camera panning across it (``camera_clip``), a deterministic function of the
 image and its file name. Real video teaches motion; stills are a cheap source of varied
 content (faces, text, textures, saturated colours) that a handful of clips lacks.
 """
@@ -93,29 +93,23 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def camera_clip(image: np.ndarray, frames: int, *, seed: int) -> np.ndarray:
-    """A virtual camera moving across a still ``(H, W, 3)`` uint8 image: ``(frames, h, w, 3)``.
+    """A virtual camera panning across a still ``(H, W, 3)`` uint8 image: ``(frames, h, w, 3)``.
 
-    The view is 3/4 of the image on each side; it pans in a straight line between two random
-    positions and zooms in or out by up to 15 %, sampled bicubically. A pure function of
-    ``(image, frames, seed)``.
+    The view is 3/4 of the image on each side and moves in a straight line between two
+    random positions, by whole pixels: every frame is an exact crop of the picture, as sharp
+    as it is (resampling would teach the model that video is softer than it is). A pure
+    function of ``(image, frames, seed)``.
     """
     h, w, _ = image.shape
     oh, ow = max(8, (3 * h // 4) // 2 * 2), max(8, (3 * w // 4) // 2 * 2)
     g = np.random.default_rng(seed)
-    zoom = g.uniform(0.85, 1.0, 2)  # window size as a fraction of the 3/4 view
-    start, end = g.uniform(-1, 1, (2, 2))
-    src = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    theta = torch.zeros(frames, 2, 3)
+    (y0, x0), (y1, x1) = g.uniform(0, 1, (2, 2)) * [h - oh, w - ow]
+    out = np.empty((frames, oh, ow, 3), np.uint8)
     for t in range(frames):
         a = t / max(1, frames - 1)
-        z = (1 - a) * zoom[0] + a * zoom[1]
-        sx, sy = z * ow / w, z * oh / h  # half-extent of the window, in [-1, 1] units
-        cx, cy = (1 - a) * start + a * end
-        theta[t] = torch.tensor([[sx, 0.0, cx * (1 - sx)], [0.0, sy, cy * (1 - sy)]])
-    grid = F.affine_grid(theta, [frames, 3, oh, ow], align_corners=False)
-    out = F.grid_sample(src.expand(frames, -1, -1, -1), grid, mode="bicubic",
-                        padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        y, x = round((1 - a) * y0 + a * y1), round((1 - a) * x0 + a * x1)
+        out[t] = image[y : y + oh, x : x + ow]
+    return out
 
 
 @dataclass
