@@ -44,15 +44,19 @@ def test_folders_give_videos_and_images_and_images_become_clips(tmp_path: Path) 
     (tmp_path / "photo.jpg").write_bytes(
         media.add_jpeg_icc_profile(media.make_image("jpeg", 80, 64)))
     (tmp_path / "drawing.png").write_bytes(media.make_image("png", 64, 64))
+    media.make_video(tmp_path / "one_frame.webm", frames=1, width=40, height=32,
+                     codec="libvpx-vp9", container="webm")  # a still, whatever its format
     (tmp_path / "notes.txt.bak").write_text("not media")
     paths = expand_sources([tmp_path])
-    assert [p.name for p in paths] == ["drawing.png", "photo.jpg", "clip.mp4"]
+    assert [p.name for p in paths] == ["drawing.png", "one_frame.webm", "photo.jpg",
+                                       "clip.mp4"]
     ds = ClipDataset.from_paths(paths, max_side=256, extra_scales=(32,))
-    assert ds.names == ["drawing.png", "drawing.png@32", "photo.jpg", "photo.jpg@32",
-                        "clip.mp4", "clip.mp4@32"]
+    assert ds.names == ["drawing.png", "drawing.png@32", "one_frame.webm", "photo.jpg",
+                        "photo.jpg@32", "clip.mp4", "clip.mp4@32"]
     shapes = [c.shape for c in ds.clips]
     assert shapes[0] == (STILL_CLIP_FRAMES, 48, 48, 3)
-    assert shapes[2] == (STILL_CLIP_FRAMES, 48, 60, 3)
-    assert shapes[4] == (6, 48, 64, 3)
+    assert shapes[2] == (STILL_CLIP_FRAMES, 24, 30, 3)
+    assert shapes[3] == (STILL_CLIP_FRAMES, 48, 60, 3)
+    assert shapes[5] == (6, 48, 64, 3)
     batch = ds.batch(seed=0, rank=0, step=0, batch_size=4, frames=5, crop=24)
     assert batch.shape == (4, 3, 5, 24, 24) and batch.min() >= -1 and batch.max() <= 1

@@ -63,13 +63,9 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
+    """``(T, H, W, 3)`` uint8; a file of one picture (any format) becomes a camera clip."""
     from ..video import VideoLimits, open_video
 
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        with open_video(path, limits=VideoLimits(max_frames=1, max_pixels=1 << 26)) as r:
-            image = _downscale(r.read_all()[:1], max_side)[0]
-        seed = zlib.crc32(path.name.encode())
-        return camera_clip(image, min(STILL_CLIP_FRAMES, max_frames), seed=seed)
     with open_video(path, limits=VideoLimits(max_frames=1 << 30, max_pixels=1 << 26)) as r:
         chunks = []
         total = 0
@@ -78,7 +74,11 @@ def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
             total += len(chunk)
             if total >= max_frames:
                 break
-    return np.concatenate(chunks)[:max_frames]
+    frames = np.concatenate(chunks)[:max_frames]
+    if len(frames) == 1:
+        seed = zlib.crc32(path.name.encode())
+        return camera_clip(frames[0], min(STILL_CLIP_FRAMES, max_frames), seed=seed)
+    return frames
 
 
 def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
