@@ -43,15 +43,11 @@ from typing import IO, Any
 from .client import AsyncClient, RetryPolicy, atomic_write
 from .client._result import TMP_SUFFIX
 from .errors import BackendUnavailable, IVVAEError, Overloaded
+from .media_types import MEDIA_SUFFIXES
 
 LATENT_SUFFIX = ".latent.safetensors"
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".encode-dataset.lock"
-MEDIA_SUFFIXES = frozenset({
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
-    ".flv", ".wmv", ".ogv", ".3gp", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp",
-    ".tif", ".tiff",
-})
 
 
 class DatasetError(Exception):

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".gif", ".m4v"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+from ..media_types import MEDIA_SUFFIXES
+
 # Frames of the virtual-camera clip made from each still image.
 STILL_CLIP_FRAMES = 32
 
@@ -47,12 +47,11 @@ def default_train_clips() -> list[Path]:
 def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files as given; folders searched recursively for videos and still images; ``.txt``
     files as lists."""
-    suffixes = VIDEO_SUFFIXES | IMAGE_SUFFIXES
     out: list[Path] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes)
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in MEDIA_SUFFIXES)
         elif p.suffix == ".txt":
             out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
         else:

@@ -1,0 +1,12 @@
+"""File suffixes of the media that folders are searched for (encode-dataset, training data).
+
+Only a convenience for picking files out of a folder: what a file is, and whether it is
+accepted, is decided from its content by ``ivvae.video``. No imports: the light clients use
+it too.
+"""
+
+MEDIA_SUFFIXES = frozenset({
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
+    ".flv", ".wmv", ".ogv", ".3gp", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp",
+    ".tif", ".tiff",
+})
