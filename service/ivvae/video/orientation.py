@@ -10,7 +10,9 @@ Rotations by other angles than quarter turns (not seen in practice) round to the
 PyAV 18 cannot list a frame's side data when one of them is of a type it does not know
 (FFmpeg 8's EXIF side data, for one), so the display matrix is not always readable. Then a
 JPEG's EXIF tag is read from the file itself, and otherwise the rotation PyAV reports is
-used on its own (which would show a mirrored picture turned by 180 degrees instead).
+used on its own (which would show a mirrored picture turned by 180 degrees instead). PNG
+frames are never asked for their side data at all (``UNSAFE_SIDE_DATA``): their rotation
+comes from ``frame.rotation`` alone.
 """
 
 from __future__ import annotations
