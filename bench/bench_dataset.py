@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import free_port, make_weights  # noqa: E402
+from bench._common import ServeProcess, make_weights  # noqa: E402
 
 
 def make_clips(folder: Path, count: int, frames: int, size: int, first_fps: int) -> Path:
@@ -33,40 +31,6 @@ def make_clips(folder: Path, count: int, frames: int, size: int, first_fps: int)
         media.make_video(folder / f"clip{i:03d}.mp4", frames=frames, width=size, height=size,
                          fps=first_fps + i)
     return folder
-
-
-class Server:
-    """``ivvae serve`` in a subprocess: gRPC and HTTP on free loopback ports."""
-
-    def __init__(self, weights: Path, threads: int) -> None:
-        self.grpc_port, self.http_port = free_port(), free_port()
-        self.env = dict(os.environ, IVVAE_WEIGHTS=str(weights), IVVAE_HOST="127.0.0.1",
-                        IVVAE_GRPC_PORT=str(self.grpc_port), IVVAE_PORT=str(self.http_port),
-                        IVVAE_CACHE_MEMORY_MAX_BYTES="0", IVVAE_LOG_LEVEL="warning")
-        if threads:  # torch's intra-op threads in the server (default: one per core)
-            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, transport: str) -> str:
-        return (f"grpc://127.0.0.1:{self.grpc_port}" if transport == "grpc"
-                else f"http://127.0.0.1:{self.http_port}")
-
-    def __enter__(self) -> Server:
-        from ivvae.client import Client
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=self.env)
-        with Client(self.url("grpc"), timeout=5) as client:
-            deadline = time.monotonic() + 120
-            while not client.healthy():
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("ivvae serve did not become ready")
-                time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def run(src: Path, out: Path, url: str, concurrency: int) -> float:
@@ -101,8 +65,11 @@ def main() -> int:
         print(f"{args.clips} clips of {args.frames} frames {args.size}x{args.size}, model "
               f"z{args.z} dim{args.dim}, over {args.url}, {os.cpu_count()} CPUs, server "
               f"threads {args.server_threads or 'default'}", flush=True)
-        with Server(weights, args.server_threads) as server:
-            url = server.url(args.url)
+        # torch's intra-op threads in the server (default: one per core)
+        threads = ({"OMP_NUM_THREADS": str(args.server_threads),
+                    "MKL_NUM_THREADS": str(args.server_threads)} if args.server_threads else {})
+        with ServeProcess(weights, IVVAE_CACHE_MEMORY_MAX_BYTES="0", **threads) as server:
+            url = server.grpc_url if args.url == "grpc" else server.url
             run(warmup, tmp / "out_warmup", url, max(args.concurrency))
             rates = {c: run(src, tmp / f"out_c{c}", url, c) for c, src in sets.items()}
     for c, rate in rates.items():

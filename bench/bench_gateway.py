@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,36 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import free_port, make_weights  # noqa: E402
-
-
-class Server:
-    """``ivvae serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, weights: Path, **env: str) -> None:
-        self.port = free_port()
-        self.env = dict(os.environ, IVVAE_WEIGHTS=str(weights), IVVAE_PORT=str(self.port),
-                        IVVAE_HOST="127.0.0.1", IVVAE_ENABLE_GRPC="false",
-                        IVVAE_LOG_LEVEL="warning", **env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=self.env)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(30)
+from bench._common import ServeProcess, make_weights  # noqa: E402
 
 
 def post(client: httpx.Client, url: str, data: bytes) -> httpx.Response:
@@ -87,7 +57,8 @@ def overhead(weights: Path, clip: bytes, repeats: int) -> dict[str, float]:
             model.encode(video)
             t_model.append(time.perf_counter() - t0)
     del model
-    with Server(weights, IVVAE_CACHE_MEMORY_MAX_BYTES="0") as server, httpx.Client(
+    with ServeProcess(weights, IVVAE_ENABLE_GRPC="false",
+                      IVVAE_CACHE_MEMORY_MAX_BYTES="0") as server, httpx.Client(
             timeout=600) as client:
         post(client, server.url, clip)  # warm-up
         t_http = []
@@ -101,7 +72,8 @@ def overhead(weights: Path, clip: bytes, repeats: int) -> dict[str, float]:
 
 
 def cache_hits(weights: Path, clip: bytes, n: int) -> dict[str, float]:
-    with Server(weights) as server, httpx.Client(timeout=600) as client:
+    with ServeProcess(weights, IVVAE_ENABLE_GRPC="false") as server, \
+            httpx.Client(timeout=600) as client:
         post(client, server.url, clip)
         times = []
         for _ in range(n):
@@ -131,7 +103,8 @@ def throughput(weights: Path, clips: list[bytes], warmup: bytes) -> dict[str, fl
     out = {}
     for c in (1, 8):
         # a fresh server per run: a cold cache; distinct clips: every request is a miss
-        with Server(weights, IVVAE_BATCH_MAX_SIZE="8", IVVAE_BATCH_MAX_DELAY_MS="10") as s:
+        with ServeProcess(weights, IVVAE_ENABLE_GRPC="false", IVVAE_BATCH_MAX_SIZE="8",
+                          IVVAE_BATCH_MAX_DELAY_MS="10") as s:
             asyncio.run(_burst(s.url, [warmup], 1))
             seconds = asyncio.run(_burst(s.url, clips, c))
             out[f"c{c}_clips_per_s"] = len(clips) / seconds

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,39 +32,15 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import free_port, make_weights  # noqa: E402
+from bench._common import ServeProcess, make_weights  # noqa: E402
 
 OCTET = {"content-type": "application/octet-stream"}
 
 
-class Gateway:
-    """``ivvae serve`` in a subprocess on a free loopback port, result cache off."""
-
-    def __init__(self, weights: Path, threads: int, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, IVVAE_WEIGHTS=str(weights), IVVAE_PORT=str(self.port),
-                        IVVAE_HOST="127.0.0.1", IVVAE_ENABLE_GRPC="false",
-                        IVVAE_LOG_LEVEL="warning", IVVAE_CACHE_MAX_ENTRY_BYTES="0",
-                        OMP_NUM_THREADS=str(threads), **env)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Gateway:
-        self.proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=self.env)
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("gateway did not become ready")
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(30)
+def gateway_env(threads: int) -> dict[str, str]:
+    """The gateway as measured here: HTTP only, result cache off, ``threads`` torch threads."""
+    return {"IVVAE_ENABLE_GRPC": "false", "IVVAE_CACHE_MAX_ENTRY_BYTES": "0",
+            "OMP_NUM_THREADS": str(threads)}
 
 
 async def encode_decode(client: httpx.AsyncClient, video: bytes) -> tuple[float, float]:
@@ -121,14 +96,14 @@ def run_model(z: int, dim: int, args: argparse.Namespace, work: Path) -> dict[st
                                mirror=bool(i % 2)) for i in range(4)]
     result: dict[str, Any] = {"model": f"z{z}_dim{dim}", "clip": f"{frames}x{w}x{h}",
                               "threads": args.threads}
-    with Gateway(weights, args.threads) as local:
+    with ServeProcess(weights, ready_s=180, **gateway_env(args.threads)) as local:
         result["local"] = asyncio.run(latency(local.url, video, args.repeat))
         result["local_throughput"] = asyncio.run(throughput(local.url, videos, frames))
     server = serve.start(work / f"triton-z{z}-dim{dim}", serve.ServeOptions(
         weights=str(weights), num_threads=args.threads))
     try:
-        with Gateway(weights, 1, IVVAE_BACKEND="triton",
-                     IVVAE_TRITON_URL=server.grpc_url) as gateway:
+        with ServeProcess(weights, ready_s=180, **gateway_env(1), IVVAE_BACKEND="triton",
+                          IVVAE_TRITON_URL=server.grpc_url) as gateway:
             result["triton"] = asyncio.run(latency(gateway.url, video, args.repeat))
             before = batch_stats(server.http_url, "ivvae_encoder")
             result["triton_throughput"] = asyncio.run(throughput(gateway.url, videos, frames))

