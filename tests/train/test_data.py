@@ -38,6 +38,14 @@ def test_camera_clip_of_a_flat_picture_is_flat() -> None:
     assert (np.abs(clip.astype(int) - [200, 30, 90]) <= 1).all()
 
 
+def test_camera_clip_of_a_picture_under_8_px_keeps_what_there_is() -> None:
+    image = _picture(6, 10)
+    clip = camera_clip(image, 3, seed=0)
+    assert clip.shape == (3, 6, 8, 3)  # 8 px wide where it can be; all 6 rows where not
+    for frame in clip:
+        assert any(np.array_equal(image[:, x : x + 8], frame) for x in range(3))
+
+
 def test_folders_give_videos_and_images_and_images_become_clips(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     media.make_video(tmp_path / "sub" / "clip.mp4", frames=6, width=64, height=48)

@@ -100,7 +100,7 @@ def camera_clip(image: np.ndarray, frames: int, *, seed: int) -> np.ndarray:
     function of ``(image, frames, seed)``.
     """
     h, w, _ = image.shape
-    oh, ow = max(8, (3 * h // 4) // 2 * 2), max(8, (3 * w // 4) // 2 * 2)
+    oh, ow = (min(n, max(8, (3 * n // 4) // 2 * 2)) for n in (h, w))  # >= 8 px where it can
     g = np.random.default_rng(seed)
     (y0, x0), (y1, x1) = g.uniform(0, 1, (2, 2)) * [h - oh, w - ow]
     out = np.empty((frames, oh, ow, 3), np.uint8)

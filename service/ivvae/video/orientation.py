@@ -87,13 +87,11 @@ def from_rotation(rotation: float) -> Orientation:
     return Orientation(90 * _clockwise_quarters(rotation))
 
 
-def of_frame(frame: VideoFrame, exif_tag: int | None = None, *,
-             read_side_data: bool = True) -> Orientation:
-    """How to show ``frame`` upright. ``exif_tag``: the file's EXIF Orientation, if any.
-
-    ``read_side_data=False`` skips the frame's display matrix (see ``UNSAFE_SIDE_DATA``).
-    """
-    matrix = _display_matrix(frame) if read_side_data else None
+def of_frame(frame: VideoFrame, exif_tag: int | None = None, *, codec: str = "") -> Orientation:
+    """How to show ``frame`` upright. ``exif_tag``: the file's EXIF Orientation, if any;
+    ``codec``: the decoder's name (frames of ``UNSAFE_SIDE_DATA`` codecs are not asked for
+    their display matrix)."""
+    matrix = None if codec in UNSAFE_SIDE_DATA else _display_matrix(frame)
     if matrix is not None:
         return from_display_matrix(matrix, frame.rotation)
     if exif_tag is not None:

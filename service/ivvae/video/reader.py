@@ -374,9 +374,7 @@ class VideoReader:
         still = container.format.name.endswith(_STILL_IMAGE_SUFFIX)
         fps = _frame_rate(stream, still)
         exif = sniff.jpeg_exif_orientation(source.head) if still else None
-        turn = orientation.of_frame(
-            first, exif,
-            read_side_data=stream.codec_context.name not in orientation.UNSAFE_SIDE_DATA)
+        turn = orientation.of_frame(first, exif, codec=stream.codec_context.name)
         width, height = turn.display_size(first.width, first.height)
         info = VideoInfo(
             width=width,
