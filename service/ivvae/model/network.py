@@ -3,6 +3,11 @@
 Both are step functions over a stream: ``first=True`` runs the stream's first frame (the
 image path), later calls run whole frame groups with the cache from the previous call.
 
+The cache list passed in is consumed: each slot is released (replaced by an empty tensor)
+as soon as its block has run, so a step never holds the whole old cache next to the new one
+(the new cache is as large: at 256x256 tens of MB). Callers that still need the old cache
+pass a copy of the list (the tensors themselves are never modified).
+
 Encoder, per call: ``(B, 3, T, H, W)`` -> ``(B, 2z, T', H/8, W/8)`` with ``T' = 1`` on the
 first call (T = 1) and ``T' = T / 4`` later (T a multiple of 4).
 Decoder, per call: ``(B, z, n, h, w)`` -> ``(B, 6, n', 8h, 8w)`` with ``n' = 1`` on the first
@@ -10,6 +15,7 @@ call (n = 1) and ``n' = 4n`` later; channels ``[0:3]`` are the keyframe branch a
 the temporal branch (the VAE assembles frames from them).
 """
 
+import torch
 from torch import Tensor, nn
 
 from ..core.geometry import GROUP, TEMPORAL_DOWNSAMPLE
@@ -35,6 +41,14 @@ def _slots(block: nn.Module) -> int:
     return int(getattr(block, "num_slots", 0))
 
 
+def _take(cache: list[Tensor], i: int, n: int) -> list[Tensor]:
+    """Slots ``[i, i + n)`` of ``cache``, released from the list (see the module docstring)."""
+    slots = cache[i : i + n]
+    for j in range(i, i + n):
+        cache[j] = torch.empty(0)
+    return slots
+
+
 def _run_blocks(
     blocks: nn.ModuleList, x: Tensor, cache: list[Tensor], offset: int, first: bool
 ) -> tuple[Tensor, list[Tensor]]:
@@ -43,7 +57,7 @@ def _run_blocks(
     i = offset
     for block in blocks:
         n = _slots(block)
-        x, c = block(x, [] if first else cache[i : i + n], first)
+        x, c = block(x, [] if first else _take(cache, i, n), first)
         new_cache.extend(c)
         i += n
     return x, new_cache
@@ -83,7 +97,7 @@ class Encoder(nn.Module):
         self, x: Tensor, cache: list[Tensor], first: bool
     ) -> tuple[Tensor, list[Tensor]]:
         x = channels_last(x)
-        stem_prev: Tensor | None = None if first else cache[0]
+        stem_prev: Tensor | None = None if first else _take(cache, 0, 1)[0]
         new_cache = [_last_frame(x)]
         h = self.stem(x, stem_prev)
         h, c = _run_blocks(self.downsamples, h, cache, 1, first)
@@ -138,5 +152,5 @@ class Decoder(nn.Module):
         y, new_cache = _run_blocks(self.upsamples, y, cache, 0, first)
         y = self.head_norm(y, silu=True, inplace=True)  # y: the last block's fresh output
         new_cache.append(_last_frame(y))
-        y = self.head(y, None if first else cache[self.num_slots - 1])
+        y = self.head(y, None if first else _take(cache, self.num_slots - 1, 1)[0])
         return y, new_cache

@@ -145,26 +145,33 @@ class IVVAE(nn.Module):
         cache ``T = 1 + 4k`` (frame 0 starts the stream); with one ``T = 4k``, k >= 1.
         Returns ``mu, logvar`` ``(B, z, k (+1), H/8, W/8)`` float32 and the new cache.
         """
+        mu, logvar, slots = self._encode_slots(
+            frames, None if cache is None else list(cache.tensors))
+        return mu, logvar, FeatureCache(tuple(slots))
+
+    def _encode_slots(
+        self, frames: Tensor, slots: list[Tensor] | None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``encode_step`` on a cache slot list that it consumes (``ivvae.model.network``):
+        whoever passes its only reference to the old cache frees it slot by slot."""
         t = frames.shape[2]
         x = frames.to(self.param_dtype)
         outs: list[Tensor] = []
         with self._compute(self.encode_dtype):
-            if cache is None:
+            if slots is None:
                 if (t - 1) % TIME_COMPRESSION:
                     raise ValueError(f"a stream starts with 1 + 4k frames, got {t}")
-                e0, tensors = self.encoder(x[:, :, :1], [], True)
+                e0, slots = self.encoder(x[:, :, :1], [], True)
                 outs.append(e0)
                 x = x[:, :, 1:]
-            else:
-                if t == 0 or t % TIME_COMPRESSION:
-                    raise ValueError(f"a stream continues with 4k frames (k >= 1), got {t}")
-                tensors = list(cache.tensors)
+            elif t == 0 or t % TIME_COMPRESSION:
+                raise ValueError(f"a stream continues with 4k frames (k >= 1), got {t}")
             if x.shape[2]:
-                e, tensors = self.encoder(x, tensors, False)
+                e, slots = self.encoder(x, slots, False)
                 outs.append(e)
             e_all = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             mu, logvar = self._moments(e_all)
-        return mu, logvar, FeatureCache(tuple(tensors))
+        return mu, logvar, slots
 
     def decode_step(
         self, latent: Tensor, cache: FeatureCache | None
@@ -175,6 +182,13 @@ class IVVAE(nn.Module):
         stream. Returns ``video`` ``(B, 3, T, 8h, 8w)`` float32 (not clamped), with
         ``T = 1 + 4(n-1)`` at the start and ``4n`` later, and the new cache.
         """
+        video, slots = self._decode_slots(latent, None if cache is None else list(cache.tensors))
+        return video, FeatureCache(tuple(slots))
+
+    def _decode_slots(
+        self, latent: Tensor, slots: list[Tensor] | None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """``decode_step`` on a cache slot list that it consumes (see ``_encode_slots``)."""
         cfg = self.cfg
         if latent.dim() != 5 or latent.shape[1] != cfg.z_dim or latent.shape[2] < 1:
             raise ValueError(
@@ -184,15 +198,13 @@ class IVVAE(nn.Module):
         outs: list[Tensor] = []
         with self._compute(self.decode_dtype):
             d = self.post_quant_conv(u, None)  # (B, z, n, h, w): [2D k || 3D k]
-            if cache is None:
-                o0, tensors = self.decoder(d[:, :, :1], [], True)
+            if slots is None:
+                o0, slots = self.decoder(d[:, :, :1], [], True)
                 outs.append(o0[:, 0:3])  # frame 0: keyframe branch only
                 d = d[:, :, 1:]
-            else:
-                tensors = list(cache.tensors)
             n = d.shape[2]
             if n:
-                o, tensors = self.decoder(d, tensors, False)  # (B, 6, 4n, H, W)
+                o, slots = self.decoder(d, slots, False)  # (B, 6, 4n, H, W)
                 b, _, _, hh, ww = o.shape
                 o = o.reshape(b, 6, n, TIME_COMPRESSION, hh, ww)
                 # First frame of each group from the keyframe branch, the other three from
@@ -200,7 +212,7 @@ class IVVAE(nn.Module):
                 frames = torch.cat([o[:, 0:3, :, :1], o[:, 3:6, :, 1:]], dim=3)
                 outs.append(frames.reshape(b, 3, n * TIME_COMPRESSION, hh, ww))
             video = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return video.float().contiguous(), FeatureCache(tuple(tensors))
+        return video.float().contiguous(), slots
 
     # -- whole-video API -------------------------------------------------------------------
 
@@ -244,18 +256,25 @@ class IVVAE(nn.Module):
             raise ValueError(f"{num_frames} frames do not come from {n} latent frames")
         if latent_size(height) != h or latent_size(width) != w:
             raise ValueError(f"a {height}x{width} frame does not come from a {h}x{w} latent")
-        parts = [v[:, :, :, :height, :width] for v in
-                 _decode_chunks(self, latent, groups_per_step)]
-        return torch.cat(parts, dim=2)[:, :, :num_frames]
+        # Each step's frames go straight into the output: the whole video exists once.
+        out = torch.empty(latent.shape[0], 3, num_frames, height, width,
+                          device=latent.device)
+        t = 0
+        for video in _decode_chunks(self, latent, groups_per_step):
+            take = min(video.shape[2], num_frames - t)
+            out[:, :, t : t + take] = video[:, :, :take, :height, :width]
+            t += take
+        return out
 
 
 def _decode_chunks(model: IVVAE, latent: Tensor, groups_per_step: int) -> Iterator[Tensor]:
-    cache: FeatureCache | None = None
+    """Video of each decoder step in order; the step's cache is the only reference to it."""
+    slots: list[Tensor] | None = None
     start = 0
     n = latent.shape[2]
     while start < n:
-        step = 1 + groups_per_step if cache is None else groups_per_step
-        video, cache = model.decode_step(latent[:, :, start : start + step], cache)
+        step = 1 + groups_per_step if slots is None else groups_per_step
+        video, slots = model._decode_slots(latent[:, :, start : start + step], slots)
         start += step
         yield video
 
@@ -263,9 +282,10 @@ def _decode_chunks(model: IVVAE, latent: Tensor, groups_per_step: int) -> Iterat
 class StreamEncoder:
     """Push frames in any chunk sizes; get latent moments as soon as groups complete.
 
-    Frames may have any H, W (padded per frame, so chunking never changes results). Call
-    ``flush()`` at the end: it pads the last partial group by repeating the last frame.
-    Memory is bounded by one step (``groups_per_step`` groups) plus the feature cache.
+    Frames may have any H, W (padded per step, so chunking never changes results and a
+    whole video is never copied). Call ``flush()`` at the end: it pads the last partial
+    group by repeating the last frame. Memory is bounded by one step (``groups_per_step``
+    groups) plus the feature cache.
     """
 
     def __init__(self, model: IVVAE, *, groups_per_step: int = 4) -> None:
@@ -273,7 +293,7 @@ class StreamEncoder:
             raise ValueError("groups_per_step must be >= 1")
         self.model = model
         self.groups_per_step = groups_per_step
-        self.cache: FeatureCache | None = None
+        self._slots: list[Tensor] | None = None  # the feature cache, consumed by each step
         self._pending: list[Tensor] = []
         self._pending_frames = 0
         self._last: Tensor | None = None
@@ -284,10 +304,9 @@ class StreamEncoder:
         _check_video(video)
         if video.shape[2] == 0:
             return []
-        x = pad_space(video)
-        self._last = x[:, :, -1:]
-        self._pending.append(x)
-        self._pending_frames += x.shape[2]
+        self._last = video[:, :, -1:]
+        self._pending.append(video)
+        self._pending_frames += video.shape[2]
         self.frames_in += video.shape[2]
         return self._drain()
 
@@ -295,7 +314,7 @@ class StreamEncoder:
         """Finish the stream: pad the last group with repeats of the last frame."""
         if self._last is None:
             raise ValueError("no frames were pushed")
-        need = (-(self._pending_frames - (1 if self.cache is None else 0))) % TIME_COMPRESSION
+        need = (-(self._pending_frames - (1 if self._slots is None else 0))) % TIME_COMPRESSION
         if need:
             self._pending.append(self._last.expand(-1, -1, need, -1, -1))
             self._pending_frames += need
@@ -306,19 +325,23 @@ class StreamEncoder:
         # when their group of 4 is. Up to ``groups_per_step`` groups go in one step.
         out: list[tuple[Tensor, Tensor]] = []
         while True:
-            head = 1 if self.cache is None else 0
+            head = 1 if self._slots is None else 0
             if self._pending_frames < head:
                 break
             groups = min((self._pending_frames - head) // TIME_COMPRESSION, self.groups_per_step)
             if head == 0 and groups == 0:
                 break
-            frames = self._take(head + TIME_COMPRESSION * groups)
-            mu, logvar, self.cache = self.model.encode_step(frames, self.cache)
+            frames = pad_space(self._take(head + TIME_COMPRESSION * groups))
+            mu, logvar, self._slots = self.model._encode_slots(frames, self._slots)
             out.append((mu, logvar))
         return out
 
     def _take(self, n: int) -> Tensor:
-        buf = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=2)
+        """The next ``n`` pending frames (a view when they come from one push)."""
+        parts = self._pending
+        if len(parts) > 1 and len({p.shape[3:] for p in parts}) > 1:
+            parts = [pad_space(p) for p in parts]  # pushes of sizes that pad alike
+        buf = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         taken, rest = buf[:, :, :n], buf[:, :, n:]
         self._pending = [rest] if rest.shape[2] else []
         self._pending_frames = rest.shape[2]
