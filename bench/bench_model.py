@@ -11,7 +11,8 @@ One run measures, for a random-weight ``ivvae_z16_dim64`` model:
 * with ``--official PATH/models/vae3d.py`` (the official IV-VAE code, which this project
   never downloads or ships; it needs ``einops``): the official model with the same weights
   on the same clip, side by side: its fp32 encode and decode times, the ratios of ours (fp32
-  and bf16) to it, the agreement of the outputs, and its peak RSS on the same two clips.
+  and bf16) to it, the agreement of the outputs, and (``--official-memory``, slow: the long
+  clip takes the official code minutes) its peak RSS on the same two clips.
   Without the path that comparison is skipped (and says so).
 
 FLOPs are counted once per workload with ``torch.utils.flop_counter.FlopCounterMode`` on a
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--official", default="", metavar="VAE3D_PY",
                    help="path to the official IV-VAE models/vae3d.py: compare side by side")
+    p.add_argument("--official-memory", action="store_true",
+                   help="also measure the official code's peak RSS (slow)")
     p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     p.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -377,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     # Memory first, in fresh processes, while this one is still small.
     mem = bench_memory(mem_frames, args.mem_size, args.threads)
     mem_off = bench_memory(mem_frames, args.mem_size, args.threads, args.official) \
-        if args.official else []
+        if args.official and args.official_memory else []
     model = _model()
     with torch.inference_mode():  # one-frame warm-up: lazy init, oneDNN, allocator
         model.decode(model.encode(_video(1, args.size)))

@@ -36,7 +36,7 @@ def test_quick_bench_prints_the_table() -> None:
                     reason="IVVAE_OFFICIAL_VAE3D (the official models/vae3d.py) not set")
 def test_quick_bench_against_the_official_code() -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--official",
+        [sys.executable, str(SCRIPT), "--quick", "--official-memory", "--official",
          os.environ["IVVAE_OFFICIAL_VAE3D"]],
         capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
