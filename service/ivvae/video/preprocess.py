@@ -318,8 +318,8 @@ class Preprocess:
                     s is None or not 1 <= s <= MAX_SIDE for s in sides):
                 raise InvalidInput(f"option 'resize' must be N or WxH with sides in "
                                    f"[1, {MAX_SIDE}]")
-        for b in self.buckets:
-            _check_bucket(b)
+        for bucket in self.buckets:
+            _check_bucket(bucket)
         for name in ("start_frame", "num_frames", "max_frames", "stride"):
             value = getattr(self, name)
             low = 0 if name == "start_frame" else 1
