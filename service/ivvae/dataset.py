@@ -380,6 +380,10 @@ class EncoderSpec:
     ca_cert: str | None = None
     timeout: float = 600.0
     retries: int = 6
+    # 1: every clip's model steps run alone, so its latent is bit for bit what encoding it
+    # alone gives. More batches steps of concurrent clips (faster on a GPU), and float
+    # reductions over a batch then differ in the last bits.
+    batch_max_size: int = 1
 
     def build(self) -> ClipEncoder:
         if self.server:
@@ -390,7 +394,8 @@ class EncoderSpec:
             backend="local", redis_url="", weights=self.weights, device=self.device,
             encode_precision=self.encode_precision,
             torch_threads=self.torch_threads, cache_memory_max_bytes=0, enable_http=False,
-            enable_grpc=False, request_timeout_s=self.timeout))
+            enable_grpc=False, request_timeout_s=self.timeout,
+            batch_max_size=self.batch_max_size))
 
 
 def _encode_options(options: ClipOptions, name: str) -> dict[str, Any]:
