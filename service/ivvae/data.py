@@ -149,7 +149,7 @@ class _Shards:
         return out
 
 
-class LatentDataset(_Dataset):  # type: ignore[misc]
+class LatentDataset(_Dataset):
     """Map-style: ``ds[i]`` is ``(latent, metadata)`` of the i-th clip of the manifest.
 
     ``latent``: ``(1, z, n, h, w)`` in the stored dtype. The last shard read is kept, so
@@ -175,7 +175,7 @@ class LatentDataset(_Dataset):  # type: ignore[misc]
         return self._cached[1][record["source"]]
 
 
-class IterableLatentDataset(_IterableDataset):  # type: ignore[misc]
+class IterableLatentDataset(_IterableDataset):
     """Streams ``(latent, metadata)`` shard by shard; see the module docstring."""
 
     def __init__(self, url: str, *, shuffle: bool = False, seed: int = 0, rank: int = 0,
