@@ -739,11 +739,25 @@ def clip_key(source: Source, config: JobConfig) -> str:
 
 
 def write_manifest(out: Location, sources: Sequence[Source], config: JobConfig) -> None:
-    """``OUT/manifest.jsonl``: one line per clip, from what is published right now."""
-    state = load_state(out, config.format)
-    lines = [json.dumps(state.line(s, clip_key(s, config)), separators=(",", ":")) + "\n"
-             for s in sources]
-    publish_bytes(out, out.join(MANIFEST_NAME), "".join(lines).encode())
+    """``OUT/manifest.jsonl``: one line per clip, from what is published right now.
+
+    Workers of one job each write it when they stop. One that read the parts just before
+    another published its last could overwrite the other's newer manifest, so it reads
+    them again after writing, and writes again until nothing changed in between.
+    """
+
+    def render() -> bytes:
+        state = load_state(out, config.format)
+        return "".join(json.dumps(state.line(s, clip_key(s, config)), separators=(",", ":"))
+                       + "\n" for s in sources).encode()
+
+    text = render()
+    for _ in range(10):
+        publish_bytes(out, out.join(MANIFEST_NAME), text)
+        again = render()
+        if again == text:
+            return
+        text = again
 
 
 def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -> Location:
