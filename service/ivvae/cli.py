@@ -337,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .dataset import add_arguments as _dataset_arguments
 
-    p = sub.add_parser("encode-dataset", help="encode a folder or list of videos through a "
-                       "running service: bounded concurrency, manifest, resumable")
+    p = sub.add_parser("encode-dataset", help="encode a dataset (folder, prefix, glob or "
+                       "list; local or object storage) to latent files, webdataset or parquet "
+                       "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
 

@@ -1101,6 +1101,7 @@ def main(args: argparse.Namespace) -> int:
             from .ray import run_on_ray
 
             summary = run_on_ray(job, spec, address=args.address, workers=args.workers,
+                                 cpus_per_worker=args.cpus_per_worker,
                                  gpus_per_worker=args.gpus_per_worker)
             return report(1 if summary.failed else 0)
 
@@ -1145,7 +1146,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["local", "ray"], default="local")
     p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray)")
     p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="with --device cuda: GPUs per Ray encode actor (e.g. 1)")
     p.add_argument("--concurrency", type=int, default=4, help="clips in flight (default 4)")
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
     p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers")
