@@ -443,7 +443,8 @@ def check_k8s_hardening(
             image = str(container.get("image", ""))
             if ":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest"):
                 fail(obj, f"{where}: image {image!r} must carry a pinned tag")
-            if kind == "containers" and obj.get("kind") != "Pod":
+            # A run-to-completion pod (a bare Pod, a Job's) serves nothing to probe.
+            if kind == "containers" and obj.get("kind") not in ("Pod", "Job"):
                 if "readinessProbe" not in container:
                     fail(obj, f"{where}: needs a readinessProbe")
                 if "livenessProbe" not in container:
