@@ -134,3 +134,54 @@ def test_dataloader_workers_read_their_own_shards(
     halves = [IterableLatentDataset(out, rank=r, world_size=2).parts() for r in (0, 1)]
     assert not set(halves[0]) & set(halves[1]) and len(halves[0] + halves[1]) == CLIPS
     assert np.all([isinstance(x, str) for x in sources])
+
+
+def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    src = s3_server.make_bucket("replaced")
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.pipe_file(f"replaced/clip{i}.mp4",
+                     media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
+    out = src + "/out"
+    spec = EncoderSpec(weights=str(tiny_weights))
+    asyncio.run(encode_dataset(src + "/", out, encoder=spec))
+    before = {r["source"]: r for r in LatentDataset(out).records}
+    assert all(r["identity"].startswith("etag:") for r in before.values())
+    fs.pipe_file("replaced/clip1.mp4",
+                 media.make_video(None, frames=9, width=16, height=16, fps=5))
+    summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec))
+    assert (summary.encoded, summary.skipped) == (1, 2)
+    after = {r["source"]: r for r in LatentDataset(out).records}
+    assert after["clip1.mp4"]["identity"] != before["clip1.mp4"]["identity"]
+    assert after["clip1.mp4"]["shape"] == [1, 4, 3, 2, 2]
+    assert {k: after[k] for k in ("clip0.mp4", "clip2.mp4")} == {
+        k: before[k] for k in ("clip0.mp4", "clip2.mp4")}
+
+
+def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    for i in range(2):
+        media.make_video(served / f"c{i}.mp4", frames=5, width=16, height=16, fps=30 + i)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{base}/c0.mp4\n{base}/c1.mp4\n{base}/gone.mp4\n")
+        out = tmp_path / "out"
+        summary = asyncio.run(encode_dataset(listing, out,
+                                             encoder=EncoderSpec(weights=str(tiny_weights))))
+        assert (summary.encoded, summary.failed) == (2, 1)
+        records = {r["source"]: r for r in LatentDataset(str(out)).records}
+        assert sorted(records) == [f"{base}/c0.mp4", f"{base}/c1.mp4"]
+        assert records[f"{base}/c0.mp4"]["part"].startswith("127.0.0.1:")
+    finally:
+        httpd.shutdown()
+        thread.join()
