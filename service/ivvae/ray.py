@@ -14,7 +14,8 @@ the clips spread over an actor pool. The pieces, for a pipeline of your own:
 
     ds = source_dataset(plan.todo).map_batches(
         EncodeClips, fn_constructor_kwargs={"spec": spec, "config": plan.config, "out": url},
-        batch_size=job.shard_clips, concurrency=workers, num_gpus=1)
+        batch_size=job.shard_clips, compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1)
 
 Only this module imports ray.
 """
@@ -158,7 +159,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                     fn_constructor_kwargs={"spec": spec, "config": p.config, "job": job,
                                            "out": p.out.url(), "prefix": job.prefix,
                                            "concurrency": job.concurrency},
-                    concurrency=workers, num_cpus=cpus_per_worker,
+                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                     num_gpus=gpus_per_worker or None, batch_format="numpy")
                 parts: set[str] = set()
                 for row in ds.iter_rows():
