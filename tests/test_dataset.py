@@ -323,3 +323,13 @@ async def test_lock_unavailable_service_and_cli_exit_codes(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(empty), str(out),
          "--shard", "2/2"], capture_output=True, text=True)
     assert done.returncode == 2 and "--shard" in done.stderr
+
+
+async def test_unknown_protocol_and_unreadable_output_are_clear_errors(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="nosuch://x"):
+        await encode_dataset("nosuch://x", tmp_path / "o", server=server.grpc_url)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where OUT's folder should be")
+    with pytest.raises(DatasetError, match="cannot open"):
+        await encode_dataset(clips, blocked / "out", server=server.grpc_url)

@@ -74,7 +74,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from .errors import BackendUnavailable, IVVAEError, Overloaded
 from .latents import DTYPE_NAMES, LatentInfo
 from .media_types import MEDIA_SUFFIXES
-from .storage import TMP_MARK, Location, content_sha256, identity, publish_file, temp_file_for
+from .storage import (
+    TMP_MARK,
+    Location,
+    StorageError,
+    content_sha256,
+    identity,
+    publish_file,
+    temp_file_for,
+)
 from .storage import write_bytes as publish_bytes
 
 if TYPE_CHECKING:
@@ -728,7 +736,9 @@ def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None)
                 state.outputs.discard(rel)
     if out.local and fs.exists(out.path):
         mark = TMP_MARK if prefix is None else f"{TMP_MARK}{prefix}-"
-        doomed += [p for p in fs.find(out.path) if mark in posixpath.basename(p)]
+        versions = out.join(VERSIONS_DIR) + "/"  # other jobs' outputs
+        doomed += [p for p in fs.find(out.path) if mark in posixpath.basename(p)
+                   and not p.startswith(versions)]
     if doomed:
         fs.rm(sorted(set(doomed)))
     return len(doomed)
@@ -778,6 +788,9 @@ def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -
         return open_output(out.url(out.join(VERSIONS_DIR, config.key[:16])), config)
     body = {"key": config.key, "config": config.as_dict()}
     publish_bytes(out, path, json.dumps(body, indent=1, sort_keys=True).encode())
+    # Workers of different jobs that started together into a new OUT: one of them wins.
+    if json.loads(out.fs.cat_file(path)).get("key") != config.key:
+        return open_output(out_url, config, new_version=new_version)
     return out
 
 
@@ -883,6 +896,13 @@ class Plan:
 
 def plan(job: Job, model: ModelIdentity) -> Plan:
     """List the sources, open (or refuse) the output, clean up after killed runs."""
+    try:
+        return _plan(job, model)
+    except (OSError, StorageError) as exc:  # no such bucket, no access, no driver
+        raise DatasetError(f"cannot open the job's source or output: {exc}") from exc
+
+
+def _plan(job: Job, model: ModelIdentity) -> Plan:
     config = JobConfig(job.format, job.options, model)
     sources = collect(job.src)
     out = open_output(job.out, config, new_version=job.new_version)

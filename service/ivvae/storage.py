@@ -26,6 +26,10 @@ from fsspec import AbstractFileSystem
 TMP_MARK = ".tmp-"  # in the name of a file being written; never in a published one
 
 
+class StorageError(Exception):
+    """A URL that no installed filesystem can open."""
+
+
 @dataclass(frozen=True)
 class Location:
     """A folder or file: its filesystem and the path on it (no protocol)."""
@@ -35,7 +39,11 @@ class Location:
 
     @classmethod
     def of(cls, url: str) -> Location:
-        fs, path = fsspec.core.url_to_fs(url)
+        """Raises ``StorageError`` for an unknown protocol or one whose driver is missing."""
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise StorageError(f"{url}: {exc}") from None
         return cls(fs, path.rstrip("/") if len(path) > 1 else path)
 
     @property
@@ -81,7 +89,8 @@ def content_sha256(fs: AbstractFileSystem, path: str) -> str:
 
 def write_bytes(loc: Location, path: str, data: bytes, tag: str = "") -> None:
     """Publish ``data`` at ``path`` whole or not at all (``tag``: in the temporary's name,
-    so that its writer can tell its own leftovers apart)."""
+    so that its writer can tell its own leftovers apart; ``ivvae.core.files`` names its
+    temporaries by pid only, which is why this does not use it)."""
     if loc.local:
         loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}{TMP_MARK}{tag}{secrets.token_hex(4)}"
