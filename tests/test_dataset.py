@@ -333,3 +333,14 @@ async def test_unknown_protocol_and_unreadable_output_are_clear_errors(
     blocked.write_text("a file where OUT's folder should be")
     with pytest.raises(DatasetError, match="cannot open"):
         await encode_dataset(clips, blocked / "out", server=server.grpc_url)
+
+
+def test_a_single_clip_or_a_binary_file_is_no_list(clips: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="one clip, not a dataset"):
+        collect(clips / "a" / "clip01.mp4")
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetError, match="not a list file"):
+        collect(binary)
+    assert [s.name for s in collect(f"{clips}/*/clip0[12].mp4")] == ["a/clip01.mp4",
+                                                                     "b/clip02.mp4"]

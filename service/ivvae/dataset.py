@@ -219,40 +219,14 @@ def _mirrored(url: str) -> str:
     return path.lstrip("/")
 
 
-def list_sources(src: str, *, hash_threads: int = 4) -> list[Source]:
-    """The clips of ``src`` (see the module docstring), sorted by name."""
-    loc, entries = _list_entries(src)
-    infos: dict[str, dict[str, Any]] = {}
-    for info in entries:
-        infos[info["name"]] = info
+def _listing(loc: Location, entries: Sequence[dict[str, Any]], hash_threads: int
+             ) -> list[Source]:
+    infos = {i["name"]: i for i in entries if i.get("type") == "file"}
     siblings: dict[str, list[str]] = {}
     for path in infos:
         siblings.setdefault(_stem(path), []).append(path)
     media = sorted(p for p in infos if _suffix(p) in MEDIA_SUFFIXES)
     return _sources(loc, media, infos, siblings, hash_threads, names=None)
-
-
-def _list_entries(src: str) -> tuple[Location, list[dict[str, Any]]]:
-    """(base location, file infos) for a folder, prefix or glob; a list file is read here."""
-    if any(c in src for c in "*?["):
-        base = src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0]
-        loc = Location.of(base)
-        found = loc.fs.glob(Location.of(src).path, detail=True)
-        return loc, [i for i in found.values() if i.get("type") == "file"]
-    loc = Location.of(src)
-    try:
-        info = loc.fs.info(loc.path)
-    except FileNotFoundError:
-        raise DatasetError(f"{src} is neither a folder nor a list file") from None
-    if info.get("type") == "directory":
-        found = loc.fs.find(loc.path, detail=True)
-        return loc, [i for i in found.values() if i.get("type") == "file"]
-    raise _ListFile(loc, info)
-
-
-class _ListFile(Exception):
-    def __init__(self, loc: Location, info: dict[str, Any]) -> None:
-        self.loc, self.info = loc, info
 
 
 def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
@@ -284,17 +258,33 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
 
 
 def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Source]:
-    """The clips of ``src``: a folder, URL prefix or glob, or a list file."""
+    """The clips of ``src`` (see the module docstring), sorted by name: a folder or URL
+    prefix, a glob, or a list file."""
+    src = str(src)
+    if any(c in src for c in "*?["):
+        loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
+        found = loc.fs.glob(Location.of(src).path, detail=True)
+        return _listing(loc, list(found.values()), hash_threads)
+    loc = Location.of(src)
     try:
-        return list_sources(str(src), hash_threads=hash_threads)
-    except _ListFile as listed:
-        return _from_list(listed.loc, hash_threads)
+        info = loc.fs.info(loc.path)
+    except FileNotFoundError:
+        raise DatasetError(f"{src} is neither a folder nor a list file") from None
+    if info.get("type") == "directory":
+        return _listing(loc, list(loc.fs.find(loc.path, detail=True).values()), hash_threads)
+    if _suffix(loc.path) in MEDIA_SUFFIXES:
+        raise DatasetError(f"{src} is one clip, not a dataset: give its folder, a glob or a "
+                           "list file (or use ivvae encode)")
+    return _from_list(loc, hash_threads)
 
 
 def _from_list(listing: Location, hash_threads: int) -> list[Source]:
     fs = listing.fs
     base = Location(fs, posixpath.dirname(listing.path))
-    text = fs.cat_file(listing.path).decode("utf-8")
+    try:
+        text = fs.cat_file(listing.path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{listing.url()} is not a list file (not UTF-8 text)") from None
     entries: list[tuple[str, Location]] = []
     for line in text.splitlines():
         entry = line.strip()
@@ -324,12 +314,18 @@ def _from_list(listing: Location, hash_threads: int) -> list[Source]:
         for folder in sorted({posixpath.dirname(loc.path) for _, loc in group}):
             try:
                 listed = gfs.ls(folder, detail=True)
-            except (FileNotFoundError, NotADirectoryError):
+            except OSError:  # no such folder, or a server that lists none
                 listed = []
             for info in listed:
                 if info.get("type") == "file":
                     infos[info["name"]] = info
                     siblings.setdefault(_stem(info["name"]), []).append(info["name"])
+        for _, loc in group:
+            if loc.path not in infos:
+                with contextlib.suppress(OSError):
+                    info = gfs.info(loc.path)
+                    if info.get("type") == "file":
+                        infos[loc.path] = info
         names = {loc.path: entry for entry, loc in group}
         present = [p for p in names if p in infos]
         root = base if gfs is fs else Location(gfs, "")
