@@ -4,6 +4,7 @@ Frames at this boundary are ``(T, H, W, 3)`` uint8 RGB in [0, 255], upright as a
 shows them. Nothing here imports torch.
 """
 
+from ivvae.video.preprocess import Bucket, Plan, Preprocess
 from ivvae.video.reader import (
     DEFAULT_FPS,
     VideoInfo,
@@ -15,7 +16,10 @@ from ivvae.video.writer import Mp4Writer, encode_mp4_bytes, exact_rate
 
 __all__ = [
     "DEFAULT_FPS",
+    "Bucket",
     "Mp4Writer",
+    "Plan",
+    "Preprocess",
     "VideoInfo",
     "VideoLimits",
     "VideoReader",
