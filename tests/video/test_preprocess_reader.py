@@ -42,7 +42,7 @@ def _read(source: Path | bytes, params: dict[str, str],
 
 def test_bucket_on_a_720p_clip() -> None:
     path = sample_clip("bigbuckbunny")
-    frames, plan = _read(path, {"bucket": "480x272x17,272x480x17"})
+    frames, _ = _read(path, {"bucket": "480x272x17,272x480x17"})
     assert frames.shape == (17, 272, 480, 3)
     ref, _ = _reference(path)
     # Cover: 1280x720 -> 484x272, then the middle 480 columns.
@@ -67,7 +67,7 @@ def test_window_and_target_fps_select_by_timestamp() -> None:
 def test_start_frame_stride_and_repeat_up() -> None:
     path = sample_clip("carphone_pristine")  # 176x144, 30000/1001 fps
     ref, times = _reference(path)
-    frames, plan = _read(path, {"start_frame": "5", "stride": "4", "max_frames": "7"})
+    frames, _ = _read(path, {"start_frame": "5", "stride": "4", "max_frames": "7"})
     np.testing.assert_array_equal(
         frames, np.stack([_scaled(ref[i], 176, 144) for i in range(5, 33, 4)]))
     frames, _ = _read(path, {"fps": "60", "num_frames": "10", "resize": "96x64",
