@@ -40,8 +40,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
 from .model.checkpoint import load_model
-from .model.config import SPACE_COMPRESSION, TIME_COMPRESSION, IVVAEConfig
+from .model.config import IVVAEConfig
 from .model.vae import IVVAE
 
 CONFIG_NAME = "config.json"

@@ -26,6 +26,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from .core.names import PRECISIONS
 from .errors import InvalidInput, InvalidLatent
 from .safetensors_io import SafetensorsError, Tensor, bf16_bits_to_float32, loads
 
@@ -33,7 +34,7 @@ from .safetensors_io import SafetensorsError, Tensor, bf16_bits_to_float32, load
 WIRE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8"}
 _ST_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
-LATENT_DTYPES = ("float32", "bfloat16", "float16")
+LATENT_DTYPES = PRECISIONS  # a latent is stored in one of the precisions
 MAX_RANK = 5
 # The fps a decoded bare latent gets when the request names none.
 DEFAULT_DECODE_FPS = Fraction(24)
