@@ -118,3 +118,21 @@ def test_rotated_clip_is_resized_upright() -> None:
     assert frames.shape == (2, 32, 16, 3)
     plain, _ = _read(clip, {})
     assert plain.shape == (2, 64, 32, 3)
+
+
+def test_frames_in_memory_take_the_same_path() -> None:
+    from ivvae.video import open_frames
+    from tests.media import make_frames
+
+    frames = make_frames(10, 64, 48)
+    with open_frames(frames, fps=10, preprocess=Preprocess.parse(
+            {"fps": "5", "resize": "24"})) as reader:
+        out = reader.read_all()
+        assert (reader.plan.fps, reader.info.num_frames) == (5, 10)
+    expected = np.stack([_scaled(av.VideoFrame.from_ndarray(frames[i], format="rgb24"),
+                                 32, 24) for i in range(0, 10, 2)])
+    np.testing.assert_array_equal(out, expected)
+    with open_frames(frames) as reader:
+        np.testing.assert_array_equal(reader.read_all(), frames)
+    with pytest.raises(InvalidInput, match="uint8"):
+        open_frames(frames.astype(np.float32))

@@ -10,6 +10,7 @@ from ivvae.video.reader import (
     VideoInfo,
     VideoLimits,
     VideoReader,
+    open_frames,
     open_video,
 )
 from ivvae.video.writer import Mp4Writer, encode_mp4_bytes, exact_rate
@@ -25,5 +26,6 @@ __all__ = [
     "VideoReader",
     "encode_mp4_bytes",
     "exact_rate",
+    "open_frames",
     "open_video",
 ]

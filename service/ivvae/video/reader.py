@@ -40,6 +40,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from types import TracebackType
 from typing import Any, BinaryIO, cast
 
@@ -357,8 +358,8 @@ class VideoReader:
 
     def __init__(
         self,
-        container: InputContainer,
-        file: BinaryIO,
+        container: InputContainer | None,
+        file: BinaryIO | None,
         frames: Iterator[VideoFrame],
         first: VideoFrame,
         info: VideoInfo,
@@ -466,8 +467,10 @@ class VideoReader:
             return
         self._closed = True
         self._first = None
-        self._container.close()
-        self._file.close()
+        if self._container is not None:
+            self._container.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> VideoReader:
         return self
@@ -595,6 +598,40 @@ class VideoReader:
         except (av.error.FFmpegError, ValueError) as exc:
             raise CorruptMedia(f"a frame could not be converted to RGB: {exc}") from exc
         return self._orientation.apply(rgb)
+
+
+def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
+                limits: VideoLimits = VideoLimits(),
+                preprocess: Preprocess | None = None) -> VideoReader:
+    """A reader over frames already in memory, ``(T, H, W, 3)`` uint8 RGB at ``fps``
+    (a tensor upload), with the same limits and preprocessing as ``open_video``: the frames
+    go through the same swscale resize and timestamp selection."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(
+            frames):
+        raise InvalidInput(f"frames must be (T, H, W, 3) uint8 with T >= 1, got "
+                           f"{list(frames.shape)} {frames.dtype}")
+    t, height, width, _ = frames.shape
+    _check_pixels(width, height, limits)
+    if preprocess is None and t > limits.max_frames:
+        raise TooLarge(f"{t} frames exceed the limit of {limits.max_frames}")
+    rate = Fraction(fps).limit_denominator(1_000_000)
+
+    def video_frames() -> Iterator[VideoFrame]:
+        for index in range(t):
+            frame = VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+            frame.pts = index
+            frame.time_base = 1 / rate
+            yield frame
+
+    stream = video_frames()
+    first = next(stream)
+    info = VideoInfo(width=width, height=height, fps=float(rate), num_frames=t, codec="raw",
+                     container="tensor", rotation=0)
+    plan = (preprocess or Preprocess()).plan(width, height, t, float(rate))
+    if plan.width * plan.height > limits.max_pixels:
+        raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
+                       f"{limits.max_pixels} pixels")
+    return VideoReader(None, None, stream, first, info, Orientation(0), limits, plan)
 
 
 def _decode(container: InputContainer, stream: VideoStream) -> Iterator[VideoFrame]:
