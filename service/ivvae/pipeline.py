@@ -29,13 +29,24 @@ import numpy as np
 from .backends.base import Backend
 from .cache import CachedMoments, ResultCache, cache_key
 from .config import Settings
-from .core.geometry import PADDING_POLICY, FrameStepper, decode_plan, moments_to_latent, pad_frames
+from .core.geometry import (
+    PADDING_POLICY,
+    SPACE_COMPRESSION,
+    TIME_COMPRESSION,
+    FrameStepper,
+    decode_plan,
+    latent_frames,
+    latent_size,
+    moments_to_latent,
+    pad_frames,
+)
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
 from .latents import LatentInfo, decode_latent_file, encode_latent_file
 from .metrics import Metrics
 from .video import DEFAULT_FPS, Preprocess, VideoLimits, exact_rate, open_frames, open_video
+from .wire import DecodeTarget
 
 log = logging.getLogger("ivvae.pipeline")
 
@@ -277,6 +288,51 @@ class Pipeline:
         if info.height * info.width > self.settings.max_pixels:
             raise InvalidLatent(f"a {info.width}x{info.height} frame exceeds max_pixels")
         return latent, info, model
+
+    def parse_bare_latent(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
+                          ) -> tuple[np.ndarray, LatentInfo, ModelInfo]:
+        """Validate a bare latent ``(B, z, t, h, w)`` float32 (what a sampler generates, in
+        ``target.latent_space``) against a served model and the limits: the latent in the
+        model's scaled space and a ``LatentInfo`` describing one item."""
+        model = self.model(target.model)
+        b, z, t, h, w = latent.shape
+        if z != model.z_dim:
+            raise InvalidLatent(f"the latent has {z} channels but model {model.name!r} has "
+                                f"z_dim {model.z_dim}: shape is (B, z, t, h, w)")
+        num_frames = target.num_frames or 1 + TIME_COMPRESSION * (t - 1)
+        height = target.height or h * SPACE_COMPRESSION
+        width = target.width or w * SPACE_COMPRESSION
+        if latent_frames(num_frames) != t:
+            raise InvalidInput(f"num_frames={num_frames} does not come from {t} latent frames "
+                               f"(it must be in [{1 + 4 * (t - 2) + 1 if t > 1 else 1}, "
+                               f"{1 + 4 * (t - 1)}])")
+        if latent_size(height) != h or latent_size(width) != w:
+            raise InvalidInput(f"a {width}x{height} frame does not come from a {w}x{h} latent "
+                               f"(width in [{8 * w - 7}, {8 * w}], height in "
+                               f"[{8 * h - 7}, {8 * h}])")
+        s = self.settings
+        if height * width > s.max_pixels:
+            raise InvalidLatent(f"a {width}x{height} frame exceeds max_pixels ({s.max_pixels})")
+        if b * num_frames > s.max_frames:
+            raise InvalidLatent(f"decoding {b} x {num_frames} frames exceeds the server's "
+                                f"limit of {s.max_frames}")
+        scaled = target.to_model_space(latent, model.scale_factor, model.shift_factor)
+        info = LatentInfo(
+            model_name=model.name, weights_sha256=model.weights_sha256,
+            scale_factor=model.scale_factor, shift_factor=model.shift_factor,
+            z_dim=model.z_dim, num_frames=num_frames, height=height, width=width,
+            fps=target.fps, padding_policy=PADDING_POLICY, dtype=dtype,
+            content_sha256="", mode="external",
+        )
+        return scaled, info, model
+
+    async def decode_bare(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
+                          ) -> tuple[LatentInfo, list[AsyncIterator[np.ndarray]]]:
+        """A bare latent batch: ``info`` of one item and, per item in order, an iterator of
+        its frames ``(n, H, W, 3)`` uint8 (see ``decode_frames``)."""
+        scaled, info, model = self.parse_bare_latent(latent, dtype, target)
+        return info, [self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model)
+                      for i in range(scaled.shape[0])]
 
     async def decode_frames(self, data: bytes) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
         """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)`` uint8, in

@@ -146,8 +146,9 @@ def read_bare_latent(data: bytes) -> tuple[np.ndarray, str]:
     except SafetensorsError as exc:
         raise InvalidLatent(f"not a readable safetensors file: {exc}") from exc
     if set(tensors) != {"latent"}:
-        raise InvalidLatent("a bare latent file holds exactly one tensor named 'latent'; "
-                            f"this one has {sorted(tensors) or 'none'}")
+        raise InvalidLatent("neither an ivvae latent file (its metadata has no 'format') nor a "
+                            "bare latent file (exactly one tensor, named 'latent'); this one "
+                            f"has tensors {sorted(tensors) or 'none'}")
     t = tensors["latent"]
     dtype = _ST_TO_WIRE.get(t.dtype, t.dtype)
     if dtype not in LATENT_DTYPES:

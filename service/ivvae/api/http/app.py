@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
@@ -24,11 +24,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ... import __version__
 from ...config import Settings
+from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge, Unauthorized, UnsupportedMedia
-from ...pipeline import EncodeOptions
-from ...safetensors_io import dumps
+from ...latents import decode_latent_file
+from ...pipeline import FramesUpload
 from ...service import Service
 from ...video import Mp4Writer
+from ...wire import (
+    DecodeTarget,
+    check_latent_values,
+    is_ivvae_latent_file,
+    read_bare_latent,
+    read_raw_tensor,
+    tensor_to_float32,
+)
+from . import tensors
 from .errors import http_status
 
 log = logging.getLogger("ivvae.http")
@@ -201,84 +211,111 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
 
     @app.post(
         "/encode",
-        summary="Encode a video (or image) to an IV-VAE latent file (.safetensors)",
+        summary="Encode a video (or image, or frames as a tensor) to an IV-VAE latent",
+        description=tensors.__doc__ or "",
         dependencies=[Auth],
         response_class=Response,
         responses={200: {"content": {LATENT_MEDIA_TYPE: {}},
-                         "description": "the latent file; headers X-Cache, X-Latent-Shape"}},
+                         "description": "the latent file (headers X-Cache, X-Latent-Shape), "
+                         "or a raw tensor body (headers shape, dtype)"}},
     )
-    async def encode(
-        request: Request,
-        svc: Svc,
-        model: Annotated[str, Query(description="model name; default: the first served")] = "",
-        sample: Annotated[bool, Query(description="sample the posterior (else its mean)")] = False,
-        seed: Annotated[int | None, Query(ge=0, description="seed for sample=true")] = None,
-        dtype: Annotated[Literal["float32", "bfloat16", "float16"],
-                         Query(description="stored latent dtype")] = "float32",
-        moments: Annotated[bool, Query(description="also store mu and logvar")] = False,
-    ) -> Response:
+    async def encode(request: Request, svc: Svc) -> Response:
         async def work() -> Response:
+            form = tensors.parse_encode(request.query_params.multi_items())
             data, ctype = await read_body(request, settings.max_upload_bytes)
-            if ctype and not ctype.startswith(_VIDEO_TYPES):
-                raise UnsupportedMedia(
-                    f"content type {ctype!r} is not a video or image; send the file as "
-                    "multipart field 'file' or with a video/* or image/* content type"
-                )
-            options = EncodeOptions(model=model, sample=sample, seed=seed, dtype=dtype,
-                                    include_moments=moments)
-            result = await svc.pipeline.encode(data, options)
+            sources: list[bytes | FramesUpload]
+            if form.tensor_shape is not None:
+                sources = [FramesUpload(f, fps=form.fps) for f in
+                           tensors.frames_of_tensor(data, form, settings.max_upload_bytes)]
+            else:
+                if ctype and not ctype.startswith(_VIDEO_TYPES):
+                    raise UnsupportedMedia(
+                        f"content type {ctype!r} is not a video or image; send the file as "
+                        "multipart field 'file' or with a video/* or image/* content type"
+                    )
+                sources = [data]
+            if form.output == "file" and len(sources) > 1:
+                raise InvalidInput(f"a latent file holds one video; this tensor has a batch "
+                                   f"of {len(sources)}: ask for output_type=pt")
+            results = [await svc.pipeline.encode(src, form.options) for src in sources]
+            result = results[0]
             info = result.info
-            name = f"{info.content_sha256[:16]}.latent.safetensors"
-            return Response(result.data, media_type=LATENT_MEDIA_TYPE, headers={
-                "X-Cache": "hit" if result.cache_hit else "miss",
+            headers = {
+                "X-Cache": "hit" if all(r.cache_hit for r in results) else "miss",
                 "X-Latent-Shape": ",".join(str(s) for s in result.latent_shape),
                 "X-Model": info.model_name,
-                "Content-Disposition": f'attachment; filename="{name}"',
-            })
+            }
+            if form.output == "pt":
+                model = svc.pipeline.model(form.options.model)
+                latents = [decode_latent_file(r.data)[0] for r in results]
+                body, tensor_headers = tensors.latent_answer(
+                    latents, form, model.scale_factor, model.shift_factor)
+                return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
+                                headers={**headers, **tensor_headers})
+            name = f"{info.content_sha256[:16]}.latent.safetensors"
+            headers["Content-Disposition"] = f'attachment; filename="{name}"'
+            return Response(result.data, media_type=LATENT_MEDIA_TYPE, headers=headers)
 
         return await observed(svc, "encode", work)
 
     @app.post(
         "/decode",
-        summary="Decode a latent file to video/mp4 (or raw uint8 frames as safetensors)",
+        summary="Decode a latent (file, bare latent or raw tensor) to video/mp4, frames or "
+                "a tensor",
+        description=tensors.__doc__ or "",
         dependencies=[Auth],
         response_class=Response,
-        responses={200: {"content": {"video/mp4": {}, "application/x-safetensors": {}}}},
+        responses={200: {"content": {"video/mp4": {}, "application/x-safetensors": {},
+                                     "application/zip": {}, "application/octet-stream": {}}}},
     )
-    async def decode(
-        request: Request,
-        svc: Svc,
-        format: Annotated[Literal["mp4", "frames"] | None,
-                          Query(description="mp4 (default) or frames (uint8 safetensors); "
-                                "also chosen by Accept: application/x-safetensors")] = None,
-        crf: Annotated[int, Query(ge=0, le=51, description="H.264 quality (lower=better)")] = 18,
-    ) -> Response:
-        accept = request.headers.get("accept", "")
-        want_frames = format == "frames" or (format is None and any(
-            a in accept for a in FRAMES_ACCEPT))
-
+    async def decode(request: Request, svc: Svc) -> Response:
         async def work() -> Response:
+            form = tensors.parse_decode(request.query_params.multi_items(),
+                                        request.headers.get("accept", ""), CRF_RANGE,
+                                        DEFAULT_CRF)
             data, _ = await read_body(request, settings.max_upload_bytes)
-            info, frames = await svc.pipeline.decode_frames(data)
+            items: list[AsyncIterator[np.ndarray]]
+            batched = False
+            if form.tensor_shape is not None:
+                raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
+                latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
+                batched = len(form.tensor_shape) == 5
+                info, items = await svc.pipeline.decode_bare(
+                    latent, form.tensor_dtype, DecodeTarget.parse(form.target_params))
+            elif is_ivvae_latent_file(data):
+                if form.target_params:
+                    raise InvalidInput(
+                        f"parameter {form.target_params[0][0]!r} is for bare latents: a "
+                        "latent file from /encode says its own model, size and fps")
+                info, frames = await svc.pipeline.decode_frames(data)
+                items = [frames]
+            else:
+                latent, dtype = read_bare_latent(data)
+                batched = True
+                info, items = await svc.pipeline.decode_bare(
+                    latent, dtype, DecodeTarget.parse(form.target_params))
+            batched = (batched and len(items) > 1) or form.output == "pt"
             headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
-                       "X-Width": str(info.width), "X-Height": str(info.height)}
-            if want_frames:
-                parts = [f async for f in frames]
-                meta = {"num_frames": str(info.num_frames), "height": str(info.height),
-                        "width": str(info.width),
-                        "fps": f"{info.fps.numerator}/{info.fps.denominator}",
-                        "model_name": info.model_name, "layout": "THWC uint8 RGB"}
-                body = dumps({"frames": np.concatenate(parts)}, meta)
-                return Response(body, media_type="application/x-safetensors", headers=headers)
-            sink = io.BytesIO()
-            writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps,
-                               crf=crf)
-            try:
-                async for part in frames:
-                    await asyncio.to_thread(writer.write, part)
-            finally:
-                await asyncio.to_thread(writer.close)
-            return Response(sink.getvalue(), media_type="video/mp4", headers=headers)
+                       "X-Width": str(info.width), "X-Height": str(info.height),
+                       "X-Batch": str(len(items))}
+            if form.output in ("frames", "pt"):
+                body, media, extra = await tensors.frames_answer(items, info, form, batched)
+                return Response(body, media_type=media, headers={**headers, **extra})
+            videos = []
+            for frames in items:
+                sink = io.BytesIO()
+                writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps,
+                                   crf=form.crf)
+                try:
+                    async for part in frames:
+                        await asyncio.to_thread(writer.write, part)
+                finally:
+                    await asyncio.to_thread(writer.close)
+                videos.append(sink.getvalue())
+            if len(videos) > 1:
+                return Response(tensors.zip_of(videos), media_type="application/zip",
+                                headers=headers)
+            return Response(videos[0], media_type="video/mp4", headers=headers)
 
         return await observed(svc, "decode", work)
 
