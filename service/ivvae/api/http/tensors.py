@@ -30,19 +30,15 @@ tensor body, ``(B, T, H, W, 3)`` uint8 with ``partial_postprocess=true``, else
 
 from __future__ import annotations
 
-import io
-import zipfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Literal
 
 import numpy as np
 
 from ...errors import InvalidInput
-from ...latents import LatentInfo
 from ...pipeline import EncodeOptions
-from ...safetensors_io import Tensor, dumps, float32_to_bf16_bits
+from ...safetensors_io import Tensor, float32_to_bf16_bits
 from ...video import Preprocess
 from ...wire import (
     DECODE_KEYS,
@@ -59,6 +55,7 @@ ENCODE_KEYS = ("model", "sample", "seed", "dtype", "moments", "shape", "output_t
 DECODE_OUTPUT_KEYS = ("format", "crf", "output_type", "partial_postprocess", "image_format",
                       "shape", "dtype")
 TENSOR_MEDIA_TYPE = "application/octet-stream"
+FRAMES_ACCEPT = ("application/x-safetensors", "application/octet-stream")
 
 Params = Sequence[tuple[str, str]]
 
@@ -228,7 +225,7 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
     if output_type == "pt":
         output = "pt"
     elif fmt == "frames" or (fmt is None and output_type is None and any(
-            a in accept for a in ("application/x-safetensors",))):
+            a in accept for a in FRAMES_ACCEPT)):
         output = "frames"
     image_format = _single(params, "image_format")
     if image_format is not None and image_format not in ("jpg", "png"):
@@ -250,40 +247,3 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
     return DecodeForm(output, _bool("partial_postprocess", _single(params,
                                                                    "partial_postprocess")),
                       crf, shape, tensor_dtype, target)
-
-
-async def frames_answer(items: list[AsyncIterator[np.ndarray]], info: LatentInfo,
-                        form: DecodeForm, batched: bool) -> tuple[bytes, str, dict[str, str]]:
-    """Decoded frames of every item as the body ``form`` asks for: (body, media type,
-    extra headers)."""
-    stacks = []
-    for item in items:
-        stacks.append(np.concatenate([f async for f in item]))
-    video = np.stack(stacks)  # (B, T, H, W, 3) uint8
-    if form.output == "pt":
-        if form.uint8:
-            body, headers = raw_tensor_body(np.ascontiguousarray(video))
-        else:
-            x = video.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
-            body, headers = raw_tensor_body(np.ascontiguousarray(x))
-        return body, TENSOR_MEDIA_TYPE, headers
-    meta = {"num_frames": str(info.num_frames), "height": str(info.height),
-            "width": str(info.width), "fps": f"{info.fps.numerator}/{info.fps.denominator}",
-            "model_name": info.model_name,
-            "layout": "BTHWC uint8 RGB" if batched else "THWC uint8 RGB"}
-    body = dumps({"frames": video if batched else video[0]}, meta)
-    return body, "application/x-safetensors", {}
-
-
-def zip_of(videos: list[bytes]) -> bytes:
-    """MP4s of a batch, in order, as ``0.mp4``, ``1.mp4``, ... in a zip (stored: MP4s do
-    not compress)."""
-    sink = io.BytesIO()
-    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
-        for index, video in enumerate(videos):
-            archive.writestr(f"{index}.mp4", video)
-    return sink.getvalue()
-
-
-def fps_text(fps: Fraction) -> str:
-    return f"{fps.numerator}/{fps.denominator}"

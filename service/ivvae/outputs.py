@@ -1,0 +1,158 @@
+"""Decoded frames as the bytes a client asked for: an MP4, a frames file, or for a batch
+of bare latents a zip of MP4s, a batch frames file or a raw tensor.
+
+One home for both output formats, so HTTP, gRPC and the CLI return byte-identical files for
+the same latent. Both are produced as a stream of byte chunks while frames come out of the
+decoder, so memory stays bounded by one decoder step:
+
+* ``mp4``: H.264 in a fragmented MP4 (``ivvae.video.Mp4Writer`` on a non-seekable sink:
+  the index first, then one fragment per keyframe), which players and PyAV read like any
+  MP4, and which can be sent before the whole video is encoded.
+* ``frames``: a safetensors file holding ``frames`` ``(T, H, W, 3)`` uint8 RGB and
+  metadata ``FRAMES_METADATA_KEYS``; its header is known from the latent before decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import zipfile
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import numpy as np
+
+from .core.names import DEFAULT_CRF
+from .latents import LatentInfo
+from .safetensors_io import dumps, header_bytes
+from .video import Mp4Writer
+from .wire import raw_tensor_body
+
+OutputFormat = Literal["mp4", "frames"]
+MEDIA_TYPES: dict[str, str] = {"mp4": "video/mp4", "frames": "application/x-safetensors"}
+FRAMES_LAYOUT = "THWC uint8 RGB"
+FRAMES_METADATA_KEYS = ("num_frames", "height", "width", "fps", "model_name", "layout")
+
+
+def frames_metadata(info: LatentInfo) -> dict[str, str]:
+    return {"num_frames": str(info.num_frames), "height": str(info.height),
+            "width": str(info.width), "fps": f"{info.fps.numerator}/{info.fps.denominator}",
+            "model_name": info.model_name, "layout": FRAMES_LAYOUT}
+
+
+async def frames_file(info: LatentInfo, frames: AsyncIterator[np.ndarray]
+                      ) -> AsyncIterator[bytes]:
+    """The frames file of ``frames`` (``(n, H, W, 3)`` uint8 parts, ``info.num_frames`` in
+    all), header first."""
+    shape = (info.num_frames, info.height, info.width, 3)
+    head = header_bytes({"frames": ("U8", shape)}, frames_metadata(info))
+    async for part in frames:
+        # the header goes out with frame 0: nothing is sent before the decoder ran once
+        yield head + np.ascontiguousarray(part, dtype=np.uint8).tobytes()
+        head = b""
+
+
+class _Chunks:
+    """A non-seekable byte sink (so ``Mp4Writer`` writes a fragmented MP4) that hands out
+    what was written so far. Written on the writer's thread, drained on the event loop
+    between writes, never both at once."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        return len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def take(self) -> bytes:
+        out, self._buffer = bytes(self._buffer), bytearray()
+        return out
+
+
+async def mp4_file(info: LatentInfo, frames: AsyncIterator[np.ndarray], *,
+                   crf: int = DEFAULT_CRF) -> AsyncIterator[bytes]:
+    """The MP4 of ``frames``, in chunks as the encoder writes them.
+
+    The writer lives on its own thread: its calls stay in order even when the consumer is
+    cancelled mid-write (the close queues behind the write)."""
+    loop = asyncio.get_running_loop()
+    sink = _Chunks()
+    writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps, crf=crf)
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivvae-mp4")
+    try:
+        async for part in frames:
+            await loop.run_in_executor(thread, writer.write, part)
+            if chunk := sink.take():
+                yield chunk
+        await loop.run_in_executor(thread, writer.close)
+        if chunk := sink.take():
+            yield chunk
+    finally:
+        thread.submit(writer.close)  # a no-op after a clean close
+        thread.shutdown(wait=False)
+
+
+def render(fmt: OutputFormat, info: LatentInfo, frames: AsyncIterator[np.ndarray], *,
+           crf: int = DEFAULT_CRF) -> AsyncIterator[bytes]:
+    """The output file of ``fmt`` as byte chunks."""
+    if fmt == "frames":
+        return frames_file(info, frames)
+    return mp4_file(info, frames, crf=crf)
+
+
+async def collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in chunks])
+
+
+# -- batches (bare latents of more than one video) ----------------------------------------
+
+BATCH_MEDIA_TYPES: dict[str, str] = {"mp4": "application/zip",
+                                     "frames": "application/x-safetensors"}
+BATCH_FRAMES_LAYOUT = "BTHWC uint8 RGB"
+
+
+async def _stack(items: list[AsyncIterator[np.ndarray]]) -> np.ndarray:
+    """Every item's frames, in order: ``(B, T, H, W, 3)`` uint8."""
+    stacks = []
+    for item in items:
+        stacks.append(np.concatenate([part async for part in item]))
+    return np.stack(stacks)
+
+
+async def render_batch(fmt: OutputFormat, info: LatentInfo,
+                       items: list[AsyncIterator[np.ndarray]], *,
+                       crf: int = DEFAULT_CRF) -> tuple[bytes, str]:
+    """The output of a batch of videos of one size (``info``): ``(body, media type)``.
+
+    One item is ``render`` 's file. More: ``mp4`` is a zip holding ``0.mp4``, ``1.mp4``, ...
+    (stored, MP4s do not compress), ``frames`` one frames file of ``(B, T, H, W, 3)``
+    (layout ``BATCH_FRAMES_LAYOUT``).
+    """
+    if len(items) == 1:
+        return await collect(render(fmt, info, items[0], crf=crf)), MEDIA_TYPES[fmt]
+    if fmt == "frames":
+        meta = {**frames_metadata(info), "layout": BATCH_FRAMES_LAYOUT,
+                "batch": str(len(items))}
+        return dumps({"frames": await _stack(items)}, meta), BATCH_MEDIA_TYPES[fmt]
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+        for index, item in enumerate(items):
+            archive.writestr(f"{index}.mp4", await collect(mp4_file(info, item, crf=crf)))
+    return sink.getvalue(), BATCH_MEDIA_TYPES[fmt]
+
+
+async def tensor_output(items: list[AsyncIterator[np.ndarray]], *, uint8: bool,
+                        ) -> tuple[bytes, dict[str, str]]:
+    """Decoded frames as a raw tensor body and its ``shape`` / ``dtype`` headers (Hugging
+    Face's remote-VAE output): ``(B, T, H, W, 3)`` uint8, or ``(B, 3, T, H, W)`` float32
+    in [-1, 1], the uint8 frames as the encoder reads them (``x / 127.5 - 1``; the served
+    decoders emit uint8, so values come in steps of 2/255)."""
+    video = await _stack(items)
+    if uint8:
+        return raw_tensor_body(np.ascontiguousarray(video))
+    x = video.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
+    return raw_tensor_body(np.ascontiguousarray(x))
