@@ -24,11 +24,16 @@ from tests.service_fixtures import tiny_weights  # noqa: F401
 CLIPS = 5
 
 
+def in_process(weights: Path) -> EncoderSpec:
+    # One torch thread: on a shared 2-core machine more threads run several times slower.
+    return EncoderSpec(weights=str(weights), torch_threads=1)
+
+
 def encode_alone(weights: Path, clips: dict[str, bytes], dtype: str) -> dict[str, bytes]:
     """Each clip through a fresh in-process encoder on its own: the raw latent tensor bytes."""
 
     async def run() -> dict[str, bytes]:
-        encoder = EncoderSpec(weights=str(weights), torch_threads=1).build()
+        encoder = in_process(weights).build()
         await encoder.start()
         try:
             out = {}
@@ -65,7 +70,7 @@ def test_s3_to_s3_and_back(fmt: str, s3_server: S3Server,  # noqa: F811
     out = s3_server.make_bucket(f"latents-{fmt}") + "/v1"
     dtype = "bfloat16" if fmt == "parquet" else "float32"
     summary = asyncio.run(encode_dataset(
-        src + "/", out, encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1), format=fmt,
+        src + "/", out, encoder=in_process(tiny_weights), format=fmt,
         options=ClipOptions(dtype=dtype), shard_clips=2))
     assert (summary.total, summary.encoded, summary.failed) == (CLIPS, CLIPS, 0)
 
@@ -103,7 +108,7 @@ def test_webdataset_shards_read_by_the_webdataset_package(
 
     src, clips = bucket_clips
     summary = asyncio.run(encode_dataset(
-        src, tmp_path / "out", encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1),
+        src, tmp_path / "out", encoder=in_process(tiny_weights),
         format="webdataset"))
     assert summary.encoded == CLIPS
     shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
@@ -124,7 +129,7 @@ def test_dataloader_workers_read_their_own_shards(
         tiny_weights: Path) -> None:  # noqa: F811
     src, clips = bucket_clips
     out = s3_server.make_bucket("latents-loader")
-    asyncio.run(encode_dataset(src, out, encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1),
+    asyncio.run(encode_dataset(src, out, encoder=in_process(tiny_weights),
                                format="parquet", shard_clips=1))
     ds = IterableLatentDataset(out, shuffle=True, seed=1)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
@@ -143,7 +148,7 @@ def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -
         fs.pipe_file(f"replaced/clip{i}.mp4",
                      media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
     out = src + "/out"
-    spec = EncoderSpec(weights=str(tiny_weights), torch_threads=1)
+    spec = in_process(tiny_weights)
     asyncio.run(encode_dataset(src + "/", out, encoder=spec))
     before = {r["source"]: r for r in LatentDataset(out).records}
     assert all(r["identity"].startswith("etag:") for r in before.values())
@@ -177,7 +182,7 @@ def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> N
         listing.write_text(f"{base}/c0.mp4\n{base}/c1.mp4\n{base}/gone.mp4\n")
         out = tmp_path / "out"
         summary = asyncio.run(encode_dataset(listing, out,
-                                             encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1)))
+                                             encoder=in_process(tiny_weights)))
         assert (summary.encoded, summary.failed) == (2, 1)
         records = {r["source"]: r for r in LatentDataset(str(out)).records}
         assert sorted(records) == [f"{base}/c0.mp4", f"{base}/c1.mp4"]

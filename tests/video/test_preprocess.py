@@ -109,3 +109,39 @@ def test_available_frames() -> None:
     assert Preprocess.parse({"fps": "50", "start_s": "2"}).available_frames(100, 25.0) == 100
     assert Preprocess.parse({"start_frame": "200"}).available_frames(100, 25.0) == 0
     assert Preprocess().available_frames(None, 25.0) is None
+
+
+def _select(params: dict[str, str], times: list[float], fps: float) -> list[int]:
+    """Indices of the source frames a selector emits, repeats included."""
+    selector = Preprocess.parse(params).plan(64, 64, None, fps).selector(fps)
+    out: list[int] = []
+    for i, t in enumerate(times):
+        out += [i - 1] * selector.push(t)
+    out += [len(times) - 1] * selector.finish()
+    return out
+
+
+def test_selector_by_index_and_time() -> None:
+    times = [i / 10 for i in range(10)]
+    assert _select({}, times, 10) == list(range(10))
+    assert _select({"start_frame": "3", "stride": "3"}, times, 10) == [3, 6, 9]
+    # start_s: the frame on screen at that time, then every frame.
+    assert _select({"start_s": "0.25"}, times, 10) == list(range(2, 10))
+    assert _select({"start_s": "0.3"}, times, 10) == list(range(3, 10))
+    # fps: drop (5 fps from 10) and repeat (20 fps from 10), by timestamp.
+    assert _select({"fps": "5"}, times, 10) == [0, 2, 4, 6, 8]
+    assert _select({"fps": "20"}, times, 10) == [i // 2 for i in range(20)]
+    assert _select({"fps": "4", "start_s": "0.1"}, times, 10) == [1, 3, 6, 8]
+    # Variable frame rate: a frame held for a long time is repeated.
+    assert _select({"fps": "10"}, [0.0, 0.1, 0.5], 10) == [0, 1, 1, 1, 1, 2]
+
+
+def test_plan() -> None:
+    plan = Preprocess.parse({"bucket": "480x272x17"}).plan(1280, 720, 100, 25.0)
+    assert (plan.width, plan.height, plan.frame_limit, plan.exact) == (480, 272, 17, True)
+    assert Preprocess.parse({"stride": "2"}).plan(8, 8, 10, 30.0).fps == 15
+    assert Preprocess.parse({"fps": "30000/1001"}).plan(8, 8, 10, 25.0).fps == Fraction(
+        30000, 1001)
+    with pytest.raises(InvalidInput, match="num_frames asks for 17"):
+        Preprocess.parse({"num_frames": "17"}).plan(8, 8, 10, 25.0)
+    assert Preprocess.parse({"max_frames": "17"}).plan(8, 8, 10, 25.0).frame_limit == 17

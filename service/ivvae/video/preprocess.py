@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
@@ -336,9 +336,101 @@ class Preprocess:
             return bool(self.buckets)
         return getattr(self, name) is not None
 
-    def without_window(self) -> Preprocess:
-        """The same spatial options with no frame selection (for stills)."""
-        return replace(self, start_frame=None, start_s=None, stride=None, fps=None)
+    def plan(self, width: int, height: int, frames: int | None, fps: float) -> Plan:
+        """What these options do to one upright ``width`` x ``height`` clip declaring
+        ``frames`` frames (``None``: unknown) at ``fps``. Raises ``InvalidInput`` when the
+        clip fills no bucket or is known to be shorter than ``num_frames``."""
+        available = self.available_frames(frames, fps)
+        bucket = self.choose_bucket(width, height, available)
+        limit, exact = self.frame_limit(bucket)
+        if exact and limit is not None and available is not None and available < limit:
+            raise InvalidInput(f"the clip has {available} frames after preprocessing; "
+                               f"num_frames asks for {limit}")
+        out_fps = Fraction(fps) if self.fps is None else self.fps
+        if self.stride is not None:
+            out_fps = Fraction(fps) / self.stride
+        return Plan(self, self.geometry(width, height, bucket), bucket, limit, exact,
+                    out_fps.limit_denominator(1_000_000))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``Preprocess.plan``: the options as decided for one clip. ``frame_limit`` output
+    frames at most (``None``: every frame); fewer is an error when ``exact``. ``fps`` is
+    the output rate."""
+
+    options: Preprocess
+    geometry: Geometry
+    bucket: Bucket | None
+    frame_limit: int | None
+    exact: bool
+    fps: Fraction
+
+    @property
+    def width(self) -> int:
+        return self.geometry.width
+
+    @property
+    def height(self) -> int:
+        return self.geometry.height
+
+    def selector(self, source_fps: float) -> FrameSelector:
+        return FrameSelector(self.options, source_fps)
+
+
+class FrameSelector:
+    """Which source frames become output frames, decided as frames stream in.
+
+    A source frame shown from ``t_i`` to ``t_{i+1}`` (seconds from the first frame; the
+    last one lasts ``1 / source_fps``) is emitted once for every output time that falls in
+    that interval: with ``fps``, the times ``start + k / fps`` (so frames are dropped or
+    repeated); otherwise the frame on screen at ``start_s`` (or frame ``start_frame``) and
+    every ``stride``-th frame after it. The interval of a frame is known only when the next
+    one arrives, so ``push`` answers for the previous frame.
+    """
+
+    _EPS = 1e-6  # timestamps are rounded to the stream's time base
+
+    def __init__(self, options: Preprocess, source_fps: float) -> None:
+        self._o = options
+        self._frame_s = 1.0 / source_fps
+        self._start = float(options.start_s or 0)
+        self._start_index: int | None = options.start_frame or 0
+        if options.start_s is not None:
+            self._start_index = None  # found by time
+        self._prev: float | None = None
+        self._index = -1
+        self._emitted_targets = 0
+
+    def push(self, time: float) -> int:
+        """A source frame at ``time`` arrived: how many times to emit the previous one."""
+        copies = 0 if self._prev is None else self._copies(self._prev, time)
+        self._prev = time if self._prev is None else max(time, self._prev)
+        self._index += 1
+        return copies
+
+    def finish(self) -> int:
+        """The stream ended: how many times to emit the last frame."""
+        if self._prev is None:
+            return 0
+        return self._copies(self._prev, self._prev + self._frame_s)
+
+    def _copies(self, begin: float, end: float) -> int:
+        o = self._o
+        if o.fps is not None:
+            # Targets start + k / fps with k >= emitted so far, before ``end``.
+            upto = math.ceil((end - self._EPS - self._start) * float(o.fps))
+            copies = max(0, upto - self._emitted_targets)
+            self._emitted_targets += copies
+            return copies
+        i = self._index
+        if self._start_index is None:
+            if self._start >= end - self._EPS:
+                return 0
+            self._start_index = i
+        if i < self._start_index:
+            return 0
+        return 1 if (i - self._start_index) % (o.stride or 1) == 0 else 0
 
 
 def _exact(width: int, height: int, out_w: int, out_h: int, cover: bool) -> Geometry:
