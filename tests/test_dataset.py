@@ -212,9 +212,6 @@ async def test_other_options_refused_or_new_version(server: ServerThread, clips:
                              options=ClipOptions(dtype="bfloat16"))
     with pytest.raises(DatasetError, match=r"format: 'parquet' -> 'webdataset'"):
         await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
-    with pytest.raises(DatasetError, match=r"options\.preprocess: '' -> 'resize=8'"):
-        await encode_dataset(clips, out, server=server.grpc_url, format="parquet",
-                             options=ClipOptions(preprocess="resize=8"))
     assert latents(out) == first  # untouched
 
     summary = await encode_dataset(clips, out, server=server.grpc_url, format="parquet",
@@ -227,7 +224,7 @@ async def test_other_options_refused_or_new_version(server: ServerThread, clips:
 
     done = subprocess.run(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(clips), str(out),
-         "--server", server.grpc_url, "--format", "parquet", "--resize", "8"],
+         "--server", server.grpc_url, "--format", "parquet", "--dtype", "float16"],
         capture_output=True, text=True)
     assert done.returncode == 2 and "holds another job" in done.stderr
     done = subprocess.run(
@@ -344,3 +341,21 @@ def test_a_single_clip_or_a_binary_file_is_no_list(clips: Path, tmp_path: Path) 
         collect(binary)
     assert [s.name for s in collect(f"{clips}/*/clip0[12].mp4")] == ["a/clip01.mp4",
                                                                      "b/clip02.mp4"]
+
+
+async def test_preprocessing_in_process_is_applied_and_keyed(
+        server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    from ivvae.dataset import EncoderSpec
+
+    spec = EncoderSpec(weights=str(tiny_weights), torch_threads=1)
+    out = tmp_path / "out"
+    summary = await encode_dataset(f"{clips}/a/clip0[13].mp4", out, encoder=spec,
+                                   options=ClipOptions(preprocess="resize=24"))
+    assert summary.encoded == 2
+    assert {tuple(r["shape"]) for r in manifest(out)} == {(1, 4, 2, 3, 3)}  # 16 px -> 24
+    with pytest.raises(DatasetError, match="preprocess: 'resize=24' -> ''"):
+        await encode_dataset(f"{clips}/a/clip0[13].mp4", out, encoder=spec)
+    with pytest.raises(DatasetError, match="in-process encoder"):
+        await encode_dataset(clips, tmp_path / "o2", server=server.grpc_url,
+                             options=ClipOptions(preprocess="resize=24"))

@@ -365,6 +365,8 @@ class Encoded:
 
 
 class ClipEncoder(Protocol):
+    applies_preprocessing: bool
+
     async def start(self) -> ModelIdentity: ...
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded: ...
     async def close(self) -> None: ...
@@ -402,17 +404,12 @@ class EncoderSpec:
             batch_max_size=self.batch_max_size))
 
 
-def _encode_options(options: ClipOptions, name: str) -> dict[str, Any]:
-    if options.preprocess:
-        # The pipeline learns to apply Preprocess in issue 14; until then a job that asks
-        # for it is refused rather than silently encoded without it.
-        raise DatasetError("preprocessing options are not applied by this encoder yet")
-    return {"model": options.model, "sample": options.sample,
-            "seed": options.clip_seed(name), "dtype": options.dtype}
 
 
 class LocalEncoder:
     """The model in this process (``ivvae.service.Service`` with the local backend)."""
+
+    applies_preprocessing = True
 
     def __init__(self, settings: Settings) -> None:
         from .service import Service
@@ -427,11 +424,12 @@ class LocalEncoder:
 
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
         from .pipeline import EncodeOptions
+        from .video.preprocess import Preprocess
 
-        kw = _encode_options(options, name)
-        result = await self.service.pipeline.encode(
-            source, EncodeOptions(model=kw["model"], sample=kw["sample"], seed=kw["seed"],
-                                  dtype=kw["dtype"], include_moments=options.moments))
+        result = await self.service.pipeline.encode(source, EncodeOptions(
+            model=options.model, sample=options.sample, seed=options.clip_seed(name),
+            dtype=options.dtype, include_moments=options.moments,
+            preprocess=Preprocess.from_canonical(options.preprocess)))
         return Encoded(result.data, result.info)
 
     async def close(self) -> None:
@@ -440,6 +438,10 @@ class LocalEncoder:
 
 class ServiceEncoder:
     """A running ivvae service (gRPC or HTTP), retried on UNAVAILABLE."""
+
+    # The client cannot send preprocessing options yet: such a job is refused, rather than
+    # encoded without them under a key that says they were applied.
+    applies_preprocessing = False
 
     def __init__(self, spec: EncoderSpec) -> None:
         from .client import AsyncClient, RetryPolicy
@@ -462,9 +464,10 @@ class ServiceEncoder:
         raise DatasetError(f"the service serves no model {name!r} (it serves {models.names()})")
 
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
-        kw = _encode_options(options, name)
         try:
-            result = await self.client.encode(source, moments=options.moments, **kw)
+            result = await self.client.encode(
+                source, model=options.model, sample=options.sample,
+                seed=options.clip_seed(name), dtype=options.dtype, moments=options.moments)
         except (BackendUnavailable, Overloaded) as exc:  # already retried: give up the run
             raise DatasetError(
                 f"the service at {self.client.url} is unavailable: {exc.detail}") from exc
@@ -970,6 +973,8 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
     """Run ``job`` with ``encoder`` (see the module docstring); ``summary`` is filled in as
     it goes, so a caller that is interrupted still has the counts."""
     summary = summary if summary is not None else Summary()
+    if job.options.preprocess and not encoder.applies_preprocessing:
+        raise DatasetError("preprocessing options need the in-process encoder (no --server)")
     model = await encoder.start()
     try:
         p = await asyncio.to_thread(plan, job, model)
