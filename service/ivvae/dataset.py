@@ -25,6 +25,12 @@ any worker), ``part`` and ``member`` (where the latent is: a file, or a shard an
 sample key / parquet row), ``shape``, ``dtype``, ``frames``, ``bytes``, ``error``, ``detail``.
 It is rewritten whole when a worker finishes (or is stopped); ``ivvae.data`` reads it.
 
+Encoders. Without ``--server`` the model runs in this process (``EncoderSpec``: weights,
+device, precision); concurrent clips' steps are not batched together, so each latent is bit
+for bit what encoding that clip alone gives. The preprocessing options
+(``ivvae.video.preprocess``: ``--resize``, ``--bucket``, ...) apply in-process only; with
+``--server`` they are refused for now (the client cannot send them).
+
 Exact resume. The job is keyed by everything that decides its output (``JobConfig``): the
 format, the preprocessing and encode options, the model and its weights hash. A clip's key
 adds the source's identity (object stores: version or ETag, and size; local files: the
@@ -1119,7 +1125,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         job, spec = job_from_args(args)
         if args.engine == "ray":
-            from .ray import run_on_ray
+            try:
+                from .ray import run_on_ray
+            except ModuleNotFoundError as exc:
+                raise DatasetError(f"--engine ray needs ray: pip install 'ivvae[ray]' "
+                                   f"({exc})") from exc
 
             summary = run_on_ray(job, spec, address=args.address, workers=args.workers,
                                  cpus_per_worker=args.cpus_per_worker,
@@ -1165,7 +1175,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-version", action="store_true",
                    help="OUT holds a different job: write this one to OUT/versions/<key>/")
     p.add_argument("--engine", choices=["local", "ray"], default="local")
-    p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray)")
+    p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray; "
+                   "default: the cluster this machine belongs to, 'local': start one here)")
     p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=float, default=0.0,

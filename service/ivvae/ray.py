@@ -134,9 +134,13 @@ class EncodeClips:
 def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                workers: int = 1, cpus_per_worker: float = 1.0,
                gpus_per_worker: float = 0.0) -> Summary:
-    """Run ``job`` on the Ray cluster at ``address`` (or the one already initialised)."""
+    """Run ``job`` on the Ray cluster at ``address`` (``"local"``: start one on this
+    machine), or on the one this process already joined."""
     if not ray.is_initialized():
-        ray.init(address=address)
+        try:
+            ray.init(address=None if address == "local" else address)
+        except ConnectionError as exc:
+            raise DatasetError(f"no Ray cluster at {address!r}: {exc}") from exc
     summary = Summary()
     # The driver loads the model only to learn its identity (the job key): on its CPU.
     probe = replace(spec, device="cpu") if not spec.server else spec
