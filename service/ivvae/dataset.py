@@ -350,14 +350,15 @@ def _output_for(base: Location, fs: Any, path: str) -> str:
     return _mirrored(fs.unstrip_protocol(path)) + LATENT_SUFFIX
 
 
-def _check_unique(sources: Sequence[Source]) -> None:
-    for attr, what in (("output", "output file"), ("sample_key", "sample key")):
+def _check_unique(sources: Sequence[Source], attrs: Sequence[str] = ("output",)) -> None:
+    what = {"output": "output file", "sample_key": "sample key"}
+    for attr in attrs:
         seen: dict[str, str] = {}
         for s in sources:
             value = getattr(s, attr)
             if value in seen:
-                raise DatasetError(f"{seen[value]!r} and {s.name!r} would share the {what} "
-                                   f"{value!r}; rename one")
+                raise DatasetError(f"{seen[value]!r} and {s.name!r} would share the "
+                                   f"{what[attr]} {value!r}; rename one")
             seen[value] = s.name
 
 
@@ -910,6 +911,8 @@ def plan(job: Job, model: ModelIdentity) -> Plan:
 def _plan(job: Job, model: ModelIdentity) -> Plan:
     config = JobConfig(job.format, job.options, model)
     sources = collect(job.src)
+    if job.format != "files":
+        _check_unique(sources, ("sample_key",))
     out = open_output(job.out, config, new_version=job.new_version)
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
@@ -919,13 +922,20 @@ def _plan(job: Job, model: ModelIdentity) -> Plan:
     return Plan(out, config, sources, mine, todo)
 
 
-def read_clip(source: Source) -> bytes | Path:
-    """The clip's bytes (a local file: its path, read by the decoder as it goes)."""
+def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
+    """A local path of the clip and whether it is a temporary copy (of an object: the
+    decoder then streams from disk, so a large object never sits in memory)."""
     loc = Location.of(source.url)
     if loc.local:
-        return Path(loc.path)
-    data: bytes = loc.fs.cat_file(loc.path)
-    return data
+        return Path(loc.path), False
+    fd, tmp = tempfile.mkstemp(prefix="ivvae-clip-", suffix=_suffix(loc.path), dir=spool)
+    os.close(fd)
+    try:
+        loc.fs.get_file(loc.path, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp), True
 
 
 def read_sidecars(source: Source) -> dict[str, bytes]:
@@ -942,14 +952,19 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     start = time.perf_counter()
     key = clip_key(source, config)
     options, sidecars = config.options, config.format != "files"
+    copy: Path | None = None
     try:
-        data = await asyncio.to_thread(read_clip, source)
+        path, temporary = await asyncio.to_thread(fetch_clip, source)
+        copy = path if temporary else None
         extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
-        encoded = await encoder.encode(data, options, source.name)
+        encoded = await encoder.encode(path, options, source.name)
     except IVVAEError as exc:
         return error_record(source, key, exc.code, exc.detail), None, {}
     except OSError as exc:
         return error_record(source, key, "io_error", str(exc)), None, {}
+    finally:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
 
 
