@@ -37,7 +37,10 @@ adds the source's identity (object stores: version or ETag, and size; local file
 content's sha256) and its sidecars'. A rerun with the same job key skips every clip whose
 key has a published output and encodes the rest (never done, failed, interrupted, or a
 source that changed since); a different job key is refused (``--new-version`` writes it to
-``OUT/versions/<key>/`` instead), so outputs are never mixed.
+``OUT/versions/<key>/`` instead), so outputs are never mixed. A re-encoded clip's old
+sample stays in its old shard (a tar or parquet file is never rewritten): the manifest, and
+so ``ivvae.data``, names only the current one, while a reader that globs the shards itself
+sees both until the job is written anew.
 
 Crash safety. Outputs are published whole (``ivvae.storage``): a latent file, then a shard,
 then the part's record file ``OUT/.ivvae/parts/<part>.jsonl``, which is what makes its
