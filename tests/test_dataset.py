@@ -359,3 +359,17 @@ async def test_preprocessing_in_process_is_applied_and_keyed(
     with pytest.raises(DatasetError, match="in-process encoder"):
         await encode_dataset(clips, tmp_path / "o2", server=server.grpc_url,
                              options=ClipOptions(preprocess="resize=24"))
+
+
+async def test_an_unknown_model_is_refused_before_anything_is_written(
+        server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    from ivvae.dataset import EncoderSpec
+
+    with pytest.raises(DatasetError, match="unknown model 'nope'"):
+        await encode_dataset(clips, tmp_path / "a", options=ClipOptions(model="nope"),
+                             encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1))
+    with pytest.raises(DatasetError, match="serves no model 'nope'"):
+        await encode_dataset(clips, tmp_path / "b", server=server.grpc_url,
+                             options=ClipOptions(model="nope"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -377,7 +377,7 @@ class Encoded:
 class ClipEncoder(Protocol):
     applies_preprocessing: bool
 
-    async def start(self) -> ModelIdentity: ...
+    async def start(self, model: str = "") -> ModelIdentity: ...
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded: ...
     async def close(self) -> None: ...
 
@@ -414,8 +414,6 @@ class EncoderSpec:
             batch_max_size=self.batch_max_size))
 
 
-
-
 class LocalEncoder:
     """The model in this process (``ivvae.service.Service`` with the local backend)."""
 
@@ -426,10 +424,14 @@ class LocalEncoder:
 
         self.service = Service(settings)
 
-    async def start(self) -> ModelIdentity:
+    async def start(self, model: str = "") -> ModelIdentity:
+        """Load the weights; the identity of ``model`` (empty: the default one)."""
         await self.service.start()
-        model = self.service.pipeline.model("")
-        return ModelIdentity(model.name, model.weights_sha256,
+        try:
+            info = self.service.pipeline.model(model)
+        except IVVAEError as exc:
+            raise DatasetError(exc.detail) from exc
+        return ModelIdentity(info.name, info.weights_sha256,
                              self.service.settings.encode_precision)
 
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
@@ -459,15 +461,14 @@ class ServiceEncoder:
         self.client = AsyncClient(spec.server, api_key=spec.api_key, timeout=spec.timeout,
                                   retry=RetryPolicy(attempts=spec.retries + 1),
                                   ca_cert=spec.ca_cert)
-        self.model_name = ""
 
-    async def start(self) -> ModelIdentity:
+    async def start(self, model: str = "") -> ModelIdentity:
         try:
             models = await self.client.models()
         except (BackendUnavailable, Overloaded, OSError) as exc:
             raise DatasetError(f"the service at {self.client.url} is unavailable: "
                                f"{getattr(exc, 'detail', exc)}") from exc
-        name = self.model_name or models.default
+        name = model or models.default
         for m in models.models:
             if m.name == name:
                 return ModelIdentity(m.name, m.weights_sha256, "server")
@@ -999,8 +1000,8 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
     summary = summary if summary is not None else Summary()
     if job.options.preprocess and not encoder.applies_preprocessing:
         raise DatasetError("preprocessing options need the in-process encoder (no --server)")
-    model = await encoder.start()
     try:
+        model = await encoder.start(job.options.model)
         p = await asyncio.to_thread(plan, job, model)
         summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
         summary.output = p.out.url()

@@ -95,7 +95,7 @@ class EncodeClips:
                  out: str = "", prefix: str = "ray", concurrency: int = 2) -> None:
         self.loop = asyncio.new_event_loop()
         self.encoder = spec.build()
-        model = self.loop.run_until_complete(self.encoder.start())
+        model = self.loop.run_until_complete(self.encoder.start(config.options.model))
         if model.weights_sha256 != config.model.weights_sha256:
             raise RuntimeError(f"this worker's model {model.name} (weights "
                                f"{model.weights_sha256[:12]}) is not the job's "
@@ -151,7 +151,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
             raise DatasetError("preprocessing options need the in-process encoder "
                                "(no --server)")
         try:
-            return await encoder.start()
+            return await encoder.start(job.options.model)
         finally:
             await encoder.close()
 
