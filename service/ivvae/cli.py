@@ -113,7 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _encode_dataset(args: argparse.Namespace) -> int:
     from .dataset import main as encode_dataset
 
-    return encode_dataset(args)
+    if args.engine != "ray":
+        return encode_dataset(args)
+    try:
+        from .ray import run_on_ray
+    except ModuleNotFoundError as exc:
+        print(f"encode-dataset: --engine ray needs ray: pip install 'ivvae[ray]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return encode_dataset(args, engine=run_on_ray)
 
 
 def _encode(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dataset import LATENT_SUFFIX, MANIFEST_NAME, RECORD_SUFFIX
+from .latents import DTYPE_NAMES
 from .safetensors_io import DTYPES, Tensor, loads
 from .storage import Location
 
@@ -46,7 +47,6 @@ except ImportError:  # pragma: no cover - a training script has torch
     _Dataset = _IterableDataset = object  # type: ignore[assignment,misc]
 
 Sample = tuple["torch.Tensor", dict[str, Any]]
-_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def read_manifest(url: str) -> list[dict[str, Any]]:
@@ -140,7 +140,7 @@ class _Shards:
         out: dict[str, Sample] = {}
         for row_index, record in wanted.items():
             row = rows[int(row_index)]
-            dtype = _ST_DTYPE[row["dtype"]]
+            dtype = DTYPE_NAMES[row["dtype"]]
             array = np.frombuffer(row["latent"], dtype=DTYPES[dtype]).reshape(row["shape"])
             meta = json.loads(row["metadata"])
             out[record["source"]] = (to_torch(Tensor(dtype, array)),

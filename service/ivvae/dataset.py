@@ -80,8 +80,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .core.names import PRECISIONS
 from .errors import BackendUnavailable, IVVAEError, Overloaded
-from .latents import DTYPE_NAMES, LatentInfo
+from .latents import LatentInfo
 from .media_types import MEDIA_SUFFIXES
 from .storage import (
     TMP_MARK,
@@ -133,8 +134,9 @@ class ClipOptions:
     preprocess: str = ""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise DatasetError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise DatasetError(f"dtype must be one of {', '.join(PRECISIONS)}, got "
+                               f"{self.dtype!r}")
         if self.seed is not None and not self.sample:
             raise DatasetError("--seed is only meaningful with --sample")
 
@@ -1132,8 +1134,17 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
     return job, spec
 
 
-def main(args: argparse.Namespace) -> int:
-    """The ``encode-dataset`` subcommand (arguments: see ``add_arguments``)."""
+class Engine(Protocol):
+    """Runs a whole job elsewhere (``ivvae.ray.run_on_ray``)."""
+
+    def __call__(self, job: Job, spec: EncoderSpec, *, address: str | None, workers: int,
+                 cpus_per_worker: float, gpus_per_worker: float) -> Summary: ...
+
+
+def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
+    """The ``encode-dataset`` subcommand (arguments: see ``add_arguments``); ``engine``
+    runs it when ``--engine`` is not ``local`` (the CLI passes Ray's: nothing here may
+    import it)."""
     summary = Summary()
 
     def report(code: int) -> int:
@@ -1143,16 +1154,12 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         job, spec = job_from_args(args)
-        if args.engine == "ray":
-            try:
-                from .ray import run_on_ray
-            except ModuleNotFoundError as exc:
-                raise DatasetError(f"--engine ray needs ray: pip install 'ivvae[ray]' "
-                                   f"({exc})") from exc
-
-            summary = run_on_ray(job, spec, address=args.address, workers=args.workers,
-                                 cpus_per_worker=args.cpus_per_worker,
-                                 gpus_per_worker=args.gpus_per_worker)
+        if args.engine != "local":
+            if engine is None:
+                raise DatasetError(f"--engine {args.engine} is not available here")
+            summary = engine(job, spec, address=args.address, workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker,
+                             gpus_per_worker=args.gpus_per_worker)
             return report(1 if summary.failed else 0)
 
         async def run() -> Summary:
@@ -1184,8 +1191,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "HOST:PORT or http(s)://HOST:PORT (default: in-process model)")
     p.add_argument("--weights", help="in-process weights file (default: bundled)")
     p.add_argument("--device", default="cpu", help="in-process torch device (cpu, cuda:0)")
-    p.add_argument("--encode-precision", default="float32",
-                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS)
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="this worker's share (default: $JOB_COMPLETION_INDEX/"
                    "$IVVAE_SHARD_COUNT when both are set, else 0/1)")
@@ -1206,7 +1212,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES))
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per video")
     p.add_argument("--retries", type=int, default=6,
