@@ -50,3 +50,16 @@ def test_ray_equals_plain_and_resumes(local_ray: None, tiny_weights: Path,  # no
     assert (again.encoded, again.skipped) == (1, 5)
     assert latents(tmp_path / "ray")["a/clip01.mp4"] == latents(tmp_path / "plain")[
         "a/clip03.mp4"]
+
+
+@pytest.mark.slow
+def test_cli_engine_ray(local_ray: None, tiny_weights: Path, tmp_path: Path,  # noqa: F811
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    from ivvae.cli import main
+
+    src = make_clips(tmp_path / "src", count=2)
+    code = main(["encode-dataset", str(src), str(tmp_path / "out"), "--engine", "ray",
+                 "--weights", str(tiny_weights), "--format", "parquet", "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["total"], summary["encoded"]) == (2, 2)
