@@ -178,10 +178,20 @@ class LatentDataset(_Dataset):
 class IterableLatentDataset(_IterableDataset):
     """Streams ``(latent, metadata)`` shard by shard; see the module docstring."""
 
-    def __init__(self, url: str, *, shuffle: bool = False, seed: int = 0, rank: int = 0,
-                 world_size: int = 1) -> None:
+    def __init__(self, url: str, *, shuffle: bool = False, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        """``rank`` / ``world_size`` default to torch.distributed's when it is initialised
+        (else 0 / 1)."""
         self._shards = _Shards(url)
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+
+            running = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if running else 0
+            world_size = dist.get_world_size() if running else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
