@@ -261,11 +261,14 @@ async def test_two_shards_concurrently_equal_one_unsharded_run(
         server: ServerThread, clips: Path, tmp_path: Path) -> None:
     await encode_dataset(clips, tmp_path / "plain", server=server.grpc_url, format="parquet",
                          shard_clips=3)
-    s0, s1 = await asyncio.gather(*(
-        encode_dataset(clips, tmp_path / "sharded", server=server.grpc_url, format="parquet",
-                       shard=(i, 2), shard_clips=3) for i in (0, 1)))
-    assert s0.total + s1.total == CLIPS and s0.total and s1.total
-    assert s0.encoded + s1.encoded == CLIPS
+    # Two processes at once, as two pods of an Indexed Job would be.
+    procs = [_start_cli(server, clips, tmp_path / "sharded", "--format", "parquet",
+                        "--shard", f"{i}/2", "--shard-clips", "3") for i in (0, 1)]
+    outs = [await asyncio.to_thread(p.communicate, timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    s0, s1 = (json.loads(stdout) for stdout, _ in outs)
+    assert s0["total"] + s1["total"] == CLIPS and s0["total"] and s1["total"]
+    assert s0["encoded"] + s1["encoded"] == CLIPS
     assert latents(tmp_path / "sharded") == latents(tmp_path / "plain")
     lines = manifest(tmp_path / "sharded")
     assert len(lines) == CLIPS and all(r["status"] == "ok" for r in lines)
