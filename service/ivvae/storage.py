@@ -16,7 +16,6 @@ import hashlib
 import os
 import posixpath
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +51,6 @@ class Location:
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
-
-    def child(self, *parts: str) -> Location:
-        return Location(self.fs, self.join(*parts))
 
     def url(self, path: str | None = None) -> str:
         return str(self.fs.unstrip_protocol(self.path if path is None else path))
@@ -130,9 +126,3 @@ def temp_file_for(loc: Location, path: str, spool: str, tag: str = "") -> str:
         return posixpath.join(posixpath.dirname(path), name)
     os.makedirs(spool, exist_ok=True)
     return os.path.join(spool, name)
-
-
-def remove(loc: Location, paths: Iterable[str]) -> None:
-    paths = list(paths)
-    if paths:
-        loc.fs.rm(paths)
