@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +191,24 @@ def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> N
     finally:
         httpd.shutdown()
         thread.join()
+
+
+def test_parts_published_by_another_process_are_seen(
+        s3_server: S3Server, bucket_clips: tuple[str, dict[str, bytes]],  # noqa: F811
+        tiny_weights: Path) -> None:  # noqa: F811
+    import s3fs
+
+    from ivvae.dataset import PARTS_DIR, load_state
+    from ivvae.storage import Location
+
+    src, _ = bucket_clips
+    out = s3_server.make_bucket("latents-others") + "/job"
+    asyncio.run(encode_dataset(src, out, encoder=in_process(tiny_weights), shard_clips=2))
+    loc = Location.of(out)
+    before = load_state(loc, "files")  # fills this process's listing cache
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another worker's client
+    record = {"source": "elsewhere.mp4", "key": "k", "status": "error", "error": "x"}
+    other.pipe_file(f"{loc.path}/{PARTS_DIR}/w00001of00002-x-00000.jsonl",
+                    (json.dumps(record) + "\n").encode())
+    after = load_state(loc, "files")
+    assert "elsewhere.mp4" not in before.records and "elsewhere.mp4" in after.records

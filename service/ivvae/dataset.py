@@ -713,6 +713,10 @@ class State:
 def load_state(out: Location, fmt: Format) -> State:
     state = State()
     fs = out.fs
+    # Object-store filesystems cache listings for the life of the instance (s3fs drops a
+    # path's entry and its parents', not its children's); other workers publish parts
+    # meanwhile, and they must be seen.
+    fs.invalidate_cache()
     parts_dir = out.join(PARTS_DIR)
     names = fs.glob(parts_dir + "/*.jsonl") if fs.exists(parts_dir) else []
     blobs = fs.cat([n for n in names if TMP_MARK not in n]) if names else {}
