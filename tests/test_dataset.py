@@ -359,9 +359,9 @@ async def test_preprocessing_in_process_is_applied_and_keyed(
     assert {tuple(r["shape"]) for r in manifest(out)} == {(1, 4, 2, 3, 3)}  # 16 px -> 24
     with pytest.raises(DatasetError, match="preprocess: 'resize=24' -> ''"):
         await encode_dataset(f"{clips}/a/clip0[13].mp4", out, encoder=spec)
-    with pytest.raises(DatasetError, match="in-process encoder"):
-        await encode_dataset(clips, tmp_path / "o2", server=server.grpc_url,
-                             options=ClipOptions(preprocess="resize=24"))
+    await encode_dataset(f"{clips}/a/clip0[13].mp4", tmp_path / "served",
+                         server=server.grpc_url, options=ClipOptions(preprocess="resize=24"))
+    assert latents(tmp_path / "served") == latents(out)  # the service applies them alike
 
 
 async def test_an_unknown_model_is_refused_before_anything_is_written(

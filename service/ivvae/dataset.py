@@ -28,8 +28,7 @@ It is rewritten whole when a worker finishes (or is stopped); ``ivvae.data`` rea
 Encoders. Without ``--server`` the model runs in this process (``EncoderSpec``: weights,
 device, precision); concurrent clips' steps are not batched together, so each latent is bit
 for bit what encoding that clip alone gives. The preprocessing options
-(``ivvae.video.preprocess``: ``--resize``, ``--bucket``, ...) apply in-process only; with
-``--server`` they are refused for now (the client cannot send them).
+(``ivvae.video.preprocess``: ``--resize``, ``--bucket``, ...) apply on either path.
 
 Exact resume. The job is keyed by everything that decides its output (``JobConfig``): the
 format, the preprocessing and encode options, the model and its weights hash. A clip's key
@@ -377,8 +376,6 @@ class Encoded:
 
 
 class ClipEncoder(Protocol):
-    applies_preprocessing: bool
-
     async def start(self, model: str = "") -> ModelIdentity: ...
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded: ...
     async def close(self) -> None: ...
@@ -419,8 +416,6 @@ class EncoderSpec:
 class LocalEncoder:
     """The model in this process (``ivvae.service.Service`` with the local backend)."""
 
-    applies_preprocessing = True
-
     def __init__(self, settings: Settings) -> None:
         from .service import Service
 
@@ -453,10 +448,6 @@ class LocalEncoder:
 class ServiceEncoder:
     """A running ivvae service (gRPC or HTTP), retried on UNAVAILABLE."""
 
-    # The client cannot send preprocessing options yet: such a job is refused, rather than
-    # encoded without them under a key that says they were applied.
-    applies_preprocessing = False
-
     def __init__(self, spec: EncoderSpec) -> None:
         from .client import AsyncClient, RetryPolicy
 
@@ -477,10 +468,13 @@ class ServiceEncoder:
         raise DatasetError(f"the service serves no model {name!r} (it serves {models.names()})")
 
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
+        from .video.preprocess import Preprocess
+
         try:
             result = await self.client.encode(
                 source, model=options.model, sample=options.sample,
-                seed=options.clip_seed(name), dtype=options.dtype, moments=options.moments)
+                seed=options.clip_seed(name), dtype=options.dtype, moments=options.moments,
+                preprocess=Preprocess.from_canonical(options.preprocess))
         except (BackendUnavailable, Overloaded) as exc:  # already retried: give up the run
             raise DatasetError(
                 f"the service at {self.client.url} is unavailable: {exc.detail}") from exc
@@ -1004,8 +998,6 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
     """Run ``job`` with ``encoder`` (see the module docstring); ``summary`` is filled in as
     it goes, so a caller that is interrupted still has the counts."""
     summary = summary if summary is not None else Summary()
-    if job.options.preprocess and not encoder.applies_preprocessing:
-        raise DatasetError("preprocessing options need the in-process encoder (no --server)")
     try:
         model = await encoder.start(job.options.model)
         p = await asyncio.to_thread(plan, job, model)

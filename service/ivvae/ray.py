@@ -147,9 +147,6 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
 
     async def identify() -> Any:
         encoder = probe.build()
-        if job.options.preprocess and not encoder.applies_preprocessing:
-            raise DatasetError("preprocessing options need the in-process encoder "
-                               "(no --server)")
         try:
             return await encoder.start(job.options.model)
         finally:
