@@ -165,7 +165,7 @@ def model_names(layout: Layout) -> tuple[frozenset[str], str]:
 
 @dataclass(frozen=True)
 class DeployFiles:
-    """The deployment files the aspects read, each read once, keyed by their relative path."""
+    """The deployment files the aspects read, each read once; sources are paths from the root."""
 
     compose_source: str
     compose_text: str
@@ -249,7 +249,7 @@ def drift_compose(files: DeployFiles, gateway: Gateway) -> list[str]:
     return [
         *_compose_gateway_settings(env, raw_service, files.interpolation, gateway),
         *_compose_gateway_ports(service, env, gateway),
-        *_compose_gateway_endpoints(service, env, services),
+        *_compose_gateway_wiring(service, env, services),
         *_compose_triton(services.get("triton", {}) or {}),
     ]
 
@@ -306,9 +306,10 @@ def _compose_gateway_ports(
     return problems
 
 
-def _compose_gateway_endpoints(
+def _compose_gateway_wiring(
     service: Mapping[str, Any], env: Mapping[str, str], services: Mapping[str, Any]
 ) -> list[str]:
+    """It talks to Triton and Redis: backend, bind address, endpoints, start order."""
     problems = Problems()
     problems.expect(
         env.get("IVVAE_BACKEND") == "triton", "compose gateway: IVVAE_BACKEND must be triton"
