@@ -194,94 +194,25 @@ class SepConv3d(nn.Module):
     """KTC convolution: ``[per-frame conv2d(x) || GCConv(x)]``; both read all channels.
 
     ``kernel`` 3 (cached, group-causal) or 1 (pointwise, stateless).
-
-    Inference (no autograd, not an ONNX export) takes a fused path with the same sums in
-    another order (results agree to float rounding): a 3x3x3 conv over ``[left, x_0 ..
-    x_{g-1}, 0]`` is, for output frame ``t``, ``W0*x[t-1] + W1*x[t] + W2*x[t+1]`` with
-    ``W0..W2`` the 2-D slices of its temporal kernel. So one per-frame conv2d with the
-    stacked weight ``[W_2d | W1 | W0 | W2]`` makes the 2D half and the three temporal
-    terms of every frame at once, and in-place shifted adds assemble the 3D half right
-    beside the 2D half in that one buffer: no padded group stacks, no zero frames and no
-    concatenation of the halves (these copies cost about as much as a quarter of the
-    convolution time). The output is then a strided view of that buffer, ``(B, 2Co, T, H,
-    W)`` with pixel stride ``4Co``; every consumer in the networks reads it as is.
     """
 
     def __init__(self, ci: int, co: int, kernel: int, group: int = 1) -> None:
         super().__init__()
         self.kernel = kernel
-        self.co = co
-        self.group = group
         self.conv_2d = PerFrameConv(ci, co, kernel)
-        self.conv_3d: GroupCausalConv3d | PointwiseConv3d
         if kernel == 3:
-            self.conv_3d = GroupCausalConv3d(ci, co, group)
+            self.conv_3d: nn.Module = GroupCausalConv3d(ci, co, group)
         elif kernel == 1:
             self.conv_3d = PointwiseConv3d(ci, co)
         else:
             raise ValueError(f"SepConv3d kernel must be 1 or 3, got {kernel}")
-        self._fused: tuple[tuple[object, ...], Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor, prev: Tensor | None) -> Tensor:
-        if not _onnx() and not _needs_grad(x, self.conv_2d.weight):
-            if self.kernel == 3:
-                return self._fused_3x3(x, prev)
-            return self._fused_1x1(x)
-        conv_3d = self.conv_3d
-        y3 = conv_3d(x, prev) if isinstance(conv_3d, GroupCausalConv3d) else conv_3d(x)
-        return torch.cat([self.conv_2d(x), y3], dim=1)
-
-    def _fused_weights(self) -> tuple[Tensor, Tensor]:
-        """The stacked weight and bias of the fused path, rebuilt when a parameter changes
-        (loading weights, ``.to()``) and otherwise reused: at the deep stages, restacking
-        every call would copy as many bytes as the activations."""
-        w2, b2 = self.conv_2d.weight, self.conv_2d.bias
-        w3, b3 = self.conv_3d.weight, self.conv_3d.bias
-        params = (w2, b2, w3, b3)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params)
-        if self._fused is None or self._fused[0] != key:
-            with torch.no_grad():
-                if self.kernel == 3:
-                    zeros = b3.new_zeros(2 * self.co)
-                    weight = torch.cat([w2, w3[:, :, 1], w3[:, :, 0], w3[:, :, 2]])
-                    bias = torch.cat([b2, b3, zeros])
-                else:
-                    weight = torch.cat([w2, w3[:, :, 0]])
-                    bias = torch.cat([b2, b3])
-            self._fused = (key, weight.contiguous(memory_format=torch.channels_last), bias)
-        return self._fused[1], self._fused[2]
-
-    def _fused_1x1(self, x: Tensor) -> Tensor:
-        weight, bias = self._fused_weights()
-        return from_frames(F.conv2d(to_frames(x), weight, bias), x.shape[0])
-
-    def _fused_3x3(self, x: Tensor, prev: Tensor | None) -> Tensor:
-        b, _, t, h, w = x.shape
-        co = self.co
-        weight, bias = self._fused_weights()
-        z = F.conv2d(to_frames(x), weight, bias, padding=1)  # (B*T, 4Co, H, W)
-        z = z.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        if prev is None:
-            # Frame 0 alone sees the stack [x, x, 0]: W0 and W1 both act on it.
-            parts = z.reshape(b, 1, 1, h, w, 4, co)  # (B, G, g, H, W, part, Co)
-            parts[..., 1, :] += parts[..., 2, :]
+        if self.kernel == 3:
+            y3 = self.conv_3d(x, prev)
         else:
-            g = self.group
-            n = t // g
-            if n * g != t:
-                raise ValueError(f"GCConv needs a multiple of {g} frames, got {t}")
-            parts = z.reshape(b, n, g, h, w, 4, co)
-            mid, past, future = parts[..., 1, :], parts[..., 2, :], parts[..., 3, :]
-            if g > 1:
-                mid[:, :, :-1] += future[:, :, 1:]  # W2 * next frame of the same group
-                mid[:, :, 1:] += past[:, :, :-1]  # W0 * previous frame of the same group
-            if n > 1:
-                mid[:, 1:, 0] += past[:, :-1, -1]  # a group's left: the last frame before
-            w0 = self.conv_3d.weight[:, :, 0]
-            left = F.conv2d(prev[:, :, 0], w0, padding=1)  # (B, Co, H, W): the cached frame
-            mid[:, 0, 0] += left.permute(0, 2, 3, 1)
-        y = parts[..., :2, :].reshape(b, t, h, w, 2 * co)  # a view: [2D half | 3D half]
-        return y.permute(0, 4, 1, 2, 3)
+            y3 = self.conv_3d(x)
+        return torch.cat([self.conv_2d(x), y3], dim=1)
 
 
 def _add_residual(h: Tensor, x: Tensor) -> Tensor:
