@@ -21,6 +21,11 @@ PrecisionName = Literal["float32", "bfloat16", "float16"]
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 50051
+# `ivvae triton-serve` and `ivvae stack` on one machine with the gateway: Triton's own
+# defaults (8000-8002) would collide with the gateway's HTTP port. Containers keep 8000-8002.
+LOCAL_TRITON_HTTP_PORT = 8100
+LOCAL_TRITON_GRPC_PORT = 8101
+LOCAL_TRITON_METRICS_PORT = 8102
 
 
 class Settings(BaseSettings):
@@ -52,7 +57,7 @@ class Settings(BaseSettings):
     backend: BackendName = "local"
     # Triton's gRPC endpoint: host:port, a comma-separated list, or dns:///name:port (one
     # endpoint per address, resolved per video). Each video stays on one endpoint.
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = f"127.0.0.1:{LOCAL_TRITON_GRPC_PORT}"
     triton_encoder_model: str = "ivvae_encoder"
     triton_decoder_model: str = "ivvae_decoder"
     triton_timeout_s: float = Field(60.0, gt=0)

@@ -308,12 +308,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
     p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers with a "
                    "private CA (default: the system's roots)")
-    p.add_argument("--model", default="")
+    p.add_argument("--model", default="", help="model name (default: the service's default)")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, help="seed for --sample (default: drawn per video, "
+                   "recorded in each latent)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the stored latents (default: float32)")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per video")
     p.add_argument("--retries", type=int, default=6,
                    help="retries of a video on UNAVAILABLE / no connection (default 6)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
