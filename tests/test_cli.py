@@ -236,3 +236,14 @@ def test_ctrl_c_during_encode_is_one_line_and_leaves_no_file(tmp_path: Path,
     assert proc.wait(60) == 130, seen + rest
     assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
     assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_encode_progress_knows_the_total_from_the_header(tmp_path: Path,
+                                                         tiny_weights: Path,  # noqa: F811
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=13, width=16, height=16)
+    assert main(["encode", str(clip), "--weights", str(tiny_weights)]) == 0
+    bar = capsys.readouterr().err
+    assert "13/13" in bar and "0/13" in bar, bar
