@@ -125,7 +125,11 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         version=__version__,
         summary="IV-VAE latents for video: POST a video to /encode, a latent to /decode.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by .ui from local assets, not a CDN
     )
+    from .ui import router as ui_router  # here: ui imports this module
+
+    app.include_router(ui_router)
     Auth = Depends(authorize)
 
     async def observed(svc: Service, op: str, work: Callable[[], Awaitable[Response]]

@@ -1,0 +1,157 @@
+"""Pages for people, served without any external asset (training clusters are often
+air-gapped): Swagger UI at ``/docs`` and ReDoc at ``/redoc`` from the files the
+``fastapi-offline`` wheel installs, and the compare page at ``/ui``.
+
+The compare page is a client of the public HTTP API and nothing else: ``POST /encode`` (the
+latent, its shape and size, the encode time), ``POST /decode?format=frames`` (the
+reconstruction, the decode time) and ``POST /frames`` (the original as the service decodes
+it, so the page's PSNR/SSIM are computed on the same pixels as ``ivvae eval``'s). Metrics,
+charts and the synchronised playback happen in the browser (``static/compare.js``).
+
+``POST /frames`` is public API in its own right: it answers what the model sees of an upload
+(orientation applied, the exact frame count and size), as uint8 frames in safetensors.
+
+The app factory must build ``FastAPI(docs_url=None, redoc_url=None)`` and include
+``router``: FastAPI's own ``/docs`` and ``/redoc`` load their scripts from a CDN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+
+from ...errors import TooLarge
+from ...safetensors_io import dumps
+from ...service import Service
+from ...video import VideoLimits, open_video
+from .app import authorize, get_service, read_body
+
+STATIC = Path(__file__).parent / "static"
+# The largest decoded original /frames returns, in bytes (T * H * W * 3): the page holds it
+# in memory twice (original and reconstruction), so it stays well under a browser tab's.
+MAX_FRAMES_BYTES = 512 * 1024 * 1024
+
+
+def _docs_assets() -> Path:
+    import fastapi_offline
+
+    return Path(fastapi_offline.__file__).parent / "static"
+
+
+# name -> (folder, media type): only these files are served.
+_ASSETS: dict[str, tuple[str, str]] = {
+    "swagger-ui-bundle.js": ("docs", "text/javascript"),
+    "swagger-ui.css": ("docs", "text/css"),
+    "redoc.standalone.js": ("docs", "text/javascript"),
+    "favicon.png": ("docs", "image/png"),
+    "compare.js": ("ui", "text/javascript"),
+    "compare.css": ("ui", "text/css"),
+}
+
+router = APIRouter()
+Svc = Annotated[Service, Depends(get_service)]
+
+
+def _openapi_url(request: Request) -> str:
+    return str(request.scope.get("root_path", "")) + (request.app.openapi_url or "/openapi.json")
+
+
+@router.get("/docs", include_in_schema=False)
+async def swagger_ui(request: Request) -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url=_openapi_url(request), title=f"{request.app.title}: API",
+        swagger_js_url="ui/assets/swagger-ui-bundle.js",
+        swagger_css_url="ui/assets/swagger-ui.css", swagger_favicon_url="ui/assets/favicon.png",
+        # The validator badge would call validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None})
+
+
+@router.get("/redoc", include_in_schema=False)
+async def redoc(request: Request) -> HTMLResponse:
+    return get_redoc_html(openapi_url=_openapi_url(request), title=f"{request.app.title}: API",
+                          redoc_js_url="ui/assets/redoc.standalone.js",
+                          redoc_favicon_url="ui/assets/favicon.png", with_google_fonts=False)
+
+
+@router.get("/", include_in_schema=False)
+async def root() -> RedirectResponse:
+    return RedirectResponse("ui")
+
+
+@router.get("/ui", include_in_schema=False)
+async def compare_page() -> FileResponse:
+    return FileResponse(STATIC / "compare.html", media_type="text/html")
+
+
+# ReDoc's sidebar shows a "by Redocly" logo fetched from their CDN: point it to ours.
+_REDOC_LOGO = (b"https://cdn.redoc.ly/redoc/logo-mini.svg", b"ui/assets/favicon.png")
+
+
+@functools.cache
+def _redoc_js() -> bytes:
+    return (_docs_assets() / "redoc.standalone.js").read_bytes().replace(*_REDOC_LOGO)
+
+
+@router.get("/ui/assets/{name}", include_in_schema=False)
+async def asset(name: str) -> Response:
+    if name not in _ASSETS:
+        return Response(status_code=404)
+    folder, media_type = _ASSETS[name]
+    cache = {"Cache-Control": "public, max-age=3600"}
+    if name == "redoc.standalone.js":
+        return Response(await asyncio.to_thread(_redoc_js), media_type=media_type,
+                        headers=cache)
+    path = (_docs_assets() if folder == "docs" else STATIC) / name
+    return FileResponse(path, media_type=media_type, headers=cache)
+
+
+@router.post(
+    "/frames",
+    summary="Decode a video (or image) into the uint8 RGB frames the model sees",
+    dependencies=[Depends(authorize)],
+    response_class=Response,
+    responses={200: {"content": {"application/x-safetensors": {}},
+                     "description": "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
+                     "num_frames, height, width, fps"}},
+)
+async def frames(request: Request, svc: Svc) -> Response:
+    s = svc.settings
+    data, _ = await read_body(request, s.max_upload_bytes)
+    limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
+
+    def decode() -> tuple[bytes, dict[str, str]]:
+        with open_video(data, limits=limits) as reader:
+            info = reader.info
+            per_frame = info.width * info.height * 3
+            parts, total = [], 0
+            for chunk in reader.iter_frames(16):
+                total += len(chunk)
+                if total * per_frame > MAX_FRAMES_BYTES:
+                    raise TooLarge(f"the decoded video exceeds {MAX_FRAMES_BYTES} bytes of "
+                                   "frames; /frames is for previews: send a shorter clip")
+                parts.append(chunk)
+        import numpy as np
+
+        stacked = np.concatenate(parts)
+        meta = {"num_frames": str(len(stacked)), "height": str(info.height),
+                "width": str(info.width), "fps": _fraction(info.fps),
+                "layout": "THWC uint8 RGB"}
+        return dumps({"frames": stacked}, meta), meta
+
+    body, meta = await asyncio.to_thread(decode)
+    return Response(body, media_type="application/x-safetensors",
+                    headers={"X-Frames": meta["num_frames"], "X-Width": meta["width"],
+                             "X-Height": meta["height"]})
+
+
+def _fraction(fps: float) -> str:
+    from ...video import exact_rate
+
+    rate = exact_rate(fps)
+    return f"{rate.numerator}/{rate.denominator}"
