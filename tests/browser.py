@@ -1,5 +1,5 @@
-"""A real headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by Selenium,
-and ``ivvae serve`` in a child process for it to load pages from.
+"""A real headless Chromium (Debian's ``chromium`` + ``chromium-driver``) driven by Selenium
+(pages come from ``tests.service_fixtures.serve_process``).
 
 Chromium gets no network but loopback (``--host-resolver-rules``), so a page that needs a
 CDN fails to render, and every request it makes is logged (``requests()``) for tests to
@@ -9,20 +9,13 @@ check that none left the machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import httpx
-
-from tests.redis_server import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -88,36 +81,3 @@ def chromium() -> Iterator[Browser]:
     finally:
         driver.quit()  # ends chromedriver and the browser it started
         shutil.rmtree(profile, ignore_errors=True)
-
-
-@contextmanager
-def ivvae_serve(weights: str | Path, **env: str) -> Iterator[str]:
-    """``ivvae serve`` (HTTP and gRPC on free loopback ports) until the block ends; yields
-    its base URL once ``/readyz`` answers 200."""
-    port, grpc_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    full = dict(os.environ, IVVAE_WEIGHTS=str(weights), IVVAE_HOST="127.0.0.1",
-                IVVAE_PORT=str(port), IVVAE_GRPC_PORT=str(grpc_port), IVVAE_LOG_LEVEL="warning",
-                **env)
-    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=full)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"ivvae serve exited with code {proc.returncode}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("ivvae serve was not ready within 120 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

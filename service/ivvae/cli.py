@@ -287,14 +287,30 @@ def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .train import evaluate
     from .weights import load_weights
 
     model, info = load_weights(args.weights or None)
-    reports = evaluate.evaluate(model, args.videos, precisions=args.precision,
-                                max_frames=args.max_frames)
+    steps = len(args.videos) * (len(args.precision) + 2)  # decode, each precision, baseline
+    with tqdm(total=steps, desc="eval", unit="step", disable=args.no_progress,
+              dynamic_ncols=True) as bar:
+        started = False
+
+        def progress(what: str) -> None:  # called as each step starts: count the last one
+            nonlocal started
+            if started:
+                bar.update()
+            started = True
+            bar.set_postfix_str(what)
+
+        reports = evaluate.evaluate(model, args.videos, precisions=args.precision,
+                                    max_frames=args.max_frames, progress=progress)
+        bar.update(steps - bar.n)
     table = evaluate.format_table(reports)
-    header = f"# ivvae eval: model {info.name} (weights {info.weights_sha256[:12]})\n\n"
+    title = f"ivvae eval: model {info.name} (weights {info.weights_sha256[:12]})"
+    header = f"# {title}\n\n"
     print(header + table)
     if args.out:
         out = Path(args.out)
@@ -302,7 +318,9 @@ def _eval(args: argparse.Namespace) -> int:
         (out / "eval.md").write_text(header + table + "\n")
         (out / "eval.json").write_text(evaluate.to_json(reports))
         evaluate.plot(reports, out / "eval.png")
-        print(f"wrote {out / 'eval.md'}, eval.json and eval.png", file=sys.stderr)
+        evaluate.write_html(reports, out / "eval.html", title=title, table=table,
+                            plot_png=(out / "eval.png").read_bytes())
+        print(f"wrote {out / 'eval.md'}, eval.json, eval.png and eval.html", file=sys.stderr)
     return 0
 
 

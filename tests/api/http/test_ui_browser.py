@@ -14,14 +14,14 @@ import pytest
 from ivvae.model import load_model
 from ivvae.train.evaluate import evaluate
 from tests import browser, media
-from tests.service_fixtures import tiny_weights  # noqa: F401
+from tests.service_fixtures import serve_process, tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.skipif(bool(browser.missing()), reason=browser.missing() or "ok")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_weights: Path) -> Iterator[str]:  # noqa: F811
-    with browser.ivvae_serve(tiny_weights) as url:
+    with serve_process(tiny_weights) as url:
         yield url
 
 

@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ... import __version__
 from ...config import Settings
@@ -37,6 +38,8 @@ MULTIPART_SLACK = 64 * 1024  # boundary lines and part headers around the file
 LATENT_MEDIA_TYPE = "application/octet-stream"
 FRAMES_ACCEPT = ("application/x-safetensors", "application/octet-stream")
 _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
+CLIENT_DISCONNECTED = "client_disconnected"  # the outcome label: not a server error
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for it, in access logs
 
 
 def error_response(exc: IVVAEError) -> JSONResponse:
@@ -143,6 +146,9 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         except IVVAEError as exc:
             outcome = exc.code
             raise
+        except ClientDisconnect:  # the client went away (e.g. failed to read its own file)
+            outcome = CLIENT_DISCONNECTED
+            raise
         except Exception:
             outcome = "internal_error"
             raise
@@ -175,6 +181,12 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse({"error": code, "detail": str(exc.detail)},
                             status_code=exc.status_code)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("%s %s: the client disconnected before the request was complete",
+                 request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: for the log
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
