@@ -24,8 +24,8 @@ import pytest
 
 from ivvae.cli import main
 from ivvae.client import Client
+from ivvae.core.ports import PortInUse
 from ivvae.latents import decode_latent_file
-from ivvae.ports import PortInUse
 from ivvae.stack import Proc, Stack, StackConfig
 from ivvae.video import open_video
 from tests import media

@@ -8,7 +8,6 @@ is one line too, exit 1. ``--debug`` or ``IVVAE_DEBUG=1`` shows the traceback in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -16,7 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from .core.names import DEFAULT_CRF, PRECISIONS
+from .core.version import __version__
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -119,7 +119,7 @@ def _setup_logging(level: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .ports import ensure_free
+    from .core.ports import ensure_free
     from .server import serve
 
     settings = _settings(args)
@@ -138,16 +138,10 @@ def _encode_dataset(args: argparse.Namespace) -> int:
     return encode_dataset(args)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _encode(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .core.files import atomic_write
     from .pipeline import EncodeOptions
     from .service import Service
 
@@ -168,7 +162,7 @@ def _encode(args: argparse.Namespace) -> int:
         finally:
             await service.close()
         out = args.output or str(source.with_suffix(".latent.safetensors"))
-        _atomic_write(out, result.data)
+        atomic_write(out, result.data)
         print(json.dumps({"output": out, "latent_shape": list(result.latent_shape),
                           "model": result.info.model_name, "frames": result.info.num_frames,
                           "seconds": round(result.seconds, 3)}))
@@ -194,12 +188,13 @@ DECODE_SUFFIXES = {".mp4": "H.264 video", ".safetensors": "raw uint8 frames"}
 
 def _decode(args: argparse.Namespace) -> int:
     import asyncio
+    from collections.abc import AsyncIterator
 
     import numpy as np
 
-    from .safetensors_io import dumps
+    from .core.files import atomic_writer
+    from .outputs import OutputFormat, render
     from .service import Service
-    from .video import Mp4Writer
 
     out = args.output or str(Path(args.input).with_suffix(".mp4"))
     suffix = Path(out).suffix.lower()
@@ -212,7 +207,7 @@ def _decode(args: argparse.Namespace) -> int:
         raise CLIError(f"no such latent file: {source}")
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
-    tmp = f"{out}.tmp-{os.getpid()}"
+    fmt: OutputFormat = "frames" if suffix == ".safetensors" else "mp4"
 
     async def run() -> int:
         service = Service(settings)
@@ -220,32 +215,21 @@ def _decode(args: argparse.Namespace) -> int:
         try:
             info, frames = await service.pipeline.decode_frames(source.read_bytes())
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
-                if suffix == ".safetensors":
-                    parts = []
+                async def counted() -> AsyncIterator[np.ndarray]:
                     async for part in frames:
-                        parts.append(part)
                         bar(len(part))
-                    meta = {"fps": f"{info.fps.numerator}/{info.fps.denominator}",
-                            "layout": "THWC uint8 RGB"}
-                    Path(tmp).write_bytes(dumps({"frames": np.concatenate(parts)}, meta))
-                else:
-                    with Mp4Writer(tmp, width=info.width, height=info.height, fps=info.fps,
-                                   crf=args.crf) as writer:
-                        async for part in frames:
-                            await asyncio.to_thread(writer.write, part)
-                            bar(len(part))
-            os.replace(tmp, out)
+                        yield part
+
+                with atomic_writer(out) as f:
+                    async for chunk in render(fmt, info, counted(), crf=args.crf):
+                        await asyncio.to_thread(f.write, chunk)
         finally:
             await service.close()
         print(json.dumps({"output": out, "frames": info.num_frames, "width": info.width,
                           "height": info.height}))
         return 0
 
-    try:
-        return asyncio.run(run())
-    finally:  # an interrupted or failed decode leaves no partial file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    return asyncio.run(run())  # atomic_writer leaves no partial file when interrupted
 
 
 class _progress:
@@ -265,9 +249,6 @@ class _progress:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
-
-
-PRECISIONS = ["float32", "bfloat16", "float16"]
 
 
 def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
@@ -371,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "same-size baseline; table, PNG plot and HTML report")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files to evaluate")
     p.add_argument("--weights", default="", help="weights file; default: the bundled model")
-    p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"],
+    p.add_argument("--precision", nargs="+", default=list(PRECISIONS[:2]),
                    choices=PRECISIONS, help="compute precisions to compare "
                    "(default: float32 bfloat16)")
     p.add_argument("--max-frames", type=int, default=None, help="evaluate the first N frames")
@@ -404,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample the posterior (default: "
                    "its mean)")
     p.add_argument("--seed", type=int, help="seed for --sample (default: drawn, recorded)")
-    p.add_argument("--dtype", default="float32", choices=PRECISIONS,
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS,
                    help="dtype of the stored latent (default: float32)")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -417,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN", help="latent .safetensors file")
     p.add_argument("-o", "--output", help="OUT.mp4 (H.264), or OUT.safetensors for raw "
                    "frames; the suffix decides (default: IN with .mp4)")
-    p.add_argument("--crf", type=int, default=18, help="H.264 quality, 0-51, lower is "
-                   "better (default: 18)")
+    p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality, 0-51, lower "
+                   f"is better (default: {DEFAULT_CRF})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
                    "(default: warnings only)")

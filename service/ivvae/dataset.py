@@ -42,6 +42,7 @@ from typing import IO, Any
 
 from .client import AsyncClient, RetryPolicy, atomic_write
 from .client._result import TMP_SUFFIX
+from .core.names import PRECISIONS
 from .errors import BackendUnavailable, IVVAEError, Overloaded
 from .media_types import MEDIA_SUFFIXES
 
@@ -312,8 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int, help="seed for --sample (default: drawn per video, "
                    "recorded in each latent)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the stored latents (default: float32)")
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS,
+                   help=f"dtype of the stored latents (default: {PRECISIONS[0]})")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per video")
     p.add_argument("--retries", type=int, default=6,

@@ -46,7 +46,8 @@ from .config import (
     LOCAL_TRITON_HTTP_PORT,
     LOCAL_TRITON_METRICS_PORT,
 )
-from .ports import ensure_free
+from .core.artifacts import FORMATS
+from .core.ports import ensure_free
 
 STATE_FILE = "stack.json"
 SERVICES = ("redis", "triton", "gateway")
@@ -445,8 +446,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workdir", default=".ivvae/stack",
                    help="logs, exports and the record of the started processes")
     p.add_argument("--weights", default="", help="default: the bundled model")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
-                   help="artifact format Triton serves (default: torchscript)")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                   help=f"artifact format Triton serves (default: {FORMATS[0]})")
     defaults = StackConfig(Path())
     for name, default, what in (
             ("http-port", defaults.http_port, "the gateway's HTTP"),

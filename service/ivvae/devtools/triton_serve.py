@@ -160,7 +160,7 @@ def start(workdir: Path, options: ServeOptions, *,
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..ports import ensure_free
+    from ..core.ports import ensure_free
 
     # Before the export (tens of seconds): a busy port would otherwise be found only after
     # it, with the other server answering the readiness checks meanwhile.

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.geometry import GROUP
+from ..core.names import PRECISIONS
 from ..model import IVVAE, latent_frames, latent_size
 from ..video import VideoLimits, open_video
 from .metrics import psnr_per_frame, ssim_per_frame
@@ -40,7 +42,7 @@ def ordinal(n: int) -> str:
 
 def group_position(frame: int) -> int:
     """0 for frame 0, else 1..4: the frame's place in its group of 4."""
-    return 0 if frame == 0 else (frame - 1) % 4 + 1
+    return 0 if frame == 0 else (frame - 1) % GROUP + 1
 
 
 @dataclass
@@ -158,9 +160,9 @@ def sample_frames(scores: Scores, count: int = 3) -> list[int]:
     return sorted(picked[:count])
 
 
-def evaluate(model: IVVAE, paths: Sequence[str | Path], *, precisions: Sequence[str] = (
-        "float32", "bfloat16"), max_frames: int | None = None,
-        progress: Callable[[str], None] | None = None) -> list[VideoReport]:
+def evaluate(model: IVVAE, paths: Sequence[str | Path], *,
+             precisions: Sequence[str] = PRECISIONS[:2], max_frames: int | None = None,
+             progress: Callable[[str], None] | None = None) -> list[VideoReport]:
     """Score each video; ``progress(what)`` is called before each step (decoding a video,
     each precision, the baseline search), so a caller can show what is going on."""
     say = progress or (lambda _: None)

@@ -4,12 +4,10 @@ air-gapped): Swagger UI at ``/docs`` and ReDoc at ``/redoc`` from the files the
 
 The compare page is a client of the public HTTP API and nothing else: ``POST /encode`` (the
 latent, its shape and size, the encode time), ``POST /decode?format=frames`` (the
-reconstruction, the decode time) and ``POST /frames`` (the original as the service decodes
-it, so the page's PSNR/SSIM are computed on the same pixels as ``ivvae eval``'s). Metrics,
-charts and the synchronised playback happen in the browser (``static/compare.js``).
-
-``POST /frames`` is public API in its own right: it answers what the model sees of an upload
-(orientation applied, the exact frame count and size), as uint8 frames in safetensors.
+reconstruction, the decode time) and ``POST /frames`` (``routes/frames.py``: the original
+as the service decodes it, so the page's PSNR/SSIM are computed on the same pixels as
+``ivvae eval``'s). Metrics, charts and the synchronised playback happen in the browser
+(``static/compare.js``).
 
 The app factory must build ``FastAPI(docs_url=None, redoc_url=None)`` and include
 ``router``: FastAPI's own ``/docs`` and ``/redoc`` load their scripts from a CDN.
@@ -20,22 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-from ...errors import TooLarge
-from ...safetensors_io import dumps
-from ...service import Service
-from ...video import VideoLimits, open_video
-from .app import authorize, get_service, read_body
-
 STATIC = Path(__file__).parent / "static"
-# The largest decoded original /frames returns, in bytes (T * H * W * 3): the page holds it
-# in memory twice (original and reconstruction), so it stays well under a browser tab's.
-MAX_FRAMES_BYTES = 512 * 1024 * 1024
 
 
 def _docs_assets() -> Path:
@@ -54,15 +42,14 @@ _ASSETS: dict[str, tuple[str, str]] = {
     "compare.css": ("ui", "text/css"),
 }
 
-router = APIRouter()
-Svc = Annotated[Service, Depends(get_service)]
+router = APIRouter(include_in_schema=False)
 
 
 def _openapi_url(request: Request) -> str:
     return str(request.scope.get("root_path", "")) + (request.app.openapi_url or "/openapi.json")
 
 
-@router.get("/docs", include_in_schema=False)
+@router.get("/docs")
 async def swagger_ui(request: Request) -> HTMLResponse:
     return get_swagger_ui_html(
         openapi_url=_openapi_url(request), title=f"{request.app.title}: API",
@@ -72,19 +59,19 @@ async def swagger_ui(request: Request) -> HTMLResponse:
         swagger_ui_parameters={"validatorUrl": None})
 
 
-@router.get("/redoc", include_in_schema=False)
+@router.get("/redoc")
 async def redoc(request: Request) -> HTMLResponse:
     return get_redoc_html(openapi_url=_openapi_url(request), title=f"{request.app.title}: API",
                           redoc_js_url="ui/assets/redoc.standalone.js",
                           redoc_favicon_url="ui/assets/favicon.png", with_google_fonts=False)
 
 
-@router.get("/", include_in_schema=False)
+@router.get("/")
 async def root() -> RedirectResponse:
     return RedirectResponse("ui")
 
 
-@router.get("/ui", include_in_schema=False)
+@router.get("/ui")
 async def compare_page() -> FileResponse:
     return FileResponse(STATIC / "compare.html", media_type="text/html")
 
@@ -98,7 +85,7 @@ def _redoc_js() -> bytes:
     return (_docs_assets() / "redoc.standalone.js").read_bytes().replace(*_REDOC_LOGO)
 
 
-@router.get("/ui/assets/{name}", include_in_schema=False)
+@router.get("/ui/assets/{name}")
 async def asset(name: str) -> Response:
     if name not in _ASSETS:
         return Response(status_code=404)
@@ -109,49 +96,3 @@ async def asset(name: str) -> Response:
                         headers=cache)
     path = (_docs_assets() if folder == "docs" else STATIC) / name
     return FileResponse(path, media_type=media_type, headers=cache)
-
-
-@router.post(
-    "/frames",
-    summary="Decode a video (or image) into the uint8 RGB frames the model sees",
-    dependencies=[Depends(authorize)],
-    response_class=Response,
-    responses={200: {"content": {"application/x-safetensors": {}},
-                     "description": "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
-                     "num_frames, height, width, fps"}},
-)
-async def frames(request: Request, svc: Svc) -> Response:
-    s = svc.settings
-    data, _ = await read_body(request, s.max_upload_bytes)
-    limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
-
-    def decode() -> tuple[bytes, dict[str, str]]:
-        with open_video(data, limits=limits) as reader:
-            info = reader.info
-            per_frame = info.width * info.height * 3
-            parts, total = [], 0
-            for chunk in reader.iter_frames(16):
-                total += len(chunk)
-                if total * per_frame > MAX_FRAMES_BYTES:
-                    raise TooLarge(f"the decoded video exceeds {MAX_FRAMES_BYTES} bytes of "
-                                   "frames; /frames is for previews: send a shorter clip")
-                parts.append(chunk)
-        import numpy as np
-
-        stacked = np.concatenate(parts)
-        meta = {"num_frames": str(len(stacked)), "height": str(info.height),
-                "width": str(info.width), "fps": _fraction(info.fps),
-                "layout": "THWC uint8 RGB"}
-        return dumps({"frames": stacked}, meta), meta
-
-    body, meta = await asyncio.to_thread(decode)
-    return Response(body, media_type="application/x-safetensors",
-                    headers={"X-Frames": meta["num_frames"], "X-Width": meta["width"],
-                             "X-Height": meta["height"]})
-
-
-def _fraction(fps: float) -> str:
-    from ...video import exact_rate
-
-    rate = exact_rate(fps)
-    return f"{rate.numerator}/{rate.denominator}"
