@@ -51,7 +51,7 @@ def test_local_stack_end_to_end(tmp_path: Path) -> None:
         workdir=tmp_path / "stack", weights=str(weights), http_port=free_port(),
         grpc_port=free_port(), redis_port=free_port(), triton_http_port=free_port(),
         triton_grpc_port=free_port(), triton_metrics_port=free_port(),
-        extra_env={"IVVAE_LOG_LEVEL": "warning", "IVVAE_REQUEST_TIMEOUT_S": "60",
+        extra_env={"IVVAE_LOG_LEVEL": "warning", "IVVAE_REQUEST_TIMEOUT_S": "300",
                    "IVVAE_TRITON_CONNECT_RETRIES": "1"},
     )
     stack = Stack(cfg)
