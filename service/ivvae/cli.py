@@ -135,7 +135,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _encode_dataset(args: argparse.Namespace) -> int:
     from .dataset import main as encode_dataset
 
-    return encode_dataset(args)
+    if args.engine != "ray":
+        return encode_dataset(args)
+    try:
+        from .ray import run_on_ray
+    except ModuleNotFoundError as exc:
+        print(f"encode-dataset: --engine ray needs ray: pip install 'ivvae[ray]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return encode_dataset(args, engine=run_on_ray)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -144,20 +152,24 @@ def _encode(args: argparse.Namespace) -> int:
     from .core.files import atomic_write
     from .pipeline import EncodeOptions
     from .service import Service
+    from .video import Preprocess
 
     source = Path(args.input)
     if not source.is_file():
         raise CLIError(f"no such video file: {source}")
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
-    options = EncodeOptions(model=args.model or "", sample=args.sample, seed=args.seed,
-                            dtype=args.dtype, include_moments=args.moments)
 
     async def run() -> int:
+        options = EncodeOptions(model=args.model or "", sample=args.sample, seed=args.seed,
+                                dtype=args.dtype, include_moments=args.moments,
+                                preprocess=Preprocess.parse(_pairs(args.options)))
         service = Service(settings)
         await service.start()
         try:
-            with _progress("encode", args.no_progress, total=_declared_frames(source)) as bar:
+            # The header's count is the total unless preprocessing picks frames.
+            total = None if args.options else _declared_frames(source)
+            with _progress("encode", args.no_progress, total=total) as bar:
                 result = await service.pipeline.encode(source, options, on_frames=bar)
         finally:
             await service.close()
@@ -183,7 +195,8 @@ def _declared_frames(path: Path) -> int | None:
         return None
 
 
-DECODE_SUFFIXES = {".mp4": "H.264 video", ".safetensors": "raw uint8 frames"}
+DECODE_SUFFIXES = {".mp4": "H.264 video", ".safetensors": "raw uint8 frames",
+                   ".zip": "MP4s of a bare latent batch"}
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -192,9 +205,11 @@ def _decode(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .core.files import atomic_writer
-    from .outputs import OutputFormat, render
+    from .core.files import atomic_write, atomic_writer
+    from .errors import InvalidInput
+    from .outputs import OutputFormat, render, render_batch
     from .service import Service
+    from .wire import DecodeTarget, is_ivvae_latent_file, read_bare_latent
 
     out = args.output or str(Path(args.input).with_suffix(".mp4"))
     suffix = Path(out).suffix.lower()
@@ -213,7 +228,31 @@ def _decode(args: argparse.Namespace) -> int:
         service = Service(settings)
         await service.start()
         try:
-            info, frames = await service.pipeline.decode_frames(source.read_bytes())
+            data = source.read_bytes()
+            target = _pairs(args.options)
+            if not is_ivvae_latent_file(data):
+                latent, dtype = read_bare_latent(data)
+                batch = latent.shape[0]  # (B, z, t, h, w)
+                if fmt == "mp4" and (batch > 1) != (suffix == ".zip"):
+                    raise CLIError(
+                        f"cannot write {out!r}: this latent holds {batch} video(s); write "
+                        + ("OUT.zip (MP4s) or OUT.safetensors (frames)" if batch > 1
+                           else "OUT.mp4 or OUT.safetensors"))
+                info, items = await service.pipeline.decode_bare(
+                    latent, dtype, DecodeTarget.parse(target))
+                body, _ = await render_batch(fmt, info, items, crf=args.crf)
+                await asyncio.to_thread(atomic_write, out, body)
+                print(json.dumps({"output": out, "batch": len(items),
+                                  "frames": info.num_frames, "width": info.width,
+                                  "height": info.height}))
+                return 0
+            if target:
+                raise InvalidInput("--options are for bare latents: a latent file from "
+                                   "encode records its own model, size and fps")
+            if suffix == ".zip":
+                raise CLIError(f"cannot write {out!r}: a latent file holds one video; write "
+                               "OUT.mp4 or OUT.safetensors")
+            info, frames = await service.pipeline.decode_frames(data)
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
                 async def counted() -> AsyncIterator[np.ndarray]:
                     async for part in frames:
@@ -230,6 +269,19 @@ def _decode(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())  # atomic_writer leaves no partial file when interrupted
+
+
+def _pairs(options: list[str] | None) -> list[tuple[str, str]]:
+    """``--options NAME=VALUE ...`` as (name, value) pairs; a malformed one is refused."""
+    from .errors import InvalidInput
+
+    pairs = []
+    for option in options or []:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            raise InvalidInput(f"--options takes NAME=VALUE, got {option!r}")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
 
 
 class _progress:
@@ -388,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS,
                    help="dtype of the stored latent (default: float32)")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
+    p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
+                   help="preprocessing, as HTTP /encode's parameters: resize=256, "
+                   "bucket=480x272x17, crop=none, start_frame=0, start_s=1.5, num_frames=17, "
+                   "max_frames=65, stride=2, fps=12")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
                    "(default: warnings only)")
@@ -396,10 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="decode a latent file to .mp4 (or .safetensors frames)")
     p.add_argument("input", metavar="IN", help="latent .safetensors file")
-    p.add_argument("-o", "--output", help="OUT.mp4 (H.264), or OUT.safetensors for raw "
-                   "frames; the suffix decides (default: IN with .mp4)")
+    p.add_argument("-o", "--output", help="OUT.mp4 (H.264), OUT.safetensors for raw frames, "
+                   "OUT.zip (MP4s) for a bare latent batch; the suffix decides (default: IN "
+                   "with .mp4)")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality, 0-51, lower "
                    f"is better (default: {DEFAULT_CRF})")
+    p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
+                   help="for a bare latent (a safetensors file holding only 'latent'), as "
+                   "HTTP /decode's parameters: model, fps, num_frames, height, width, "
+                   "latent_space; a batch of more than one writes OUT.zip (MP4s) or one "
+                   "OUT.safetensors")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
                    "(default: warnings only)")
@@ -408,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .dataset import add_arguments as _dataset_arguments
 
-    p = sub.add_parser("encode-dataset", help="encode a folder or list of videos through a "
-                       "running service: bounded concurrency, manifest, resumable")
+    p = sub.add_parser("encode-dataset", help="encode a dataset (folder, prefix, glob or "
+                       "list; local or object storage) to latent files, webdataset or parquet "
+                       "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
 

@@ -1,44 +1,69 @@
-"""POST /decode: a latent file to an MP4 or a frames file."""
+"""POST /decode: a latent (file, bare latent, raw tensor) to an MP4, frames or a tensor."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Query, Request
+import numpy as np
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
-from ....outputs import MEDIA_TYPES, OutputFormat, collect, render
+from ....errors import InvalidInput
+from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render_batch, tensor_output
+from ....wire import (
+    DecodeTarget,
+    check_latent_values,
+    is_ivvae_latent_file,
+    read_bare_latent,
+    read_raw_tensor,
+    tensor_to_float32,
+)
 from ...metering import RequestMeter
+from .. import tensors
 from ..deps import Authorized, Svc, read_body
 
 router = APIRouter(tags=["decode"], dependencies=[Authorized])
 
-FRAMES_ACCEPT = ("application/x-safetensors", "application/octet-stream")
-
 
 @router.post(
     "/decode",
-    summary="Decode a latent file to video/mp4 (or raw uint8 frames as safetensors)",
+    summary="Decode a latent (file, bare latent or raw tensor) to video/mp4, frames or a "
+            "tensor",
+    description=tensors.__doc__ or "",
     response_class=Response,
-    responses={200: {"content": {MEDIA_TYPES["mp4"]: {}, MEDIA_TYPES["frames"]: {}}}},
+    responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()},
+                                 **{t: {} for t in BATCH_MEDIA_TYPES.values()},
+                                 tensors.TENSOR_MEDIA_TYPE: {}}}},
 )
-async def decode(
-    request: Request,
-    svc: Svc,
-    format: Annotated[OutputFormat | None,
-                      Query(description="mp4 (default) or frames (uint8 safetensors); "
-                            "also chosen by Accept: application/x-safetensors")] = None,
-    crf: Annotated[int, Query(ge=CRF_RANGE[0], le=CRF_RANGE[1],
-                              description="H.264 quality (lower=better)")] = DEFAULT_CRF,
-) -> Response:
-    accept = request.headers.get("accept", "")
-    fmt: OutputFormat = format or (
-        "frames" if any(a in accept for a in FRAMES_ACCEPT) else "mp4")
+async def decode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "decode", "http"):
+        form = tensors.parse_decode(request.query_params.multi_items(),
+                                    request.headers.get("accept", ""), CRF_RANGE, DEFAULT_CRF)
         data, _ = await read_body(request, svc.settings.max_upload_bytes)
-        info, frames = await svc.pipeline.decode_frames(data)
-        body = await collect(render(fmt, info, frames, crf=crf))
-        return Response(body, media_type=MEDIA_TYPES[fmt], headers={
-            "X-Model": info.model_name, "X-Frames": str(info.num_frames),
-            "X-Width": str(info.width), "X-Height": str(info.height)})
+        items: list[AsyncIterator[np.ndarray]]
+        if form.tensor_shape is not None:
+            raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
+            latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
+            info, items = await svc.pipeline.decode_bare(
+                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params))
+        elif is_ivvae_latent_file(data):
+            if form.target_params:
+                raise InvalidInput(
+                    f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
+                    "file from /encode records its own model, size and fps")
+            info, frames = await svc.pipeline.decode_frames(data)
+            items = [frames]
+        else:
+            latent, dtype = read_bare_latent(data)
+            info, items = await svc.pipeline.decode_bare(
+                latent, dtype, DecodeTarget.parse(form.target_params))
+        headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
+                   "X-Width": str(info.width), "X-Height": str(info.height),
+                   "X-Batch": str(len(items))}
+        if form.output == "pt":
+            body, extra = await tensor_output(items, uint8=form.uint8)
+            return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
+                            headers={**headers, **extra})
+        body, media = await render_batch(form.output, info, items, crf=form.crf)
+        return Response(body, media_type=media, headers=headers)
