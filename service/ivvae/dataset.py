@@ -1182,12 +1182,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", metavar="SRC", help="a folder, URL prefix, glob or list file")
     p.add_argument("out", metavar="OUT", help="a folder or URL prefix")
-    p.add_argument("--format", choices=FORMATS, default="files")
+    p.add_argument("--format", choices=FORMATS, default="files",
+                   help="files: one latent file per video; webdataset: tar shards; parquet: "
+                   "parquet shards (default: files)")
     p.add_argument("--server", help="encode through this service: grpc://HOST:PORT, "
                    "HOST:PORT or http(s)://HOST:PORT (default: in-process model)")
     p.add_argument("--weights", help="in-process weights file (default: bundled)")
     p.add_argument("--device", default="cpu", help="in-process torch device (cpu, cuda:0)")
-    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS)
+    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS,
+                   help=f"in-process encoder compute precision (default: {PRECISIONS[0]})")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="this worker's share (default: $JOB_COMPLETION_INDEX/"
                    "$IVVAE_SHARD_COUNT when both are set, else 0/1)")
@@ -1195,11 +1198,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-mb", type=float, default=1024.0, help="MiB per shard at most")
     p.add_argument("--new-version", action="store_true",
                    help="OUT holds a different job: write this one to OUT/versions/<key>/")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: encode actors on a Ray cluster "
+                   "(default: local)")
     p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray; "
                    "default: the cluster this machine belongs to, 'local': start one here)")
     p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per Ray encode actor (default: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="with --device cuda: GPUs per Ray encode actor (e.g. 1)")
     p.add_argument("--concurrency", type=int, default=4, help="clips in flight (default 4)")
