@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..core.files import FILE_MODE
 from .config import PRESETS, IVVAEConfig, preset_for
 from .layers import (
     PAC_DILATIONS,
@@ -241,25 +242,15 @@ def _default_name(cfg: IVVAEConfig) -> str:
     return f"ivvae_z{cfg.z_dim}_dim{cfg.dim}"
 
 
-def _umask() -> int:
-    try:  # read, not set-and-restore: os.umask would change it for every thread meanwhile
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str],
                  metadata: Mapping[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, but with the permissions of any new file (0666 less
-    the umask, usually 0644): safetensors creates its files 0600, which another user, a
-    Triton container or a serving pod cannot read."""
+    """``safetensors.torch.save_file``, but with ``FILE_MODE`` (0644) like every file ivvae
+    writes: safetensors creates its files 0600, which another user, a Triton container or a
+    serving pod cannot read."""
     from safetensors.torch import save_file
 
     save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, FILE_MODE)
 
 
 def save_safetensors(model: IVVAE, path: str | os.PathLike[str],
