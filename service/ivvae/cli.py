@@ -113,7 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _encode_dataset(args: argparse.Namespace) -> int:
     from .dataset import main as encode_dataset
 
-    return encode_dataset(args)
+    if args.engine != "ray":
+        return encode_dataset(args)
+    try:
+        from .ray import run_on_ray
+    except ModuleNotFoundError as exc:
+        print(f"encode-dataset: --engine ray needs ray: pip install 'ivvae[ray]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return encode_dataset(args, engine=run_on_ray)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -365,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .dataset import add_arguments as _dataset_arguments
 
-    p = sub.add_parser("encode-dataset", help="encode a folder or list of videos through a "
-                       "running service: bounded concurrency, manifest, resumable")
+    p = sub.add_parser("encode-dataset", help="encode a dataset (folder, prefix, glob or "
+                       "list; local or object storage) to latent files, webdataset or parquet "
+                       "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
 

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .core.artifacts import FORMATS
+
 if TYPE_CHECKING:
     from .core.artifacts import ExportManifest
 
-FORMATS = ("torchscript", "onnx")
 
 
 def export_weights(weights: str, out: Path, fmt: str, *, name: str = "",
