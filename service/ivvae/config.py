@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendName = Literal["local", "triton"]
@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     cache_memory_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
     cache_key_prefix: str = "ivvae"
     redis_timeout_s: float = Field(2.0, gt=0)
+    # Key of the MAC that seals every cache entry (>= 16 characters); every gateway sharing
+    # one Redis needs the same one. Empty: read from cache_secret_file, which is created with
+    # a random secret when absent (and when it cannot be, a per-process secret is used).
+    cache_secret: SecretStr = SecretStr("")
+    cache_secret_file: str = ""  # empty: $XDG_STATE_HOME/ivvae/cache-secret
 
     # -- limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -96,6 +101,13 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("cache_secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value().encode()) < 16:
+            raise ValueError("IVVAE_CACHE_SECRET must be at least 16 bytes")
+        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import Backend, ModelInfo
-from .cache import CachedMoments, ResultCache, cache_key
+from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
 from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
 from .latents import DTYPE_NAMES, LatentInfo, decode_latent_file, encode_latent_file
@@ -147,7 +147,8 @@ class Pipeline:
         content = await asyncio.to_thread(sha256_of, source)
         key = cache_key(content, model.name, model.weights_sha256,
                         self.settings.encode_precision, MOMENTS_VERSION)
-        cached = await self.cache.get(key)
+        cached = await self.cache.get(
+            key, Expected(model.z_dim, model.scale_factor, model.shift_factor))
         self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is None:
             mu, logvar, meta = await self._encode_video(source, model, on_frames)

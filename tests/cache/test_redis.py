@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -10,8 +11,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from ivvae.cache import RedisCache, cache_key, serialize
-from tests.cache.helpers import assert_same, moments
+from ivvae.cache import Expected, RedisCache, cache_key
+from ivvae.cache.codec import MAGIC, PREAMBLE_BYTES
+from tests.cache.helpers import SECRET, assert_same, moments, seal
 from tests.redis_server import RedisServer, redis_binary
 
 pytestmark = pytest.mark.redis
@@ -30,6 +32,7 @@ async def cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
         max_entry_bytes=1 << 20,
         key_prefix="test",
         timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
     yield cache
     await cache.close()
@@ -49,7 +52,7 @@ async def test_miss_then_hit_with_identical_arrays(cache: RedisCache, plain: red
     assert await cache.get(key) is None
     assert await cache.put(key, value) is True
     assert_same(await cache.get(key), value)
-    assert plain.get(f"test:v1:{key}") == serialize(value)  # one key, the blob as is
+    assert plain.get(f"test:v1:{key}") == seal(value, key)  # one key, the blob as is
     assert (cache.stats.hits, cache.stats.misses, cache.stats.writes) == (1, 1, 1)
     assert cache.stats.errors == cache.stats.corrupt == 0
     assert await cache.ping() is True
@@ -62,7 +65,8 @@ async def test_entries_expire_after_ttl(cache: RedisCache, plain: redis.Redis) -
 
 async def test_ttl_zero_means_no_expiry(redis_server: RedisServer, plain: redis.Redis) -> None:
     cache = RedisCache(
-        redis_server.url, ttl_s=0, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=0, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
     await cache.put("k", moments())
     assert plain.ttl("p:v1:k") == -1  # exists, no expiry
@@ -73,7 +77,7 @@ async def test_corrupt_value_is_ignored_counted_and_deleted(
     cache: RedisCache, plain: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     redis_key = cache.redis_key("k")
-    blob = bytearray(serialize(moments()))
+    blob = bytearray(seal(moments()))
     blob[len(blob) // 2] ^= 0x10
     plain.set(redis_key, bytes(blob))
     with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
@@ -87,13 +91,46 @@ async def test_corrupt_value_is_ignored_counted_and_deleted(
     assert cache.stats.corrupt == 2 and plain.exists(redis_key) == 0
 
 
+async def test_forged_entries_are_ignored_and_deleted(
+    cache: RedisCache, plain: redis.Redis
+) -> None:
+    """Whoever can write to Redis but lacks the secret cannot plant latents."""
+    key = cache_key("content", "model")
+    redis_key = cache.redis_key(key)
+    # A well-formed blob whose digest is a plain sha256 (what the unkeyed format checked).
+    forged = bytearray(seal(moments(), key))
+    forged[len(MAGIC) : len(MAGIC) + 32] = hashlib.sha256(forged[PREAMBLE_BYTES - 4 :]).digest()
+    plain.set(redis_key, bytes(forged))
+    assert await cache.get(key) is None
+    assert plain.exists(redis_key) == 0 and cache.stats.corrupt == 1
+    # A genuine entry of another video, copied under this key.
+    other = cache_key("other content", "model")
+    assert await cache.put(other, moments(2))
+    plain.set(redis_key, plain.get(cache.redis_key(other)))
+    assert await cache.get(key) is None
+    assert plain.exists(redis_key) == 0 and cache.stats.corrupt == 2
+    assert_same(await cache.get(other), moments(2))
+
+
+async def test_sealed_entry_that_does_not_fit_the_request_is_deleted(
+    cache: RedisCache, plain: redis.Redis
+) -> None:
+    # Wrong-shape moments for the model (z=4 stored, z=16 served): one miss, then gone,
+    # instead of failing every request for the video for the whole TTL.
+    assert await cache.put("k", moments())
+    assert await cache.get("k", Expected(z_dim=16)) is None
+    assert plain.exists(cache.redis_key("k")) == 0
+    assert cache.stats.corrupt == 1
+
+
 async def test_entry_over_max_size_is_skipped(
     redis_server: RedisServer, plain: redis.Redis
 ) -> None:
     cache = RedisCache(
-        redis_server.url, ttl_s=60, max_entry_bytes=1000, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=60, max_entry_bytes=1000, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
-    assert len(serialize(moments())) > 1000
+    assert len(seal(moments())) > 1000
     assert await cache.put("k", moments()) is False
     assert cache.stats.skipped_too_large == 1 and cache.stats.writes == 0
     assert plain.exists("p:v1:k") == 0
@@ -168,7 +205,8 @@ async def test_restart_between_commands_is_not_an_error(
 async def test_redis_down_from_the_start(redis_server: RedisServer) -> None:
     redis_server.kill()
     cache = RedisCache(
-        redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
     assert await cache.ping() is False
     assert await cache.get("k") is None

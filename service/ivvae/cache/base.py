@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
-from .codec import CachedMoments, CorruptEntry, deserialize, serialize
+from .codec import CachedMoments, CorruptEntry, Expected, check_secret, deserialize, serialize
 
 log = logging.getLogger("ivvae.cache")
 
@@ -59,22 +59,25 @@ class ResultCache(abc.ABC):
     """Async cache of :class:`CachedMoments` under string keys (see :func:`cache_key`).
 
     ``max_entry_bytes``: serialized entries larger than this are not stored (``put`` answers
-    ``False`` and counts ``skipped_too_large``); 0 stores nothing.
+    ``False`` and counts ``skipped_too_large``); 0 stores nothing. ``secret`` keys the MAC
+    that seals every entry (see ``codec``); every writer of one store must share it.
     """
 
     name: str
 
-    def __init__(self, *, max_entry_bytes: int) -> None:
+    def __init__(self, *, max_entry_bytes: int, secret: bytes) -> None:
         if max_entry_bytes < 0:
             raise ValueError(f"max_entry_bytes must be >= 0, got {max_entry_bytes}")
         self.max_entry_bytes = max_entry_bytes
+        self._secret = check_secret(secret)
         self.stats = CacheStats()
         self._failing = False  # logs a backend outage once, and its end once
 
-    async def get(self, key: str) -> CachedMoments | None:
+    async def get(self, key: str, expected: Expected | None = None) -> CachedMoments | None:
         """The entry under ``key``, or None (absent, corrupt, backend trouble). Never raises.
 
-        A corrupt entry is deleted so that the next ``put`` can replace it.
+        An entry is corrupt when its MAC fails or it does not fit ``expected``; it is
+        deleted on sight, so that it costs one miss and the next ``put`` replaces it.
         """
         try:
             blob = await self._load(key)
@@ -87,7 +90,9 @@ class ResultCache(abc.ABC):
             self.stats.misses += 1
             return None
         try:
-            value = await _off_loop(deserialize, blob, len(blob))
+            value = await _off_loop(
+                lambda b: deserialize(b, secret=self._secret, key=key, expected=expected),
+                blob, len(blob))
         except CorruptEntry as exc:
             self.stats.corrupt += 1
             self.stats.misses += 1
@@ -112,7 +117,8 @@ class ResultCache(abc.ABC):
             # The arrays alone bound the blob from below: skip a hopeless entry unencoded.
             if value.nbytes > self.max_entry_bytes:
                 return self._skip_too_large(key, value.nbytes)
-            blob = await _off_loop(serialize, value, value.nbytes)
+            blob = await _off_loop(
+                lambda v: serialize(v, secret=self._secret, key=key), value, value.nbytes)
         except Exception as exc:
             self.stats.errors += 1
             log.warning("%s cache: not storing %s: %s", self.name, key, exc)

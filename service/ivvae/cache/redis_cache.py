@@ -24,7 +24,8 @@ KEY_LAYOUT = "v1"
 class RedisCache(ResultCache):
     """Entries in Redis at ``url`` (``redis://``, ``rediss://`` or ``unix://``).
 
-    ``ttl_s``: expiry of each entry, 0 for none. No connection is made until first use.
+    ``ttl_s``: expiry of each entry, 0 for none. ``secret``: the MAC key, shared by every
+    gateway that uses this Redis. No connection is made until first use.
     """
 
     name = "redis"
@@ -37,12 +38,13 @@ class RedisCache(ResultCache):
         max_entry_bytes: int,
         key_prefix: str,
         timeout_s: float,
+        secret: bytes,
     ) -> None:
         if ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        super().__init__(max_entry_bytes=max_entry_bytes)
+        super().__init__(max_entry_bytes=max_entry_bytes, secret=secret)
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
