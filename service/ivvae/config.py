@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     cache_memory_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
     cache_key_prefix: str = "ivvae"
     redis_timeout_s: float = Field(2.0, gt=0)
+    # After a Redis failure the cache is skipped this long; then one request probes it.
+    redis_retry_s: float = Field(5.0, gt=0)
     # Key of the MAC that seals every cache entry (>= 16 characters); every gateway sharing
     # one Redis needs the same one. Empty: read from cache_secret_file, which is created with
     # a random secret when absent (and when it cannot be, a per-process secret is used).

@@ -17,6 +17,7 @@ from ivvae.cache import (
     cache_secret,
     create_cache,
 )
+from ivvae.cache.base import CircuitBreaker
 from ivvae.config import Settings
 from tests.cache.helpers import SECRET, assert_same, moments, seal
 
@@ -40,6 +41,7 @@ async def test_miss_then_hit_with_identical_arrays() -> None:
         "corrupt": 0,
         "errors": 0,
         "skipped_too_large": 0,
+        "skipped_open": 0,
         "writes": 1,
     }
     assert await cache.ping() is True
@@ -233,3 +235,30 @@ def test_secret_file_with_too_short_a_secret_is_not_trusted(tmp_path: Path) -> N
     path = tmp_path / "cache-secret"
     path.write_text("abc")
     assert cache_secret(Settings(cache_secret_file=str(path))) != b"abc"
+
+
+# -- the circuit breaker (its use with a real, failing Redis is in test_redis) ----------------
+
+
+def test_breaker_opens_on_failure_then_lets_one_probe_through() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(5.0, clock=lambda: now[0])
+    assert breaker.closed and breaker.allow() and breaker.allow()
+    breaker.failure()
+    assert not breaker.closed and not breaker.allow()
+    now[0] = 4.9
+    assert not breaker.allow()
+    now[0] = 5.0
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # everyone else waits for its outcome
+    breaker.failure()
+    now[0] = 9.9
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    breaker.abandon()  # cancelled probe: the next caller probes instead
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.closed and breaker.allow() and breaker.allow()
+    with pytest.raises(ValueError):
+        CircuitBreaker(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ TIMEOUT_S = 0.3
 # What one failed get or put may cost: the command's own timeout, with room for a slow CI box.
 FAIL_FAST_S = 2 * TIMEOUT_S
 TTL_S = 600
+RETRY_S = 0.3  # the circuit breaker's retry period
 
 
 @pytest.fixture
@@ -33,6 +35,7 @@ async def cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
         key_prefix="test",
         timeout_s=TIMEOUT_S,
         secret=SECRET,
+        retry_after_s=RETRY_S,
     )
     yield cache
     await cache.close()
@@ -146,47 +149,56 @@ async def test_killed_redis_fails_fast_then_recovers(
     redis_server.kill()
 
     with caplog.at_level(logging.DEBUG, logger="ivvae.cache"):
-        for _ in range(2):
-            start = time.monotonic()
+        start = time.monotonic()
+        assert await cache.get("k") is None  # meets the dead server: the circuit opens
+        assert time.monotonic() - start < FAIL_FAST_S
+        for _ in range(2):  # not tried while open
             assert await cache.get("k") is None
-            assert time.monotonic() - start < FAIL_FAST_S
-            start = time.monotonic()
             assert await cache.put("k", value) is False
-            assert time.monotonic() - start < FAIL_FAST_S
         assert await cache.ping() is False
-    assert cache.stats.errors == 4
+    assert cache.stats.errors == 1 and cache.stats.skipped_open == 4
     # One warning for the outage, not one per request.
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "answering without the cache" in warnings[0].getMessage()
 
     redis_server.start()  # same port, empty (no persistence)
+    await asyncio.sleep(RETRY_S)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="ivvae.cache"):
-        assert await cache.ping() is True
+        assert await cache.ping() is True  # the probe: closes the circuit
         assert await cache.get("k") is None  # a plain miss: the data went with the server
         assert await cache.put("k", value) is True
         assert_same(await cache.get("k"), value)
-    assert cache.stats.errors == 4  # no new errors
+    assert cache.stats.errors == 1  # no new errors
     assert "answers again" in caplog.text
 
 
-async def test_hung_redis_times_out_then_recovers(
+async def test_stopped_redis_costs_one_timeout_then_is_skipped_and_probed(
     cache: RedisCache, redis_server: RedisServer
 ) -> None:
     value = moments(4)
     assert await cache.put("k", value)
-    redis_server.pause()  # accepts connections, answers nothing
+    redis_server.pause()  # SIGSTOP: accepts connections, answers nothing
     try:
-        start = time.monotonic()
-        assert await cache.get("k") is None
-        assert time.monotonic() - start < FAIL_FAST_S
-        start = time.monotonic()
-        assert await cache.put("k2", value) is False
-        assert time.monotonic() - start < FAIL_FAST_S
+        # Requests in flight when Redis stops each meet one timeout...
+        assert await asyncio.gather(cache.get("k"), cache.get("k")) == [None, None]
         assert cache.stats.errors == 2
+        # ...and every request after that skips the cache without asking.
+        for _ in range(10):
+            assert await cache.get("k") is None
+            assert await cache.put("k2", value) is False
+        assert cache.stats.errors == 2 and cache.stats.skipped_open == 20
+        # Once the retry period is over, one request probes while the others skip.
+        await asyncio.sleep(RETRY_S)
+        results = await asyncio.gather(*(cache.get("k") for _ in range(5)))
+        assert results == [None] * 5
+        assert cache.stats.errors == 3 and cache.stats.skipped_open == 24
     finally:
         redis_server.resume()
-    assert_same(await cache.get("k"), value)
+    await asyncio.sleep(RETRY_S)
+    assert_same(await cache.get("k"), value)  # the next probe finds it back
+    assert cache.breaker.closed
+    assert await cache.put("k2", value) is True
 
 
 async def test_restart_between_commands_is_not_an_error(
@@ -206,12 +218,13 @@ async def test_redis_down_from_the_start(redis_server: RedisServer) -> None:
     redis_server.kill()
     cache = RedisCache(
         redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S,
-        secret=SECRET,
+        secret=SECRET, retry_after_s=RETRY_S,
     )
     assert await cache.ping() is False
     assert await cache.get("k") is None
     assert await cache.put("k", moments()) is False
     redis_server.start()
+    await asyncio.sleep(RETRY_S)
     assert await cache.put("k", moments()) is True
     assert await cache.get("k") is not None
     await cache.close()

@@ -58,6 +58,7 @@ def create_cache(settings: Settings) -> ResultCache:
             key_prefix=settings.cache_key_prefix,
             timeout_s=settings.redis_timeout_s,
             secret=cache_secret(settings),
+            retry_after_s=settings.redis_retry_s,
         )
     return MemoryCache(
         max_bytes=settings.cache_memory_max_bytes,

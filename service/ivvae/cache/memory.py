@@ -47,8 +47,8 @@ class MemoryCache(ResultCache):
     def __contains__(self, key: object) -> bool:
         return key in self._blobs
 
-    async def ping(self) -> bool:
-        return True
+    async def _ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         with self._lock:
