@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import strict
+
 BackendName = Literal["local", "triton"]
 PrecisionName = Literal["float32", "bfloat16", "float16"]
 
@@ -91,7 +93,9 @@ class Settings(BaseSettings):
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
 
     # -- auth ------------------------------------------------------------------------------
-    api_keys: str = ""  # comma-separated; empty disables auth
+    # Comma-separated; empty disables auth. Only separators and spaces is an error (it would
+    # read as "no keys" and disable auth unnoticed).
+    api_keys: str = ""
     # TLS for both listeners (HTTPS and gRPC over TLS): PEM certificate chain and private
     # key files. Both or neither; empty: plain text (e.g. behind a mesh or an ingress).
     tls_cert: str = ""
@@ -99,10 +103,24 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
 
-    @field_validator("api_keys", "extra_weights")
+    @field_validator("extra_weights")
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _some_key(cls, value: str) -> str:
+        # "," or " , " would otherwise mean "no keys", which silently disables auth.
+        if value and not any(k.strip() for k in value.split(",")):
+            raise ValueError("IVVAE_API_KEYS holds no key (only commas and spaces); leave it "
+                             "empty to disable auth, or list the keys")
+        return value.strip()
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_model_name(cls, value: str) -> str:
+        return strict.model_name(value) if value else value
 
     @field_validator("cache_secret")
     @classmethod
@@ -110,6 +128,11 @@ class Settings(BaseSettings):
         if value.get_secret_value() and len(value.get_secret_value().encode()) < 16:
             raise ValueError("IVVAE_CACHE_SECRET must be at least 16 bytes")
         return value
+
+    @model_validator(mode="after")
+    def _extra_weights_parse(self) -> Settings:
+        self.extra_weight_paths  # noqa: B018  (raises on a malformed list, at start-up)
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -141,5 +164,5 @@ class Settings(BaseSettings):
             name, sep, path = item.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"IVVAE_EXTRA_WEIGHTS entry {item!r} is not NAME=PATH")
-            out[name.strip()] = Path(path.strip())
+            out[strict.model_name(name.strip())] = Path(path.strip())
         return out

@@ -25,10 +25,12 @@ MAX_DIGITS = 19
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
+_DECIMAL = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _RATE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})(?:/([0-9]{{1,{MAX_DIGITS}}}))?")
 
 
-def _shown(text: str) -> str:
+def shown(text: str) -> str:
     """``text`` fit for an error message: repr'd (no control characters) and cut short."""
     return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
 
@@ -36,7 +38,7 @@ def _shown(text: str) -> str:
 def count(text: str, *, minimum: int = 0) -> int:
     """A decimal integer of ASCII digits only (no sign, spaces, underscores), >= minimum."""
     if not isinstance(text, str) or not _DIGITS.fullmatch(text):
-        raise ValueError(f"{_shown(str(text))} is not a decimal number of at most "
+        raise ValueError(f"{shown(str(text))} is not a decimal number of at most "
                          f"{MAX_DIGITS} ASCII digits")
     value = int(text)
     if value < minimum:
@@ -48,7 +50,7 @@ def frame_rate(text: str) -> Fraction:
     """``"N"`` or ``"N/D"`` in ASCII digits, within [``MIN_FPS``, ``MAX_FPS``]."""
     match = _RATE.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"frame rate {_shown(str(text))} is not N or N/D in ASCII digits")
+        raise ValueError(f"frame rate {shown(str(text))} is not N or N/D in ASCII digits")
     numerator, denominator = int(match[1]), int(match[2] or 1)
     if denominator == 0:
         raise ValueError(f"frame rate {text!r} has a zero denominator")
@@ -61,6 +63,23 @@ def frame_rate(text: str) -> Fraction:
 def model_name(text: str) -> str:
     """A model name: 1-64 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
     if not isinstance(text, str) or not _MODEL_NAME.fullmatch(text):
-        raise ValueError(f"model name {_shown(str(text))} is not 1-64 characters of "
+        raise ValueError(f"model name {shown(str(text))} is not 1-64 characters of "
                          "A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return text
+
+
+def decimal(text: str) -> float:
+    """A finite decimal number as ``repr(float)`` writes it (``-0.25``, ``1e-05``)."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a decimal number")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{shown(text)} is out of range")
+    return value
+
+
+def sha256_hex(text: str) -> str:
+    """64 lowercase hex digits."""
+    if not isinstance(text, str) or not _SHA256.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a sha256 (64 lowercase hex digits)")
     return text
