@@ -92,6 +92,17 @@ class Settings(BaseSettings):
     # ivvae RPCs in flight over gRPC; more are refused with UNAVAILABLE (clients back off).
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
 
+    # -- connections -----------------------------------------------------------------------
+    # HTTP: the bytes and lines of a request head; the time to send it (from the connection's
+    # opening or the previous response); the longest gap inside a request body; idle time
+    # between requests; open connections (past it: 503 and closed at once).
+    http_max_header_bytes: int = Field(64 * 1024, ge=4096)
+    http_max_headers: int = Field(100, ge=8)
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    http_body_timeout_s: float = Field(30.0, gt=0)
+    http_keepalive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+
     # -- auth ------------------------------------------------------------------------------
     # Comma-separated; empty disables auth. Only separators and spaces is an error (it would
     # read as "no keys" and disable auth unnoticed).

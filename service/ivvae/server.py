@@ -40,6 +40,7 @@ async def serve(settings: Settings) -> None:
     _QuietServer = _quiet_server_class()
 
     from .api.http import create_app
+    from .api.http.protocol import ConnectionLimits, bounded_protocol
 
     if not (settings.enable_http or settings.enable_grpc):
         raise ValueError("both HTTP and gRPC are disabled; enable at least one")
@@ -61,8 +62,18 @@ async def serve(settings: Settings) -> None:
                      " (TLS)" if settings.tls_cert else "")
         if settings.enable_http:
             app = create_app(settings, service=service)
+            limits = ConnectionLimits(
+                max_header_bytes=settings.http_max_header_bytes,
+                max_headers=settings.http_max_headers,
+                header_timeout_s=settings.http_header_timeout_s,
+                body_timeout_s=settings.http_body_timeout_s,
+                max_connections=settings.max_connections,
+            )
             config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                     log_level=settings.log_level.lower(), lifespan="on",
+                                    http=bounded_protocol(limits),
+                                    h11_max_incomplete_event_size=limits.max_header_bytes,
+                                    timeout_keep_alive=settings.http_keepalive_s,  # type: ignore[arg-type]
                                     timeout_graceful_shutdown=int(GRACE_S),
                                     ssl_certfile=settings.tls_cert or None,
                                     ssl_keyfile=settings.tls_key or None)
