@@ -71,7 +71,7 @@ def tiny_exports(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Ti
 
 @dataclass(frozen=True)
 class IvvaeTriton:
-    server: Any  # ivvae.triton.launcher.TritonServer
+    server: Any  # ivvae.devtools.triton_launcher.TritonServer
     export: TinyExport
 
     @property
@@ -80,9 +80,9 @@ class IvvaeTriton:
 
 
 def start_ivvae_triton(export: TinyExport, workdir: Path, **options: Any) -> Any:
-    """A tritonserver serving ``export`` (``options`` go to ``ivvae.triton.serve.prepare``)."""
-    from ivvae.triton.launcher import start_triton
-    from ivvae.triton.serve import prepare
+    """A tritonserver serving ``export``; ``options`` go to ``devtools.triton_serve.prepare``."""
+    from ivvae.devtools.triton_launcher import start_triton
+    from ivvae.devtools.triton_serve import prepare
 
     options.setdefault("num_threads", 1)
     repository = prepare(export.directory, workdir, **options)
@@ -93,7 +93,7 @@ def start_ivvae_triton(export: TinyExport, workdir: Path, **options: Any) -> Any
 def ivvae_triton(tiny_exports: Callable[[str], TinyExport],
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[IvvaeTriton]:
     try:
-        from ivvae.triton.launcher import find_triton_install
+        from ivvae.devtools.triton_launcher import find_triton_install
 
         find_triton_install()
     except RuntimeError as exc:

@@ -1,19 +1,18 @@
 """The micro-batcher: one model call for compatible steps of concurrent requests.
 
-Callers ``await batcher.submit(key, item)``. Items with equal keys (same model, same step
-kind, same tensor sizes) that arrive within ``max_delay_s`` of the first one, up to
-``max_batch_size``, run as one call of ``run_batch(key, items)`` on a worker thread. While
-a batch runs, new arrivals queue, so batches grow with load on their own.
-
-Isolation: if a batch call raises, each of its items is retried alone, so a bad item fails
-only its own request. A caller that goes away (cancelled future) is skipped.
+Callers ``await batcher.submit(key, item)``. Items with equal keys (same model and
+direction) that arrive within ``max_delay_s`` of the first one, up to ``max_batch_size``,
+are handed over as one list to ``run_batch(key, items)`` on a worker thread, which returns
+one result per item. While a batch runs, new arrivals queue, so batches grow with load on
+their own. It only collects: grouping by shape and isolating a failing item are the step
+engine's (``ivvae.core.steps.SequenceTable``). A caller that goes away (cancelled future)
+is skipped; should ``run_batch`` itself raise, every item of that call gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ class MicroBatcher(Generic[K, In, Out]):
         executor: Executor,
         max_batch_size: int = 8,
         max_delay_s: float = 0.005,
-        on_batch: Callable[[K, int, float], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -54,7 +52,6 @@ class MicroBatcher(Generic[K, In, Out]):
         self._executor = executor
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
-        self._on_batch = on_batch
         self._queues: dict[K, _Queue[In, Out]] = {}
         # One batch at a time: the model uses all cores for one call.
         self._lock = asyncio.Lock()
@@ -94,7 +91,6 @@ class MicroBatcher(Generic[K, In, Out]):
             if not live:
                 return
             loop = asyncio.get_running_loop()
-            start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(
                     self._executor, self._run_batch, key, [p.item for p in live]
@@ -102,22 +98,10 @@ class MicroBatcher(Generic[K, In, Out]):
                 if len(results) != len(live):
                     raise RuntimeError(f"batch returned {len(results)} results for {len(live)}")
             except Exception as exc:
-                if len(live) == 1:
-                    _settle(live[0].future, exc=exc)
-                    return
-                log.warning("batch of %d failed (%s); retrying items alone", len(live), exc)
+                log.exception("a batch of %d failed", len(live))
                 for p in live:
-                    try:
-                        (single,) = await loop.run_in_executor(
-                            self._executor, self._run_batch, key, [p.item]
-                        )
-                    except Exception as item_exc:
-                        _settle(p.future, exc=item_exc)
-                    else:
-                        _settle(p.future, result=single)
+                    _settle(p.future, exc=exc)
                 return
-            if self._on_batch is not None:
-                self._on_batch(key, len(live), time.perf_counter() - start)
             for p, r in zip(live, results, strict=True):
                 _settle(p.future, result=r)
 

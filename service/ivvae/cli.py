@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_train)
 
     from . import export_cli
-    from .triton import serve as triton_serve
+    from .devtools import triton_serve
 
     export_cli.add_parser(sub)
     triton_serve.add_parser(sub)

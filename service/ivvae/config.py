@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from . import strict
+from .core import strict
 
 BackendName = Literal["local", "triton"]
 PrecisionName = Literal["float32", "bfloat16", "float16"]

@@ -2,9 +2,8 @@
 
 A ``.safetensors`` file holding
 
-* ``latent``: ``(1, z, n, h, w)`` in float32, bfloat16 or float16, the diffusion latent
-  ``scale_factor * (s - shift_factor)``, with ``n = 1 + ceil((T-1)/4)``, ``h = ceil(H/8)``,
-  ``w = ceil(W/8)``;
+* ``latent``: ``(1, z, n, h, w)`` in one of ``PRECISIONS``, the diffusion latent
+  ``scale_factor * (s - shift_factor)``, shaped by ``ivvae.core.geometry.latent_shape``;
 * optionally ``mu`` and ``logvar`` (float32, same shape): the posterior moments, for
   training with fresh samples each epoch;
 
@@ -14,7 +13,6 @@ train on it. ``META_KEYS`` is the one list of those keys.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -22,19 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, strict
+from .core import strict
+from .core.geometry import latent_shape
+from .core.names import PRECISIONS
+from .core.version import __version__
 from .errors import InvalidLatent
 from .safetensors_io import SafetensorsError, Tensor, dumps, float32_to_bf16_bits, loads
 
 FORMAT = "ivvae.latent"
 FORMAT_VERSION = "1"
-TIME_COMPRESSION = 4
-SPACE_COMPRESSION = 8
 
 # A latent file's header holds a few tensor entries and a few dozen short metadata strings.
 MAX_HEADER_BYTES = 64 * 1024
 MODES = ("mean", "sample")
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# precision name -> safetensors dtype code
+DTYPE_NAMES: dict[str, str] = dict(zip(PRECISIONS, ("F32", "BF16", "F16"), strict=True))
 _ST_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 META_KEYS = (
@@ -42,14 +42,6 @@ META_KEYS = (
     "shift_factor", "z_dim", "num_frames", "height", "width", "fps", "padding_policy",
     "dtype", "content_sha256", "mode", "seed", "latent_shape", "ivvae_version",
 )
-
-
-def latent_frames(num_frames: int) -> int:
-    return 1 + math.ceil((num_frames - 1) / TIME_COMPRESSION)
-
-
-def latent_side(pixels: int) -> int:
-    return max(1, math.ceil(pixels / SPACE_COMPRESSION))
 
 
 @dataclass(frozen=True)
@@ -66,7 +58,7 @@ class LatentInfo:
     width: int
     fps: Fraction
     padding_policy: str
-    dtype: str  # float32 | bfloat16 | float16
+    dtype: str  # one of PRECISIONS
     content_sha256: str
     mode: str  # mean | sample
     seed: int | None = None
@@ -74,8 +66,7 @@ class LatentInfo:
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
-        return (1, self.z_dim, latent_frames(self.num_frames), latent_side(self.height),
-                latent_side(self.width))
+        return latent_shape(self.z_dim, self.num_frames, self.height, self.width)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -193,7 +184,7 @@ def decode_latent_file(data: bytes) -> tuple[np.ndarray, LatentInfo]:
         raise InvalidLatent(f"latent file has no 'latent' tensor (has {sorted(tensors)})")
     t = tensors["latent"]
     if t.dtype not in _ST_TO_NAME:
-        raise InvalidLatent(f"latent dtype {t.dtype} is not float32, bfloat16 or float16")
+        raise InvalidLatent(f"latent dtype {t.dtype} is not one of {', '.join(PRECISIONS)}")
     if _ST_TO_NAME[t.dtype] != info.dtype:
         raise InvalidLatent(f"latent dtype {_ST_TO_NAME[t.dtype]} disagrees with metadata "
                             f"dtype {info.dtype}")

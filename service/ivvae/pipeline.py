@@ -26,18 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import Backend, ModelInfo
+from .backends.base import Backend
 from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
+from .core.geometry import PADDING_POLICY, FrameStepper, decode_plan, moments_to_latent, pad_frames
+from .core.model_info import ModelInfo
+from .core.names import PRECISIONS
 from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
-from .latents import DTYPE_NAMES, LatentInfo, decode_latent_file, encode_latent_file
+from .latents import LatentInfo, decode_latent_file, encode_latent_file
 from .metrics import Metrics
 from .video import VideoLimits, exact_rate, open_video
 
 log = logging.getLogger("ivvae.pipeline")
 
-GROUP = 4
-PADDING_POLICY = "time:repeat-last-to-1+4n;space:replicate-right-bottom-to-multiple-of-8"
 MOMENTS_VERSION = "moments-v1"
 
 
@@ -46,12 +47,12 @@ class EncodeOptions:
     model: str = ""  # empty: the default model
     sample: bool = False  # False: the posterior mean (deterministic)
     seed: int | None = None  # for sample; drawn and recorded when absent
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # one of PRECISIONS
     include_moments: bool = False  # also store mu and logvar in the file
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise InvalidInput(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise InvalidInput(f"dtype must be one of {list(PRECISIONS)}, got {self.dtype!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidInput("seed must be in [0, 2**63)")
         if self.seed is not None and not self.sample:
@@ -68,30 +69,6 @@ class EncodeResult:
     @property
     def latent_shape(self) -> tuple[int, ...]:
         return self.info.latent_shape
-
-
-def pad_frames(frames: np.ndarray) -> np.ndarray:
-    """(n, H, W, 3) uint8 -> (1, n, H8, W8, 3): replicate right/bottom to multiples of 8."""
-    _, h, w, _ = frames.shape
-    ph = max(8, -(-h // 8) * 8) - h
-    pw = max(8, -(-w // 8) * 8) - w
-    if ph or pw:
-        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
-    return np.ascontiguousarray(frames)[None]
-
-
-def moments_to_latent(mu: np.ndarray, logvar: np.ndarray, model: ModelInfo, *,
-                      sample: bool, seed: int | None) -> np.ndarray:
-    """``scale * (s - shift)`` with ``s = mu`` or ``mu + exp(logvar / 2) * eps``.
-
-    ``eps`` comes from numpy's PCG64 seeded with ``seed``: the same on every backend and
-    machine, so a (video, seed) pair always gives the same latent.
-    """
-    s = mu
-    if sample:
-        eps = np.random.default_rng(seed).standard_normal(mu.shape, dtype=np.float32)
-        s = mu + np.exp(0.5 * logvar) * eps
-    return (model.scale_factor * (s - model.shift_factor)).astype(np.float32)
 
 
 def sha256_of(source: bytes | Path) -> str:
@@ -163,7 +140,8 @@ class Pipeline:
         seed = options.seed
         if options.sample and seed is None:
             seed = secrets.randbits(63)
-        latent = moments_to_latent(mu, logvar, model, sample=options.sample, seed=seed)
+        latent = moments_to_latent(mu, logvar, model.scale_factor, model.shift_factor,
+                                   sample=options.sample, seed=seed)
         info = LatentInfo(
             model_name=model.name, weights_sha256=model.weights_sha256,
             scale_factor=model.scale_factor, shift_factor=model.shift_factor,
@@ -184,42 +162,33 @@ class Pipeline:
         s = self.settings
         limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
         reader = await asyncio.to_thread(open_video, source, limits=limits)
-        step = GROUP * s.groups_per_step
+        stepper = FrameStepper(s.groups_per_step)
         session = self.backend.encode_session(model.name)
         self.metrics.active_sessions.labels("encode").inc()
         mus: list[np.ndarray] = []
         logvars: list[np.ndarray] = []
-        count = 0
-        try:
-            chunks = reader.iter_frames(step)
-            pending = np.empty((0, reader.info.height, reader.info.width, 3), np.uint8)
-            while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
-                count += len(chunk)
-                if on_frames is not None:
-                    on_frames(len(chunk))
-                pending = chunk if not len(pending) else np.concatenate([pending, chunk])
-                if count == len(chunk):  # frame 0 is its own step (the image path)
-                    mu, logvar = await session.first(pad_frames(pending[:1]))
-                    mus.append(mu)
-                    logvars.append(logvar)
-                    pending = pending[1:]
-                while len(pending) >= step:
-                    mu, logvar = await session.next(pad_frames(pending[:step]))
-                    mus.append(mu)
-                    logvars.append(logvar)
-                    pending = pending[step:]
-            if count == 0:
-                raise CorruptMedia("the video has no decodable frames")
-            if len(pending):  # the last partial group repeats the last frame
-                fill = -len(pending) % GROUP
-                pending = np.concatenate([pending, np.repeat(pending[-1:], fill, axis=0)])
-                mu, logvar = await session.next(pad_frames(pending))
+
+        async def run(steps: list[tuple[bool, np.ndarray]]) -> None:
+            for first, frames in steps:
+                step = session.first if first else session.next
+                mu, logvar = await step(pad_frames(frames))
                 mus.append(mu)
                 logvars.append(logvar)
+
+        try:
+            chunks = reader.iter_frames(stepper.step)
+            while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
+                if on_frames is not None:
+                    on_frames(len(chunk))
+                await run(stepper.push(chunk))
+            if stepper.count == 0:
+                raise CorruptMedia("the video has no decodable frames")
+            await run(stepper.flush())
         finally:
             await session.close()
             self.metrics.active_sessions.labels("encode").dec()
             await asyncio.to_thread(reader.close)
+        count = stepper.count
         info = reader.info
         meta = {
             "num_frames": str(count),
@@ -283,7 +252,7 @@ class Pipeline:
             self.metrics.active_sessions.labels("decode").inc()
             produced = 0
             try:
-                for a, b in _latent_steps(latent.shape[2], self.settings.groups_per_step):
+                for a, b in decode_plan(latent.shape[2], self.settings.groups_per_step):
                     part = np.ascontiguousarray(latent[:, :, a:b])
                     step = session.first(part) if a == 0 else session.next(part)
                     remaining = deadline - time.perf_counter()
@@ -302,12 +271,6 @@ class Pipeline:
         self.metrics.frames.labels("decode").inc(produced)
         self.metrics.frames_per_second.labels("decode").set(
             produced / max(time.perf_counter() - start, 1e-9))
-
-
-def _latent_steps(n: int, groups_per_step: int) -> Iterator[tuple[int, int]]:
-    yield 0, 1
-    for a in range(1, n, groups_per_step):
-        yield a, min(n, a + groups_per_step)
 
 
 def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:

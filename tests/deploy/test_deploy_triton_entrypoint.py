@@ -50,7 +50,9 @@ echo artifact > "$out/decoder.pt"
 cat > "$out/export_manifest.json" <<EOF
 {"format": "$format", "model": {"name": "fake", "z_dim": 4, "dim": 4, "scale_factor": 1.0,
  "shift_factor": 0.0, "weights_sha256": "$(printf 'a%.0s' {1..64})", "trained": true,
- "source": "/weights/ivvae.pth", "num_params": 10}}
+ "source": "/weights/ivvae.pth", "num_params": 10},
+ "files": {"encoder": "encoder.pt", "decoder": "decoder.pt"}, "cache_slots": {},
+ "ivvae_version": "0", "torch_version": "0", "export_version": 1, "precision": "float32"}
 EOF
 """
 
@@ -238,21 +240,6 @@ def test_other_commands_run_as_given(stage: Stage) -> None:
 # -- triton_prepare.py on its own --------------------------------------------------------------
 
 
-def test_rewrite_keeps_the_config_and_replaces_what_it_is_told(prepare: ModuleType) -> None:
-    text = CPU_CONFIG.format(name="ivvae_encoder")
-    out = prepare.rewrite_config(text, {"SEQUENCE_TTL_S": "300"})
-    assert 'key: "SEQUENCE_TTL_S"' in out and 'string_value: "300"' in out
-    assert "kind: KIND_CPU" in out and "count: 2" in out  # instance group untouched
-    assert "max_candidate_sequences: 16" in out
-    only_kind = prepare.rewrite_config(text, {}, instance_kind="KIND_GPU")
-    assert "kind: KIND_GPU" in only_kind and "count: 2" in only_kind
-
-
-def test_rewrite_refuses_what_triton_would_refuse(prepare: ModuleType) -> None:
-    with pytest.raises(prepare.PrepareError, match="cannot parse"):
-        prepare.rewrite_config("instance_group [ { kind: KIND_TPU } ]", {})
-
-
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
@@ -276,38 +263,3 @@ def test_fingerprint_follows_weights_bytes_and_format(prepare: ModuleType, tmp_p
     assert first != fingerprint(weights, "onnx")
     weights.write_bytes(b"b")
     assert first != fingerprint(weights, "torchscript")
-
-
-def test_empty_repository_is_an_error(prepare: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(prepare.PrepareError, match=r"no \*/config\.pbtxt"):
-        prepare.prepare_repository(tmp_path, tmp_path / "out", {})
-
-
-def test_sequence_ttl_also_sets_the_triton_idle_timeout(prepare: ModuleType) -> None:
-    text = CPU_CONFIG.format(name="ivvae_encoder")
-    config = model_config(prepare.rewrite_config(text, {"SEQUENCE_TTL_S": "2.5"}))
-    assert config.parameters["SEQUENCE_TTL_S"].string_value == "2.5"
-    assert config.sequence_batching.max_sequence_idle_microseconds == 2_500_000
-
-
-def test_model_info_comes_from_the_export_manifest(prepare: ModuleType, tmp_path: Path) -> None:
-    from ivvae.model.artifacts import MANIFEST_NAME
-    from ivvae.triton.contract import MODEL_INFO_KEYS
-
-    assert prepare.MANIFEST_NAME == MANIFEST_NAME
-    source = tmp_path / "src"
-    (source / "ivvae_encoder").mkdir(parents=True)
-    (source / "ivvae_encoder" / "config.pbtxt").write_text(CPU_CONFIG.format(name="ivvae_encoder"))
-    artifacts = tmp_path / "artifacts"
-    artifacts.mkdir()
-    params = {"ARTIFACT_DIR": str(artifacts), "ARTIFACT_FORMAT": "onnx"}
-    with pytest.raises(prepare.PrepareError, match="export with `ivvae export`"):
-        prepare.prepare_repository(source, tmp_path / "out", params)
-    model = dict.fromkeys(MODEL_INFO_KEYS, 1) | {"name": "m", "weights_sha256": "ab" * 32}
-    (artifacts / MANIFEST_NAME).write_text(json.dumps({"format": "torchscript", "model": model}))
-    with pytest.raises(prepare.PrepareError, match="holds torchscript artifacts"):
-        prepare.prepare_repository(source, tmp_path / "out", params)
-    params["ARTIFACT_FORMAT"] = "torchscript"
-    prepare.prepare_repository(source, tmp_path / "out", params)
-    config = model_config((tmp_path / "out" / "ivvae_encoder" / "config.pbtxt").read_text())
-    assert json.loads(config.parameters["MODEL_INFO"].string_value) == model

@@ -17,32 +17,13 @@ Array contracts (numpy, batch dimension 1 = this video):
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the gateway knows about a served model (no weights)."""
-
-    name: str
-    z_dim: int
-    dim: int
-    scale_factor: float
-    shift_factor: float
-    weights_sha256: str
-    trained: bool
-    source: str  # where the weights came from: a path, "bundled" or "untrained"
-    num_params: int = 0
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "name": self.name, "z_dim": self.z_dim, "dim": self.dim,
-            "scale_factor": self.scale_factor, "shift_factor": self.shift_factor,
-            "weights_sha256": self.weights_sha256, "trained": self.trained,
-            "source": self.source, "num_params": self.num_params,
-        }
+from ..core.model_info import ModelInfo
+from ..core.steps import ErrorKind, StepResult
+from ..errors import BackendUnavailable, InvalidInput, InvalidLatent, IVVAEError
 
 
 class EncodeSession(abc.ABC):
@@ -96,3 +77,57 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def decode_session(self, model: str) -> DecodeSession: ...
+
+
+class StepSequence(Protocol):
+    """One video's pass through one direction of a backend (steps in order)."""
+
+    async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]: ...
+
+    async def close(self) -> None: ...
+
+
+class SequenceEncode(EncodeSession):
+    """An encode session over a backend's :class:`StepSequence`."""
+
+    def __init__(self, sequence: StepSequence) -> None:
+        self.sequence = sequence
+
+    async def first(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = await self.sequence.step(frames, first=True)
+        return mu, logvar
+
+    async def next(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mu, logvar = await self.sequence.step(frames, first=False)
+        return mu, logvar
+
+    async def close(self) -> None:
+        await self.sequence.close()
+
+
+class SequenceDecode(DecodeSession):
+    """A decode session over a backend's :class:`StepSequence` (latents sent as float32)."""
+
+    def __init__(self, sequence: StepSequence) -> None:
+        self.sequence = sequence
+
+    async def first(self, latent: np.ndarray) -> np.ndarray:
+        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=True)
+        return frames
+
+    async def next(self, latent: np.ndarray) -> np.ndarray:
+        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=False)
+        return frames
+
+    async def close(self) -> None:
+        await self.sequence.close()
+
+
+def step_error(result: StepResult, direction: str) -> IVVAEError:
+    """The service error for a failed step of the step engine (one mapping for every
+    backend; Triton's status codes carry the same kinds)."""
+    if result.kind is ErrorKind.INVALID:
+        return (InvalidInput if direction == "encoder" else InvalidLatent)(result.error)
+    if result.kind is ErrorKind.LOST:
+        return BackendUnavailable(result.error)
+    return IVVAEError(result.error)

@@ -1,46 +1,53 @@
 """The ``local`` backend: the model runs in this process (torch), steps are micro-batched.
 
-Every model call runs on one worker thread, so the event loop never blocks and torch gets
-all cores for one batch at a time. Feature caches stay in the session objects as torch
-tensors; steps of different videos with equal (model, kind, size) run as one batch.
+The step engine is the one the Triton models run (``ivvae.core.steps.SequenceTable``), here
+over the eager model (``ivvae.model.steps.EagerSteps``): one table per model and
+direction holds each video's feature cache, keyed by a session's sequence id. The
+micro-batcher collects the steps that arrive within ``batch_max_delay_ms`` and hands them
+to the table, which batches the ones of equal shape and isolates a failing member. Every
+model call runs on one worker thread, so the event loop never blocks and torch gets all
+cores for one batch at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from ..batching import MicroBatcher
 from ..config import Settings
+from ..core.model_info import ModelInfo
+from ..core.steps import Direction, SequenceTable, StepRequest, StepResult
 from ..errors import UnknownModel
 from ..metrics import Metrics
-from ..model.steps import DecoderStep, EncoderStep
+from ..model.steps import EagerSteps
 from ..weights import load_weights
-from .base import Backend, DecodeSession, EncodeSession, ModelInfo
+from .base import (
+    Backend,
+    DecodeSession,
+    EncodeSession,
+    SequenceDecode,
+    SequenceEncode,
+    step_error,
+)
 
 log = logging.getLogger("ivvae.backends.local")
 
-Key = tuple[str, str, tuple[int, ...]]  # (model, step kind, input shape without batch)
+Key = tuple[str, Direction]  # (model, direction)
+_KIND = {"encoder": "encode", "decoder": "decode"}
 
 
 @dataclass
 class _Served:
     info: ModelInfo
-    encoder: EncoderStep
-    decoder: DecoderStep
-
-
-@dataclass
-class _Item:
-    array: np.ndarray
-    cache: list[torch.Tensor] | None
+    tables: dict[Direction, SequenceTable]
 
 
 class LocalBackend(Backend):
@@ -52,10 +59,11 @@ class LocalBackend(Backend):
         self._models: dict[str, _Served] = {}
         self._default = ""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivvae-model")
-        self._batcher: MicroBatcher[Key, _Item, Any] = MicroBatcher(
+        self._batcher: MicroBatcher[Key, StepRequest, StepResult] = MicroBatcher(
             self._run_batch, executor=self._executor, max_batch_size=settings.batch_max_size,
-            max_delay_s=settings.batch_max_delay_ms / 1000, on_batch=self._observe,
+            max_delay_s=settings.batch_max_delay_ms / 1000,
         )
+        self._ids = itertools.count(1)
         self._started = False
 
     async def start(self) -> None:
@@ -69,16 +77,29 @@ class LocalBackend(Backend):
         sources = [(s.model_name, s.weights)] + [
             (name, str(path)) for name, path in s.extra_weight_paths.items()
         ]
+        # A session always releases its sequence; the time-to-live only catches leaks.
+        ttl_s = 2 * s.request_timeout_s
         for name, path in sources:
             model, info = load_weights(path or None, name=name, device=s.device)
             model.set_precision(encode=s.encode_precision, decode=s.decode_precision)
             if info.name in self._models:
                 raise ValueError(f"two models are named {info.name!r}; name them apart")
-            self._models[info.name] = _Served(info, EncoderStep(model), DecoderStep(model))
+            self._models[info.name] = _Served(info, {
+                d: SequenceTable(EagerSteps(model, d), ttl_s=ttl_s,
+                                 on_batch=self._observer(d))
+                for d in ("encoder", "decoder")
+            })
             log.info("loaded model %s (%s, %d params, weights %s, trained=%s)", info.name,
                      info.source, info.num_params, info.weights_sha256[:12], info.trained)
             if not self._default:
                 self._default = info.name
+
+    def _observer(self, direction: Direction):  # type: ignore[no-untyped-def]
+        def observe(step: str, size: int, seconds: float) -> None:
+            kind = f"{_KIND[direction]}_{step}"
+            self.metrics.batch_size.labels(kind).observe(size)
+            self.metrics.batch_seconds.labels(kind).observe(seconds)
+        return observe
 
     async def close(self) -> None:
         await self._batcher.close()
@@ -105,91 +126,45 @@ class LocalBackend(Backend):
 
     def encode_session(self, model: str) -> EncodeSession:
         self._get(model)
-        return _LocalEncode(self, model)
+        return SequenceEncode(_Sequence(self, model, "encoder"))
 
     def decode_session(self, model: str) -> DecodeSession:
         self._get(model)
-        return _LocalDecode(self, model)
+        return SequenceDecode(_Sequence(self, model, "decoder"))
 
-    async def submit(self, model: str, kind: str, array: np.ndarray,
-                     cache: list[torch.Tensor] | None) -> Any:
-        key: Key = (model, kind, tuple(array.shape[1:]))
-        return await self._batcher.submit(key, _Item(array, cache))
-
-    def _observe(self, key: Key, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels(key[1]).observe(size)
-        self.metrics.batch_seconds.labels(key[1]).observe(seconds)
-
-    # -- runs on the model thread -----------------------------------------------------------
-
-    def _run_batch(self, key: Key, items: Sequence[_Item]) -> list[Any]:
-        model, kind, _ = key
-        served = self._get(model)
-        x = torch.from_numpy(np.concatenate([i.array for i in items]))
-        cache = None
-        if kind.endswith("next"):
-            slots = zip(*(i.cache or [] for i in items), strict=True)
-            cache = [torch.cat(s) for s in slots]
-        with torch.inference_mode():
-            if kind == "encode_first":
-                mu, logvar, new = served.encoder.first(x)
-            elif kind == "encode_next":
-                assert cache is not None
-                mu, logvar, new = served.encoder.next(x, cache)
-            elif kind == "decode_first":
-                frames, new = served.decoder.first(x)
-            elif kind == "decode_next":
-                assert cache is not None
-                frames, new = served.decoder.next(x, cache)
-            else:
-                raise ValueError(f"unknown step kind {kind}")
-        out: list[Any] = []
-        for b in range(len(items)):
-            # clone: a slice would keep the whole batch's cache alive
-            c = [t[b : b + 1].clone() for t in new]
-            if kind.startswith("encode"):
-                out.append((mu[b : b + 1].numpy().copy(), logvar[b : b + 1].numpy().copy(), c))
-            else:
-                out.append((frames[b : b + 1].numpy().copy(), c))
-        return out
+    def _run_batch(self, key: Key, requests: Sequence[StepRequest]) -> list[StepResult]:
+        model, direction = key
+        return self._get(model).tables[direction].execute(requests)
 
 
-class _LocalEncode(EncodeSession):
-    def __init__(self, backend: LocalBackend, model: str) -> None:
-        self.backend, self.model = backend, model
-        self.cache: list[torch.Tensor] | None = None
+class _Sequence:
+    """One video's steps through a model's table, one at a time."""
 
-    async def first(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, logvar, self.cache = await self.backend.submit(self.model, "encode_first", frames,
-                                                           None)
-        return mu, logvar
+    def __init__(self, backend: LocalBackend, model: str, direction: Direction) -> None:
+        self.backend = backend
+        self.key: Key = (model, direction)
+        self.corrid = next(backend._ids)
+        self.started = False
+        self.closed = False
 
-    async def next(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.cache is None:
-            raise RuntimeError("next() before first()")
-        mu, logvar, self.cache = await self.backend.submit(self.model, "encode_next", frames,
-                                                           self.cache)
-        return mu, logvar
+    async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
+        if self.closed:
+            raise RuntimeError("step after close()")
+        if first == self.started:
+            raise RuntimeError("first() must come once, before next()")
+        result = await self.backend._batcher.submit(
+            self.key, StepRequest(self.corrid, start=first, array=array))
+        if result.kind is not None:
+            raise step_error(result, self.key[1])
+        self.started = True
+        return result.outputs
 
     async def close(self) -> None:
-        self.cache = None
-
-
-class _LocalDecode(DecodeSession):
-    def __init__(self, backend: LocalBackend, model: str) -> None:
-        self.backend, self.model = backend, model
-        self.cache: list[torch.Tensor] | None = None
-
-    async def first(self, latent: np.ndarray) -> np.ndarray:
-        frames, self.cache = await self.backend.submit(self.model, "decode_first", latent, None)
-        return frames
-
-    async def next(self, latent: np.ndarray) -> np.ndarray:
-        if self.cache is None:
-            raise RuntimeError("next() before first()")
-        frames, self.cache = await self.backend.submit(self.model, "decode_next", latent,
-                                                       self.cache)
-        return frames
-
-    async def close(self) -> None:
-        self.cache = None
+        if self.closed:
+            return
+        self.closed = True
+        if self.started:
+            table = self.backend._get(self.key[0]).tables[self.key[1]]
+            # behind any batch still running on the model thread, never blocking the loop
+            await asyncio.get_running_loop().run_in_executor(
+                self.backend._executor, table.release, self.corrid)

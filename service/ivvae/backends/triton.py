@@ -29,6 +29,7 @@ slot and the model its cache at once; the model's time-to-live is the backstop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 import socket
@@ -42,6 +43,7 @@ from tritonclient.grpc import InferInput, InferResult
 from tritonclient.utils import InferenceServerException
 
 from ..config import Settings
+from ..core.model_info import ModelInfo
 from ..errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -53,7 +55,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..triton import contract as c
-from .base import Backend, DecodeSession, EncodeSession, ModelInfo
+from .base import Backend, DecodeSession, EncodeSession, SequenceDecode, SequenceEncode
 
 log = logging.getLogger("ivvae.backends.triton")
 
@@ -204,11 +206,11 @@ class TritonBackend(Backend):
             return f"{exc.status() or 'error'}: {exc.message()}"
         params = {d: c.string_parameters(cfg.get("config", cfg)) for d, cfg in configs.items()}
         try:
-            infos = {d: c.parse_model_info(p.get(c.MODEL_INFO, "")) for d, p in params.items()}
+            infos = {d: ModelInfo.from_json(p.get(c.MODEL_INFO, "")) for d, p in params.items()}
         except ValueError as exc:
             return (f"{exc}; the model repository must be prepared from an export "
                     "(`ivvae triton-serve` or docker/triton_prepare.py)")
-        if infos["encoder"]["weights_sha256"] != infos["decoder"]["weights_sha256"]:
+        if infos["encoder"].weights_sha256 != infos["decoder"].weights_sha256:
             return "the encoder and decoder serve different weights"
         precision = {d: p.get(c.PRECISION) or "float32" for d, p in params.items()}
         wanted = {"encoder": self.settings.encode_precision,
@@ -218,13 +220,8 @@ class TritonBackend(Backend):
                     f"{wanted} (IVVAE_ENCODE_PRECISION / IVVAE_DECODE_PRECISION key the "
                     "result cache): make them agree")
         raw = infos["encoder"]
-        info = ModelInfo(
-            name=self.settings.model_name or str(raw["name"]), z_dim=int(raw["z_dim"]),
-            dim=int(raw["dim"]), scale_factor=float(raw["scale_factor"]),
-            shift_factor=float(raw["shift_factor"]),
-            weights_sha256=str(raw["weights_sha256"]), trained=bool(raw["trained"]),
-            source=f"triton:{raw['source']}", num_params=int(raw["num_params"]),
-        )
+        info = dataclasses.replace(raw, name=self.settings.model_name or raw.name,
+                                   source=f"triton:{raw.source}")
         return _Served(info, precision)
 
     # -- endpoints -------------------------------------------------------------------------
@@ -274,10 +271,10 @@ class TritonBackend(Backend):
         return info
 
     def encode_session(self, model: str) -> EncodeSession:
-        return _TritonEncode(_Sequence(self, "encoder", self._check_model(model)))
+        return SequenceEncode(_Sequence(self, "encoder", self._check_model(model)))
 
     def decode_session(self, model: str) -> DecodeSession:
-        return _TritonDecode(_Sequence(self, "decoder", self._check_model(model)))
+        return SequenceDecode(_Sequence(self, "decoder", self._check_model(model)))
 
 
 class _Sequence:
@@ -402,36 +399,3 @@ class _Sequence:
                       self.corrid, exc.detail)
         finally:
             self.backend._in_flight[self.endpoint] -= 1
-
-
-class _TritonEncode(EncodeSession):
-    def __init__(self, sequence: _Sequence) -> None:
-        self.sequence = sequence
-
-    async def first(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, logvar = await self.sequence.step(frames, first=True)
-        return mu, logvar
-
-    async def next(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, logvar = await self.sequence.step(frames, first=False)
-        return mu, logvar
-
-    async def close(self) -> None:
-        await self.sequence.close()
-
-
-class _TritonDecode(DecodeSession):
-    def __init__(self, sequence: _Sequence) -> None:
-        self.sequence = sequence
-
-    async def first(self, latent: np.ndarray) -> np.ndarray:
-        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=True)
-        return frames
-
-    async def next(self, latent: np.ndarray) -> np.ndarray:
-        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=False)
-        return frames
-
-    async def close(self) -> None:
-        await self.sequence.close()
-

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import strict
-from ..latents import latent_frames, latent_side
+from ..core import strict
+from ..core.geometry import latent_frames, latent_size
 
 MAGIC = b"IVVAEMC2"
 DIGEST_BYTES = 32
@@ -275,7 +275,7 @@ class Expected:
         except ValueError as exc:
             raise CorruptEntry(f"entry meta is not a video's: {exc}") from exc
         frames, height, width = sizes
-        want = (latent_frames(frames), latent_side(height), latent_side(width))
+        want = (latent_frames(frames), latent_size(height), latent_size(width))
         if tuple(shape[2:]) != want:
             raise CorruptEntry(f"entry shape {shape} does not match its {frames}-frame "
                                f"{width}x{height} video (latent {want})")

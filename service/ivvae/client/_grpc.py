@@ -7,6 +7,7 @@ channel keeps gRPC's default 4 MB message limit whatever the sizes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..api.grpc.errors import ERROR_CODE_KEY
 from ..api.grpc.gen import ivvae_pb2 as pb
 from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
-from ..backends.base import ModelInfo
+from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
 from ._common import VideoSource, error_from_code, iter_source
 from ._result import LatentResult, Models
@@ -124,9 +125,7 @@ class GrpcTransport:
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc, self.target) from exc
         return Models(default=reply.default_model, models=[
-            ModelInfo(name=m.name, z_dim=m.z_dim, dim=m.dim, scale_factor=m.scale_factor,
-                      shift_factor=m.shift_factor, weights_sha256=m.weights_sha256,
-                      trained=m.trained, source=m.source, num_params=m.num_params)
+            ModelInfo.from_dict({f.name: getattr(m, f.name) for f in dataclasses.fields(ModelInfo)})
             for m in reply.models
         ])
 

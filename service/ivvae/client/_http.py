@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from ..backends.base import ModelInfo
+from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
 from ..safetensors_io import SafetensorsError, loads
 from ._common import VideoSource, error_from_code, iter_source
@@ -83,7 +83,8 @@ class HttpTransport:
 
     async def models(self) -> Models:
         body = (await self._request("GET", "/models")).json()
-        return Models(default=body["default"], models=[ModelInfo(**m) for m in body["models"]])
+        return Models(default=body["default"],
+                      models=[ModelInfo.from_dict(m) for m in body["models"]])
 
     async def healthy(self) -> bool:
         try:

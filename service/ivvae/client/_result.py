@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..backends.base import ModelInfo
+from ..core.model_info import ModelInfo
 from ..latents import LatentInfo, decode_latent_file
 from ..safetensors_io import SafetensorsError, loads
 

@@ -1,5 +1,6 @@
-"""The IV-VAE network in pure PyTorch. Imports nothing from the service layers."""
+"""The IV-VAE network in pure PyTorch. Imports only ``ivvae.core`` (torch-free facts)."""
 
+from ..core.geometry import PADDING_POLICY, latent_frames, latent_size, padded_frames
 from .cache import FeatureCache
 from .checkpoint import (
     CheckpointError,
@@ -11,16 +12,7 @@ from .checkpoint import (
     weights_sha256,
 )
 from .config import PRESETS, IVVAEConfig
-from .vae import (
-    IVVAE,
-    PADDING_POLICY,
-    StreamDecoder,
-    StreamEncoder,
-    latent_frames,
-    latent_size,
-    pad_space,
-    padded_frames,
-)
+from .vae import IVVAE, StreamDecoder, StreamEncoder, pad_space
 
 __all__ = [
     "IVVAE",

@@ -1,9 +1,11 @@
 """FeatureCache: the temporal state a GCConv network carries from one step to the next.
 
 It is the last input frame of every group causal convolution, one tensor per slot (13 for
-the encoder, 19 for the decoder), each ``(B, C, 1, H, W)``. Batch entries are independent
-streams, so caches of several videos at the same size can be concatenated along the batch
-dimension, stepped together, and split again.
+the encoder, 19 for the decoder, as the network's layers are counted), each
+``(B, C, 1, H, W)``. Batch entries are independent streams, so caches of several videos at
+the same size can be concatenated along the batch dimension, stepped together, and split
+again: what the step engine (``ivvae.core.steps.SequenceTable``) does through
+:func:`concat_slots` / :func:`split_slots`.
 
 Not to be confused with the service's ``ResultCache`` (stored latents).
 """
@@ -17,10 +19,30 @@ import torch
 from torch import Tensor
 
 
+def concat_slots(caches: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Slot lists of several streams stacked along the batch dimension (same sizes)."""
+    if not caches:
+        raise ValueError("no caches to concatenate")
+    if len({len(c) for c in caches}) != 1:
+        raise ValueError("caches come from different networks")
+    if len(caches) == 1:
+        return list(caches[0])
+    return [torch.cat(slot, dim=0) for slot in zip(*caches, strict=True)]
+
+
+def split_slots(cache: Sequence[Tensor], n: int) -> list[list[Tensor]]:
+    """Inverse of :func:`concat_slots` for ``n`` streams of batch 1.
+
+    Copies, not views: a view would keep the whole batch's cache alive.
+    """
+    if n == 1:
+        return [list(cache)]
+    return [[t[b : b + 1].clone() for t in cache] for b in range(n)]
+
+
 @dataclass(frozen=True)
 class FeatureCache:
     tensors: tuple[Tensor, ...]
-    frames_seen: int  # input frames (encoder) or latent frames (decoder) consumed so far
 
     @property
     def batch_size(self) -> int:
@@ -32,22 +54,9 @@ class FeatureCache:
 
     @staticmethod
     def concat(caches: Sequence[FeatureCache]) -> FeatureCache:
-        """Stack independent streams along the batch dimension (same sizes, same position
-        kind). ``frames_seen`` may differ per stream; the result keeps the first one's."""
-        if not caches:
-            raise ValueError("no caches to concatenate")
-        if len({len(c.tensors) for c in caches}) != 1:
-            raise ValueError("caches come from different networks")
-        slots = zip(*(c.tensors for c in caches), strict=True)
-        return FeatureCache(tuple(torch.cat(s, dim=0) for s in slots), caches[0].frames_seen)
+        """Stack independent streams along the batch dimension (same sizes)."""
+        return FeatureCache(tuple(concat_slots([c.tensors for c in caches])))
 
-    def split(self, sizes: Sequence[int] | None = None) -> list[FeatureCache]:
-        """Inverse of ``concat``: one cache per stream (``sizes`` = batch sizes, default 1)."""
-        sizes = list(sizes) if sizes is not None else [1] * self.batch_size
-        parts = [t.split(sizes, dim=0) for t in self.tensors]
-        return [
-            FeatureCache(tuple(p[i] for p in parts), self.frames_seen) for i in range(len(sizes))
-        ]
-
-    def to(self, device: torch.device | str) -> FeatureCache:
-        return FeatureCache(tuple(t.to(device) for t in self.tensors), self.frames_seen)
+    def split(self) -> list[FeatureCache]:
+        """Inverse of ``concat``: one cache per stream of batch 1."""
+        return [FeatureCache(tuple(s)) for s in split_slots(self.tensors, self.batch_size)]

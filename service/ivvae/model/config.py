@@ -11,11 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-# Temporal schedule of the encoder stages (the decoder mirrors it). Stage i of the encoder
-# downsamples time by 2 when TEMPORAL_DOWNSAMPLE[i] is True.
-TEMPORAL_DOWNSAMPLE = (False, True, True)
-TIME_COMPRESSION = 4  # 2 ** sum(TEMPORAL_DOWNSAMPLE)
-SPACE_COMPRESSION = 8  # three stride-2 downsamplers
+from ..core.geometry import TEMPORAL_DOWNSAMPLE
 
 
 @dataclass(frozen=True)

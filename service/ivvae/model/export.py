@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .artifacts import (
+from ..core.artifacts import (
     DIRECTIONS,
     FORMATS,
     MANIFEST_NAME,
@@ -45,9 +45,10 @@ from .artifacts import (
     artifact_files,
     cache_input_name,
     cache_output_name,
-    load_steps,
 )
-from .config import SPACE_COMPRESSION, TIME_COMPRESSION
+from ..core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
+from ..core.version import __version__
+from .artifacts import load_steps
 from .steps import DecoderStep, EncoderStep
 from .vae import IVVAE
 
@@ -348,14 +349,11 @@ def export_artifacts(vae: IVVAE, out: str | Path, fmt: str, model_info: Mapping[
     """Write the four step graphs of ``vae`` in ``fmt`` to ``out``, verify them, then write
     ``export_manifest.json``.
 
-    ``model_info`` is the served model's description for the manifest (name, z_dim, dim,
-    scale_factor, shift_factor, weights_sha256, trained, source, num_params).
+    ``model_info`` is the served model's ``ModelInfo.as_dict()`` for the manifest.
     ``verify_frames`` (``(B, 1 + 4N, H, W, 3)`` uint8) defaults to :func:`verification_clip`.
     Raises ``ExportError`` when verification fails; the manifest is then not written, so
     the directory never looks like a complete export.
     """
-    import ivvae
-
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out)
@@ -377,7 +375,7 @@ def export_artifacts(vae: IVVAE, out: str | Path, fmt: str, model_info: Mapping[
         manifest = ExportManifest(
             format=fmt, model=dict(model_info), files=files,
             cache_slots={d: cache_slots(vae, d) for d in DIRECTIONS},
-            ivvae_version=ivvae.__version__, torch_version=torch.__version__,
+            ivvae_version=__version__, torch_version=torch.__version__,
         )
         frames = verification_clip() if verify_frames is None else verify_frames
         log.info("verifying the %s artifacts on a %s clip", fmt, "x".join(map(str, frames.shape)))

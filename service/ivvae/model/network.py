@@ -12,7 +12,8 @@ the temporal branch (the VAE assembles frames from them).
 
 from torch import Tensor, nn
 
-from .config import TEMPORAL_DOWNSAMPLE, IVVAEConfig
+from ..core.geometry import GROUP, TEMPORAL_DOWNSAMPLE
+from .config import IVVAEConfig
 from .layers import (
     Attention,
     Downsample,
@@ -27,8 +28,6 @@ from .layers import (
     from_frames,
     to_frames,
 )
-
-GROUP = 4  # frames per group at the full frame rate
 
 
 def _slots(block: nn.Module) -> int:

@@ -12,18 +12,23 @@ concatenated and run together.
 * ``DecoderStep.first(latent)``: latent ``(B, z, 1, h, w)`` -> frames ``(B, 1, 8h, 8w, 3)``
   uint8 (rounded, clamped) and the cache.
 * ``DecoderStep.next(latent, cache)``: latent ``(B, z, k, h, w)`` -> ``(B, 4k, 8h, 8w, 3)``.
+
+:class:`EagerSteps` is these steps as the step protocol (``ivvae.core.steps.Steps``, numpy
+in and out), what the local backend's step engine runs; ``ivvae export`` traces the same
+modules into the artifacts that the Triton models run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cache import FeatureCache
+from ..core.steps import Cache, Direction, Steps
+from .cache import FeatureCache, concat_slots, split_slots
 from .vae import IVVAE
-
-ENCODER_SLOTS = 13
-DECODER_SLOTS = 19
 
 
 def frames_to_video(frames: Tensor) -> Tensor:
@@ -48,7 +53,7 @@ class EncoderStep(nn.Module):
 
     def next(self, frames: Tensor, cache: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
         mu, logvar, new = self.vae.encode_step(frames_to_video(frames),
-                                               FeatureCache(tuple(cache), 1))
+                                               FeatureCache(tuple(cache)))
         return mu, logvar, list(new.tensors)
 
 
@@ -62,5 +67,36 @@ class DecoderStep(nn.Module):
         return video_to_frames(video), list(cache.tensors)
 
     def next(self, latent: Tensor, cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        video, new = self.vae.decode_step(latent, FeatureCache(tuple(cache), 1))
+        video, new = self.vae.decode_step(latent, FeatureCache(tuple(cache)))
         return video_to_frames(video), list(new.tensors)
+
+
+class EagerSteps(Steps):
+    """One direction of an eager :class:`IVVAE` as the step protocol (numpy at the boundary,
+    the cache as torch tensors on the model's device)."""
+
+    def __init__(self, vae: IVVAE, direction: Direction) -> None:
+        self.direction = direction
+        self.z_dim = vae.cfg.z_dim
+        self.device = vae.device
+        self.module: EncoderStep | DecoderStep = (
+            EncoderStep(vae) if direction == "encoder" else DecoderStep(vae))
+
+    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
+        return self._run(x, None)
+
+    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+        return self._run(x, cache)
+
+    def _run(self, x: np.ndarray, cache: Cache | None) -> tuple[list[np.ndarray], Cache]:
+        inp = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        with torch.inference_mode():
+            out = self.module.first(inp) if cache is None else self.module.next(inp, cache)
+        *outputs, new = out
+        return [o.cpu().numpy() for o in outputs], new
+
+    def concat(self, caches: Sequence[Cache]) -> Cache:
+        return concat_slots(caches)
+
+    def split(self, cache: Cache, n: int) -> list[Cache]:
+        return split_slots(cache, n)

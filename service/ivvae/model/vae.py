@@ -7,11 +7,10 @@ Tensor conventions at this boundary:
   ``latent = scale_factor * (s - shift_factor)`` with ``s = mu`` (default) or a sample.
 * ``mu``/``logvar``: same shape as ``latent``: the posterior moments.
 
-Padding policy (the official code silently drops frames and pixels; we don't):
-
-* time: the last frame is repeated until ``T = 1 + 4N``;
-* space: edges are replicated (right and bottom) up to a multiple of 8 (at least 8);
-* ``decode(latent, num_frames=T, height=H, width=W)`` crops back to exactly ``(T, H, W)``.
+Padding policy (``ivvae.core.geometry.PADDING_POLICY``; the official code silently drops
+frames and pixels, we don't): time repeats the last frame up to ``T = 1 + 4N``; space
+replicates the right and bottom edges up to a multiple of 8 (at least 8);
+``decode(latent, num_frames=T, height=H, width=W)`` crops back to exactly ``(T, H, W)``.
 
 Step functions (the unit the service batches and Triton exports), on padded inputs:
 
@@ -25,7 +24,6 @@ Step functions (the unit the service batches and Triton exports), on padded inpu
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import cast
 
@@ -33,32 +31,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.geometry import (
+    SPACE_COMPRESSION,
+    TIME_COMPRESSION,
+    from_latent,
+    latent_frames,
+    latent_size,
+    to_latent,
+)
 from .cache import FeatureCache
-from .config import SPACE_COMPRESSION, TIME_COMPRESSION, IVVAEConfig
+from .config import IVVAEConfig
 from .layers import SepConv3d
 from .network import Decoder, Encoder
-
-PADDING_POLICY = "time:repeat-last-to-1+4n;space:replicate-right-bottom-to-multiple-of-8"
-
-_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def latent_frames(num_frames: int) -> int:
-    """Latent frames for a video of ``num_frames`` frames (after time padding)."""
-    if num_frames < 1:
-        raise ValueError(f"a video needs at least one frame, got {num_frames}")
-    return 1 + math.ceil((num_frames - 1) / TIME_COMPRESSION)
-
-
-def padded_frames(num_frames: int) -> int:
-    return 1 + TIME_COMPRESSION * (latent_frames(num_frames) - 1)
-
-
-def latent_size(pixels: int) -> int:
-    """Latent rows/columns for ``pixels`` rows/columns (after space padding)."""
-    if pixels < 1:
-        raise ValueError(f"a frame side must be >= 1 pixel, got {pixels}")
-    return max(1, math.ceil(pixels / SPACE_COMPRESSION))
+from .precision import torch_dtype
 
 
 def pad_space(video: Tensor) -> Tensor:
@@ -116,10 +101,9 @@ class IVVAE(nn.Module):
             self.decode_dtype = self._parse_precision(decode)
 
     def _parse_precision(self, value: str | torch.dtype) -> torch.dtype:
-        dtype = _PRECISIONS.get(value) if isinstance(value, str) else value
-        if dtype not in _PRECISIONS.values():
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {value!r}")
-        assert dtype is not None
+        dtype = torch_dtype(value) if isinstance(value, str) else value
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"precision must be float32, bfloat16 or float16, got {value!r}")
         if dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("float16 compute is supported on CUDA only; use bfloat16 on CPU")
         return dtype
@@ -171,17 +155,16 @@ class IVVAE(nn.Module):
                 e0, tensors = self.encoder(x[:, :, :1], [], True)
                 outs.append(e0)
                 x = x[:, :, 1:]
-                seen = 1
             else:
                 if t == 0 or t % TIME_COMPRESSION:
                     raise ValueError(f"a stream continues with 4k frames (k >= 1), got {t}")
-                tensors, seen = list(cache.tensors), cache.frames_seen
+                tensors = list(cache.tensors)
             if x.shape[2]:
                 e, tensors = self.encoder(x, tensors, False)
                 outs.append(e)
             e_all = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
             mu, logvar = self._moments(e_all)
-        return mu, logvar, FeatureCache(tuple(tensors), seen + x.shape[2])
+        return mu, logvar, FeatureCache(tuple(tensors))
 
     def decode_step(
         self, latent: Tensor, cache: FeatureCache | None
@@ -197,7 +180,7 @@ class IVVAE(nn.Module):
             raise ValueError(
                 f"latent must be (B, {cfg.z_dim}, n>=1, h, w), got {tuple(latent.shape)}"
             )
-        u = latent.to(self.param_dtype) / cfg.scale_factor + cfg.shift_factor
+        u = from_latent(latent.to(self.param_dtype), cfg.scale_factor, cfg.shift_factor)
         outs: list[Tensor] = []
         with self._compute(self.decode_dtype):
             d = self.post_quant_conv(u, None)  # (B, z, n, h, w): [2D k || 3D k]
@@ -205,9 +188,8 @@ class IVVAE(nn.Module):
                 o0, tensors = self.decoder(d[:, :, :1], [], True)
                 outs.append(o0[:, 0:3])  # frame 0: keyframe branch only
                 d = d[:, :, 1:]
-                seen = 1
             else:
-                tensors, seen = list(cache.tensors), cache.frames_seen
+                tensors = list(cache.tensors)
             n = d.shape[2]
             if n:
                 o, tensors = self.decoder(d, tensors, False)  # (B, 6, 4n, H, W)
@@ -218,7 +200,7 @@ class IVVAE(nn.Module):
                 frames = torch.cat([o[:, 0:3, :, :1], o[:, 3:6, :, 1:]], dim=3)
                 outs.append(frames.reshape(b, 3, n * TIME_COMPRESSION, hh, ww))
             video = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return video.float().contiguous(), FeatureCache(tuple(tensors), seen + n)
+        return video.float().contiguous(), FeatureCache(tuple(tensors))
 
     # -- whole-video API -------------------------------------------------------------------
 
@@ -228,7 +210,7 @@ class IVVAE(nn.Module):
         if sample:
             eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
             s = mu + torch.exp(0.5 * logvar) * eps
-        return self.cfg.scale_factor * (s - self.cfg.shift_factor)
+        return to_latent(s, self.cfg.scale_factor, self.cfg.shift_factor)
 
     def encode_moments(self, video: Tensor, *, groups_per_step: int = 4) -> tuple[Tensor, Tensor]:
         """Posterior moments of ``video`` (B, 3, T, H, W) in [-1, 1]; see module docstring."""

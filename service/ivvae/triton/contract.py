@@ -46,7 +46,6 @@ when it disagrees with the artifacts they serve.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +78,7 @@ ARTIFACT_FORMAT = "ARTIFACT_FORMAT"  # torchscript | onnx; must match the manife
 PRECISION = "PRECISION"  # float32 | bfloat16 | float16 (TorchScript only)
 SEQUENCE_TTL_S = "SEQUENCE_TTL_S"  # empty: max_sequence_idle_microseconds
 NUM_THREADS = "NUM_THREADS"  # intra-op CPU threads per instance; empty: the library default
-MODEL_INFO = "MODEL_INFO"  # JSON, see model_info_parameter()
+MODEL_INFO = "MODEL_INFO"  # ModelInfo.to_json() of the served model
 
 # Request parameter of a sequence's first step: the weights the gateway expects. A model
 # serving other weights refuses the sequence (UNAVAILABLE) instead of answering with latents
@@ -90,32 +89,6 @@ WEIGHTS_PARAMETER = "ivvae_weights_sha256"
 MAX_CORRELATION_ID = 2**63 - 1
 # Triton's message for a step of a sequence it does not know (never started or dropped).
 UNKNOWN_SEQUENCE_MESSAGE = "must specify the START flag"
-
-MODEL_INFO_KEYS = ("name", "z_dim", "dim", "scale_factor", "shift_factor", "weights_sha256",
-                   "trained", "source", "num_params")
-
-
-def model_info_parameter(model: Mapping[str, Any]) -> str:
-    """The ``MODEL_INFO`` parameter value for a manifest's ``model`` section."""
-    missing = [k for k in MODEL_INFO_KEYS if k not in model]
-    if missing:
-        raise ValueError(f"model description lacks {missing}")
-    return json.dumps({k: model[k] for k in MODEL_INFO_KEYS}, sort_keys=True)
-
-
-def parse_model_info(text: str) -> dict[str, Any]:
-    """Inverse of :func:`model_info_parameter`; ``ValueError`` when malformed."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{MODEL_INFO} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{MODEL_INFO} must be a JSON object")
-    missing = [k for k in MODEL_INFO_KEYS if k not in value]
-    if missing:
-        raise ValueError(f"{MODEL_INFO} lacks {missing}")
-    return value
-
 
 def string_parameters(config: Mapping[str, Any]) -> dict[str, str]:
     """``{key: string_value}`` of a model config as JSON (``get_model_config`` or the

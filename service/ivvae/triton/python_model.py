@@ -2,9 +2,9 @@
 
 ``model_repository/<name>/1/model.py`` subclasses :class:`StepModel` and names its
 direction; this module does what a python model does: parse the config once, load the
-exported artifacts, turn each request into a :class:`~ivvae.triton.sequences.StepRequest`,
+exported artifacts, turn each request into a :class:`~ivvae.core.steps.StepRequest`,
 and return exactly one response per request, with errors attached per request. State and
-batching live in :class:`~ivvae.triton.sequences.SequenceTable`.
+batching live in the step engine, :class:`~ivvae.core.steps.SequenceTable`.
 
 Configuration (model-config parameters, see ``ivvae.triton.contract``): ``ARTIFACT_DIR``
 (else the ``IVVAE_ARTIFACT_DIR`` environment variable), ``ARTIFACT_FORMAT``, ``PRECISION``,
@@ -23,9 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..model.artifacts import ArtifactError, Direction, load_steps, read_manifest
+from ..core.artifacts import ArtifactError, Direction, read_manifest
+from ..core.model_info import ModelInfo
+from ..core.steps import ErrorKind, SequenceTable, StepRequest, StepResult
+from ..model.artifacts import load_steps
 from . import contract as c
-from .sequences import ErrorKind, SequenceTable, StepRequest, StepResult
 
 DEFAULT_TTL_S = 120.0
 SWEEP_INTERVAL_S = 1.0
@@ -55,10 +57,10 @@ class StepModel:
             raise ArtifactError(f"{self.name}: {c.ARTIFACT_FORMAT}={fmt} but {artifact_dir} "
                                 f"holds {manifest.format} artifacts")
         if params.get(c.MODEL_INFO):
-            served = c.parse_model_info(params[c.MODEL_INFO])
-            if served["weights_sha256"] != manifest.weights_sha256:
+            served = ModelInfo.from_json(params[c.MODEL_INFO])
+            if served.weights_sha256 != manifest.weights_sha256:
                 raise ArtifactError(
-                    f"{self.name}: {c.MODEL_INFO} names weights {served['weights_sha256'][:12]}"
+                    f"{self.name}: {c.MODEL_INFO} names weights {served.weights_sha256[:12]}"
                     f" but {artifact_dir} was exported from {manifest.weights_sha256[:12]}; "
                     "prepare the repository again")
         else:
@@ -99,8 +101,8 @@ class StepModel:
             if result.kind is not None:
                 responses.append(self._error(result.kind, result.error))
             else:
-                tensors = [pb.Tensor(name, result.outputs[name]) for name in self.output_names
-                           if name in result.outputs]
+                tensors = [pb.Tensor(name, out)
+                           for name, out in zip(self.output_names, result.outputs, strict=False)]
                 responses.append(pb.InferenceResponse(output_tensors=tensors))
         self._observe()
         return responses

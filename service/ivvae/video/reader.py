@@ -52,8 +52,8 @@ from av.stream import Discard
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from ivvae.core.strict import MAX_FPS, MIN_FPS
 from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
-from ivvae.strict import MAX_FPS, MIN_FPS
 from ivvae.video import orientation, sniff
 from ivvae.video.orientation import Orientation
 

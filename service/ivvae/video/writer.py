@@ -43,7 +43,7 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import ColorRange, Colorspace
 from av.video.stream import VideoStream
 
-from ivvae.strict import MAX_FPS
+from ivvae.core.strict import MAX_FPS
 
 X264_PRESETS = (
     "ultrafast",

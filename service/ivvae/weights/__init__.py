@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..backends.base import ModelInfo
+    from ..core.model_info import ModelInfo
     from ..model import IVVAE
 
 log = logging.getLogger("ivvae.weights")
@@ -33,7 +33,7 @@ def load_weights(path: str | Path | None, *, name: str = "", device: str = "cpu"
     """Load ``path`` (or the bundled/untrained default when empty) for inference."""
     import torch
 
-    from ..backends.base import ModelInfo
+    from ..core.model_info import ModelInfo
     from ..model import IVVAE, IVVAEConfig, load_model
     from ..model.checkpoint import weights_sha256
 

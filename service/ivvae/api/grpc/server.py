@@ -356,10 +356,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         async with self._call(context, "models"):
             backend = self.service.backend
             return pb.ListModelsResponse(default_model=backend.default_model, models=[
-                pb.ModelInfo(name=m.name, z_dim=m.z_dim, dim=m.dim,
-                             scale_factor=m.scale_factor, shift_factor=m.shift_factor,
-                             weights_sha256=m.weights_sha256, trained=m.trained,
-                             source=m.source, num_params=m.num_params)
+                pb.ModelInfo(**m.as_dict())
                 for m in backend.models.values()
             ])
         raise AssertionError("unreachable: _call aborts the RPC on every error")

@@ -1,4 +1,4 @@
-"""ivvae.triton.sequences: per-sequence caches, batching by size, errors, time-to-live.
+"""ivvae.core.steps: the step engine: per-sequence caches, batching, errors, time-to-live.
 
 A numpy stand-in for the exported steps keeps these tests fast and exact: its "moments" are
 the running sum of every frame value the sequence has sent, so a cache mixed up between
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from ivvae.model.artifacts import ArtifactSteps, Cache, CacheSlot, ExportManifest
-from ivvae.triton.contract import FRAMES, LATENT, LOGVAR, MU
-from ivvae.triton.sequences import ErrorKind, SequenceTable, StepRequest
+from ivvae.core.artifacts import CacheSlot, ExportManifest
+from ivvae.core.steps import Cache, ErrorKind, SequenceTable, StepRequest
+from ivvae.model.artifacts import ArtifactSteps
 
 Z = 2
 
@@ -31,14 +31,16 @@ class RunningSum(ArtifactSteps):
     """Cache: per video the sum of all inputs so far. Output: that sum, shaped like moments
     (encoder) or frames (decoder)."""
 
-    def __init__(self, direction: str = "encoder", fail: bool = False) -> None:
+    def __init__(self, direction: str = "encoder", fail: bool = False,
+                 poison: int | None = None) -> None:
         super().__init__(manifest(), direction)  # type: ignore[arg-type]
         self.batches: list[tuple[str, int]] = []
         self.fail = fail
+        self.poison = poison  # a batch holding this frame value fails
 
     def _step(self, kind: str, x: np.ndarray, total: np.ndarray) -> tuple[list[np.ndarray],
                                                                           Cache]:
-        if self.fail:
+        if self.fail or (self.poison is not None and (x == self.poison).any()):
             raise RuntimeError("out of memory")
         self.batches.append((kind, len(x)))
         total = total + x.reshape(len(x), -1).astype(np.float64).sum(axis=1)
@@ -77,7 +79,7 @@ def per_frame(value: int, t: int, h: int = 8, w: int = 8) -> float:
 
 def total(result: object) -> float:
     outputs = result.outputs  # type: ignore[attr-defined]
-    return float(outputs[MU].ravel()[0])
+    return float(outputs[0].ravel()[0])
 
 
 def test_steps_of_equal_size_run_as_one_batch_and_keep_their_own_cache() -> None:
@@ -96,7 +98,7 @@ def test_steps_of_equal_size_run_as_one_batch_and_keep_their_own_cache() -> None
         per_frame(1, 1) + per_frame(7, 4),
     ]
     assert steps.batches == [("first", 3), ("next", 1), ("next", 2)]
-    assert nexts[0].outputs[LOGVAR].shape == (1, Z, 1, 1, 1)
+    assert nexts[0].outputs[1].shape == (1, Z, 1, 1, 1)
     assert len(table) == 3
 
 
@@ -140,10 +142,10 @@ def test_decoder_checks_channels_and_finiteness() -> None:
         StepRequest(2, start=True, array=np.ones((1, Z + 1, 1, 1, 1), np.float32)),
         StepRequest(3, start=True, array=np.full((1, Z, 1, 1, 1), np.nan, np.float32)),
     ])
-    assert ok.kind is None and ok.outputs[FRAMES].shape == (1, 1, 8, 8, 3)
+    assert ok.kind is None and ok.outputs[0].shape == (1, 1, 8, 8, 3)
     assert wrong_z.kind is ErrorKind.INVALID and "channels" in wrong_z.error
     assert nan.kind is ErrorKind.INVALID and "NaN" in nan.error
-    assert LATENT not in ok.outputs
+    assert len(ok.outputs) == 1
 
 
 def test_end_and_release_free_the_state_and_start_resets_it() -> None:
@@ -152,7 +154,7 @@ def test_end_and_release_free_the_state_and_start_resets_it() -> None:
     ended, released = table.execute([StepRequest(1, end=True, array=frames(4)),
                                      StepRequest(2, end=True, release=True)])
     assert ended.kind is None and total(ended) == per_frame(1, 5)
-    assert released.kind is None and released.outputs == {}
+    assert released.kind is None and released.outputs == []
     assert len(table) == 0
     # releasing an unknown sequence is harmless; START on a live sequence starts afresh
     assert table.execute([StepRequest(7, end=True, release=True)])[0].kind is None
@@ -186,7 +188,7 @@ def test_idle_sequences_are_evicted_after_the_ttl() -> None:
     assert lost.kind is ErrorKind.LOST and "idle for more than 5 s" in lost.error
 
 
-def test_a_failing_step_fails_its_batch_and_keeps_the_state() -> None:
+def test_a_step_that_always_fails_fails_each_member_and_keeps_the_state() -> None:
     steps = RunningSum()
     table = SequenceTable(steps, ttl_s=10)
     table.execute([StepRequest(c, start=True, array=frames(1)) for c in (1, 2)])
@@ -197,3 +199,20 @@ def test_a_failing_step_fails_its_batch_and_keeps_the_state() -> None:
     steps.fail = False
     (ok,) = table.execute([StepRequest(1, array=frames(4))])
     assert total(ok) == per_frame(1, 5)
+
+
+def test_a_failing_member_is_retried_alone_and_the_others_succeed() -> None:
+    steps = RunningSum(poison=9)
+    table = SequenceTable(steps, ttl_s=10)
+    table.execute([StepRequest(c, start=True, array=frames(1)) for c in (1, 2, 3)])
+    good1, bad, good3 = table.execute([StepRequest(1, array=frames(4)),
+                                       StepRequest(2, array=frames(4, 9)),
+                                       StepRequest(3, array=frames(4, 2))])
+    assert bad.kind is ErrorKind.INTERNAL and "out of memory" in bad.error
+    assert good1.kind is None and total(good1) == per_frame(1, 5)
+    assert good3.kind is None and total(good3) == per_frame(1, 1) + per_frame(2, 4)
+    # the batch of 3 failed, then each member ran alone
+    assert steps.batches[-2:] == [("next", 1), ("next", 1)]
+    # the failed member keeps its state and goes on
+    (again,) = table.execute([StepRequest(2, array=frames(4))])
+    assert total(again) == per_frame(1, 5)

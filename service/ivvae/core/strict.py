@@ -1,4 +1,4 @@
-"""Strict parsers for text that arrives from outside: latent metadata, cache entries.
+"""Strict parsers for text that arrives from outside: latent metadata, cache entries, settings.
 
 Python's ``int`` and ``Fraction`` accept far more than a file we wrote can contain
 (``" 17 "``, ``"1_7"``, Arabic-Indic digits, 5,000-digit numbers, ``"1e3"``), and each such

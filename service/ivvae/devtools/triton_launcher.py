@@ -5,15 +5,15 @@ and the local stack use it on the CPU; production runs the NGC image. Three step
 
 1. :func:`find_triton_install` locates the binary and copies the python-backend stub that
    matches the running interpreter into ``backends/python/`` (the server looks for it there).
-2. :func:`prepare_repository` copies a committed model repository and writes the
-   machine-specific parameters (``EXECUTION_ENV_PATH``: which venv the stub activates) into
-   the copy. Committed ``config.pbtxt`` files stay free of absolute paths.
+2. ``ivvae.devtools.repository.prepare_repository`` copies a committed model repository and
+   writes the machine-specific parameters (``EXECUTION_ENV_PATH``: which venv the stub
+   activates) into the copy. Committed ``config.pbtxt`` files stay free of absolute paths.
 3. :func:`start_triton` runs the server on loopback ports in its own process group and waits
    until ``/v2/health/ready`` answers; :class:`TritonServer` stops it together with its
    python stub processes.
 
-``python -m ivvae.triton.launcher --repository DIR --workdir DIR`` does all three and serves
-until SIGTERM or SIGINT.
+``python -m ivvae.devtools.triton_launcher --repository DIR --workdir DIR`` does all three
+and serves until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import filecmp
 import functools
 import http.client
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -33,24 +32,20 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from .repository import prepare_repository
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 STUB_NAME = "triton_python_backend_stub"
-# Model-config parameter read by the python backend: the stub runs `source <dir>/bin/activate`.
-EXECUTION_ENV_PATH = "EXECUTION_ENV_PATH"
-ALL_MODELS = "*"
-# Written into a prepared repository so that preparing it again may safely replace it.
-PREPARED_MARKER = ".ivvae-prepared-repository"
 LOG_EXCERPT_BYTES = 1 << 20
 _GLOG_ERROR = re.compile(r"^E\d{4} ")
 # Logged at every start on a machine without a GPU.
@@ -117,292 +112,6 @@ def _copy_atomically(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-# -- the model repository ------------------------------------------------------------------
-
-
-def prepare_repository(
-    src: Path,
-    dst: Path,
-    *,
-    env_path: Path | None = None,
-    parameters: Mapping[str, Mapping[str, str]] | None = None,
-) -> Path:
-    """Copy a committed model repository to ``dst`` and write machine-specific parameters.
-
-    ``src`` holds one directory per model (``<name>/config.pbtxt`` + ``<name>/1/model.py``).
-    In every copied ``config.pbtxt`` the model-config ``parameters`` entry
-    ``EXECUTION_ENV_PATH`` is set to ``env_path``, then the entries of
-    ``parameters[<model name>]`` and ``parameters["*"]`` (all models; a model's own entry
-    wins) are set. An entry whose key already exists is replaced, never duplicated.
-
-    ``env_path`` defaults to the running interpreter's environment (``sys.prefix``); the
-    link ``<venv>/lib/libpython3.X.so.1.0`` is created so that the stub does not mix the
-    system's libpython with this Python's standard library. A given ``env_path`` must be a
-    directory with ``bin/activate`` and its Python must be the one the stub was built for.
-
-    ``dst`` must be absent, empty, or a repository prepared earlier (it is then replaced).
-    Returns ``dst``.
-    """
-    src, dst = Path(src), Path(dst)
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise ValueError(f"{dst} lies inside the repository it would copy, {src}")
-    models = sorted(p.name for p in src.iterdir() if (p / "config.pbtxt").is_file())
-    if not models:
-        raise ValueError(f"{src} holds no model directory with a config.pbtxt")
-    parameters = parameters or {}
-    unknown = set(parameters) - set(models) - {ALL_MODELS}
-    if unknown:
-        raise ValueError(f"parameters for unknown models {sorted(unknown)}; models: {models}")
-    env = _execution_env(env_path)
-
-    if dst.exists() and any(dst.iterdir()):
-        if not (dst / PREPARED_MARKER).exists():
-            raise ValueError(f"{dst} is not empty and was not prepared by prepare_repository")
-        shutil.rmtree(dst)
-    shutil.copytree(
-        src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True
-    )
-    (dst / PREPARED_MARKER).write_text(f"prepared from {src.resolve()}\n")
-
-    for model in models:
-        values = {EXECUTION_ENV_PATH: str(env)}
-        values.update(parameters.get(ALL_MODELS, {}))
-        values.update(parameters.get(model, {}))
-        config = dst / model / "config.pbtxt"
-        config.write_text(set_config_parameters(config.read_text(), values))
-    return dst
-
-
-def _execution_env(env_path: Path | None) -> Path:
-    env = Path(env_path if env_path is not None else sys.prefix).absolute()
-    if not (env / "bin" / "activate").is_file():
-        raise ValueError(
-            f"{env} is not a virtual environment (no bin/activate); the python-backend stub "
-            "activates EXECUTION_ENV_PATH before importing the model"
-        )
-    if env.resolve() == Path(sys.prefix).resolve():
-        _check_numpy_below_2()
-        _link_libpython(env)
-    return env
-
-
-def _check_numpy_below_2() -> None:
-    try:
-        version = importlib.metadata.version("numpy")
-    except importlib.metadata.PackageNotFoundError:
-        return  # a model that needs numpy will say so at load time
-    if int(version.split(".")[0]) >= 2:
-        raise RuntimeError(
-            f"numpy {version} in {sys.prefix}: the Triton 2.51 python-backend stub corrupts "
-            "input tensors with numpy 2; install numpy<2"
-        )
-
-
-def _link_libpython(env: Path) -> None:
-    libdir = sysconfig.get_config_var("LIBDIR")
-    soname = sysconfig.get_config_var("INSTSONAME")
-    if not libdir or not soname:
-        log.warning("cannot tell where libpython is; the stub may load the system's libpython")
-        return
-    target = Path(libdir) / soname
-    link = env / "lib" / soname
-    if not target.exists():
-        log.warning("%s does not exist; the stub may load the system's libpython", target)
-        return
-    if link.exists() and (not link.is_symlink() or link.resolve() == target.resolve()):
-        return  # the real library lives here, or the link is already right
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{soname}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(target)
-    os.replace(tmp, link)
-
-
-# -- editing config.pbtxt as text ----------------------------------------------------------
-# The committed file keeps its comments and layout; only top-level `parameters` fields are
-# rewritten. Protobuf text format is tokenised so that braces or keys inside strings and
-# comments, and `parameters` maps nested in other messages, are never mistaken for ours.
-
-_TOKEN = re.compile(
-    r"""
-    (?P<space>\s+)
-  | (?P<comment>\#[^\n]*)
-  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-  | (?P<punct>[{}<>\[\]:,;])
-  | (?P<word>[^\s{}<>\[\]:,;"'\#]+)
-    """,
-    re.VERBOSE,
-)
-_OPEN = "{<["
-_CLOSE = "}>]"
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # "string", "punct" or "word"
-    text: str
-    start: int
-    end: int
-
-
-@dataclass(frozen=True)
-class _Field:
-    name: str
-    start: int  # offset of the field name
-    end: int  # offset just past the value and an optional separator
-    value: list[_Token]  # the value's tokens, delimiters included
-
-
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    pos = 0
-    while pos < len(text):
-        match = _TOKEN.match(text, pos)
-        if match is None:
-            raise ValueError(f"cannot parse config.pbtxt at offset {pos}: {text[pos : pos + 20]!r}")
-        kind = match.lastgroup
-        assert kind is not None
-        if kind not in ("space", "comment"):
-            tokens.append(_Token(kind, match.group(), match.start(), match.end()))
-        pos = match.end()
-    return tokens
-
-
-def _skip_value(tokens: list[_Token], i: int) -> int:
-    """Index just past the value starting at ``tokens[i]``."""
-    first = tokens[i]
-    if first.kind == "punct" and first.text in _OPEN:
-        depth = 0
-        for j in range(i, len(tokens)):
-            tok = tokens[j]
-            if tok.kind == "punct" and tok.text in _OPEN:
-                depth += 1
-            elif tok.kind == "punct" and tok.text in _CLOSE:
-                depth -= 1
-                if depth == 0:
-                    return j + 1
-        raise ValueError("unbalanced brackets in config.pbtxt")
-    if first.kind == "string":  # adjacent strings concatenate
-        while i < len(tokens) and tokens[i].kind == "string":
-            i += 1
-        return i
-    if first.kind == "word":
-        return i + 1
-    raise ValueError(f"unexpected {first.text!r} at offset {first.start} in config.pbtxt")
-
-
-def _fields(tokens: list[_Token]) -> list[_Field]:
-    """The fields of the message whose body is ``tokens`` (delimiters excluded)."""
-    fields: list[_Field] = []
-    i = 0
-    while i < len(tokens):
-        name = tokens[i]
-        if name.kind != "word":
-            raise ValueError(f"expected a field name at offset {name.start}, got {name.text!r}")
-        i += 1
-        if i < len(tokens) and tokens[i].text == ":" and tokens[i].kind == "punct":
-            i += 1
-        if i >= len(tokens):
-            raise ValueError(f"field {name.text!r} has no value")
-        end = _skip_value(tokens, i)
-        value = tokens[i:end]
-        if end < len(tokens) and tokens[end].kind == "punct" and tokens[end].text in ",;":
-            end += 1
-        fields.append(_Field(name.text, name.start, tokens[end - 1].end, value))
-        i = end
-    return fields
-
-
-_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)")
-_BLANK_TO_EOL = re.compile(r"[ \t]*(?:\n|$)")
-_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
-
-
-def _unquote(tokens: list[_Token]) -> str:
-    def one(match: re.Match[str]) -> str:
-        code = match.group(1)
-        if code[0] == "x":
-            return chr(int(code[1:], 16))
-        if code[0] in "01234567":
-            return chr(int(code, 8))
-        return _SIMPLE_ESCAPES.get(code, code)
-
-    return "".join(_ESCAPE.sub(one, tok.text[1:-1]) for tok in tokens)
-
-
-def _quote(value: str) -> str:
-    escaped = []
-    for char in value:
-        if char in '"\\':
-            escaped.append("\\" + char)
-        elif char == "\n":
-            escaped.append("\\n")
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            escaped.append(f"\\{ord(char):03o}")
-        else:
-            escaped.append(char)
-    return '"' + "".join(escaped) + '"'
-
-
-def _entries_in(text: str, parameters: _Field) -> Iterator[tuple[str | None, str]]:
-    """(key, original text) of each map entry of a top-level ``parameters`` field."""
-    value = parameters.value
-    items: list[list[_Token]] = []
-    if value[0].text == "[":
-        body = value[1:-1]
-        i = 0
-        while i < len(body):
-            end = _skip_value(body, i)
-            items.append(body[i:end])
-            i = end + 1 if end < len(body) and body[end].text == "," else end
-    else:
-        items.append(value)
-    for entry in items:
-        if entry[0].kind != "punct" or entry[0].text not in _OPEN:
-            raise ValueError(f"a parameters entry must be a message, at offset {entry[0].start}")
-        key = None
-        for f in _fields(entry[1:-1]):
-            if f.name == "key" and f.value[0].kind == "string":
-                key = _unquote(f.value)
-        yield key, text[entry[0].start : entry[-1].end]
-
-
-def _end_of_line_if_blank(text: str, pos: int) -> int:
-    """``pos`` moved past trailing blanks and the newline, if nothing else follows on its line."""
-    match = _BLANK_TO_EOL.match(text, pos)
-    return match.end() if match else pos
-
-
-def set_config_parameters(text: str, values: Mapping[str, str]) -> str:
-    """Return ``config.pbtxt`` text with top-level ``parameters`` entries set to ``values``.
-
-    Existing entries with other keys are kept verbatim; an entry with a key in ``values``
-    is replaced. Everything outside the top-level ``parameters`` fields is left untouched.
-    """
-    tokens = _tokenize(text)
-    params = [f for f in _fields(tokens) if f.name == "parameters"]
-    kept: list[str] = []
-    for f in params:
-        for key, entry in _entries_in(text, f):
-            if key not in values:
-                kept.append(entry)
-    block = "".join(f"parameters {entry}\n" for entry in kept) + "".join(
-        f"parameters {{\n  key: {_quote(key)}\n  value: {{ string_value: {_quote(value)} }}\n}}\n"
-        for key, value in values.items()
-    )
-    if not params:
-        return text + ("" if text.endswith("\n") or not text else "\n") + block
-    pieces: list[str] = []
-    pos = 0
-    for n, f in enumerate(params):
-        pieces.append(text[pos : f.start])
-        if n == 0:
-            pieces.append(block)
-        pos = _end_of_line_if_blank(text, f.end)
-    pieces.append(text[pos:])
-    return "".join(pieces)
 
 
 # -- the server process --------------------------------------------------------------------
@@ -680,7 +389,7 @@ def start_triton(
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare a repository copy, start tritonserver, serve until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(
-        prog="python -m ivvae.triton.launcher", description=main.__doc__
+        prog="python -m ivvae.devtools.triton_launcher", description=main.__doc__
     )
     parser.add_argument("--repository", type=Path, required=True, help="committed repository")
     parser.add_argument(
@@ -701,9 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stop = stop_on_signals()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    repository = prepare_repository(
-        args.repository, args.workdir / "model_repository", env_path=args.env_path
-    )
+    repository = args.workdir / "model_repository"
+    prepare_repository(args.repository, repository, env_path=args.env_path or sys.prefix)
     try:
         server = start_triton(
             repository,

@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 
 from ivvae.backends.triton import TritonBackend
+from ivvae.devtools.triton_launcher import find_triton_install
+from ivvae.devtools.triton_serve import artifact_key, ensure_artifacts
 from ivvae.errors import BackendUnavailable
 from ivvae.latents import decode_latent_file
 from ivvae.metrics import Metrics
 from ivvae.model.artifacts import read_manifest
-from ivvae.triton.launcher import find_triton_install
-from ivvae.triton.serve import artifact_key, ensure_artifacts
 from tests import media
 from tests.service_fixtures import running_app, tiny_settings
 from tests.triton.test_launcher import processes

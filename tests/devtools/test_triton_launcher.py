@@ -1,4 +1,4 @@
-"""ivvae.triton.launcher: config editing, and a real tritonserver on free loopback ports.
+"""ivvae.devtools.triton_launcher: a real tritonserver on free loopback ports.
 
 The toy repository holds ``accumulator`` (sequence batching, a running sum per correlation id)
 and ``sleeper`` (answers after the requested seconds). Every started server is stopped, and
@@ -24,14 +24,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import InferInput, model_config_pb2
 from tritonclient.utils import InferenceServerException
 
-from ivvae.triton.launcher import (
-    EXECUTION_ENV_PATH,
-    TritonServer,
-    find_triton_install,
-    prepare_repository,
-    set_config_parameters,
-    start_triton,
-)
+from ivvae.devtools.repository import EXECUTION_ENV_PATH, prepare_repository
+from ivvae.devtools.triton_launcher import TritonServer, find_triton_install, start_triton
 
 TOY_REPOSITORY = Path(__file__).parent / "toy_repository"
 STUB_COMM = "triton_python_b"  # /proc comm is cut at 15 characters
@@ -128,105 +122,6 @@ def toy_server(
         server.stop()
     assert not processes(pgid=server.process.pid)
     assert server.process.returncode == 0, server.log_excerpt()
-
-
-# -- config.pbtxt editing and repository preparation (no server) ----------------------------
-
-CONFIG = """\
-name: "m"  # parameters { key: "X" } in a comment is not a field
-backend: "python"
-parameters { key: "EXECUTION_ENV_PATH" value: { string_value: "/old/venv" } }
-parameters: [
-  { key: "KEEP" value { string_value: "} { # not a comment" } },
-  < key: 'LOG' value: { string_value: "0" } >
-]
-optimization {
-  execution_accelerators {
-    cpu_execution_accelerator [ { name: "x" parameters { key: "LOG" value: "nested" } } ]
-  }
-}
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
-
-
-def test_set_config_parameters_replaces_top_level_entries_only() -> None:
-    text = set_config_parameters(CONFIG, {EXECUTION_ENV_PATH: "/new/venv", "LOG": "1"})
-
-    config = model_config(text)
-    assert string_parameters(config) == {
-        EXECUTION_ENV_PATH: "/new/venv",
-        "KEEP": "} { # not a comment",
-        "LOG": "1",
-    }
-    assert text.count(EXECUTION_ENV_PATH) == 1
-    (accelerator,) = config.optimization.execution_accelerators.cpu_execution_accelerator
-    assert dict(accelerator.parameters) == {"LOG": "nested"}
-    assert config.instance_group[0].count == 1
-    assert '# parameters { key: "X" } in a comment' in text
-    assert set_config_parameters(text, {"LOG": "1"}) == text  # a fixed point
-
-
-def test_set_config_parameters_appends_and_quotes() -> None:
-    awkward = 'C:\\dir with "quotes"\nand a newline'
-    text = set_config_parameters('name: "m"\nbackend: "python"', {"PATH": awkward})
-
-    assert text.startswith('name: "m"\nbackend: "python"\n')
-    assert string_parameters(model_config(text)) == {"PATH": awkward}
-
-
-def test_set_config_parameters_rejects_broken_text() -> None:
-    with pytest.raises(ValueError, match="unbalanced"):
-        set_config_parameters('name: "m"\nparameters { key: "A"', {"B": "1"})
-
-
-def test_prepare_repository_writes_parameters_into_the_copy_only(tmp_path: Path) -> None:
-    committed = {p: p.read_bytes() for p in TOY_REPOSITORY.rglob("config.pbtxt")}
-    dst = prepare_repository(
-        TOY_REPOSITORY,
-        tmp_path / "repo",
-        parameters={"*": {"A": "all", "B": "all"}, "sleeper": {"B": "sleeper"}},
-    )
-
-    assert {p: p.read_bytes() for p in TOY_REPOSITORY.rglob("config.pbtxt")} == committed
-    for text in committed.values():
-        assert EXECUTION_ENV_PATH.encode() not in text
-        assert b'"/' not in text  # no absolute path is committed
-    accumulator = model_config((dst / "accumulator" / "config.pbtxt").read_text())
-    sleeper = model_config((dst / "sleeper" / "config.pbtxt").read_text())
-    assert string_parameters(accumulator) == {
-        EXECUTION_ENV_PATH: sys.prefix,
-        "A": "all",
-        "B": "all",
-    }
-    assert string_parameters(sleeper) == {
-        EXECUTION_ENV_PATH: sys.prefix,
-        "A": "all",
-        "B": "sleeper",
-    }
-    assert (dst / "accumulator" / "1" / "model.py").is_file()
-    assert not list(dst.rglob("__pycache__"))
-    libpython = Path(sys.prefix) / "lib" / "libpython3.11.so.1.0"
-    if sys.prefix != sys.base_prefix and sys.version_info[:2] == (3, 11):
-        assert libpython.exists()
-
-    # Preparing again replaces the earlier copy.
-    prepare_repository(TOY_REPOSITORY, dst)
-    assert "A" not in string_parameters(
-        model_config((dst / "accumulator" / "config.pbtxt").read_text())
-    )
-
-
-def test_prepare_repository_refuses_mistakes(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="unknown models"):
-        prepare_repository(TOY_REPOSITORY, tmp_path / "a", parameters={"acumulator": {"X": "1"}})
-    with pytest.raises(ValueError, match="not a virtual environment"):
-        prepare_repository(TOY_REPOSITORY, tmp_path / "b", env_path=tmp_path)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not empty"):
-        prepare_repository(TOY_REPOSITORY, foreign)
-    assert (foreign / "precious.txt").exists()
 
 
 def test_find_triton_install_is_idempotent(triton_available: None) -> None:
@@ -380,7 +275,7 @@ def test_main_serves_until_sigterm(triton_available: None, tmp_path: Path) -> No
     command = [
         sys.executable,
         "-m",
-        "ivvae.triton.launcher",
+        "ivvae.devtools.triton_launcher",
         f"--repository={TOY_REPOSITORY}",
         f"--workdir={tmp_path}",
         "--http-port=0",

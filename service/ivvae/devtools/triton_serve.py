@@ -9,7 +9,8 @@
 2. :func:`prepare` copies ``model_repository/`` to ``DIR/model_repository`` and writes the
    parameters the models read (``ARTIFACT_DIR``, ``ARTIFACT_FORMAT``, ``MODEL_INFO``,
    ``PRECISION``, optionally ``SEQUENCE_TTL_S`` and ``NUM_THREADS``) and the venv the python
-   stub activates (``ivvae.triton.launcher``).
+   stub activates (``ivvae.devtools.repository``); ``SEQUENCE_TTL_S`` also becomes Triton's
+   ``max_sequence_idle_microseconds``.
 3. ``tritonserver`` from the ``nvidia-pytriton`` wheel starts on 127.0.0.1 and serves until
    SIGTERM or SIGINT.
 
@@ -30,13 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import contract as c
-from .launcher import TritonServer, prepare_repository, serve_until, start_triton, stop_on_signals
+from ..core.artifacts import EXPORT_VERSION, FORMATS, ArtifactError, read_manifest
+from ..core.names import PRECISIONS
+from ..core.version import __version__
+from ..triton import contract as c
+from .repository import prepare_repository
+from .triton_launcher import TritonServer, serve_until, start_triton, stop_on_signals
 
-log = logging.getLogger("ivvae.triton.serve")
+log = logging.getLogger("ivvae.devtools.triton_serve")
 
 REPOSITORY_ENV = "IVVAE_MODEL_REPOSITORY"
-# The committed repository, in a source checkout (service/ivvae/triton/serve.py -> root).
+# The committed repository, in a source checkout (service/ivvae/devtools/x.py -> root).
 _CHECKOUT_REPOSITORY = Path(__file__).resolve().parents[3] / "model_repository"
 
 
@@ -53,21 +58,17 @@ def artifact_key(weights_sha256: str, fmt: str) -> str:
     """What an export depends on, as a short hex id: the weights, the format, the ivvae
     version, the artifact contract and the model code (``ivvae/model/*.py``), so that a
     changed network is exported again even within one version."""
-    import ivvae
-
-    from ..model.artifacts import EXPORT_VERSION
-
     code = hashlib.sha256()
-    for path in sorted((Path(ivvae.__file__).parent / "model").glob("*.py")):
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted([*(package / "model").glob("*.py"), *(package / "core").glob("*.py")]):
         code.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    text = f"{weights_sha256}|{fmt}|{ivvae.__version__}|{EXPORT_VERSION}|{code.hexdigest()}"
+    text = f"{weights_sha256}|{fmt}|{__version__}|{EXPORT_VERSION}|{code.hexdigest()}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def ensure_artifacts(weights: str, fmt: str, root: Path, *, name: str = "") -> Path:
     """The artifact directory for ``weights`` in ``fmt`` under ``root``, exported first when
     missing or stale. Other exports of the same format under ``root`` are removed."""
-    from ..model.artifacts import ArtifactError, read_manifest
     from ..model.export import export_artifacts
     from ..weights import load_weights
 
@@ -100,13 +101,11 @@ def model_parameters(artifact_dir: Path, *, precision: str = "float32",
                      sequence_ttl_s: float | None = None,
                      num_threads: int | None = None) -> dict[str, str]:
     """The model-config parameters for serving ``artifact_dir`` (both models)."""
-    from ..model.artifacts import read_manifest
-
     manifest = read_manifest(artifact_dir)
     params = {
         c.ARTIFACT_DIR: str(Path(artifact_dir).absolute()),
         c.ARTIFACT_FORMAT: manifest.format,
-        c.MODEL_INFO: c.model_info_parameter(manifest.model),
+        c.MODEL_INFO: manifest.model_info.to_json(),
         c.PRECISION: precision,
     }
     if sequence_ttl_s is not None:
@@ -125,8 +124,7 @@ def prepare(artifact_dir: Path, workdir: Path, *, repository: Path | None = None
     values = model_parameters(artifact_dir, **options)
     values.update(parameters or {})
     return prepare_repository(repository or default_repository(),
-                              Path(workdir) / "model_repository",
-                              parameters={"*": values})
+                              Path(workdir) / "model_repository", parameters={"*": values})
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("triton-serve", help="export (if needed) and serve the ivvae models "
                        "with the tritonserver of the nvidia-pytriton wheel, on 127.0.0.1")
     p.add_argument("--weights", default="", help="weights file; default: the bundled model")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     p.add_argument("--name", default="", help="model name (default: from the weights)")
     p.add_argument("--workdir", default=".ivvae/triton",
                    help="artifacts, the prepared repository and the server log go here")
@@ -191,8 +189,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"),
-                   default="float32", help="compute precision (TorchScript only)")
+    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                   help="compute precision (TorchScript only)")
     p.add_argument("--sequence-ttl", type=float, default=None, metavar="SECONDS",
                    help="drop a video's state after this long without a step")
     p.add_argument("--threads", type=int, default=None,

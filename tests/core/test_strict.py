@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from ivvae import strict
+from ivvae.core import strict
 
 
 @pytest.mark.parametrize(("text", "value"), [("0", 0), ("17", 17), ("0017", 17),

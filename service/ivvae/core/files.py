@@ -1,0 +1,38 @@
+"""Atomic file writing: a reader sees the old file or the whole new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write to a hidden temporary file beside ``path``; publish it by rename on success.
+
+    On an exception the temporary file is removed and ``path`` is untouched. ``mode`` is
+    the new file's permission bits (readable by others: a Triton container or another user
+    reads what the CLI writes).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o644) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
+    with atomic_writer(path, mode=mode) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
