@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_frames: int = Field(2048, ge=1)
     max_pixels: int = Field(1920 * 1088, ge=1)  # per frame, width * height
     request_timeout_s: float = Field(600.0, gt=0)
+    # The process's memory bound (ivvae.memory): step sizes are planned from it, what cannot
+    # fit is refused (413), and requests queue for it. 0: 75% of the machine's (or the
+    # container's) memory.
+    memory_budget_mb: int = Field(0, ge=0)
+    # How long a request may wait for its share of the budget before a 503 (Retry-After).
+    admission_timeout_s: float = Field(30.0, gt=0)
     max_concurrent_requests: int = Field(64, ge=1)
     # gRPC: the largest single message either way (EncodeUnary's whole file); the streaming
     # RPCs use <= 1 MiB chunks, so this does not limit them (max_upload_bytes does).

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import Settings
+from ..core.files import state_dir
 from .base import CacheStats, ResultCache
 from .codec import (
     CachedMoments,
@@ -70,8 +71,7 @@ log = logging.getLogger("ivvae.cache")
 
 
 def default_secret_file() -> Path:
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "ivvae" / "cache-secret"
+    return state_dir() / "cache-secret"
 
 
 def cache_secret(settings: Settings) -> bytes:
