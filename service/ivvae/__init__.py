@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _MODEL_NAMES = {
     "IVVAE", "IVVAEConfig", "PRESETS", "FeatureCache", "StreamEncoder", "StreamDecoder",
@@ -36,4 +36,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ivvae' has no attribute {name!r}")
 
 
-__all__ = sorted(_MODEL_NAMES)
+__all__ = ["__version__", *sorted(_MODEL_NAMES)]

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from .core.names import DEFAULT_CRF, PRECISIONS
+
 if TYPE_CHECKING:
     from .config import Settings
 
@@ -114,17 +116,11 @@ def _encode_dataset(args: argparse.Namespace) -> int:
     return encode_dataset(args)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _encode(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from .core.files import atomic_write
     from .errors import IVVAEError
     from .pipeline import EncodeOptions
     from .service import Service
@@ -144,7 +140,7 @@ def _encode(args: argparse.Namespace) -> int:
         finally:
             await service.close()
         out = args.output or str(Path(args.input).with_suffix(".latent.safetensors"))
-        _atomic_write(out, result.data)
+        atomic_write(out, result.data)
         print(json.dumps({"output": out, "latent_shape": list(result.latent_shape),
                           "model": result.info.model_name, "frames": result.info.num_frames,
                           "seconds": round(result.seconds, 3)}))
@@ -159,41 +155,35 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _decode(args: argparse.Namespace) -> int:
     import asyncio
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     import numpy as np
 
+    from .core.files import atomic_writer
     from .errors import IVVAEError
-    from .safetensors_io import dumps
+    from .outputs import OutputFormat, render
     from .service import Service
-    from .video import Mp4Writer
 
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
     out = args.output or str(Path(args.input).with_suffix(".mp4"))
+    fmt: OutputFormat = "frames" if out.endswith(".safetensors") else "mp4"
 
     async def run() -> int:
         service = Service(settings)
         await service.start()
         try:
             info, frames = await service.pipeline.decode_frames(Path(args.input).read_bytes())
-            tmp = f"{out}.tmp-{os.getpid()}"
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
-                if out.endswith(".safetensors"):
-                    parts = []
+                async def counted() -> AsyncIterator[np.ndarray]:
                     async for part in frames:
-                        parts.append(part)
                         bar(len(part))
-                    meta = {"fps": f"{info.fps.numerator}/{info.fps.denominator}",
-                            "layout": "THWC uint8 RGB"}
-                    Path(tmp).write_bytes(dumps({"frames": np.concatenate(parts)}, meta))
-                else:
-                    with Mp4Writer(tmp, width=info.width, height=info.height, fps=info.fps,
-                                   crf=args.crf) as writer:
-                        async for part in frames:
-                            await asyncio.to_thread(writer.write, part)
-                            bar(len(part))
-            os.replace(tmp, out)
+                        yield part
+
+                with atomic_writer(out) as f:
+                    async for chunk in render(fmt, info, counted(), crf=args.crf):
+                        await asyncio.to_thread(f.write, chunk)
         finally:
             await service.close()
         print(json.dumps({"output": out, "frames": info.num_frames, "width": info.width,
@@ -229,8 +219,8 @@ class _progress:
 def _add_service_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="weights file (.pth/.safetensors); default: bundled")
     p.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--encode-precision", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--decode-precision", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--encode-precision", choices=PRECISIONS)
+    p.add_argument("--decode-precision", choices=PRECISIONS)
     p.add_argument("--groups-per-step", type=int, help="frame groups per model step")
 
 
@@ -294,8 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "same-size baseline; table + PNG plot")
     p.add_argument("videos", nargs="+", metavar="VIDEO")
     p.add_argument("--weights", default="", help="default: the bundled model")
-    p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"],
-                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--precision", nargs="+", default=list(PRECISIONS[:2]), choices=PRECISIONS)
     p.add_argument("--max-frames", type=int, default=None, help="evaluate the first N frames")
     p.add_argument("--out", default="", help="folder for eval.md, eval.json, eval.png")
     p.set_defaults(handler=_eval)
@@ -319,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -329,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="decode a latent file to .mp4 (or .safetensors frames)")
     p.add_argument("input", metavar="IN")
     p.add_argument("-o", "--output", help="OUT.mp4, or OUT.safetensors for raw frames")
-    p.add_argument("--crf", type=int, default=18)
+    p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (lower=better)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     _add_service_options(p)

@@ -17,9 +17,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import strict
+from .core.names import Precision
 
 BackendName = Literal["local", "triton"]
-PrecisionName = Literal["float32", "bfloat16", "float16"]
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 50051
@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     # torch intra-op threads for the local backend; 0 = torch's default (one per core).
     # On small shared CPUs, 1 often wins: many videos in flight batch instead of spinning.
     torch_threads: int = Field(0, ge=0)
-    encode_precision: PrecisionName = "float32"
-    decode_precision: PrecisionName = "float32"
+    encode_precision: Precision = "float32"
+    decode_precision: Precision = "float32"
 
     # -- backend ---------------------------------------------------------------------------
     backend: BackendName = "local"

@@ -42,6 +42,7 @@ from typing import IO, Any
 
 from .client import AsyncClient, RetryPolicy, atomic_write
 from .client._result import TMP_SUFFIX
+from .core.names import PRECISIONS
 from .errors import BackendUnavailable, IVVAEError, Overloaded
 from .media_types import MEDIA_SUFFIXES
 
@@ -311,7 +312,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per video")
     p.add_argument("--retries", type=int, default=6,

@@ -2,7 +2,7 @@
 
     ivvae export --format torchscript|onnx --weights W --out DIR [--verify-input GOLDEN]
 
-Writes the encoder and decoder steps (``ivvae.model.artifacts`` lists the files) and
+Writes the encoder and decoder steps (``ivvae.core.artifacts`` lists the files) and
 ``export_manifest.json``, after streaming a clip through the artifacts and the eager model
 (``ivvae.model.export.verify_artifacts``). Exit status 1 when verification fails; the
 manifest is then not written. Prints a JSON summary on stdout.
@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .model.artifacts import ExportManifest
+from .core.artifacts import FORMATS
 
-FORMATS = ("torchscript", "onnx")
+if TYPE_CHECKING:
+    from .core.artifacts import ExportManifest
+
 
 
 def export_weights(weights: str, out: Path, fmt: str, *, name: str = "",

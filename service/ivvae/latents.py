@@ -13,7 +13,7 @@ train on it. ``META_KEYS`` is the one list of those keys.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -22,9 +22,10 @@ import numpy as np
 
 from .core import strict
 from .core.geometry import latent_shape
+from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .core.version import __version__
-from .errors import InvalidLatent
+from .errors import InvalidLatent, UnknownModel
 from .safetensors_io import SafetensorsError, Tensor, dumps, float32_to_bf16_bits, loads
 
 FORMAT = "ivvae.latent"
@@ -199,3 +200,32 @@ def decode_latent_file(data: bytes) -> tuple[np.ndarray, LatentInfo]:
         bad = int((~np.isfinite(latent)).sum())
         raise InvalidLatent(f"latent has {bad} non-finite values (NaN or inf)")
     return np.ascontiguousarray(latent), info
+
+
+def served_model_for(info: LatentInfo, models: Mapping[str, ModelInfo]) -> ModelInfo:
+    """The served model that made the latent ``info`` describes: by name, else by weights.
+
+    Raises ``UnknownModel`` when none is served, ``InvalidLatent`` when the model of that
+    name has other weights, another z, or other scale/shift factors (decoding would give
+    garbage)."""
+    model = models.get(info.model_name)
+    if model is None:
+        same = [m for m in models.values() if m.weights_sha256 == info.weights_sha256]
+        if not same:
+            raise UnknownModel(
+                f"the latent was made by model {info.model_name!r} (weights "
+                f"{info.weights_sha256[:12]}), which this server does not serve; "
+                f"served: {sorted(models)}"
+            )
+        model = same[0]
+    if model.weights_sha256 != info.weights_sha256:
+        raise InvalidLatent(
+            f"the latent was made by weights {info.weights_sha256[:12]} but model "
+            f"{model.name!r} here has weights {model.weights_sha256[:12]}: decoding it "
+            "would give garbage"
+        )
+    if model.z_dim != info.z_dim:
+        raise InvalidLatent(f"latent z_dim {info.z_dim} != model z_dim {model.z_dim}")
+    if (info.scale_factor, info.shift_factor) != (model.scale_factor, model.shift_factor):
+        raise InvalidLatent("latent scale/shift factors differ from the model's")
+    return model

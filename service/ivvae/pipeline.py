@@ -33,7 +33,7 @@ from .core.geometry import PADDING_POLICY, FrameStepper, decode_plan, moments_to
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
-from .latents import LatentInfo, decode_latent_file, encode_latent_file
+from .latents import LatentInfo, decode_latent_file, encode_latent_file, served_model_for
 from .metrics import Metrics
 from .video import VideoLimits, exact_rate, open_video
 
@@ -206,28 +206,7 @@ class Pipeline:
     def parse_latent(self, data: bytes) -> tuple[np.ndarray, LatentInfo, ModelInfo]:
         """Validate an uploaded latent file against the served models."""
         latent, info = decode_latent_file(data)
-        models = self.backend.models
-        if info.model_name not in models:
-            same = [m for m in models.values() if m.weights_sha256 == info.weights_sha256]
-            if not same:
-                raise UnknownModel(
-                    f"the latent was made by model {info.model_name!r} (weights "
-                    f"{info.weights_sha256[:12]}), which this server does not serve; "
-                    f"served: {sorted(models)}"
-                )
-            model = same[0]
-        else:
-            model = models[info.model_name]
-        if model.weights_sha256 != info.weights_sha256:
-            raise InvalidLatent(
-                f"the latent was made by weights {info.weights_sha256[:12]} but model "
-                f"{model.name!r} here has weights {model.weights_sha256[:12]}: decoding it "
-                "would give garbage"
-            )
-        if model.z_dim != info.z_dim:
-            raise InvalidLatent(f"latent z_dim {info.z_dim} != model z_dim {model.z_dim}")
-        if (info.scale_factor, info.shift_factor) != (model.scale_factor, model.shift_factor):
-            raise InvalidLatent("latent scale/shift factors differ from the model's")
+        model = served_model_for(info, self.backend.models)
         frames = info.num_frames * info.height * info.width
         if info.num_frames > self.settings.max_frames or frames > (
                 self.settings.max_frames * self.settings.max_pixels):

@@ -86,16 +86,33 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def dumps(tensors: Mapping[str, Tensor | np.ndarray],
-          metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize; plain arrays are stored under their own dtype."""
+def header_bytes(entries: Mapping[str, tuple[str, tuple[int, ...]]],
+                 metadata: Mapping[str, str] | None = None) -> bytes:
+    """The length prefix and JSON header of a file holding ``entries`` (name -> (dtype,
+    shape)) stored back to back in name order: what precedes their data. With it a file
+    can be written as a stream whose sizes are known before the data is."""
     header: dict[str, object] = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata must map str to str")
         header["__metadata__"] = dict(metadata)
-    blobs = []
     offset = 0
+    for name in sorted(entries):
+        dtype, shape = entries[name]
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(head)) + head
+
+
+def dumps(tensors: Mapping[str, Tensor | np.ndarray],
+          metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize; plain arrays are stored under their own dtype."""
+    entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+    blobs = []
     for name in sorted(tensors):
         t = tensors[name]
         if isinstance(t, np.ndarray):
@@ -104,14 +121,9 @@ def dumps(tensors: Mapping[str, Tensor | np.ndarray],
             if dt is None:
                 raise TypeError(f"cannot store numpy dtype {t.dtype}")
             t = Tensor(dt, t)
-        data = np.ascontiguousarray(t.array, dtype=DTYPES[t.dtype]).tobytes()
-        header[name] = {"dtype": t.dtype, "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # align the data section to 8 bytes
-    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+        entries[name] = (t.dtype, t.shape)
+        blobs.append(np.ascontiguousarray(t.array, dtype=DTYPES[t.dtype]).tobytes())
+    return header_bytes(entries, metadata) + b"".join(blobs)
 
 
 def loads(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES,

@@ -1,7 +1,9 @@
 """The running service: settings -> metrics, backend, result cache, pipeline.
 
-Both transports (HTTP and gRPC) serve one ``Service``; ``ivvae serve`` starts it once and
-hands it to each. Nothing is created at import time.
+Both transports (HTTP and gRPC) and the CLI serve one ``Service``; ``ivvae serve`` starts it
+once and hands it to each. Transports use what it exposes (``pipeline``, ``models``,
+``readiness``, ``metrics``, ``settings``), never the backend behind it. Nothing is created
+at import time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from .backends import Backend, create_backend
 from .cache import ResultCache, create_cache
 from .config import Settings
+from .core.model_info import ModelInfo
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -40,6 +43,15 @@ class Service:
     async def close(self) -> None:
         await self.backend.close()
         await self.cache.close()
+
+    @property
+    def models(self) -> dict[str, ModelInfo]:
+        """The served models by name (what ``/models`` and ``ListModels`` list)."""
+        return self.backend.models
+
+    @property
+    def default_model(self) -> str:
+        return self.backend.default_model
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready = backend ready. A failing cache only degrades (requests still work)."""

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from .core.artifacts import FORMATS
+
 STATE_FILE = "stack.json"
 SERVICES = ("redis", "triton", "gateway")
 
@@ -244,7 +246,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("action", choices=("up", "down", "status"))
     p.add_argument("--workdir", default=".ivvae/stack")
     p.add_argument("--weights", default="", help="default: the bundled model")
-    p.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0])
     for name, default in (("http-port", 8000), ("grpc-port", 50051), ("redis-port", 6380),
                           ("triton-http-port", 8100), ("triton-grpc-port", 8101),
                           ("triton-metrics-port", 8102)):

@@ -25,15 +25,15 @@ import numpy as np
 import pytest
 
 from ivvae.backends.triton import TritonBackend
+from ivvae.core.artifacts import read_manifest
 from ivvae.devtools.triton_launcher import find_triton_install
 from ivvae.devtools.triton_serve import artifact_key, ensure_artifacts
 from ivvae.errors import BackendUnavailable
 from ivvae.latents import decode_latent_file
 from ivvae.metrics import Metrics
-from ivvae.model.artifacts import read_manifest
 from tests import media
+from tests.devtools.test_triton_launcher import processes
 from tests.service_fixtures import running_app, tiny_settings
-from tests.triton.test_launcher import processes
 from tests.triton_server import TinyExport
 
 pytestmark = pytest.mark.triton
@@ -208,3 +208,29 @@ def test_ensure_artifacts_reuses_a_current_export(
     monkeypatch.setattr(export_module, "export_artifacts", no_export)
     assert ensure_artifacts(str(export.weights), "torchscript", tmp_path) == current
     assert stale.exists()  # removed only when a new export replaces it
+
+
+def test_the_sequence_ttl_reaches_triton(served: Served) -> None:
+    """``--sequence-ttl`` sets Triton's own idle limit too (the committed config says 120 s),
+    so Triton keeps a sequence's slot exactly as long as the model keeps its state."""
+    for model in ("ivvae_encoder", "ivvae_decoder"):
+        config = httpx.get(f"http://{served.http_url}/v2/models/{model}/config",
+                           trust_env=False).json()
+        idle = int(config["sequence_batching"]["max_sequence_idle_microseconds"])
+        assert idle == round(TTL_S * 1e6)
+        assert config["parameters"]["SEQUENCE_TTL_S"]["string_value"] == f"{TTL_S:g}"
+
+
+def test_a_long_sequence_ttl_lifts_the_triton_idle_limit(
+        tiny_exports: Callable[[str], TinyExport], tmp_path: Path) -> None:
+    """The other way: a TTL above the committed 120 s raises Triton's limit with it."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from ivvae.devtools.triton_serve import prepare
+
+    prepared = prepare(tiny_exports("onnx").directory, tmp_path, sequence_ttl_s=300)
+    for model in ("ivvae_encoder", "ivvae_decoder"):
+        config = text_format.Parse((prepared / model / "config.pbtxt").read_text(),
+                                   model_config_pb2.ModelConfig())
+        assert config.sequence_batching.max_sequence_idle_microseconds == 300_000_000

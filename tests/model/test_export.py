@@ -22,14 +22,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from ivvae.core.artifacts import MANIFEST_NAME, ArtifactError, ExportManifest, read_manifest
 from ivvae.model import load_model
-from ivvae.model.artifacts import (
-    MANIFEST_NAME,
-    ArtifactError,
-    ExportManifest,
-    load_steps,
-    read_manifest,
-)
+from ivvae.model.artifacts import load_steps
 from ivvae.model.export import clip_from_golden, export_artifacts
 from ivvae.model.steps import DecoderStep, EncoderStep, frames_to_video, video_to_frames
 from ivvae.weights import load_weights

@@ -38,7 +38,8 @@ _A = TypeVar("_A")
 
 @dataclass
 class CacheStats:
-    """Monotonic counters, exported to Prometheus by the service.
+    """Monotonic counters of one cache instance, for tests and debugging. Prometheus gets
+    the pipeline's view of the same events (``ivvae_cache_total`` by outcome), not these.
 
     Every ``get`` counts one hit or one miss; ``corrupt`` and ``errors`` say why some misses
     (and failed puts) happened. ``errors``: backend failures (connection, timeout, any client

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ..core.names import DEFAULT_CRF
 from ._common import RetryPolicy, VideoSource, read_source, with_retries
 from ._result import LatentResult, Models, atomic_write
 
@@ -124,7 +125,7 @@ class AsyncClient:
         return await with_retries(self.retry, lambda: self._t.encode(video, options))
 
     async def decode(self, latent: LatentSource, *, format: DecodeFormat = "mp4",
-                     crf: int = 18) -> bytes | np.ndarray:
+                     crf: int = DEFAULT_CRF) -> bytes | np.ndarray:
         """Decode a latent file (a path, its bytes, or a ``LatentResult``) to video.
 
         ``format="mp4"``: the bytes of an H.264 MP4 (original fps, frame count and size;
@@ -200,7 +201,7 @@ class Client:
                                             model=model, moments=moments))
 
     def decode(self, latent: LatentSource, *, format: DecodeFormat = "mp4",
-               crf: int = 18) -> bytes | np.ndarray:
+               crf: int = DEFAULT_CRF) -> bytes | np.ndarray:
         """See ``AsyncClient.decode``."""
         return self._run(self._async.decode(latent, format=format, crf=crf))
 

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from ..errors import BackendUnavailable, IVVAEError, Overloaded
+from ..safetensors_io import SafetensorsError, loads
 
 T = TypeVar("T")
 VideoSource = str | os.PathLike[str] | bytes
@@ -93,3 +96,12 @@ async def iter_source(source: VideoSource | Path) -> AsyncIterator[bytes]:
             yield chunk
     finally:
         f.close()
+
+
+def frames_from_file(data: bytes | bytearray, source: str) -> np.ndarray:
+    """The ``(T, H, W, 3)`` uint8 frames of a frames file (``ivvae.outputs``), writable."""
+    try:
+        tensors, _ = loads(data)
+        return np.array(tensors["frames"].array)
+    except (SafetensorsError, KeyError) as exc:
+        raise IVVAEError(f"{source} sent unreadable frames: {exc}") from exc

@@ -22,7 +22,7 @@ from ..api.grpc.gen import ivvae_pb2 as pb
 from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
-from ._common import VideoSource, error_from_code, iter_source
+from ._common import VideoSource, error_from_code, frames_from_file, iter_source
 from ._result import LatentResult, Models
 
 
@@ -108,15 +108,10 @@ class GrpcTransport:
             lambda piece: pb.DecodeRequest(chunk=piece), latent)
         if not responses or responses[0].WhichOneof("part") != "info":
             raise IVVAEError(f"{self.target} ended the Decode stream early")
-        info = responses[0].info
-        # writable, so the frames array can use it as is
-        data = bytearray().join(r.chunk for r in responses[1:])
+        data = b"".join(r.chunk for r in responses[1:])
         if not frames:
-            return bytes(data)
-        shape = (info.num_frames, info.height, info.width, 3)
-        if len(data) != int(np.prod(shape)):
-            raise IVVAEError(f"{self.target} sent {len(data)} bytes of frames, not {shape}")
-        return np.frombuffer(data, np.uint8).reshape(shape)
+            return data
+        return frames_from_file(data, self.target)
 
     async def models(self) -> Models:
         try:

@@ -13,8 +13,7 @@ import numpy as np
 
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
-from ..safetensors_io import SafetensorsError, loads
-from ._common import VideoSource, error_from_code, iter_source
+from ._common import VideoSource, error_from_code, frames_from_file, iter_source
 from ._result import LatentResult, Models
 
 
@@ -75,11 +74,7 @@ class HttpTransport:
             headers={"content-type": "application/octet-stream"})
         if not frames:
             return response.content
-        try:
-            tensors, _ = loads(response.content)
-            return np.array(tensors["frames"].array)  # (T, H, W, 3) uint8, writable
-        except (SafetensorsError, KeyError) as exc:
-            raise IVVAEError(f"the server sent unreadable frames: {exc}") from exc
+        return frames_from_file(response.content, "the server")
 
     async def models(self) -> Models:
         body = (await self._request("GET", "/models")).json()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.files import TMP_SUFFIX, atomic_write, temp_path
 from ..core.model_info import ModelInfo
 from ..latents import LatentInfo, decode_latent_file
 from ..safetensors_io import SafetensorsError, loads
@@ -17,29 +17,7 @@ from ..safetensors_io import SafetensorsError, loads
 if TYPE_CHECKING:
     import torch
 
-TMP_SUFFIX = ".tmp"
-
-
-def temp_path(path: Path) -> Path:
-    """A unique name next to ``path`` for writing before the rename: ``<name>.<pid>-<rand>.tmp``."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers (and crashes) see the old file or the whole
-    new one, never a part: a temporary name in the same folder, fsync, rename."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["TMP_SUFFIX", "LatentResult", "Models", "atomic_write", "temp_path"]
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,33 @@
-"""Atomic file writing: a reader sees the old file or the whole new one, never a part.
+"""Atomic file writing: a reader (or a crash) sees the old file or the whole new one.
 And where the service keeps what it learns about its machine (:func:`state_dir`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+TMP_SUFFIX = ".tmp"  # temporary files are ``<name>.<pid>-<random><TMP_SUFFIX>``
+
+
+def temp_path(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (same folder: the rename stays atomic)."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Write to a hidden temporary file beside ``path``; publish it by rename on success.
+def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write to a temporary file beside ``path``; fsync and publish it by rename on success.
 
     On an exception the temporary file is removed and ``path`` is untouched. ``mode`` is
-    the new file's permission bits (readable by others: a Triton container or another user
-    reads what the CLI writes).
+    the new file's permission bits: readable by others (a Triton container or another user
+    reads what the CLI and training write).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             yield f
@@ -32,7 +40,8 @@ def atomic_writer(path: str | Path, *, mode: int = 0o644) -> Iterator[BinaryIO]:
         raise
 
 
-def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o644) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, *,
+                 mode: int = 0o644) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
     with atomic_writer(path, mode=mode) as f:
         f.write(data.encode() if isinstance(data, str) else data)

@@ -4,7 +4,7 @@ them against the eager model.
 The exported unit is ``ivvae.model.steps`` (uint8 frames in, moments out; latents in, uint8
 frames out) with the feature cache flattened into explicit tensors: ``first(x)`` returns
 ``(*outputs, *cache)`` and ``next(x, *cache)`` returns the same. Layouts, file names and the
-manifest are described in ``ivvae.model.artifacts``.
+manifest are described in ``ivvae.core.artifacts``.
 
 Both formats come from ``torch.jit.trace``. Tracing records shapes symbolically but bakes
 Python control flow, so the examples are chosen to take the general branch everywhere:

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from ..core.geometry import GROUP, SPACE_COMPRESSION
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -50,10 +52,10 @@ class TrainConfig:
     init_weights: str = ""  # start from these weights (official layout) instead of random
 
     def __post_init__(self) -> None:
-        if (self.frames - 1) % 4:
-            raise ValueError(f"frames must be 1 + 4N, got {self.frames}")
-        if self.image_crop % 8 or self.video_crop % 8:
-            raise ValueError("crops must be multiples of 8")
+        if (self.frames - 1) % GROUP:
+            raise ValueError(f"frames must be 1 + {GROUP}N, got {self.frames}")
+        if self.image_crop % SPACE_COMPRESSION or self.video_crop % SPACE_COMPRESSION:
+            raise ValueError(f"crops must be multiples of {SPACE_COMPRESSION}")
 
     @property
     def total_steps(self) -> int:

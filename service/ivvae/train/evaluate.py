@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..core.geometry import GROUP
+from ..core.names import PRECISIONS
 from ..model import IVVAE, latent_frames, latent_size
 from ..video import VideoLimits, open_video
 from .metrics import psnr_per_frame, ssim_per_frame
@@ -30,7 +32,7 @@ from .metrics import psnr_per_frame, ssim_per_frame
 
 def group_position(frame: int) -> int:
     """0 for frame 0, else 1..4: the frame's place in its group of 4."""
-    return 0 if frame == 0 else (frame - 1) % 4 + 1
+    return 0 if frame == 0 else (frame - 1) % GROUP + 1
 
 
 @dataclass
@@ -132,8 +134,9 @@ def best_baseline(video: Tensor, budget: int) -> tuple[str, Scores, int]:
     return best
 
 
-def evaluate(model: IVVAE, paths: Sequence[str | Path], *, precisions: Sequence[str] = (
-        "float32", "bfloat16"), max_frames: int | None = None) -> list[VideoReport]:
+def evaluate(model: IVVAE, paths: Sequence[str | Path], *,
+             precisions: Sequence[str] = PRECISIONS[:2],
+             max_frames: int | None = None) -> list[VideoReport]:
     reports = []
     for path in paths:
         video = load_video(path, max_frames)

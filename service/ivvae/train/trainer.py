@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..core.geometry import latent_shape
 from ..model.checkpoint import load_model, save_safetensors
 from ..model.config import IVVAEConfig
 from ..model.vae import IVVAE
@@ -266,8 +267,8 @@ class Trainer:
         x = self.data.batch(seed=cfg.seed, rank=self.rank, step=self.step,
                             batch_size=batch, frames=frames, crop=crop)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
-        eps = torch.randn((batch, cfg.z_dim, 1 + (frames - 1) // 4, crop // 8, crop // 8),
-                          generator=g)  # drawn on the CPU: the same on every device
+        # drawn on the CPU: the same on every device
+        eps = torch.randn(latent_shape(cfg.z_dim, frames, crop, crop, batch), generator=g)
         x = x.to(self.device, non_blocking=True)
         eps = eps.to(self.device, non_blocking=True)
         lr = cfg.lr_at(self.step)

@@ -43,6 +43,7 @@ from av.video.frame import VideoFrame
 from av.video.reformatter import ColorRange, Colorspace
 from av.video.stream import VideoStream
 
+from ivvae.core.names import DEFAULT_CRF
 from ivvae.core.strict import MAX_FPS
 
 X264_PRESETS = (
@@ -102,7 +103,7 @@ class Mp4Writer:
         width: int,
         height: int,
         fps: float | Fraction,
-        crf: int = 18,
+        crf: int = DEFAULT_CRF,
         preset: str = "medium",
     ) -> None:
         if width < 1 or height < 1:
@@ -207,7 +208,7 @@ def encode_mp4_bytes(
     frames: npt.NDArray[np.uint8],
     fps: float | Fraction,
     *,
-    crf: int = 18,
+    crf: int = DEFAULT_CRF,
     preset: str = "medium",
 ) -> bytes:
     """``(T, H, W, 3)`` uint8 RGB frames as the bytes of an MP4 file (see ``Mp4Writer``)."""

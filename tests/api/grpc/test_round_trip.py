@@ -64,23 +64,30 @@ async def test_encode_unary_equals_stream(server: ServerThread) -> None:
     assert reply.info.num_frames == 6
 
 
-async def test_decode_equals_http(server: ServerThread) -> None:
+async def test_decode_equals_http_byte_for_byte(server: ServerThread) -> None:
+    """gRPC and HTTP return the same files for the same latent: the frames file and the MP4
+    (both come from ``ivvae.outputs``)."""
     _, latent = await grpc_encode(server.grpc_target, VIDEO)
     info, chunks = await grpc_decode(server.grpc_target, latent,
                                      format=pb.DECODE_FORMAT_FRAMES)
-    frames = np.frombuffer(b"".join(chunks), np.uint8).reshape(6, 16, 24, 3)
     async with httpx.AsyncClient(base_url=server.http_url, timeout=120) as http:
-        expected = await http.post("/decode", params={"format": "frames"}, content=latent,
+        frames_http = await http.post("/decode", params={"format": "frames"}, content=latent,
+                                      headers={"content-type": "application/octet-stream"})
+        mp4_http = await http.post("/decode", content=latent,
                                    headers={"content-type": "application/octet-stream"})
-    assert expected.status_code == 200, expected.text
-    tensors, _ = loads(expected.content)
-    np.testing.assert_array_equal(frames, tensors["frames"].array)
+    assert frames_http.status_code == 200 == mp4_http.status_code, frames_http.text
+    assert b"".join(chunks) == frames_http.content
+    tensors, meta = loads(frames_http.content)
+    frames = np.asarray(tensors["frames"].array)
+    assert frames.shape == (6, 16, 24, 3)
+    assert meta["layout"] == "THWC uint8 RGB" and meta["fps"] == "24/1"
     assert (info.num_frames, info.width, info.height) == (6, 24, 16)
 
-    # MP4 (the default): a fragmented MP4 holding exactly the H.264 frames that the
-    # writer makes of those frames (HTTP's plain MP4 holds the same).
+    # MP4 (the default): the same bytes over both, holding exactly the H.264 frames that
+    # the writer makes of those frames.
     mp4_info, mp4_chunks = await grpc_decode(server.grpc_target, latent)
     assert mp4_info == info
+    assert b"".join(mp4_chunks) == mp4_http.content
     reference = encode_mp4_bytes(frames, 24, crf=18)
     with open_video(b"".join(mp4_chunks)) as reader, open_video(reference) as ref:
         decoded = reader.read_all()
@@ -112,7 +119,8 @@ async def test_outputs_are_chunked(server: ServerThread, monkeypatch: pytest.Mon
     _, frame_chunks = await grpc_decode(server.grpc_target, latent,
                                         format=pb.DECODE_FORMAT_FRAMES)
     assert len(frame_chunks) > 1 and max(map(len, frame_chunks)) <= 256
-    assert sum(map(len, frame_chunks)) == 6 * 16 * 24 * 3
+    tensors, _ = loads(b"".join(frame_chunks))
+    assert tensors["frames"].shape == (6, 16, 24, 3)
 
 
 async def test_list_models(server: ServerThread) -> None:

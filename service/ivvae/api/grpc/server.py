@@ -16,32 +16,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ...config import Settings
-from ...errors import (
-    EmptyInput,
-    InvalidInput,
-    IVVAEError,
-    Overloaded,
-    TooLarge,
-    Unauthorized,
-)
+from ...core.names import CRF_RANGE, DEFAULT_CRF
+from ...errors import EmptyInput, InvalidInput, IVVAEError, Overloaded, TooLarge
 from ...latents import LatentInfo
+from ...outputs import OutputFormat, render
 from ...pipeline import EncodeOptions
 from ...service import Service
-from ...video import Mp4Writer
+from ..auth import check_bearer
+from ..metering import RequestMeter
 from .errors import ERROR_CODE_KEY, grpc_status
 from .gen import ivvae_pb2 as pb
 from .gen import ivvae_pb2_grpc as pb_grpc
@@ -51,7 +43,6 @@ log = logging.getLogger("ivvae.grpc")
 CHUNK_BYTES = 1 << 20  # every response message carries at most this many bytes of payload
 HEALTH_POLL_S = 1.0
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IVVAE"].full_name  # "ivvae.v1.IVVAE"
-DEFAULT_CRF = 18
 FIRST_MESSAGE_TIMEOUT_S = 10.0  # a stream that sends nothing is dropped
 
 Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
@@ -80,38 +71,21 @@ def _encode_options(msg: pb.EncodeOptions | None) -> EncodeOptions:
                          dtype=msg.dtype or "float32", include_moments=msg.moments)
 
 
-def _decode_options(msg: pb.DecodeOptions | None) -> tuple[bool, int]:
-    """(raw frames wanted, crf)."""
+_FORMATS: dict[int, OutputFormat] = {pb.DECODE_FORMAT_UNSPECIFIED: "mp4",
+                                      pb.DECODE_FORMAT_MP4: "mp4",
+                                      pb.DECODE_FORMAT_FRAMES: "frames"}
+
+
+def _decode_options(msg: pb.DecodeOptions | None) -> tuple[OutputFormat, int]:
+    """(output format, crf)."""
     if msg is None:
-        return False, DEFAULT_CRF
-    if msg.format not in (pb.DECODE_FORMAT_UNSPECIFIED, pb.DECODE_FORMAT_MP4,
-                          pb.DECODE_FORMAT_FRAMES):
+        return "mp4", DEFAULT_CRF
+    if msg.format not in _FORMATS:
         raise InvalidInput(f"unknown decode format {msg.format}")
     crf = msg.crf if msg.HasField("crf") else DEFAULT_CRF
-    if not 0 <= crf <= 51:
-        raise InvalidInput(f"crf must be in [0, 51], got {crf}")
-    return msg.format == pb.DECODE_FORMAT_FRAMES, crf
-
-
-class _ChunkSink:
-    """A non-seekable byte sink (so ``Mp4Writer`` writes a fragmented MP4) that hands out
-    what was written so far in chunks. Written on the writer's thread, drained on the event
-    loop between writes, never both at once."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self._buffer += data
-        return len(data)
-
-    def seekable(self) -> bool:
-        return False
-
-    def take(self) -> list[bytes]:
-        out = _chunks(self._buffer)
-        self._buffer = bytearray()
-        return out
+    if not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
+        raise InvalidInput(f"crf must be in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf}")
+    return _FORMATS[msg.format], crf
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:
@@ -152,23 +126,11 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _authorize(self, context: Context) -> None:
-        """``authorization: Bearer <key>`` metadata when API keys are configured (as HTTP)."""
-        keys = self.settings.api_key_set
-        if not keys:
-            return
-        value = next((v for k, v in context.invocation_metadata() or ()
-                      if k == "authorization" and isinstance(v, str)), "")
-        scheme, _, token = value.partition(" ")
-        if scheme.lower() != "bearer" or not any(
-            hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys
-        ):
-            raise Unauthorized(
-                "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
-
     def _admit(self, context: Context, rpc: _Rpc) -> None:
         """The API key, then the cap on RPCs in flight."""
-        self._authorize(context)
+        check_bearer([v for k, v in context.invocation_metadata() or ()
+                      if k == "authorization" and isinstance(v, str)],
+                     self.settings.api_key_set, how="metadata 'authorization: Bearer <key>'")
         if self._active >= self.settings.grpc_max_concurrent_rpcs:
             raise Overloaded(f"the server is at its limit of "
                              f"{self.settings.grpc_max_concurrent_rpcs} RPCs; retry later")
@@ -183,27 +145,28 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         mapped to statuses."""
         m = self.service.metrics
         rpc = _Rpc()
-        start = time.perf_counter()
-        outcome = "ok"
+        meter = RequestMeter(m, op, "grpc", in_flight=False)
+        meter.start()
+        failure: BaseException | None = None
         try:
             if admit:
                 self._admit(context, rpc)
             yield rpc
         except IVVAEError as exc:
-            outcome = exc.code
+            failure = exc
             status = grpc_status(exc)
             m.errors.labels(exc.code).inc()
             (log.warning if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
              else log.info)("gRPC %s -> %s %s: %s", op, status.name, exc.code, exc.detail)
             await context.abort(status, exc.detail,
                                 trailing_metadata=((ERROR_CODE_KEY, exc.code),))
-        except asyncio.CancelledError:
-            outcome = "cancelled"
+        except asyncio.CancelledError as exc:
+            failure = exc
             raise
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
-            outcome = "internal_error"
+            failure = exc
             log.exception("unhandled error in gRPC %s", op)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error",
                                 trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
@@ -211,8 +174,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             if rpc.admitted:
                 self._active -= 1
                 m.in_flight.dec()
-            m.requests.labels(op, "grpc", outcome).inc()
-            m.latency.labels(op, "grpc").observe(time.perf_counter() - start)
+            meter.finish(failure)
 
     async def _receive(self, context: Context, rpc: _Rpc, requests: AsyncIterator[Any],
                        what: str, check: Callable[[Any], object]) -> tuple[Any, bytes]:
@@ -316,49 +278,24 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         async with self._call(context, "decode", admit=False) as rpc:
             options, data = await self._receive(context, rpc, request_iterator,
                                                 "latent file", _decode_options)
-            raw, crf = _decode_options(options)
+            fmt, crf = _decode_options(options)
             info, frames = await self.service.pipeline.decode_frames(data)
             del data
+            output = render(fmt, info, frames, crf=crf)
             try:
                 await context.write(pb.DecodeResponse(info=latent_info_message(info)))
-                if raw:
-                    async for part in frames:
-                        for chunk in _chunks(np.ascontiguousarray(part).data):
-                            await context.write(pb.DecodeResponse(chunk=chunk))
-                else:
-                    await self._write_mp4(context, info, frames, crf)
+                async for piece in output:
+                    for chunk in _chunks(piece):
+                        await context.write(pb.DecodeResponse(chunk=chunk))
             finally:
+                await _aclose(output)
                 await _aclose(frames)
-
-    async def _write_mp4(self, context: Context, info: LatentInfo,
-                         frames: AsyncIterator[np.ndarray], crf: int) -> None:
-        """Encode ``frames`` to a fragmented MP4 and send its bytes as they come out.
-
-        The writer lives on its own thread: its calls stay in order even when this
-        coroutine is cancelled mid-write (the close queues behind the write)."""
-        loop = asyncio.get_running_loop()
-        sink = _ChunkSink()
-        writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps, crf=crf)
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivvae-mp4")
-        try:
-            async for part in frames:
-                await loop.run_in_executor(thread, writer.write, part)
-                for chunk in sink.take():
-                    await context.write(pb.DecodeResponse(chunk=chunk))
-            await loop.run_in_executor(thread, writer.close)
-            for chunk in sink.take():
-                await context.write(pb.DecodeResponse(chunk=chunk))
-        finally:
-            thread.submit(writer.close)  # a no-op after a clean close
-            thread.shutdown(wait=False)
 
     async def ListModels(self, request: Any, context: Context) -> Any:
         async with self._call(context, "models"):
-            backend = self.service.backend
-            return pb.ListModelsResponse(default_model=backend.default_model, models=[
-                pb.ModelInfo(**m.as_dict())
-                for m in backend.models.values()
-            ])
+            service = self.service
+            return pb.ListModelsResponse(default_model=service.default_model, models=[
+                pb.ModelInfo(**m.as_dict()) for m in service.models.values()])
         raise AssertionError("unreachable: _call aborts the RPC on every error")
 
 

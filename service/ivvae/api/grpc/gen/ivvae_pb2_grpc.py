@@ -81,7 +81,8 @@ class IVVAEServicer:
     def Decode(self, request_iterator, context):
         """Decode a latent file. Request stream: `options` first (optional), then the latent
         file's bytes in `chunk`s. Response stream: one `info`, then the output in `chunk`s of at
-        most 1 MiB as the frames are decoded: a fragmented MP4 (H.264), or raw frames.
+        most 1 MiB as the frames are decoded: a fragmented MP4 (H.264), or a frames file. Both
+        are byte for byte what HTTP /decode returns for the same latent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,27 @@
+"""Liveness, readiness and Prometheus metrics (open: probes and scrapers carry no key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from ..deps import Svc
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: models loaded and backend ready")
+async def readyz(svc: Svc) -> JSONResponse:
+    ok, body = await svc.readiness()
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(svc: Svc) -> PlainTextResponse:
+    return PlainTextResponse(svc.metrics.render(),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,17 @@
+"""GET /models: the served models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..deps import Authorized, Svc
+
+router = APIRouter(tags=["models"], dependencies=[Authorized])
+
+
+@router.get("/models", summary="Served models")
+async def models(svc: Svc) -> dict[str, Any]:
+    return {"default": svc.default_model,
+            "models": [m.as_dict() for m in svc.models.values()]}
