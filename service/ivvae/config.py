@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
     # ivvae RPCs in flight over gRPC; more are refused with UNAVAILABLE (clients back off).
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
+    # The longest wait for the next message of a request stream (the first one included).
+    grpc_read_timeout_s: float = Field(10.0, gt=0)
 
     # -- connections -----------------------------------------------------------------------
     # HTTP: the bytes and lines of a request head; the time to send it (from the connection's

@@ -88,3 +88,9 @@ class Overloaded(IVVAEError):
 
 class DeadlineExceeded(IVVAEError):
     code = "deadline_exceeded"
+
+
+class ClientGone(IVVAEError):
+    """The client disconnected; its work was cancelled. Nobody reads the answer."""
+
+    code = "cancelled"

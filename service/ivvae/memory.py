@@ -142,6 +142,9 @@ def _largest_pixels(cost: StepCost, frames: int, available: int) -> int:
     return max(0, int(room / per_pixel)) if per_pixel > 0 else 0
 
 
+_BACKGROUND: set[asyncio.Task[None]] = set()  # trims in flight (a task needs a reference)
+
+
 class MemoryBudget:
     """Admission control over ``capacity`` bytes (the budget less the baseline).
 
@@ -164,15 +167,32 @@ class MemoryBudget:
 
     @contextlib.asynccontextmanager
     async def reserve(self, nbytes: int) -> AsyncIterator[None]:
-        nbytes = min(max(0, nbytes), self.capacity)
-        await self._acquire(nbytes)
+        release = await self.acquire(nbytes)
         try:
             yield
         finally:
+            release()
+
+    async def acquire(self, nbytes: int) -> Callable[[], None]:
+        """Wait for ``nbytes``; returns the function that gives them back (idempotent,
+        callable from the event loop's thread)."""
+        nbytes = min(max(0, nbytes), self.capacity)
+        await self._acquire(nbytes)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
             self.reserved -= nbytes
             self._wake()
             if nbytes >= RETURN_AFTER_BYTES:
-                await asyncio.to_thread(return_memory)
+                task = asyncio.get_running_loop().create_task(asyncio.to_thread(return_memory))
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
+
+        return release
 
     async def _acquire(self, nbytes: int) -> None:
         if not self._waiters and self.reserved + nbytes <= self.capacity:

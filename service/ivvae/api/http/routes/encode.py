@@ -11,7 +11,8 @@ from ....core.names import Precision
 from ....errors import UnsupportedMedia
 from ....pipeline import EncodeOptions
 from ...metering import RequestMeter
-from ..deps import Authorized, Svc, read_body
+from ..deps import Authorized, Svc, spooled_upload, unless_disconnected
+from ..errors import error_responses
 
 router = APIRouter(tags=["encode"], dependencies=[Authorized])
 
@@ -24,7 +25,20 @@ _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
     summary="Encode a video (or image) to an IV-VAE latent file (.safetensors)",
     response_class=Response,
     responses={200: {"content": {LATENT_MEDIA_TYPE: {}},
-                     "description": "the latent file; headers X-Cache, X-Latent-Shape"}},
+                     "description": "the latent file; headers X-Cache, X-Latent-Shape"},
+               **error_responses(400, 401, 413, 415, 422, 500, 503, 504)},
+    openapi_extra={"requestBody": {
+        "required": True,
+        "description": "the video or image file: as multipart field 'file', or as the raw "
+                       "body with its content type",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "video/*": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        }}},
 )
 async def encode(
     request: Request,
@@ -36,16 +50,16 @@ async def encode(
     moments: Annotated[bool, Query(description="also store mu and logvar")] = False,
 ) -> Response:
     async with RequestMeter(svc.metrics, "encode", "http"):
-        data, ctype = await read_body(request, svc.settings.max_upload_bytes)
-        if ctype and not ctype.startswith(_VIDEO_TYPES):
-            raise UnsupportedMedia(
-                f"content type {ctype!r} is not a video or image; send the file as "
-                "multipart field 'file' or with a video/*, image/* or "
-                "application/octet-stream content type"
-            )
         options = EncodeOptions(model=model, sample=sample, seed=seed, dtype=dtype,
                                 include_moments=moments)
-        result = await svc.pipeline.encode(data, options)
+        async with spooled_upload(request, svc.settings.max_upload_bytes) as (path, ctype):
+            if ctype and not ctype.startswith(_VIDEO_TYPES):
+                raise UnsupportedMedia(
+                    f"content type {ctype[:60]!r} is not a video or image; send the file as "
+                    "multipart field 'file' or with a video/*, image/* or "
+                    "application/octet-stream content type"
+                )
+            result = await unless_disconnected(request, svc.pipeline.encode(path, options))
         info = result.info
         name = f"{info.content_sha256[:16]}.latent.safetensors"
         return Response(result.data, media_type=LATENT_MEDIA_TYPE, headers={
