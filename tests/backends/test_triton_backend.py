@@ -264,13 +264,14 @@ async def test_a_stopped_triton_fails_new_requests_at_once_then_recovers(
             while not backend._down[endpoint].is_set():
                 assert time.monotonic() < deadline, "the watcher never saw the hung server"
                 await asyncio.sleep(0.1)
+            fresh = media.make_video(None, frames=5, width=24, height=16)  # not in the cache
             start = time.monotonic()
-            refused = await encode(client)
+            refused = await encode(client, fresh)
             refused_s = time.monotonic() - start
         finally:
             os.killpg(group, signal.SIGCONT)
         deadline = time.monotonic() + 60
-        while (again := await encode(client)).status_code != 200:
+        while (again := await encode(client, fresh)).status_code != 200:
             assert time.monotonic() < deadline, again.text
             await asyncio.sleep(0.5)
     assert refused.status_code == 503 and refused.json()["error"] == "backend_unavailable"
