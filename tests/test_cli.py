@@ -68,3 +68,34 @@ def test_invalid_settings_are_a_message_not_a_traceback(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "70000"])
     assert "port" in str(exc.value)
+
+
+def test_encode_options_and_bare_latent_decode(tiny_weights: Path, tmp_path: Path,  # noqa: F811
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """``ivvae encode --options`` preprocesses; ``ivvae decode`` takes a bare latent batch."""
+    import numpy as np
+
+    from ivvae.latents import decode_latent_file
+    from ivvae.safetensors_io import dumps, loads
+    from tests.media import sample_clip
+
+    out = tmp_path / "clip.latent.safetensors"
+    assert main(["encode", str(sample_clip("carphone_pristine")), "-o", str(out),
+                 "--weights", str(tiny_weights), "--no-progress",
+                 "--options", "resize=32x32", "start_s=1", "num_frames=5"]) == 0
+    latent, info = decode_latent_file(out.read_bytes())
+    assert latent.shape == (1, 4, 2, 4, 4) and info.extra["preprocess"] == (
+        "resize=32x32;start_s=1;num_frames=5")
+    assert main(["encode", str(sample_clip("carphone_pristine")), "--weights",
+                 str(tiny_weights), "--no-progress", "--options", "rezise=32"]) == 2
+    assert "'rezise'" in capsys.readouterr().err
+    bare = tmp_path / "sampled.safetensors"
+    bare.write_bytes(dumps({"latent": np.concatenate([latent, latent, latent])}))
+    frames = tmp_path / "sampled.frames.safetensors"
+    assert main(["decode", str(bare), "-o", str(frames), "--weights", str(tiny_weights),
+                 "--no-progress", "--options", "num_frames=4", "fps=8"]) == 0
+    tensors, meta = loads(frames.read_bytes())
+    assert tensors["frames"].shape == (3, 4, 32, 32, 3) and meta["fps"] == "8/1"
+    assert main(["decode", str(out), "--weights", str(tiny_weights), "--no-progress",
+                 "--options", "fps=8"]) == 2
+    assert "bare latents" in capsys.readouterr().err

@@ -1,16 +1,19 @@
-"""``ivvae encode-dataset``: a folder of clips through a real gRPC server, with a manifest,
-and resume after Ctrl-C or a kill without redoing or corrupting finished items."""
+"""``ivvae encode-dataset`` on local folders through a real gRPC server: exact resume after
+Ctrl-C and repeated SIGKILLs, refusal of a different job, re-encoding of a changed source,
+``--shard`` workers, failures, and the CLI's exit codes."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,67 +21,75 @@ from typing import Any
 import pytest
 
 from ivvae.client import LatentResult, RetryPolicy
+from ivvae.data import LatentDataset
 from ivvae.dataset import (
     LATENT_SUFFIX,
     MANIFEST_NAME,
+    PARTS_DIR,
+    ClipOptions,
     DatasetError,
     _locked,
     collect,
     encode_dataset,
-    read_manifest,
 )
+from ivvae.storage import TMP_MARK, Location
 from tests import media
 from tests.grpc_fixtures import ServerThread, server_thread
 from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
 
-CLIPS = 20
+CLIPS = 12
 
 
 @pytest.fixture(scope="module")
 def server(tiny_weights: Path) -> Iterator[ServerThread]:  # noqa: F811
-    with server_thread(tiny_settings(tiny_weights)) as srv:
+    # batch_max_size 1: latents of a run equal those of any other run bit for bit
+    with server_thread(tiny_settings(tiny_weights, batch_max_size=1)) as srv:
         yield srv
+
+
+def make_clips(folder: Path, count: int = CLIPS, first_fps: int = 10) -> Path:
+    """Distinct tiny clips in two subfolders, a caption for one, a file that is no video."""
+    for i in range(count):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        media.make_video(sub / f"clip{i:02d}.mp4", frames=5, width=16, height=16,
+                         fps=first_fps + i)
+    (folder / "b" / "clip00.txt").write_text("a caption")
+    (folder / "notes.txt").write_text("not a video")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20 distinct tiny clips in two subfolders, and a file that is not a video."""
-    src = tmp_path_factory.mktemp("clips")
-    for i in range(CLIPS):
-        folder = src / ("a" if i % 2 else "b")
-        folder.mkdir(exist_ok=True)
-        media.make_video(folder / f"clip{i:02d}.mp4", frames=5, width=16, height=16,
-                         fps=10 + i)
-    (src / "notes.txt").write_text("not a video")
-    return src
+    return make_clips(tmp_path_factory.mktemp("clips"))
 
 
-def _ok_records(out: Path) -> dict[str, dict[str, Any]]:
-    return {s: r for s, r in read_manifest(out / MANIFEST_NAME).items() if r["status"] == "ok"}
+def manifest(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / MANIFEST_NAME).read_text().splitlines()]
 
 
-def _file_ids(out: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(out).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in out.rglob(f"*{LATENT_SUFFIX}")}
+def shard_samples(out: Path) -> Counter[str]:
+    """How often each sample key occurs across all published shards."""
+    keys: Counter[str] = Counter()
+    for shard in (out / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers()
+                        if m.name.endswith(LATENT_SUFFIX))
+    return keys
 
 
-def _check_outputs(src: Path, out: Path) -> None:
-    """Every clip has an ok manifest record naming a valid latent that matches it."""
-    records = _ok_records(out)
-    assert sorted(records) == sorted(p.relative_to(src).as_posix()
-                                     for p in src.rglob("*.mp4"))
-    for source, record in records.items():
-        latent = LatentResult.load(out / record["latent"])
-        assert record["latent"] == source + LATENT_SUFFIX
-        assert list(latent.latent_shape) == record["shape"] == [1, 4, 2, 2, 2]
-        assert record["content_sha256"] == hashlib.sha256(
-            (src / source).read_bytes()).hexdigest() == latent.info.content_sha256
-        assert record["latent_sha256"] == hashlib.sha256(latent.data).hexdigest()
-    assert not list(out.rglob("*.tmp"))
+def temporaries(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if TMP_MARK in p.name]
 
 
-def _count_encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch,
-                   delay_s: float = 0.0) -> list[int]:
+def latents(out: Path) -> dict[str, bytes]:
+    ds = LatentDataset(str(out))
+    return {meta["source"]: latent.numpy().tobytes() for latent, meta in
+            (ds[i] for i in range(len(ds)))}
+
+
+def count_encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch,
+                  delay_s: float = 0.0) -> list[int]:
     """Count (and optionally slow down) the server's encodes."""
     pipeline = server.service.pipeline
     real = pipeline.encode
@@ -93,73 +104,174 @@ def _count_encodes(server: ServerThread, monkeypatch: pytest.MonkeyPatch,
     return count
 
 
-async def test_folder_concurrency_4_then_nothing_to_redo(
-        server: ServerThread, clips: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_files_then_nothing_to_redo(server: ServerThread, clips: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    count = _count_encodes(server, monkeypatch)
+    count = count_encodes(server, monkeypatch)
     summary = await encode_dataset(clips, out, server=server.grpc_url, concurrency=4)
-    assert (summary.total, summary.encoded, summary.skipped, summary.failed) == (20, 20, 0, 0)
-    assert count[0] == 20
-    assert len((out / MANIFEST_NAME).read_text().splitlines()) == 20
-    _check_outputs(clips, out)
+    assert (summary.total, summary.encoded, summary.skipped, summary.failed) == (12, 12, 0, 0)
+    assert count[0] == 12
+    lines = manifest(out)
+    assert [r["source"] for r in lines] == sorted(
+        p.relative_to(clips).as_posix() for p in clips.rglob("*.mp4"))
+    for r in lines:
+        latent = LatentResult.load(out / r["part"])
+        assert r["part"] == r["source"] + LATENT_SUFFIX and r["status"] == "ok"
+        assert list(latent.latent_shape) == r["shape"] == [1, 4, 2, 2, 2]
+        assert r["identity"] == "sha256:" + latent.info.content_sha256
+    before = {p: p.stat().st_mtime_ns for p in out.rglob(f"*{LATENT_SUFFIX}")}
 
-    before = _file_ids(out)
     again = await encode_dataset(clips, out, server=server.grpc_url, concurrency=4)
-    assert (again.encoded, again.skipped) == (0, 20)
-    assert count[0] == 20
-    assert _file_ids(out) == before
+    assert (again.encoded, again.skipped) == (0, 12)
+    assert count[0] == 12
+    assert {p: p.stat().st_mtime_ns for p in out.rglob(f"*{LATENT_SUFFIX}")} == before
+    assert manifest(out) == lines  # one line per clip, however many runs
 
 
-def _start_cli(server: ServerThread, src: Path, out: Path) -> subprocess.Popen[str]:
+def _start_cli(server: ServerThread, src: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(src), str(out),
-         "--server", server.grpc_url, "--concurrency", "2", "--no-progress"],
+         "--server", server.grpc_url, "--concurrency", "2", "--no-progress", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-async def _interrupt_after(proc: subprocess.Popen[str], out: Path, lines: int,
-                           sig: signal.Signals) -> None:
-    manifest = out / MANIFEST_NAME
+async def _wait_for_parts(proc: subprocess.Popen[str], out: Path, parts: int) -> None:
     deadline = time.monotonic() + 60
-    while not (manifest.is_file() and len(manifest.read_text().splitlines()) >= lines):
+    while len(list((out / PARTS_DIR).glob("*.jsonl"))) < parts:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "encode-dataset made no progress"
         await asyncio.sleep(0.02)
-    proc.send_signal(sig)
-    await asyncio.to_thread(proc.wait, 30)
 
 
-async def test_resume_after_ctrl_c_and_kill(server: ServerThread, clips: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ctrl_c_and_repeated_sigkill_then_exactly_once(
+        server: ServerThread, clips: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    count = _count_encodes(server, monkeypatch, delay_s=0.25)  # >= 2.5 s for the whole set
+    count_encodes(server, monkeypatch, delay_s=0.2)
+    args = ("--format", "webdataset", "--shard-clips", "2")
 
-    # Ctrl-C: a clean stop, finished items recorded, no temporary files.
-    proc = _start_cli(server, clips, out)
-    await _interrupt_after(proc, out, 4, signal.SIGINT)
-    assert proc.returncode == 130, proc.communicate()
-    assert not list(out.rglob("*.tmp"))
-    after_sigint = _ok_records(out)
-    assert 4 <= len(after_sigint) < CLIPS
+    # Ctrl-C: a clean stop with a summary; finished clips are published, staged ones too.
+    proc = _start_cli(server, clips, out, *args)
+    await _wait_for_parts(proc, out, 1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = await asyncio.to_thread(proc.communicate, timeout=30)
+    assert proc.returncode == 130
+    assert json.loads(stdout)["interrupted"] is True
+    assert not temporaries(out)
+    done = [r for r in manifest(out) if r["status"] == "ok"]
+    assert 2 <= len(done) < CLIPS and len(manifest(out)) == CLIPS
 
-    # A kill: no cleanup at all. A half-written latent of it is simulated too.
-    proc = _start_cli(server, clips, out)
-    await _interrupt_after(proc, out, len(after_sigint) + 4, signal.SIGKILL)
-    stray = out / f"clip98.mp4{LATENT_SUFFIX}.4242-deadbeef.tmp"
-    stray.write_bytes(b"half a latent")
-    finished = _ok_records(out)
-    assert set(after_sigint) < set(finished) and len(finished) < CLIPS
-    finished_files = {k: v for k, v in _file_ids(out).items()
-                      if k in {r["latent"] for r in finished.values()}}
+    # SIGKILL at random moments, three times: no cleanup of any kind.
+    rng = random.Random(15)
+    for _ in range(3):
+        parts = len(list((out / PARTS_DIR).glob("*.jsonl")))
+        proc = _start_cli(server, clips, out, *args)
+        await _wait_for_parts(proc, out, parts + 1)
+        await asyncio.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(proc.wait, 30)
 
-    count[0] = 0
-    summary = await encode_dataset(clips, out, server=server.grpc_url, concurrency=4)
-    assert summary.skipped == len(finished)
-    assert summary.encoded == count[0] == CLIPS - len(finished)
-    _check_outputs(clips, out)
-    ids = _file_ids(out)
-    assert {k: ids[k] for k in finished_files} == finished_files  # not rewritten
+    proc = _start_cli(server, clips, out, *args)
+    stdout, stderr = await asyncio.to_thread(proc.communicate, timeout=120)
+    assert proc.returncode == 0, stderr
+    lines = manifest(out)
+    assert len(lines) == CLIPS and all(r["status"] == "ok" for r in lines)
+    keys = shard_samples(out)
+    assert set(keys) == {r["member"] for r in lines}
+    assert set(keys.values()) == {1}  # every clip in exactly one shard
+    assert not temporaries(out)
+
+
+async def test_orphan_shard_of_a_kill_between_publishes_is_removed(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    await encode_dataset(clips, out, server=server.grpc_url, format="webdataset",
+                         shard_clips=4)
+    records = sorted((out / PARTS_DIR).glob("*.jsonl"))
+    assert len(records) == 3
+    lost = [json.loads(line)["member"] for line in records[0].read_text().splitlines()]
+    records[0].unlink()  # as if killed after the shard was published, before its records
+    stray = out / "shards" / f"x.tar{TMP_MARK}w00000of00001-dead"
+    stray.write_bytes(b"half a shard")
+
+    summary = await encode_dataset(clips, out, server=server.grpc_url, format="webdataset",
+                                   shard_clips=4)
+    assert (summary.encoded, summary.skipped) == (4, 8)
+    keys = shard_samples(out)
+    assert len(keys) == CLIPS and set(keys.values()) == {1}
+    assert set(lost) <= set(keys) and not stray.exists()
+
+
+async def test_other_options_refused_or_new_version(server: ServerThread, clips: Path,
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    await encode_dataset(clips, out, server=server.grpc_url, format="parquet")
+    first = latents(out)
+    with pytest.raises(DatasetError, match=r"options\.dtype: 'float32' -> 'bfloat16'"):
+        await encode_dataset(clips, out, server=server.grpc_url, format="parquet",
+                             options=ClipOptions(dtype="bfloat16"))
+    with pytest.raises(DatasetError, match=r"format: 'parquet' -> 'webdataset'"):
+        await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
+    assert latents(out) == first  # untouched
+
+    summary = await encode_dataset(clips, out, server=server.grpc_url, format="parquet",
+                                   options=ClipOptions(dtype="bfloat16"), new_version=True)
+    assert summary.encoded == CLIPS
+    (version,) = (out / "versions").iterdir()
+    ds = LatentDataset(str(version))
+    assert {str(ds[i][0].dtype) for i in range(len(ds))} == {"torch.bfloat16"}
+    assert latents(out) == first
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(clips), str(out),
+         "--server", server.grpc_url, "--format", "parquet", "--dtype", "float16"],
+        capture_output=True, text=True)
+    assert done.returncode == 2 and "holds another job" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(clips), str(out),
+         "--server", server.grpc_url, "--resize", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "resize" in done.stderr
+
+
+async def test_replaced_source_is_reencoded(server: ServerThread, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    src = make_clips(tmp_path / "src", count=4)
+    out = tmp_path / "out"
+    count = count_encodes(server, monkeypatch)
+    await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    before = latents(out)
+    media.make_video(src / "a" / "clip01.mp4", frames=9, width=24, height=16, fps=7)
+    (src / "b" / "clip00.txt").write_text("a new caption")  # a sidecar counts too
+    summary = await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    assert (summary.encoded, summary.skipped) == (2, 2)
+    assert count[0] == 6
+    after = latents(out)
+    assert after["a/clip01.mp4"] != before["a/clip01.mp4"]
+    assert {k: v for k, v in after.items() if k not in ("a/clip01.mp4", "b/clip00.mp4")} == {
+        k: v for k, v in before.items() if k not in ("a/clip01.mp4", "b/clip00.mp4")}
+    ds = LatentDataset(str(out))
+    meta = next(ds[i][1] for i in range(len(ds)) if ds[i][1]["source"] == "b/clip00.mp4")
+    assert meta["sidecars"] == {".txt": b"a new caption"}
+    assert tuple(next(ds[i][0] for i in range(len(ds))
+                      if ds[i][1]["source"] == "a/clip01.mp4").shape) == (1, 4, 3, 2, 3)
+    assert len(manifest(out)) == 4
+
+
+async def test_two_shards_concurrently_equal_one_unsharded_run(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    await encode_dataset(clips, tmp_path / "plain", server=server.grpc_url, format="parquet",
+                         shard_clips=3)
+    # Two processes at once, as two pods of an Indexed Job would be.
+    procs = [_start_cli(server, clips, tmp_path / "sharded", "--format", "parquet",
+                        "--shard", f"{i}/2", "--shard-clips", "3") for i in (0, 1)]
+    outs = [await asyncio.to_thread(p.communicate, timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    s0, s1 = (json.loads(stdout) for stdout, _ in outs)
+    assert s0["total"] + s1["total"] == CLIPS and s0["total"] and s1["total"]
+    assert s0["encoded"] + s1["encoded"] == CLIPS
+    assert latents(tmp_path / "sharded") == latents(tmp_path / "plain")
+    lines = manifest(tmp_path / "sharded")
+    assert len(lines) == CLIPS and all(r["status"] == "ok" for r in lines)
 
 
 async def test_list_file_and_failed_items(server: ServerThread, clips: Path,
@@ -170,36 +282,97 @@ async def test_list_file_and_failed_items(server: ServerThread, clips: Path,
     listing.write_text(f"# two clips and a bad file\n\n{clips / 'a' / 'clip01.mp4'}\n"
                        "bad.mp4\nmissing.mp4\n")
     items = collect(listing)
-    assert [i.source for i in items] == [str(clips / "a" / "clip01.mp4"), "bad.mp4",
-                                         "missing.mp4"]
-    assert items[1].latent == "bad.mp4" + LATENT_SUFFIX
-    assert items[0].latent.endswith("a/clip01.mp4" + LATENT_SUFFIX)  # mirrored whole
+    assert [i.name for i in items] == [str(clips / "a" / "clip01.mp4"), "bad.mp4",
+                                       "missing.mp4"]
+    assert items[1].output == "bad.mp4" + LATENT_SUFFIX
+    assert items[0].output.endswith("a/clip01.mp4" + LATENT_SUFFIX)  # mirrored whole
 
     out = tmp_path / "out"
     summary = await encode_dataset(listing, out, server=server.grpc_url, concurrency=2)
     assert (summary.encoded, summary.failed) == (1, 2)
-    records = read_manifest(out / MANIFEST_NAME)
-    assert records["bad.mp4"]["status"] == "error"
+    records = {r["source"]: r for r in manifest(out)}
     assert records["bad.mp4"]["error"] == "unsupported_media"
     assert records["missing.mp4"]["error"] == "io_error"
     again = await encode_dataset(listing, out, server=server.grpc_url, concurrency=2)
     assert (again.skipped, again.encoded, again.failed) == (1, 0, 2)  # failures retried
+    assert len(manifest(out)) == 3  # still one line per clip
 
 
-async def test_cli_exit_codes_and_lock(clips: Path, tmp_path: Path) -> None:
+async def test_lock_unavailable_service_and_cli_exit_codes(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    with _locked(out), pytest.raises(DatasetError, match="another encode-dataset"):
-        await encode_dataset(clips, out, server="grpc://127.0.0.1:9")
+    with _locked(Location.of(str(out)), "w00000of00001"), \
+            pytest.raises(DatasetError, match="another encode-dataset"):
+        await encode_dataset(clips, out, server=server.grpc_url)
     with pytest.raises(DatasetError, match="unavailable"):
-        await encode_dataset(clips, out, server="grpc://127.0.0.1:9",
+        await encode_dataset(clips, tmp_path / "out2", server="grpc://127.0.0.1:9",
                              retry=RetryPolicy(attempts=2, initial_backoff_s=0.01))
     done = subprocess.run(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(tmp_path / "nope"),
-         str(out), "--server", "grpc://127.0.0.1:9"], capture_output=True, text=True)
+         str(out), "--server", server.grpc_url], capture_output=True, text=True)
     assert done.returncode == 2 and "neither a folder nor a list" in done.stderr
-    summary = json.loads(subprocess.run(
-        [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(tmp_path / "out"),
-         str(tmp_path / "out2"), "--server", "grpc://127.0.0.1:9"],
-        capture_output=True, text=True).stdout)
-    assert summary["total"] == 0  # a folder with no videos in it: nothing to do
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(empty), str(tmp_path / "o3"),
+         "--server", server.grpc_url, "--shard", "1/2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"] == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(empty), str(out),
+         "--shard", "2/2"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--shard" in done.stderr
+
+
+async def test_unknown_protocol_and_unreadable_output_are_clear_errors(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="nosuch://x"):
+        await encode_dataset("nosuch://x", tmp_path / "o", server=server.grpc_url)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where OUT's folder should be")
+    with pytest.raises(DatasetError, match="cannot open"):
+        await encode_dataset(clips, blocked / "out", server=server.grpc_url)
+
+
+def test_a_single_clip_or_a_binary_file_is_no_list(clips: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="one clip, not a dataset"):
+        collect(clips / "a" / "clip01.mp4")
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DatasetError, match="not a list file"):
+        collect(binary)
+    assert [s.name for s in collect(f"{clips}/*/clip0[12].mp4")] == ["a/clip01.mp4",
+                                                                     "b/clip02.mp4"]
+
+
+async def test_preprocessing_in_process_is_applied_and_keyed(
+        server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    from ivvae.dataset import EncoderSpec
+
+    spec = EncoderSpec(weights=str(tiny_weights), torch_threads=1)
+    out = tmp_path / "out"
+    summary = await encode_dataset(f"{clips}/a/clip0[13].mp4", out, encoder=spec,
+                                   options=ClipOptions(preprocess="resize=24"))
+    assert summary.encoded == 2
+    assert {tuple(r["shape"]) for r in manifest(out)} == {(1, 4, 2, 3, 3)}  # 16 px -> 24
+    with pytest.raises(DatasetError, match="preprocess: 'resize=24' -> ''"):
+        await encode_dataset(f"{clips}/a/clip0[13].mp4", out, encoder=spec)
+    await encode_dataset(f"{clips}/a/clip0[13].mp4", tmp_path / "served",
+                         server=server.grpc_url, options=ClipOptions(preprocess="resize=24"))
+    assert latents(tmp_path / "served") == latents(out)  # the service applies them alike
+
+
+async def test_an_unknown_model_is_refused_before_anything_is_written(
+        server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    from ivvae.dataset import EncoderSpec
+
+    with pytest.raises(DatasetError, match="unknown model 'nope'"):
+        await encode_dataset(clips, tmp_path / "a", options=ClipOptions(model="nope"),
+                             encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1))
+    with pytest.raises(DatasetError, match="serves no model 'nope'"):
+        await encode_dataset(clips, tmp_path / "b", server=server.grpc_url,
+                             options=ClipOptions(model="nope"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -113,7 +113,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _encode_dataset(args: argparse.Namespace) -> int:
     from .dataset import main as encode_dataset
 
-    return encode_dataset(args)
+    if args.engine != "ray":
+        return encode_dataset(args)
+    try:
+        from .ray import run_on_ray
+    except ModuleNotFoundError as exc:
+        print(f"encode-dataset: --engine ray needs ray: pip install 'ivvae[ray]' ({exc})",
+              file=sys.stderr)
+        return 2
+    return encode_dataset(args, engine=run_on_ray)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -124,13 +132,15 @@ def _encode(args: argparse.Namespace) -> int:
     from .errors import IVVAEError
     from .pipeline import EncodeOptions
     from .service import Service
+    from .video import Preprocess
 
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
-    options = EncodeOptions(model=args.model or "", sample=args.sample, seed=args.seed,
-                            dtype=args.dtype, include_moments=args.moments)
 
     async def run() -> int:
+        options = EncodeOptions(model=args.model or "", sample=args.sample, seed=args.seed,
+                                dtype=args.dtype, include_moments=args.moments,
+                                preprocess=Preprocess.parse(_pairs(args.options)))
         service = Service(settings)
         await service.start()
         try:
@@ -160,10 +170,11 @@ def _decode(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .core.files import atomic_writer
-    from .errors import IVVAEError
-    from .outputs import OutputFormat, render
+    from .core.files import atomic_write, atomic_writer
+    from .errors import InvalidInput, IVVAEError
+    from .outputs import OutputFormat, render, render_batch
     from .service import Service
+    from .wire import DecodeTarget, is_ivvae_latent_file, read_bare_latent
 
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
@@ -174,7 +185,22 @@ def _decode(args: argparse.Namespace) -> int:
         service = Service(settings)
         await service.start()
         try:
-            info, frames = await service.pipeline.decode_frames(Path(args.input).read_bytes())
+            data = Path(args.input).read_bytes()
+            target = _pairs(args.options)
+            if not is_ivvae_latent_file(data):
+                latent, dtype = read_bare_latent(data)
+                info, items = await service.pipeline.decode_bare(
+                    latent, dtype, DecodeTarget.parse(target))
+                body, _ = await render_batch(fmt, info, items, crf=args.crf)
+                await asyncio.to_thread(atomic_write, out, body)
+                print(json.dumps({"output": out, "batch": len(items),
+                                  "frames": info.num_frames, "width": info.width,
+                                  "height": info.height}))
+                return 0
+            if target:
+                raise InvalidInput("--options are for bare latents: a latent file from "
+                                   "encode records its own model, size and fps")
+            info, frames = await service.pipeline.decode_frames(data)
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
                 async def counted() -> AsyncIterator[np.ndarray]:
                     async for part in frames:
@@ -195,6 +221,19 @@ def _decode(args: argparse.Namespace) -> int:
     except IVVAEError as exc:
         print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
         return 2
+
+
+def _pairs(options: list[str] | None) -> list[tuple[str, str]]:
+    """``--options NAME=VALUE ...`` as (name, value) pairs; a malformed one is refused."""
+    from .errors import InvalidInput
+
+    pairs = []
+    for option in options or []:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            raise InvalidInput(f"--options takes NAME=VALUE, got {option!r}")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
 
 
 class _progress:
@@ -310,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
+    p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
+                   help="preprocessing, as HTTP /encode's parameters: resize=256, "
+                   "bucket=480x272x17, crop=none, start_frame=0, start_s=1.5, num_frames=17, "
+                   "max_frames=65, stride=2, fps=12")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     _add_service_options(p)
@@ -319,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN")
     p.add_argument("-o", "--output", help="OUT.mp4, or OUT.safetensors for raw frames")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (lower=better)")
+    p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
+                   help="for a bare latent (a safetensors file holding only 'latent'), as "
+                   "HTTP /decode's parameters: model, fps, num_frames, height, width, "
+                   "latent_space; a batch of more than one writes a zip of MP4s")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     _add_service_options(p)
@@ -326,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .dataset import add_arguments as _dataset_arguments
 
-    p = sub.add_parser("encode-dataset", help="encode a folder or list of videos through a "
-                       "running service: bounded concurrency, manifest, resumable")
+    p = sub.add_parser("encode-dataset", help="encode a dataset (folder, prefix, glob or "
+                       "list; local or object storage) to latent files, webdataset or parquet "
+                       "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
 

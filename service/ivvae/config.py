@@ -82,8 +82,14 @@ class Settings(BaseSettings):
 
     # -- limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    # What an encode produces (after preprocessing) and a decode may produce.
     max_frames: int = Field(2048, ge=1)
     max_pixels: int = Field(1920 * 1088, ge=1)  # per frame, width * height
+    # What an upload may be before preprocessing brings it down: its frame size (a 4K clip
+    # resized on the way in) and its duration (an hour-long clip with max_frames), checked
+    # against the headers before decoding and against what decodes.
+    max_source_pixels: int = Field(4096 * 2304, ge=1)
+    max_source_seconds: float = Field(4 * 3600.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
     # The process's memory bound (ivvae.memory): step sizes are planned from it, what cannot
     # fit is refused (413), and requests queue for it. 0: 75% of the machine's (or the

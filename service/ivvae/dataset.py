@@ -1,27 +1,59 @@
-"""``ivvae encode-dataset``: encode a folder (or a list) of videos through a running service.
+"""``ivvae encode-dataset``: precompute the latents of a whole dataset, exactly resumable.
 
-    ivvae encode-dataset clips/ latents/ --server grpc://encoder:50051 --concurrency 8
+    ivvae encode-dataset clips/ latents/                        # in-process model
+    ivvae encode-dataset s3://raw/clips/ s3://lat/v1/ --format webdataset --shard 3/16
+    ivvae encode-dataset clips.txt out/ --server grpc://encoder:50051 --concurrency 8
 
-* Sources: every video or image file under ``SRC_DIR`` (recursively, by file suffix), or
-  the paths in a list file (one per line; relative ones are relative to the list's folder;
-  blank lines and ``#`` comments are skipped).
-* Outputs: ``OUT_DIR/<source path>.latent.safetensors`` (the source's path relative to
-  ``SRC_DIR`` or to the list's folder; a path outside it is mirrored whole), so distinct
-  sources never share an output.
-* Manifest: ``OUT_DIR/manifest.jsonl``, one JSON object per finished item, appended as it
-  finishes: ``source``, ``latent`` (relative to ``OUT_DIR``), ``status`` (``ok`` or
-  ``error``), and for ``ok`` the latent ``shape``, the source's ``content_sha256``, the
-  file's ``latent_sha256`` and ``bytes``, ``model``, ``seconds``; for ``error`` the service's
-  ``error`` code and ``detail``. A later line for the same source supersedes earlier ones.
-* Resume: a rerun skips every source whose last manifest line is ``ok`` and whose latent file
-  is still there with the recorded size; everything else (never started, interrupted,
-  failed) is encoded again. Latents are written to a temporary name and renamed, and the
-  manifest line is written after the rename, so a crash or Ctrl-C at any moment leaves only
-  whole latent files; stray temporary files of a killed run are removed at the next start.
-  A lock file keeps two runs from writing into one ``OUT_DIR`` at once.
+Sources (``SRC``, local or any fsspec URL): a folder or URL prefix (searched recursively for
+video and image files), a glob (``s3://b/clips/*/*.mp4``), or a list file (one path or URL a
+line; relative ones are relative to the list's folder; blank lines and ``#`` comments are
+skipped). Files next to a clip with its stem and another suffix (``clip.txt``,
+``clip.json``) are its sidecars: they go into webdataset and parquet samples as they are.
 
-Exit status: 0 when every item is done, 1 when some failed (see the manifest), 2 when the
-run could not start or the service stayed unreachable, 130 when interrupted.
+Outputs (``OUT``, a folder or URL prefix), ``--format``:
+
+* ``files``: ``OUT/<source>.latent.safetensors``, one latent file per clip;
+* ``webdataset``: ``OUT/shards/*.tar``; sample ``<key>`` (the source name with ``.`` -> ``_``)
+  holds ``<key>.latent.safetensors``, ``<key>.ivvae.json`` (its manifest record and latent
+  metadata) and each sidecar ``<key>.<suffix>``;
+* ``parquet``: ``OUT/shards/*.parquet``, one row per clip: ``latent`` (the raw tensor bytes,
+  C order), ``shape``, ``dtype``, every latent metadata field as a column, ``sidecars``.
+
+``OUT/manifest.jsonl`` has one line per clip of the job, whatever the number of reruns and
+workers: ``source``, ``key``, ``status`` (``ok``, ``error`` or ``pending``: not yet done by
+any worker), ``part`` and ``member`` (where the latent is: a file, or a shard and the tar
+sample key / parquet row), ``shape``, ``dtype``, ``frames``, ``bytes``, ``error``, ``detail``.
+It is rewritten whole when a worker finishes (or is stopped); ``ivvae.data`` reads it.
+
+Encoders. Without ``--server`` the model runs in this process (``EncoderSpec``: weights,
+device, precision); concurrent clips' steps are not batched together, so each latent is bit
+for bit what encoding that clip alone gives. The preprocessing options
+(``ivvae.video.preprocess``: ``--resize``, ``--bucket``, ...) apply on either path.
+
+Exact resume. The job is keyed by everything that decides its output (``JobConfig``): the
+format, the preprocessing and encode options, the model and its weights hash. A clip's key
+adds the source's identity (object stores: version or ETag, and size; local files: the
+content's sha256) and its sidecars'. A rerun with the same job key skips every clip whose
+key has a published output and encodes the rest (never done, failed, interrupted, or a
+source that changed since); a different job key is refused (``--new-version`` writes it to
+``OUT/versions/<key>/`` instead), so outputs are never mixed. A re-encoded clip's old
+sample stays in its old shard (a tar or parquet file is never rewritten): the manifest, and
+so ``ivvae.data``, names only the current one, while a reader that globs the shards itself
+sees both until the job is written anew.
+
+Crash safety. Outputs are published whole (``ivvae.storage``): a latent file, then a shard,
+then the part's record file ``OUT/.ivvae/parts/<part>.jsonl``, which is what makes its
+clips count as done. A shard published by a run killed before its record file is removed
+at the next start of the same ``--shard`` (or of any unsharded run), so no clip is ever in
+two shards; temporary files of killed runs are removed too. A lock file keeps two runs of
+one ``--shard`` from writing into one local ``OUT`` at once (object stores cannot lock:
+run each shard once, as a Kubernetes Indexed Job does).
+
+``--shard i/N`` takes the clips whose name hashes to ``i`` modulo ``N``: N workers, started
+anywhere and in any order, together cover the dataset exactly once.
+
+Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
+manifest), 2 when the run could not start, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -30,46 +62,781 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
+import posixpath
+import secrets
 import signal
 import sys
+import tarfile
+import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .client import AsyncClient, RetryPolicy, atomic_write
-from .client._result import TMP_SUFFIX
 from .core.names import PRECISIONS
 from .errors import BackendUnavailable, IVVAEError, Overloaded
+from .latents import LatentInfo
 from .media_types import MEDIA_SUFFIXES
+from .storage import (
+    TMP_MARK,
+    Location,
+    StorageError,
+    content_sha256,
+    identity,
+    publish_file,
+    temp_file_for,
+)
+from .storage import write_bytes as publish_bytes
 
+if TYPE_CHECKING:
+    from .client import RetryPolicy
+    from .config import Settings
+
+Format = Literal["files", "webdataset", "parquet"]
+FORMATS: tuple[Format, ...] = ("files", "webdataset", "parquet")
 LATENT_SUFFIX = ".latent.safetensors"
+RECORD_SUFFIX = ".ivvae.json"
 MANIFEST_NAME = "manifest.jsonl"
-LOCK_NAME = ".encode-dataset.lock"
+STATE_DIR = ".ivvae"
+JOB_NAME = "job.json"
+PARTS_DIR = f"{STATE_DIR}/parts"
+SHARDS_DIR = "shards"
+VERSIONS_DIR = "versions"
+LOCK_NAME = "lock"
+SHARD_SUFFIX: dict[Format, str] = {"files": "", "webdataset": ".tar", "parquet": ".parquet"}
+JOB_SCHEMA = "ivvae.encode-dataset/1"
 
 
 class DatasetError(Exception):
-    """The run cannot start or go on (bad arguments, locked output, service unreachable)."""
+    """The run cannot start or go on (bad arguments, another job's output, no service)."""
+
+
+# -- the job ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Item:
-    source: str  # as the manifest names it: relative to SRC_DIR, or as the list wrote it
-    path: Path  # where to read it
-    latent: str  # output path relative to OUT_DIR
+class ClipOptions:
+    """The encode options applied to every clip (``preprocess``: the canonical string of
+    ``ivvae.video.preprocess.Preprocess``, empty for none)."""
+
+    model: str = ""
+    sample: bool = False
+    seed: int | None = None  # with sample: clip i gets a seed derived from (seed, its name)
+    dtype: str = "float32"
+    moments: bool = False
+    preprocess: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in PRECISIONS:
+            raise DatasetError(f"dtype must be one of {', '.join(PRECISIONS)}, got "
+                               f"{self.dtype!r}")
+        if self.seed is not None and not self.sample:
+            raise DatasetError("--seed is only meaningful with --sample")
+
+    def clip_seed(self, name: str) -> int | None:
+        if not self.sample or self.seed is None:
+            return None
+        digest = hashlib.sha256(f"{self.seed}\n{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") >> 1  # in [0, 2**63)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    weights_sha256: str
+    encode_precision: str  # "server" when a service encodes (it does not say)
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything that decides a job's output; its hash is the job key."""
+
+    format: Format
+    options: ClipOptions
+    model: ModelIdentity
+    schema: str = JOB_SCHEMA
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"schema": self.schema, "format": self.format, "options": asdict(self.options),
+                "model": asdict(self.model)}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """One clip: ``name`` as the manifest names it, ``url`` where to read it, ``identity``
+    (``etag:...:size:N``, ``versionid:...`` or ``sha256:...``), its sidecars as
+    ``(suffix, url, identity)`` and ``output``, its path under OUT for ``--format files``."""
+
+    name: str
+    url: str
+    identity: str
+    output: str
+    sidecars: tuple[tuple[str, str, str], ...] = ()
+
+    def key(self, job_key: str, *, sidecars: bool = True) -> str:
+        """The clip key: the job key, the name, the source's identity and (for formats that
+        carry them) the sidecars' identities."""
+        parts = [job_key, self.name, self.identity]
+        if sidecars:
+            parts += [f"{s}={i}" for s, _, i in self.sidecars]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    @property
+    def sample_key(self) -> str:
+        """The webdataset sample key: dots would split it, so they become ``_``."""
+        return self.name.replace(".", "_")
+
+    def worker(self, count: int) -> int:
+        return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "big") % count
+
+
+def _suffix(path: str) -> str:
+    return posixpath.splitext(path)[1].lower()
+
+
+def _stem(path: str) -> str:
+    return posixpath.splitext(path)[0]
+
+
+def _mirrored(url: str) -> str:
+    """A path for a source outside the base folder: its whole URL, without the protocol."""
+    path = url.split("://", 1)[-1]
+    return path.lstrip("/")
+
+
+def _listing(loc: Location, entries: Sequence[dict[str, Any]], hash_threads: int
+             ) -> list[Source]:
+    infos = {i["name"]: i for i in entries if i.get("type") == "file"}
+    siblings: dict[str, list[str]] = {}
+    for path in infos:
+        siblings.setdefault(_stem(path), []).append(path)
+    media = sorted(p for p in infos if _suffix(p) in MEDIA_SUFFIXES)
+    return _sources(loc, media, infos, siblings, hash_threads, names=None)
+
+
+def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
+             siblings: dict[str, list[str]], hash_threads: int,
+             names: dict[str, str] | None) -> list[Source]:
+    fs = loc.fs
+
+    def ident(path: str) -> str:
+        return identity(infos[path]) or "sha256:" + content_sha256(fs, path)
+
+    paths = set(media)
+    for m in media:
+        paths.update(s for s in siblings.get(_stem(m), []) if _suffix(s) not in MEDIA_SUFFIXES)
+    with ThreadPoolExecutor(max(1, hash_threads)) as pool:
+        ids = dict(zip(sorted(paths), pool.map(ident, sorted(paths)), strict=True))
+    sources = []
+    for m in media:
+        name = names[m] if names is not None else loc.relative(m)
+        inside = m.startswith(loc.path.rstrip("/") + "/")
+        output = (loc.relative(m) if inside else _mirrored(fs.unstrip_protocol(m)))
+        sidecars = tuple(sorted(
+            (_suffix(s), fs.unstrip_protocol(s), ids[s])
+            for s in siblings.get(_stem(m), []) if _suffix(s) not in MEDIA_SUFFIXES))
+        sources.append(Source(name, fs.unstrip_protocol(m), ids[m], output + LATENT_SUFFIX,
+                              sidecars))
+    sources.sort(key=lambda s: s.name)
+    _check_unique(sources)
+    return sources
+
+
+def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Source]:
+    """The clips of ``src`` (see the module docstring), sorted by name: a folder or URL
+    prefix, a glob, or a list file."""
+    src = str(src)
+    if any(c in src for c in "*?["):
+        loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
+        found = loc.fs.glob(Location.of(src).path, detail=True)
+        return _listing(loc, list(found.values()), hash_threads)
+    loc = Location.of(src)
+    try:
+        info = loc.fs.info(loc.path)
+    except FileNotFoundError:
+        raise DatasetError(f"{src} is neither a folder nor a list file") from None
+    if info.get("type") == "directory":
+        return _listing(loc, list(loc.fs.find(loc.path, detail=True).values()), hash_threads)
+    if _suffix(loc.path) in MEDIA_SUFFIXES:
+        raise DatasetError(f"{src} is one clip, not a dataset: give its folder, a glob or a "
+                           "list file (or use ivvae encode)")
+    return _from_list(loc, hash_threads)
+
+
+def _from_list(listing: Location, hash_threads: int) -> list[Source]:
+    fs = listing.fs
+    base = Location(fs, posixpath.dirname(listing.path))
+    try:
+        text = fs.cat_file(listing.path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{listing.url()} is not a list file (not UTF-8 text)") from None
+    entries: list[tuple[str, Location]] = []
+    for line in text.splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if "://" in entry:
+            entries.append((entry, Location.of(entry)))
+        elif listing.local and os.path.isabs(entry):
+            entries.append((entry, Location(fs, os.path.normpath(entry))))
+        else:
+            entries.append((entry, Location(fs, posixpath.normpath(base.join(entry)))))
+    seen: set[str] = set()
+    for entry, _ in entries:
+        if entry in seen:
+            raise DatasetError(f"{entry!r} is listed twice")
+        seen.add(entry)
+    # One listing per folder gives sizes, ETags and sidecars; missing files stay missing
+    # (they fail as clips, with an io_error, rather than stopping the job).
+    sources: list[Source] = []
+    by_fs: dict[int, list[tuple[str, Location]]] = {}
+    for entry, loc in entries:
+        by_fs.setdefault(id(loc.fs), []).append((entry, loc))
+    for group in by_fs.values():
+        gfs = group[0][1].fs
+        infos: dict[str, dict[str, Any]] = {}
+        siblings: dict[str, list[str]] = {}
+        for folder in sorted({posixpath.dirname(loc.path) for _, loc in group}):
+            try:
+                listed = gfs.ls(folder, detail=True)
+            except OSError:  # no such folder, or a server that lists none
+                listed = []
+            for info in listed:
+                if info.get("type") == "file":
+                    infos[info["name"]] = info
+                    siblings.setdefault(_stem(info["name"]), []).append(info["name"])
+        for _, loc in group:
+            if loc.path not in infos:
+                with contextlib.suppress(OSError):
+                    info = gfs.info(loc.path)
+                    if info.get("type") == "file":
+                        infos[loc.path] = info
+        names = {loc.path: entry for entry, loc in group}
+        present = [p for p in names if p in infos]
+        root = base if gfs is fs else Location(gfs, "")
+        sources += _sources(root, present, infos, siblings, hash_threads, names)
+        sources += [Source(entry, gfs.unstrip_protocol(loc.path), "missing",
+                           _output_for(base, gfs, loc.path))
+                    for entry, loc in group if loc.path not in infos]
+    sources.sort(key=lambda s: s.name)
+    _check_unique(sources)
+    return sources
+
+
+def _output_for(base: Location, fs: Any, path: str) -> str:
+    if fs is base.fs and path.startswith(base.path.rstrip("/") + "/"):
+        return base.relative(path) + LATENT_SUFFIX
+    return _mirrored(fs.unstrip_protocol(path)) + LATENT_SUFFIX
+
+
+def _check_unique(sources: Sequence[Source], attrs: Sequence[str] = ("output",)) -> None:
+    what = {"output": "output file", "sample_key": "sample key"}
+    for attr in attrs:
+        seen: dict[str, str] = {}
+        for s in sources:
+            value = getattr(s, attr)
+            if value in seen:
+                raise DatasetError(f"{seen[value]!r} and {s.name!r} would share the "
+                                   f"{what[attr]} {value!r}; rename one")
+            seen[value] = s.name
+
+
+# -- encoders ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes  # the latent .safetensors file
+    info: LatentInfo
+
+
+class ClipEncoder(Protocol):
+    async def start(self, model: str = "") -> ModelIdentity: ...
+    async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded: ...
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to encode, picklable (a Ray actor builds its encoder from it): through the
+    service at ``server``, else in-process with ``weights`` (empty: bundled) on ``device``."""
+
+    server: str = ""
+    weights: str = ""
+    device: str = "cpu"
+    encode_precision: str = "float32"
+    torch_threads: int = 0
+    api_key: str | None = None
+    ca_cert: str | None = None
+    timeout: float = 600.0
+    retries: int = 6
+    # 1: every clip's model steps run alone, so its latent is bit for bit what encoding it
+    # alone gives. More batches steps of concurrent clips (faster on a GPU), and float
+    # reductions over a batch then differ in the last bits.
+    batch_max_size: int = 1
+
+    def build(self) -> ClipEncoder:
+        if self.server:
+            return ServiceEncoder(self)
+        from .config import Settings
+
+        return LocalEncoder(Settings(
+            backend="local", redis_url="", weights=self.weights, device=self.device,
+            encode_precision=self.encode_precision,
+            torch_threads=self.torch_threads, cache_memory_max_bytes=0, enable_http=False,
+            enable_grpc=False, request_timeout_s=self.timeout,
+            batch_max_size=self.batch_max_size))
+
+
+class LocalEncoder:
+    """The model in this process (``ivvae.service.Service`` with the local backend)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from .service import Service
+
+        self.service = Service(settings)
+
+    async def start(self, model: str = "") -> ModelIdentity:
+        """Load the weights; the identity of ``model`` (empty: the default one)."""
+        await self.service.start()
+        try:
+            info = self.service.pipeline.model(model)
+        except IVVAEError as exc:
+            raise DatasetError(exc.detail) from exc
+        return ModelIdentity(info.name, info.weights_sha256,
+                             self.service.settings.encode_precision)
+
+    async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
+        from .pipeline import EncodeOptions
+        from .video.preprocess import Preprocess
+
+        result = await self.service.pipeline.encode(source, EncodeOptions(
+            model=options.model, sample=options.sample, seed=options.clip_seed(name),
+            dtype=options.dtype, include_moments=options.moments,
+            preprocess=Preprocess.from_canonical(options.preprocess)))
+        return Encoded(result.data, result.info)
+
+    async def close(self) -> None:
+        await self.service.close()
+
+
+class ServiceEncoder:
+    """A running ivvae service (gRPC or HTTP), retried on UNAVAILABLE."""
+
+    def __init__(self, spec: EncoderSpec) -> None:
+        from .client import AsyncClient, RetryPolicy
+
+        self.client = AsyncClient(spec.server, api_key=spec.api_key, timeout=spec.timeout,
+                                  retry=RetryPolicy(attempts=spec.retries + 1),
+                                  ca_cert=spec.ca_cert)
+
+    async def start(self, model: str = "") -> ModelIdentity:
+        try:
+            models = await self.client.models()
+        except (BackendUnavailable, Overloaded, OSError) as exc:
+            raise DatasetError(f"the service at {self.client.url} is unavailable: "
+                               f"{getattr(exc, 'detail', exc)}") from exc
+        name = model or models.default
+        for m in models.models:
+            if m.name == name:
+                return ModelIdentity(m.name, m.weights_sha256, "server")
+        raise DatasetError(f"the service serves no model {name!r} (it serves {models.names()})")
+
+    async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
+        from .video.preprocess import Preprocess
+
+        try:
+            result = await self.client.encode(
+                source, model=options.model, sample=options.sample,
+                seed=options.clip_seed(name), dtype=options.dtype, moments=options.moments,
+                preprocess=Preprocess.from_canonical(options.preprocess))
+        except (BackendUnavailable, Overloaded) as exc:  # already retried: give up the run
+            raise DatasetError(
+                f"the service at {self.client.url} is unavailable: {exc.detail}") from exc
+        return Encoded(result.data, result.info)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+# -- parts: what one worker publishes at a time ------------------------------------------------
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def ok_record(source: Source, key: str, encoded: Encoded, seconds: float) -> dict[str, Any]:
+    info = encoded.info
+    return {"source": source.name, "key": key, "identity": source.identity, "status": "ok",
+            "shape": list(info.latent_shape), "dtype": info.dtype,
+            "frames": info.num_frames, "bytes": len(encoded.data),
+            "latent_sha256": hashlib.sha256(encoded.data).hexdigest(),
+            "model": info.model_name, "seconds": round(seconds, 3), "at": _now()}
+
+
+def error_record(source: Source, key: str, code: str, detail: str) -> dict[str, Any]:
+    return {"source": source.name, "key": key, "identity": source.identity,
+            "status": "error", "error": code, "detail": detail, "at": _now()}
+
+
+class PartWriter:
+    """Collects finished clips into one part and publishes it: the outputs first, then the
+    part's record file. ``publish`` starts the next part; records of clips that failed go
+    into the record file too (a part may hold only those)."""
+
+    def __init__(self, out: Location, fmt: Format, prefix: str, *, shard_clips: int = 1000,
+                 shard_bytes: int = 1 << 30, row_group_clips: int = 64,
+                 spool: str | None = None) -> None:
+        self.out, self.fmt, self.prefix = out, fmt, prefix
+        self.run_id = f"{int(time.time()):010x}{secrets.token_hex(3)}"
+        self.shard_clips = shard_clips if fmt != "files" else min(shard_clips, 256)
+        self.shard_bytes, self.row_group_clips = shard_bytes, row_group_clips
+        self.spool = spool or tempfile.gettempdir()
+        self.tag = prefix + "-"
+        self.seq = 0
+        # Cancelling a coroutine does not stop its thread: one part is touched by one at once.
+        self.mutex = threading.Lock()
+        self.published: list[str] = []  # parts published by this writer
+        self._reset()
+
+    def _reset(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.bytes = 0
+        self.rows: list[dict[str, Any]] = []
+        self.tmp: str | None = None
+        self.tar: tarfile.TarFile | None = None
+
+    @property
+    def part_name(self) -> str:
+        return f"{self.prefix}-{self.run_id}-{self.seq:05d}"
+
+    @property
+    def shard_path(self) -> str:
+        return self.out.join(SHARDS_DIR, self.part_name + SHARD_SUFFIX[self.fmt])
+
+    @property
+    def full(self) -> bool:
+        return len(self.records) >= self.shard_clips or self.bytes >= self.shard_bytes
+
+    def add_error(self, record: dict[str, Any]) -> None:
+        with self.mutex:
+            self.records.append(record)
+
+    def add(self, source: Source, record: dict[str, Any], encoded: Encoded,
+            sidecars: dict[str, bytes]) -> None:
+        """Stage one clip (``record`` from ``ok_record``; it gains ``part`` and ``member``)."""
+        with self.mutex:
+            self._add(source, dict(record), encoded, sidecars)
+
+    def _add(self, source: Source, record: dict[str, Any], encoded: Encoded,
+             sidecars: dict[str, bytes]) -> None:
+        if self.fmt == "files":
+            path = self.out.join(source.output)
+            publish_bytes(self.out, path, encoded.data, self.tag)
+            record.update(part=source.output, member=None)
+        elif self.fmt == "webdataset":
+            record.update(part=posixpath.relpath(self.shard_path, self.out.path),
+                          member=source.sample_key)
+            self._add_to_tar(source, record, encoded, sidecars)
+        else:
+            record.update(part=posixpath.relpath(self.shard_path, self.out.path),
+                          member=len(self.rows))
+            self.rows.append(_parquet_row(source, record, encoded, sidecars))
+        self.bytes += len(encoded.data) + sum(len(v) for v in sidecars.values())
+        self.records.append(record)
+
+    def _add_to_tar(self, source: Source, record: dict[str, Any], encoded: Encoded,
+                    sidecars: dict[str, bytes]) -> None:
+        if self.tar is None:
+            self.tmp = temp_file_for(self.out, self.shard_path, self.spool, self.tag)
+            self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        meta = {**record, "metadata": encoded.info.to_metadata()}
+        members = {LATENT_SUFFIX: encoded.data,
+                   RECORD_SUFFIX: json.dumps(meta, sort_keys=True).encode()}
+        members.update({suffix: data for suffix, data in sidecars.items()})
+        for suffix, data in members.items():
+            entry = tarfile.TarInfo(source.sample_key + suffix)
+            entry.size, entry.mode, entry.mtime = len(data), 0o644, 0
+            self.tar.addfile(entry, io.BytesIO(data))
+
+    def publish(self) -> list[dict[str, Any]]:
+        """Publish the staged clips (nothing when none); returns their records."""
+        with self.mutex:
+            return self._publish()
+
+    def _publish(self) -> list[dict[str, Any]]:
+        records = self.records
+        if not records:
+            return []
+        has_outputs = any(r["status"] == "ok" for r in records)
+        if has_outputs and self.fmt == "webdataset":
+            assert self.tar is not None and self.tmp is not None
+            self.tar.close()
+            publish_file(self.out, self.tmp, self.shard_path)
+        elif has_outputs and self.fmt == "parquet":
+            tmp = temp_file_for(self.out, self.shard_path, self.spool, self.tag)
+            _write_parquet(tmp, self.rows, self.row_group_clips)
+            publish_file(self.out, tmp, self.shard_path)
+        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        publish_bytes(self.out, self.out.join(PARTS_DIR, self.part_name + ".jsonl"),
+                      lines.encode())
+        self.published.append(self.part_name)
+        self.seq += 1
+        self._reset()
+        return records
+
+    def abandon(self) -> None:
+        """Drop what is staged (an interrupted part: its clips are redone next time)."""
+        with self.mutex:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+        if self.tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+        self._reset()
+
+
+PARQUET_META_COLUMNS = (
+    "model_name", "weights_sha256", "scale_factor", "shift_factor", "z_dim", "num_frames",
+    "height", "width", "fps", "padding_policy", "content_sha256", "mode", "seed",
+    "format_version", "ivvae_version",
+)
+
+
+def _parquet_row(source: Source, record: dict[str, Any], encoded: Encoded,
+                 sidecars: dict[str, bytes]) -> dict[str, Any]:
+    from .safetensors_io import loads
+
+    tensors, meta = loads(encoded.data)
+    row: dict[str, Any] = {"key": source.sample_key, "source": source.name,
+                           "clip_key": record["key"]}
+    for name in ("latent", "mu", "logvar"):
+        t = tensors.get(name)
+        row[name] = None if t is None else t.array.tobytes()
+    row["shape"] = list(tensors["latent"].shape)
+    row["dtype"] = encoded.info.dtype
+    for k in PARQUET_META_COLUMNS:
+        row[k] = meta.get(k)
+    row["metadata"] = json.dumps(meta, sort_keys=True)
+    row["sidecars"] = sorted(sidecars.items())
+    return row
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa
+
+    fields = [pa.field("key", pa.string()), pa.field("source", pa.string()),
+              pa.field("clip_key", pa.string()), pa.field("latent", pa.binary()),
+              pa.field("mu", pa.binary()), pa.field("logvar", pa.binary()),
+              pa.field("shape", pa.list_(pa.int64())), pa.field("dtype", pa.string())]
+    fields += [pa.field(k, pa.string()) for k in PARQUET_META_COLUMNS]
+    fields += [pa.field("metadata", pa.string()),
+               pa.field("sidecars", pa.map_(pa.string(), pa.binary()))]
+    return pa.schema(fields)
+
+
+def _write_parquet(path: str, rows: list[dict[str, Any]], row_group_clips: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=parquet_schema())
+    pq.write_table(table, path, row_group_size=max(1, row_group_clips))
+
+
+# -- the state of an output -------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What earlier runs published: every record, and which outputs exist."""
+
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    referenced: set[str] = field(default_factory=set)  # parts named by records
+    outputs: set[str] = field(default_factory=set)  # outputs present, relative to OUT
+
+    def done(self, source: Source, key: str) -> dict[str, Any] | None:
+        best = None
+        for r in self.records.get(source.name, ()):
+            if (r["status"] == "ok" and r["key"] == key and r.get("part") in self.outputs
+                    and (best is None or r.get("at", 0) > best.get("at", 0))):
+                best = r
+        return best
+
+    def line(self, source: Source, key: str) -> dict[str, Any]:
+        """The manifest line of ``source``: ok, else its latest failure, else pending."""
+        done = self.done(source, key)
+        if done is not None:
+            return done
+        failed = [r for r in self.records.get(source.name, ())
+                  if r["status"] == "error" and r["key"] == key]
+        if failed:
+            return max(failed, key=lambda r: r.get("at", 0))
+        return {"source": source.name, "key": key, "identity": source.identity,
+                "status": "pending"}
+
+
+def load_state(out: Location, fmt: Format) -> State:
+    state = State()
+    fs = out.fs
+    # Object-store filesystems cache listings for the life of the instance (s3fs drops a
+    # path's entry and its parents', not its children's); other workers publish parts
+    # meanwhile, and they must be seen.
+    fs.invalidate_cache()
+    parts_dir = out.join(PARTS_DIR)
+    names = fs.glob(parts_dir + "/*.jsonl") if fs.exists(parts_dir) else []
+    blobs = fs.cat([n for n in names if TMP_MARK not in n]) if names else {}
+    for blob in blobs.values():
+        for line in blob.decode("utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cannot happen for a published file; do not trust it either
+            if isinstance(record, dict) and isinstance(record.get("source"), str):
+                state.records.setdefault(record["source"], []).append(record)
+                if record.get("part"):
+                    state.referenced.add(record["part"])
+    if fmt == "files":
+        found = fs.find(out.path) if fs.exists(out.path) else []
+        state.outputs = {out.relative(p) for p in found if p.endswith(LATENT_SUFFIX)}
+    else:
+        shards = out.join(SHARDS_DIR)
+        found = fs.ls(shards, detail=False) if fs.exists(shards) else []
+        state.outputs = {out.relative(p) for p in found if TMP_MARK not in p}
+    return state
+
+
+def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None) -> int:
+    """Remove shards no record file names (a run killed between the two publishes) and
+    temporaries, of ``prefix``'s worker (None: of every worker)."""
+    fs = out.fs
+    doomed: list[str] = []
+    if fmt != "files":
+        for rel in sorted(state.outputs - state.referenced):
+            if prefix is None or posixpath.basename(rel).startswith(prefix + "-"):
+                doomed.append(out.join(rel))
+                state.outputs.discard(rel)
+    if out.local and fs.exists(out.path):
+        mark = TMP_MARK if prefix is None else f"{TMP_MARK}{prefix}-"
+        versions = out.join(VERSIONS_DIR) + "/"  # other jobs' outputs
+        doomed += [p for p in fs.find(out.path) if mark in posixpath.basename(p)
+                   and not p.startswith(versions)]
+    if doomed:
+        fs.rm(sorted(set(doomed)))
+    return len(doomed)
+
+
+def clip_key(source: Source, config: JobConfig) -> str:
+    return source.key(config.key, sidecars=config.format != "files")
+
+
+def write_manifest(out: Location, sources: Sequence[Source], config: JobConfig) -> None:
+    """``OUT/manifest.jsonl``: one line per clip, from what is published right now.
+
+    Workers of one job each write it when they stop. One that read the parts just before
+    another published its last could overwrite the other's newer manifest, so it reads
+    them again after writing, and writes again until nothing changed in between.
+    """
+
+    def render() -> bytes:
+        state = load_state(out, config.format)
+        return "".join(json.dumps(state.line(s, clip_key(s, config)), separators=(",", ":"))
+                       + "\n" for s in sources).encode()
+
+    text = render()
+    for _ in range(10):
+        publish_bytes(out, out.join(MANIFEST_NAME), text)
+        again = render()
+        if again == text:
+            return
+        text = again
+
+
+def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -> Location:
+    """The output location of ``config``'s job under ``out_url``: ``out_url`` itself when
+    it is new or holds the same job, ``out_url/versions/<key>`` with ``new_version``."""
+    out = Location.of(out_url)
+    path = out.join(STATE_DIR, JOB_NAME)
+    if out.fs.exists(path):
+        held = json.loads(out.fs.cat_file(path))
+        if held.get("key") == config.key:
+            return out
+        if not new_version:
+            changes = "; ".join(_differences(held.get("config", {}), config.as_dict()))
+            raise DatasetError(
+                f"{out_url} holds another job (key {str(held.get('key'))[:12]}): {changes}. "
+                "Use another OUT, or --new-version to write this one to "
+                f"{VERSIONS_DIR}/{config.key[:16]}/ under it")
+        return open_output(out.url(out.join(VERSIONS_DIR, config.key[:16])), config)
+    body = {"key": config.key, "config": config.as_dict()}
+    publish_bytes(out, path, json.dumps(body, indent=1, sort_keys=True).encode())
+    # Workers of different jobs that started together into a new OUT: one of them wins.
+    if json.loads(out.fs.cat_file(path)).get("key") != config.key:
+        return open_output(out_url, config, new_version=new_version)
+    return out
+
+
+@contextlib.contextmanager
+def _locked(out: Location, prefix: str) -> Iterator[None]:
+    if not out.local:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(out.join(STATE_DIR), exist_ok=True)
+    with open(out.join(STATE_DIR, f"{LOCK_NAME}-{prefix}"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetError(f"another encode-dataset run ({prefix}) is writing to "
+                               f"{out.path}") from None
+        yield
+
+
+# -- a run ------------------------------------------------------------------------------------
 
 
 @dataclass
 class Summary:
-    total: int = 0
+    total: int = 0  # clips of this worker
     encoded: int = 0
     skipped: int = 0
     failed: int = 0
+    frames: int = 0
+    bytes: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    parts: int = 0
+    output: str = ""
+    interrupted: bool = False
 
     @property
     def clips_per_s(self) -> float:
@@ -77,164 +844,217 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total, "encoded": self.encoded, "skipped": self.skipped,
-                "failed": self.failed, "seconds": round(self.seconds, 3),
-                "clips_per_s": round(self.clips_per_s, 3), "errors": self.errors}
+                "failed": self.failed, "frames": self.frames, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "clips_per_s": round(self.clips_per_s, 3),
+                "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0,
+                "bytes_per_clip": round(self.bytes / self.encoded) if self.encoded else 0,
+                "errors": self.errors, "parts": self.parts, "output": self.output,
+                "interrupted": self.interrupted}
+
+    def count(self, record: dict[str, Any]) -> None:
+        if record["status"] == "ok":
+            self.encoded += 1
+            self.frames += int(record.get("frames", 0))
+            self.bytes += int(record.get("bytes", 0))
+        else:
+            self.failed += 1
+            self.errors[record["error"]] = self.errors.get(record["error"], 0) + 1
 
 
-def _output_name(resolved: Path, base: Path) -> str:
+@dataclass(frozen=True)
+class Job:
+    """One worker's share of a dataset job."""
+
+    src: str
+    out: str
+    format: Format = "files"
+    options: ClipOptions = ClipOptions()
+    shard: tuple[int, int] = (0, 1)
+    concurrency: int = 4
+    shard_clips: int = 1000
+    shard_bytes: int = 1 << 30
+    row_group_clips: int = 64
+    new_version: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise DatasetError(f"--format must be one of {', '.join(FORMATS)}")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise DatasetError(f"--shard {i}/{n}: need 0 <= i < N")
+        if self.concurrency < 1:
+            raise DatasetError("concurrency must be at least 1")
+        if self.shard_clips < 1 or self.shard_bytes < 1:
+            raise DatasetError("shard sizes must be positive")
+
+    @property
+    def prefix(self) -> str:
+        i, n = self.shard
+        return f"w{i:05d}of{n:05d}"
+
+
+@dataclass
+class Plan:
+    """What a worker will do: its output, key, all clips of the job, and its own to do."""
+
+    out: Location
+    config: JobConfig
+    sources: list[Source]
+    mine: list[Source]
+    todo: list[Source]
+
+
+def plan(job: Job, model: ModelIdentity) -> Plan:
+    """List the sources, open (or refuse) the output, clean up after killed runs."""
     try:
-        rel = resolved.relative_to(base)
-    except ValueError:
-        rel = resolved.relative_to(resolved.anchor)
-    return rel.as_posix() + LATENT_SUFFIX
+        return _plan(job, model)
+    except (OSError, StorageError) as exc:  # no such bucket, no access, no driver
+        raise DatasetError(f"cannot open the job's source or output: {exc}") from exc
 
 
-def collect(src: Path) -> list[Item]:
-    """The items of ``src``, a folder or a list file, sorted by source."""
-    if src.is_dir():
-        base = src.resolve()
-        items = [Item(p.relative_to(base).as_posix(), p, _output_name(p, base))
-                 for p in sorted(base.rglob("*"))
-                 if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES]
-    elif src.is_file():
-        base = src.resolve().parent
-        items = []
-        for line in src.read_text().splitlines():
-            entry = line.strip()
-            if not entry or entry.startswith("#"):
-                continue
-            path = (base / entry).resolve()
-            items.append(Item(entry, path, _output_name(path, base)))
-    else:
-        raise DatasetError(f"{src} is neither a folder nor a list file")
-    seen: dict[str, str] = {}
-    for item in items:
-        if item.source in seen:
-            raise DatasetError(f"{item.source!r} is listed twice")
-        seen[item.source] = item.latent
-    return sorted(items, key=lambda i: i.source)
+def _plan(job: Job, model: ModelIdentity) -> Plan:
+    config = JobConfig(job.format, job.options, model)
+    sources = collect(job.src)
+    if job.format != "files":
+        _check_unique(sources, ("sample_key",))
+    out = open_output(job.out, config, new_version=job.new_version)
+    i, n = job.shard
+    mine = [s for s in sources if s.worker(n) == i]
+    state = load_state(out, job.format)
+    remove_orphans(out, job.format, state, None if n == 1 else job.prefix)
+    todo = [s for s in mine if state.done(s, clip_key(s, config)) is None]
+    return Plan(out, config, sources, mine, todo)
 
 
-def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
-    """The last record of each source; a line cut short by a crash is ignored."""
-    records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return records
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("source"), str):
-                records[record["source"]] = record
-    return records
+def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
+    """A local path of the clip and whether it is a temporary copy (of an object: the
+    decoder then streams from disk, so a large object never sits in memory)."""
+    loc = Location.of(source.url)
+    if loc.local:
+        return Path(loc.path), False
+    fd, tmp = tempfile.mkstemp(prefix="ivvae-clip-", suffix=_suffix(loc.path), dir=spool)
+    os.close(fd)
+    try:
+        loc.fs.get_file(loc.path, tmp)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp), True
 
 
-def is_done(record: dict[str, Any] | None, out: Path) -> bool:
-    if record is None or record.get("status") != "ok":
-        return False
-    latent = out / str(record.get("latent", ""))
-    return latent.is_file() and latent.stat().st_size == record.get("bytes")
+def read_sidecars(source: Source) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for suffix, url, _ in source.sidecars:
+        loc = Location.of(url)
+        out[suffix] = loc.fs.cat_file(loc.path)
+    return out
 
 
-class _Manifest:
-    """Append-only JSON lines, each flushed and fsynced before the next item counts."""
-
-    def __init__(self, path: Path) -> None:
-        self.file: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115
-        self.file.seek(0, os.SEEK_END)
-        if self.file.tell():  # a crash may have cut the last line: do not glue onto it
-            self.file.seek(self.file.tell() - 1)
-            if self.file.read(1) != "\n":
-                self.file.write("\n")
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(out / LOCK_NAME, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DatasetError(f"another encode-dataset run is writing to {out}") from None
-        yield
+async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
+                      ) -> tuple[dict[str, Any], Encoded | None, dict[str, bytes]]:
+    """Encode one clip: (its record, the latent file or None on failure, its sidecars)."""
+    start = time.perf_counter()
+    key = clip_key(source, config)
+    options, sidecars = config.options, config.format != "files"
+    copy: Path | None = None
+    try:
+        path, temporary = await asyncio.to_thread(fetch_clip, source)
+        copy = path if temporary else None
+        extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
+        encoded = await encoder.encode(path, options, source.name)
+    except IVVAEError as exc:
+        return error_record(source, key, exc.code, exc.detail), None, {}
+    except OSError as exc:
+        return error_record(source, key, "io_error", str(exc)), None, {}
+    finally:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
+    return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
 
 
-def _remove_stale_temporaries(out: Path) -> int:
-    stale = list(out.rglob(f"*{LATENT_SUFFIX}.*{TMP_SUFFIX}"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return len(stale)
+class Progress:
+    """A tqdm bar: clips done / total, clips/s, ETA; frames/s and failures as postfix."""
 
-
-async def encode_dataset(src: Path, out: Path, *, server: str, concurrency: int = 4,
-                         encode_options: dict[str, Any] | None = None,
-                         api_key: str | None = None, timeout: float = 600.0,
-                         retry: RetryPolicy | None = None, progress: bool = False,
-                         ca_cert: str | os.PathLike[str] | None = None) -> Summary:
-    """Encode every item of ``src`` not yet done into ``out`` (see the module docstring).
-
-    Raises ``DatasetError`` when the run cannot start or the service stays unreachable
-    (after ``retry``); items that fail for their own reasons are recorded and counted.
-    """
-    if concurrency < 1:
-        raise DatasetError("concurrency must be at least 1")
-    items = collect(src)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = Summary(total=len(items))
-    with _locked(out):
-        _remove_stale_temporaries(out)
-        done = read_manifest(out / MANIFEST_NAME)
-        todo = [i for i in items if not is_done(done.get(i.source), out)]
-        summary.skipped = len(items) - len(todo)
-        manifest = _Manifest(out / MANIFEST_NAME)
+    def __init__(self, total: int, enabled: bool, summary: Summary) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc="encode-dataset", unit="clip", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        start = time.perf_counter()
-        try:
-            async with AsyncClient(server, api_key=api_key, timeout=timeout,
-                                   retry=retry, ca_cert=ca_cert) as client:
-                await _run(client, todo, out, manifest, summary, bar, concurrency,
-                           encode_options or {})
-        finally:
-            summary.seconds = time.perf_counter() - start
-            bar.close()
-            manifest.close()
+        self.summary = summary
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, desc="encode-dataset", unit="clip", disable=not enabled,
+                        dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(frames_s=f"{self.summary.frames / elapsed:.1f}",
+                             failed=self.summary.failed, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
+                  summary: Summary | None = None) -> Summary:
+    """Run ``job`` with ``encoder`` (see the module docstring); ``summary`` is filled in as
+    it goes, so a caller that is interrupted still has the counts."""
+    summary = summary if summary is not None else Summary()
+    try:
+        model = await encoder.start(job.options.model)
+        p = await asyncio.to_thread(plan, job, model)
+        summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
+        summary.output = p.out.url()
+        with _locked(p.out, job.prefix):
+            writer = PartWriter(p.out, job.format, job.prefix, shard_clips=job.shard_clips,
+                                shard_bytes=job.shard_bytes,
+                                row_group_clips=job.row_group_clips)
+            bar = Progress(len(p.todo), progress, summary)
+            start = time.perf_counter()
+            try:
+                await _encode_all(p, job, encoder, writer, summary, bar)
+                if await asyncio.to_thread(writer.publish):
+                    summary.parts += 1
+            except BaseException:
+                summary.interrupted = True
+                # What is staged is whole: publish it, so a Ctrl-C keeps finished work.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.to_thread(writer.publish))
+                raise
+            finally:
+                writer.abandon()
+                summary.seconds = time.perf_counter() - start
+                bar.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.to_thread(
+                        write_manifest, p.out, p.sources, p.config))
+    finally:
+        await encoder.close()
     return summary
 
 
-async def _run(client: AsyncClient, todo: list[Item], out: Path, manifest: _Manifest,
-               summary: Summary, bar: Any, concurrency: int, options: dict[str, Any]) -> None:
-    queue: asyncio.Queue[Item] = asyncio.Queue()
-    for item in todo:
-        queue.put_nowait(item)
+async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWriter,
+                      summary: Summary, bar: Progress) -> None:
+    queue: asyncio.Queue[Source] = asyncio.Queue()
+    for s in p.todo:
+        queue.put_nowait(s)
+    lock = asyncio.Lock()
 
     async def worker() -> None:
         while not queue.empty():
-            item = queue.get_nowait()
-            record = await _encode_one(client, item, out, options)
-            manifest.append(record)
-            if record["status"] == "ok":
-                summary.encoded += 1
-            else:
-                summary.failed += 1
-                summary.errors[record["error"]] = summary.errors.get(record["error"], 0) + 1
-                bar.set_postfix(failed=summary.failed)
-            bar.update(1)
+            source = queue.get_nowait()
+            record, encoded, extra = await encode_clip(encoder, source, p.config)
+            async with lock:
+                if encoded is None:
+                    writer.add_error(record)
+                else:
+                    await asyncio.to_thread(writer.add, source, record, encoded, extra)
+                summary.count(record)
+                if writer.full:
+                    await asyncio.to_thread(writer.publish)
+                    summary.parts += 1
+            bar.advance()
 
-    workers = [asyncio.create_task(worker()) for _ in range(min(concurrency, len(todo)))]
+    workers = [asyncio.create_task(worker())
+               for _ in range(min(job.concurrency, len(p.todo)))]
     try:
         await asyncio.gather(*workers)
     finally:
@@ -243,72 +1063,148 @@ async def _run(client: AsyncClient, todo: list[Item], out: Path, manifest: _Mani
         await asyncio.gather(*workers, return_exceptions=True)
 
 
-async def _encode_one(client: AsyncClient, item: Item, out: Path,
-                      options: dict[str, Any]) -> dict[str, Any]:
-    start = time.perf_counter()
-    record: dict[str, Any] = {"source": item.source, "latent": item.latent}
+async def encode_dataset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                         server: str = "", encoder: EncoderSpec | None = None,
+                         progress: bool = False, retry: RetryPolicy | None = None,
+                         **job: Any) -> Summary:
+    """Encode ``src`` into ``out``: ``Job`` fields as keywords; through ``server`` when
+    given, else with ``encoder`` (default: the bundled model in this process)."""
+    spec = encoder or EncoderSpec()
+    if server:
+        spec = replace(spec, server=server,
+                       retries=(retry.attempts - 1) if retry is not None else spec.retries)
+    built = spec.build()
+    if retry is not None and isinstance(built, ServiceEncoder):
+        built.client.retry = retry
+    return await run_job(Job(str(src), str(out), **job), built, progress=progress)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def _shard(text: str) -> tuple[int, int]:
     try:
-        result = await client.encode(item.path, **options)
-    except (BackendUnavailable, Overloaded) as exc:  # already retried: give up the run
-        raise DatasetError(f"the service at {client.url} is unavailable: {exc.detail}") from exc
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants I/N, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _index_shard(args: argparse.Namespace) -> tuple[int, int]:
+    """``--shard``, or a Kubernetes Indexed Job's pod index and completions."""
+    if args.shard is not None:
+        i, n = args.shard
+        return i, n
+    index = os.environ.get("JOB_COMPLETION_INDEX")
+    count = os.environ.get("IVVAE_SHARD_COUNT")
+    if index is not None and count is not None:
+        return _shard(f"{index}/{count}")
+    return 0, 1
+
+
+def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
+    from .video.preprocess import PREPROCESS_KEYS, Preprocess
+
+    params: list[tuple[str, str]] = []
+    for name in PREPROCESS_KEYS:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value] if value is not None else []:
+            params.append((name, str(v)))
+    try:
+        preprocess = Preprocess.parse(params)
     except IVVAEError as exc:
-        return {**record, "status": "error", "error": exc.code, "detail": exc.detail}
-    except OSError as exc:
-        return {**record, "status": "error", "error": "io_error", "detail": str(exc)}
-    target = out / item.latent
-
-    def write() -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, result.data)
-
-    await asyncio.to_thread(write)
-    return {**record, "status": "ok", "shape": list(result.latent_shape),
-            "content_sha256": result.info.content_sha256,
-            "latent_sha256": hashlib.sha256(result.data).hexdigest(),
-            "bytes": len(result.data), "model": result.info.model_name,
-            "seconds": round(time.perf_counter() - start, 3)}
+        raise DatasetError(exc.detail) from exc
+    options = ClipOptions(model=args.model, sample=args.sample, seed=args.seed,
+                          dtype=args.dtype, moments=args.moments,
+                          preprocess="" if preprocess.is_identity else preprocess.canonical())
+    job = Job(args.src, args.out, format=args.format, options=options,
+              shard=_index_shard(args), concurrency=args.concurrency,
+              shard_clips=args.shard_clips, shard_bytes=int(args.shard_mb * 2**20),
+              new_version=args.new_version)
+    spec = EncoderSpec(server=args.server or "", weights=args.weights or "",
+                       device=args.device, encode_precision=args.encode_precision,
+                       api_key=args.api_key or os.environ.get("IVVAE_API_KEY"),
+                       ca_cert=args.ca_cert, timeout=args.timeout, retries=args.retries)
+    return job, spec
 
 
-def main(args: argparse.Namespace) -> int:
-    """The ``encode-dataset`` subcommand (arguments: see ``add_arguments``)."""
-    options: dict[str, Any] = {"model": args.model, "sample": args.sample, "seed": args.seed,
-                               "dtype": args.dtype, "moments": args.moments}
-    retry = RetryPolicy(attempts=args.retries + 1)
+class Engine(Protocol):
+    """Runs a whole job elsewhere (``ivvae.ray.run_on_ray``)."""
 
-    async def run() -> Summary:
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, task.cancel)  # stop as cleanly as Ctrl-C
-        return await encode_dataset(
-            Path(args.src), Path(args.out), server=args.server, concurrency=args.concurrency,
-            encode_options=options, api_key=args.api_key or os.environ.get("IVVAE_API_KEY"),
-            timeout=args.timeout, retry=retry, progress=not args.no_progress,
-            ca_cert=args.ca_cert)
+    def __call__(self, job: Job, spec: EncoderSpec, *, address: str | None, workers: int,
+                 cpus_per_worker: float, gpus_per_worker: float) -> Summary: ...
+
+
+def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
+    """The ``encode-dataset`` subcommand (arguments: see ``add_arguments``); ``engine``
+    runs it when ``--engine`` is not ``local`` (the CLI passes Ray's: nothing here may
+    import it)."""
+    summary = Summary()
+
+    def report(code: int) -> int:
+        print(json.dumps({**summary.as_dict(), "manifest": posixpath.join(
+            summary.output or args.out, MANIFEST_NAME)}))
+        return code
 
     try:
-        summary = asyncio.run(run())
+        job, spec = job_from_args(args)
+        if args.engine != "local":
+            if engine is None:
+                raise DatasetError(f"--engine {args.engine} is not available here")
+            summary = engine(job, spec, address=args.address, workers=args.workers,
+                             cpus_per_worker=args.cpus_per_worker,
+                             gpus_per_worker=args.gpus_per_worker)
+            return report(1 if summary.failed else 0)
+
+        async def run() -> Summary:
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            return await run_job(job, spec.build(), progress=not args.no_progress,
+                                 summary=summary)
+
+        asyncio.run(run())
     except DatasetError as exc:
         print(f"encode-dataset: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("encode-dataset: interrupted; run it again to finish", file=sys.stderr)
-        return 130
-    print(json.dumps({**summary.as_dict(), "manifest": str(Path(args.out) / MANIFEST_NAME)}))
-    return 1 if summary.failed else 0
+        summary.interrupted = True
+        return report(130)
+    return report(1 if summary.failed else 0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``encode-dataset`` arguments."""
-    p.add_argument("src", metavar="SRC_DIR_OR_LIST",
-                   help="a folder of videos (searched recursively) or a file listing paths")
-    p.add_argument("out", metavar="OUT_DIR", help="latents and manifest.jsonl go here")
-    p.add_argument("--server", required=True,
-                   help="grpc://HOST:PORT, HOST:PORT (gRPC) or http(s)://HOST:PORT")
-    p.add_argument("--concurrency", type=int, default=4, help="videos in flight (default 4)")
+    from .video.preprocess import PREPROCESS_KEYS
+
+    p.add_argument("src", metavar="SRC", help="a folder, URL prefix, glob or list file")
+    p.add_argument("out", metavar="OUT", help="a folder or URL prefix")
+    p.add_argument("--format", choices=FORMATS, default="files")
+    p.add_argument("--server", help="encode through this service: grpc://HOST:PORT, "
+                   "HOST:PORT or http(s)://HOST:PORT (default: in-process model)")
+    p.add_argument("--weights", help="in-process weights file (default: bundled)")
+    p.add_argument("--device", default="cpu", help="in-process torch device (cpu, cuda:0)")
+    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS)
+    p.add_argument("--shard", type=_shard, metavar="I/N",
+                   help="this worker's share (default: $JOB_COMPLETION_INDEX/"
+                   "$IVVAE_SHARD_COUNT when both are set, else 0/1)")
+    p.add_argument("--shard-clips", type=int, default=1000, help="clips per shard")
+    p.add_argument("--shard-mb", type=float, default=1024.0, help="MiB per shard at most")
+    p.add_argument("--new-version", action="store_true",
+                   help="OUT holds a different job: write this one to OUT/versions/<key>/")
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray; "
+                   "default: the cluster this machine belongs to, 'local': start one here)")
+    p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="with --device cuda: GPUs per Ray encode actor (e.g. 1)")
+    p.add_argument("--concurrency", type=int, default=4, help="clips in flight (default 4)")
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
-    p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers with a "
-                   "private CA (default: the system's roots)")
+    p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers")
     p.add_argument("--model", default="")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
     p.add_argument("--seed", type=int)
@@ -318,3 +1214,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=6,
                    help="retries of a video on UNAVAILABLE / no connection (default 6)")
     p.add_argument("--no-progress", action="store_true")
+    for name in PREPROCESS_KEYS:
+        flag = "--" + name.replace("_", "-")
+        if name == "bucket":
+            p.add_argument(flag, dest=name, action="append", help="preprocessing: WxHxF "
+                           "(repeatable)")
+        else:
+            p.add_argument(flag, dest=name, help="preprocessing (see ivvae.video.preprocess)")
+

@@ -1,4 +1,5 @@
-"""Decoded frames as the bytes a client asked for: an MP4 or a frames file.
+"""Decoded frames as the bytes a client asked for: an MP4, a frames file, or for a batch
+of bare latents a zip of MP4s, a batch frames file or a raw tensor.
 
 One home for both output formats, so HTTP, gRPC and the CLI return byte-identical files for
 the same latent. Both are produced as a stream of byte chunks while frames come out of the
@@ -14,6 +15,8 @@ decoder, so memory stays bounded by one decoder step:
 from __future__ import annotations
 
 import asyncio
+import io
+import zipfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -22,8 +25,9 @@ import numpy as np
 
 from .core.names import DEFAULT_CRF
 from .latents import LatentInfo
-from .safetensors_io import header_bytes
+from .safetensors_io import dumps, header_bytes
 from .video import Mp4Writer
+from .wire import raw_tensor_body
 
 OutputFormat = Literal["mp4", "frames"]
 MEDIA_TYPES: dict[str, str] = {"mp4": "video/mp4", "frames": "application/x-safetensors"}
@@ -102,3 +106,53 @@ def render(fmt: OutputFormat, info: LatentInfo, frames: AsyncIterator[np.ndarray
 
 async def collect(chunks: AsyncIterator[bytes]) -> bytes:
     return b"".join([c async for c in chunks])
+
+
+# -- batches (bare latents of more than one video) ----------------------------------------
+
+BATCH_MEDIA_TYPES: dict[str, str] = {"mp4": "application/zip",
+                                     "frames": "application/x-safetensors"}
+BATCH_FRAMES_LAYOUT = "BTHWC uint8 RGB"
+
+
+async def _stack(items: list[AsyncIterator[np.ndarray]]) -> np.ndarray:
+    """Every item's frames, in order: ``(B, T, H, W, 3)`` uint8."""
+    stacks = []
+    for item in items:
+        stacks.append(np.concatenate([part async for part in item]))
+    return np.stack(stacks)
+
+
+async def render_batch(fmt: OutputFormat, info: LatentInfo,
+                       items: list[AsyncIterator[np.ndarray]], *,
+                       crf: int = DEFAULT_CRF) -> tuple[bytes, str]:
+    """The output of a batch of videos of one size (``info``): ``(body, media type)``.
+
+    One item is ``render`` 's file. More: ``mp4`` is a zip holding ``0.mp4``, ``1.mp4``, ...
+    (stored, MP4s do not compress), ``frames`` one frames file of ``(B, T, H, W, 3)``
+    (layout ``BATCH_FRAMES_LAYOUT``).
+    """
+    if len(items) == 1:
+        return await collect(render(fmt, info, items[0], crf=crf)), MEDIA_TYPES[fmt]
+    if fmt == "frames":
+        meta = {**frames_metadata(info), "layout": BATCH_FRAMES_LAYOUT,
+                "batch": str(len(items))}
+        return dumps({"frames": await _stack(items)}, meta), BATCH_MEDIA_TYPES[fmt]
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
+        for index, item in enumerate(items):
+            archive.writestr(f"{index}.mp4", await collect(mp4_file(info, item, crf=crf)))
+    return sink.getvalue(), BATCH_MEDIA_TYPES[fmt]
+
+
+async def tensor_output(items: list[AsyncIterator[np.ndarray]], *, uint8: bool,
+                        ) -> tuple[bytes, dict[str, str]]:
+    """Decoded frames as a raw tensor body and its ``shape`` / ``dtype`` headers (Hugging
+    Face's remote-VAE output): ``(B, T, H, W, 3)`` uint8, or ``(B, 3, T, H, W)`` float32
+    in [-1, 1], the uint8 frames as the encoder reads them (``x / 127.5 - 1``; the served
+    decoders emit uint8, so values come in steps of 2/255)."""
+    video = await _stack(items)
+    if uint8:
+        return raw_tensor_body(np.ascontiguousarray(video))
+    x = video.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
+    return raw_tensor_body(np.ascontiguousarray(x))

@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,7 +30,17 @@ import numpy as np
 from .backends.base import Backend
 from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
-from .core.geometry import PADDING_POLICY, FrameStepper, decode_plan, moments_to_latent, pad_frames
+from .core.geometry import (
+    PADDING_POLICY,
+    SPACE_COMPRESSION,
+    TIME_COMPRESSION,
+    FrameStepper,
+    decode_plan,
+    latent_frames,
+    latent_size,
+    moments_to_latent,
+    pad_frames,
+)
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .errors import (
@@ -44,7 +54,15 @@ from .errors import (
 from .latents import LatentInfo, decode_latent_file, encode_latent_file, served_model_for
 from .memory import MB, MemoryBudget, Plan, default_budget_mb, plan_steps
 from .metrics import Metrics
-from .video import VideoInfo, VideoLimits, exact_rate, open_video
+from .video import (
+    DEFAULT_FPS,
+    Preprocess,
+    VideoLimits,
+    exact_rate,
+    open_frames,
+    open_video,
+)
+from .wire import DecodeTarget
 
 log = logging.getLogger("ivvae.pipeline")
 
@@ -58,6 +76,7 @@ class EncodeOptions:
     seed: int | None = None  # for sample; drawn and recorded when absent
     dtype: str = "float32"  # one of PRECISIONS
     include_moments: bool = False  # also store mu and logvar in the file
+    preprocess: Preprocess = field(default_factory=Preprocess)  # resize, crop, window, rate
 
     def __post_init__(self) -> None:
         if self.dtype not in PRECISIONS:
@@ -80,9 +99,25 @@ class EncodeResult:
         return self.info.latent_shape
 
 
-def sha256_of(source: bytes | Path) -> str:
+@dataclass(frozen=True)
+class FramesUpload:
+    """Frames sent as a tensor instead of a file: ``(T, H, W, 3)`` uint8 RGB at ``fps``."""
+
+    frames: np.ndarray
+    fps: float = DEFAULT_FPS
+
+
+Source = bytes | Path | FramesUpload
+
+
+def sha256_of(source: Source) -> str:
     h = hashlib.sha256()
-    if isinstance(source, bytes):
+    if isinstance(source, FramesUpload):
+        # The tensor's own identity: its layout and rate as well as its bytes.
+        h.update(f"frames|{list(source.frames.shape)}|{source.frames.dtype}|"
+                 f"{_fps_string(source.fps)}|".encode())
+        h.update(np.ascontiguousarray(source.frames).tobytes())
+    elif isinstance(source, bytes):
         h.update(source)
     else:
         with open(source, "rb") as f:
@@ -140,9 +175,10 @@ class Pipeline:
 
     # -- encode ----------------------------------------------------------------------------
 
-    async def encode(self, source: bytes | Path, options: EncodeOptions = EncodeOptions(),
+    async def encode(self, source: Source, options: EncodeOptions = EncodeOptions(),
                      *, on_frames: Callable[[int], None] | None = None) -> EncodeResult:
-        """Encode a video (bytes of a file, or a path) to a latent file.
+        """Encode a video (bytes of a file, a path, or frames) to a latent file, after the
+        preprocessing ``options.preprocess`` asks for.
 
         ``on_frames(n)`` is called as frames are consumed (progress bars).
         """
@@ -155,18 +191,20 @@ class Pipeline:
                     f"encoding took longer than {self.settings.request_timeout_s:g} s"
                 ) from None
 
-    async def _encode(self, source: bytes | Path, options: EncodeOptions,
+    async def _encode(self, source: Source, options: EncodeOptions,
                       on_frames: Callable[[int], None] | None) -> EncodeResult:
         start = time.perf_counter()
         model = self.model(options.model)
         content = await asyncio.to_thread(sha256_of, source)
+        preprocess = options.preprocess.canonical()
         key = cache_key(content, model.name, model.weights_sha256,
-                        self.settings.encode_precision, MOMENTS_VERSION)
+                        self.settings.encode_precision, MOMENTS_VERSION, preprocess)
         cached = await self.cache.get(
             key, Expected(model.z_dim, model.scale_factor, model.shift_factor))
         self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is None:
-            mu, logvar, meta = await self._encode_video(source, model, on_frames)
+            mu, logvar, meta = await self._encode_video(source, model, options.preprocess,
+                                                        on_frames)
             stored = await self.cache.put(key, CachedMoments(mu, logvar, meta))
             self.metrics.cache.labels("write" if stored else "write_skipped").inc()
             seconds = time.perf_counter() - start
@@ -187,26 +225,38 @@ class Pipeline:
             width=int(meta["width"]), fps=Fraction(meta["fps"]), padding_policy=PADDING_POLICY,
             dtype=options.dtype, content_sha256=content,
             mode="sample" if options.sample else "mean", seed=seed,
-            extra={"source_" + k: v for k, v in meta.items()
+            # Sorted: the cache may hand back its metadata in another order, and a hit must
+            # give the same bytes as the miss.
+            extra={("" if k.startswith("preprocess") else "source_") + k: v
+                   for k, v in sorted(meta.items())
                    if k not in ("num_frames", "height", "width", "fps")},
         )
         data = encode_latent_file(latent, info, mu=mu if options.include_moments else None,
                                   logvar=logvar if options.include_moments else None)
         return EncodeResult(data, info, cached is not None, time.perf_counter() - start)
 
-    async def _encode_video(self, source: bytes | Path, model: ModelInfo,
+    async def _encode_video(self, source: Source, model: ModelInfo, preprocess: Preprocess,
                             on_frames: Callable[[int], None] | None = None,
                             ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         s = self.settings
-        limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
-        reader = await asyncio.to_thread(open_video, source, limits=limits)
+        limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels,
+                             max_source_pixels=s.max_source_pixels,
+                             max_source_seconds=s.max_source_seconds)
+        if isinstance(source, FramesUpload):
+            reader = await asyncio.to_thread(open_frames, source.frames, fps=source.fps,
+                                             limits=limits, preprocess=preprocess)
+        else:
+            reader = await asyncio.to_thread(open_video, source, limits=limits,
+                                             preprocess=preprocess)
         try:
-            plan, single = self._encode_plan(model, reader.info)
+            # The model sees the frames after preprocessing: that size decides the cost.
+            steps, single = self._encode_plan(model, reader.plan.width, reader.plan.height,
+                                              reader.info.num_frames)
         except BaseException:
             await asyncio.to_thread(reader.close)
             raise
-        async with self.budget.reserve(plan.reserve_bytes):
-            stepper = FrameStepper(plan.groups_per_step)
+        async with self.budget.reserve(steps.reserve_bytes):
+            stepper = FrameStepper(steps.groups_per_step)
             session = self.backend.encode_session(model.name)
             self.metrics.active_sessions.labels("encode").inc()
             mus: list[np.ndarray] = []
@@ -235,27 +285,40 @@ class Pipeline:
                 self.metrics.active_sessions.labels("encode").dec()
                 await asyncio.to_thread(reader.close)
         count = stepper.count
-        info = reader.info
+        info, plan = reader.info, reader.plan
+        # Without preprocessing the output is the source as it is; the keys stay as before.
         meta = {
             "num_frames": str(count),
-            "height": str(info.height),
-            "width": str(info.width),
-            "fps": _fps_string(info.fps),
+            "height": str(plan.height),
+            "width": str(plan.width),
+            "fps": _fps_string(float(plan.fps)),
             "codec": info.codec,
             "container": info.container,
             "rotation": str(info.rotation),
         }
+        if not preprocess.is_identity:
+            # A latent says exactly how it was made: what was done, to what.
+            meta.update({
+                "preprocess": preprocess.canonical(),
+                "preprocess_bucket": str(plan.bucket or ""),
+                "preprocess_source_width": str(info.width),
+                "preprocess_source_height": str(info.height),
+                "preprocess_source_fps": _fps_string(info.fps),
+                "preprocess_source_frames_declared": str(info.num_frames or ""),
+                "preprocess_source_frames_decoded": str(reader.source_frames_read),
+            })
         return np.concatenate(mus, axis=2), np.concatenate(logvars, axis=2), meta
 
-    def _encode_plan(self, model: ModelInfo, info: VideoInfo) -> tuple[Plan, TooLarge | None]:
+    def _encode_plan(self, model: ModelInfo, width: int, height: int,
+                     declared_frames: int | None) -> tuple[Plan, TooLarge | None]:
         """The plan for a video, and, for a picture only its one frame fits, the error to
         raise if it turns out to hold more frames than it declared."""
         try:
-            return self.plan(model, "encoder", info.width, info.height, still=False), None
+            return self.plan(model, "encoder", width, height, still=False), None
         except TooLarge as as_video:
-            if info.num_frames != 1:
+            if declared_frames != 1:
                 raise
-            return self.plan(model, "encoder", info.width, info.height, still=True), as_video
+            return self.plan(model, "encoder", width, height, still=True), as_video
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -271,6 +334,67 @@ class Pipeline:
         if info.height * info.width > self.settings.max_pixels:
             raise InvalidLatent(f"a {info.width}x{info.height} frame exceeds max_pixels")
         return latent, info, model
+
+    def parse_bare_latent(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
+                          ) -> tuple[np.ndarray, LatentInfo, ModelInfo]:
+        """Validate a bare latent ``(B, z, t, h, w)`` float32 (what a sampler generates, in
+        ``target.latent_space``) against a served model and the limits: the latent in the
+        model's scaled space and a ``LatentInfo`` describing one item."""
+        model = self.model(target.model)
+        b, z, t, h, w = latent.shape
+        if z != model.z_dim:
+            raise InvalidLatent(f"the latent has {z} channels but model {model.name!r} has "
+                                f"z_dim {model.z_dim}: shape is (B, z, t, h, w)")
+        num_frames = target.num_frames or 1 + TIME_COMPRESSION * (t - 1)
+        height = target.height or h * SPACE_COMPRESSION
+        width = target.width or w * SPACE_COMPRESSION
+        if latent_frames(num_frames) != t:
+            raise InvalidInput(f"num_frames={num_frames} does not come from {t} latent frames "
+                               f"(it must be in [{1 + 4 * (t - 2) + 1 if t > 1 else 1}, "
+                               f"{1 + 4 * (t - 1)}])")
+        if latent_size(height) != h or latent_size(width) != w:
+            raise InvalidInput(f"a {width}x{height} frame does not come from a {w}x{h} latent "
+                               f"(width in [{8 * w - 7}, {8 * w}], height in "
+                               f"[{8 * h - 7}, {8 * h}])")
+        s = self.settings
+        if height * width > s.max_pixels:
+            raise InvalidLatent(f"a {width}x{height} frame exceeds max_pixels ({s.max_pixels})")
+        if b * num_frames > s.max_frames:
+            raise InvalidLatent(f"decoding {b} x {num_frames} frames exceeds the server's "
+                                f"limit of {s.max_frames}")
+        scaled = target.to_model_space(latent, model.scale_factor, model.shift_factor)
+        info = LatentInfo(
+            model_name=model.name, weights_sha256=model.weights_sha256,
+            scale_factor=model.scale_factor, shift_factor=model.shift_factor,
+            z_dim=model.z_dim, num_frames=num_frames, height=height, width=width,
+            fps=target.fps, padding_policy=PADDING_POLICY, dtype=dtype,
+            content_sha256="", mode="external",
+        )
+        return scaled, info, model
+
+    async def decode_bare(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
+                          ) -> tuple[LatentInfo, list[AsyncIterator[np.ndarray]]]:
+        """A bare latent batch: ``info`` of one item and, per item in order, an iterator of
+        its frames ``(n, H, W, 3)`` uint8 (see ``decode_frames``)."""
+        scaled, info, model = self.parse_bare_latent(latent, dtype, target)
+        plan = self.plan(model, "decoder", info.width, info.height,
+                         still=scaled.shape[2] == 1)
+        # Items are decoded one after the other: each takes its share of the budget when
+        # it starts, not all of them up front.
+        return info, [self._reserving(
+            self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model, plan),
+            plan) for i in range(scaled.shape[0])]
+
+    async def _reserving(self, frames: AsyncIterator[np.ndarray], plan: Plan
+                         ) -> AsyncIterator[np.ndarray]:
+        async with self.budget.reserve(plan.reserve_bytes):
+            try:
+                async for part in frames:
+                    yield part
+            finally:
+                aclose = getattr(frames, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     async def decode_frames(self, data: bytes) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
         """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)`` uint8, in

@@ -1,4 +1,4 @@
-"""Shared fixtures for the deployment-file tests: the validator module and scratch copies."""
+"""Shared fixtures for the deployment-file tests: rendered manifests and scratch copies."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from scripts.deploy_checks.common import K8sObject, Layout
+from scripts.deploy_checks.k8s import render_kustomization
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "validate_deploy.py"
 DOCKER_DIR = ROOT / "docker"
 
 # What a deployment copy needs: everything the validator reads.
@@ -28,7 +29,7 @@ DEPLOY_PATHS = (
 
 
 def load_module(name: str, path: Path) -> ModuleType:
-    """Import a file that is not on sys.path (scripts/, docker/)."""
+    """Import a file that is not on sys.path (docker/)."""
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)
@@ -38,9 +39,9 @@ def load_module(name: str, path: Path) -> ModuleType:
 
 
 @pytest.fixture(scope="session")
-def vd() -> ModuleType:
-    """scripts/validate_deploy.py as a module."""
-    return load_module("validate_deploy", SCRIPT)
+def rendered() -> dict[str, list[K8sObject]]:
+    """k8s/base and k8s/overlays/gpu rendered by kustomize, by directory name (copy to edit)."""
+    return {path.name: render_kustomization(path) for path in Layout.from_root(ROOT).kustomizations}
 
 
 @pytest.fixture(scope="session")
@@ -66,5 +67,4 @@ def deploy_copy(tmp_path: Path) -> Iterator[Path]:
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif source.is_file():
             shutil.copy2(source, root / name)
-    (root / "model_repository").mkdir(exist_ok=True)
     yield root

@@ -19,23 +19,11 @@ from types import ModuleType
 
 import pytest
 from google.protobuf import text_format
+from tests.devtools.test_repository import CPU_CONFIG
 from tritonclient.grpc import model_config_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "triton-entrypoint.sh"
-
-CPU_CONFIG = """
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-sequence_batching {{
-  max_sequence_idle_microseconds: 60000000
-  oldest {{ max_candidate_sequences: 16 }}
-}}
-instance_group [ {{ count: 2, kind: KIND_CPU }} ]
-parameters {{ key: "ARTIFACT_FORMAT" value: {{ string_value: "onnx" }} }}
-parameters {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "/somewhere/venv" }} }}
-"""
 
 FAKE_IVVAE = """#!/usr/bin/env bash
 set -euo pipefail

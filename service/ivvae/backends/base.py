@@ -93,40 +93,51 @@ class StepSequence(Protocol):
     async def close(self) -> None: ...
 
 
-class SequenceEncode(EncodeSession):
-    """An encode session over a backend's :class:`StepSequence`."""
+class _OverSequence:
+    """A session's order rules over a backend's sequence: ``first`` once, before any
+    ``next`` (it may be retried until it succeeds), nothing after ``close``."""
 
     def __init__(self, sequence: StepSequence) -> None:
         self.sequence = sequence
+        self._started = False
+        self._closed = False
+
+    async def _step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
+        if self._closed:
+            raise RuntimeError("step after close()")
+        if first == self._started:
+            raise RuntimeError("first() must come once, before next()")
+        outputs = await self.sequence.step(array, first=first)
+        self._started = True
+        return outputs
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.sequence.close()
+
+
+class SequenceEncode(_OverSequence, EncodeSession):
+    """An encode session over a backend's :class:`StepSequence`."""
 
     async def first(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, logvar = await self.sequence.step(frames, first=True)
+        mu, logvar = await self._step(frames, first=True)
         return mu, logvar
 
     async def next(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mu, logvar = await self.sequence.step(frames, first=False)
+        mu, logvar = await self._step(frames, first=False)
         return mu, logvar
 
-    async def close(self) -> None:
-        await self.sequence.close()
 
-
-class SequenceDecode(DecodeSession):
+class SequenceDecode(_OverSequence, DecodeSession):
     """A decode session over a backend's :class:`StepSequence` (latents sent as float32)."""
 
-    def __init__(self, sequence: StepSequence) -> None:
-        self.sequence = sequence
-
     async def first(self, latent: np.ndarray) -> np.ndarray:
-        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=True)
+        (frames,) = await self._step(latent.astype(np.float32, copy=False), first=True)
         return frames
 
     async def next(self, latent: np.ndarray) -> np.ndarray:
-        (frames,) = await self.sequence.step(latent.astype(np.float32, copy=False), first=False)
+        (frames,) = await self._step(latent.astype(np.float32, copy=False), first=False)
         return frames
-
-    async def close(self) -> None:
-        await self.sequence.close()
 
 
 def step_error(result: StepResult, direction: str) -> IVVAEError:

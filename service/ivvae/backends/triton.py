@@ -341,10 +341,6 @@ class _Sequence:
         self.closed = False
 
     async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
-        if self.closed:
-            raise RuntimeError("step after close()")
-        if first == self.started:
-            raise RuntimeError("first() must come once, before next()")
         tensor = InferInput(self.input_name, list(array.shape),
                             "UINT8" if array.dtype == np.uint8 else "FP32")
         tensor.set_data_from_numpy(np.ascontiguousarray(array))

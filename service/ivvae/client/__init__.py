@@ -28,17 +28,26 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..core.names import DEFAULT_CRF
-from ._common import RetryPolicy, VideoSource, read_source, with_retries
+from ..video.preprocess import Preprocess
+from ._common import (
+    RetryPolicy,
+    VideoSource,
+    bare_latent_file,
+    frames_of_array,
+    is_array,
+    read_source,
+    with_retries,
+)
 from ._result import LatentResult, Models, atomic_write
 
 __all__ = ["AsyncClient", "Client", "LatentResult", "Models", "RetryPolicy", "atomic_write"]
@@ -46,13 +55,17 @@ __all__ = ["AsyncClient", "Client", "LatentResult", "Models", "RetryPolicy", "at
 T = TypeVar("T")
 DecodeFormat = Literal["mp4", "frames"]
 LatentSource = VideoSource | Path | LatentResult
+# Arrays: numpy, or torch tensors (typed loosely: the clients never import torch).
+VideoInput = VideoSource | Path | np.ndarray | Any
+LatentInput = LatentSource | np.ndarray | Any
 DEFAULT_TIMEOUT_S = 600.0
 
 
 class _Transport(Protocol):
-    async def encode(self, video: VideoSource | Path,
-                     options: dict[str, Any]) -> LatentResult: ...
-    async def decode(self, latent: bytes, *, frames: bool, crf: int) -> bytes | np.ndarray: ...
+    async def encode(self, video: VideoSource | Path | np.ndarray, options: dict[str, Any],
+                     preprocess: dict[str, str], fps: float | None = None) -> LatentResult: ...
+    async def decode(self, latent: bytes, *, frames: bool, crf: int,
+                     target: dict[str, str] | None = None) -> bytes | np.ndarray: ...
     async def models(self) -> Models: ...
     async def healthy(self) -> bool: ...
     async def close(self) -> None: ...
@@ -109,34 +122,77 @@ class AsyncClient:
             self._impl = _transport(self.url, self.api_key, self.timeout, self.ca_cert)
         return self._impl
 
-    async def encode(self, video: VideoSource | Path, *, sample: bool = False,
+    async def encode(self, video: VideoInput, *, sample: bool = False,
                      seed: int | None = None, dtype: str = "float32", model: str = "",
-                     moments: bool = False) -> LatentResult:
-        """Encode a video or image file (a path, or its bytes) to a latent file.
+                     moments: bool = False,
+                     preprocess: Preprocess | Mapping[str, str] | None = None,
+                     fps: float | None = None) -> LatentResult:
+        """Encode a video to a latent file: a video or image file (a path, or its bytes),
+        or frames as a numpy array or torch tensor (``(T, H, W, 3)`` uint8, or
+        ``(1, 3, T, H, W)`` / ``(3, T, H, W)`` float in [-1, 1]; ``fps`` their rate,
+        default 24).
 
         ``sample``: sample the posterior (else its mean, deterministic); ``seed`` makes a
-        sample reproducible; ``dtype``: float32, bfloat16 or float16; ``model``: a served
-        model (``models()``), empty for the default; ``moments``: also store mu and logvar.
+        sample reproducible; ``dtype``: float32, bfloat16 or float16 (file uploads; arrays
+        give float32 latents); ``model``: a served model (``models()``), empty for the
+        default; ``moments``: also store mu and logvar; ``preprocess``: resize, crop,
+        bucket, frame window and rate (``ivvae.video.Preprocess`` or its string
+        parameters, e.g. ``{"bucket": "480x272x17"}``), checked here before anything is
+        sent.
         """
         options: dict[str, Any] = {"model": model, "sample": sample, "dtype": dtype,
                                    "moments": moments}
         if seed is not None:
             options["seed"] = seed
-        return await with_retries(self.retry, lambda: self._t.encode(video, options))
+        if preprocess is None:
+            preprocess = Preprocess()
+        elif not isinstance(preprocess, Preprocess):
+            preprocess = Preprocess.parse(preprocess)
+        params = preprocess.to_params()
+        source: VideoSource | Path | np.ndarray
+        if is_array(video):
+            if dtype != "float32":
+                raise ValueError("arrays are encoded to float32 latents; dtype applies to "
+                                 "file uploads")
+            source = frames_of_array(video)
+        else:
+            source = cast("VideoSource | Path", video)
+        return await with_retries(self.retry,
+                                  lambda: self._t.encode(source, options, params, fps))
 
-    async def decode(self, latent: LatentSource, *, format: DecodeFormat = "mp4",
-                     crf: int = DEFAULT_CRF) -> bytes | np.ndarray:
-        """Decode a latent file (a path, its bytes, or a ``LatentResult``) to video.
+    async def decode(self, latent: LatentInput, *, format: DecodeFormat = "mp4",
+                     crf: int = DEFAULT_CRF, model: str = "", fps: float | str | None = None,
+                     num_frames: int | None = None, height: int | None = None,
+                     width: int | None = None,
+                     latent_space: Literal["scaled", "raw"] = "scaled") -> bytes | np.ndarray:
+        """Decode to video: a latent file (a path, its bytes, or a ``LatentResult``), or a
+        bare latent a sampler made, as a numpy array or torch tensor ``(B, z, t, h, w)`` or
+        ``(z, t, h, w)`` (bfloat16 / float16 kept) or a bare latent file.
 
         ``format="mp4"``: the bytes of an H.264 MP4 (original fps, frame count and size;
-        ``crf`` its quality, lower is better); ``format="frames"``: ``(T, H, W, 3)`` uint8
-        RGB frames in [0, 255].
+        ``crf`` its quality, lower is better; a batch of more than one: a zip of
+        ``0.mp4``, ``1.mp4``, ...); ``format="frames"``: ``(T, H, W, 3)`` uint8 RGB frames
+        in [0, 255] (``(B, T, H, W, 3)`` for a batch). For bare latents, ``model`` (default:
+        the served default), ``fps`` (default 24), ``num_frames`` / ``height`` / ``width``
+        (defaults ``1 + 4(t-1)``, ``8h``, ``8w``) and ``latent_space`` (``scaled``: the
+        model's ``scale * (s - shift)``, what encode returns; ``raw``: ``s``).
         """
         if format not in ("mp4", "frames"):
             raise ValueError(f"format must be 'mp4' or 'frames', got {format!r}")
-        data = latent.data if isinstance(latent, LatentResult) else await read_source(latent)
+        target = {k: str(v) for k, v in (("model", model), ("fps", fps),
+                                          ("num_frames", num_frames), ("height", height),
+                                          ("width", width)) if v}
+        if latent_space != "scaled":
+            target["latent_space"] = latent_space
+        if is_array(latent):
+            data = bare_latent_file(latent)
+        elif isinstance(latent, LatentResult):
+            data = latent.data
+        else:
+            data = await read_source(cast("VideoSource | Path", latent))
         return await with_retries(
-            self.retry, lambda: self._t.decode(data, frames=format == "frames", crf=crf))
+            self.retry, lambda: self._t.decode(data, frames=format == "frames", crf=crf,
+                                               target=target))
 
     async def models(self) -> Models:
         return await with_retries(self.retry, self._t.models)
@@ -193,17 +249,24 @@ class Client:
             future.cancel()  # e.g. Ctrl-C: stop the call, not only the wait
             raise
 
-    def encode(self, video: VideoSource | Path, *, sample: bool = False,
+    def encode(self, video: VideoInput, *, sample: bool = False,
                seed: int | None = None, dtype: str = "float32", model: str = "",
-               moments: bool = False) -> LatentResult:
+               moments: bool = False, preprocess: Preprocess | Mapping[str, str] | None = None,
+               fps: float | None = None) -> LatentResult:
         """See ``AsyncClient.encode``."""
         return self._run(self._async.encode(video, sample=sample, seed=seed, dtype=dtype,
-                                            model=model, moments=moments))
+                                            model=model, moments=moments,
+                                            preprocess=preprocess, fps=fps))
 
-    def decode(self, latent: LatentSource, *, format: DecodeFormat = "mp4",
-               crf: int = DEFAULT_CRF) -> bytes | np.ndarray:
+    def decode(self, latent: LatentInput, *, format: DecodeFormat = "mp4",
+               crf: int = DEFAULT_CRF, model: str = "", fps: float | str | None = None,
+               num_frames: int | None = None, height: int | None = None,
+               width: int | None = None,
+               latent_space: Literal["scaled", "raw"] = "scaled") -> bytes | np.ndarray:
         """See ``AsyncClient.decode``."""
-        return self._run(self._async.decode(latent, format=format, crf=crf))
+        return self._run(self._async.decode(latent, format=format, crf=crf, model=model,
+                                            fps=fps, num_frames=num_frames, height=height,
+                                            width=width, latent_space=latent_space))
 
     def models(self) -> Models:
         return self._run(self._async.models())

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..errors import BackendUnavailable, IVVAEError, Overloaded
-from ..safetensors_io import SafetensorsError, loads
+from ..safetensors_io import SafetensorsError, Tensor, dumps, loads
 
 T = TypeVar("T")
 VideoSource = str | os.PathLike[str] | bytes
@@ -105,3 +105,65 @@ def frames_from_file(data: bytes | bytearray, source: str) -> np.ndarray:
         return np.array(tensors["frames"].array)
     except (SafetensorsError, KeyError) as exc:
         raise IVVAEError(f"{source} sent unreadable frames: {exc}") from exc
+
+
+def _as_numpy(x: object) -> np.ndarray:
+    """A numpy array or a torch tensor (any device; bfloat16 widened) as numpy, without
+    importing torch for numpy input."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        assert isinstance(x, torch.Tensor)
+        t = x.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+    raise TypeError(f"expected a path, bytes, a numpy array or a torch tensor, got "
+                    f"{type(x).__name__}")
+
+
+def is_array(x: object) -> bool:
+    return isinstance(x, np.ndarray) or type(x).__module__.startswith("torch")
+
+
+def frames_of_array(x: object) -> np.ndarray:
+    """Video given as an array -> ``(T, H, W, 3)`` uint8 RGB: ``(T, H, W, 3)`` or
+    ``(H, W, 3)`` uint8, or ``(1, 3, T, H, W)`` / ``(3, T, H, W)`` float in [-1, 1]
+    (rounded to uint8 as the server reads frames)."""
+    a = _as_numpy(x)
+    if a.dtype == np.uint8:
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[-1] != 3:
+            raise ValueError(f"uint8 frames are (T, H, W, 3) or (H, W, 3); got {a.shape}")
+        return np.ascontiguousarray(a)
+    if a.ndim == 5:
+        if a.shape[0] != 1:
+            raise ValueError(f"encode takes one video; got a batch of {a.shape[0]}")
+        a = a[0]
+    if a.ndim != 4 or a.shape[0] != 3 or not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"float video is (1, 3, T, H, W) or (3, T, H, W) in [-1, 1]; got "
+                         f"{a.shape} {a.dtype}")
+    if not np.isfinite(a).all():
+        raise ValueError("the video has non-finite values (NaN or inf)")
+    frames = np.rint((np.clip(a.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+    return np.ascontiguousarray(frames.transpose(1, 2, 3, 0))
+
+
+def bare_latent_file(x: object) -> bytes:
+    """A latent given as an array, ``(B, z, t, h, w)`` or ``(z, t, h, w)``, as a bare latent
+    file (bfloat16 and float16 tensors keep their dtype; other floats become float32)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        assert isinstance(x, torch.Tensor)
+        t = x.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            bits = t.view(torch.int16).numpy().view(np.uint16)
+            return dumps({"latent": Tensor("BF16", bits)})
+    a = _as_numpy(x)
+    if a.dtype != np.float16:
+        a = a.astype(np.float32)
+    return dumps({"latent": np.ascontiguousarray(a)})

@@ -88,23 +88,43 @@ class GrpcTransport:
             if not call.done():
                 call.cancel()
 
-    async def encode(self, video: VideoSource | Path, options: dict[str, Any]) -> LatentResult:
+    async def encode(self, video: VideoSource | Path | np.ndarray, options: dict[str, Any],
+                     preprocess: dict[str, str], fps: float | None = None) -> LatentResult:
+        fields: dict[str, Any] = {}
+        for name, value in preprocess.items():
+            if name == "bucket":
+                fields[name] = value.split(",")
+            elif name in ("start_frame", "num_frames", "max_frames", "stride"):
+                fields[name] = int(value)
+            else:
+                fields[name] = value
+        source: VideoSource | Path
+        if isinstance(video, np.ndarray):
+            fields["frames"] = pb.TensorSpec(shape=list(video.shape), dtype="uint8",
+                                             fps="" if fps is None else repr(float(fps)))
+            source = video.tobytes()
+        else:
+            source = video
         responses = await self._stream(
             self._stub.Encode,
-            pb.EncodeRequest(options=pb.EncodeOptions(**options, size_bytes=_size(video))),
-            lambda piece: pb.EncodeRequest(chunk=piece), video)
+            pb.EncodeRequest(options=pb.EncodeOptions(**options, **fields,
+                                                      size_bytes=_size(source))),
+            lambda piece: pb.EncodeRequest(chunk=piece), source)
         results = [r.result for r in responses if r.WhichOneof("part") == "result"]
         data = b"".join(r.chunk for r in responses if r.WhichOneof("part") == "chunk")
         if len(results) != 1 or len(data) != results[0].size_bytes:
             raise IVVAEError(f"{self.target} ended the Encode stream early")
         return LatentResult.from_bytes(data, cache_hit=results[0].cache_hit)
 
-    async def decode(self, latent: bytes, *, frames: bool, crf: int) -> bytes | np.ndarray:
+    async def decode(self, latent: bytes, *, frames: bool, crf: int,
+                     target: dict[str, str] | None = None) -> bytes | np.ndarray:
         fmt = pb.DECODE_FORMAT_FRAMES if frames else pb.DECODE_FORMAT_MP4
+        fields: dict[str, Any] = {k: int(v) if k in ("num_frames", "height", "width") else v
+                                  for k, v in (target or {}).items()}
         responses = await self._stream(
             self._stub.Decode,
             pb.DecodeRequest(options=pb.DecodeOptions(format=fmt, crf=crf,
-                                                      size_bytes=len(latent))),
+                                                      size_bytes=len(latent), **fields)),
             lambda piece: pb.DecodeRequest(chunk=piece), latent)
         if not responses or responses[0].WhichOneof("part") != "info":
             raise IVVAEError(f"{self.target} ended the Decode stream early")

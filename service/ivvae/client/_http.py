@@ -57,20 +57,34 @@ class HttpTransport:
             raise _error(response)
         return response
 
-    async def encode(self, video: VideoSource | Path, options: dict[str, Any]) -> LatentResult:
-        params = {k: str(v).lower() if isinstance(v, bool) else str(v)
-                  for k, v in options.items() if v is not None}
-        body = video if isinstance(video, bytes) else iter_source(video)
+    async def encode(self, video: VideoSource | Path | np.ndarray, options: dict[str, Any],
+                     preprocess: dict[str, str], fps: float | None = None) -> LatentResult:
+        params: list[tuple[str, str]] = [
+            (k, str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in options.items() if v is not None]
+        params += list(preprocess.items())
+        body: Any
+        if isinstance(video, np.ndarray):
+            # frames as a raw tensor body; its dtype parameter names the body's dtype
+            params = [(k, v) for k, v in params if k != "dtype"]
+            params += [("shape", ",".join(str(d) for d in video.shape)), ("dtype", "uint8"),
+                       ("output_type", "file")]
+            if fps is not None:
+                params.append(("fps", repr(float(fps))))
+            body = video.tobytes()
+        else:
+            body = video if isinstance(video, bytes) else iter_source(video)
         response = await self._request(
             "POST", "/encode", params=params, content=body,
             headers={"content-type": "application/octet-stream"})
         return LatentResult.from_bytes(response.content,
                                        cache_hit=response.headers.get("x-cache") == "hit")
 
-    async def decode(self, latent: bytes, *, frames: bool, crf: int) -> bytes | np.ndarray:
+    async def decode(self, latent: bytes, *, frames: bool, crf: int,
+                     target: dict[str, str] | None = None) -> bytes | np.ndarray:
         response = await self._request(
             "POST", "/decode", content=latent,
-            params={"format": "frames" if frames else "mp4", "crf": str(crf)},
+            params={"format": "frames" if frames else "mp4", "crf": str(crf), **(target or {})},
             headers={"content-type": "application/octet-stream"})
         if not frames:
             return response.content

@@ -64,10 +64,22 @@ class LatentResult:
         return self._arrays[name]
 
     def torch(self, name: str = "latent") -> torch.Tensor:
-        """``numpy(name)`` as a float32 CPU tensor (imports torch on first use)."""
+        """A stored tensor as a CPU tensor in its stored dtype (bfloat16 stays bfloat16,
+        float16 float16, the moments float32); imports torch on first use."""
         import torch
 
-        return torch.from_numpy(self.numpy(name).copy())
+        try:
+            tensors, _ = loads(self.data)
+        except SafetensorsError as exc:
+            raise ValueError(str(exc)) from exc
+        if name not in tensors:
+            raise KeyError(f"the latent file has no tensor {name!r} (has {sorted(tensors)})")
+        stored = tensors[name]
+        if stored.dtype == "BF16":
+            # bfloat16 travels as its uint16 bit patterns; torch reinterprets them.
+            bits = np.array(stored.array).view(np.int16)
+            return torch.from_numpy(bits).view(torch.bfloat16)
+        return torch.from_numpy(np.array(stored.array))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the file atomically (a crash never leaves half a latent at ``path``)."""

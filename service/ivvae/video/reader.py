@@ -40,6 +40,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from types import TracebackType
 from typing import Any, BinaryIO, cast
 
@@ -56,6 +57,7 @@ from ivvae.core.strict import MAX_FPS, MIN_FPS
 from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ivvae.video import orientation, sniff
 from ivvae.video.orientation import Orientation
+from ivvae.video.preprocess import FrameSelector, Plan, Preprocess
 
 # Frame rate reported for still images and for streams that declare none (or a nonsense one).
 DEFAULT_FPS = 24.0
@@ -116,14 +118,27 @@ Frames = npt.NDArray[np.uint8]
 
 @dataclass(frozen=True)
 class VideoLimits:
-    """What an upload may not exceed. ``max_pixels`` is per frame, width * height."""
+    """What an upload may not exceed.
+
+    ``max_frames`` and ``max_pixels`` (per frame, width * height) bound what comes out,
+    after preprocessing; ``max_source_pixels`` (``None``: ``max_pixels``) and
+    ``max_source_seconds`` (``None``: no limit) bound the upload itself, checked against
+    its headers before decoding and against what decodes.
+    """
 
     max_frames: int = 2048
     max_pixels: int = 1920 * 1088
+    max_source_pixels: int | None = None
+    max_source_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_frames < 1 or self.max_pixels < 1:
+        if self.max_frames < 1 or self.max_pixels < 1 or (self.max_source_pixels or 1) < 1 or (
+                self.max_source_seconds is not None and not self.max_source_seconds > 0):
             raise ValueError(f"limits must be positive, got {self}")
+
+    @property
+    def source_pixels(self) -> int:
+        return self.max_source_pixels or self.max_pixels
 
 
 @dataclass(frozen=True)
@@ -239,8 +254,9 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
 
 
 def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
-    if width * height > limits.max_pixels:
-        raise TooLarge(f"frames of {width}x{height} exceed the limit of {limits.max_pixels} pixels")
+    if width * height > limits.source_pixels:
+        raise TooLarge(f"frames of {width}x{height} exceed the limit of "
+                       f"{limits.source_pixels} pixels")
 
 
 def _frame_rate(stream: VideoStream, still: bool) -> float:
@@ -252,9 +268,7 @@ def _frame_rate(stream: VideoStream, still: bool) -> float:
     return DEFAULT_FPS
 
 
-def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> int | None:
-    if stream.frames > 0:
-        return stream.frames
+def _declared_seconds(stream: VideoStream, container: InputContainer) -> float | None:
     seconds: float | None = None
     if stream.duration is not None and stream.time_base is not None:
         seconds = float(stream.duration * stream.time_base)
@@ -262,7 +276,14 @@ def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> 
         seconds = container.duration / av.time_base
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
         return None
-    return max(1, round(seconds * fps))
+    return seconds
+
+
+def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> int | None:
+    if stream.frames > 0:
+        return stream.frames
+    seconds = _declared_seconds(stream, container)
+    return None if seconds is None else max(1, round(seconds * fps))
 
 
 def _tagged_duration(stream: VideoStream) -> float | None:
@@ -280,16 +301,18 @@ def _tagged_duration(stream: VideoStream) -> float | None:
 
 
 def open_video(
-    source: bytes | str | os.PathLike[str], *, limits: VideoLimits = VideoLimits()
+    source: bytes | str | os.PathLike[str], *, limits: VideoLimits = VideoLimits(),
+    preprocess: Preprocess | None = None,
 ) -> VideoReader:
     """Open an upload (bytes) or a file (path) for decoding; see the module docstring.
 
-    Checks the limits against the stream headers, then decodes the first frame. Raises
+    Checks the limits against the stream headers, then decodes the first frame and plans
+    ``preprocess`` (``reader.plan``; see ``ivvae.video.preprocess``) for the clip. Raises
     ``EmptyInput``, ``InvalidInput``, ``UnsupportedMedia``, ``CorruptMedia`` or
     ``TooLarge``; nothing from PyAV or the OS escapes.
     """
     src = _Source(source)
-    decoder_cap = _DECODER_CAP_FACTOR * limits.max_pixels + _DECODER_CAP_SLACK
+    decoder_cap = _DECODER_CAP_FACTOR * limits.source_pixels + _DECODER_CAP_SLACK
     pixel_cap = {"max_pixels": str(decoder_cap)}
     container, file = _open_container(src, options=pixel_cap, container_options={})
     try:
@@ -305,11 +328,17 @@ def open_video(
             declared = _declared_size(src)
             if declared is not None:
                 _check_pixels(*declared, limits)
-        if stream.frames > limits.max_frames:
+        seconds = _declared_seconds(stream, container)
+        if (limits.max_source_seconds is not None and seconds is not None
+                and seconds > limits.max_source_seconds):
+            raise TooLarge(f"the video declares {seconds:.1f} s, over the limit of "
+                           f"{limits.max_source_seconds:g} s")
+        if preprocess is None and stream.frames > limits.max_frames:
             raise TooLarge(
                 f"the video declares {stream.frames} frames, over the limit of {limits.max_frames}"
             )
-        return VideoReader._start(container, file, stream, src, limits, pixel_cap)
+        return VideoReader._start(container, file, stream, src, limits, pixel_cap,
+                                  preprocess or Preprocess())
     except BaseException:
         container.close()
         file.close()
@@ -319,34 +348,44 @@ def open_video(
 class VideoReader:
     """Frames of one open video, decoded on demand. Made by ``open_video``; not thread-safe.
 
+    ``info`` describes the upload as it is; ``plan`` what preprocessing makes of it (the
+    output size is ``plan.width`` x ``plan.height``, the output rate ``plan.fps``).
     Use as a context manager, or call ``close``. ``iter_frames`` can run once: decoding
     streams forward through the upload.
     """
 
     info: VideoInfo
+    plan: Plan
 
     def __init__(
         self,
-        container: InputContainer,
-        file: BinaryIO,
+        container: InputContainer | None,
+        file: BinaryIO | None,
         frames: Iterator[VideoFrame],
         first: VideoFrame,
         info: VideoInfo,
         orientation: Orientation,
         limits: VideoLimits,
+        plan: Plan,
         declared_seconds: float | None = None,
     ) -> None:
         self.info = info
+        self.plan = plan
         self._declared_seconds = declared_seconds
         self._container = container
         self._file = file
         self._frames = frames
         self._first: VideoFrame | None = first
         self._limits = limits
-        self._coded_size = (first.width, first.height)
+        g = plan.geometry
+        # The scaled size in coded (unrotated) orientation: rotation is applied after.
+        self._scaled_coded = ((g.scaled_height, g.scaled_width) if orientation.clockwise % 180
+                              else (g.scaled_width, g.scaled_height))
+        self._upscale = g.scaled_width * g.scaled_height > first.width * first.height
         self._orientation = orientation
         self._started = False
         self._closed = False
+        self.source_frames_read = 0
 
     @classmethod
     def _start(
@@ -357,6 +396,7 @@ class VideoReader:
         source: _Source,
         limits: VideoLimits,
         decoder_options: dict[str, str],
+        preprocess: Preprocess,
     ) -> VideoReader:
         for other in container.streams:
             if other.index != stream.index:
@@ -386,17 +426,29 @@ class VideoReader:
             container=container.format.name,
             rotation=turn.clockwise,
         )
-        return cls(container, file, frames, first, info, turn, limits,
+        plan = preprocess.plan(width, height, info.num_frames, fps)
+        if plan.width * plan.height > limits.max_pixels:
+            raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
+                           f"{limits.max_pixels} pixels")
+        if plan.exact and plan.frame_limit is not None and plan.frame_limit > limits.max_frames:
+            raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
+                           f"{limits.max_frames}")
+        return cls(container, file, frames, first, info, turn, limits, plan,
                    _tagged_duration(stream))
 
     def iter_frames(self, chunk: int) -> Iterator[Frames]:
-        """Yield the frames in presentation order as ``(n, H, W, 3)`` uint8 RGB, ``n <= chunk``.
+        """Yield the output frames in order as ``(n, H, W, 3)`` uint8 RGB, ``n <= chunk``.
 
-        ``H, W`` are ``info.height, info.width``: rotation and mirroring are applied (see
-        ``ivvae.video.orientation``). Frames whose coded size changes mid-stream are scaled
-        to the first frame's size, as players do; alpha is composited over black. Raises
-        ``TooLarge`` as soon as a frame past ``limits.max_frames`` is decoded and
-        ``CorruptMedia`` if decoding fails. Holds at most one chunk.
+        ``H, W`` are ``plan.height, plan.width`` (without preprocessing, ``info.height,
+        info.width``): rotation and mirroring are applied (see
+        ``ivvae.video.orientation``), then the plan's swscale resize and crop. Frames whose
+        coded size changes mid-stream are scaled like the first, as players do; alpha is
+        composited over black. Frames are selected as ``plan`` says while they stream
+        out; decoding stops once the plan's frame count is reached. Raises ``TooLarge`` as
+        soon as an output frame past ``limits.max_frames`` (or a source frame past
+        ``limits.max_source_seconds``) is decoded, ``InvalidInput`` when the clip ends
+        short of the frame count the plan needs exactly, and ``CorruptMedia`` if decoding
+        fails. Holds at most one chunk.
         """
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
@@ -416,8 +468,10 @@ class VideoReader:
             return
         self._closed = True
         self._first = None
-        self._container.close()
-        self._file.close()
+        if self._container is not None:
+            self._container.close()
+        if self._file is not None:
+            self._file.close()
 
     def __enter__(self) -> VideoReader:
         return self
@@ -431,13 +485,13 @@ class VideoReader:
         self.close()
 
     def _chunks(self, chunk: int) -> Iterator[Frames]:
-        height, width = self.info.height, self.info.width
+        height, width = self.plan.height, self.plan.width
         buffer: Frames | None = None
         filled = 0
-        for frame in self._all_frames():
+        for rgb in self._selected():
             if buffer is None:
                 buffer = np.empty((chunk, height, width, 3), dtype=np.uint8)
-            buffer[filled] = self._to_rgb(frame)
+            buffer[filled] = rgb
             filled += 1
             if filled == chunk:
                 yield buffer
@@ -445,12 +499,60 @@ class VideoReader:
         if buffer is not None:
             yield buffer[:filled]
 
+    def _selected(self) -> Iterator[npt.NDArray[np.uint8]]:
+        """Output frames, ``(H, W, 3)`` uint8, as the plan selects them by timestamp."""
+        plan, limit = self.plan, self.plan.frame_limit
+        selector: FrameSelector = plan.selector(self.info.fps)
+        produced = 0
+        previous: VideoFrame | None = None
+        origin: float | None = None
+        for index, frame in enumerate(self._all_frames()):
+            time = frame.time
+            if origin is None:
+                origin = time if time is not None else 0.0
+            seconds = (time - origin) if time is not None else index / self.info.fps
+            copies = selector.push(seconds)
+            while copies:
+                copies -= 1
+                assert previous is not None
+                yield from self._emit(previous, produced)
+                produced += 1
+                if limit is not None and produced >= limit:
+                    return
+            previous = frame
+        if previous is not None:
+            copies = selector.finish()
+            while copies and (limit is None or produced < limit):
+                copies -= 1
+                yield from self._emit(previous, produced)
+                produced += 1
+        if produced == 0:
+            raise InvalidInput("preprocessing selects no frames: the window starts after "
+                               "the clip ends")
+        if plan.exact and limit is not None and produced < limit:
+            raise InvalidInput(f"the clip gives only {produced} frames after "
+                               f"preprocessing; {limit} are needed "
+                               f"({plan.bucket or 'num_frames'})")
+
+    def _emit(self, frame: VideoFrame, produced: int) -> Iterator[npt.NDArray[np.uint8]]:
+        if produced >= self._limits.max_frames:
+            raise TooLarge(f"the video has more than {self._limits.max_frames} frames"
+                           + ("" if self.plan.options.is_identity
+                              else " after preprocessing") + "; max_frames takes fewer")
+        g = self.plan.geometry
+        rgb = self._to_rgb(frame)
+        if g.crops:
+            rgb = rgb[g.top : g.top + g.height, g.left : g.left + g.width]
+        yield rgb
+
     def _all_frames(self) -> Iterator[VideoFrame]:
         first, self._first = self._first, None
         if first is None:
             return
-        count = 1
         last_time = first.time
+        origin = first.time or 0.0
+        cap = self._limits.max_source_seconds
+        self.source_frames_read = 1
         yield first
         while not self._closed:
             frame = next(self._frames, None)
@@ -458,9 +560,9 @@ class VideoReader:
                 self._check_complete(last_time)
                 return
             last_time = frame.time if frame.time is not None else last_time
-            count += 1
-            if count > self._limits.max_frames:
-                raise TooLarge(f"the video has more than {self._limits.max_frames} frames")
+            self.source_frames_read += 1
+            if cap is not None and last_time is not None and last_time - origin > cap:
+                raise TooLarge(f"the video is longer than the limit of {cap:g} s")
             yield frame
 
     def _check_complete(self, last_time: float | None) -> None:
@@ -477,22 +579,60 @@ class VideoReader:
                                f"{declared:.3f} s of video, only {end:.3f} s decode")
 
     def _to_rgb(self, frame: VideoFrame) -> npt.NDArray[np.uint8]:
-        """One frame as ``(H, W, 3)`` uint8 RGB at the display size."""
-        width, height = self._coded_size
+        """One frame as ``(H, W, 3)`` uint8 RGB, upright, at the plan's scaled size
+        (swscale: area averaging down, bicubic up)."""
+        width, height = self._scaled_coded
+        interpolation = "BICUBIC" if self._upscale else "AREA"
         # A palette can hold transparency too (GIF, PNG with tRNS).
         has_alpha = frame.format.has_palette or any(
             component.is_alpha for component in frame.format.components
         )
         try:
             if has_alpha:
-                rgba = cast(Frames, frame.to_ndarray(format="rgba", width=width, height=height))
+                rgba = cast(Frames, frame.to_ndarray(format="rgba", width=width, height=height,
+                                                     interpolation=interpolation))
                 alpha = rgba[..., 3:].astype(np.uint16)
                 rgb = ((rgba[..., :3] * alpha + 127) // 255).astype(np.uint8)
             else:
-                rgb = cast(Frames, frame.to_ndarray(format="rgb24", width=width, height=height))
+                rgb = cast(Frames, frame.to_ndarray(format="rgb24", width=width, height=height,
+                                                    interpolation=interpolation))
         except (av.error.FFmpegError, ValueError) as exc:
             raise CorruptMedia(f"a frame could not be converted to RGB: {exc}") from exc
         return self._orientation.apply(rgb)
+
+
+def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
+                limits: VideoLimits = VideoLimits(),
+                preprocess: Preprocess | None = None) -> VideoReader:
+    """A reader over frames already in memory, ``(T, H, W, 3)`` uint8 RGB at ``fps``
+    (a tensor upload), with the same limits and preprocessing as ``open_video``: the frames
+    go through the same swscale resize and timestamp selection."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(
+            frames):
+        raise InvalidInput(f"frames must be (T, H, W, 3) uint8 with T >= 1, got "
+                           f"{list(frames.shape)} {frames.dtype}")
+    t, height, width, _ = frames.shape
+    _check_pixels(width, height, limits)
+    if preprocess is None and t > limits.max_frames:
+        raise TooLarge(f"{t} frames exceed the limit of {limits.max_frames}")
+    rate = Fraction(fps).limit_denominator(1_000_000)
+
+    def video_frames() -> Iterator[VideoFrame]:
+        for index in range(t):
+            frame = VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+            frame.pts = index
+            frame.time_base = 1 / rate
+            yield frame
+
+    stream = video_frames()
+    first = next(stream)
+    info = VideoInfo(width=width, height=height, fps=float(rate), num_frames=t, codec="raw",
+                     container="tensor", rotation=0)
+    plan = (preprocess or Preprocess()).plan(width, height, t, float(rate))
+    if plan.width * plan.height > limits.max_pixels:
+        raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
+                       f"{limits.max_pixels} pixels")
+    return VideoReader(None, None, stream, first, info, Orientation(0), limits, plan)
 
 
 def _decode(container: InputContainer, stream: VideoStream) -> Iterator[VideoFrame]:

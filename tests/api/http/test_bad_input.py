@@ -54,8 +54,14 @@ UPLOADS: dict[str, tuple[Callable[[], dict[str, object]], int, str]] = {
     "oversized payload": (lambda: {"files": _mp4_upload(b"\0" * 300_000)}, 413, "too_large"),
     "no file field": (lambda: {"files": {"video": ("v.mp4", GOOD, "video/mp4")}}, 400,
                       "invalid_input"),
-    "bad query": (lambda: {"files": _mp4_upload(GOOD), "params": {"seed": "-1"}}, 422,
+    # Query parameters are read by the service's own parser (issue 14): a 400 naming them.
+    "bad query": (lambda: {"files": _mp4_upload(GOOD), "params": {"seed": "-1"}}, 400,
                   "invalid_input"),
+    "unknown query": (lambda: {"files": _mp4_upload(GOOD), "params": {"rezise": "64"}}, 400,
+                      "invalid_input"),
+    "contradictory options": (lambda: {"files": _mp4_upload(GOOD),
+                                       "params": {"stride": "2", "fps": "5"}}, 400,
+                              "invalid_input"),
     "unknown model": (lambda: {"files": _mp4_upload(GOOD), "params": {"model": "nope"}}, 400,
                       "unknown_model"),
 }

@@ -19,9 +19,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,9 +31,21 @@ from ...config import Settings
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
-from ...outputs import OutputFormat, render
-from ...pipeline import EncodeOptions
+from ...outputs import OutputFormat, render, render_batch
+from ...pipeline import EncodeOptions, FramesUpload
 from ...service import Service
+from ...video import DEFAULT_FPS, Preprocess
+from ...wire import (
+    LATENT_DTYPES,
+    DecodeTarget,
+    check_latent_values,
+    is_ivvae_latent_file,
+    parse_shape,
+    parse_wire_dtype,
+    read_bare_latent,
+    read_raw_tensor,
+    tensor_to_float32,
+)
 from ..metering import RequestMeter
 from .errors import ERROR_CODE_KEY, grpc_status
 from .gen import ivvae_pb2 as pb
@@ -62,12 +76,60 @@ def _chunks(data: bytes | bytearray | memoryview) -> list[bytes]:
     return [bytes(view[i : i + CHUNK_BYTES]) for i in range(0, len(view), CHUNK_BYTES)]
 
 
+def _preprocess(msg: pb.EncodeOptions) -> Preprocess:
+    """The preprocessing fields, parsed as HTTP's query parameters of the same names."""
+    params = [(name, getattr(msg, name)) for name in ("resize", "crop", "start_s", "fps")
+              if getattr(msg, name)]
+    params += [("bucket", b) for b in msg.bucket]
+    params += [(name, str(getattr(msg, name)))
+               for name in ("start_frame", "num_frames", "max_frames", "stride")
+               if msg.HasField(name)]
+    return Preprocess.parse(params)
+
+
 def _encode_options(msg: pb.EncodeOptions | None) -> EncodeOptions:
     if msg is None:
         return EncodeOptions()
+    if msg.HasField("frames"):
+        _frames_spec(msg.frames)
     return EncodeOptions(model=msg.model, sample=msg.sample,
                          seed=msg.seed if msg.HasField("seed") else None,
-                         dtype=msg.dtype or "float32", include_moments=msg.moments)
+                         dtype=msg.dtype or "float32", include_moments=msg.moments,
+                         preprocess=_preprocess(msg))
+
+
+def _frames_spec(spec: pb.TensorSpec) -> tuple[tuple[int, ...], float]:
+    """(shape, fps) of frames sent as a raw tensor: (T, H, W, 3) uint8."""
+    shape = parse_shape([",".join(str(d) for d in spec.shape)])
+    if parse_wire_dtype(spec.dtype or "uint8", allowed=("uint8",)) != "uint8" or len(
+            shape) != 4 or shape[3] != 3:
+        raise InvalidInput(f"frames are (T, H, W, 3) uint8; got shape {list(shape)}")
+    try:
+        fps = float(Fraction(spec.fps)) if spec.fps else DEFAULT_FPS
+    except (ValueError, ZeroDivisionError):
+        raise InvalidInput(f"frames fps must be a number, got {spec.fps!r}") from None
+    if not 0 < fps <= 1000:
+        raise InvalidInput("frames fps must be in (0, 1000]")
+    return shape, fps
+
+
+def _encode_source(msg: pb.EncodeOptions | None, data: bytes) -> bytes | FramesUpload:
+    if msg is None or not msg.HasField("frames"):
+        return data
+    shape, fps = _frames_spec(msg.frames)
+    return FramesUpload(np.ascontiguousarray(read_raw_tensor(data, shape, "uint8").array),
+                        fps=fps)
+
+
+def _decode_target(msg: pb.DecodeOptions | None) -> list[tuple[str, str]]:
+    """The bare-latent parameters that were given, as HTTP's (name, value) pairs."""
+    if msg is None:
+        return []
+    params = [(name, getattr(msg, name)) for name in ("model", "fps", "latent_space")
+              if getattr(msg, name)]
+    return params + [(name, str(getattr(msg, name))) for name in ("num_frames", "height",
+                                                                  "width")
+                     if msg.HasField(name)]
 
 
 _FORMATS: dict[int, OutputFormat] = {pb.DECODE_FORMAT_UNSPECIFIED: "mp4",
@@ -81,6 +143,7 @@ def _decode_options(msg: pb.DecodeOptions | None) -> tuple[OutputFormat, int]:
         return "mp4", DEFAULT_CRF
     if msg.format not in _FORMATS:
         raise InvalidInput(f"unknown decode format {msg.format}")
+    DecodeTarget.parse(_decode_target(msg))  # refused before the upload
     crf = msg.crf if msg.HasField("crf") else DEFAULT_CRF
     if not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
         raise InvalidInput(f"crf must be in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf}")
@@ -242,8 +305,10 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 frames_done += n
                 moved.set()
 
+            source = _encode_source(options, data)
+            del data
             work = asyncio.ensure_future(
-                self.service.pipeline.encode(data, opts, on_frames=on_frames))
+                self.service.pipeline.encode(source, opts, on_frames=on_frames))
             try:
                 while not work.done():
                     tick = asyncio.ensure_future(moved.wait())
@@ -283,17 +348,42 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             options, data = await self._receive(context, rpc, request_iterator,
                                                 "latent file", _decode_options)
             fmt, crf = _decode_options(options)
-            info, frames = await self.service.pipeline.decode_frames(data)
+            target = _decode_target(options)
+            pipeline = self.service.pipeline
+            bare: tuple[np.ndarray, str] | None = None
+            if options is not None and options.HasField("tensor"):
+                shape = parse_shape([",".join(str(d) for d in options.tensor.shape)])
+                dtype = parse_wire_dtype(options.tensor.dtype, allowed=LATENT_DTYPES)
+                raw = read_raw_tensor(data, shape, dtype)
+                bare = check_latent_values(tensor_to_float32(raw), dtype), dtype
+            elif not is_ivvae_latent_file(data):
+                bare = read_bare_latent(data)
+            elif target:
+                raise InvalidInput(f"option {target[0][0]!r} is for bare latents: a latent "
+                                   "file from Encode records its own model, size and fps")
+            if bare is None:
+                info, frames = await pipeline.decode_frames(data)
+                items = [frames]
+            else:
+                info, items = await pipeline.decode_bare(*bare, DecodeTarget.parse(target))
             del data
-            output = render(fmt, info, frames, crf=crf)
+            message = latent_info_message(info)
+            message.batch = len(items)
+            if len(items) > 1:
+                body, _ = await render_batch(fmt, info, items, crf=crf)
+                await context.write(pb.DecodeResponse(info=message))
+                for chunk in _chunks(body):
+                    await context.write(pb.DecodeResponse(chunk=chunk))
+                return
+            output = render(fmt, info, items[0], crf=crf)
             try:
-                await context.write(pb.DecodeResponse(info=latent_info_message(info)))
+                await context.write(pb.DecodeResponse(info=message))
                 async for piece in output:
                     for chunk in _chunks(piece):
                         await context.write(pb.DecodeResponse(chunk=chunk))
             finally:
                 await _aclose(output)
-                await _aclose(frames)
+                await _aclose(items[0])
 
     async def ListModels(self, request: Any, context: Context) -> Any:
         async with self._call(context, "models"):

@@ -17,20 +17,50 @@ DECODE_FORMAT_MP4: DecodeFormat
 DECODE_FORMAT_FRAMES: DecodeFormat
 
 class EncodeOptions(_message.Message):
-    __slots__ = ("model", "sample", "seed", "dtype", "moments", "size_bytes")
+    __slots__ = ("model", "sample", "seed", "dtype", "moments", "size_bytes", "resize", "crop", "bucket", "start_frame", "start_s", "num_frames", "max_frames", "stride", "fps", "frames")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MOMENTS_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    START_FRAME_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     model: str
     sample: bool
     seed: int
     dtype: str
     moments: bool
     size_bytes: int
-    def __init__(self, model: _Optional[str] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., moments: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    resize: str
+    crop: str
+    bucket: _containers.RepeatedScalarFieldContainer[str]
+    start_frame: int
+    start_s: str
+    num_frames: int
+    max_frames: int
+    stride: int
+    fps: str
+    frames: TensorSpec
+    def __init__(self, model: _Optional[str] = ..., sample: _Optional[bool] = ..., seed: _Optional[int] = ..., dtype: _Optional[str] = ..., moments: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., resize: _Optional[str] = ..., crop: _Optional[str] = ..., bucket: _Optional[_Iterable[str]] = ..., start_frame: _Optional[int] = ..., start_s: _Optional[str] = ..., num_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., stride: _Optional[int] = ..., fps: _Optional[str] = ..., frames: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("shape", "dtype", "fps")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    fps: str
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., fps: _Optional[str] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
     __slots__ = ("options", "chunk")
@@ -85,7 +115,7 @@ class EncodeUnaryResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[LatentInfo, _Mapping]] = ..., cache_hit: _Optional[bool] = ..., latent: _Optional[bytes] = ...) -> None: ...
 
 class LatentInfo(_message.Message):
-    __slots__ = ("model", "num_frames", "width", "height", "fps_numerator", "fps_denominator", "latent_shape", "dtype", "content_sha256", "metadata")
+    __slots__ = ("model", "num_frames", "width", "height", "fps_numerator", "fps_denominator", "latent_shape", "dtype", "content_sha256", "metadata", "batch")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +133,7 @@ class LatentInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_frames: int
     width: int
@@ -113,17 +144,32 @@ class LatentInfo(_message.Message):
     dtype: str
     content_sha256: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, model: _Optional[str] = ..., num_frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps_numerator: _Optional[int] = ..., fps_denominator: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., content_sha256: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    batch: int
+    def __init__(self, model: _Optional[str] = ..., num_frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps_numerator: _Optional[int] = ..., fps_denominator: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., content_sha256: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class DecodeOptions(_message.Message):
-    __slots__ = ("format", "crf", "size_bytes")
+    __slots__ = ("format", "crf", "size_bytes", "model", "num_frames", "height", "width", "fps", "latent_space", "tensor")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CRF_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SPACE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     format: DecodeFormat
     crf: int
     size_bytes: int
-    def __init__(self, format: _Optional[_Union[DecodeFormat, str]] = ..., crf: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    model: str
+    num_frames: int
+    height: int
+    width: int
+    fps: str
+    latent_space: str
+    tensor: TensorSpec
+    def __init__(self, format: _Optional[_Union[DecodeFormat, str]] = ..., crf: _Optional[int] = ..., size_bytes: _Optional[int] = ..., model: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[str] = ..., latent_space: _Optional[str] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("options", "chunk")

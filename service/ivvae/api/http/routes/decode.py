@@ -1,71 +1,106 @@
-"""POST /decode: a latent file to an MP4 or a frames file."""
+"""POST /decode: a latent (file, bare latent, raw tensor) to an MP4, frames or a tensor."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import StreamingResponse
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
-from ....outputs import MEDIA_TYPES, OutputFormat, render
+from ....errors import InvalidInput
+from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
+from ....wire import (
+    DecodeTarget,
+    check_latent_values,
+    is_ivvae_latent_file,
+    read_bare_latent,
+    read_raw_tensor,
+    tensor_to_float32,
+)
 from ...metering import RequestMeter
+from .. import tensors
 from ..deps import Authorized, Svc, read_body, unless_disconnected
 from ..errors import error_responses
 
 router = APIRouter(tags=["decode"], dependencies=[Authorized])
 
-# Only the frames file's own type picks it: a generic octet-stream Accept is not a request
-# for raw frames.
-FRAMES_ACCEPT = ("application/x-safetensors",)
-
 
 @router.post(
     "/decode",
-    summary="Decode a latent file to video/mp4 (or raw uint8 frames as safetensors)",
-    response_class=StreamingResponse,
-    responses={200: {"content": {MEDIA_TYPES["mp4"]: {}, MEDIA_TYPES["frames"]: {}},
-                     "description": "the video, streamed as it is decoded; headers X-Model, "
-                                    "X-Frames, X-Width, X-Height"},
+    summary="Decode a latent (file, bare latent or raw tensor) to video/mp4, frames or a "
+            "tensor",
+    description=tensors.__doc__ or "",
+    response_class=Response,
+    responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()},
+                                 **{t: {} for t in BATCH_MEDIA_TYPES.values()},
+                                 tensors.TENSOR_MEDIA_TYPE: {}},
+                     "description": "the output; one mp4 or frames file is streamed as it is "
+                                    "decoded"},
                **error_responses(400, 401, 413, 422, 500, 503, 504)},
     openapi_extra={"requestBody": {
-        "required": True, "description": "a latent file (.safetensors) made by /encode",
+        "required": True,
+        "description": "a latent file (.safetensors) made by /encode, a bare latent, or a "
+                       "raw tensor body (with shape and dtype parameters)",
         "content": {"application/octet-stream": {
             "schema": {"type": "string", "format": "binary"}}}}},
 )
-async def decode(
-    request: Request,
-    svc: Svc,
-    format: Annotated[OutputFormat | None,
-                      Query(description="mp4 (default) or frames (uint8 safetensors); "
-                            "also chosen by Accept: application/x-safetensors")] = None,
-    crf: Annotated[int, Query(ge=CRF_RANGE[0], le=CRF_RANGE[1],
-                              description="H.264 quality (lower=better)")] = DEFAULT_CRF,
-) -> StreamingResponse:
-    accept = request.headers.get("accept", "")
-    fmt: OutputFormat = format or (
-        "frames" if any(a in accept for a in FRAMES_ACCEPT) else "mp4")
+async def decode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "decode", "http"):
+        form = tensors.parse_decode(request.query_params.multi_items(),
+                                    request.headers.get("accept", ""), CRF_RANGE, DEFAULT_CRF)
         data, _ = await read_body(request, svc.settings.max_upload_bytes)
-        info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(data))
+        items: list[AsyncIterator[np.ndarray]]
+        if form.tensor_shape is not None:
+            raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
+            latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
+            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params)))
+        elif is_ivvae_latent_file(data):
+            if form.target_params:
+                raise InvalidInput(
+                    f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
+                    "file from /encode records its own model, size and fps")
+            info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(data))
+            items = [frames]
+        else:
+            latent, dtype = read_bare_latent(data)
+            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                latent, dtype, DecodeTarget.parse(form.target_params)))
         del data
-        chunks = render(fmt, info, frames, crf=crf)
-        try:
-            # The first step runs before the status goes out: what fails there (a backend
-            # down, a deadline) still gets its own status. Later failures end the stream.
-            first = await unless_disconnected(request, anext(chunks, b""))
-        except BaseException:
-            await frames.aclose()  # type: ignore[attr-defined]
-            raise
-        return StreamingResponse(_stream(first, chunks, frames), media_type=MEDIA_TYPES[fmt],
-                                 headers={"X-Model": info.model_name,
-                                          "X-Frames": str(info.num_frames),
-                                          "X-Width": str(info.width),
-                                          "X-Height": str(info.height)})
+        headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
+                   "X-Width": str(info.width), "X-Height": str(info.height),
+                   "X-Batch": str(len(items))}
+        if form.output == "pt":
+            body, extra = await tensor_output(items, uint8=form.uint8)
+            return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
+                            headers={**headers, **extra})
+        if len(items) == 1:
+            # One file streams: memory stays at one decoder step, not the whole video.
+            chunks = render(form.output, info, items[0], crf=form.crf)
+            try:
+                # The first step runs before the status goes out: what fails there (a
+                # backend down, a deadline) still gets its own status; later failures end
+                # the stream.
+                first = await unless_disconnected(request, anext(chunks, b""))
+            except BaseException:
+                await _close(items[0])
+                raise
+            return StreamingResponse(_stream(first, chunks, items[0]),
+                                     media_type=MEDIA_TYPES[form.output], headers=headers)
+        body, media = await unless_disconnected(
+            request, render_batch(form.output, info, items, crf=form.crf))
+        return Response(body, media_type=media, headers=headers)
 
 
-async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: object
+async def _close(frames: AsyncIterator[np.ndarray]) -> None:
+    aclose = getattr(frames, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
                   ) -> AsyncIterator[bytes]:
     """The response body; closing it (done, failed, or the client gone) ends the decode
     and gives its share of the memory budget back."""
@@ -74,4 +109,4 @@ async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: object
         async for chunk in rest:
             yield chunk
     finally:
-        await frames.aclose()  # type: ignore[attr-defined]
+        await _close(frames)

@@ -1,17 +1,16 @@
-"""POST /encode: a video (or image) to an IV-VAE latent file."""
+"""POST /encode: a video (or image, or frames as a tensor) to an IV-VAE latent."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ....core.names import Precision
-from ....errors import UnsupportedMedia
-from ....pipeline import EncodeOptions
+from ....errors import InvalidInput, UnsupportedMedia
+from ....latents import decode_latent_file
+from ....pipeline import FramesUpload
 from ...metering import RequestMeter
-from ..deps import Authorized, Svc, spooled_upload, unless_disconnected
+from .. import tensors
+from ..deps import Authorized, Svc, read_body, spooled_upload, unless_disconnected
 from ..errors import error_responses
 
 router = APIRouter(tags=["encode"], dependencies=[Authorized])
@@ -22,15 +21,18 @@ _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
 
 @router.post(
     "/encode",
-    summary="Encode a video (or image) to an IV-VAE latent file (.safetensors)",
+    summary="Encode a video (or image, or frames as a tensor) to an IV-VAE latent",
+    description=tensors.__doc__ or "",
     response_class=Response,
     responses={200: {"content": {LATENT_MEDIA_TYPE: {}},
-                     "description": "the latent file; headers X-Cache, X-Latent-Shape"},
+                     "description": "the latent file (headers X-Cache, X-Latent-Shape), or a "
+                     "raw tensor body (headers shape, dtype)"},
                **error_responses(400, 401, 413, 415, 422, 500, 503, 504)},
     openapi_extra={"requestBody": {
         "required": True,
         "description": "the video or image file: as multipart field 'file', or as the raw "
-                       "body with its content type",
+                       "body with its content type; or frames as a raw tensor body (with "
+                       "shape and dtype parameters)",
         "content": {
             "multipart/form-data": {"schema": {
                 "type": "object", "required": ["file"],
@@ -40,31 +42,44 @@ _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         }}},
 )
-async def encode(
-    request: Request,
-    svc: Svc,
-    model: Annotated[str, Query(description="model name; default: the first served")] = "",
-    sample: Annotated[bool, Query(description="sample the posterior (else its mean)")] = False,
-    seed: Annotated[int | None, Query(ge=0, description="seed for sample=true")] = None,
-    dtype: Annotated[Precision, Query(description="stored latent dtype")] = "float32",
-    moments: Annotated[bool, Query(description="also store mu and logvar")] = False,
-) -> Response:
+async def encode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "encode", "http"):
-        options = EncodeOptions(model=model, sample=sample, seed=seed, dtype=dtype,
-                                include_moments=moments)
-        async with spooled_upload(request, svc.settings.max_upload_bytes) as (path, ctype):
-            if ctype and not ctype.startswith(_VIDEO_TYPES):
-                raise UnsupportedMedia(
-                    f"content type {ctype[:60]!r} is not a video or image; send the file as "
-                    "multipart field 'file' or with a video/*, image/* or "
-                    "application/octet-stream content type"
-                )
-            result = await unless_disconnected(request, svc.pipeline.encode(path, options))
-        info = result.info
-        name = f"{info.content_sha256[:16]}.latent.safetensors"
-        return Response(result.data, media_type=LATENT_MEDIA_TYPE, headers={
-            "X-Cache": "hit" if result.cache_hit else "miss",
-            "X-Latent-Shape": ",".join(str(s) for s in result.latent_shape),
+        form = tensors.parse_encode(request.query_params.multi_items())
+        limit = svc.settings.max_upload_bytes
+        if form.tensor_shape is not None:
+            data, _ = await read_body(request, limit)
+            sources = [FramesUpload(f, fps=form.fps)
+                       for f in tensors.frames_of_tensor(data, form, limit)]
+            del data
+            if form.output == "file" and len(sources) > 1:
+                raise InvalidInput(f"a latent file holds one video; this tensor has a batch "
+                                   f"of {len(sources)}: ask for output_type=pt")
+            results = [await unless_disconnected(request, svc.pipeline.encode(
+                src, form.options)) for src in sources]
+        else:
+            # A file upload goes to disk as it arrives, not into memory.
+            async with spooled_upload(request, limit) as (path, ctype):
+                if ctype and not ctype.startswith(_VIDEO_TYPES):
+                    raise UnsupportedMedia(
+                        f"content type {ctype[:60]!r} is not a video or image; send the file "
+                        "as multipart field 'file' or with a video/*, image/* or "
+                        "application/octet-stream content type (or frames as a raw tensor "
+                        "body with shape and dtype parameters)"
+                    )
+                results = [await unless_disconnected(request, svc.pipeline.encode(
+                    path, form.options))]
+        info = results[0].info
+        headers = {
+            "X-Cache": "hit" if all(r.cache_hit for r in results) else "miss",
+            "X-Latent-Shape": ",".join(str(s) for s in results[0].latent_shape),
             "X-Model": info.model_name,
-            "Content-Disposition": f'attachment; filename="{name}"',
-        })
+        }
+        if form.output == "pt":
+            latents = [decode_latent_file(r.data)[0] for r in results]
+            body, tensor_headers = tensors.latent_answer(latents, form, info.scale_factor,
+                                                         info.shift_factor)
+            return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
+                            headers={**headers, **tensor_headers})
+        name = f"{info.content_sha256[:16]}.latent.safetensors"
+        headers["Content-Disposition"] = f'attachment; filename="{name}"'
+        return Response(results[0].data, media_type=LATENT_MEDIA_TYPE, headers=headers)

@@ -1,0 +1,220 @@
+"""Reading precomputed latents back in training: PyTorch datasets over ``encode-dataset``
+outputs, in any of its formats, local or in object storage.
+
+    from ivvae.data import LatentDataset, IterableLatentDataset
+
+    ds = LatentDataset("s3://bucket/latents/")          # map-style: ds[i]
+    latent, meta = ds[0]   # latent: (1, z, n, h, w) torch tensor in the stored dtype
+    loader = DataLoader(IterableLatentDataset("s3://bucket/latents/", shuffle=True, seed=0),
+                        batch_size=None, num_workers=4)
+
+Both read ``OUT/manifest.jsonl`` to learn which clips are done and where (a file, or a
+shard and its member), so they see exactly the clips a finished run published, never a
+superseded sample of a re-encoded clip. ``meta`` is the latent file's metadata (strings;
+see ``ivvae.latents.META_KEYS``) plus ``source`` and, for webdataset and parquet, the
+clip's ``sidecars`` (suffix -> bytes).
+
+The iterable variant gives whole shards to workers: each ``DataLoader`` worker (and each
+distributed rank, ``rank`` / ``world_size``) reads its own shards, in an order shuffled by
+``seed`` and ``epoch`` (``set_epoch``) when ``shuffle`` is set, and the clips within a shard
+shuffled the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import random
+import tarfile
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .dataset import LATENT_SUFFIX, MANIFEST_NAME, RECORD_SUFFIX
+from .latents import DTYPE_NAMES
+from .safetensors_io import DTYPES, Tensor, loads
+from .storage import Location
+
+if TYPE_CHECKING:
+    import torch
+
+try:
+    from torch.utils.data import Dataset as _Dataset
+    from torch.utils.data import IterableDataset as _IterableDataset
+except ImportError:  # pragma: no cover - a training script has torch
+    _Dataset = _IterableDataset = object  # type: ignore[assignment,misc]
+
+Sample = tuple["torch.Tensor", dict[str, Any]]
+
+
+def read_manifest(url: str) -> list[dict[str, Any]]:
+    """The ``ok`` lines of ``url/manifest.jsonl``, in order."""
+    loc = Location.of(url)
+    try:
+        text = loc.fs.cat_file(loc.join(MANIFEST_NAME)).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} has no {MANIFEST_NAME}: not an encode-dataset "
+                                "output, or no run has finished yet") from None
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r for r in records if r.get("status") == "ok"]
+
+
+def to_torch(tensor: Tensor) -> torch.Tensor:
+    """A stored tensor as torch, in its stored dtype (bfloat16 stays bfloat16)."""
+    import torch
+
+    array = np.ascontiguousarray(tensor.array)
+    if tensor.dtype == "BF16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array.copy())
+
+
+def _from_latent_file(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
+    tensors, meta = loads(data)
+    return to_torch(tensors["latent"]), meta
+
+
+class _Shards:
+    """The clips of an output grouped by part (a latent file, or a shard)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._loc = Location.of(url)
+        self._pid = os.getpid()
+        self.records = read_manifest(url)
+        self.parts: dict[str, list[int]] = {}
+        for i, r in enumerate(self.records):
+            self.parts.setdefault(r["part"], []).append(i)
+
+    @property
+    def loc(self) -> Location:
+        # A DataLoader worker is a fork: object-store clients (their event loops) are not
+        # fork-safe, so each process opens its own.
+        if self._pid != os.getpid():
+            self._loc, self._pid = Location.of(self.url), os.getpid()
+        return self._loc
+
+    def read_part(self, part: str) -> dict[str, Sample]:
+        """Every current clip of ``part``, by source name."""
+        path = self.loc.join(part)
+        wanted = {self.records[i]["member"]: self.records[i] for i in self.parts[part]}
+        if part.endswith(LATENT_SUFFIX):
+            (record,) = wanted.values()
+            latent, meta = _from_latent_file(self.loc.fs.cat_file(path))
+            return {record["source"]: (latent, {**meta, "source": record["source"]})}
+        if part.endswith(".tar"):
+            return self._read_tar(path, wanted)
+        if part.endswith(".parquet"):
+            return self._read_parquet(path, wanted)
+        raise ValueError(f"unknown part {part!r}")
+
+    def _read_tar(self, path: str, wanted: dict[Any, dict[str, Any]]) -> dict[str, Sample]:
+        members: dict[str, dict[str, bytes]] = {}
+        with self.loc.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for entry in tar:
+                base = posixpath.basename(entry.name)
+                key = posixpath.join(posixpath.dirname(entry.name), base.split(".", 1)[0])
+                if key not in wanted or not entry.isfile():
+                    continue
+                reader = tar.extractfile(entry)
+                assert reader is not None
+                members.setdefault(key, {})["." + base.split(".", 1)[1]] = reader.read()
+        out: dict[str, Sample] = {}
+        for key, record in wanted.items():
+            files = members[key]
+            latent, meta = _from_latent_file(files.pop(LATENT_SUFFIX))
+            files.pop(RECORD_SUFFIX, None)
+            out[record["source"]] = (latent, {**meta, "source": record["source"],
+                                              "sidecars": files})
+        return out
+
+    def _read_parquet(self, path: str, wanted: dict[Any, dict[str, Any]]) -> dict[str, Sample]:
+        import pyarrow.parquet as pq
+
+        with self.loc.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["source", "latent", "shape", "dtype",
+                                              "metadata", "sidecars"])
+        rows = table.to_pylist()
+        out: dict[str, Sample] = {}
+        for row_index, record in wanted.items():
+            row = rows[int(row_index)]
+            dtype = DTYPE_NAMES[row["dtype"]]
+            array = np.frombuffer(row["latent"], dtype=DTYPES[dtype]).reshape(row["shape"])
+            meta = json.loads(row["metadata"])
+            out[record["source"]] = (to_torch(Tensor(dtype, array)),
+                                     {**meta, "source": row["source"],
+                                      "sidecars": dict(row["sidecars"] or [])})
+        return out
+
+
+class LatentDataset(_Dataset):
+    """Map-style: ``ds[i]`` is ``(latent, metadata)`` of the i-th clip of the manifest.
+
+    ``latent``: ``(1, z, n, h, w)`` in the stored dtype. The last shard read is kept, so
+    reading in manifest order (or by shard) reads each shard once.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._shards = _Shards(url)
+        self._cached: tuple[str, dict[str, Sample]] | None = None
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        return self._shards.records
+
+    def __len__(self) -> int:
+        return len(self._shards.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self._shards.records[index]
+        part = record["part"]
+        if self._cached is None or self._cached[0] != part:
+            self._cached = (part, self._shards.read_part(part))
+        return self._cached[1][record["source"]]
+
+
+class IterableLatentDataset(_IterableDataset):
+    """Streams ``(latent, metadata)`` shard by shard; see the module docstring."""
+
+    def __init__(self, url: str, *, shuffle: bool = False, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        """``rank`` / ``world_size`` default to torch.distributed's when it is initialised
+        (else 0 / 1)."""
+        self._shards = _Shards(url)
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        if rank is None or world_size is None:
+            import torch.distributed as dist
+
+            running = dist.is_available() and dist.is_initialized()
+            rank = dist.get_rank() if running else 0
+            world_size = dist.get_world_size() if running else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def parts(self) -> list[str]:
+        """This reader's shards (this rank's and this DataLoader worker's), in order."""
+        from torch.utils.data import get_worker_info
+
+        parts = sorted(self._shards.parts)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(parts)
+        parts = parts[self.rank::self.world_size]
+        worker = get_worker_info()
+        if worker is not None:
+            parts = parts[worker.id::worker.num_workers]
+        return parts
+
+    def __iter__(self) -> Iterator[Sample]:
+        for part in self.parts():
+            samples = self._shards.read_part(part)
+            names = sorted(samples)
+            if self.shuffle:
+                random.Random(f"{self.seed}:{self.epoch}:{part}").shuffle(names)
+            for name in names:
+                yield samples[name]

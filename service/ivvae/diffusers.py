@@ -1,0 +1,305 @@
+"""IV-VAE with the diffusers autoencoder surface, for training code written against diffusers.
+
+::
+
+    from ivvae.diffusers import IVVAEAutoencoder
+
+    vae = IVVAEAutoencoder.from_ivvae_weights("ivvae_z16_dim64.pth")  # or .from_pretrained(dir)
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        z = vae.encode(video).latent_dist.sample(generator)     # (B, z, t, h, w), unscaled
+    latents = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    ...
+    video = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+
+Conventions, as in diffusers' video VAEs: ``video`` ``(B, 3, T, H, W)`` float in [-1, 1]
+(any ``T``, ``H``, ``W``: padded as ``ivvae.model.vae`` says); ``latent_dist`` is over the
+unscaled posterior ``s`` (``mode() == model.encode_moments(video)[0]``), and ``decode``
+takes unscaled latents and returns ``(B, 3, 1 + 4(t-1), 8h, 8w)`` float, not clamped
+(``num_frames`` / ``height`` / ``width`` crop). The service's latent files hold the scaled
+form ``scaling_factor * (s - shift_factor)``.
+
+With diffusers installed the class is a ``diffusers.ModelMixin`` + ``ConfigMixin``:
+``from_pretrained`` / ``save_pretrained`` (a folder with ``config.json`` and
+``diffusion_pytorch_model.safetensors``), ``.to(device, dtype)``, ``vae.config`` and the
+output classes are diffusers' own. Without it a small stand-in gives the same surface, so
+the rest of ivvae never needs diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
+from .model.checkpoint import load_model
+from .model.config import IVVAEConfig
+from .model.vae import IVVAE
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+if TYPE_CHECKING:
+    _Base = nn.Module
+    _ConfigBase = object
+    HAVE_DIFFUSERS: bool
+    _DiffusersKLOutput: Any
+    _DiffusersDecoderOutput: Any
+
+    def register_to_config(init: _F) -> _F: ...
+else:
+    try:
+        from diffusers import ConfigMixin as _ConfigBase
+        from diffusers import ModelMixin as _Base
+        from diffusers.configuration_utils import register_to_config
+        from diffusers.models.autoencoders.vae import DecoderOutput as _DiffusersDecoderOutput
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput as _DiffusersKLOutput
+
+        HAVE_DIFFUSERS = True
+    except ImportError:
+        HAVE_DIFFUSERS = False
+        _Base = nn.Module
+        _ConfigBase = object
+
+        def register_to_config(init: _F) -> _F:
+            """Records the constructor's arguments as ``self.config`` (diffusers' way)."""
+            import functools
+            import inspect
+
+            signature = inspect.signature(init)
+
+            @functools.wraps(init)
+            def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+                bound = signature.bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                values = {k: v for k, v in bound.arguments.items() if k != "self"}
+                self._internal_dict = values
+                self.config = SimpleNamespace(**values)
+                init(self, *args, **kwargs)
+
+            return wrapper  # type: ignore[return-value]
+
+
+class DiagonalGaussian:
+    """The posterior ``N(mean, exp(logvar))``, elementwise, as diffusers' VAEs return it.
+
+    ``mean`` and ``logvar``: ``(B, z, t, h, w)``, in the unscaled latent space.
+    """
+
+    def __init__(self, mean: Tensor, logvar: Tensor) -> None:
+        self.mean = mean
+        self.logvar = logvar
+        self.std = torch.exp(0.5 * logvar)
+        self.var = torch.exp(logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                          dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self, other: DiagonalGaussian | None = None) -> Tensor:
+        """KL(self || other) (default: the standard normal), summed per item: ``(B,)``."""
+        dims = list(range(1, self.mean.dim()))
+        if other is None:
+            return 0.5 * torch.sum(self.mean**2 + self.var - 1.0 - self.logvar, dim=dims)
+        return 0.5 * torch.sum(
+            (self.mean - other.mean) ** 2 / other.var + self.var / other.var - 1.0
+            - self.logvar + other.logvar, dim=dims)
+
+    def nll(self, sample: Tensor) -> Tensor:
+        dims = list(range(1, self.mean.dim()))
+        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar
+                               + (sample - self.mean) ** 2 / self.var, dim=dims)
+
+
+@dataclass
+class _EncoderOutput:
+    latent_dist: DiagonalGaussian
+
+    def __getitem__(self, index: int) -> DiagonalGaussian:
+        return (self.latent_dist,)[index]
+
+
+@dataclass
+class _DecoderOutput:
+    sample: Tensor
+
+    def __getitem__(self, index: int) -> Tensor:
+        return (self.sample,)[index]
+
+
+def _encoder_output(dist: DiagonalGaussian) -> Any:
+    return _DiffusersKLOutput(latent_dist=dist) if HAVE_DIFFUSERS else _EncoderOutput(dist)
+
+
+def _decoder_output(video: Tensor) -> Any:
+    return _DiffusersDecoderOutput(sample=video) if HAVE_DIFFUSERS else _DecoderOutput(video)
+
+
+class IVVAEAutoencoder(_Base, _ConfigBase):
+    """IV-VAE behind diffusers' autoencoder API; see the module docstring.
+
+    Weights live in ``self.model`` (an ``ivvae.model.IVVAE``). A freshly built one trains
+    (parameters require gradients); call ``requires_grad_(False).eval()`` to freeze it.
+    """
+
+    config_name = CONFIG_NAME
+    _supports_gradient_checkpointing = False
+    config: Any  # diffusers' FrozenDict, or a namespace without diffusers
+    _internal_dict: dict[str, Any]
+
+    @register_to_config
+    def __init__(
+        self,
+        z_dim: int = 16,
+        dim: int = 64,
+        dim_mult: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 2,
+        scaling_factor: float = 1.0,
+        shift_factor: float = 0.0,
+        latent_channels: int | None = None,
+        temporal_compression_ratio: int = TIME_COMPRESSION,
+        spatial_compression_ratio: int = SPACE_COMPRESSION,
+    ) -> None:
+        super().__init__()
+        if latent_channels is not None and latent_channels != z_dim:
+            raise ValueError(f"latent_channels ({latent_channels}) must equal z_dim ({z_dim})")
+        if (temporal_compression_ratio, spatial_compression_ratio) != (
+                TIME_COMPRESSION, SPACE_COMPRESSION):
+            raise ValueError(f"IV-VAE compresses {TIME_COMPRESSION}x in time and "
+                             f"{SPACE_COMPRESSION}x in space; the config says otherwise")
+        self.model = IVVAE(IVVAEConfig(z_dim=z_dim, dim=dim, dim_mult=tuple(dim_mult),
+                                       num_res_blocks=num_res_blocks,
+                                       scale_factor=scaling_factor, shift_factor=shift_factor))
+        self.use_slicing = False
+        if HAVE_DIFFUSERS:
+            # Written to config.json, read by pipelines that ask for latent_channels.
+            register: Callable[..., None] = getattr(self, "register_to_config")  # noqa: B009
+            register(latent_channels=z_dim)
+        else:
+            self._internal_dict["latent_channels"] = z_dim
+            self.config.latent_channels = z_dim
+
+    # -- building ----------------------------------------------------------------------
+
+    @classmethod
+    def from_ivvae(cls, model: IVVAE) -> IVVAEAutoencoder:
+        """An autoencoder holding a copy of ``model``'s weights (frozen if it was)."""
+        c = model.cfg
+        vae = cls(z_dim=c.z_dim, dim=c.dim, dim_mult=c.dim_mult,
+                  num_res_blocks=c.num_res_blocks, scaling_factor=c.scale_factor,
+                  shift_factor=c.shift_factor)
+        vae.model.load_state_dict(model.state_dict())
+        vae.model.name, vae.model.weights_sha256 = model.name, model.weights_sha256
+        frozen = not any(p.requires_grad for p in model.parameters())
+        vae.requires_grad_(not frozen)
+        vae.to(device=model.device, dtype=model.param_dtype)
+        return vae.eval() if frozen else vae
+
+    @classmethod
+    def from_ivvae_weights(cls, path: str | os.PathLike[str]) -> IVVAEAutoencoder:
+        """From an official ``.pth`` or an ivvae ``.safetensors`` (``ivvae.model``'s loader:
+        strict key mapping, shape checks, factors from the file or the official preset)."""
+        return cls.from_ivvae(load_model(path))
+
+    # -- the diffusers surface ---------------------------------------------------------
+
+    def enable_slicing(self) -> None:
+        """Encode and decode one batch item at a time (less peak memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def encode(self, x: Tensor, return_dict: bool = True) -> Any:
+        """``x`` ``(B, 3, T, H, W)`` float in [-1, 1] -> ``.latent_dist`` over
+        ``(B, z, 1 + ceil((T-1)/4), ceil(H/8), ceil(W/8))`` in ``x``'s dtype."""
+        if x.dim() != 5 or x.shape[1] != 3:
+            raise ValueError(f"x must be (B, 3, T, H, W), got {tuple(x.shape)}")
+        parts = [self.model.encode_moments(item) for item in self._slices(x)]
+        mean = torch.cat([p[0] for p in parts]).to(x.dtype)
+        logvar = torch.cat([p[1] for p in parts]).to(x.dtype)
+        dist = DiagonalGaussian(mean, logvar)
+        return _encoder_output(dist) if return_dict else (dist,)
+
+    def decode(self, z: Tensor, return_dict: bool = True, *, num_frames: int | None = None,
+               height: int | None = None, width: int | None = None) -> Any:
+        """Unscaled ``z`` ``(B, z, t, h, w)`` -> ``.sample`` ``(B, 3, T, H, W)`` float in
+        ``z``'s dtype (about [-1, 1], not clamped), ``T = 1 + 4(t-1)``, ``H = 8h``,
+        ``W = 8w`` unless cropped by ``num_frames`` / ``height`` / ``width``."""
+        c = self.model.cfg
+        if z.dim() != 5 or z.shape[1] != c.z_dim:
+            raise ValueError(f"z must be (B, {c.z_dim}, t, h, w), got {tuple(z.shape)}")
+        videos = [self.model.decode(c.scale_factor * (item.float() - c.shift_factor),
+                                    num_frames=num_frames, height=height, width=width)
+                  for item in self._slices(z)]
+        video = torch.cat(videos).to(z.dtype)
+        return _decoder_output(video) if return_dict else (video,)
+
+    def forward(self, sample: Tensor, sample_posterior: bool = False,
+                return_dict: bool = True, generator: torch.Generator | None = None) -> Any:
+        """Encode then decode ``sample`` (the mean, or a posterior sample), cropped back to
+        ``sample``'s frame count and size."""
+        dist = self.encode(sample).latent_dist
+        z = dist.sample(generator) if sample_posterior else dist.mode()
+        t, h, w = sample.shape[2:]
+        return self.decode(z, return_dict, num_frames=t, height=h, width=w)
+
+    def _slices(self, x: Tensor) -> Iterator[Tensor] | tuple[Tensor]:
+        return x.split(1) if self.use_slicing and x.shape[0] > 1 else (x,)
+
+    # -- saving without diffusers ------------------------------------------------------
+
+    if not HAVE_DIFFUSERS:
+
+        def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+            """``config.json`` + ``diffusion_pytorch_model.safetensors``, as diffusers
+            writes them (so diffusers' ``from_pretrained`` reads the folder too)."""
+            from safetensors.torch import save_file
+
+            folder = Path(save_directory)
+            folder.mkdir(parents=True, exist_ok=True)
+            config = {"_class_name": type(self).__name__, **self._internal_dict}
+            config["dim_mult"] = list(config["dim_mult"])
+            (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+        @classmethod
+        def from_pretrained(cls, folder: str | os.PathLike[str],
+                            torch_dtype: torch.dtype | None = None) -> IVVAEAutoencoder:
+            """A local folder written by ``save_pretrained`` (diffusers' or this one)."""
+            from safetensors.torch import load_file
+
+            path = Path(folder)
+            config = json.loads((path / CONFIG_NAME).read_text())
+            names = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
+                     "shift_factor", "latent_channels", "temporal_compression_ratio",
+                     "spatial_compression_ratio")
+            vae = cls(**{k: config[k] for k in names if k in config})
+            vae.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
+            if torch_dtype is not None:
+                vae.to(dtype=torch_dtype)
+            return vae.eval()
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return self.model.param_dtype
+
+        @property
+        def device(self) -> torch.device:
+            return self.model.device

@@ -1,0 +1,178 @@
+"""``encode-dataset`` on a Ray cluster (Ray Data): ``pip install 'ivvae[ray]'``.
+
+The same job as ``ivvae.dataset`` (same listing, job key, parts, manifest and resume), with
+the clips spread over an actor pool. The pieces, for a pipeline of your own:
+
+* ``source_dataset(sources)``: the clips as a Ray dataset, one row per clip;
+* ``EncodeClips``: a ``map_batches``-ready callable class that encodes a batch of those rows
+  with the in-process model on the actor's GPU or CPU, or by calling an ivvae service
+  (``EncoderSpec``); with ``out`` set it also publishes each batch as one part (a shard, or
+  latent files) and returns only the manifest records;
+* ``write_part(out, job, encoded)``: the shard writer it uses.
+
+``run_on_ray`` drives a whole job, as ``ivvae encode-dataset --engine ray --address ...``:
+
+    ds = source_dataset(plan.todo).map_batches(
+        EncodeClips, fn_constructor_kwargs={"spec": spec, "config": plan.config, "out": url},
+        batch_size=job.shard_clips, compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1)
+
+Only this module imports ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import ray
+
+from .dataset import (
+    DatasetError,
+    Encoded,
+    EncoderSpec,
+    Job,
+    JobConfig,
+    PartWriter,
+    Source,
+    Summary,
+    _locked,
+    encode_clip,
+    plan,
+    write_manifest,
+)
+from .storage import Location
+
+
+def source_dataset(sources: Sequence[Source]) -> ray.data.Dataset:
+    """One row per clip: ``name``, ``url``, ``identity``, ``output``, ``sidecars`` (JSON)."""
+    return ray.data.from_items([
+        {"name": s.name, "url": s.url, "identity": s.identity, "output": s.output,
+         "sidecars": json.dumps([list(x) for x in s.sidecars])} for s in sources])
+
+
+def _sources(batch: dict[str, np.ndarray]) -> list[Source]:
+    return [Source(str(n), str(u), str(i), str(o),
+                   tuple((str(a), str(b), str(c)) for a, b, c in json.loads(str(sc))))
+            for n, u, i, o, sc in zip(batch["name"], batch["url"], batch["identity"],
+                                      batch["output"], batch["sidecars"], strict=True)]
+
+
+def write_part(out: Location, job: Job, prefix: str,
+               encoded: Sequence[tuple[Source, dict[str, Any], Encoded | None,
+                                       dict[str, bytes]]]) -> list[dict[str, Any]]:
+    """Publish finished clips as parts of ``job`` (one when they fit); their records."""
+    writer = PartWriter(out, job.format, prefix, shard_clips=job.shard_clips,
+                        shard_bytes=job.shard_bytes, row_group_clips=job.row_group_clips)
+    records: list[dict[str, Any]] = []
+    try:
+        for source, record, result, sidecars in encoded:
+            if result is None:
+                writer.add_error(record)
+            else:
+                writer.add(source, record, result, sidecars)
+            if writer.full:
+                records += writer.publish()
+        records += writer.publish()
+    finally:
+        writer.abandon()
+    return records
+
+
+class EncodeClips:
+    """Encodes batches of ``source_dataset`` rows (see the module docstring).
+
+    Output columns: ``record`` (the manifest record, JSON) and, without ``out``,
+    ``latent`` (the latent file's bytes; empty for a failed clip).
+    """
+
+    def __init__(self, spec: EncoderSpec, config: JobConfig, job: Job | None = None,
+                 out: str = "", prefix: str = "ray", concurrency: int = 2) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.encoder = spec.build()
+        model = self.loop.run_until_complete(self.encoder.start(config.options.model))
+        if model.weights_sha256 != config.model.weights_sha256:
+            raise RuntimeError(f"this worker's model {model.name} (weights "
+                               f"{model.weights_sha256[:12]}) is not the job's "
+                               f"{config.model.name} ({config.model.weights_sha256[:12]})")
+        self.config, self.job, self.prefix = config, job, prefix
+        self.out = Location.of(out) if out else None
+        self.slots = asyncio.Semaphore(concurrency)
+
+    async def _one(self, source: Source) -> tuple[Source, dict[str, Any], Encoded | None,
+                                                  dict[str, bytes]]:
+        async with self.slots:
+            record, encoded, sidecars = await encode_clip(self.encoder, source, self.config)
+        return source, record, encoded, sidecars
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        async def run() -> list[Any]:
+            return await asyncio.gather(*(self._one(s) for s in _sources(batch)))
+
+        done = self.loop.run_until_complete(run())
+        if self.out is not None:
+            assert self.job is not None
+            records = write_part(self.out, self.job, self.prefix, done)
+            return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+        return {"record": np.array([json.dumps(r) for _, r, _, _ in done], dtype=object),
+                "latent": np.array([e.data if e else b"" for _, _, e, _ in done],
+                                   dtype=object)}
+
+    def __del__(self) -> None:
+        try:
+            self.loop.run_until_complete(self.encoder.close())
+            self.loop.close()
+        except Exception:  # interpreter shutdown: nothing left to release
+            pass
+
+
+def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
+               workers: int = 1, cpus_per_worker: float = 1.0,
+               gpus_per_worker: float = 0.0) -> Summary:
+    """Run ``job`` on the Ray cluster at ``address`` (``"local"``: start one on this
+    machine), or on the one this process already joined."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == "local" else address)
+        except ConnectionError as exc:
+            raise DatasetError(f"no Ray cluster at {address!r}: {exc}") from exc
+    summary = Summary()
+    # The driver loads the model only to learn its identity (the job key): on its CPU.
+    probe = replace(spec, device="cpu") if not spec.server else spec
+
+    async def identify() -> Any:
+        encoder = probe.build()
+        try:
+            return await encoder.start(job.options.model)
+        finally:
+            await encoder.close()
+
+    p = plan(job, asyncio.run(identify()))
+    summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
+    summary.output = p.out.url()
+    start = time.perf_counter()
+    with _locked(p.out, job.prefix):
+        try:
+            if p.todo:
+                ds = source_dataset(p.todo).map_batches(
+                    EncodeClips, batch_size=min(job.shard_clips, 256),
+                    fn_constructor_kwargs={"spec": spec, "config": p.config, "job": job,
+                                           "out": p.out.url(), "prefix": job.prefix,
+                                           "concurrency": job.concurrency},
+                    compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
+                    num_gpus=gpus_per_worker or None, batch_format="numpy")
+                parts: set[str] = set()
+                for row in ds.iter_rows():
+                    record = json.loads(row["record"])
+                    summary.count(record)
+                    parts.add(str(record.get("part")))
+                summary.parts = len(parts)
+        finally:
+            summary.seconds = time.perf_counter() - start
+            write_manifest(p.out, p.sources, p.config)
+    return summary

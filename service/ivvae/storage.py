@@ -1,0 +1,128 @@
+"""Where datasets live: local folders and object storage (``s3://``, ``gs://``, ``https://``).
+
+Everything goes through fsspec (``s3fs`` for S3). Credentials and endpoints come from where
+those libraries look (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, instance
+roles, ...), never from a command line, so they never reach a log or a manifest.
+
+Publishing is all-or-nothing: a local file is written under a temporary name in its own
+folder and renamed; an object is uploaded in one PUT (or a multipart upload), which object
+stores make visible only once it is complete. So a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+TMP_MARK = ".tmp-"  # in the name of a file being written; never in a published one
+
+
+class StorageError(Exception):
+    """A URL that no installed filesystem can open."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file: its filesystem and the path on it (no protocol)."""
+
+    fs: AbstractFileSystem
+    path: str
+
+    @classmethod
+    def of(cls, url: str) -> Location:
+        """Raises ``StorageError`` for an unknown protocol or one whose driver is missing."""
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as exc:
+            raise StorageError(f"{url}: {exc}") from None
+        return cls(fs, path.rstrip("/") if len(path) > 1 else path)
+
+    @property
+    def local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def url(self, path: str | None = None) -> str:
+        return str(self.fs.unstrip_protocol(self.path if path is None else path))
+
+    def relative(self, path: str) -> str:
+        return posixpath.relpath(path, self.path)
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def identity(info: dict[str, Any]) -> str | None:
+    """A stored object's identity from its listing: version/ETag and size. None when the
+    store gives neither (then the content hash is the identity)."""
+    size = info.get("size")
+    for key in ("VersionId", "generation", "ETag", "etag", "md5Hash"):
+        value = info.get(key)
+        if value:
+            return f"{key.lower()}:{str(value).strip(chr(34))}:size:{size}"
+    return None
+
+
+def content_sha256(fs: AbstractFileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bytes(loc: Location, path: str, data: bytes, tag: str = "") -> None:
+    """Publish ``data`` at ``path`` whole or not at all (``tag``: in the temporary's name,
+    so that its writer can tell its own leftovers apart; ``ivvae.core.files`` names its
+    temporaries by pid only, which is why this does not use it)."""
+    if loc.local:
+        loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{tag}{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    else:
+        loc.fs.pipe_file(path, data)
+
+
+def publish_file(loc: Location, local_tmp: str, path: str) -> None:
+    """Move a finished local file to ``path``: a rename in the same folder, or an upload."""
+    if loc.local:
+        with open(local_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(local_tmp, path)
+    else:
+        try:
+            loc.fs.put_file(local_tmp, path)
+        finally:
+            os.unlink(local_tmp)
+
+
+def temp_file_for(loc: Location, path: str, spool: str, tag: str = "") -> str:
+    """Where to write the file that will be published at ``path``: next to it when local
+    (so the rename is atomic), else in the local ``spool`` folder."""
+    name = f"{posixpath.basename(path)}{TMP_MARK}{tag}{secrets.token_hex(4)}"
+    if loc.local:
+        loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        return posixpath.join(posixpath.dirname(path), name)
+    os.makedirs(spool, exist_ok=True)
+    return os.path.join(spool, name)

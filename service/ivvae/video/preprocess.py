@@ -1,0 +1,499 @@
+"""Preprocessing on encode: what a diffusion-training user asks of a clip before it is encoded.
+
+One definition for every encode path (HTTP query parameters, gRPC ``EncodeOptions``, the
+Python clients, ``ivvae encode --options``, ``ivvae encode-dataset``): the same names, parsed
+and checked here, written back in one canonical string that goes into cache keys and latent
+metadata. Nothing here imports torch or PyAV; ``ivvae.video.reader`` applies the options
+while frames stream out of the decoder.
+
+The options (all optional; none given means "the video as it is"):
+
+=================  =========================================================================
+``resize``         ``N``: the short side becomes N, the aspect ratio is kept (the long side
+                   is rounded to the nearest pixel). ``WxH``: exactly W x H; with
+                   ``crop=center`` (the default) the picture is scaled to cover W x H and
+                   the middle is cut out, with ``crop=none`` it is stretched.
+``crop``           ``center`` (default) or ``none``; only meaningful with an exact size
+                   (``resize=WxH`` or ``bucket``).
+``bucket``         one or more ``WxHxF`` (repeat the parameter or separate with commas):
+                   the bucket closest in aspect ratio (``|log(w/h) - log(W/H)|``) among
+                   those whose F frames the clip fills is taken, ties going to the longer
+                   and then the larger bucket; the clip is scaled to cover W x H,
+                   center-cropped (or stretched with ``crop=none``) and cut to exactly F
+                   frames. A clip that fills no bucket is refused (``InvalidInput``).
+``start_frame``    the first source frame taken (0-based) ...
+``start_s``        ... or the first frame as a time in seconds from the first frame: the
+                   frame on screen at that time.
+``num_frames``     exactly this many output frames; a clip that has fewer is refused.
+                   ``1 + 4N`` counts map to whole latent frames; any count is accepted
+                   (the encoder repeats the last frame to the next ``1 + 4N``).
+``max_frames``     at most this many output frames: a longer clip is cut, not refused.
+``stride``         take every ``stride``-th source frame ...
+``fps``            ... or resample to this rate (``24``, ``12.5`` or ``30000/1001``) by
+                   timestamp: output frame k is the source frame on screen at
+                   ``start + k / fps``, so frames are dropped or repeated as needed.
+=================  =========================================================================
+
+Contradictions are refused, naming both options: ``start_frame`` with ``start_s``, ``stride``
+with ``fps``, ``bucket`` with ``resize``, ``num_frames`` or ``max_frames``, ``num_frames``
+with ``max_frames``, ``crop`` without an exact size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Literal
+
+from ivvae.errors import InvalidInput
+
+# The option names, in canonical order. Every transport uses exactly these.
+PREPROCESS_KEYS = (
+    "resize", "crop", "bucket", "start_frame", "start_s", "num_frames", "max_frames",
+    "stride", "fps",
+)
+CROPS = ("center", "none")
+# Sizes beyond these are typos, not requests (the service's own limits apply after).
+MAX_SIDE = 16384
+MAX_COUNT = 1 << 20
+MAX_FPS = Fraction(1000)
+
+_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+_BUCKET = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    """A resolution bucket: ``width`` x ``height`` pixels, ``frames`` frames."""
+
+    width: int
+    height: int
+    frames: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}x{self.frames}"
+
+
+@dataclass(frozen=True)
+class Resize:
+    """``short_side`` (keep the aspect ratio) or an exact ``width`` x ``height``."""
+
+    short_side: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def __str__(self) -> str:
+        if self.short_side is not None:
+            return str(self.short_side)
+        return f"{self.width}x{self.height}"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How one source size becomes the output size: scale the (upright) picture to
+    ``scaled_width`` x ``scaled_height``, then keep the ``width`` x ``height`` window whose
+    top-left corner is (``left``, ``top``)."""
+
+    scaled_width: int
+    scaled_height: int
+    left: int
+    top: int
+    width: int
+    height: int
+
+    @property
+    def crops(self) -> bool:
+        return (self.width, self.height) != (self.scaled_width, self.scaled_height)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Preprocessing options; see the module docstring. Build with ``parse`` (from
+    strings) or directly (then ``validate`` runs in ``__post_init__``)."""
+
+    resize: Resize | None = None
+    crop: Literal["center", "none"] | None = None  # None: the default, center
+    buckets: tuple[Bucket, ...] = field(default=())
+    start_frame: int | None = None
+    start_s: Fraction | None = None
+    num_frames: int | None = None
+    max_frames: int | None = None
+    stride: int | None = None
+    fps: Fraction | None = None
+
+    def __post_init__(self) -> None:
+        # Bucket order decides nothing (ties are broken by size), so one order is kept.
+        object.__setattr__(self, "buckets", tuple(sorted(set(self.buckets))))
+        self._validate()
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    @classmethod
+    def parse(
+        cls,
+        params: Mapping[str, str] | Iterable[tuple[str, str]],
+        *,
+        other_keys: Collection[str] = (),
+    ) -> Preprocess:
+        """Options from string parameters (a query string's items, CLI ``--options``).
+
+        ``params`` is a mapping or (name, value) pairs; ``bucket`` may repeat and may hold
+        a comma-separated list. Names in ``other_keys`` belong to the caller and are
+        skipped; any other unknown name, a repeated option, a malformed value and a
+        contradiction raise ``InvalidInput`` naming the option.
+        """
+        items = list(params.items()) if isinstance(params, Mapping) else list(params)
+        seen: dict[str, str] = {}
+        buckets: list[Bucket] = []
+        for name, value in items:
+            if name in other_keys:
+                continue
+            if name not in PREPROCESS_KEYS:
+                raise InvalidInput(
+                    f"unknown option {name!r}; preprocessing options are "
+                    f"{', '.join(PREPROCESS_KEYS)}"
+                    + (f"; other options here: {', '.join(sorted(other_keys))}"
+                       if other_keys else "")
+                )
+            if name == "bucket":
+                buckets.extend(_bucket(part) for part in value.split(",") if part.strip())
+                if not value.strip():
+                    raise InvalidInput("option 'bucket' is empty; expected WxHxF")
+                continue
+            if name in seen:
+                raise InvalidInput(f"option {name!r} is given more than once")
+            seen[name] = value
+        crop = seen.get("crop")
+        if crop is not None and crop.strip().lower() not in CROPS:
+            raise InvalidInput(f"option 'crop' must be one of {', '.join(CROPS)}, got {crop!r}")
+        return cls(
+            resize=_resize(seen["resize"]) if "resize" in seen else None,
+            crop=None if crop is None else ("center" if crop.strip().lower() == "center"
+                                            else "none"),
+            buckets=tuple(buckets),
+            start_frame=_int("start_frame", seen, minimum=0),
+            start_s=_fraction("start_s", seen, positive=False),
+            num_frames=_int("num_frames", seen, minimum=1),
+            max_frames=_int("max_frames", seen, minimum=1),
+            stride=_int("stride", seen, minimum=1),
+            fps=_fraction("fps", seen, positive=True),
+        )
+
+    @classmethod
+    def from_canonical(cls, text: str) -> Preprocess:
+        """The inverse of ``canonical`` (``""`` is no preprocessing)."""
+        pairs = []
+        for part in text.split(";") if text else []:
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise InvalidInput(f"malformed preprocessing string {text!r}")
+            pairs.append((name, value))
+        return cls.parse(pairs)
+
+    # -- canonical forms -------------------------------------------------------------------
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Preprocess()
+
+    def to_params(self) -> dict[str, str]:
+        """The options as string parameters (what ``parse`` reads), canonical order."""
+        out: dict[str, str] = {}
+        if self.resize is not None:
+            out["resize"] = str(self.resize)
+        if self.crop is not None:
+            out["crop"] = self.crop
+        if self.buckets:
+            out["bucket"] = ",".join(str(b) for b in self.buckets)
+        for name in ("start_frame", "num_frames", "max_frames", "stride"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = str(value)
+        for name in ("start_s", "fps"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = _fraction_text(value)
+        return {k: out[k] for k in PREPROCESS_KEYS if k in out}
+
+    def canonical(self) -> str:
+        """One string per distinct set of options (cache keys, latent metadata):
+        ``name=value`` pairs in ``PREPROCESS_KEYS`` order joined by ``;``, ``""`` for none.
+        Equal options give equal strings whatever spelling they were parsed from."""
+        return ";".join(f"{k}={v}" for k, v in self.to_params().items())
+
+    # -- what the options mean for one clip ------------------------------------------------
+
+    @property
+    def exact_size(self) -> bool:
+        return bool(self.buckets) or (self.resize is not None and self.resize.short_side is None)
+
+    def choose_bucket(self, width: int, height: int, frames: int | None) -> Bucket | None:
+        """The bucket for an upright ``width`` x ``height`` clip with ``frames`` frames
+        available after the window and rate options (``None``: unknown, every bucket
+        counts as filled; the reader refuses a clip that ends short). ``None`` without
+        buckets. Raises ``InvalidInput`` when the clip fills no bucket."""
+        if not self.buckets:
+            return None
+        fits = [b for b in self.buckets if frames is None or b.frames <= frames]
+        if not fits:
+            shortest = min(b.frames for b in self.buckets)
+            raise InvalidInput(
+                f"the clip has {frames} frames after preprocessing, fewer than the "
+                f"shortest bucket's {shortest} (buckets: "
+                f"{', '.join(str(b) for b in self.buckets)})"
+            )
+        aspect = math.log(width / height)
+
+        def rank(b: Bucket) -> tuple[float, int, int]:
+            return (round(abs(math.log(b.width / b.height) - aspect), 9), -b.frames,
+                    -b.width * b.height)
+
+        return min(fits, key=rank)
+
+    def geometry(self, width: int, height: int, bucket: Bucket | None = None) -> Geometry:
+        """How an upright ``width`` x ``height`` picture becomes the output picture."""
+        if bucket is not None:
+            return _exact(width, height, bucket.width, bucket.height, self.crop != "none")
+        r = self.resize
+        if r is None:
+            return Geometry(width, height, 0, 0, width, height)
+        if r.short_side is not None:
+            n = r.short_side
+            if width <= height:
+                w, h = n, max(1, round(height * n / width))
+            else:
+                w, h = max(1, round(width * n / height)), n
+            return Geometry(w, h, 0, 0, w, h)
+        assert r.width is not None and r.height is not None
+        return _exact(width, height, r.width, r.height, self.crop != "none")
+
+    def frame_limit(self, bucket: Bucket | None) -> tuple[int | None, bool]:
+        """``(count, exact)``: how many output frames to take at most (``None``: all),
+        and whether fewer is an error."""
+        if bucket is not None:
+            return bucket.frames, True
+        if self.num_frames is not None:
+            return self.num_frames, True
+        return self.max_frames, False
+
+    def available_frames(self, source_frames: int | None, source_fps: float) -> int | None:
+        """Output frames a clip of ``source_frames`` frames at ``source_fps`` gives under
+        the window and rate options, before any count limit (``None`` if unknown)."""
+        if source_frames is None:
+            return None
+        start = self.start_frame or 0
+        if self.start_s is not None:
+            start = math.floor(float(self.start_s) * source_fps + 1e-6)
+        left = max(0, source_frames - start)
+        if self.stride is not None:
+            return -(-left // self.stride)
+        if self.fps is not None:
+            # Output frame k is shown at k / fps; those before the clip's end count.
+            return math.ceil(left / source_fps * float(self.fps) - 1e-6)
+        return left
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _validate(self) -> None:
+        pairs = (
+            ("start_frame", "start_s"), ("stride", "fps"), ("bucket", "resize"),
+            ("bucket", "num_frames"), ("bucket", "max_frames"), ("num_frames", "max_frames"),
+        )
+        given = {k for k in PREPROCESS_KEYS if self._given(k)}
+        for a, b in pairs:
+            if a in given and b in given:
+                raise InvalidInput(f"options {a!r} and {b!r} contradict each other: give one")
+        if self.crop is not None and self.crop not in CROPS:
+            raise InvalidInput(f"option 'crop' must be one of {', '.join(CROPS)}")
+        if self.crop is not None and not self.exact_size:
+            raise InvalidInput("option 'crop' needs an exact size: resize=WxH or bucket")
+        r = self.resize
+        if r is not None:
+            sides = (r.short_side,) if r.short_side is not None else (r.width, r.height)
+            exact = r.width is not None or r.height is not None
+            if (r.short_side is not None and exact) or any(
+                    s is None or not 1 <= s <= MAX_SIDE for s in sides):
+                raise InvalidInput(f"option 'resize' must be N or WxH with sides in "
+                                   f"[1, {MAX_SIDE}]")
+        for bucket in self.buckets:
+            _check_bucket(bucket)
+        for name in ("start_frame", "num_frames", "max_frames", "stride"):
+            value = getattr(self, name)
+            low = 0 if name == "start_frame" else 1
+            if value is not None and not low <= value <= MAX_COUNT:
+                raise InvalidInput(f"option {name!r} must be in [{low}, {MAX_COUNT}], "
+                                   f"got {value}")
+        if self.start_s is not None and not 0 <= self.start_s <= 10 * 86400:
+            raise InvalidInput("option 'start_s' must be in [0, 864000] seconds")
+        if self.fps is not None and not 0 < self.fps <= MAX_FPS:
+            raise InvalidInput(f"option 'fps' must be in (0, {MAX_FPS}]")
+
+    def _given(self, name: str) -> bool:
+        if name == "bucket":
+            return bool(self.buckets)
+        return getattr(self, name) is not None
+
+    def plan(self, width: int, height: int, frames: int | None, fps: float) -> Plan:
+        """What these options do to one upright ``width`` x ``height`` clip declaring
+        ``frames`` frames (``None``: unknown) at ``fps``. Raises ``InvalidInput`` when the
+        clip fills no bucket or is known to be shorter than ``num_frames``."""
+        available = self.available_frames(frames, fps)
+        bucket = self.choose_bucket(width, height, available)
+        limit, exact = self.frame_limit(bucket)
+        if exact and limit is not None and available is not None and available < limit:
+            raise InvalidInput(f"the clip has {available} frames after preprocessing; "
+                               f"num_frames asks for {limit}")
+        out_fps = Fraction(fps) if self.fps is None else self.fps
+        if self.stride is not None:
+            out_fps = Fraction(fps) / self.stride
+        return Plan(self, self.geometry(width, height, bucket), bucket, limit, exact,
+                    out_fps.limit_denominator(1_000_000))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``Preprocess.plan``: the options as decided for one clip. ``frame_limit`` output
+    frames at most (``None``: every frame); fewer is an error when ``exact``. ``fps`` is
+    the output rate."""
+
+    options: Preprocess
+    geometry: Geometry
+    bucket: Bucket | None
+    frame_limit: int | None
+    exact: bool
+    fps: Fraction
+
+    @property
+    def width(self) -> int:
+        return self.geometry.width
+
+    @property
+    def height(self) -> int:
+        return self.geometry.height
+
+    def selector(self, source_fps: float) -> FrameSelector:
+        return FrameSelector(self.options, source_fps)
+
+
+class FrameSelector:
+    """Which source frames become output frames, decided as frames stream in.
+
+    A source frame shown from ``t_i`` to ``t_{i+1}`` (seconds from the first frame; the
+    last one lasts ``1 / source_fps``) is emitted once for every output time that falls in
+    that interval: with ``fps``, the times ``start + k / fps`` (so frames are dropped or
+    repeated); otherwise the frame on screen at ``start_s`` (or frame ``start_frame``) and
+    every ``stride``-th frame after it. The interval of a frame is known only when the next
+    one arrives, so ``push`` answers for the previous frame.
+    """
+
+    _EPS = 1e-6  # timestamps are rounded to the stream's time base
+
+    def __init__(self, options: Preprocess, source_fps: float) -> None:
+        self._o = options
+        self._frame_s = 1.0 / source_fps
+        self._start = float(options.start_s or 0)
+        self._start_index: int | None = options.start_frame or 0
+        if options.start_s is not None:
+            self._start_index = None  # found by time
+        self._prev: float | None = None
+        self._index = -1
+        self._emitted_targets = 0
+
+    def push(self, time: float) -> int:
+        """A source frame at ``time`` arrived: how many times to emit the previous one."""
+        copies = 0 if self._prev is None else self._copies(self._prev, time)
+        self._prev = time if self._prev is None else max(time, self._prev)
+        self._index += 1
+        return copies
+
+    def finish(self) -> int:
+        """The stream ended: how many times to emit the last frame."""
+        if self._prev is None:
+            return 0
+        return self._copies(self._prev, self._prev + self._frame_s)
+
+    def _copies(self, begin: float, end: float) -> int:
+        o = self._o
+        if o.fps is not None:
+            # Targets start + k / fps with k >= emitted so far, before ``end``.
+            upto = math.ceil((end - self._EPS - self._start) * float(o.fps))
+            copies = max(0, upto - self._emitted_targets)
+            self._emitted_targets += copies
+            return copies
+        i = self._index
+        if self._start_index is None:
+            if self._start >= end - self._EPS:
+                return 0
+            self._start_index = i
+        if i < self._start_index:
+            return 0
+        return 1 if (i - self._start_index) % (o.stride or 1) == 0 else 0
+
+
+def _exact(width: int, height: int, out_w: int, out_h: int, cover: bool) -> Geometry:
+    if not cover:
+        return Geometry(out_w, out_h, 0, 0, out_w, out_h)
+    scale = max(out_w / width, out_h / height)
+    # Rounding up keeps the scaled picture at least as large as the window on both sides.
+    sw = max(out_w, round(width * scale))
+    sh = max(out_h, round(height * scale))
+    return Geometry(sw, sh, (sw - out_w) // 2, (sh - out_h) // 2, out_w, out_h)
+
+
+def _resize(value: str) -> Resize:
+    text = value.strip()
+    if text.isdigit():
+        return Resize(short_side=int(text))
+    m = _SIZE.match(text)
+    if m is None:
+        raise InvalidInput(f"option 'resize' must be N (short side) or WxH, got {value!r}")
+    return Resize(width=int(m[1]), height=int(m[2]))
+
+
+def _bucket(value: str) -> Bucket:
+    m = _BUCKET.match(value)
+    if m is None:
+        raise InvalidInput(f"option 'bucket' must be WxHxF (e.g. 480x272x17), got {value!r}")
+    made = Bucket(int(m[1]), int(m[2]), int(m[3]))
+    _check_bucket(made)
+    return made
+
+
+def _check_bucket(b: Bucket) -> None:
+    if not (1 <= b.width <= MAX_SIDE and 1 <= b.height <= MAX_SIDE
+            and 1 <= b.frames <= MAX_COUNT):
+        raise InvalidInput(f"option 'bucket' {b} is out of range: sides in [1, {MAX_SIDE}], "
+                           f"frames in [1, {MAX_COUNT}]")
+
+
+def _int(name: str, seen: Mapping[str, str], *, minimum: int) -> int | None:
+    if name not in seen:
+        return None
+    text = seen[name].strip()
+    if not text.isdigit():
+        raise InvalidInput(f"option {name!r} must be an integer >= {minimum}, "
+                           f"got {seen[name]!r}")
+    return int(text)
+
+
+def _fraction(name: str, seen: Mapping[str, str], *, positive: bool) -> Fraction | None:
+    if name not in seen:
+        return None
+    text = seen[name].strip()
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise InvalidInput(f"option {name!r} must be a number (e.g. 12, 12.5 or "
+                           f"30000/1001), got {seen[name]!r}") from None
+    if value < 0 or (positive and value == 0):
+        raise InvalidInput(f"option {name!r} must be {'> 0' if positive else '>= 0'}, "
+                           f"got {seen[name]!r}")
+    return value
+
+
+def _fraction_text(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else (
+        f"{value.numerator}/{value.denominator}")

@@ -1,0 +1,234 @@
+"""diffusers' own hybrid-inference client (``remote_decode`` / ``remote_encode``) against a
+real ``ivvae serve``, compared with the same work done in-process; and bare latents, batches
+and tensor bodies over HTTP."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import pytest_asyncio
+from bench._common import ServeProcess
+
+from ivvae.latents import decode_latent_file
+from ivvae.outputs import collect, render
+from ivvae.pipeline import EncodeOptions, FramesUpload
+from ivvae.safetensors_io import dumps, loads
+from ivvae.service import Service
+from ivvae.video import Preprocess, open_video
+from ivvae.wire import DecodeTarget
+from tests.media import make_frames, sample_clip
+from tests.service_fixtures import running_app, tiny_settings, tiny_weights  # noqa: F401
+
+torch = pytest.importorskip("torch")
+remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path) -> Iterator[ServeProcess]:  # noqa: F811
+    with ServeProcess(tiny_weights, IVVAE_BATCH_MAX_DELAY_MS="5") as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def local(tiny_weights: Path) -> AsyncIterator[Service]:  # noqa: F811
+    svc = Service(tiny_settings(tiny_weights))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+async def _sampler_latent(svc: Service, batch: int = 1) -> np.ndarray:
+    """A realistic latent ``(B, z, 2, 8, 8)``: real clips, encoded, as a sampler would emit."""
+    out = []
+    for start in range(batch):
+        options = EncodeOptions(preprocess=Preprocess.parse(
+            {"resize": "64x64", "start_frame": str(10 * start), "num_frames": "5"}))
+        result = await svc.pipeline.encode(sample_clip("carphone_pristine"), options)
+        out.append(decode_latent_file(result.data)[0])
+    return np.concatenate(out)
+
+
+async def _local_frames(svc: Service, latent: np.ndarray) -> np.ndarray:
+    """In-process decode of a bare latent: ``(B, T, H, W, 3)`` uint8."""
+    _, items = await svc.pipeline.decode_bare(latent, "float32", DecodeTarget())
+    out = []
+    for item in items:
+        out.append(np.concatenate([f async for f in item]))
+    return np.stack(out)
+
+
+async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
+                                                         local: Service) -> None:
+    latent = await _sampler_latent(local)
+    model = local.pipeline.model()
+    tensor = torch.from_numpy(latent)
+    endpoint = server.url + "/decode"
+    factors = {"scaling_factor": model.scale_factor, "shift_factor": model.shift_factor}
+    expected = await _local_frames(local, latent)
+    assert expected.shape == (1, 5, 64, 64, 3)
+
+    frames = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
+                                        return_type="pt", partial_postprocess=True, **factors)
+    assert frames.dtype == torch.uint8
+    np.testing.assert_array_equal(frames.numpy(), expected)
+
+    video = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
+                                       return_type="pt", **factors)
+    assert video.dtype == torch.float32 and tuple(video.shape) == (1, 3, 5, 64, 64)
+    np.testing.assert_allclose(video.numpy(), expected.transpose(0, 4, 1, 2, 3) / 127.5 - 1,
+                               rtol=0, atol=1e-6)
+
+    mp4 = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="mp4",
+                                     return_type="mp4", **factors)
+    info, items = await local.pipeline.decode_bare(latent, "float32", DecodeTarget())
+    assert mp4 == await collect(render("mp4", info, items[0]))
+    with open_video(mp4) as reader:
+        assert reader.read_all().shape == (5, 64, 64, 3)
+
+    # The same latent unscaled (diffusers' decode input), said so by latent_space=raw; the
+    # round trip through the factors moves values by float rounding only.
+    raw = latent / model.scale_factor + model.shift_factor
+    r = httpx.post(endpoint, content=raw.tobytes(), params={
+        "shape": list(raw.shape), "dtype": "float32", "latent_space": "raw",
+        "output_type": "pt", "partial_postprocess": "true"}, timeout=120)
+    assert r.status_code == 200, r.text
+    again = np.frombuffer(r.content, np.uint8).reshape(expected.shape)
+    assert int(np.abs(again.astype(int) - expected.astype(int)).max()) <= 1
+
+
+async def test_remote_encode_equals_in_process(server: ServeProcess, local: Service) -> None:
+    if not hasattr(remote_utils, "remote_encode"):
+        pytest.skip("this diffusers has no remote_encode")
+    frames = make_frames(5, 32, 24)
+    # Contiguous on purpose: remote_encode serializes ``image.contiguous()`` through
+    # safetensors' private _to_ndarray, which (safetensors 0.8) keeps no reference to a
+    # temporary copy, so a non-contiguous input is sent as freed memory.
+    video = torch.from_numpy(np.ascontiguousarray(
+        frames.transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1))
+    model = local.pipeline.model()
+    latent = remote_utils.remote_encode(endpoint=server.url + "/encode", image=video,
+                                        scaling_factor=model.scale_factor,
+                                        shift_factor=model.shift_factor)
+    result = await local.pipeline.encode(FramesUpload(frames, fps=24))
+    expected = decode_latent_file(result.data)[0]
+    assert tuple(latent.shape) == expected.shape == (1, model.z_dim, 2, 3, 4)
+    np.testing.assert_allclose(latent.numpy(), expected, rtol=0, atol=1e-4)
+
+
+async def test_bare_latents_and_batches_over_http(tiny_weights: Path,  # noqa: F811
+                                                  local: Service) -> None:
+    latent = await _sampler_latent(local, batch=3)
+    expected = await _local_frames(local, latent)
+    one = latent[:1]
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        # a bare safetensors file, rank 5 (batch 3) and rank 4
+        r = await client.post("/decode?format=frames", content=dumps({"latent": latent}))
+        assert r.status_code == 200, r.text
+        tensors, meta = loads(r.content)
+        assert meta["layout"] == "BTHWC uint8 RGB"
+        np.testing.assert_array_equal(tensors["frames"].array, expected)
+        r = await client.post("/decode?format=frames", content=dumps({"latent": one[0]}))
+        np.testing.assert_array_equal(loads(r.content)[0]["frames"].array, expected[0])
+        # a raw tensor body; batch MP4s come back as a zip
+        r = await client.post("/decode", content=latent.tobytes(),
+                              params={"shape": list(latent.shape), "dtype": "float32",
+                                      "fps": "30000/1001"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+        with zipfile.ZipFile(io.BytesIO(r.content)) as archive:
+            assert archive.namelist() == ["0.mp4", "1.mp4", "2.mp4"]
+            with open_video(archive.read("2.mp4")) as reader:
+                assert reader.read_all().shape == (5, 64, 64, 3)
+                assert abs(reader.info.fps - 30000 / 1001) < 1e-3
+        # output size and frame count given; pt answers with shape / dtype headers
+        r = await client.post("/decode", content=one.tobytes(), params={
+            "shape": "1,4,2,8,8", "dtype": "float32", "num_frames": "4", "height": "60",
+            "width": "57", "output_type": "pt", "partial_postprocess": "true"})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.headers["shape"]) == [1, 4, 60, 57, 3]
+        assert r.headers["dtype"] == "uint8"
+        got = np.frombuffer(r.content, np.uint8).reshape(1, 4, 60, 57, 3)
+        np.testing.assert_array_equal(got, expected[:1, :4, :60, :57])
+
+
+@pytest.mark.parametrize(("params", "body", "status", "word"), [
+    ({"shape": "1,4,2,8,8", "dtype": "float32"}, b"\0" * 10, 400, "bytes"),
+    ({"shape": "1,5,2,8,8", "dtype": "float32"}, bytes(4 * 5 * 2 * 64), 422, "channels"),
+    ({"shape": "1,4,2,8", "dtype": "float32"}, bytes(4 * 4 * 2 * 8), 422, "(B, z, t, h, w)"),
+    ({"shape": "1,4,2,8,8", "dtype": "int8"}, bytes(4 * 2 * 64), 400, "'dtype'"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "num_frames": "9"}, bytes(16 * 2 * 64), 400,
+     "num_frames"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "width": "80"}, bytes(16 * 2 * 64), 400,
+     "frame does not come"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "output_type": "pil"}, bytes(16 * 2 * 64), 400,
+     "output_type"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "model": "nope"}, bytes(16 * 2 * 64), 400,
+     "unknown model"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "colour": "1"}, bytes(16 * 2 * 64), 400,
+     "'colour'"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "fps": "-3"}, bytes(16 * 2 * 64), 400, "'fps'"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32", "format": "frames", "output_type": "pt"},
+     bytes(16 * 2 * 64), 400, "contradict"),
+    ({"shape": "1,4,200,8,8", "dtype": "float32"}, bytes(16 * 200 * 64), 422, "limit"),
+    ({"shape": "1,4,1,8,8", "dtype": "float32"},
+     np.full((1, 4, 1, 8, 8), np.nan, np.float32).tobytes(), 422, "non-finite"),
+    ({"dtype": "float32"}, b"x", 400, "'shape'"),
+    ({"num_frames": "5"}, dumps({"latent": np.zeros((4, 2, 8, 8), np.float32)},
+                                {"format": "ivvae.latent"}), 400, "bare latents"),
+])
+async def test_bad_tensor_decodes_name_the_problem(tiny_weights: Path,  # noqa: F811
+                                                   params: dict[str, str], body: bytes,
+                                                   status: int, word: str) -> None:
+    async with running_app(tiny_settings(tiny_weights, max_frames=64)) as client:
+        r = await client.post("/decode", content=body, params=params)
+    assert r.status_code == status, r.text
+    assert word in r.json()["detail"]
+
+
+@pytest.mark.parametrize(("params", "body", "status", "word"), [
+    ({"shape": "2,8,8,3", "dtype": "uint8"}, bytes(10), 400, "bytes"),
+    ({"shape": "2,8,8,4", "dtype": "uint8"}, bytes(2 * 8 * 8 * 4), 400, "(T, H, W, 3)"),
+    ({"shape": "1,4,2,8,8", "dtype": "float32"}, bytes(4 * 4 * 2 * 64), 400, "(B, 3, T, H, W)"),
+    ({"shape": "2,3,1,8,8", "dtype": "float32", "output_type": "file"}, bytes(4 * 2 * 3 * 64),
+     400, "batch of 2"),
+    ({"shape": "1,3,1,8,8", "dtype": "float32"},
+     np.full((1, 3, 1, 8, 8), np.inf, np.float32).tobytes(), 400, "non-finite"),
+    ({"shape": "1,8,8,3", "dtype": "uint8", "output_type": "tensor"}, bytes(192), 400,
+     "output_type"),
+    ({"shape": "1,8,8,3", "dtype": "uint8", "bucket": "8x8"}, bytes(192), 400, "'bucket'"),
+])
+async def test_bad_tensor_encodes_name_the_problem(tiny_weights: Path,  # noqa: F811
+                                                   params: dict[str, str], body: bytes,
+                                                   status: int, word: str) -> None:
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        r = await client.post("/encode", content=body, params=params)
+    assert r.status_code == status, r.text
+    assert word in r.json()["detail"]
+
+
+async def test_encode_options_over_http(tiny_weights: Path) -> None:  # noqa: F811
+    clip = sample_clip("bigbuckbunny").read_bytes()
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        r = await client.post("/encode", content=clip, params={"bucket": "480x272x17"},
+                              headers={"content-type": "video/mp4"})
+        assert r.status_code == 200, r.text
+        latent, info = decode_latent_file(r.content)
+        assert latent.shape == (1, 4, 5, 34, 60)
+        again = await client.post("/encode", content=clip, params={"bucket": "480x272x17"},
+                                  headers={"content-type": "video/mp4"})
+        other = await client.post("/encode", content=clip, params={"bucket": "480x272x9"},
+                                  headers={"content-type": "video/mp4"})
+        assert (again.headers["x-cache"], other.headers["x-cache"]) == ("hit", "miss")
+        d = await client.post("/decode", content=r.content)
+        assert d.status_code == 200
+    with open_video(d.content) as reader:
+        assert reader.read_all().shape == (17, 272, 480, 3)
+    assert info.extra["preprocess"] == "bucket=480x272x17"

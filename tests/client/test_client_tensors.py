@@ -1,0 +1,104 @@
+"""The clients with arrays: numpy / torch frames in, bare latents (one and a batch of 3) out,
+over gRPC and HTTP, equal to the same work in-process; preprocessing options; bfloat16."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ivvae.client import Client
+from ivvae.errors import InvalidInput, InvalidLatent
+from ivvae.latents import decode_latent_file
+from ivvae.pipeline import FramesUpload
+from ivvae.video import open_video
+from ivvae.wire import DecodeTarget
+from tests.grpc_fixtures import ServerThread, server_thread
+from tests.media import make_frames, sample_clip
+from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+
+torch = pytest.importorskip("torch")
+FRAMES = make_frames(5, 24, 16)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path) -> Iterator[ServerThread]:  # noqa: F811
+    with server_thread(tiny_settings(tiny_weights), http=True) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["grpc", "http"])
+def url(request: pytest.FixtureRequest, server: ServerThread) -> str:
+    return server.grpc_url if request.param == "grpc" else server.http_url
+
+
+def _in_process(server: ServerThread, latent: np.ndarray) -> np.ndarray:
+    async def run() -> np.ndarray:
+        _, items = await server.service.pipeline.decode_bare(latent, "float32",
+                                                             DecodeTarget())
+        out = []
+        for item in items:
+            out.append(np.concatenate([f async for f in item]))
+        return np.stack(out)
+
+    return server.call(run())
+
+
+def test_array_inputs_encode_like_the_frames(url: str, server: ServerThread) -> None:
+    expected = server.call(server.service.pipeline.encode(FramesUpload(FRAMES, fps=24)))
+    with Client(url) as client:
+        by_numpy = client.encode(FRAMES)
+        video = torch.from_numpy(FRAMES).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+        by_torch = client.encode(video)
+        assert by_numpy.data == by_torch.data == expected.data
+        windowed = client.encode(FRAMES, preprocess={"start_frame": "1", "num_frames": "4"})
+        assert windowed.info.num_frames == 4
+        resized = client.encode(sample_clip("carphone_pristine"),
+                                preprocess={"resize": "32", "max_frames": "5"})
+        assert (resized.info.width, resized.info.height, resized.info.num_frames) == (39, 32, 5)
+        assert resized.info.extra["preprocess"] == "resize=32;max_frames=5"
+        with pytest.raises(InvalidInput, match="'stride' and 'fps'"):
+            client.encode(FRAMES, preprocess={"stride": "2", "fps": "5"})
+        with pytest.raises(ValueError, match="batch"):
+            client.encode(np.zeros((2, 3, 1, 8, 8), np.float32))
+        bf16 = client.encode(sample_clip("carphone_pristine"), dtype="bfloat16",
+                             preprocess={"resize": "16", "max_frames": "1"})
+        assert bf16.torch().dtype == torch.bfloat16
+        assert torch.equal(bf16.torch().float(), torch.from_numpy(bf16.numpy()))
+
+
+def test_bare_latents_decode_like_in_process(url: str, server: ServerThread) -> None:
+    with Client(url) as client:
+        latent = np.concatenate([client.encode(FRAMES[i:]).numpy()[:, :, :1]
+                                 for i in range(3)])  # (3, z, 1, 2, 3)
+        expected = _in_process(server, latent)
+        one = client.decode(latent[:1], format="frames")
+        # one video comes back as (T, H, W, 3), a batch of more as (B, T, H, W, 3)
+        assert isinstance(one, np.ndarray) and one.shape == (1, 16, 24, 3)
+        np.testing.assert_array_equal(one, expected[0])
+        batch = client.decode(torch.from_numpy(latent), format="frames")
+        np.testing.assert_array_equal(batch, expected)
+        half = client.decode(torch.from_numpy(latent).to(torch.bfloat16), format="frames")
+        assert half.shape == expected.shape
+        rank4 = client.decode(latent[0], format="frames", height=13, width=20)
+        np.testing.assert_array_equal(rank4, expected[0, :, :13, :20])
+        mp4s = client.decode(latent, fps=12)
+        assert isinstance(mp4s, bytes)
+        with zipfile.ZipFile(io.BytesIO(mp4s)) as archive:
+            assert archive.namelist() == ["0.mp4", "1.mp4", "2.mp4"]
+            with open_video(archive.read("1.mp4")) as reader:
+                assert reader.read_all().shape == (1, 16, 24, 3)
+        with pytest.raises(InvalidLatent, match="channels"):
+            client.decode(np.zeros((1, 3, 1, 2, 2), np.float32))
+        with pytest.raises(InvalidInput, match="num_frames"):
+            client.decode(latent, num_frames=9)
+        # a latent file still decodes, and is refused bare-latent options
+        made = client.encode(FRAMES)
+        assert isinstance(client.decode(made), bytes)
+        with pytest.raises(InvalidInput, match="bare latents"):
+            client.decode(made, fps=10)
+    assert decode_latent_file(made.data)[1].num_frames == 5

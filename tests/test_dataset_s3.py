@@ -1,0 +1,214 @@
+"""``encode-dataset`` from and to a real S3-compatible server (moto, loopback), all three
+formats, read back with ``ivvae.data`` byte for byte as each clip encoded alone."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from ivvae.data import IterableLatentDataset, LatentDataset, to_torch
+from ivvae.dataset import FORMATS, MANIFEST_NAME, ClipOptions, EncoderSpec, encode_dataset
+from ivvae.safetensors_io import loads
+from tests import media
+from tests.s3_server import S3Server, s3_server  # noqa: F401
+from tests.service_fixtures import tiny_weights  # noqa: F401
+
+CLIPS = 5
+
+
+def in_process(weights: Path) -> EncoderSpec:
+    # One torch thread: on a shared 2-core machine more threads run several times slower.
+    return EncoderSpec(weights=str(weights), torch_threads=1)
+
+
+def encode_alone(weights: Path, clips: dict[str, bytes], dtype: str) -> dict[str, bytes]:
+    """Each clip through a fresh in-process encoder on its own: the raw latent tensor bytes."""
+
+    async def run() -> dict[str, bytes]:
+        encoder = in_process(weights).build()
+        await encoder.start()
+        try:
+            out = {}
+            for name, data in clips.items():
+                encoded = await encoder.encode(data, ClipOptions(dtype=dtype), name)
+                out[name] = loads(encoded.data)[0]["latent"].array.tobytes()
+            return out
+        finally:
+            await encoder.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def bucket_clips(s3_server: S3Server) -> Iterator[tuple[str, dict[str, bytes]]]:  # noqa: F811
+    """Clips (two folders, one with a caption sidecar) in a fresh bucket."""
+    src = s3_server.make_bucket("raw-clips")
+    fs = fsspec.filesystem("s3")
+    clips = {}
+    for i in range(CLIPS):
+        name = f"{'a' if i % 2 else 'b'}/clip{i}.mp4"
+        clips[name] = media.make_video(None, frames=5, width=16, height=16, fps=10 + i)
+        fs.pipe_file(f"raw-clips/{name}", clips[name])
+    fs.pipe_file("raw-clips/b/clip0.txt", b"a caption")
+    fs.pipe_file("raw-clips/b/notes.md", b"not a clip")
+    yield src, clips
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_s3_to_s3_and_back(fmt: str, s3_server: S3Server,  # noqa: F811
+                           bucket_clips: tuple[str, dict[str, bytes]],
+                           tiny_weights: Path) -> None:  # noqa: F811
+    src, clips = bucket_clips
+    out = s3_server.make_bucket(f"latents-{fmt}") + "/v1"
+    dtype = "bfloat16" if fmt == "parquet" else "float32"
+    summary = asyncio.run(encode_dataset(
+        src + "/", out, encoder=in_process(tiny_weights), format=fmt,
+        options=ClipOptions(dtype=dtype), shard_clips=2))
+    assert (summary.total, summary.encoded, summary.failed) == (CLIPS, CLIPS, 0)
+
+    fs = fsspec.filesystem("s3")
+    listed = fs.find(out.removeprefix("s3://"))
+    if fmt == "files":
+        assert sorted(p.rsplit("/v1/", 1)[1] for p in listed if p.endswith(".safetensors")) \
+            == sorted(n + ".latent.safetensors" for n in clips)
+    else:
+        shards = [p for p in listed if "/shards/" in p]
+        assert len(shards) == 3  # 5 clips, 2 per shard
+    assert len(fs.cat_file(f"{out}/{MANIFEST_NAME}").splitlines()) == CLIPS
+
+    expected = encode_alone(tiny_weights, clips, dtype)
+    ds = LatentDataset(out)
+    assert len(ds) == CLIPS
+    seen = {}
+    for i in range(len(ds)):
+        latent, meta = ds[i]
+        assert latent.dtype == getattr(torch, dtype) and tuple(latent.shape) == (1, 4, 2, 2, 2)
+        seen[meta["source"]] = latent.view(torch.int16 if dtype == "bfloat16"
+                                           else torch.int32).numpy().tobytes()
+        if fmt != "files" and meta["source"] == "b/clip0.mp4":
+            assert meta["sidecars"] == {".txt": b"a caption"}
+    assert seen == expected
+
+    streamed = list(IterableLatentDataset(out, shuffle=True, seed=3))
+    assert sorted(m["source"] for _, m in streamed) == sorted(clips)
+
+
+def test_webdataset_shards_read_by_the_webdataset_package(
+        bucket_clips: tuple[str, dict[str, bytes]], tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
+    import webdataset as wds
+
+    src, clips = bucket_clips
+    summary = asyncio.run(encode_dataset(
+        src, tmp_path / "out", encoder=in_process(tiny_weights),
+        format="webdataset"))
+    assert summary.encoded == CLIPS
+    shards = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False))
+    assert sorted(s["__key__"] for s in samples) == sorted(n.replace(".", "_") for n in clips)
+    caption = next(s for s in samples if s["__key__"] == "b/clip0_mp4")
+    assert caption["txt"] == b"a caption"
+    for s in samples:
+        tensors, meta = loads(s["latent.safetensors"])
+        assert meta["format"] == "ivvae.latent"
+        assert to_torch(tensors["latent"]).shape == (1, 4, 2, 2, 2)
+    with tarfile.open(fileobj=io.BytesIO(Path(shards[0]).read_bytes())) as tar:
+        assert all(m.mtime == 0 for m in tar.getmembers())  # reproducible bytes
+
+
+def test_dataloader_workers_read_their_own_shards(
+        s3_server: S3Server, bucket_clips: tuple[str, dict[str, bytes]],  # noqa: F811
+        tiny_weights: Path) -> None:  # noqa: F811
+    src, clips = bucket_clips
+    out = s3_server.make_bucket("latents-loader")
+    asyncio.run(encode_dataset(src, out, encoder=in_process(tiny_weights),
+                               format="parquet", shard_clips=1))
+    ds = IterableLatentDataset(out, shuffle=True, seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork")
+    sources = [meta["source"] for _, meta in loader]
+    assert sorted(sources) == sorted(clips)  # each clip once: the workers split the shards
+    halves = [IterableLatentDataset(out, rank=r, world_size=2).parts() for r in (0, 1)]
+    assert not set(halves[0]) & set(halves[1]) and len(halves[0] + halves[1]) == CLIPS
+    assert np.all([isinstance(x, str) for x in sources])
+
+
+def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    src = s3_server.make_bucket("replaced")
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.pipe_file(f"replaced/clip{i}.mp4",
+                     media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
+    out = src + "/out"
+    spec = in_process(tiny_weights)
+    asyncio.run(encode_dataset(src + "/", out, encoder=spec))
+    before = {r["source"]: r for r in LatentDataset(out).records}
+    assert all(r["identity"].startswith("etag:") for r in before.values())
+    fs.pipe_file("replaced/clip1.mp4",
+                 media.make_video(None, frames=9, width=16, height=16, fps=5))
+    summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec))
+    assert (summary.encoded, summary.skipped) == (1, 2)
+    after = {r["source"]: r for r in LatentDataset(out).records}
+    assert after["clip1.mp4"]["identity"] != before["clip1.mp4"]["identity"]
+    assert after["clip1.mp4"]["shape"] == [1, 4, 3, 2, 2]
+    assert {k: after[k] for k in ("clip0.mp4", "clip2.mp4")} == {
+        k: before[k] for k in ("clip0.mp4", "clip2.mp4")}
+
+
+def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    for i in range(2):
+        media.make_video(served / f"c{i}.mp4", frames=5, width=16, height=16, fps=30 + i)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{base}/c0.mp4\n{base}/c1.mp4\n{base}/gone.mp4\n")
+        out = tmp_path / "out"
+        summary = asyncio.run(encode_dataset(listing, out,
+                                             encoder=in_process(tiny_weights)))
+        assert (summary.encoded, summary.failed) == (2, 1)
+        records = {r["source"]: r for r in LatentDataset(str(out)).records}
+        assert sorted(records) == [f"{base}/c0.mp4", f"{base}/c1.mp4"]
+        assert records[f"{base}/c0.mp4"]["part"].startswith("127.0.0.1:")
+    finally:
+        httpd.shutdown()
+        thread.join()
+
+
+def test_parts_published_by_another_process_are_seen(
+        s3_server: S3Server, bucket_clips: tuple[str, dict[str, bytes]],  # noqa: F811
+        tiny_weights: Path) -> None:  # noqa: F811
+    import s3fs
+
+    from ivvae.dataset import PARTS_DIR, load_state
+    from ivvae.storage import Location
+
+    src, _ = bucket_clips
+    out = s3_server.make_bucket("latents-others") + "/job"
+    asyncio.run(encode_dataset(src, out, encoder=in_process(tiny_weights), shard_clips=2))
+    loc = Location.of(out)
+    before = load_state(loc, "files")  # fills this process's listing cache
+    other = s3fs.S3FileSystem(skip_instance_cache=True)  # another worker's client
+    record = {"source": "elsewhere.mp4", "key": "k", "status": "error", "error": "x"}
+    other.pipe_file(f"{loc.path}/{PARTS_DIR}/w00001of00002-x-00000.jsonl",
+                    (json.dumps(record) + "\n").encode())
+    after = load_state(loc, "files")
+    assert "elsewhere.mp4" not in before.records and "elsewhere.mp4" in after.records

@@ -1,0 +1,173 @@
+"""ivvae.diffusers: the diffusers autoencoder surface over IVVAE, with and without diffusers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch import nn
+
+from ivvae.diffusers import HAVE_DIFFUSERS, IVVAEAutoencoder
+from tests.model.conftest import TINY, make_model, rand_video
+
+
+@pytest.fixture(scope="module")
+def vae() -> IVVAEAutoencoder:
+    return IVVAEAutoencoder.from_ivvae(make_model())
+
+
+def test_built_on_diffusers_when_installed() -> None:
+    pytest.importorskip("diffusers")
+    from diffusers import ConfigMixin, ModelMixin
+
+    assert HAVE_DIFFUSERS
+    assert issubclass(IVVAEAutoencoder, ModelMixin)
+    assert issubclass(IVVAEAutoencoder, ConfigMixin)
+
+
+def test_config(vae: IVVAEAutoencoder) -> None:
+    c = vae.config
+    assert (c.scaling_factor, c.shift_factor) == (TINY.scale_factor, TINY.shift_factor)
+    assert c.latent_channels == TINY.z_dim
+    assert (c.temporal_compression_ratio, c.spatial_compression_ratio) == (4, 8)
+    with pytest.raises(ValueError, match="latent_channels"):
+        IVVAEAutoencoder(z_dim=4, dim=4, latent_channels=8)
+
+
+def test_mode_is_the_posterior_mean_and_decode_inverts_the_scaling(
+        vae: IVVAEAutoencoder) -> None:
+    model = make_model()
+    x = rand_video(5, 8, 16)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        mu, logvar = model.encode_moments(x)
+        torch.testing.assert_close(dist.mode(), mu, rtol=0, atol=0)
+        torch.testing.assert_close(dist.logvar, logvar, rtol=0, atol=0)
+        torch.testing.assert_close(dist.std, torch.exp(0.5 * logvar))
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        torch.testing.assert_close(dist.sample(g1), dist.sample(g2))
+        assert dist.kl().shape == (1,) and bool(dist.kl() > 0)
+        video = vae.decode(mu).sample
+        expected = model.decode(TINY.scale_factor * (mu - TINY.shift_factor))
+        torch.testing.assert_close(video, expected, rtol=1e-5, atol=1e-5)
+        assert video.shape == (1, 3, 5, 8, 16)
+        assert vae.decode(mu, num_frames=4, height=7, width=13).sample.shape == (
+            1, 3, 4, 7, 13)
+        assert vae(x).sample.shape == x.shape
+        (only,) = vae.decode(mu, return_dict=False)
+        torch.testing.assert_close(only, video)
+
+
+def test_slicing_equals_the_whole_batch(vae: IVVAEAutoencoder) -> None:
+    x = rand_video(5, 8, 8, b=2, seed=1)
+    with torch.no_grad():
+        whole = vae.encode(x).latent_dist.mode()
+        vae.enable_slicing()
+        try:
+            sliced = vae.encode(x).latent_dist.mode()
+            video = vae.decode(sliced).sample
+        finally:
+            vae.disable_slicing()
+        torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(video, vae.decode(whole).sample, rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_load_pretrained(vae: IVVAEAutoencoder, tmp_path: Path) -> None:
+    vae.save_pretrained(tmp_path / "vae")
+    assert {p.name for p in (tmp_path / "vae").iterdir()} >= {
+        "config.json", "diffusion_pytorch_model.safetensors"}
+    again = IVVAEAutoencoder.from_pretrained(tmp_path / "vae")
+    keys = ("z_dim", "dim", "num_res_blocks", "scaling_factor", "shift_factor",
+            "latent_channels", "temporal_compression_ratio", "spatial_compression_ratio")
+    assert [getattr(again.config, k) for k in keys] == [getattr(vae.config, k) for k in keys]
+    assert tuple(again.config.dim_mult) == tuple(vae.config.dim_mult)
+    for (k, a), (_, b) in zip(vae.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    x = rand_video(5, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(x).latent_dist.mode(),
+                                   vae.encode(x).latent_dist.mode(), rtol=0, atol=0)
+
+
+def test_dtype_moves(vae: IVVAEAutoencoder) -> None:
+    half = IVVAEAutoencoder.from_ivvae(make_model()).to(dtype=torch.bfloat16)
+    x = rand_video(1, 8, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        out = half.encode(x).latent_dist.mode()
+        assert out.dtype == torch.bfloat16
+        assert half.decode(out).sample.dtype == torch.bfloat16
+
+
+def test_toy_latent_diffusion_training_loop() -> None:
+    """A few steps of a loop written the way diffusers' train_text_to_image.py writes it."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = IVVAEAutoencoder.from_ivvae(make_model())
+    vae.requires_grad_(False)
+    z = vae.config.latent_channels
+    unet = nn.Sequential(nn.Conv3d(z + 1, 16, 3, padding=1), nn.SiLU(),
+                         nn.Conv3d(16, z, 3, padding=1))
+    noise_scheduler = diffusers.DDPMScheduler(num_train_timesteps=100)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in unet.parameters()]
+    losses = []
+    for step in range(4):
+        pixel_values = rand_video(5, 8, 8, b=2, seed=step)
+        with torch.no_grad():
+            latents = vae.encode(pixel_values).latent_dist.sample()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],)).long()
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        t_channel = (timesteps.float() / 100).view(-1, 1, 1, 1, 1).expand(
+            -1, 1, *latents.shape[2:])
+        model_pred = unet(torch.cat([noisy_latents, t_channel], dim=1))
+        loss = nn.functional.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(a, b) for a, b in zip(before, unet.parameters(), strict=True))
+    assert all(p.grad is None for p in vae.parameters())
+    # Decoding what the "sampler" produced.
+    with torch.no_grad():
+        video = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    assert video.shape == (2, 3, 5, 8, 8)
+
+
+def _without_diffusers(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """ivvae.diffusers imported as if diffusers were not installed."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    spec = importlib.util.find_spec("ivvae.diffusers")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_diffusers_the_same_surface(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    plain = _without_diffusers(monkeypatch)
+    assert not plain.HAVE_DIFFUSERS
+    vae = plain.IVVAEAutoencoder.from_ivvae(make_model())
+    assert vae.config.scaling_factor == TINY.scale_factor and vae.config.latent_channels == 4
+    x = rand_video(1, 8, 8)
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mode()
+        torch.testing.assert_close(mu, make_model().encode_moments(x)[0], rtol=0, atol=0)
+        assert vae.decode(mu).sample.shape == (1, 3, 1, 8, 8)
+    vae.save_pretrained(tmp_path / "plain")
+    again = plain.IVVAEAutoencoder.from_pretrained(tmp_path / "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(x).latent_dist.mode(), mu, rtol=0, atol=0)
+    monkeypatch.delitem(sys.modules, "diffusers")
+    if HAVE_DIFFUSERS:  # a folder written without diffusers loads with it
+        loaded = IVVAEAutoencoder.from_pretrained(tmp_path / "plain")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.encode(x).latent_dist.mode(), mu, rtol=0, atol=0)

@@ -1,0 +1,77 @@
+"""Preprocessing through the pipeline on real clips: latent shapes, decoded sizes, metadata,
+cache keys."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from ivvae.latents import decode_latent_file
+from ivvae.pipeline import EncodeOptions, FramesUpload
+from ivvae.service import Service
+from ivvae.video import Preprocess
+from tests.media import make_frames, sample_clip
+from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+
+
+@pytest_asyncio.fixture
+async def service(tiny_weights: Path) -> AsyncIterator[Service]:  # noqa: F811
+    svc = Service(tiny_settings(tiny_weights))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()
+
+
+def _options(**params: str) -> EncodeOptions:
+    return EncodeOptions(preprocess=Preprocess.parse(params))
+
+
+@pytest.mark.asyncio
+async def test_bucket_gives_the_bucket_latent_and_decode(service: Service) -> None:
+    path = sample_clip("bigbuckbunny")  # 1280x720, 132 frames
+    result = await service.pipeline.encode(path, _options(bucket="480x272x17"))
+    z = service.pipeline.model().z_dim
+    assert result.latent_shape == (1, z, 5, 34, 60)
+    meta = result.info.to_metadata()
+    assert meta["preprocess"] == "bucket=480x272x17"
+    assert meta["preprocess_bucket"] == "480x272x17"
+    assert (meta["preprocess_source_width"], meta["preprocess_source_height"]) == ("1280", "720")
+    assert meta["preprocess_source_fps"] == "25/1"
+    assert meta["preprocess_source_frames_declared"] == "132"
+    assert (meta["num_frames"], meta["width"], meta["height"]) == ("17", "480", "272")
+    _, frames = await service.pipeline.decode_frames(result.data)
+    decoded = np.concatenate([f async for f in frames])
+    assert decoded.shape == (17, 272, 480, 3)
+
+
+@pytest.mark.asyncio
+async def test_options_are_part_of_the_cache_key(service: Service) -> None:
+    path = sample_clip("carphone_pristine")
+    a = await service.pipeline.encode(path, _options(resize="64", max_frames="5"))
+    b = await service.pipeline.encode(path, _options(resize="64", max_frames="5"))
+    c = await service.pipeline.encode(path, _options(resize="64", max_frames="9"))
+    d = await service.pipeline.encode(path, _options(resize="48", max_frames="5"))
+    assert (a.cache_hit, b.cache_hit, c.cache_hit, d.cache_hit) == (False, True, False, False)
+    assert a.data == b.data
+    assert a.latent_shape[2:] == (2, 8, 10) and c.latent_shape[2] == 3
+    assert d.latent_shape[3:] == (6, 8)
+
+
+@pytest.mark.asyncio
+async def test_frames_upload_with_a_window(service: Service) -> None:
+    frames = make_frames(12, 32, 16)
+    whole = await service.pipeline.encode(FramesUpload(frames, fps=12))
+    part = await service.pipeline.encode(FramesUpload(frames, fps=12),
+                                         _options(start_frame="3", num_frames="5"))
+    direct = await service.pipeline.encode(FramesUpload(np.ascontiguousarray(frames[3:8]),
+                                                        fps=12))
+    assert whole.info.num_frames == 12 and part.info.num_frames == 5
+
+    np.testing.assert_array_equal(decode_latent_file(part.data)[0],
+                                  decode_latent_file(direct.data)[0])

@@ -1,0 +1,65 @@
+"""``ivvae.ray``: the dataset job on a local 2-CPU Ray instance (one per module: Ray takes
+a while to start) gives the same latents, manifest and resume as the plain path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ivvae.dataset import MANIFEST_NAME, EncoderSpec, Job, encode_dataset
+from tests.service_fixtures import tiny_weights  # noqa: F401
+from tests.test_dataset import latents, make_clips, shard_samples
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 * 2**20)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_equals_plain_and_resumes(local_ray: None, tiny_weights: Path,  # noqa: F811
+                                      tmp_path: Path) -> None:
+    from ivvae.ray import run_on_ray
+
+    src = make_clips(tmp_path / "src", count=6)
+    spec = EncoderSpec(weights=str(tiny_weights), torch_threads=1)
+    asyncio.run(encode_dataset(src, tmp_path / "plain", encoder=spec, format="webdataset",
+                               shard_clips=2))
+
+    job = Job(str(src), str(tmp_path / "ray"), format="webdataset", shard_clips=2)
+    summary = run_on_ray(job, spec, workers=2)
+    assert (summary.total, summary.encoded, summary.failed) == (6, 6, 0)
+    assert latents(tmp_path / "ray") == latents(tmp_path / "plain")
+    assert set(shard_samples(tmp_path / "ray").values()) == {1}
+    lines = (tmp_path / "ray" / MANIFEST_NAME).read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(x)["status"] == "ok" for x in lines)
+
+    (src / "a" / "clip01.mp4").write_bytes((src / "a" / "clip03.mp4").read_bytes())
+    again = run_on_ray(job, spec, workers=1)
+    assert (again.encoded, again.skipped) == (1, 5)
+    assert latents(tmp_path / "ray")["a/clip01.mp4"] == latents(tmp_path / "plain")[
+        "a/clip03.mp4"]
+
+
+@pytest.mark.slow
+def test_cli_engine_ray(local_ray: None, tiny_weights: Path, tmp_path: Path,  # noqa: F811
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    from ivvae.cli import main
+
+    src = make_clips(tmp_path / "src", count=2)
+    code = main(["encode-dataset", str(src), str(tmp_path / "out"), "--engine", "ray",
+                 "--weights", str(tiny_weights), "--format", "parquet", "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["total"], summary["encoded"]) == (2, 2)

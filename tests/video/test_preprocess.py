@@ -1,0 +1,147 @@
+"""Preprocessing options: parsing, contradictions, canonical strings, per-clip decisions."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from ivvae.errors import InvalidInput
+from ivvae.video.preprocess import PREPROCESS_KEYS, Bucket, Geometry, Preprocess, Resize
+
+
+def test_parse_and_canonical_round_trip() -> None:
+    p = Preprocess.parse([("bucket", "480x272x17, 256X256x17"), ("bucket", "272x480x33"),
+                          ("fps", "12.50"), ("start_s", "1.5")])
+    assert p.buckets == (Bucket(256, 256, 17), Bucket(272, 480, 33), Bucket(480, 272, 17))
+    assert p.fps == Fraction(25, 2) and p.start_s == Fraction(3, 2)
+    assert p.canonical() == "bucket=256x256x17,272x480x33,480x272x17;start_s=3/2;fps=25/2"
+    assert Preprocess.from_canonical(p.canonical()) == p
+    assert Preprocess.parse(p.to_params()) == p
+
+
+def test_spellings_of_the_same_options_share_one_canonical_string() -> None:
+    a = Preprocess.parse({"fps": "12.5", "resize": "64x48", "crop": "center"})
+    b = Preprocess.parse([("crop", "CENTER"), ("resize", "64X48"), ("fps", "25/2")])
+    assert a.canonical() == b.canonical()
+    assert Preprocess().canonical() == "" and Preprocess().is_identity
+    assert Preprocess.parse({"resize": "64"}).canonical() != Preprocess.parse(
+        {"resize": "65"}).canonical()
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"resize": "64", "bucket": "8x8x1"}, "'bucket' and 'resize'"),
+    ({"start_frame": "1", "start_s": "1"}, "'start_frame' and 'start_s'"),
+    ({"stride": "2", "fps": "12"}, "'stride' and 'fps'"),
+    ({"num_frames": "5", "max_frames": "9"}, "'num_frames' and 'max_frames'"),
+    ({"bucket": "8x8x1", "num_frames": "9"}, "'bucket' and 'num_frames'"),
+    ({"crop": "center"}, "'crop'"),
+    ({"crop": "middle", "resize": "8x8"}, "'crop'"),
+    ({"resize": "0"}, "'resize'"),
+    ({"resize": "abc"}, "'resize'"),
+    ({"resize": "99999"}, "'resize'"),
+    ({"bucket": "480x272"}, "'bucket'"),
+    ({"bucket": ""}, "'bucket'"),
+    ({"bucket": "0x8x8"}, "'bucket'"),
+    ({"stride": "0"}, "'stride'"),
+    ({"stride": "-1"}, "'stride'"),
+    ({"num_frames": "1.5"}, "'num_frames'"),
+    ({"fps": "0"}, "'fps'"),
+    ({"fps": "nan"}, "'fps'"),
+    ({"fps": "1/0"}, "'fps'"),
+    ({"start_s": "-1"}, "'start_s'"),
+    ({"size": "64"}, "'size'"),
+])
+def test_bad_options_name_the_problem(params: dict[str, str], named: str) -> None:
+    with pytest.raises(InvalidInput, match=named):
+        Preprocess.parse(params)
+
+
+def test_repeated_option_and_caller_keys() -> None:
+    with pytest.raises(InvalidInput, match="more than once"):
+        Preprocess.parse([("fps", "12"), ("fps", "24")])
+    p = Preprocess.parse({"model": "x", "fps": "12"}, other_keys={"model"})
+    assert p.fps == 12
+    with pytest.raises(InvalidInput, match="other options here: model"):
+        Preprocess.parse({"modle": "x"}, other_keys={"model"})
+    assert set(Preprocess().to_params()) <= set(PREPROCESS_KEYS)
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(InvalidInput):
+        Preprocess(resize=Resize(short_side=8, width=8, height=8))
+    with pytest.raises(InvalidInput):
+        Preprocess(resize=Resize())
+
+
+def test_geometry() -> None:
+    assert Preprocess.parse({"resize": "256"}).geometry(3840, 2160) == Geometry(
+        455, 256, 0, 0, 455, 256)
+    assert Preprocess.parse({"resize": "256"}).geometry(720, 1280) == Geometry(
+        256, 455, 0, 0, 256, 455)
+    cover = Preprocess.parse({"resize": "480x272"}).geometry(1280, 720)
+    assert (cover.width, cover.height) == (480, 272) and cover.scaled_height == 272
+    assert cover.scaled_width == 484 and cover.left == 2
+    stretch = Preprocess.parse({"resize": "480x272", "crop": "none"}).geometry(1280, 720)
+    assert stretch == Geometry(480, 272, 0, 0, 480, 272)
+    assert Preprocess().geometry(33, 17) == Geometry(33, 17, 0, 0, 33, 17)
+
+
+def test_bucket_choice() -> None:
+    p = Preprocess.parse({"bucket": "480x272x17,480x272x33,272x480x17,256x256x9"})
+    assert p.choose_bucket(1280, 720, 100) == Bucket(480, 272, 33)
+    assert p.choose_bucket(1280, 720, 20) == Bucket(480, 272, 17)
+    assert p.choose_bucket(720, 1280, 100) == Bucket(272, 480, 17)
+    assert p.choose_bucket(500, 520, 100) == Bucket(256, 256, 9)
+    # Shorter than every wide bucket: the closest aspect ratio it fills.
+    assert p.choose_bucket(1280, 720, 10) == Bucket(256, 256, 9)
+    with pytest.raises(InvalidInput, match="fewer than the shortest bucket's 9"):
+        p.choose_bucket(1280, 720, 5)
+    assert p.choose_bucket(1280, 720, None) == Bucket(480, 272, 33)
+    assert Preprocess().choose_bucket(8, 8, 1) is None
+
+
+def test_available_frames() -> None:
+    assert Preprocess().available_frames(100, 25.0) == 100
+    assert Preprocess.parse({"start_frame": "10", "stride": "3"}).available_frames(
+        100, 25.0) == 30
+    assert Preprocess.parse({"fps": "12.5"}).available_frames(100, 25.0) == 50
+    assert Preprocess.parse({"fps": "50", "start_s": "2"}).available_frames(100, 25.0) == 100
+    assert Preprocess.parse({"start_frame": "200"}).available_frames(100, 25.0) == 0
+    assert Preprocess().available_frames(None, 25.0) is None
+
+
+def _select(params: dict[str, str], times: list[float], fps: float) -> list[int]:
+    """Indices of the source frames a selector emits, repeats included."""
+    selector = Preprocess.parse(params).plan(64, 64, None, fps).selector(fps)
+    out: list[int] = []
+    for i, t in enumerate(times):
+        out += [i - 1] * selector.push(t)
+    out += [len(times) - 1] * selector.finish()
+    return out
+
+
+def test_selector_by_index_and_time() -> None:
+    times = [i / 10 for i in range(10)]
+    assert _select({}, times, 10) == list(range(10))
+    assert _select({"start_frame": "3", "stride": "3"}, times, 10) == [3, 6, 9]
+    # start_s: the frame on screen at that time, then every frame.
+    assert _select({"start_s": "0.25"}, times, 10) == list(range(2, 10))
+    assert _select({"start_s": "0.3"}, times, 10) == list(range(3, 10))
+    # fps: drop (5 fps from 10) and repeat (20 fps from 10), by timestamp.
+    assert _select({"fps": "5"}, times, 10) == [0, 2, 4, 6, 8]
+    assert _select({"fps": "20"}, times, 10) == [i // 2 for i in range(20)]
+    assert _select({"fps": "4", "start_s": "0.1"}, times, 10) == [1, 3, 6, 8]
+    # Variable frame rate: a frame held for a long time is repeated.
+    assert _select({"fps": "10"}, [0.0, 0.1, 0.5], 10) == [0, 1, 1, 1, 1, 2]
+
+
+def test_plan() -> None:
+    plan = Preprocess.parse({"bucket": "480x272x17"}).plan(1280, 720, 100, 25.0)
+    assert (plan.width, plan.height, plan.frame_limit, plan.exact) == (480, 272, 17, True)
+    assert Preprocess.parse({"stride": "2"}).plan(8, 8, 10, 30.0).fps == 15
+    assert Preprocess.parse({"fps": "30000/1001"}).plan(8, 8, 10, 25.0).fps == Fraction(
+        30000, 1001)
+    with pytest.raises(InvalidInput, match="num_frames asks for 17"):
+        Preprocess.parse({"num_frames": "17"}).plan(8, 8, 10, 25.0)
+    assert Preprocess.parse({"max_frames": "17"}).plan(8, 8, 10, 25.0).frame_limit == 17
