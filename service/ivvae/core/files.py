@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader (or a crash) sees the old file or the whole new one."""
+"""Atomic file writing: a reader (or a crash) sees the old file or the whole new one.
+And where the service keeps what it learns about its machine (:func:`state_dir`)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,11 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *,
     with atomic_writer(path, mode=mode) as f:
         f.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def state_dir() -> Path:
+    """``$XDG_STATE_HOME/ivvae`` (default ``~/.local/state/ivvae``): files the service
+    writes for itself and reuses across restarts (a generated cache secret, measured step
+    costs). Not created here."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ivvae"

@@ -22,13 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
 from ...errors import IVVAEError
 from ...service import Service
 from . import ui
-from .errors import http_status
+from .errors import http_status, retry_after
 from .routes import decode, encode, frames, health, models
 
 log = logging.getLogger("ivvae.http")
@@ -37,7 +38,43 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone mid-request
 
 
 def error_response(exc: IVVAEError) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc))
+    retry = retry_after(exc)
+    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc),
+                        headers={"Retry-After": retry} if retry else None)
+
+
+class _Contain:
+    """ASGI middleware: an exception the routes did not turn into a response becomes a
+    JSON 500 here, inside Starlette's outermost error middleware, which would re-raise it
+    to uvicorn, and uvicorn closes the connection after a 500 (so the client's next good
+    request on it would fail). A client that went away is not an error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.debug("client went away during %s %s", scope["method"], scope["path"])
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # half a response is out: only closing the connection can say so
+            response = JSONResponse({"error": "internal_error", "detail": "internal error"},
+                                    status_code=500)
+            await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, service: Service | None = None) -> FastAPI:
@@ -67,6 +104,7 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     for module in (health, models, encode, decode, frames, ui):
         app.include_router(module.router)
     _add_error_handlers(app)
+    app.add_middleware(_Contain)
     return app
 
 
@@ -101,9 +139,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         log.info("%s %s: the client disconnected before the request was complete",
                  request.method, request.url.path)
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: for the log
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal_error", "detail": "internal error"},
-                            status_code=500)
