@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import IVVAEError
+from ...errors import ClientGone, IVVAEError
 from ...service import Service
 from . import ui
 from .errors import http_status, retry_after
@@ -34,7 +34,6 @@ from .routes import decode, encode, frames, health, models
 
 log = logging.getLogger("ivvae.http")
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone mid-request
 
 
 def error_response(exc: IVVAEError) -> JSONResponse:
@@ -138,4 +137,5 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
         log.info("%s %s: the client disconnected before the request was complete",
                  request.method, request.url.path)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it: for the log
+        # nobody reads it: the status is for the log (ClientGone's, from the one table)
+        return Response(status_code=http_status(ClientGone("")))

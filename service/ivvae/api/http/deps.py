@@ -112,7 +112,7 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
                             raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
                         out.write(chunk)
                 except ClientDisconnect:
-                    raise ClientGone("the client went away during the upload") from None
+                    raise ClientGone("the client disconnected during the upload") from None
             size = out.tell()
         if size > limit:
             raise TooLarge(f"the file is {size} bytes; the limit is {limit}")
@@ -130,7 +130,7 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
         nonlocal total
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone("the client went away during the upload")
+            raise ClientGone("the client disconnected during the upload")
         total += len(message.get("body", b""))
         if total > limit + MULTIPART_SLACK:
             raise TooLarge(f"the upload exceeds the limit of {limit} bytes")

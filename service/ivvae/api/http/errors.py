@@ -69,3 +69,17 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, object]]:
     return {status: {"description": _WHY.get(status, "error"),
                      "content": {"application/json": {"schema": ERROR_SCHEMA}}}
             for status in statuses}
+
+
+def video_body(description: str) -> dict[str, object]:
+    """OpenAPI ``openapi_extra`` for a route whose body is a video or image upload."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {
+        "required": True,
+        "description": description,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "video/*": binary, "image/*": binary, "application/octet-stream": binary,
+        }}}

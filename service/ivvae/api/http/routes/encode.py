@@ -11,7 +11,7 @@ from ....pipeline import FramesUpload
 from ...metering import RequestMeter
 from .. import tensors
 from ..deps import Authorized, Svc, read_body, spooled_upload, unless_disconnected
-from ..errors import error_responses
+from ..errors import error_responses, video_body
 
 router = APIRouter(tags=["encode"], dependencies=[Authorized])
 
@@ -28,19 +28,9 @@ _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
                      "description": "the latent file (headers X-Cache, X-Latent-Shape), or a "
                      "raw tensor body (headers shape, dtype)"},
                **error_responses(400, 401, 413, 415, 422, 500, 503, 504)},
-    openapi_extra={"requestBody": {
-        "required": True,
-        "description": "the video or image file: as multipart field 'file', or as the raw "
-                       "body with its content type; or frames as a raw tensor body (with "
-                       "shape and dtype parameters)",
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["file"],
-                "properties": {"file": {"type": "string", "format": "binary"}}}},
-            "video/*": {"schema": {"type": "string", "format": "binary"}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        }}},
+    openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
+                             "raw body with its content type; or frames as a raw tensor body "
+                             "(with shape and dtype parameters)"),
 )
 async def encode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "encode", "http"):

@@ -19,6 +19,7 @@ from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
 from ..deps import Authorized, Svc, read_body
+from ..errors import error_responses, video_body
 
 router = APIRouter(tags=["frames"], dependencies=[Authorized])
 
@@ -52,7 +53,10 @@ def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str
     response_class=Response,
     responses={200: {"content": {MEDIA_TYPES["frames"]: {}},
                      "description": "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
-                     "num_frames, height, width, fps"}},
+                     "num_frames, height, width, fps"},
+               **error_responses(400, 401, 413, 415, 422, 500, 503)},
+    openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
+                             "raw body with its content type"),
 )
 async def frames(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "frames", "http"):
