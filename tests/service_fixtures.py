@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 
 from ivvae.api.http import create_app
 from ivvae.config import Settings
+from tests.redis_server import free_port
 
 TINY_NAME = "tiny_z4_dim4"
 
@@ -50,3 +55,40 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
                                      timeout=120) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@contextmanager
+def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> Iterator[str]:
+    """``ivvae serve`` in a child process (HTTP and gRPC on free loopback ports) until the
+    block ends; yields its base URL once ``/readyz`` answers 200. ``log``: its stdout and
+    stderr go to this file (else they are inherited)."""
+    port, grpc_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    full = {**os.environ, "IVVAE_LOG_LEVEL": "warning", **env, "IVVAE_WEIGHTS": str(weights),
+            "IVVAE_HOST": "127.0.0.1", "IVVAE_PORT": str(port), "IVVAE_GRPC_PORT": str(grpc_port)}
+    out = log.open("wb") if log else None
+    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=full,
+                            stdout=out, stderr=subprocess.STDOUT if out else None)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ivvae serve exited with code {proc.returncode}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("ivvae serve was not ready within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if out:
+            out.close()

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ivvae.cli import main
+from ivvae import __version__
+from ivvae.cli import DEBUG_ENV, build_parser, main
+from ivvae.config import Settings
 from ivvae.latents import decode_latent_file
 from ivvae.safetensors_io import loads
 from ivvae.video import open_video
 from tests import media
+from tests.redis_server import free_port
 from tests.service_fixtures import running_app, tiny_settings, tiny_weights  # noqa: F401
 
 
@@ -68,6 +77,176 @@ def test_invalid_settings_are_a_message_not_a_traceback(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "70000"])
     assert "port" in str(exc.value)
+
+
+# -- one error style ------------------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``ivvae ARGS`` in a child process, as a user runs it (what it prints, its exit code)."""
+    full = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "ivvae.cli", *args], capture_output=True,
+                          text=True, env=full, timeout=timeout)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_user_errors_are_one_line_and_a_nonzero_exit(tmp_path: Path, tiny_weights: Path,  # noqa: F811
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "missing.mp4"
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=5, width=16, height=16)
+    cases: list[tuple[list[str], str]] = [
+        (["encode", str(missing), "--weights", str(tiny_weights)], "missing.mp4"),
+        (["eval", str(clip), "--weights", str(tmp_path / "nope.safetensors")], "nope"),
+        (["decode", str(tmp_path / "missing.latent.safetensors"), "-o",
+          str(tmp_path / "out.mp4")], "missing.latent"),
+    ]
+    for argv, named in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert named in _one_error_line(err), err
+    monkeypatch.setenv("IVVAE_WEIGHTS", str(tmp_path / "gone.safetensors"))
+    assert main(["encode", str(clip), "--no-progress"]) == 2
+    assert "gone.safetensors" in _one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.glob("*.latent.safetensors"))
+
+
+def test_a_traceback_only_with_debug(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.mp4")
+    plain = _cli("encode", missing)
+    assert plain.returncode == 2
+    assert _one_error_line(plain.stderr).startswith("ivvae encode: error: ")
+    for debug in (_cli("encode", missing, "--debug"), _cli("--debug", "encode", missing),
+                  _cli("encode", missing, env={DEBUG_ENV: "1"})):
+        assert debug.returncode != 0 and "Traceback" in debug.stderr, debug.stderr
+
+
+def test_version_and_every_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"ivvae {__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    undocumented = [
+        f"{name} {action.option_strings or action.dest}"
+        for name, sub in commands.choices.items() for action in sub._actions
+        if not action.help and not isinstance(action, argparse._HelpAction)
+    ]
+    assert not undocumented, undocumented
+    encode_flags = {f for a in commands.choices["encode"]._actions for f in a.option_strings}
+    decode_flags = {f for a in commands.choices["decode"]._actions for f in a.option_strings}
+    assert "--encode-precision" in encode_flags and "--decode-precision" not in encode_flags
+    assert "--decode-precision" in decode_flags and "--encode-precision" not in decode_flags
+
+
+def test_decode_writes_the_container_its_suffix_names_or_refuses(
+        tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=5, width=16, height=16)
+    latent = tmp_path / "clip.latent.safetensors"
+    assert main(["encode", str(clip), "-o", str(latent), "--weights", str(tiny_weights),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    for name in ("out.webm", "out.mkv", "out"):
+        target = tmp_path / name
+        assert main(["decode", str(latent), "-o", str(target), "--weights", str(tiny_weights),
+                     "--no-progress"]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert name in line and ".mp4" in line and ".safetensors" in line
+        assert not target.exists()
+    upper = tmp_path / "OUT.MP4"
+    assert main(["decode", str(latent), "-o", str(upper), "--weights", str(tiny_weights),
+                 "--no-progress"]) == 0
+    with open_video(upper) as reader:
+        assert reader.info.codec == "h264" and reader.read_all().shape == (5, 16, 16, 3)
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_serve_on_a_busy_port_is_a_one_line_error(tiny_weights: Path,  # noqa: F811
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--weights", str(tiny_weights), "--port", str(port),
+                     "--grpc-port", str(free_port())]) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert f"port {port}" in line and "HTTP" in line and "in use" in line
+        assert main(["serve", "--weights", str(tiny_weights), "--port", str(free_port()),
+                     "--grpc-port", str(port)]) == 2
+        assert "gRPC" in _one_error_line(capsys.readouterr().err)
+
+
+def test_triton_serve_checks_its_ports_before_exporting(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        workdir = tmp_path / "triton"
+        assert main(["triton-serve", "--workdir", str(workdir), "--http-port", str(port),
+                     "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]) == 2
+        assert f"port {port}" in _one_error_line(capsys.readouterr().err)
+        assert not (workdir / "artifacts").exists()  # nothing was exported
+
+
+def test_default_ports_of_serve_triton_serve_and_stack_do_not_collide() -> None:
+    parser = build_parser()
+    settings = Settings()
+    gateway = {settings.port, settings.grpc_port}
+    triton = parser.parse_args(["triton-serve"])
+    local_triton = {triton.http_port, triton.grpc_port, triton.metrics_port}
+    stack = parser.parse_args(["stack", "status"])
+    stack_ports = [stack.http_port, stack.grpc_port, stack.redis_port, stack.triton_http_port,
+                   stack.triton_grpc_port, stack.triton_metrics_port]
+    assert not gateway & local_triton
+    assert len(set(stack_ports)) == len(stack_ports)
+    # The gateway's default Triton endpoint is where `ivvae triton-serve` listens.
+    assert settings.triton_url.rsplit(":", 1)[1] == str(triton.grpc_port)
+    assert {stack.http_port, stack.grpc_port} == gateway
+
+
+def test_ctrl_c_during_encode_is_one_line_and_leaves_no_file(tmp_path: Path,
+                                                            tiny_weights: Path) -> None:  # noqa: F811
+    clip = tmp_path / "long.mp4"
+    media.make_video(clip, frames=1500, width=64, height=64)
+    out = tmp_path / "long.latent.safetensors"
+    env = dict(os.environ)
+    env.pop(DEBUG_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "encode", str(clip), "-o",
+                             str(out), "--weights", str(tiny_weights), "--groups-per-step", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    seen = ""
+    while "frame" not in seen:  # the progress bar is up: the model is running
+        char = proc.stderr.read(1)
+        assert char, f"encode ended before it could be interrupted: {seen}"
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, seen + rest
+    assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
+    assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_encode_progress_knows_the_total_from_the_header(tmp_path: Path,
+                                                         tiny_weights: Path,  # noqa: F811
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=13, width=16, height=16)
+    assert main(["encode", str(clip), "--weights", str(tiny_weights)]) == 0
+    bar = capsys.readouterr().err
+    assert "13/13" in bar and "0/13" in bar, bar
 
 
 def test_encode_options_and_bare_latent_decode(tiny_weights: Path, tmp_path: Path,  # noqa: F811

@@ -1,4 +1,9 @@
-"""The ``ivvae`` command line. Each subcommand imports what it needs when it runs."""
+"""The ``ivvae`` command line. Each subcommand imports what it needs when it runs.
+
+Errors: a mistake of the user's (a missing file, a busy port, bad media, wrong weights,
+Ctrl-C) is one line on stderr and a non-zero exit (2; 130 for an interrupt); anything else
+is one line too, exit 1. ``--debug`` or ``IVVAE_DEBUG=1`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,23 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .core.names import DEFAULT_CRF, PRECISIONS
+from .core.version import __version__
 
 if TYPE_CHECKING:
     from .config import Settings
 
 Handler = Callable[[argparse.Namespace], int]
+DEBUG_ENV = "IVVAE_DEBUG"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A user error the CLI found itself (the message is the whole story)."""
 
 
 def _verify_golden(args: argparse.Namespace) -> int:
@@ -45,6 +59,9 @@ def _train(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     cfg = TrainConfig(**values)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in cfg.warnings():
+            print(f"ivvae train: warning: {warning}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -102,9 +119,14 @@ def _setup_logging(level: str) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from .core.ports import ensure_free
     from .server import serve
 
     settings = _settings(args)
+    for enabled, what, port in ((settings.enable_http, "HTTP", settings.port),
+                                (settings.enable_grpc, "gRPC", settings.grpc_port)):
+        if enabled:
+            ensure_free(settings.host, port, what)
     _setup_logging(settings.log_level)
     asyncio.run(serve(settings))
     return 0
@@ -126,14 +148,15 @@ def _encode_dataset(args: argparse.Namespace) -> int:
 
 def _encode(args: argparse.Namespace) -> int:
     import asyncio
-    from pathlib import Path
 
     from .core.files import atomic_write
-    from .errors import IVVAEError
     from .pipeline import EncodeOptions
     from .service import Service
     from .video import Preprocess
 
+    source = Path(args.input)
+    if not source.is_file():
+        raise CLIError(f"no such video file: {source}")
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
 
@@ -144,51 +167,77 @@ def _encode(args: argparse.Namespace) -> int:
         service = Service(settings)
         await service.start()
         try:
-            with _progress("encode", args.no_progress) as bar:
-                result = await service.pipeline.encode(Path(args.input), options,
-                                                       on_frames=bar)
+            # The header's count is the total unless preprocessing picks frames.
+            total = None if args.options else _declared_frames(source)
+            with _progress("encode", args.no_progress, total=total) as bar:
+                result = await service.pipeline.encode(source, options, on_frames=bar)
         finally:
             await service.close()
-        out = args.output or str(Path(args.input).with_suffix(".latent.safetensors"))
+        out = args.output or str(source.with_suffix(".latent.safetensors"))
         atomic_write(out, result.data)
         print(json.dumps({"output": out, "latent_shape": list(result.latent_shape),
                           "model": result.info.model_name, "frames": result.info.num_frames,
                           "seconds": round(result.seconds, 3)}))
         return 0
 
+    return asyncio.run(run())
+
+
+def _declared_frames(path: Path) -> int | None:
+    """The frame count the container header declares, for the progress bar's total and ETA
+    (None when it declares none, or cannot be read: the pipeline then says why)."""
+    from .video import open_video
+
     try:
-        return asyncio.run(run())
-    except IVVAEError as exc:
-        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
-        return 2
+        with open_video(path) as reader:
+            return reader.info.num_frames
+    except Exception:  # the pipeline reports the real error, with its code
+        return None
+
+
+DECODE_SUFFIXES = {".mp4": "H.264 video", ".safetensors": "raw uint8 frames",
+                   ".zip": "MP4s of a bare latent batch"}
 
 
 def _decode(args: argparse.Namespace) -> int:
     import asyncio
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     import numpy as np
 
     from .core.files import atomic_write, atomic_writer
-    from .errors import InvalidInput, IVVAEError
+    from .errors import InvalidInput
     from .outputs import OutputFormat, render, render_batch
     from .service import Service
     from .wire import DecodeTarget, is_ivvae_latent_file, read_bare_latent
 
+    out = args.output or str(Path(args.input).with_suffix(".mp4"))
+    suffix = Path(out).suffix.lower()
+    if suffix not in DECODE_SUFFIXES:
+        choices = " or ".join(f"{k} ({v})" for k, v in DECODE_SUFFIXES.items())
+        raise CLIError(f"cannot write {out!r}: decode writes {choices}; the output's suffix "
+                       "names the container")
+    source = Path(args.input)
+    if not source.is_file():
+        raise CLIError(f"no such latent file: {source}")
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
-    out = args.output or str(Path(args.input).with_suffix(".mp4"))
-    fmt: OutputFormat = "frames" if out.endswith(".safetensors") else "mp4"
+    fmt: OutputFormat = "frames" if suffix == ".safetensors" else "mp4"
 
     async def run() -> int:
         service = Service(settings)
         await service.start()
         try:
-            data = Path(args.input).read_bytes()
+            data = source.read_bytes()
             target = _pairs(args.options)
             if not is_ivvae_latent_file(data):
                 latent, dtype = read_bare_latent(data)
+                batch = latent.shape[0]  # (B, z, t, h, w)
+                if fmt == "mp4" and (batch > 1) != (suffix == ".zip"):
+                    raise CLIError(
+                        f"cannot write {out!r}: this latent holds {batch} video(s); write "
+                        + ("OUT.zip (MP4s) or OUT.safetensors (frames)" if batch > 1
+                           else "OUT.mp4 or OUT.safetensors"))
                 info, items = await service.pipeline.decode_bare(
                     latent, dtype, DecodeTarget.parse(target))
                 body, _ = await render_batch(fmt, info, items, crf=args.crf)
@@ -200,6 +249,9 @@ def _decode(args: argparse.Namespace) -> int:
             if target:
                 raise InvalidInput("--options are for bare latents: a latent file from "
                                    "encode records its own model, size and fps")
+            if suffix == ".zip":
+                raise CLIError(f"cannot write {out!r}: a latent file holds one video; write "
+                               "OUT.mp4 or OUT.safetensors")
             info, frames = await service.pipeline.decode_frames(data)
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
                 async def counted() -> AsyncIterator[np.ndarray]:
@@ -216,11 +268,7 @@ def _decode(args: argparse.Namespace) -> int:
                           "height": info.height}))
         return 0
 
-    try:
-        return asyncio.run(run())
-    except IVVAEError as exc:
-        print(f"error ({exc.code}): {exc.detail}", file=sys.stderr)
-        return 2
+    return asyncio.run(run())  # atomic_writer leaves no partial file when interrupted
 
 
 def _pairs(options: list[str] | None) -> list[tuple[str, str]]:
@@ -255,25 +303,47 @@ class _progress:
         self.bar.close()
 
 
-def _add_service_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", help="weights file (.pth/.safetensors); default: bundled")
-    p.add_argument("--device", help="torch device (cpu, cuda, cuda:1)")
-    p.add_argument("--encode-precision", choices=PRECISIONS)
-    p.add_argument("--decode-precision", choices=PRECISIONS)
-    p.add_argument("--groups-per-step", type=int, help="frame groups per model step")
+def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
+                         decode: bool = True) -> None:
+    p.add_argument("--weights", help="weights file (.pth/.safetensors); default: the bundled "
+                   "model (env IVVAE_WEIGHTS)")
+    p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    if encode:
+        p.add_argument("--encode-precision", choices=PRECISIONS,
+                       help="encoder compute precision (default: float32)")
+    if decode:
+        p.add_argument("--decode-precision", choices=PRECISIONS,
+                       help="decoder compute precision (default: float32)")
+    p.add_argument("--groups-per-step", type=int,
+                   help="4-frame groups per model step: more is faster, uses more memory "
+                   "(default: 4)")
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from tqdm import tqdm
 
     from .train import evaluate
     from .weights import load_weights
 
     model, info = load_weights(args.weights or None)
-    reports = evaluate.evaluate(model, args.videos, precisions=args.precision,
-                                max_frames=args.max_frames)
+    steps = len(args.videos) * (len(args.precision) + 2)  # decode, each precision, baseline
+    with tqdm(total=steps, desc="eval", unit="step", disable=args.no_progress,
+              dynamic_ncols=True) as bar:
+        started = False
+
+        def progress(what: str) -> None:  # called as each step starts: count the last one
+            nonlocal started
+            if started:
+                bar.update()
+            started = True
+            bar.set_postfix_str(what)
+
+        reports = evaluate.evaluate(model, args.videos, precisions=args.precision,
+                                    max_frames=args.max_frames, progress=progress)
+        bar.update(steps - bar.n)
     table = evaluate.format_table(reports)
-    header = f"# ivvae eval: model {info.name} (weights {info.weights_sha256[:12]})\n\n"
+    title = f"ivvae eval: model {info.name} (weights {info.weights_sha256[:12]})"
+    header = f"# {title}\n\n"
     print(header + table)
     if args.out:
         out = Path(args.out)
@@ -281,11 +351,14 @@ def _eval(args: argparse.Namespace) -> int:
         (out / "eval.md").write_text(header + table + "\n")
         (out / "eval.json").write_text(evaluate.to_json(reports))
         evaluate.plot(reports, out / "eval.png")
-        print(f"wrote {out / 'eval.md'}, eval.json and eval.png", file=sys.stderr)
+        evaluate.write_html(reports, out / "eval.html", title=title, table=table,
+                            plot_png=(out / "eval.png").read_bytes())
+        print(f"wrote {out / 'eval.md'}, eval.json, eval.png and eval.html", file=sys.stderr)
     return 0
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type,
+                           helps: dict[str, str]) -> None:
     """One --option per dataclass field (defaults stay in the dataclass)."""
     import dataclasses
     import typing
@@ -295,80 +368,104 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default
+        text = helps[f.name]
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {default})")
+                                help=f"{text} (default {default})")
         elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             parser.add_argument(flag, nargs="+", type=item, default=None,
-                                help=f"(default {default or 'built-in'})")
+                                help=text if not default else f"{text} (default {default})")
         elif typing.get_origin(hint) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(hint), default=None,
-                                help=f"(default {default})")
+                                help=f"{text} (default {default})")
         else:
             required = default is dataclasses.MISSING
             parser.add_argument(flag, type=hint, default=None, required=required,
-                                help=None if required else f"(default {default})")
+                                help=text if required else f"{text} (default {default!r})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ivvae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="ivvae", description="IV-VAE latents for video: encode, decode, evaluate, "
+        "train, export and serve.",
+        epilog=f"Run 'ivvae COMMAND --help' for a command's options. --debug (or "
+        f"{DEBUG_ENV}=1) shows tracebacks.")
+    parser.add_argument("--version", action="version", version=f"ivvae {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the traceback of an error instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("verify-golden", help="check the model against golden vector files")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="golden .safetensors files")
     p.set_defaults(handler=_verify_golden)
 
     p = sub.add_parser("eval", help="PSNR/SSIM per video, frame and group position vs a "
-                       "same-size baseline; table + PNG plot")
-    p.add_argument("videos", nargs="+", metavar="VIDEO")
-    p.add_argument("--weights", default="", help="default: the bundled model")
-    p.add_argument("--precision", nargs="+", default=list(PRECISIONS[:2]), choices=PRECISIONS)
+                       "same-size baseline; table, PNG plot and HTML report")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files to evaluate")
+    p.add_argument("--weights", default="", help="weights file; default: the bundled model")
+    p.add_argument("--precision", nargs="+", default=list(PRECISIONS[:2]),
+                   choices=PRECISIONS, help="compute precisions to compare "
+                   "(default: float32 bfloat16)")
     p.add_argument("--max-frames", type=int, default=None, help="evaluate the first N frames")
-    p.add_argument("--out", default="", help="folder for eval.md, eval.json, eval.png")
+    p.add_argument("--out", default="", help="folder for eval.md, eval.json, eval.png and "
+                   "eval.html")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("serve", help="run the HTTP and gRPC service (settings: IVVAE_* env)")
     _add_service_options(p)
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--backend", choices=["local", "triton"])
-    p.add_argument("--triton-url")
-    p.add_argument("--redis-url")
-    p.add_argument("--log-level")
+    p.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default: 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (default: 50051)")
+    p.add_argument("--backend", choices=["local", "triton"],
+                   help="run the model in this process (local, default) or on Triton")
+    p.add_argument("--triton-url", help="Triton gRPC endpoint(s) for --backend triton "
+                   "(default: 127.0.0.1:8101, where 'ivvae triton-serve' listens)")
+    p.add_argument("--redis-url", help="Redis for the result cache, redis://host:port/db "
+                   "(default: an in-memory cache)")
+    p.add_argument("--log-level", help="debug, info (default), warning, error")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS and gRPC over TLS")
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("encode", help="encode a video file to a latent file (no server)")
-    p.add_argument("input", metavar="IN")
-    p.add_argument("-o", "--output", help="default: IN with .latent.safetensors")
-    p.add_argument("--model", default="")
-    p.add_argument("--sample", action="store_true", help="sample the posterior")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
+    p.add_argument("input", metavar="IN", help="video or image file")
+    p.add_argument("-o", "--output", help="latent file to write (default: IN with "
+                   ".latent.safetensors)")
+    p.add_argument("--model", default="", help="model name (default: the loaded weights')")
+    p.add_argument("--sample", action="store_true", help="sample the posterior (default: "
+                   "its mean)")
+    p.add_argument("--seed", type=int, help="seed for --sample (default: drawn, recorded)")
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS,
+                   help="dtype of the stored latent (default: float32)")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
                    help="preprocessing, as HTTP /encode's parameters: resize=256, "
                    "bucket=480x272x17, crop=none, start_frame=0, start_s=1.5, num_frames=17, "
                    "max_frames=65, stride=2, fps=12")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    _add_service_options(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
+                   "(default: warnings only)")
+    _add_service_options(p, decode=False)
     p.set_defaults(handler=_encode)
 
     p = sub.add_parser("decode", help="decode a latent file to .mp4 (or .safetensors frames)")
-    p.add_argument("input", metavar="IN")
-    p.add_argument("-o", "--output", help="OUT.mp4, or OUT.safetensors for raw frames")
-    p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality (lower=better)")
+    p.add_argument("input", metavar="IN", help="latent .safetensors file")
+    p.add_argument("-o", "--output", help="OUT.mp4 (H.264), OUT.safetensors for raw frames, "
+                   "OUT.zip (MP4s) for a bare latent batch; the suffix decides (default: IN "
+                   "with .mp4)")
+    p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality, 0-51, lower "
+                   f"is better (default: {DEFAULT_CRF})")
     p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
                    help="for a bare latent (a safetensors file holding only 'latent'), as "
                    "HTTP /decode's parameters: model, fps, num_frames, height, width, "
-                   "latent_space; a batch of more than one writes a zip of MP4s")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    _add_service_options(p)
+                   "latent_space; a batch of more than one writes OUT.zip (MP4s) or one "
+                   "OUT.safetensors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
+                   "(default: warnings only)")
+    _add_service_options(p, encode=False)
     p.set_defaults(handler=_decode)
 
     from .dataset import add_arguments as _dataset_arguments
@@ -379,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
 
-    from .train.config import TrainConfig
+    from .train.config import FIELD_HELP, TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -387,12 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-stage IV-VAE training. Resumes from OUT/checkpoint when present. "
         "Multi-GPU / multi-node: torchrun --nproc-per-node N -m ivvae.cli train ...",
     )
-    _add_dataclass_options(p, TrainConfig)
+    _add_dataclass_options(p, TrainConfig, FIELD_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--export", default="", help="write inference weights here at the end")
     p.add_argument("--export-only", action="store_true", help="only --export the checkpoint")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=_train)
 
     from . import export_cli
@@ -404,14 +501,53 @@ def build_parser() -> argparse.ArgumentParser:
     from . import stack
 
     stack.add_parser(sub)
+    for command in sub.choices.values():  # `ivvae encode --debug ...` works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error instead of one line")
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    from .errors import IVVAEError
+
+    if isinstance(exc, IVVAEError):
+        return f"{exc.detail} ({exc.code})"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's mistake raises: bad paths and ports (OSError), bad values and files
+    (ValueError: weights, checkpoints, artifacts, safetensors), the service's own errors."""
+    from .dataset import DatasetError
+    from .errors import IVVAEError
+    from .stack import StackError
+
+    return (CLIError, IVVAEError, DatasetError, StackError, OSError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    if debug:
+        return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("ivvae: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:
+        print(f"ivvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        print(f"ivvae {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,15 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .core import strict
 from .core.names import Precision
 
 BackendName = Literal["local", "triton"]
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 50051
+# `ivvae triton-serve` and `ivvae stack` on one machine with the gateway: Triton's own
+# defaults (8000-8002) would collide with the gateway's HTTP port. Containers keep 8000-8002.
+LOCAL_TRITON_HTTP_PORT = 8100
+LOCAL_TRITON_GRPC_PORT = 8101
+LOCAL_TRITON_METRICS_PORT = 8102
 
 
 class Settings(BaseSettings):
@@ -53,7 +59,7 @@ class Settings(BaseSettings):
     backend: BackendName = "local"
     # Triton's gRPC endpoint: host:port, a comma-separated list, or dns:///name:port (one
     # endpoint per address, resolved per video). Each video stays on one endpoint.
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = f"127.0.0.1:{LOCAL_TRITON_GRPC_PORT}"
     triton_encoder_model: str = "ivvae_encoder"
     triton_decoder_model: str = "ivvae_decoder"
     triton_timeout_s: float = Field(60.0, gt=0)
@@ -71,6 +77,13 @@ class Settings(BaseSettings):
     cache_memory_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
     cache_key_prefix: str = "ivvae"
     redis_timeout_s: float = Field(2.0, gt=0)
+    # After a Redis failure the cache is skipped this long; then one request probes it.
+    redis_retry_s: float = Field(5.0, gt=0)
+    # Key of the MAC that seals every cache entry (>= 16 characters); every gateway sharing
+    # one Redis needs the same one. Empty: read from cache_secret_file, which is created with
+    # a random secret when absent (and when it cannot be, a per-process secret is used).
+    cache_secret: SecretStr = SecretStr("")
+    cache_secret_file: str = ""  # empty: $XDG_STATE_HOME/ivvae/cache-secret
 
     # -- limits ----------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1)
@@ -83,15 +96,36 @@ class Settings(BaseSettings):
     max_source_pixels: int = Field(4096 * 2304, ge=1)
     max_source_seconds: float = Field(4 * 3600.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # The process's memory bound (ivvae.memory): step sizes are planned from it, what cannot
+    # fit is refused (413), and requests queue for it. 0: 75% of the machine's (or the
+    # container's) memory.
+    memory_budget_mb: int = Field(0, ge=0)
+    # How long a request may wait for its share of the budget before a 503 (Retry-After).
+    admission_timeout_s: float = Field(30.0, gt=0)
     max_concurrent_requests: int = Field(64, ge=1)
     # gRPC: the largest single message either way (EncodeUnary's whole file); the streaming
     # RPCs use <= 1 MiB chunks, so this does not limit them (max_upload_bytes does).
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
     # ivvae RPCs in flight over gRPC; more are refused with UNAVAILABLE (clients back off).
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
+    # The longest wait for the next message of a request stream (the first one included).
+    grpc_read_timeout_s: float = Field(10.0, gt=0)
+
+    # -- connections -----------------------------------------------------------------------
+    # HTTP: the bytes and lines of a request head; the time to send it (from the connection's
+    # opening or the previous response); the longest gap inside a request body; idle time
+    # between requests; open connections (past it: 503 and closed at once).
+    http_max_header_bytes: int = Field(64 * 1024, ge=4096)
+    http_max_headers: int = Field(100, ge=8)
+    http_header_timeout_s: float = Field(10.0, gt=0)
+    http_body_timeout_s: float = Field(30.0, gt=0)
+    http_keepalive_s: float = Field(5.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
 
     # -- auth ------------------------------------------------------------------------------
-    api_keys: str = ""  # comma-separated; empty disables auth
+    # Comma-separated; empty disables auth. Only separators and spaces is an error (it would
+    # read as "no keys" and disable auth unnoticed).
+    api_keys: str = ""
     # TLS for both listeners (HTTPS and gRPC over TLS): PEM certificate chain and private
     # key files. Both or neither; empty: plain text (e.g. behind a mesh or an ingress).
     tls_cert: str = ""
@@ -99,10 +133,36 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
 
-    @field_validator("api_keys", "extra_weights")
+    @field_validator("extra_weights")
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _some_key(cls, value: str) -> str:
+        # "," or " , " would otherwise mean "no keys", which silently disables auth.
+        if value and not any(k.strip() for k in value.split(",")):
+            raise ValueError("IVVAE_API_KEYS holds no key (only commas and spaces); leave it "
+                             "empty to disable auth, or list the keys")
+        return value.strip()
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_model_name(cls, value: str) -> str:
+        return strict.model_name(value) if value else value
+
+    @field_validator("cache_secret")
+    @classmethod
+    def _secret_length(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value().encode()) < 16:
+            raise ValueError("IVVAE_CACHE_SECRET must be at least 16 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _extra_weights_parse(self) -> Settings:
+        self.extra_weight_paths  # noqa: B018  (raises on a malformed list, at start-up)
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -134,5 +194,5 @@ class Settings(BaseSettings):
             name, sep, path = item.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"IVVAE_EXTRA_WEIGHTS entry {item!r} is not NAME=PATH")
-            out[name.strip()] = Path(path.strip())
+            out[strict.model_name(name.strip())] = Path(path.strip())
         return out

@@ -1182,12 +1182,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", metavar="SRC", help="a folder, URL prefix, glob or list file")
     p.add_argument("out", metavar="OUT", help="a folder or URL prefix")
-    p.add_argument("--format", choices=FORMATS, default="files")
+    p.add_argument("--format", choices=FORMATS, default="files",
+                   help="files: one latent file per video; webdataset: tar shards; parquet: "
+                   "parquet shards (default: files)")
     p.add_argument("--server", help="encode through this service: grpc://HOST:PORT, "
                    "HOST:PORT or http(s)://HOST:PORT (default: in-process model)")
     p.add_argument("--weights", help="in-process weights file (default: bundled)")
     p.add_argument("--device", default="cpu", help="in-process torch device (cpu, cuda:0)")
-    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS)
+    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS,
+                   help=f"in-process encoder compute precision (default: {PRECISIONS[0]})")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="this worker's share (default: $JOB_COMPLETION_INDEX/"
                    "$IVVAE_SHARD_COUNT when both are set, else 0/1)")
@@ -1195,25 +1198,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-mb", type=float, default=1024.0, help="MiB per shard at most")
     p.add_argument("--new-version", action="store_true",
                    help="OUT holds a different job: write this one to OUT/versions/<key>/")
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: encode actors on a Ray cluster "
+                   "(default: local)")
     p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray; "
                    "default: the cluster this machine belongs to, 'local': start one here)")
     p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPUs per Ray encode actor (default: 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="with --device cuda: GPUs per Ray encode actor (e.g. 1)")
     p.add_argument("--concurrency", type=int, default=4, help="clips in flight (default 4)")
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
-    p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers")
-    p.add_argument("--model", default="")
+    p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers with a "
+                   "private CA (default: the system's roots)")
+    p.add_argument("--model", default="", help="model name (default: the service's default)")
     p.add_argument("--sample", action="store_true", help="sample the posterior")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS)
+    p.add_argument("--seed", type=int, help="seed for --sample (default: drawn per video, "
+                   "recorded in each latent)")
+    p.add_argument("--dtype", default=PRECISIONS[0], choices=PRECISIONS,
+                   help=f"dtype of the stored latents (default: {PRECISIONS[0]})")
     p.add_argument("--moments", action="store_true", help="also store mu and logvar")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per video")
     p.add_argument("--retries", type=int, default=6,
                    help="retries of a video on UNAVAILABLE / no connection (default 6)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     for name in PREPROCESS_KEYS:
         flag = "--" + name.replace("_", "-")
         if name == "bucket":

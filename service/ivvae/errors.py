@@ -77,8 +77,20 @@ class BackendUnavailable(IVVAEError):
 
 
 class Overloaded(IVVAEError):
+    """Too busy now. ``retry_after_s``: when a retry may succeed (HTTP ``Retry-After``)."""
+
     code = "overloaded"
+
+    def __init__(self, detail: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(IVVAEError):
     code = "deadline_exceeded"
+
+
+class ClientGone(IVVAEError):
+    """The client disconnected; its work was cancelled. Nobody reads the answer."""
+
+    code = "cancelled"

@@ -64,7 +64,8 @@ def add_parser(sub: Any) -> None:
     """Register ``export`` on the ``ivvae`` subcommand parsers."""
     p = sub.add_parser("export", help="export the encoder/decoder steps as TorchScript or ONNX "
                        "artifacts for Triton, verified against the eager model")
-    p.add_argument("--format", choices=FORMATS, default="torchscript")
+    p.add_argument("--format", choices=FORMATS, default="torchscript",
+                   help="artifact format (default: torchscript)")
     p.add_argument("--weights", default="", help="weights file (.pth/.safetensors); "
                    "default: the bundled model")
     p.add_argument("--out", required=True, help="artifact directory (created)")

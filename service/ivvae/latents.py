@@ -13,7 +13,6 @@ train on it. ``META_KEYS`` is the one list of those keys.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .core import strict
 from .core.geometry import latent_shape
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
@@ -31,6 +31,9 @@ from .safetensors_io import SafetensorsError, Tensor, dumps, float32_to_bf16_bit
 FORMAT = "ivvae.latent"
 FORMAT_VERSION = "1"
 
+# A latent file's header holds a few tensor entries and a few dozen short metadata strings.
+MAX_HEADER_BYTES = 64 * 1024
+MODES = ("mean", "sample")
 # precision name -> safetensors dtype code
 DTYPE_NAMES: dict[str, str] = dict(zip(PRECISIONS, ("F32", "BF16", "F16"), strict=True))
 _ST_TO_NAME = {v: k for k, v in DTYPE_NAMES.items()}
@@ -94,11 +97,12 @@ class LatentInfo:
     def from_metadata(cls, meta: dict[str, str]) -> LatentInfo:
         if meta.get("format") != FORMAT:
             raise InvalidLatent(
-                f"not an ivvae latent file: metadata 'format' is {meta.get('format')!r}, "
-                f"expected {FORMAT!r}"
+                "not an ivvae latent file: metadata 'format' is "
+                f"{strict.shown(meta.get('format', ''))}, expected {FORMAT!r}"
             )
         if meta.get("format_version") != FORMAT_VERSION:
-            raise InvalidLatent(f"unsupported latent format_version {meta.get('format_version')!r}")
+            raise InvalidLatent("unsupported latent format_version "
+                                f"{strict.shown(meta.get('format_version', ''))}")
         missing = [k for k in META_KEYS if k not in meta]
         if missing:
             raise InvalidLatent(f"latent metadata is missing {', '.join(missing)}")
@@ -106,36 +110,43 @@ class LatentInfo:
             try:
                 return parse(meta[key])
             except (ValueError, ZeroDivisionError) as exc:
-                raise InvalidLatent(
-                    f"latent metadata {key!r} has a malformed value {meta[key]!r}"
-                ) from exc
+                raise InvalidLatent(f"latent metadata {key!r}: {exc}") from exc
+
+        def size(text: str) -> int:
+            return strict.count(text, minimum=1)
+
+        def seed(text: str) -> int | None:
+            if not text:
+                return None
+            value = strict.count(text)
+            if value >= 2**63:
+                raise ValueError(f"seed {value} is not below 2**63")
+            return value
 
         info = cls(
-            model_name=meta["model_name"],
-            weights_sha256=meta["weights_sha256"],
-            scale_factor=parsed("scale_factor", float),
-            shift_factor=parsed("shift_factor", float),
-            z_dim=parsed("z_dim", int),
-            num_frames=parsed("num_frames", int),
-            height=parsed("height", int),
-            width=parsed("width", int),
-            fps=parsed("fps", Fraction),
+            model_name=parsed("model_name", strict.model_name),
+            weights_sha256=parsed("weights_sha256", strict.sha256_hex),
+            scale_factor=parsed("scale_factor", strict.decimal),
+            shift_factor=parsed("shift_factor", strict.decimal),
+            z_dim=parsed("z_dim", size),
+            num_frames=parsed("num_frames", size),
+            height=parsed("height", size),
+            width=parsed("width", size),
+            fps=parsed("fps", strict.frame_rate),
             padding_policy=meta["padding_policy"],
             dtype=meta["dtype"],
-            content_sha256=meta["content_sha256"],
+            content_sha256=parsed("content_sha256", strict.sha256_hex),
             mode=meta["mode"],
-            seed=parsed("seed", lambda v: int(v) if v else None),
+            seed=parsed("seed", seed),
             extra={k: v for k, v in meta.items() if k not in META_KEYS},
         )
-        if min(info.num_frames, info.height, info.width, info.z_dim) < 1:
-            raise InvalidLatent("latent metadata has non-positive sizes")
-        if info.fps <= 0:
-            raise InvalidLatent(f"latent metadata has a non-positive fps {meta['fps']}")
-        if not math.isfinite(info.scale_factor) or info.scale_factor == 0 or not math.isfinite(
-                info.shift_factor):
-            raise InvalidLatent("latent metadata has an invalid scale/shift factor")
+        if info.scale_factor == 0:
+            raise InvalidLatent("latent metadata has a zero scale factor")
+        if info.mode not in MODES:
+            raise InvalidLatent(f"latent metadata 'mode' must be one of {MODES}, got "
+                                f"{strict.shown(info.mode)}")
         if info.dtype not in DTYPE_NAMES:
-            raise InvalidLatent(f"latent metadata has an unknown dtype {info.dtype!r}")
+            raise InvalidLatent(f"latent metadata has an unknown dtype {strict.shown(info.dtype)}")
         return info
 
 
@@ -166,7 +177,7 @@ def decode_latent_file(data: bytes) -> tuple[np.ndarray, LatentInfo]:
     if not data:
         raise InvalidLatent("empty latent file")
     try:
-        tensors, meta = loads(data)
+        tensors, meta = loads(data, max_header_bytes=MAX_HEADER_BYTES)
     except SafetensorsError as exc:
         raise InvalidLatent(f"not a readable latent file: {exc}") from exc
     info = LatentInfo.from_metadata(meta)

@@ -4,7 +4,8 @@ HTTP, gRPC and the CLI all call ``Pipeline``. It owns the order of things: limit
 result cache, video decoding (PyAV, on worker threads), splitting into GCConv frame groups
 (frame 0 alone, then ``groups_per_step`` groups of 4 per step), driving a backend session,
 and building the latent file. Memory stays bounded: frames are decoded a step at a time and
-only the (small) latent moments are kept.
+only the (small) latent moments are kept; the size of a step comes from the memory budget
+(``ivvae.memory``), and a request waits for its share of the budget before it runs.
 
 Cache policy: entries are the posterior moments keyed by content hash, model, weights and
 encode precision. Sampling and the output dtype are applied after the cache, so
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import Backend
-from .cache import CachedMoments, ResultCache, cache_key
+from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
 from .core.geometry import (
     PADDING_POLICY,
@@ -42,10 +43,25 @@ from .core.geometry import (
 )
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
-from .errors import CorruptMedia, DeadlineExceeded, InvalidInput, InvalidLatent, UnknownModel
+from .errors import (
+    CorruptMedia,
+    DeadlineExceeded,
+    InvalidInput,
+    InvalidLatent,
+    TooLarge,
+    UnknownModel,
+)
 from .latents import LatentInfo, decode_latent_file, encode_latent_file, served_model_for
+from .memory import MB, MemoryBudget, Plan, default_budget_mb, plan_steps
 from .metrics import Metrics
-from .video import DEFAULT_FPS, Preprocess, VideoLimits, exact_rate, open_frames, open_video
+from .video import (
+    DEFAULT_FPS,
+    Preprocess,
+    VideoLimits,
+    exact_rate,
+    open_frames,
+    open_video,
+)
 from .wire import DecodeTarget
 
 log = logging.getLogger("ivvae.pipeline")
@@ -118,6 +134,35 @@ class Pipeline:
         self.cache = cache
         self.metrics = metrics
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
+        self.budget_mb = settings.memory_budget_mb or default_budget_mb()
+        self._budget: MemoryBudget | None = None
+
+    # -- memory ----------------------------------------------------------------------------
+
+    def start_budget(self, baseline_bytes: int) -> MemoryBudget:
+        """Requests share the budget less ``baseline_bytes`` (the process at rest: weights,
+        runtime, the in-memory cache at its cap). ``Service.start`` measures it."""
+        self._budget = MemoryBudget(self.budget_mb * MB - baseline_bytes,
+                                    timeout_s=self.settings.admission_timeout_s,
+                                    budget_mb=self.budget_mb)
+        log.info("memory budget %d MB: %d MB for requests", self.budget_mb,
+                 self._budget.capacity // MB)
+        return self._budget
+
+    @property
+    def budget(self) -> MemoryBudget:
+        if self._budget is None:  # used without Service.start (a bare pipeline): no baseline
+            self.start_budget(0)
+        assert self._budget is not None
+        return self._budget
+
+    def plan(self, model: ModelInfo, direction: str, width: int, height: int, *,
+             still: bool) -> Plan:
+        """Steps of a request at ``width x height`` that fit the budget, or TooLarge."""
+        return plan_steps(self.backend.step_cost(model.name, direction),  # type: ignore[arg-type]
+                          width=width, height=height, still=still,
+                          max_groups=self.settings.groups_per_step,
+                          available=self.budget.capacity, budget_mb=self.budget_mb)
 
     # -- models ----------------------------------------------------------------------------
 
@@ -154,7 +199,8 @@ class Pipeline:
         preprocess = options.preprocess.canonical()
         key = cache_key(content, model.name, model.weights_sha256,
                         self.settings.encode_precision, MOMENTS_VERSION, preprocess)
-        cached = await self.cache.get(key)
+        cached = await self.cache.get(
+            key, Expected(model.z_dim, model.scale_factor, model.shift_factor))
         self.metrics.cache.labels("hit" if cached else "miss").inc()
         if cached is None:
             mu, logvar, meta = await self._encode_video(source, model, options.preprocess,
@@ -202,32 +248,42 @@ class Pipeline:
         else:
             reader = await asyncio.to_thread(open_video, source, limits=limits,
                                              preprocess=preprocess)
-        stepper = FrameStepper(s.groups_per_step)
-        session = self.backend.encode_session(model.name)
-        self.metrics.active_sessions.labels("encode").inc()
-        mus: list[np.ndarray] = []
-        logvars: list[np.ndarray] = []
-
-        async def run(steps: list[tuple[bool, np.ndarray]]) -> None:
-            for first, frames in steps:
-                step = session.first if first else session.next
-                mu, logvar = await step(pad_frames(frames))
-                mus.append(mu)
-                logvars.append(logvar)
-
         try:
-            chunks = reader.iter_frames(stepper.step)
-            while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
-                if on_frames is not None:
-                    on_frames(len(chunk))
-                await run(stepper.push(chunk))
-            if stepper.count == 0:
-                raise CorruptMedia("the video has no decodable frames")
-            await run(stepper.flush())
-        finally:
-            await session.close()
-            self.metrics.active_sessions.labels("encode").dec()
+            # The model sees the frames after preprocessing: that size decides the cost.
+            steps, single = self._encode_plan(model, reader.plan.width, reader.plan.height,
+                                              reader.info.num_frames)
+        except BaseException:
             await asyncio.to_thread(reader.close)
+            raise
+        async with self.budget.reserve(steps.reserve_bytes):
+            stepper = FrameStepper(steps.groups_per_step)
+            session = self.backend.encode_session(model.name)
+            self.metrics.active_sessions.labels("encode").inc()
+            mus: list[np.ndarray] = []
+            logvars: list[np.ndarray] = []
+
+            async def run(steps: list[tuple[bool, np.ndarray]]) -> None:
+                for first, frames in steps:
+                    step = session.first if first else session.next
+                    mu, logvar = await step(pad_frames(frames))
+                    mus.append(mu)
+                    logvars.append(logvar)
+
+            try:
+                chunks = reader.iter_frames(stepper.step)
+                while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
+                    if single is not None and stepper.count + len(chunk) > 1:
+                        raise single  # declared a picture, holds more: too big as a video
+                    if on_frames is not None:
+                        on_frames(len(chunk))
+                    await run(stepper.push(chunk))
+                if stepper.count == 0:
+                    raise CorruptMedia("the video has no decodable frames")
+                await run(stepper.flush())
+            finally:
+                await session.close()
+                self.metrics.active_sessions.labels("encode").dec()
+                await asyncio.to_thread(reader.close)
         count = stepper.count
         info, plan = reader.info, reader.plan
         # Without preprocessing the output is the source as it is; the keys stay as before.
@@ -252,6 +308,17 @@ class Pipeline:
                 "preprocess_source_frames_decoded": str(reader.source_frames_read),
             })
         return np.concatenate(mus, axis=2), np.concatenate(logvars, axis=2), meta
+
+    def _encode_plan(self, model: ModelInfo, width: int, height: int,
+                     declared_frames: int | None) -> tuple[Plan, TooLarge | None]:
+        """The plan for a video, and, for a picture only its one frame fits, the error to
+        raise if it turns out to hold more frames than it declared."""
+        try:
+            return self.plan(model, "encoder", width, height, still=False), None
+        except TooLarge as as_video:
+            if declared_frames != 1:
+                raise
+            return self.plan(model, "encoder", width, height, still=True), as_video
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -310,17 +377,36 @@ class Pipeline:
         """A bare latent batch: ``info`` of one item and, per item in order, an iterator of
         its frames ``(n, H, W, 3)`` uint8 (see ``decode_frames``)."""
         scaled, info, model = self.parse_bare_latent(latent, dtype, target)
-        return info, [self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model)
-                      for i in range(scaled.shape[0])]
+        plan = self.plan(model, "decoder", info.width, info.height,
+                         still=scaled.shape[2] == 1)
+        # Items are decoded one after the other: each takes its share of the budget when
+        # it starts, not all of them up front.
+        return info, [self._reserving(
+            self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model, plan),
+            plan) for i in range(scaled.shape[0])]
+
+    async def _reserving(self, frames: AsyncIterator[np.ndarray], plan: Plan
+                         ) -> AsyncIterator[np.ndarray]:
+        async with self.budget.reserve(plan.reserve_bytes):
+            try:
+                async for part in frames:
+                    yield part
+            finally:
+                aclose = getattr(frames, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     async def decode_frames(self, data: bytes) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
         """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)`` uint8, in
         order, cropped to the original frame count and size."""
         latent, info, model = self.parse_latent(data)
-        return info, self._decode_iter(latent, info, model)
+        plan = self.plan(model, "decoder", info.width, info.height,
+                         still=latent.shape[2] == 1)
+        release = await self.budget.acquire(plan.reserve_bytes)
+        return info, _Holding(self._decode_iter(latent, info, model, plan), release)
 
-    async def _decode_iter(self, latent: np.ndarray, info: LatentInfo, model: ModelInfo
-                           ) -> AsyncIterator[np.ndarray]:
+    async def _decode_iter(self, latent: np.ndarray, info: LatentInfo, model: ModelInfo,
+                           plan: Plan) -> AsyncIterator[np.ndarray]:
         start = time.perf_counter()
         async with self._slots:
             deadline = start + self.settings.request_timeout_s
@@ -328,7 +414,7 @@ class Pipeline:
             self.metrics.active_sessions.labels("decode").inc()
             produced = 0
             try:
-                for a, b in decode_plan(latent.shape[2], self.settings.groups_per_step):
+                for a, b in decode_plan(latent.shape[2], plan.groups_per_step):
                     part = np.ascontiguousarray(latent[:, :, a:b])
                     step = session.first(part) if a == 0 else session.next(part)
                     remaining = deadline - time.perf_counter()
@@ -347,6 +433,40 @@ class Pipeline:
         self.metrics.frames.labels("decode").inc(produced)
         self.metrics.frames_per_second.labels("decode").set(
             produced / max(time.perf_counter() - start, 1e-9))
+
+
+class _Holding:
+    """An async iterator that holds a budget reservation until it is exhausted, fails, is
+    closed, or is collected (a transport that drops it must not leak the budget)."""
+
+    def __init__(self, inner: AsyncIterator[np.ndarray], release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> _Holding:
+        return self
+
+    async def __anext__(self) -> np.ndarray:
+        try:
+            return await anext(self._inner)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            if release is not None:
+                release()
+
+    def __del__(self) -> None:
+        if self._release is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._release)
 
 
 def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:

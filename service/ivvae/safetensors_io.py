@@ -1,8 +1,9 @@
 """A strict, numpy-only reader and writer of the safetensors format.
 
 Why not ``safetensors.numpy``: the gateway must handle bfloat16 (numpy has no such dtype),
-must not need torch, and must parse untrusted uploads defensively (bounded header, offsets
-checked, no overlaps, byte counts matching shapes) with errors that name the problem.
+must not need torch, and must parse untrusted uploads defensively (bounded header, nesting
+depth and integer length, offsets checked, no overlaps, byte counts matching shapes) with
+errors that name the problem.
 
 Format: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_HEADER_BYTES = 1 << 20
+# The format nests three deep ({name: {"shape": [...]}}); deeper is an attack on the parser
+# (Python's json recurses), as are integers past any offset a file can have (int() of a
+# 5,000-digit number is quadratic, and refused past 4,300 digits).
+MAX_DEPTH = 3
+MAX_INT_DIGITS = 20
 
 # safetensors dtype name -> numpy dtype used to hold it
 DTYPES: dict[str, np.dtype] = {
@@ -131,10 +137,7 @@ def loads(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_H
         raise SafetensorsError(f"header of {n} bytes exceeds the {max_header_bytes}-byte limit")
     if 8 + n > len(buf):
         raise SafetensorsError("file is truncated inside the header")
-    try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"header is not valid JSON: {exc}") from exc
+    header = _parse_header(bytes(buf[8 : 8 + n]))
     if not isinstance(header, dict):
         raise SafetensorsError("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -173,3 +176,47 @@ def loads(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_H
         if b1 < e0:
             raise SafetensorsError(f"tensors {a!r} and {b!r} overlap")
     return out, dict(meta)
+
+
+def _parse_header(raw: bytes) -> object:
+    depth = _max_depth(raw)
+    if depth > MAX_DEPTH:
+        raise SafetensorsError(f"header JSON nests {depth} deep; the format needs {MAX_DEPTH}")
+    try:
+        return json.loads(raw, parse_int=_small_int, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsError(f"header is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # unbalanced brackets can slip past _max_depth's count
+        raise SafetensorsError("header JSON nests too deep") from exc
+
+
+def _max_depth(raw: bytes) -> int:
+    """Bracket nesting depth outside strings, in linear time and without recursing.
+
+    A quote opens or closes a string unless an odd run of backslashes precedes it. Where the
+    bytes are not JSON this count may be off, but only past the first invalid byte, which
+    the parser never gets beyond.
+    """
+    data = np.frombuffer(raw, dtype=np.uint8)
+    if not len(data):
+        return 0
+    index = np.arange(len(data))
+    backslash = data == ord("\\")
+    # backslashes in the run ending just before each byte
+    last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+    run_before = np.concatenate([[0], index[:-1] - last_other[:-1]])
+    quote = (data == ord('"')) & (run_before % 2 == 0)
+    outside = np.cumsum(quote) % 2 == 0  # a closing quote counts as outside: harmless
+    opens = outside & ((data == ord("{")) | (data == ord("[")))
+    closes = outside & ((data == ord("}")) | (data == ord("]")))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max(initial=0))
+
+
+def _small_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise SafetensorsError(f"header holds a {len(text)}-digit integer")
+    return int(text)
+
+
+def _no_constant(text: str) -> object:
+    raise SafetensorsError(f"header holds {text}, which JSON does not allow")

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 from .config import Settings
 from .service import Service
@@ -18,6 +20,55 @@ from .service import Service
 log = logging.getLogger("ivvae.server")
 
 GRACE_S = 10.0
+# Per message template: this many records per window, then one note of how many were held
+# back. A flood of one error (a client hammering a bad request, asyncio's callback
+# tracebacks when file descriptors run out) must not fill a disk.
+LOG_BURST = 20
+LOG_WINDOW_S = 60.0
+
+
+class RateLimit(logging.Filter):
+    """Lets through ``burst`` records per (logger, level, message template) per
+    ``window_s``; the first record of the next window says how many were dropped."""
+
+    def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window_s, self._clock = burst, window_s, clock
+        self._seen: dict[tuple[str, int, str], list[float | int]] = {}  # start, passed, dropped
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            state = self._seen.get(key)
+            if state is None or now - state[0] >= self.window_s:
+                dropped = int(state[2]) if state is not None else 0
+                if len(self._seen) > 10_000:  # many distinct templates: forget old windows
+                    self._seen.clear()
+                self._seen[key] = [now, 1, 0]
+                if dropped:
+                    record.msg = f"{record.msg} [{dropped} more like this were not logged]"
+                return True
+            if state[1] < self.burst:
+                state[1] += 1
+                return True
+            state[2] += 1
+            return False
+
+
+_LIMITER = RateLimit()
+
+
+def limit_logging(limiter: logging.Filter = _LIMITER) -> logging.Filter:
+    """Put ``limiter`` on every handler of the root logger and uvicorn's loggers (again
+    after uvicorn adds its handlers; a handler gets it once)."""
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            if limiter not in handler.filters:
+                handler.addFilter(limiter)
+    return limiter
 
 
 def _quiet_server_class() -> type:
@@ -40,9 +91,11 @@ async def serve(settings: Settings) -> None:
     _QuietServer = _quiet_server_class()
 
     from .api.http import create_app
+    from .api.http.protocol import ConnectionLimits, bounded_protocol
 
     if not (settings.enable_http or settings.enable_grpc):
         raise ValueError("both HTTP and gRPC are disabled; enable at least one")
+    limit_logging()
     service = Service(settings)
     await service.start()
     stop = asyncio.Event()
@@ -61,12 +114,23 @@ async def serve(settings: Settings) -> None:
                      " (TLS)" if settings.tls_cert else "")
         if settings.enable_http:
             app = create_app(settings, service=service)
+            limits = ConnectionLimits(
+                max_header_bytes=settings.http_max_header_bytes,
+                max_headers=settings.http_max_headers,
+                header_timeout_s=settings.http_header_timeout_s,
+                body_timeout_s=settings.http_body_timeout_s,
+                max_connections=settings.max_connections,
+            )
             config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                     log_level=settings.log_level.lower(), lifespan="on",
+                                    http=bounded_protocol(limits),
+                                    h11_max_incomplete_event_size=limits.max_header_bytes,
+                                    timeout_keep_alive=settings.http_keepalive_s,  # type: ignore[arg-type]
                                     timeout_graceful_shutdown=int(GRACE_S),
                                     ssl_certfile=settings.tls_cert or None,
                                     ssl_keyfile=settings.tls_key or None)
             http_server = _QuietServer(config)
+            limit_logging()  # after uvicorn.Config, which installs uvicorn's handlers
             tasks.append(asyncio.create_task(http_server.serve()))
             log.info("HTTP%s listening on %s:%d", "S" if settings.tls_cert else "",
                      settings.host, settings.port)

@@ -8,11 +8,13 @@ at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
+from . import memory
 from .backends import Backend, create_backend
-from .cache import ResultCache, create_cache
+from .cache import MemoryCache, ResultCache, create_cache
 from .config import Settings
 from .core.model_info import ModelInfo
 from .metrics import Metrics
@@ -33,6 +35,10 @@ class Service:
 
     async def start(self) -> None:
         await self.backend.start()
+        # The process at rest, plus what the in-memory result cache may grow to.
+        await asyncio.to_thread(memory.return_memory)
+        cache_cap = self.cache.max_bytes if isinstance(self.cache, MemoryCache) else 0
+        self.pipeline.start_budget(memory.rss_bytes() + cache_cap)
         self.started = True
         for info in self.backend.models.values():
             if not info.trained:

@@ -9,7 +9,10 @@ time-to-live, live in ``tests/triton/test_serve.py`` with their own server.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +246,33 @@ def test_the_backend_module_does_not_need_torch(tmp_path: Path) -> None:
     code = ("import sys, ivvae.backends.triton, ivvae.triton.contract\n"
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=60)
+
+
+async def test_a_stopped_triton_fails_new_requests_at_once_then_recovers(
+        ivvae_triton: IvvaeTriton) -> None:
+    """SIGSTOP (a hung server: connections accepted, nothing answered): once the health
+    watcher has seen it, a new request is a 503 in under 2 s instead of waiting out
+    triton_timeout_s; after SIGCONT requests work again."""
+    async with running_app(settings_for(ivvae_triton, triton_timeout_s=60)) as client:
+        backend: TritonBackend = client.app.state.service.backend  # type: ignore[attr-defined]
+        assert (await encode(client)).status_code == 200
+        endpoint = ivvae_triton.server.grpc_url
+        group = ivvae_triton.server.process.pid  # tritonserver leads its process group
+        os.killpg(group, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 30
+            while not backend._down[endpoint].is_set():
+                assert time.monotonic() < deadline, "the watcher never saw the hung server"
+                await asyncio.sleep(0.1)
+            fresh = media.make_video(None, frames=5, width=24, height=16)  # not in the cache
+            start = time.monotonic()
+            refused = await encode(client, fresh)
+            refused_s = time.monotonic() - start
+        finally:
+            os.killpg(group, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (again := await encode(client, fresh)).status_code != 200:
+            assert time.monotonic() < deadline, again.text
+            await asyncio.sleep(0.5)
+    assert refused.status_code == 503 and refused.json()["error"] == "backend_unavailable"
+    assert refused_s < 2.0

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from ivvae.cache import CachedMoments
+from ivvae.cache import CachedMoments, deserialize, serialize
 
 SMALL_SHAPE = (1, 4, 2, 3, 5)  # (1, z, n, h, w)
+SECRET = b"tests-cache-secret-0123456789"
+KEY = "k"
+
+
+def seal(value: CachedMoments, key: str = KEY, secret: bytes = SECRET) -> bytes:
+    return serialize(value, secret=secret, key=key)
+
+
+def unseal(blob: object, key: str = KEY, secret: bytes = SECRET) -> CachedMoments:
+    return deserialize(blob, secret=secret, key=key)  # type: ignore[arg-type]
 
 
 def moments(seed: int = 0, shape: tuple[int, ...] = SMALL_SHAPE) -> CachedMoments:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,21 +14,22 @@ from ivvae.cache import (
     MemoryCache,
     RedisCache,
     cache_key,
+    cache_secret,
     create_cache,
-    serialize,
 )
+from ivvae.cache.base import CircuitBreaker
 from ivvae.config import Settings
-from tests.cache.helpers import assert_same, moments
+from tests.cache.helpers import SECRET, assert_same, moments, seal
 
-ENTRY_BYTES = len(serialize(moments()))  # every moments(seed) of the default shape
+ENTRY_BYTES = len(seal(moments()))  # every moments(seed) of the default shape
 
 
 def test_entries_of_one_shape_have_one_size() -> None:
-    assert {len(serialize(moments(seed))) for seed in (0, 7, 99, 12345)} == {ENTRY_BYTES}
+    assert {len(seal(moments(seed))) for seed in (0, 7, 99, 12345)} == {ENTRY_BYTES}
 
 
 async def test_miss_then_hit_with_identical_arrays() -> None:
-    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     assert cache.name == "memory"
     value = moments(1)
     assert await cache.get("k") is None
@@ -39,13 +41,14 @@ async def test_miss_then_hit_with_identical_arrays() -> None:
         "corrupt": 0,
         "errors": 0,
         "skipped_too_large": 0,
+        "skipped_open": 0,
         "writes": 1,
     }
     assert await cache.ping() is True
 
 
 async def test_hits_are_independent_copies() -> None:
-    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     value = moments(2)
     await cache.put("k", value)
     first = await cache.get("k")
@@ -56,7 +59,7 @@ async def test_hits_are_independent_copies() -> None:
 
 
 async def test_lru_evicts_least_recently_used_by_bytes() -> None:
-    cache = MemoryCache(max_bytes=3 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=3 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     for name in "abc":
         assert await cache.put(name, moments(ord(name)))
     assert cache.total_bytes == 3 * ENTRY_BYTES
@@ -70,7 +73,7 @@ async def test_lru_evicts_least_recently_used_by_bytes() -> None:
 
 
 async def test_replacing_an_entry_counts_its_bytes_once() -> None:
-    cache = MemoryCache(max_bytes=2 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=2 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     for seed in range(5):
         assert await cache.put("same", moments(seed))
     assert len(cache) == 1 and cache.total_bytes == ENTRY_BYTES
@@ -79,8 +82,8 @@ async def test_replacing_an_entry_counts_its_bytes_once() -> None:
 
 async def test_budget_evicts_several_small_entries_for_a_big_one() -> None:
     big = moments(9, (1, 4, 6, 3, 5))  # three times the arrays of a small one
-    big_bytes = len(serialize(big))
-    cache = MemoryCache(max_bytes=big_bytes + ENTRY_BYTES, max_entry_bytes=big_bytes)
+    big_bytes = len(seal(big))
+    cache = MemoryCache(max_bytes=big_bytes + ENTRY_BYTES, max_entry_bytes=big_bytes, secret=SECRET)
     for name in "abc":
         await cache.put(name, moments(ord(name)))
     assert await cache.put("big", big)
@@ -89,32 +92,32 @@ async def test_budget_evicts_several_small_entries_for_a_big_one() -> None:
 
 
 async def test_entry_over_max_entry_bytes_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
-    cache = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES - 1)
+    cache = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES - 1, secret=SECRET)
     with caplog.at_level(logging.INFO, logger="ivvae.cache"):
         assert await cache.put("k", moments()) is False
     assert "k" not in cache and cache.total_bytes == 0
     assert cache.stats.skipped_too_large == 1 and cache.stats.writes == 0
     assert "max entry" in caplog.text
     # Exactly at the limit is fine.
-    at_limit = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    at_limit = MemoryCache(max_bytes=100 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     assert await at_limit.put("k", moments()) is True
 
 
 async def test_entry_over_the_whole_budget_is_skipped_and_evicts_nothing() -> None:
-    cache = MemoryCache(max_bytes=ENTRY_BYTES, max_entry_bytes=100 * ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=ENTRY_BYTES, max_entry_bytes=100 * ENTRY_BYTES, secret=SECRET)
     await cache.put("small", moments())
     assert await cache.put("big", moments(1, (1, 4, 4, 3, 5))) is False
     assert "small" in cache and cache.stats.skipped_too_large == 1
 
 
 async def test_zero_budget_stores_nothing() -> None:
-    cache = MemoryCache(max_bytes=0, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=0, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     assert await cache.put("k", moments()) is False
     assert await cache.get("k") is None
 
 
 async def test_non_finite_value_is_not_stored(caplog: pytest.LogCaptureFixture) -> None:
-    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES, secret=SECRET)
     value = moments()
     value.mu[0, 0, 0, 0, 0] = np.nan
     with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
@@ -126,26 +129,26 @@ async def test_non_finite_value_is_not_stored(caplog: pytest.LogCaptureFixture) 
 async def test_corrupt_entry_is_a_counted_miss_and_dropped(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES)
-    blob = bytearray(serialize(moments()))
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=10 * ENTRY_BYTES, secret=SECRET)
+    blob = bytearray(seal(moments()))
     blob[-1] ^= 0x80
     await cache._store("k", bytes(blob))  # as if memory had been damaged
     with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
         assert await cache.get("k") is None
     assert "k" not in cache and cache.total_bytes == 0
     assert (cache.stats.corrupt, cache.stats.misses, cache.stats.hits) == (1, 1, 0)
-    assert "checksum mismatch" in caplog.text
+    assert "MAC mismatch" in caplog.text
 
 
 async def test_large_entries_round_trip_off_the_event_loop() -> None:
     value = moments(7, (1, 16, 5, 64, 64))  # 1.3 MB per array: serialized on a worker thread
-    cache = MemoryCache(max_bytes=1 << 24, max_entry_bytes=1 << 24)
+    cache = MemoryCache(max_bytes=1 << 24, max_entry_bytes=1 << 24, secret=SECRET)
     assert await cache.put("big", value)
     assert_same(await cache.get("big"), value)
 
 
 async def test_concurrent_tasks_see_whole_entries() -> None:
-    cache = MemoryCache(max_bytes=8 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=8 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     values = {f"k{i}": moments(i) for i in range(16)}
 
     async def worker(key: str, value: CachedMoments) -> None:
@@ -161,7 +164,7 @@ async def test_concurrent_tasks_see_whole_entries() -> None:
 
 
 async def test_close_drops_everything() -> None:
-    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES)
+    cache = MemoryCache(max_bytes=10 * ENTRY_BYTES, max_entry_bytes=ENTRY_BYTES, secret=SECRET)
     await cache.put(cache_key("a"), moments())
     await cache.close()
     assert len(cache) == 0 and cache.total_bytes == 0
@@ -169,9 +172,9 @@ async def test_close_drops_everything() -> None:
 
 def test_negative_limits_are_rejected() -> None:
     with pytest.raises(ValueError):
-        MemoryCache(max_bytes=-1, max_entry_bytes=1)
+        MemoryCache(max_bytes=-1, max_entry_bytes=1, secret=SECRET)
     with pytest.raises(ValueError):
-        MemoryCache(max_bytes=1, max_entry_bytes=-1)
+        MemoryCache(max_bytes=1, max_entry_bytes=-1, secret=SECRET)
 
 
 async def test_create_cache_picks_the_backend_from_settings() -> None:
@@ -191,3 +194,71 @@ async def test_create_cache_picks_the_backend_from_settings() -> None:
     assert (redis_cache.ttl_s, redis_cache.timeout_s) == (60, 0.25)
     assert redis_cache.redis_key("abc") == "test:v1:abc"
     await redis_cache.close()
+
+
+# -- the MAC secret of a shared cache -------------------------------------------------------
+
+
+def test_configured_secret_is_used_and_checked(tmp_path: Path) -> None:
+    settings = Settings(cache_secret="0123456789abcdef-configured",
+                        cache_secret_file=str(tmp_path / "unused"))
+    assert cache_secret(settings) == b"0123456789abcdef-configured"
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(ValueError, match="16"):
+        Settings(cache_secret="short")
+
+
+def test_secret_file_is_created_once_private_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "cache-secret"
+    settings = Settings(cache_secret_file=str(path))
+    first = cache_secret(settings)
+    assert len(first) >= 32 and path.stat().st_mode & 0o777 == 0o600
+    assert cache_secret(settings) == first  # a restart keeps the deployment's secret
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    other = Settings(cache_secret_file=str(tmp_path / "elsewhere"))
+    assert cache_secret(other) != first
+
+
+def test_unwritable_secret_file_falls_back_to_a_process_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    settings = Settings(cache_secret_file=str(blocker / "cache-secret"))
+    with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
+        one, two = cache_secret(settings), cache_secret(settings)
+    assert len(one) == 32 and one != two
+    assert "IVVAE_CACHE_SECRET" in caplog.text
+
+
+def test_secret_file_with_too_short_a_secret_is_not_trusted(tmp_path: Path) -> None:
+    path = tmp_path / "cache-secret"
+    path.write_text("abc")
+    assert cache_secret(Settings(cache_secret_file=str(path))) != b"abc"
+
+
+# -- the circuit breaker (its use with a real, failing Redis is in test_redis) ----------------
+
+
+def test_breaker_opens_on_failure_then_lets_one_probe_through() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(5.0, clock=lambda: now[0])
+    assert breaker.closed and breaker.allow() and breaker.allow()
+    breaker.failure()
+    assert not breaker.closed and not breaker.allow()
+    now[0] = 4.9
+    assert not breaker.allow()
+    now[0] = 5.0
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # everyone else waits for its outcome
+    breaker.failure()
+    now[0] = 9.9
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    breaker.abandon()  # cancelled probe: the next caller probes instead
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.closed and breaker.allow() and breaker.allow()
+    with pytest.raises(ValueError):
+        CircuitBreaker(0)

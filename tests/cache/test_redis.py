@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -10,8 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis
 
-from ivvae.cache import RedisCache, cache_key, serialize
-from tests.cache.helpers import assert_same, moments
+from ivvae.cache import Expected, RedisCache, cache_key
+from ivvae.cache.codec import MAGIC, PREAMBLE_BYTES
+from tests.cache.helpers import SECRET, assert_same, moments, seal
 from tests.redis_server import RedisServer, redis_binary
 
 pytestmark = pytest.mark.redis
@@ -20,6 +23,7 @@ TIMEOUT_S = 0.3
 # What one failed get or put may cost: the command's own timeout, with room for a slow CI box.
 FAIL_FAST_S = 2 * TIMEOUT_S
 TTL_S = 600
+RETRY_S = 0.3  # the circuit breaker's retry period
 
 
 @pytest.fixture
@@ -30,6 +34,8 @@ async def cache(redis_server: RedisServer) -> AsyncIterator[RedisCache]:
         max_entry_bytes=1 << 20,
         key_prefix="test",
         timeout_s=TIMEOUT_S,
+        secret=SECRET,
+        retry_after_s=RETRY_S,
     )
     yield cache
     await cache.close()
@@ -49,7 +55,7 @@ async def test_miss_then_hit_with_identical_arrays(cache: RedisCache, plain: red
     assert await cache.get(key) is None
     assert await cache.put(key, value) is True
     assert_same(await cache.get(key), value)
-    assert plain.get(f"test:v1:{key}") == serialize(value)  # one key, the blob as is
+    assert plain.get(f"test:v1:{key}") == seal(value, key)  # one key, the blob as is
     assert (cache.stats.hits, cache.stats.misses, cache.stats.writes) == (1, 1, 1)
     assert cache.stats.errors == cache.stats.corrupt == 0
     assert await cache.ping() is True
@@ -62,7 +68,8 @@ async def test_entries_expire_after_ttl(cache: RedisCache, plain: redis.Redis) -
 
 async def test_ttl_zero_means_no_expiry(redis_server: RedisServer, plain: redis.Redis) -> None:
     cache = RedisCache(
-        redis_server.url, ttl_s=0, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=0, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
     await cache.put("k", moments())
     assert plain.ttl("p:v1:k") == -1  # exists, no expiry
@@ -73,7 +80,7 @@ async def test_corrupt_value_is_ignored_counted_and_deleted(
     cache: RedisCache, plain: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     redis_key = cache.redis_key("k")
-    blob = bytearray(serialize(moments()))
+    blob = bytearray(seal(moments()))
     blob[len(blob) // 2] ^= 0x10
     plain.set(redis_key, bytes(blob))
     with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
@@ -87,13 +94,46 @@ async def test_corrupt_value_is_ignored_counted_and_deleted(
     assert cache.stats.corrupt == 2 and plain.exists(redis_key) == 0
 
 
+async def test_forged_entries_are_ignored_and_deleted(
+    cache: RedisCache, plain: redis.Redis
+) -> None:
+    """Whoever can write to Redis but lacks the secret cannot plant latents."""
+    key = cache_key("content", "model")
+    redis_key = cache.redis_key(key)
+    # A well-formed blob whose digest is a plain sha256 (what the unkeyed format checked).
+    forged = bytearray(seal(moments(), key))
+    forged[len(MAGIC) : len(MAGIC) + 32] = hashlib.sha256(forged[PREAMBLE_BYTES - 4 :]).digest()
+    plain.set(redis_key, bytes(forged))
+    assert await cache.get(key) is None
+    assert plain.exists(redis_key) == 0 and cache.stats.corrupt == 1
+    # A genuine entry of another video, copied under this key.
+    other = cache_key("other content", "model")
+    assert await cache.put(other, moments(2))
+    plain.set(redis_key, plain.get(cache.redis_key(other)))
+    assert await cache.get(key) is None
+    assert plain.exists(redis_key) == 0 and cache.stats.corrupt == 2
+    assert_same(await cache.get(other), moments(2))
+
+
+async def test_sealed_entry_that_does_not_fit_the_request_is_deleted(
+    cache: RedisCache, plain: redis.Redis
+) -> None:
+    # Wrong-shape moments for the model (z=4 stored, z=16 served): one miss, then gone,
+    # instead of failing every request for the video for the whole TTL.
+    assert await cache.put("k", moments())
+    assert await cache.get("k", Expected(z_dim=16)) is None
+    assert plain.exists(cache.redis_key("k")) == 0
+    assert cache.stats.corrupt == 1
+
+
 async def test_entry_over_max_size_is_skipped(
     redis_server: RedisServer, plain: redis.Redis
 ) -> None:
     cache = RedisCache(
-        redis_server.url, ttl_s=60, max_entry_bytes=1000, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=60, max_entry_bytes=1000, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET,
     )
-    assert len(serialize(moments())) > 1000
+    assert len(seal(moments())) > 1000
     assert await cache.put("k", moments()) is False
     assert cache.stats.skipped_too_large == 1 and cache.stats.writes == 0
     assert plain.exists("p:v1:k") == 0
@@ -109,47 +149,56 @@ async def test_killed_redis_fails_fast_then_recovers(
     redis_server.kill()
 
     with caplog.at_level(logging.DEBUG, logger="ivvae.cache"):
-        for _ in range(2):
-            start = time.monotonic()
+        start = time.monotonic()
+        assert await cache.get("k") is None  # meets the dead server: the circuit opens
+        assert time.monotonic() - start < FAIL_FAST_S
+        for _ in range(2):  # not tried while open
             assert await cache.get("k") is None
-            assert time.monotonic() - start < FAIL_FAST_S
-            start = time.monotonic()
             assert await cache.put("k", value) is False
-            assert time.monotonic() - start < FAIL_FAST_S
         assert await cache.ping() is False
-    assert cache.stats.errors == 4
+    assert cache.stats.errors == 1 and cache.stats.skipped_open == 4
     # One warning for the outage, not one per request.
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "answering without the cache" in warnings[0].getMessage()
 
     redis_server.start()  # same port, empty (no persistence)
+    await asyncio.sleep(RETRY_S)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="ivvae.cache"):
-        assert await cache.ping() is True
+        assert await cache.ping() is True  # the probe: closes the circuit
         assert await cache.get("k") is None  # a plain miss: the data went with the server
         assert await cache.put("k", value) is True
         assert_same(await cache.get("k"), value)
-    assert cache.stats.errors == 4  # no new errors
+    assert cache.stats.errors == 1  # no new errors
     assert "answers again" in caplog.text
 
 
-async def test_hung_redis_times_out_then_recovers(
+async def test_stopped_redis_costs_one_timeout_then_is_skipped_and_probed(
     cache: RedisCache, redis_server: RedisServer
 ) -> None:
     value = moments(4)
     assert await cache.put("k", value)
-    redis_server.pause()  # accepts connections, answers nothing
+    redis_server.pause()  # SIGSTOP: accepts connections, answers nothing
     try:
-        start = time.monotonic()
-        assert await cache.get("k") is None
-        assert time.monotonic() - start < FAIL_FAST_S
-        start = time.monotonic()
-        assert await cache.put("k2", value) is False
-        assert time.monotonic() - start < FAIL_FAST_S
+        # Requests in flight when Redis stops each meet one timeout...
+        assert await asyncio.gather(cache.get("k"), cache.get("k")) == [None, None]
         assert cache.stats.errors == 2
+        # ...and every request after that skips the cache without asking.
+        for _ in range(10):
+            assert await cache.get("k") is None
+            assert await cache.put("k2", value) is False
+        assert cache.stats.errors == 2 and cache.stats.skipped_open == 20
+        # Once the retry period is over, one request probes while the others skip.
+        await asyncio.sleep(RETRY_S)
+        results = await asyncio.gather(*(cache.get("k") for _ in range(5)))
+        assert results == [None] * 5
+        assert cache.stats.errors == 3 and cache.stats.skipped_open == 24
     finally:
         redis_server.resume()
-    assert_same(await cache.get("k"), value)
+    await asyncio.sleep(RETRY_S)
+    assert_same(await cache.get("k"), value)  # the next probe finds it back
+    assert cache.breaker.closed
+    assert await cache.put("k2", value) is True
 
 
 async def test_restart_between_commands_is_not_an_error(
@@ -168,12 +217,14 @@ async def test_restart_between_commands_is_not_an_error(
 async def test_redis_down_from_the_start(redis_server: RedisServer) -> None:
     redis_server.kill()
     cache = RedisCache(
-        redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S
+        redis_server.url, ttl_s=60, max_entry_bytes=1 << 20, key_prefix="p", timeout_s=TIMEOUT_S,
+        secret=SECRET, retry_after_s=RETRY_S,
     )
     assert await cache.ping() is False
     assert await cache.get("k") is None
     assert await cache.put("k", moments()) is False
     redis_server.start()
+    await asyncio.sleep(RETRY_S)
     assert await cache.put("k", moments()) is True
     assert await cache.get("k") is not None
     await cache.close()

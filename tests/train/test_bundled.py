@@ -6,6 +6,7 @@ and ``docs/eval/`` (``ivvae eval``), or these fail.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -28,9 +29,14 @@ def bundled() -> IVVAE:
 
 def test_model_card_names_the_shipped_weights(bundled: IVVAE) -> None:
     card = (BUNDLED_DIR / "MODEL_CARD.md").read_text()
-    found = re.search(r"weights sha256 \| `([0-9a-f]{64})`", card)
-    assert found is not None, "the model card has no weights sha256 row"
+    found = re.search(r"weights sha256 \| `([0-9a-f]{64})`: a hash of the state dict", card)
+    assert found is not None, "the model card has no weights sha256 row saying what it hashes"
     assert found.group(1) == bundled.weights_sha256
+    # The file's own sha256 (what `sha256sum` prints) is a different number: both are named.
+    file_hash = re.search(r"file sha256 \| `([0-9a-f]{64})`", card)
+    assert file_hash is not None, "the model card has no file sha256 row"
+    assert file_hash.group(1) == hashlib.sha256(BUNDLED_FILE.read_bytes()).hexdigest()
+    assert file_hash.group(1) != bundled.weights_sha256
     header = (ROOT / "docs" / "eval" / "eval.md").read_text().splitlines()[0]
     assert f"(weights {bundled.weights_sha256[:12]})" in header
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from ivvae.cli import main
 from ivvae.train.evaluate import (
+    Scores,
+    VideoReport,
     baseline_reconstruct,
     best_baseline,
+    figure,
     group_position,
     load_video,
+    ordinal,
     quantize,
     score,
 )
@@ -46,7 +51,11 @@ def test_eval_cli_writes_table_json_and_plot(tmp_path: Path,
     out = tmp_path / "eval"
     assert main(["eval", str(clip), "--weights", str(weights), "--precision", "float32",
                  "bfloat16", "--out", str(out)]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    # Progress on stderr says what is being done, step by step.
+    for step in ("clip.mp4: decoding", "in float32", "in bfloat16", "baseline", "4/4"):
+        assert step in captured.err, captured.err
     assert "| ivvae float32 |" in table and "| baseline |" in table and "pos 4" in table
     report = json.loads((out / "eval.json").read_text())[0]
     assert report["frames"] == 10
@@ -55,3 +64,56 @@ def test_eval_cli_writes_table_json_and_plot(tmp_path: Path,
     assert len(res["ivvae float32"]["per_frame_psnr"]) == 10
     assert set(res["ivvae float32"]["by_position"]) == {"0", "1", "2", "3", "4"}
     assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "eval.html").read_text()
+    assert "| ivvae" not in page and "<table>" in page and "ivvae float32" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    # The charts, and three frames (first, worst, middle) x original / reconstruction / diff.
+    assert page.count("<img") == 1 + 3 * 3 and "reconstruction" in page
+    assert "difference| x 4" in page
+
+
+def test_ordinals() -> None:
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 14, 21, 22, 23, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "14th", "21st", "22nd", "23rd",
+        "101st", "111th"]
+
+
+def _report() -> VideoReport:
+    rng = np.random.default_rng(0)
+    psnr = list(24 + rng.random(17))
+    rep = VideoReport("clip.mp4", 17, 32, 24, 1000)
+    rep.results = {"ivvae float32": Scores(psnr, [0.8] * 17),
+                   "ivvae bfloat16": Scores([p - 0.02 for p in psnr], [0.79] * 17),
+                   "baseline": Scores([p - 1 for p in psnr], [0.75] * 17)}
+    return rep
+
+
+def test_plot_shows_every_line_ssim_and_bars_from_zero() -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure([_report()])
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        ax_psnr, ax_ssim, bars_psnr, bars_ssim = fig.axes[:4]
+        # fp32 and bf16 (0.02 dB apart) are told apart by width: neither hides the other.
+        lines = {line.get_label(): line for line in ax_psnr.get_lines()
+                 if not str(line.get_label()).startswith("_")}
+        assert set(lines) == {"ivvae float32", "ivvae bfloat16", "baseline"}
+        widths = {k: v.get_linewidth() for k, v in lines.items()}
+        assert widths["ivvae float32"] > 2 * widths["ivvae bfloat16"]
+        assert lines["ivvae bfloat16"].get_zorder() > lines["ivvae float32"].get_zorder()
+        assert lines["baseline"].get_linestyle() == "--"
+        assert ax_ssim.get_ylabel() == "SSIM" and len(ax_ssim.get_lines()) >= 3
+        assert bars_ssim.get_ylabel() == "SSIM"
+        for ax in (bars_psnr, bars_ssim):
+            assert ax.get_ylim()[0] == 0
+        # No legend covers a bar or a line's axes.
+        for ax in (ax_psnr, bars_psnr):
+            legend = ax.get_legend()
+            assert legend is not None
+            box = legend.get_window_extent(renderer)
+            for other in (ax_psnr, ax_ssim, bars_psnr, bars_ssim):
+                assert not box.overlaps(other.get_window_extent(renderer))
+    finally:
+        plt.close(fig)

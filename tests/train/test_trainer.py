@@ -198,3 +198,39 @@ def test_cli_parses_integer_tuples(tmp_path: Path) -> None:
     args = build_parser().parse_args(["train", "--out", str(tmp_path), "--extra-scales", "144",
                                       "96", "--data", "a.mp4", "b.mp4"])
     assert args.extra_scales == [144, 96] and args.data == ["a.mp4", "b.mp4"]
+
+
+def test_weights_and_checkpoints_are_readable_by_others(tmp_path: Path,
+                                                        clips: ClipDataset) -> None:
+    old = os.umask(0o022)
+    try:
+        tr = Trainer(tiny_cfg(tmp_path), dataset=clips)
+        tr.train_step()
+        tr.save()
+        tr.export_model(tmp_path / "model.safetensors", calibration_batches=1)
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "checkpoint").iterdir(), tmp_path / "model.safetensors"]
+    assert {p.name for p in written} >= {"model.safetensors", "optim.safetensors",
+                                         "state.json"}
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_a_warmup_longer_than_a_stage_is_warned_about(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    assert tiny_cfg(tmp_path).warnings() == []
+    cfg = tiny_cfg(tmp_path, warmup_steps=6)  # image_steps=6, video_steps=30
+    [warning] = cfg.warnings()
+    assert "image stage (6 steps)" in warning
+    from ivvae.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=9, width=32, height=32)
+    assert main(["train", "--out", str(tmp_path / "run"), "--data", str(clip),
+                 "--image-steps", "0", "--video-steps", "50", "--warmup-steps", "100",
+                 "--max-steps", "0", "--z-dim", "4", "--dim", "4", "--video-crop", "16",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: warmup_steps=100" in err and "video stage (50 steps)" in err

@@ -6,6 +6,8 @@ import asyncio
 import time
 from types import TracebackType
 
+from starlette.requests import ClientDisconnect
+
 from ..errors import IVVAEError
 from ..metrics import Metrics
 
@@ -13,7 +15,8 @@ from ..metrics import Metrics
 class RequestMeter:
     """``async with RequestMeter(metrics, op, transport):`` around one request.
 
-    The outcome is ``ok``, the error's code, ``cancelled`` (the client went away) or
+    The outcome is ``ok``, the error's code, ``cancelled`` (the client went away: a
+    cancelled RPC, or an HTTP client that disconnected mid-upload) or
     ``internal_error``. ``in_flight`` counts the request in ``ivvae_in_flight`` for its
     whole life (gRPC counts only admitted RPCs, so it says when)."""
 
@@ -34,7 +37,7 @@ class RequestMeter:
             outcome = "ok"
         elif isinstance(exc, IVVAEError):
             outcome = exc.code
-        elif isinstance(exc, asyncio.CancelledError):
+        elif isinstance(exc, (asyncio.CancelledError, ClientDisconnect)):
             outcome = "cancelled"
         else:
             outcome = "internal_error"

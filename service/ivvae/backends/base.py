@@ -22,8 +22,9 @@ from typing import Protocol
 import numpy as np
 
 from ..core.model_info import ModelInfo
-from ..core.steps import ErrorKind, StepResult
+from ..core.steps import Direction, ErrorKind, StepResult
 from ..errors import BackendUnavailable, InvalidInput, InvalidLatent, IVVAEError
+from ..memory import StepCost
 
 
 class EncodeSession(abc.ABC):
@@ -71,6 +72,11 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def default_model(self) -> str: ...
+
+    def step_cost(self, model: str, direction: Direction) -> StepCost:
+        """Peak memory of one step of ``model`` in this process (``ivvae.memory``). Zero
+        model cost by default: a remote backend's model runs in another process."""
+        return StepCost()
 
     @abc.abstractmethod
     def encode_session(self, model: str) -> EncodeSession: ...

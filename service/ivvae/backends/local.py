@@ -12,6 +12,7 @@ cores for one batch at a time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Sequence
@@ -21,12 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import memory
 from ..batching import MicroBatcher
 from ..config import Settings
 from ..core.model_info import ModelInfo
 from ..core.steps import Direction, SequenceTable, StepRequest, StepResult
 from ..errors import UnknownModel
+from ..memory import StepCost
 from ..metrics import Metrics
+from ..model import IVVAE
 from ..model.steps import EagerSteps
 from ..weights import load_weights
 from .base import (
@@ -48,6 +52,46 @@ _KIND = {"encoder": "encode", "decoder": "decode"}
 class _Served:
     info: ModelInfo
     tables: dict[Direction, SequenceTable]
+    costs: dict[Direction, StepCost]
+
+
+class _CudaMeter:
+    """CUDA's own peak allocation: what bounds a GPU step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def start(self) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def peak(self) -> int:
+        return int(torch.cuda.max_memory_allocated(self.device))
+
+
+def _measured_costs(model: IVVAE, info: ModelInfo, settings: Settings
+                    ) -> dict[Direction, StepCost]:
+    device = model.device
+    meter: memory.PeakMeter = (_CudaMeter(device) if device.type == "cuda"
+                               else memory.RssMeter())
+    costs: dict[Direction, StepCost] = {}
+    precisions: dict[Direction, str] = {"encoder": settings.encode_precision,
+                                        "decoder": settings.decode_precision}
+    for direction, precision in precisions.items():
+        key = (f"{info.weights_sha256}:{direction}:{precision}:{device}:torch{torch.__version__}"
+               f":{memory.CALIBRATION_SIDE}")
+        measure = functools.partial(memory.measure_step_cost, EagerSteps(model, direction),
+                                    meter)
+        try:
+            costs[direction] = memory.remembered_step_cost(key, measure)
+        except OSError as exc:  # no way to read the peak: assume the bundled model's cost
+            log.warning("cannot measure the memory cost of %s: %s; assuming %d bytes per "
+                        "pixel per frame", info.name, exc, memory.UNMEASURED_PER_PIXEL_FRAME)
+            costs[direction] = memory.StepCost(per_pixel_frame=memory.UNMEASURED_PER_PIXEL_FRAME)
+    log.info("model %s step memory: %.0f B per pixel-frame encoding, %.0f decoding", info.name,
+             costs["encoder"].per_pixel_frame, costs["decoder"].per_pixel_frame)
+    return costs
 
 
 class LocalBackend(Backend):
@@ -88,7 +132,7 @@ class LocalBackend(Backend):
                 d: SequenceTable(EagerSteps(model, d), ttl_s=ttl_s,
                                  on_batch=self._observer(d))
                 for d in ("encoder", "decoder")
-            })
+            }, _measured_costs(model, info, s))
             log.info("loaded model %s (%s, %d params, weights %s, trained=%s)", info.name,
                      info.source, info.num_params, info.weights_sha256[:12], info.trained)
             if not self._default:
@@ -123,6 +167,9 @@ class LocalBackend(Backend):
             return self._models[model]
         except KeyError:
             raise UnknownModel(f"unknown model {model!r}; served: {sorted(self._models)}") from None
+
+    def step_cost(self, model: str, direction: Direction) -> StepCost:
+        return self._get(model).costs[direction]
 
     def encode_session(self, model: str) -> EncodeSession:
         self._get(model)

@@ -22,6 +22,12 @@ Failures:
   (decode); Triton's "must specify the START flag" on a later step means the sequence was
   dropped: ``BackendUnavailable``.
 
+Failing fast: a watcher asks each endpoint whether it is live every ``HEALTH_POLL_S``
+(``HEALTH_TIMEOUT_S`` for an answer). While no endpoint answers, new sessions are refused
+at once with ``BackendUnavailable`` (503) instead of waiting ``triton_timeout_s`` on a
+hung server, and steps in flight on an endpoint that stops answering fail as soon as the
+watcher sees it.
+
 ``close()`` ends the sequence with a data-less ``RELEASE`` request so that Triton frees the
 slot and the model its cache at once; the model's time-to-live is the backstop.
 """
@@ -64,6 +70,8 @@ DNS_CACHE_S = 5.0
 PROBE_TIMEOUT_S = 3.0  # readiness and model-config calls
 RELEASE_TIMEOUT_S = 5.0  # the request that ends a sequence
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
+HEALTH_POLL_S = 0.5
+HEALTH_TIMEOUT_S = 1.0
 
 
 def parse_endpoints(url: str) -> tuple[list[str], tuple[str, int] | None]:
@@ -111,6 +119,9 @@ class TritonBackend(Backend):
         self._known = 0  # endpoints seen by the last refresh
         self._resolved: tuple[float, list[str]] = (0.0, [])
         self._refresher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        # endpoint -> set while it does not answer health checks (absent: not known yet)
+        self._down: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -118,6 +129,7 @@ class TritonBackend(Backend):
         """Learn what Triton serves; if it is not up yet, keep trying in the background
         (readiness says so meanwhile) rather than failing the gateway's start."""
         await self.refresh()
+        self._watcher = asyncio.create_task(self._watch())
         if self._info is None:
             log.warning("Triton at %s is not ready yet (%s); retrying in the background",
                         self.settings.triton_url, self._problem)
@@ -133,7 +145,38 @@ class TritonBackend(Backend):
         log.info("Triton serves model %s (weights %s)", self._info.name,
                  self._info.weights_sha256[:12])
 
+    async def _watch(self) -> None:
+        """Keep ``_down`` current: a liveness call per endpoint, every ``HEALTH_POLL_S``."""
+        while True:
+            try:
+                endpoints = await self._endpoints()
+            except BackendUnavailable:
+                endpoints = []
+            answers = await asyncio.gather(*(self._live(e) for e in endpoints))
+            for endpoint, live in zip(endpoints, answers, strict=True):
+                down = self._down[endpoint]
+                if live and down.is_set():
+                    log.info("Triton at %s answers again", endpoint)
+                    down.clear()
+                elif not live and not down.is_set():
+                    log.warning("Triton at %s does not answer health checks; refusing new "
+                                "videos on it until it does", endpoint)
+                    down.set()
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def _live(self, endpoint: str) -> bool:
+        try:
+            return bool(await self._client(endpoint).is_server_live(
+                client_timeout=HEALTH_TIMEOUT_S))
+        except InferenceServerException:
+            return False
+        except Exception:  # a health check must never stop the watcher
+            log.debug("health check of %s failed", endpoint, exc_info=True)
+            return False
+
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._refresher is not None:
             self._refresher.cancel()
         clients, self._clients = list(self._clients.values()), {}
@@ -255,10 +298,15 @@ class TritonBackend(Backend):
         """Endpoints for a new sequence, fewest in flight first; those known to serve other
         weights are left out."""
         endpoints = await self._endpoints()
+        answering = [e for e in endpoints if not self._down[e].is_set()]
+        if not answering:
+            raise BackendUnavailable(
+                f"Triton at {', '.join(endpoints)} does not answer health checks (within "
+                f"{HEALTH_TIMEOUT_S:g} s); retry later")
         info = self._info
-        usable = [e for e in endpoints
+        usable = [e for e in answering
                   if info is None or e not in self._served or self._served[e].info == info]
-        return sorted(usable or endpoints, key=lambda e: self._in_flight[e])
+        return sorted(usable or answering, key=lambda e: self._in_flight[e])
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -350,13 +398,28 @@ class _Sequence:
             release.set_data_from_numpy(np.ones((1, 1), dtype=bool))
             inputs.append(release)
         timeout = timeout or self.backend.settings.triton_timeout_s
+        down = self.backend._down[self.endpoint]
+        if down.is_set():
+            raise BackendUnavailable(f"Triton at {self.endpoint} does not answer health checks")
         self.sent = True
+        call = asyncio.ensure_future(client.infer(
+            self.model, inputs, sequence_id=self.corrid, sequence_start=start,
+            sequence_end=end, client_timeout=timeout,
+            parameters={c.WEIGHTS_PARAMETER: self.info.weights_sha256} if start else None,
+        ))
+        watch = asyncio.ensure_future(down.wait())
         try:
-            return await client.infer(
-                self.model, inputs, sequence_id=self.corrid, sequence_start=start,
-                sequence_end=end, client_timeout=timeout,
-                parameters={c.WEIGHTS_PARAMETER: self.info.weights_sha256} if start else None,
-            )
+            await asyncio.wait((call, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not call.done():
+                call.cancel()
+                await asyncio.wait([call])
+        if call.cancelled():  # the endpoint stopped answering while the step ran
+            raise BackendUnavailable(
+                f"Triton at {self.endpoint} stopped answering during a step")
+        try:
+            return call.result()
         except InferenceServerException as exc:
             raise self._error(exc, start=start, timeout=timeout) from None
 

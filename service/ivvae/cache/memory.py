@@ -6,6 +6,7 @@ can never mutate a cached array, and reads take the same checksummed path as Red
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import OrderedDict
 
@@ -15,6 +16,8 @@ from .base import ResultCache
 class MemoryCache(ResultCache):
     """LRU bounded by ``max_bytes`` of stored blobs.
 
+    ``secret``: the MAC key; by default a random one, since no other process reads these.
+
     An entry larger than ``min(max_entry_bytes, max_bytes)`` is skipped. Safe to share
     between tasks and threads: the dict is only touched under a lock, which is never held
     across an ``await``.
@@ -22,10 +25,12 @@ class MemoryCache(ResultCache):
 
     name = "memory"
 
-    def __init__(self, *, max_bytes: int, max_entry_bytes: int) -> None:
+    def __init__(self, *, max_bytes: int, max_entry_bytes: int,
+                 secret: bytes | None = None) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        super().__init__(max_entry_bytes=min(max_entry_bytes, max_bytes))
+        super().__init__(max_entry_bytes=min(max_entry_bytes, max_bytes),
+                         secret=secrets.token_bytes(32) if secret is None else secret)
         self.max_bytes = max_bytes
         self._blobs: OrderedDict[str, bytes] = OrderedDict()  # least recently used first
         self._total_bytes = 0
@@ -42,8 +47,8 @@ class MemoryCache(ResultCache):
     def __contains__(self, key: object) -> bool:
         return key in self._blobs
 
-    async def ping(self) -> bool:
-        return True
+    async def _ping(self) -> None:
+        return None
 
     async def close(self) -> None:
         with self._lock:

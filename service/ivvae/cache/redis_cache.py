@@ -5,7 +5,8 @@ never part of ours. ``v1`` names the key layout; the blob carries its own format
 
 Failure behaviour: every socket read, write and connect is bounded by ``timeout_s``. A
 command that meets a dropped connection (Redis restarted) is retried once on a fresh one;
-a timeout is not retried, so a hung Redis costs a request at most ``timeout_s`` per command.
+a timeout is not retried, and it opens the circuit breaker (``ResultCache``), so a hung
+Redis costs the requests in flight one ``timeout_s`` and then none until a probe succeeds.
 The connection pool reconnects by itself once Redis answers again.
 """
 
@@ -16,7 +17,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .base import ResultCache, log
+from .base import ResultCache
 
 KEY_LAYOUT = "v1"
 
@@ -24,7 +25,8 @@ KEY_LAYOUT = "v1"
 class RedisCache(ResultCache):
     """Entries in Redis at ``url`` (``redis://``, ``rediss://`` or ``unix://``).
 
-    ``ttl_s``: expiry of each entry, 0 for none. No connection is made until first use.
+    ``ttl_s``: expiry of each entry, 0 for none. ``secret``: the MAC key, shared by every
+    gateway that uses this Redis. No connection is made until first use.
     """
 
     name = "redis"
@@ -37,12 +39,15 @@ class RedisCache(ResultCache):
         max_entry_bytes: int,
         key_prefix: str,
         timeout_s: float,
+        secret: bytes,
+        retry_after_s: float = 5.0,
     ) -> None:
         if ttl_s < 0:
             raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        super().__init__(max_entry_bytes=max_entry_bytes)
+        super().__init__(max_entry_bytes=max_entry_bytes, secret=secret,
+                         retry_after_s=retry_after_s)
         self.ttl_s = ttl_s
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
@@ -61,12 +66,9 @@ class RedisCache(ResultCache):
         """The Redis key that holds the entry for ``key``."""
         return f"{self.key_prefix}:{KEY_LAYOUT}:{key}"
 
-    async def ping(self) -> bool:
-        try:
-            return bool(await self._client.ping())
-        except Exception as exc:
-            log.debug("redis cache: ping failed: %s: %s", type(exc).__name__, exc)
-            return False
+    async def _ping(self) -> None:
+        if not await self._client.ping():
+            raise ConnectionError("Redis did not answer PONG")
 
     async def close(self) -> None:
         await self._client.aclose()

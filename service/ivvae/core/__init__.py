@@ -8,6 +8,8 @@
 * :mod:`.steps`: the step protocol (:class:`Steps`) and the one step engine
   (:class:`SequenceTable`) that the local backend and the Triton models both run.
 * :mod:`.files`: atomic file writing.
+* :mod:`.strict`: strict parsers for untrusted text (counts, frame rates and their range,
+  model names).
 
 Nothing here imports torch or anything above it in the package (see docs/architecture.md).
 """

@@ -1,4 +1,5 @@
-"""Atomic file writing: a reader (or a crash) sees the old file or the whole new one."""
+"""Atomic file writing: a reader (or a crash) sees the old file or the whole new one.
+And where the service keeps what it learns about its machine (:func:`state_dir`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
+# New files are readable by others: a Triton container or another user reads what the CLI
+# and training write.
+FILE_MODE = 0o644
+
+
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike[str], *, mode: int = FILE_MODE
+                  ) -> Iterator[BinaryIO]:
     """Write to a temporary file beside ``path``; fsync and publish it by rename on success.
 
     On an exception the temporary file is removed and ``path`` is untouched. ``mode`` is
@@ -40,8 +47,16 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterato
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *,
-                 mode: int = 0o644) -> Path:
+                 mode: int = FILE_MODE) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically; returns the path."""
     with atomic_writer(path, mode=mode) as f:
         f.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def state_dir() -> Path:
+    """``$XDG_STATE_HOME/ivvae`` (default ``~/.local/state/ivvae``): files the service
+    writes for itself and reuses across restarts (a generated cache secret, measured step
+    costs). Not created here."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "ivvae"

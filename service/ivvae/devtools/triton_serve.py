@@ -1,7 +1,7 @@
 """``ivvae triton-serve``: Triton with the ivvae models, without Docker.
 
     ivvae triton-serve --weights W [--format torchscript|onnx] --workdir DIR \\
-        [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+        [--http-port 8100 --grpc-port 8101 --metrics-port 8102]
 
 1. :func:`ensure_artifacts` exports the weights into ``DIR/artifacts/<format>-<key>/``
    unless a complete export is there; the key covers the weights hash, the format, the
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import LOCAL_TRITON_GRPC_PORT, LOCAL_TRITON_HTTP_PORT, LOCAL_TRITON_METRICS_PORT
 from ..core.artifacts import EXPORT_VERSION, FORMATS, ArtifactError, read_manifest
 from ..core.names import PRECISIONS
 from ..core.version import __version__
@@ -159,6 +160,13 @@ def start(workdir: Path, options: ServeOptions, *,
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..core.ports import ensure_free
+
+    # Before the export (tens of seconds): a busy port would otherwise be found only after
+    # it, with the other server answering the readiness checks meanwhile.
+    for what, port in (("Triton HTTP", args.http_port), ("Triton gRPC", args.grpc_port),
+                       ("Triton metrics", args.metrics_port)):
+        ensure_free("127.0.0.1", port, what)
     stop = stop_on_signals()
     options = ServeOptions(
         weights=args.weights, format=args.format, name=args.name, precision=args.precision,
@@ -179,21 +187,26 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("triton-serve", help="export (if needed) and serve the ivvae models "
                        "with the tritonserver of the nvidia-pytriton wheel, on 127.0.0.1")
     p.add_argument("--weights", default="", help="weights file; default: the bundled model")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0])
+    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
+                   help=f"artifact format (default: {FORMATS[0]})")
     p.add_argument("--name", default="", help="model name (default: from the weights)")
     p.add_argument("--workdir", default=".ivvae/triton",
                    help="artifacts, the prepared repository and the server log go here")
     p.add_argument("--repository", type=Path, default=None,
                    help=f"committed model repository (default: ${REPOSITORY_ENV} or the "
                    "checkout's model_repository/)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    for flag, default, what in (("--http-port", LOCAL_TRITON_HTTP_PORT, "HTTP"),
+                                ("--grpc-port", LOCAL_TRITON_GRPC_PORT, "gRPC (the gateway's "
+                                 "IVVAE_TRITON_URL)"),
+                                ("--metrics-port", LOCAL_TRITON_METRICS_PORT, "metrics")):
+        p.add_argument(flag, type=int, default=default,
+                       help=f"Triton's {what} port on 127.0.0.1 (default: {default})")
     p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
                    help="compute precision (TorchScript only)")
     p.add_argument("--sequence-ttl", type=float, default=None, metavar="SECONDS",
                    help="drop a video's state after this long without a step")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per model instance (default: the library's)")
-    p.add_argument("--ready-timeout", type=float, default=300)
+    p.add_argument("--ready-timeout", type=float, default=300, metavar="SECONDS",
+                   help="how long tritonserver may take to load the models (default: 300)")
     p.set_defaults(handler=_serve)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..core.files import FILE_MODE
 from .config import PRESETS, IVVAEConfig, preset_for
 from .layers import (
     PAC_DILATIONS,
@@ -241,13 +242,22 @@ def _default_name(cfg: IVVAEConfig) -> str:
     return f"ivvae_z{cfg.z_dim}_dim{cfg.dim}"
 
 
+def save_tensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str],
+                 metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, but with ``FILE_MODE`` (0644) like every file ivvae
+    writes: safetensors creates its files 0600, which another user, a Triton container or a
+    serving pod cannot read."""
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    os.chmod(path, FILE_MODE)
+
+
 def save_safetensors(model: IVVAE, path: str | os.PathLike[str],
                      extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write the model under official names with its config as metadata."""
-    from safetensors.torch import save_file
-
     meta = model.cfg.to_metadata()
     meta["model_name"] = getattr(model, "name", _default_name(model.cfg))
     meta.update(extra_metadata or {})
     sd = {k: v.cpu().contiguous() for k, v in official_state_dict(model).items()}
-    save_file(sd, str(path), metadata=meta)
+    save_tensors(sd, path, meta)

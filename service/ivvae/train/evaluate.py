@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +29,15 @@ from ..core.names import PRECISIONS
 from ..model import IVVAE, latent_frames, latent_size
 from ..video import VideoLimits, open_video
 from .metrics import psnr_per_frame, ssim_per_frame
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, ... 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def group_position(frame: int) -> int:
@@ -69,6 +79,9 @@ class VideoReport:
     latent_values: int
     results: dict[str, Scores] = field(default_factory=dict)  # label -> scores
     baseline: str = ""
+    # A few frames of the first precision's run for the HTML report: frame index ->
+    # (original, reconstruction), each (H, W, 3) uint8 RGB.
+    samples: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def load_video(path: str | Path, max_frames: int | None = None) -> Tensor:
@@ -127,23 +140,42 @@ def best_baseline(video: Tensor, budget: int) -> tuple[str, Scores, int]:
                 continue
             sc = score(quantize(recon), video)
             if best is None or sc.mean_psnr > best[1].mean_psnr:
-                best = (f"bicubic /{f} space, every {s}th frame", sc, values)
+                best = (f"bicubic /{f} space, every {ordinal(s)} frame", sc, values)
             break  # larger s only stores fewer values and loses quality
     if best is None:
         raise ValueError("no baseline fits the latent's budget")
     return best
 
 
+def _uint8(video: Tensor, i: int) -> np.ndarray:
+    """Frame ``i`` of a (1, 3, T, H, W) [-1, 1] video as (H, W, 3) uint8."""
+    frame = ((video[0, :, i].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frame.permute(1, 2, 0).numpy()
+
+
+def sample_frames(scores: Scores, count: int = 3) -> list[int]:
+    """The frames the report shows: the first, the worst (lowest PSNR) and the middle."""
+    worst = int(np.argmin(scores.psnr))
+    picked = list(dict.fromkeys([0, worst, len(scores.psnr) // 2]))
+    return sorted(picked[:count])
+
+
 def evaluate(model: IVVAE, paths: Sequence[str | Path], *,
-             precisions: Sequence[str] = PRECISIONS[:2],
-             max_frames: int | None = None) -> list[VideoReport]:
+             precisions: Sequence[str] = PRECISIONS[:2], max_frames: int | None = None,
+             progress: Callable[[str], None] | None = None) -> list[VideoReport]:
+    """Score each video; ``progress(what)`` is called before each step (decoding a video,
+    each precision, the baseline search), so a caller can show what is going on."""
+    say = progress or (lambda _: None)
     reports = []
     for path in paths:
+        name = Path(path).name
+        say(f"{name}: decoding")
         video = load_video(path, max_frames)
         _, _, t, h, w = video.shape
         values = model.cfg.z_dim * latent_frames(t) * latent_size(h) * latent_size(w)
-        rep = VideoReport(Path(path).name, t, w, h, values)
+        rep = VideoReport(name, t, w, h, values)
         for prec in precisions:
+            say(f"{name}: encode + decode {t} frames {w}x{h} in {prec}")
             model.set_precision(encode=prec, decode=prec)
             try:
                 with torch.no_grad():
@@ -151,6 +183,10 @@ def evaluate(model: IVVAE, paths: Sequence[str | Path], *,
             finally:
                 model.set_precision(encode="float32", decode="float32")
             rep.results[f"ivvae {prec}"] = score(quantize(recon), video)
+            if not rep.samples:
+                rep.samples = {i: (_uint8(video, i), _uint8(recon, i))
+                               for i in sample_frames(rep.results[f"ivvae {prec}"])}
+        say(f"{name}: searching the same-size baseline")
         label, sc, used = best_baseline(video, values)
         rep.baseline = f"{label} ({used} values vs {values} latent values)"
         rep.results["baseline"] = sc
@@ -193,36 +229,141 @@ def to_json(reports: Sequence[VideoReport]) -> str:
     return json.dumps(out, indent=1)
 
 
-def plot(reports: Sequence[VideoReport], path: str | Path) -> None:
+# fp32 and bf16 scores are often within 0.1 dB: a wide pale line under a thin dark one
+# keeps both visible; the baseline is dashed.
+_STYLES = {"float32": dict(linestyle="-", linewidth=3.2, alpha=0.45, zorder=2),
+           "bfloat16": dict(linestyle="-", linewidth=1.0, alpha=1.0, zorder=3),
+           "float16": dict(linestyle=":", linewidth=1.4, alpha=1.0, zorder=4),
+           "baseline": dict(linestyle="--", linewidth=1.2, alpha=1.0, zorder=1)}
+_POSITIONS = ["frame 0", "pos 1\n(key)", "pos 2", "pos 3", "pos 4"]
+
+
+def _style(label: str) -> dict[str, Any]:
+    return dict(_STYLES.get(label.removeprefix("ivvae "), _STYLES["bfloat16"]))
+
+
+def figure(reports: Sequence[VideoReport]) -> Figure:
+    """Per video, one row: PSNR per frame, SSIM per frame, PSNR and SSIM by group position
+    (bars from 0). Legends sit below the axes, never over the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(reports), 2, figsize=(13, 4 * len(reports)), squeeze=False,
-                             gridspec_kw={"width_ratios": [2.2, 1]})
-    for (ax_f, ax_p), rep in zip(axes, reports, strict=True):
-        for label, sc in rep.results.items():
-            style = "--" if label == "baseline" else "-"
-            ax_f.plot(sc.psnr, style, label=label, linewidth=1.2)
-        for g in range(1, rep.frames, 4):
-            ax_f.axvline(g, color="0.9", linewidth=0.6, zorder=0)
-        ax_f.set_title(f"{rep.name}: PSNR per frame (grey lines: group starts)")
-        ax_f.set_xlabel("frame")
-        ax_f.set_ylabel("PSNR (dB)")
-        ax_f.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(len(reports), 4, figsize=(18, 4.4 * len(reports)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 2, 1.2, 1.2]})
+    for (ax_p, ax_s, bar_p, bar_s), rep in zip(axes, reports, strict=True):
         labels = list(rep.results)
+        for ax, metric, unit in ((ax_p, "psnr", "PSNR (dB)"), (ax_s, "ssim", "SSIM")):
+            for label, sc in rep.results.items():
+                ax.plot(getattr(sc, metric), label=label, **_style(label))
+            for g in range(1, rep.frames, 4):
+                ax.axvline(g, color="0.9", linewidth=0.6, zorder=0)
+            ax.set_title(f"{rep.name}: {unit.split()[0]} per frame (grey lines: group starts)",
+                         fontsize=10)
+            ax.set_xlabel("frame")
+            ax.set_ylabel(unit)
         width = 0.8 / len(labels)
-        for k, label in enumerate(labels):
-            pos = rep.results[label].by_position()
-            xs = [p + k * width for p in pos]
-            ax_p.bar(xs, [v[0] for v in pos.values()], width=width, label=label)
-        ax_p.set_xticks([p + 0.4 - width / 2 for p in range(5)])
-        ax_p.set_xticklabels(["frame 0", "pos 1\n(key)", "pos 2", "pos 3", "pos 4"])
-        lo = min(min(v[0] for v in rep.results[lb].by_position().values()) for lb in labels)
-        ax_p.set_ylim(max(0, lo - 3), None)
-        ax_p.set_title("PSNR by position in the frame group")
-        ax_p.legend(fontsize=8)
+        for ax, k_metric, unit in ((bar_p, 0, "PSNR (dB)"), (bar_s, 1, "SSIM")):
+            for k, label in enumerate(labels):
+                pos = rep.results[label].by_position()
+                ax.bar([p + k * width for p in pos], [v[k_metric] for v in pos.values()],
+                       width=width, label=label)
+            ax.set_xticks([p + 0.4 - width / 2 for p in range(5)])
+            ax.set_xticklabels(_POSITIONS, fontsize=8)
+            ax.set_ylim(0, None)  # from 0: differences of a few tenths look like what they are
+            ax.set_ylabel(unit)
+            ax.set_title(f"{unit.split()[0]} by position in the frame group", fontsize=10)
+        for ax in (ax_p, bar_p):
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(labels),
+                      fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot(reports: Sequence[VideoReport], path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(reports)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _png_data_uri(image: np.ndarray) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    plt.imsave(buf, image, format="png")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+DIFF_GAIN = 4  # |reconstruction - original| x 4 in the report's difference images
+
+
+def write_html(reports: Sequence[VideoReport], path: str | Path, *, title: str,
+               table: str, plot_png: bytes) -> None:
+    """One self-contained HTML file (no external assets): the table, the charts and, per
+    video, a few frames as original / reconstruction / amplified difference."""
+    import base64
+    import html
+
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>{html.escape(title)}</title><style>"
+             "body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#1d232a}"
+             "table{border-collapse:collapse}td,th{border:1px solid #d8dde2;padding:3px 8px}"
+             "img{image-rendering:pixelated;max-width:100%}figure{margin:8px 0}"
+             "figcaption{color:#5f6b76}.grid{display:flex;gap:8px}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", _markdown_tables(table),
+             "<img alt='charts' src='data:image/png;base64,"
+             f"{base64.b64encode(plot_png).decode()}'>"]
+    for rep in reports:
+        parts.append(f"<h2>{html.escape(rep.name)}: frames</h2>")
+        first = next(iter(rep.results.values()))
+        for i, (orig, recon) in rep.samples.items():
+            diff = np.clip(np.abs(recon.astype(np.int16) - orig.astype(np.int16)) * DIFF_GAIN,
+                           0, 255).astype(np.uint8)
+            scale = max(1, 256 // max(orig.shape[:2]))
+            cells = "".join(
+                f"<figure><img width='{orig.shape[1] * scale}' alt='{name} frame {i}' "
+                f"src='{_png_data_uri(img)}'><figcaption>{name}</figcaption></figure>"
+                for name, img in (("original", orig), ("reconstruction", recon),
+                                  (f"|difference| x {DIFF_GAIN}", diff)))
+            parts.append(f"<h3>frame {i} (group position {group_position(i)}): PSNR "
+                         f"{first.psnr[i]:.2f} dB, SSIM {first.ssim[i]:.3f}</h3>"
+                         f"<div class='grid'>{cells}</div>")
+    parts.append("</body></html>")
+    Path(path).write_text("\n".join(parts))
+
+
+def _markdown_tables(text: str) -> str:
+    """format_table's Markdown as HTML: headings, lines, pipe tables."""
+    import html
+
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if rows:
+            head, *body = rows
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>"
+                                                            for c in r) + "</tr>"
+                                           for r in body) + "</table>")
+            rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-", " "} for c in cells):
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "\n".join(out)

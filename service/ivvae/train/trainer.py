@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..core.geometry import latent_shape
-from ..model.checkpoint import load_model, save_safetensors
+from ..model.checkpoint import load_model, save_safetensors, save_tensors
 from ..model.config import IVVAEConfig
 from ..model.vae import IVVAE
 from .config import TrainConfig
@@ -203,15 +203,15 @@ class Trainer:
         tmp.mkdir(parents=True)
         save_safetensors(self.vae, tmp / "model.safetensors")
         opt_tensors, groups = _optimizer_tensors(self.opt)
-        save_file(opt_tensors, str(tmp / "optim.safetensors"))
+        save_tensors(opt_tensors, tmp / "optim.safetensors")
         state: dict[str, Any] = {"step": self.step, "stage": self._stage,
                                  "config": dataclasses.asdict(self.cfg), "param_groups": groups}
         if self.disc is not None and self.disc_opt is not None:
-            save_file({k: v.detach().cpu().contiguous()
-                       for k, v in self.disc.state_dict().items()},
-                      str(tmp / "disc.safetensors"))
+            save_tensors({k: v.detach().cpu().contiguous()
+                          for k, v in self.disc.state_dict().items()},
+                         tmp / "disc.safetensors")
             d_tensors, d_groups = _optimizer_tensors(self.disc_opt)
-            save_file(d_tensors, str(tmp / "disc_optim.safetensors"))
+            save_tensors(d_tensors, tmp / "disc_optim.safetensors")
             state["disc_param_groups"] = d_groups
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         old = self.out / "checkpoint.old"

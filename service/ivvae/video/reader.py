@@ -53,6 +53,7 @@ from av.stream import Discard
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
+from ivvae.core.strict import MAX_FPS, MIN_FPS
 from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ivvae.video import orientation, sniff
 from ivvae.video.orientation import Orientation
@@ -60,8 +61,8 @@ from ivvae.video.preprocess import FrameSelector, Plan, Preprocess
 
 # Frame rate reported for still images and for streams that declare none (or a nonsense one).
 DEFAULT_FPS = 24.0
-# Rates outside (0, MAX_FPS] are treated as undeclared: broken timestamps produce 90000/1.
-MAX_FPS = 1000.0
+# Rates outside [MIN_FPS, MAX_FPS] are treated as undeclared: broken timestamps produce
+# 90000/1, and the writer could not carry them (see ivvae.strict).
 
 # FFmpeg demuxers an upload may be opened with (any alias of a demuxer's name matches).
 # Audio-only formats are included so that their refusal says "no video stream".
@@ -262,7 +263,7 @@ def _frame_rate(stream: VideoStream, still: bool) -> float:
     if still:
         return DEFAULT_FPS
     for rate in (stream.average_rate, stream.guessed_rate):
-        if rate is not None and 0 < rate <= MAX_FPS:
+        if rate is not None and MIN_FPS <= rate <= MAX_FPS:
             return float(rate)
     return DEFAULT_FPS
 

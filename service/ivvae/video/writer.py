@@ -44,7 +44,7 @@ from av.video.reformatter import ColorRange, Colorspace
 from av.video.stream import VideoStream
 
 from ivvae.core.names import DEFAULT_CRF
-from ivvae.video.reader import MAX_FPS
+from ivvae.core.strict import MAX_FPS
 
 X264_PRESETS = (
     "ultrafast",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +97,48 @@ def _tamper(latent_file: bytes, *, tensor: Tensor | None = None,
     return dumps(stored, metadata)
 
 
+def _raw_header(latent_file: bytes, header: bytes) -> bytes:
+    """``latent_file`` with its JSON header replaced by ``header`` (data section kept)."""
+    (n,) = struct.unpack_from("<Q", latent_file)
+    return struct.pack("<Q", len(header)) + header + latent_file[8 + n :]
+
+
+def malformed_latents(good: bytes) -> dict[str, tuple[bytes, str]]:
+    """Latent files that once got a 500 or a wrong answer: name -> (bytes, word of the
+    detail). Shared with the real-server keep-alive test."""
+    (n,) = struct.unpack_from("<Q", good)
+    header = json.loads(good[8 : 8 + n])
+    big_int = json.dumps({**header, "latent": {**header["latent"], "data_offsets": [0, 1]}})
+    big_int = big_int.replace('"data_offsets": [0, 1]', '"data_offsets": [0, ' + "9" * 5000 + "]")
+    cases = {
+        "nested json": (_raw_header(good, b'{"a":' + b"[" * 20_000 + b"]" * 20_000 + b"}"),
+                        "nests"),
+        "5000-digit integer": (_raw_header(good, big_int.encode()), "digit"),
+        "NaN in header": (_raw_header(good, json.dumps(header).replace(
+            '"data_offsets": [0', '"data_offsets": [NaN', 1).encode()), "NaN"),
+        "header over 64 KiB": (_tamper(good, meta={"note": "x" * 70_000}), "header"),
+        "fps 0": (_tamper(good, meta={"fps": "0"}), "fps"),
+        "fps 1001": (_tamper(good, meta={"fps": "1001"}), "fps"),
+        "fps 1e3": (_tamper(good, meta={"fps": "1e3"}), "fps"),
+        "fps tiny": (_tamper(good, meta={"fps": "1/5000"}), "fps"),
+        "frames with spaces": (_tamper(good, meta={"num_frames": " 5 "}), "num_frames"),
+        "frames with underscore": (_tamper(good, meta={"num_frames": "0_5"}), "num_frames"),
+        "arabic-indic digits": (_tamper(good, meta={"height": "١٦"}), "height"),
+        "5000-digit width": (_tamper(good, meta={"width": "1" * 5000}), "width"),
+        "signed z_dim": (_tamper(good, meta={"z_dim": "+4"}), "z_dim"),
+        "mode weird": (_tamper(good, meta={"mode": "weird"}), "mode"),
+        "seed 2**63": (_tamper(good, meta={"seed": str(2**63)}), "seed"),
+        "scale inf": (_tamper(good, meta={"scale_factor": "inf"}), "scale_factor"),
+        "non-latin-1 model name": (_tamper(good, meta={"model_name": "模型"}), "model name"),
+        "CR/LF in model name": (_tamper(good, meta={"model_name": "m\r\nX-Evil: 1"}),
+                                "model name"),
+        "100 KB model name": (_tamper(good, meta={"model_name": "m" * 60_000}), "model name"),
+        "content sha not hex": (_tamper(good, meta={"content_sha256": "z" * 64}),
+                                "content_sha256"),
+    }
+    return cases
+
+
 async def test_bad_latents(tiny_weights: Path) -> None:
     async with running_app(tiny_settings(tiny_weights)) as client:
         enc = await client.post("/encode", files=_mp4_upload(GOOD))
@@ -129,6 +173,8 @@ async def test_bad_latents(tiny_weights: Path) -> None:
             "bad fps": (_tamper(good, meta={"fps": "0/0"}), 422, "invalid_latent", "fps"),
             "absurd size": (_tamper(good, meta={"num_frames": "999999999"}), 422,
                             "invalid_latent", "shape"),
+            **{f"malformed {name}": (data, 422, "invalid_latent", word)
+               for name, (data, word) in malformed_latents(good).items()},
         }
         for name, (data, status, code, word) in cases.items():
             r = await client.post("/decode", content=data)

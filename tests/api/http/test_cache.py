@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import time
 from pathlib import Path
 
+import numpy as np
 import redis
 
+from ivvae.cache import CachedMoments, deserialize, serialize
+from ivvae.cache.codec import MAGIC, PREAMBLE_BYTES
 from tests import media
 from tests.redis_server import RedisServer
 from tests.service_fixtures import running_app, tiny_settings
@@ -42,13 +47,15 @@ async def test_miss_then_hit_same_bytes_and_shared_by_sampling(
 
 async def test_redis_down_means_miss_not_failure(tiny_weights: Path,
                                                  redis_server: RedisServer) -> None:
-    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.3)
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.3,
+                             redis_retry_s=0.2)
     async with running_app(settings) as client:
         first = await client.post("/encode", **_post())  # type: ignore[arg-type]
         redis_server.kill()
         during = await client.post("/encode", **_post())  # type: ignore[arg-type]
         ready = await client.get("/readyz")
         redis_server.start()
+        await asyncio.sleep(0.2)  # the circuit breaker's retry period
         again = await client.post("/encode", **_post())  # type: ignore[arg-type]
         after = await client.post("/encode", **_post())  # type: ignore[arg-type]
     assert first.status_code == during.status_code == again.status_code == 200
@@ -87,3 +94,48 @@ async def test_failed_encode_writes_no_cache_entry(tiny_weights: Path,
         r = await client.post("/encode", **_post(truncated))  # type: ignore[arg-type]
     assert r.status_code == 422
     assert redis.Redis(port=redis_server.port).keys("ivvae:*") == []
+
+
+SECRET = "http-cache-test-secret-0123456789"
+
+
+async def test_forged_entries_are_not_served_but_deleted_and_replaced(
+    tiny_weights: Path, redis_server: RedisServer
+) -> None:
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, cache_secret=SECRET)
+    raw = redis.Redis(port=redis_server.port)
+    async with running_app(settings) as client:
+        first = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        (redis_key,) = raw.keys("ivvae:v1:*")
+        key = redis_key.decode().rsplit(":", 1)[1]
+        genuine = raw.get(redis_key)
+        assert isinstance(genuine, bytes)
+        entry = deserialize(genuine, secret=SECRET.encode(), key=key)
+
+        # 1. mu = 1e6, well-formed, under a recomputed plain sha256 (the old check).
+        huge = CachedMoments(mu=np.full_like(entry.mu, 1e6), logvar=entry.logvar,
+                             meta=entry.meta)
+        forged = bytearray(serialize(huge, secret=b"x" * 32, key=key))
+        forged[len(MAGIC) : len(MAGIC) + 32] = hashlib.sha256(
+            forged[PREAMBLE_BYTES - 4 :]).digest()
+        raw.set(redis_key, bytes(forged))
+        after_forgery = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        replaced = raw.get(redis_key)
+
+        # 2. Sealed with the right secret (a writer that has it, and a bug): wrong-shape
+        # moments for this video, then an absurd mean. Both are a miss, never a 500 or a hit.
+        outcomes = []
+        for bad in (
+            CachedMoments(mu=entry.mu[:, :, :1], logvar=entry.logvar[:, :, :1], meta=entry.meta),
+            CachedMoments(mu=np.full_like(entry.mu, 1e6), logvar=entry.logvar, meta=entry.meta),
+        ):
+            raw.set(redis_key, serialize(bad, secret=SECRET.encode(), key=key))
+            r = await client.post("/encode", **_post())  # type: ignore[arg-type]
+            outcomes.append((r.status_code, r.headers["x-cache"], r.content == first.content,
+                             raw.get(redis_key) == genuine))
+        last = await client.post("/encode", **_post())  # type: ignore[arg-type]
+    assert after_forgery.status_code == 200 and after_forgery.headers["x-cache"] == "miss"
+    assert after_forgery.content == first.content
+    assert replaced == genuine  # the forgery was deleted and the real entry written again
+    assert outcomes == [(200, "miss", True, True)] * 2
+    assert last.headers["x-cache"] == "hit" and last.content == first.content

@@ -15,6 +15,7 @@ import grpc
 
 from ...errors import (
     BackendUnavailable,
+    ClientGone,
     CorruptMedia,
     DeadlineExceeded,
     EmptyInput,
@@ -43,6 +44,7 @@ STATUS: tuple[tuple[type[IVVAEError], grpc.StatusCode], ...] = (
     (BackendUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Overloaded, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ClientGone, grpc.StatusCode.CANCELLED),
 )
 
 

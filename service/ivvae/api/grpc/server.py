@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ...config import Settings
 from ...core.names import CRF_RANGE, DEFAULT_CRF
-from ...errors import EmptyInput, InvalidInput, IVVAEError, Overloaded, TooLarge
+from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
@@ -46,18 +46,17 @@ from ...wire import (
     read_raw_tensor,
     tensor_to_float32,
 )
-from ..auth import check_bearer
 from ..metering import RequestMeter
 from .errors import ERROR_CODE_KEY, grpc_status
 from .gen import ivvae_pb2 as pb
 from .gen import ivvae_pb2_grpc as pb_grpc
+from .guard import Guard
 
 log = logging.getLogger("ivvae.grpc")
 
 CHUNK_BYTES = 1 << 20  # every response message carries at most this many bytes of payload
 HEALTH_POLL_S = 1.0
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IVVAE"].full_name  # "ivvae.v1.IVVAE"
-FIRST_MESSAGE_TIMEOUT_S = 10.0  # a stream that sends nothing is dropped
 
 Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
@@ -159,6 +158,23 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
         await aclose()
 
 
+async def _deadlined(stream: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
+    """``stream``, failing with InvalidInput when the next message takes over ``seconds``
+    (a stream that sends its options and then nothing must not hold its RPC slot)."""
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(stream, _END), seconds)
+        except TimeoutError:
+            raise InvalidInput(f"no request message for {seconds:g} s: the stream was "
+                               "dropped") from None
+        if item is _END:
+            return
+        yield item
+
+
+_END = object()
+
+
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     if first is not None:
         yield first
@@ -176,7 +192,7 @@ async def _stop(task: asyncio.Future[Any]) -> None:
 
 @dataclass
 class _Rpc:
-    admitted: bool = False  # counted against grpc_max_concurrent_rpcs
+    admitted: bool = False  # counted in ivvae_in_flight_requests
 
 
 class IVVAEServicer(pb_grpc.IVVAEServicer):
@@ -185,19 +201,12 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
     def __init__(self, service: Service) -> None:
         self.service = service
         self.settings = service.settings
-        self._active = 0
 
     # -- plumbing -----------------------------------------------------------------------------
 
     def _admit(self, context: Context, rpc: _Rpc) -> None:
-        """The API key, then the cap on RPCs in flight."""
-        check_bearer([v for k, v in context.invocation_metadata() or ()
-                      if k == "authorization" and isinstance(v, str)],
-                     self.settings.api_key_set, how="metadata 'authorization: Bearer <key>'")
-        if self._active >= self.settings.grpc_max_concurrent_rpcs:
-            raise Overloaded(f"the server is at its limit of "
-                             f"{self.settings.grpc_max_concurrent_rpcs} RPCs; retry later")
-        self._active += 1
+        """Count the RPC in flight. The key and the cap were checked by ``Guard`` before
+        any message was read."""
         self.service.metrics.in_flight.inc()
         rpc.admitted = True
 
@@ -235,7 +244,6 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                                 trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
         finally:
             if rpc.admitted:
-                self._active -= 1
                 m.in_flight.dec()
             meter.finish(failure)
 
@@ -244,19 +252,15 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         """Admit the RPC and read its request stream: ``options`` first (optional), then
         ``chunk``s. Returns (options or None, the file's bytes).
 
-        The first message is read before admission: a grpc.aio client whose first write is
-        still in flight when the RPC ends reports INTERNAL instead of our status
-        (grpc/grpc#36066). ``check(options)`` validates the options (raising); then the
-        response headers go out (clients may wait for them before uploading: see the
-        .proto). Reading stops at once when ``max_upload_bytes`` is passed.
+        The key and the RPC cap were checked before (``Guard``). Every message, the first
+        included, must come within ``grpc_read_timeout_s``. ``check(options)`` validates
+        the options (raising); then the response headers go out (clients may wait for them
+        before uploading: see the .proto). Reading stops at once when ``max_upload_bytes``
+        is passed.
         """
         limit = self.settings.max_upload_bytes
-        stream = aiter(requests)
-        try:
-            first: Any = await asyncio.wait_for(anext(stream, None), FIRST_MESSAGE_TIMEOUT_S)
-        except TimeoutError:
-            raise InvalidInput(
-                f"no request message within {FIRST_MESSAGE_TIMEOUT_S:g} s") from None
+        stream = _deadlined(aiter(requests), self.settings.grpc_read_timeout_s)
+        first: Any = await anext(stream, None)
         self._admit(context, rpc)
         has_options = first is not None and first.WhichOneof("part") == "options"
         options: Any = first.options if has_options else None
@@ -436,7 +440,8 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
     """Serve ``service`` on ``settings.host:settings.grpc_port`` (port 0: any free port)."""
     settings = settings or service.settings
     size = settings.grpc_max_message_bytes
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=[
+        Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs)], options=[
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared

@@ -1,13 +1,14 @@
 """The HTTP API: the app factory, its error handlers and its routers.
 
-Routes live in ``routes/`` (health, models, encode, decode), each an ``APIRouter`` on the
-``Annotated`` dependencies of ``deps``. Errors are JSON ``{"error": code, "detail": text}``;
+Routes live in ``routes/`` (health, models, encode, decode, frames), each an ``APIRouter``
+on the ``Annotated`` dependencies of ``deps``; the pages for people (``/ui``, ``/docs``,
+``/redoc``, from local files) in ``ui``. Errors are JSON ``{"error": code, "detail": text}``;
 the status comes from one table (``errors.STATUS``). Bodies are read with a byte cap before
 anything parses them.
 
 Open routes (no API key even when ``IVVAE_API_KEYS`` is set): ``/healthz``, ``/readyz`` and
-``/metrics`` (probes and scrapers), ``/docs`` and ``/openapi.json``. Everything else needs
-the key.
+``/metrics`` (probes and scrapers), the pages (``/ui``, ``/docs``, ``/redoc``, their
+assets) and ``/openapi.json``. Everything else needs the key (the compare page sends it).
 """
 
 from __future__ import annotations
@@ -18,21 +19,61 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import IVVAEError
+from ...errors import ClientGone, IVVAEError
 from ...service import Service
-from .errors import http_status
-from .routes import decode, encode, health, models
+from . import ui
+from .errors import http_status, retry_after
+from .routes import decode, encode, frames, health, models
 
 log = logging.getLogger("ivvae.http")
 
 
+
 def error_response(exc: IVVAEError) -> JSONResponse:
-    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc))
+    retry = retry_after(exc)
+    return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc),
+                        headers={"Retry-After": retry} if retry else None)
+
+
+class _Contain:
+    """ASGI middleware: an exception the routes did not turn into a response becomes a
+    JSON 500 here, inside Starlette's outermost error middleware, which would re-raise it
+    to uvicorn, and uvicorn closes the connection after a 500 (so the client's next good
+    request on it would fail). A client that went away is not an error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.debug("client went away during %s %s", scope["method"], scope["path"])
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise  # half a response is out: only closing the connection can say so
+            response = JSONResponse({"error": "internal_error", "detail": "internal error"},
+                                    status_code=500)
+            await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, service: Service | None = None) -> FastAPI:
@@ -57,10 +98,12 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         version=__version__,
         summary="IV-VAE latents for video: POST a video to /encode, a latent to /decode.",
         lifespan=lifespan,
+        docs_url=None, redoc_url=None,  # served by .ui from local assets, not a CDN
     )
-    for module in (health, models, encode, decode):
+    for module in (health, models, encode, decode, frames, ui):
         app.include_router(module.router)
     _add_error_handlers(app)
+    app.add_middleware(_Contain)
     return app
 
 
@@ -90,8 +133,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": code, "detail": str(exc.detail)},
                             status_code=exc.status_code)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal_error", "detail": "internal error"},
-                            status_code=500)
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        log.info("%s %s: the client disconnected before the request was complete",
+                 request.method, request.url.path)
+        # nobody reads it: the status is for the log (ClientGone's, from the one table)
+        return Response(status_code=http_status(ClientGone("")))

@@ -1,13 +1,22 @@
-"""What the HTTP routes share: the service, the API-key check, the metered body read."""
+"""What the HTTP routes share: the service, the API-key check, the bounded body read, the
+upload spooled to a temporary file, and work cancelled when its client goes away."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
-from ...errors import EmptyInput, InvalidInput, TooLarge
+from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge
 from ...service import Service
 from ..auth import check_bearer
 
@@ -69,3 +78,101 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     if not data:
         raise EmptyInput("the request body is empty: send a file")
     return data, ctype
+
+
+_T = TypeVar("_T")
+SPOOL_CHUNK = 1 << 20
+
+
+@contextlib.asynccontextmanager
+async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Path, str]]:
+    """The uploaded file (multipart field ``file`` or the raw body) in a temporary file,
+    and its content type; the file is removed afterwards.
+
+    The body streams to disk as it arrives (multipart through Starlette's spooling
+    parser), so an upload costs its size on disk, not two to four times it in memory.
+    Reading stops as soon as the cap is passed (413), before any parsing.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
+    fd, name = tempfile.mkstemp(prefix="ivvae-upload-")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            ctype = request.headers.get("content-type", "").lower()
+            if ctype.startswith("multipart/form-data"):
+                ctype = await _multipart_to(request, limit, out)
+            else:
+                total = 0
+                try:
+                    async for chunk in request.stream():
+                        total += len(chunk)
+                        if total > limit:
+                            raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
+                        out.write(chunk)
+                except ClientDisconnect:
+                    raise ClientGone("the client disconnected during the upload") from None
+            size = out.tell()
+        if size > limit:
+            raise TooLarge(f"the file is {size} bytes; the limit is {limit}")
+        if not size:
+            raise EmptyInput("the request body is empty: send a file")
+        yield path, ctype
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def _multipart_to(request: Request, limit: int, out: Any) -> str:
+    total = 0
+
+    async def counted() -> dict[str, Any]:
+        nonlocal total
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone("the client disconnected during the upload")
+        total += len(message.get("body", b""))
+        if total > limit + MULTIPART_SLACK:
+            raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
+        return dict(message)
+
+    try:
+        form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
+    except (TooLarge, ClientGone):
+        raise
+    except Exception as exc:  # the multipart parser raises several types
+        raise InvalidInput(f"malformed multipart body: {exc}") from exc
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidInput("the multipart body needs a file field named 'file'")
+        upload.file.seek(0)
+        await asyncio.to_thread(shutil.copyfileobj, upload.file, out, SPOOL_CHUNK)
+        return (upload.content_type or "application/octet-stream").lower()
+    finally:
+        await form.close()
+
+
+async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """``await work``, cancelled as soon as the client disconnects (``ClientGone``).
+
+    Call after the body is read: the next ``receive`` then only ever says "disconnect"."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # seen
+            if watcher.done() and not watcher.cancelled():
+                raise ClientGone("the client went away; its work was cancelled")
+    return task.result()

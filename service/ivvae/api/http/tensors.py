@@ -55,7 +55,9 @@ ENCODE_KEYS = ("model", "sample", "seed", "dtype", "moments", "shape", "output_t
 DECODE_OUTPUT_KEYS = ("format", "crf", "output_type", "partial_postprocess", "image_format",
                       "shape", "dtype")
 TENSOR_MEDIA_TYPE = "application/octet-stream"
-FRAMES_ACCEPT = ("application/x-safetensors", "application/octet-stream")
+# Only the frames file's own type picks it: a generic octet-stream Accept is not a request
+# for raw frames.
+FRAMES_ACCEPT = ("application/x-safetensors",)
 
 Params = Sequence[tuple[str, str]]
 

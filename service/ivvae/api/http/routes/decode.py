@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
 from ....errors import InvalidInput
-from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render_batch, tensor_output
+from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
     DecodeTarget,
     check_latent_values,
@@ -21,7 +21,8 @@ from ....wire import (
 )
 from ...metering import RequestMeter
 from .. import tensors
-from ..deps import Authorized, Svc, read_body
+from ..deps import Authorized, Svc, read_body, unless_disconnected
+from ..errors import error_responses
 
 router = APIRouter(tags=["decode"], dependencies=[Authorized])
 
@@ -34,7 +35,16 @@ router = APIRouter(tags=["decode"], dependencies=[Authorized])
     response_class=Response,
     responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()},
                                  **{t: {} for t in BATCH_MEDIA_TYPES.values()},
-                                 tensors.TENSOR_MEDIA_TYPE: {}}}},
+                                 tensors.TENSOR_MEDIA_TYPE: {}},
+                     "description": "the output; one mp4 or frames file is streamed as it is "
+                                    "decoded"},
+               **error_responses(400, 401, 413, 422, 500, 503, 504)},
+    openapi_extra={"requestBody": {
+        "required": True,
+        "description": "a latent file (.safetensors) made by /encode, a bare latent, or a "
+                       "raw tensor body (with shape and dtype parameters)",
+        "content": {"application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"}}}}},
 )
 async def decode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "decode", "http"):
@@ -45,19 +55,20 @@ async def decode(request: Request, svc: Svc) -> Response:
         if form.tensor_shape is not None:
             raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
             latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
-            info, items = await svc.pipeline.decode_bare(
-                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params))
+            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params)))
         elif is_ivvae_latent_file(data):
             if form.target_params:
                 raise InvalidInput(
                     f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
                     "file from /encode records its own model, size and fps")
-            info, frames = await svc.pipeline.decode_frames(data)
+            info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(data))
             items = [frames]
         else:
             latent, dtype = read_bare_latent(data)
-            info, items = await svc.pipeline.decode_bare(
-                latent, dtype, DecodeTarget.parse(form.target_params))
+            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                latent, dtype, DecodeTarget.parse(form.target_params)))
+        del data
         headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
                    "X-Width": str(info.width), "X-Height": str(info.height),
                    "X-Batch": str(len(items))}
@@ -65,5 +76,37 @@ async def decode(request: Request, svc: Svc) -> Response:
             body, extra = await tensor_output(items, uint8=form.uint8)
             return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
                             headers={**headers, **extra})
-        body, media = await render_batch(form.output, info, items, crf=form.crf)
+        if len(items) == 1:
+            # One file streams: memory stays at one decoder step, not the whole video.
+            chunks = render(form.output, info, items[0], crf=form.crf)
+            try:
+                # The first step runs before the status goes out: what fails there (a
+                # backend down, a deadline) still gets its own status; later failures end
+                # the stream.
+                first = await unless_disconnected(request, anext(chunks, b""))
+            except BaseException:
+                await _close(items[0])
+                raise
+            return StreamingResponse(_stream(first, chunks, items[0]),
+                                     media_type=MEDIA_TYPES[form.output], headers=headers)
+        body, media = await unless_disconnected(
+            request, render_batch(form.output, info, items, crf=form.crf))
         return Response(body, media_type=media, headers=headers)
+
+
+async def _close(frames: AsyncIterator[np.ndarray]) -> None:
+    aclose = getattr(frames, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
+                  ) -> AsyncIterator[bytes]:
+    """The response body; closing it (done, failed, or the client gone) ends the decode
+    and gives its share of the memory budget back."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await _close(frames)

@@ -10,7 +10,8 @@ from ....latents import decode_latent_file
 from ....pipeline import FramesUpload
 from ...metering import RequestMeter
 from .. import tensors
-from ..deps import Authorized, Svc, read_body
+from ..deps import Authorized, Svc, read_body, spooled_upload, unless_disconnected
+from ..errors import error_responses, video_body
 
 router = APIRouter(tags=["encode"], dependencies=[Authorized])
 
@@ -25,29 +26,38 @@ _VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
     response_class=Response,
     responses={200: {"content": {LATENT_MEDIA_TYPE: {}},
                      "description": "the latent file (headers X-Cache, X-Latent-Shape), or a "
-                     "raw tensor body (headers shape, dtype)"}},
+                     "raw tensor body (headers shape, dtype)"},
+               **error_responses(400, 401, 413, 415, 422, 500, 503, 504)},
+    openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
+                             "raw body with its content type; or frames as a raw tensor body "
+                             "(with shape and dtype parameters)"),
 )
 async def encode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "encode", "http"):
         form = tensors.parse_encode(request.query_params.multi_items())
-        data, ctype = await read_body(request, svc.settings.max_upload_bytes)
-        sources: list[bytes | FramesUpload]
+        limit = svc.settings.max_upload_bytes
         if form.tensor_shape is not None:
-            sources = [FramesUpload(f, fps=form.fps) for f in tensors.frames_of_tensor(
-                data, form, svc.settings.max_upload_bytes)]
+            data, _ = await read_body(request, limit)
+            sources = [FramesUpload(f, fps=form.fps)
+                       for f in tensors.frames_of_tensor(data, form, limit)]
+            del data
+            if form.output == "file" and len(sources) > 1:
+                raise InvalidInput(f"a latent file holds one video; this tensor has a batch "
+                                   f"of {len(sources)}: ask for output_type=pt")
+            results = [await unless_disconnected(request, svc.pipeline.encode(
+                src, form.options)) for src in sources]
         else:
-            if ctype and not ctype.startswith(_VIDEO_TYPES):
-                raise UnsupportedMedia(
-                    f"content type {ctype!r} is not a video or image; send the file as "
-                    "multipart field 'file' or with a video/*, image/* or "
-                    "application/octet-stream content type (or frames as a raw tensor "
-                    "body with shape and dtype parameters)"
-                )
-            sources = [data]
-        if form.output == "file" and len(sources) > 1:
-            raise InvalidInput(f"a latent file holds one video; this tensor has a batch of "
-                               f"{len(sources)}: ask for output_type=pt")
-        results = [await svc.pipeline.encode(src, form.options) for src in sources]
+            # A file upload goes to disk as it arrives, not into memory.
+            async with spooled_upload(request, limit) as (path, ctype):
+                if ctype and not ctype.startswith(_VIDEO_TYPES):
+                    raise UnsupportedMedia(
+                        f"content type {ctype[:60]!r} is not a video or image; send the file "
+                        "as multipart field 'file' or with a video/*, image/* or "
+                        "application/octet-stream content type (or frames as a raw tensor "
+                        "body with shape and dtype parameters)"
+                    )
+                results = [await unless_disconnected(request, svc.pipeline.encode(
+                    path, form.options))]
         info = results[0].info
         headers = {
             "X-Cache": "hit" if all(r.cache_hit for r in results) else "miss",

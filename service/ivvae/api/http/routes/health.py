@@ -15,13 +15,15 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: models loaded and backend ready")
+@router.get("/readyz", summary="Readiness: models loaded and backend ready",
+            responses={503: {"description": "not ready (the body says why)",
+                             "content": {"application/json": {}}}})
 async def readyz(svc: Svc) -> JSONResponse:
     ok, body = await svc.readiness()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(svc: Svc) -> PlainTextResponse:
     return PlainTextResponse(svc.metrics.render(),
                              media_type="text/plain; version=0.0.4; charset=utf-8")

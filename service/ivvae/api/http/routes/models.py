@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from ..deps import Authorized, Svc
+from ..errors import error_responses
 
 router = APIRouter(tags=["models"], dependencies=[Authorized])
 
 
-@router.get("/models", summary="Served models")
+@router.get("/models", summary="Served models", responses=error_responses(401, 503))
 async def models(svc: Svc) -> dict[str, Any]:
     return {"default": svc.default_model,
             "models": [m.as_dict() for m in svc.models.values()]}

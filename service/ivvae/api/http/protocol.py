@@ -1,0 +1,180 @@
+"""HTTP/1.1 connections with bounds: uvicorn's h11 protocol, plus what it lacks.
+
+uvicorn (0.55) bounds the bytes of a request head (``h11_max_incomplete_event_size``) and
+the idle time between requests (``timeout_keep_alive``), but not: the time a client takes
+to send a request head (a connection that sends nothing, or a byte a second, is held
+forever: slowloris), the gaps in a request body, the number of headers, or the number of
+connections (idle ones exhaust file descriptors). And after an early response (a 413 on a
+body still arriving) the connection keeps the rest of that body coming. This subclass adds
+those bounds; :class:`ConnectionLimits` holds them and ``ivvae serve`` builds them from
+the settings.
+
+Why a protocol subclass: these are properties of the connection, decided before and
+outside the ASGI app (a request whose head never completes never reaches the app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
+    head = [b"HTTP/1.1 " + status, b"content-type: application/json", b"connection: close",
+            b"content-length: %d" % len(body), *headers]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+_TOO_MANY_CONNECTIONS = _raw_response(
+    b"503 Service Unavailable",
+    b'{"error": "overloaded", "detail": "too many open connections; retry later"}',
+    b"retry-after: 1")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """``max_header_bytes``: the whole request head (h11 answers 400 past it).
+    ``max_headers``: header lines per request (431 past it). ``header_timeout_s``: from
+    the connection's opening, or the end of the previous response, to a complete request
+    head. ``body_timeout_s``: the longest gap between pieces of a request body (while the
+    app is reading it). ``max_connections``: open connections; more are answered 503 and
+    closed at once. ``linger_s`` / ``linger_bytes``: after an early response, how long and
+    how much of the rest of the body is read and dropped before closing (closing at once
+    would reset the connection under the client's feet, and it might never read the
+    response)."""
+
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1024
+    linger_s: float = 2.0
+    linger_bytes: int = 1 << 20
+
+
+def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
+    """The protocol class to pass as ``uvicorn.Config(http=...)``."""
+
+    class Bounded(_BoundedH11):
+        pass
+
+    Bounded.limits = limits
+    return Bounded
+
+
+class _BoundedH11(H11Protocol):
+    limits = ConnectionLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app = _header_count_guard(self.app, self.limits.max_headers)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._lingering = -1  # bytes dropped since an early response; -1: not lingering
+
+    # -- connection --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            transport.write(_TOO_MANY_CONNECTIONS)
+            transport.close()
+            return
+        self._arm(self.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > self.limits.linger_bytes:
+                self.transport.close()
+            return
+        super().data_received(data)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.transport.is_closing() or self._lingering >= 0:
+            return
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            # Body pieces must keep coming, but only while we read them: with reading
+            # paused (the app is behind) the client is not the slow one.
+            if self.flow.read_paused:
+                self._disarm()
+            else:
+                self._arm(self.limits.body_timeout_s)
+        elif state is not h11.IDLE:
+            self._disarm()  # the request is in; the app's time is bounded elsewhere
+
+    def on_response_complete(self) -> None:
+        if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
+            self._linger()
+            return
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._arm(self.limits.header_timeout_s)
+
+    def send_400_response(self, msg: str) -> None:
+        # h11 refused the request (malformed, or a head past max_header_bytes): answer, then
+        # linger like after any early response instead of resetting the connection.
+        detail = json.dumps({"error": "invalid_input", "detail": msg}).encode()
+        self.transport.write(_raw_response(b"400 Bad Request", detail))
+        self._linger()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._disarm()
+        super().timeout_keep_alive_handler()
+
+    # -- timers ------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY and self.flow.read_paused:
+            return  # paused by us since the timer was armed: not the client's fault
+        self.transport.close()
+
+    def _linger(self) -> None:
+        """Answered before the request was all in: drop the rest for a while, then close."""
+        self._lingering = 0
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._disarm()
+        self._deadline = self.loop.call_later(self.limits.linger_s, self.transport.close)
+
+
+def _header_count_guard(app: Any, max_headers: int) -> Any:
+    """The ASGI app, refusing requests with more than ``max_headers`` headers (431)."""
+
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and len(scope["headers"]) > max_headers:
+            body = (b'{"error": "invalid_input", "detail": "more than %d request headers"}'
+                    % max_headers)
+            await send({"type": "http.response.start", "status": 431, "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+
+    return guarded

@@ -1,0 +1,69 @@
+"""POST /frames: a video (or image) to the uint8 RGB frames the model sees of it.
+
+What the service decodes of an upload (orientation applied, the exact frame count and
+size), as the frames file ``/decode?format=frames`` returns for a latent: the compare page
+scores its reconstruction against these, as ``ivvae eval`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ....errors import TooLarge
+from ....outputs import FRAMES_LAYOUT, MEDIA_TYPES
+from ....safetensors_io import dumps
+from ....video import VideoLimits, exact_rate, open_video
+from ...metering import RequestMeter
+from ..deps import Authorized, Svc, read_body
+from ..errors import error_responses, video_body
+
+router = APIRouter(tags=["frames"], dependencies=[Authorized])
+
+# The most decoded bytes (T * H * W * 3) one answer holds: it is built in memory, and the
+# compare page keeps it and the reconstruction in a browser tab.
+MAX_FRAMES_BYTES = 512 * 1024 * 1024
+
+
+def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str]]:
+    with open_video(data, limits=limits) as reader:
+        info = reader.info
+        per_frame = info.width * info.height * 3
+        parts, total = [], 0
+        for chunk in reader.iter_frames(16):
+            total += len(chunk)
+            if total * per_frame > MAX_FRAMES_BYTES:
+                raise TooLarge(f"the decoded video exceeds {MAX_FRAMES_BYTES} bytes of frames; "
+                               "/frames is for previews: send a shorter clip")
+            parts.append(chunk)
+    frames = np.concatenate(parts)
+    rate = exact_rate(info.fps)
+    meta = {"num_frames": str(len(frames)), "height": str(info.height),
+            "width": str(info.width), "fps": f"{rate.numerator}/{rate.denominator}",
+            "layout": FRAMES_LAYOUT}
+    return dumps({"frames": frames}, meta), meta
+
+
+@router.post(
+    "/frames",
+    summary="Decode a video (or image) into the uint8 RGB frames the model sees",
+    response_class=Response,
+    responses={200: {"content": {MEDIA_TYPES["frames"]: {}},
+                     "description": "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
+                     "num_frames, height, width, fps"},
+               **error_responses(400, 401, 413, 415, 422, 500, 503)},
+    openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
+                             "raw body with its content type"),
+)
+async def frames(request: Request, svc: Svc) -> Response:
+    async with RequestMeter(svc.metrics, "frames", "http"):
+        s = svc.settings
+        data, _ = await read_body(request, s.max_upload_bytes)
+        limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
+        body, meta = await asyncio.to_thread(_frames_file, data, limits)
+        return Response(body, media_type=MEDIA_TYPES["frames"], headers={
+            "X-Frames": meta["num_frames"], "X-Width": meta["width"],
+            "X-Height": meta["height"]})

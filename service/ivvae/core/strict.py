@@ -1,0 +1,85 @@
+"""Strict parsers for text that arrives from outside: latent metadata, cache entries, settings.
+
+Python's ``int`` and ``Fraction`` accept far more than a file we wrote can contain
+(``" 17 "``, ``"1_7"``, Arabic-Indic digits, 5,000-digit numbers, ``"1e3"``), and each such
+value is a way to reach a code path with a number nobody planned for. These accept exactly
+what the service writes and raise ``ValueError`` naming the problem otherwise.
+
+Stdlib only: every layer may import it.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+# Frame rates the service reads and writes: outside this range a stream's timestamps are
+# broken (90000/1) and the MP4 writer cannot represent the rate (its time base denominator
+# is at most 1001, so anything below 1/1001 fps would round to 0).
+MIN_FPS = Fraction(1, 1001)
+MAX_FPS = 1000
+# No count the service handles (frames, pixels, seeds < 2**63) needs more digits.
+MAX_DIGITS = 19
+# Model names go into response headers, file names and log lines: a conservative charset
+# that is safe in all three, and short enough to read.
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
+_DECIMAL = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RATE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})(?:/([0-9]{{1,{MAX_DIGITS}}}))?")
+
+
+def shown(text: str) -> str:
+    """``text`` fit for an error message: repr'd (no control characters) and cut short."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def count(text: str, *, minimum: int = 0) -> int:
+    """A decimal integer of ASCII digits only (no sign, spaces, underscores), >= minimum."""
+    if not isinstance(text, str) or not _DIGITS.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a decimal number of at most "
+                         f"{MAX_DIGITS} ASCII digits")
+    value = int(text)
+    if value < minimum:
+        raise ValueError(f"{value} is below the minimum {minimum}")
+    return value
+
+
+def frame_rate(text: str) -> Fraction:
+    """``"N"`` or ``"N/D"`` in ASCII digits, within [``MIN_FPS``, ``MAX_FPS``]."""
+    match = _RATE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"frame rate {shown(str(text))} is not N or N/D in ASCII digits")
+    numerator, denominator = int(match[1]), int(match[2] or 1)
+    if denominator == 0:
+        raise ValueError(f"frame rate {text!r} has a zero denominator")
+    rate = Fraction(numerator, denominator)
+    if not MIN_FPS <= rate <= MAX_FPS:
+        raise ValueError(f"frame rate {text} is outside [1/1001, {MAX_FPS}] fps")
+    return rate
+
+
+def model_name(text: str) -> str:
+    """A model name: 1-64 of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit."""
+    if not isinstance(text, str) or not _MODEL_NAME.fullmatch(text):
+        raise ValueError(f"model name {shown(str(text))} is not 1-64 characters of "
+                         "A-Z a-z 0-9 . _ - starting with a letter or digit")
+    return text
+
+
+def decimal(text: str) -> float:
+    """A finite decimal number as ``repr(float)`` writes it (``-0.25``, ``1e-05``)."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a decimal number")
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{shown(text)} is out of range")
+    return value
+
+
+def sha256_hex(text: str) -> str:
+    """64 lowercase hex digits."""
+    if not isinstance(text, str) or not _SHA256.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a sha256 (64 lowercase hex digits)")
+    return text

@@ -1,0 +1,137 @@
+"""gRPC admission against a real ``ivvae serve``: the key and the RPC cap are checked before
+any message is read, and streams that go quiet are dropped instead of holding their slot."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from bench._common import ServeProcess
+
+from ivvae.api.grpc.errors import ERROR_CODE_KEY
+from ivvae.api.grpc.gen import ivvae_pb2 as pb
+from ivvae.api.grpc.gen import ivvae_pb2_grpc as pb_grpc
+
+KEY = "guard-test-key"
+AUTH = (("authorization", f"Bearer {KEY}"),)
+CAP = 8
+READ_TIMEOUT_S = 1.0
+SLACK_S = 20.0  # what a loaded CI machine may add to the server's own timeout
+BIG = 60 << 20
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path) -> Iterator[ServeProcess]:
+    with ServeProcess(tiny_weights, IVVAE_API_KEYS=KEY,
+                      IVVAE_GRPC_MAX_CONCURRENT_RPCS=str(CAP),
+                      IVVAE_GRPC_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+                      IVVAE_TORCH_THREADS="1") as srv:
+        yield srv
+
+
+def _target(server: ServeProcess) -> str:
+    return f"127.0.0.1:{server.grpc_port}"
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+_OPTIONS = [("grpc.max_send_message_length", BIG + (1 << 20))]
+
+
+def test_unauthenticated_big_messages_are_refused_without_being_buffered(
+    server: ServeProcess,
+) -> None:
+    assert server.proc is not None
+    before = _rss_mb(server.proc.pid)
+
+    async def attempt() -> list[grpc.StatusCode]:
+        video = bytes(BIG)
+        async with grpc.aio.insecure_channel(_target(server), options=_OPTIONS) as channel:
+            stub = pb_grpc.IVVAEStub(channel)
+
+            async def one() -> grpc.StatusCode:
+                try:
+                    await stub.EncodeUnary(pb.EncodeUnaryRequest(video=video), timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            return list(await asyncio.gather(*(one() for _ in range(20))))
+
+    codes = asyncio.run(attempt())
+    # UNAUTHENTICATED, or what a client sees whose upload was cut off by that answer.
+    assert all(c in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
+                     grpc.StatusCode.UNAVAILABLE) for c in codes), codes
+    assert grpc.StatusCode.UNAUTHENTICATED in codes
+    # Buffered, 20 x 60 MB would be over a gigabyte; unread, only flow-control windows.
+    assert _rss_mb(server.proc.pid) - before < 200
+
+
+def test_streams_that_go_quiet_do_not_lock_others_out(server: ServeProcess) -> None:
+    async def scenario() -> tuple[list[grpc.StatusCode], float]:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            stub = pb_grpc.IVVAEStub(channel)
+            idle = [stub.Encode(metadata=AUTH) for _ in range(20)]
+            for call in idle:  # options, then nothing
+                # (a call over the cap may be refused before the write: that is fine)
+                with contextlib.suppress(asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    await call.write(pb.EncodeRequest(options=pb.EncodeOptions()))
+            start = time.monotonic()
+            while True:  # a new client gets in once the quiet streams are dropped
+                try:
+                    await stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    assert time.monotonic() - start < SLACK_S, "still locked out"
+                    await asyncio.sleep(0.1)
+            waited = time.monotonic() - start
+            codes = []
+            for call in idle:
+                try:
+                    async for _ in call:
+                        pass
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        assert "no request message" in (exc.details() or "")
+            return codes, waited
+
+    codes, _ = asyncio.run(scenario())
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 20 - CAP  # over the cap: refused
+    assert grpc.StatusCode.INVALID_ARGUMENT in codes  # admitted, then dropped when quiet
+    assert grpc.StatusCode.OK not in codes
+
+
+def test_cap_refusal_carries_the_error_code(server: ServeProcess) -> None:
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            stub = pb_grpc.IVVAEStub(channel)
+            held = [stub.Encode(metadata=AUTH) for _ in range(CAP)]
+            for call in held:
+                await call.write(pb.EncodeRequest(options=pb.EncodeOptions()))
+            for call in held:
+                await call.initial_metadata()  # all admitted and reading
+            try:
+                await stub.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                return exc
+            finally:
+                for call in held:
+                    call.cancel()
+            raise AssertionError("the RPC over the cap was admitted")
+
+    exc = asyncio.run(scenario())
+    assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(exc.trailing_metadata() or ())[ERROR_CODE_KEY] == "overloaded"

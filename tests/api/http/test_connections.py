@@ -1,0 +1,191 @@
+"""Connection bounds of a real ``ivvae serve``, over real sockets: slow and idle clients are
+closed, oversized heads refused, early answers end the connection cleanly, too many
+connections are turned away, and bad latents leave a keep-alive connection usable."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from bench._common import ServeProcess
+
+from tests import media
+from tests.api.http.test_bad_input import malformed_latents
+
+HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 1.0
+MAX_CONNECTIONS = 64
+# How long a client waits for what the server must do "within its timeout": the timeout
+# plus room for a loaded CI machine. Not a performance check.
+SLACK_S = 10.0
+MAX_UPLOAD = 100_000
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights: Path) -> Iterator[ServeProcess]:
+    with ServeProcess(
+        tiny_weights,
+        IVVAE_ENABLE_GRPC="false",
+        IVVAE_HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+        IVVAE_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        IVVAE_HTTP_KEEPALIVE_S="30",
+        IVVAE_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+        IVVAE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        IVVAE_TORCH_THREADS="1",
+    ) as srv:
+        yield srv
+
+
+def _connect(server: ServeProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=SLACK_S)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (raises socket.timeout if it never does)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _wait_healthy(server: ServeProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=SLACK_S)
+    conn.request("GET", "/healthz")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_slow_header_connections_are_closed_by_the_server(server: ServeProcess) -> None:
+    socks = [_connect(server) for _ in range(50)]
+    try:
+        for sock in socks:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+        for sock in socks:
+            assert _read_all(sock) == b""  # closed, not answered, within SLACK_S
+    finally:
+        for sock in socks:
+            sock.close()
+    _wait_healthy(server)
+
+
+def test_idle_connections_are_closed_and_do_not_pile_up(server: ServeProcess) -> None:
+    socks = [_connect(server) for _ in range(20)]
+    try:
+        for sock in socks:
+            assert _read_all(sock) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_1mb_header_gets_a_4xx_and_the_connection_ends(server: ServeProcess) -> None:
+    with _connect(server) as sock:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
+        # The server answers and stops reading long before the end.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    _wait_healthy(server)
+
+
+def test_too_many_headers_get_431(server: ServeProcess) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=SLACK_S)
+    conn.putrequest("GET", "/healthz")
+    for i in range(200):
+        conn.putheader(f"X-H{i}", "v")
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 431 and b"headers" in reply.read()
+    conn.close()
+
+
+def test_early_413_on_a_body_still_arriving_closes_the_connection(server: ServeProcess) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % 16384 + b"\0" * 16384 + b"\r\n"
+        sent = 0
+        try:
+            while sent < 4 * MAX_UPLOAD:  # well past the limit, and never finished
+                sock.sendall(chunk)
+                sent += 16384
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = _read_all(sock)  # the 413, then the server's close: no stall
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert b"too_large" in reply
+    _wait_healthy(server)
+
+
+def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                     b"Content-Length: 50000\r\n\r\n" + b"\0" * 100)
+        reply = _read_all(sock)
+    assert b" 500 " not in reply[:20]
+    _wait_healthy(server)
+
+
+def test_connections_past_the_maximum_are_turned_away_at_once(server: ServeProcess) -> None:
+    socks = [_connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # let the server accept them all
+        with _connect(server) as extra:
+            reply = _read_all(extra)
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+        assert b"retry-after" in reply.lower()
+    finally:
+        for sock in socks:
+            sock.close()
+    deadline = time.monotonic() + SLACK_S
+    while True:  # the slots come back once the server notices the closes
+        try:
+            _wait_healthy(server)
+            break
+        except (AssertionError, OSError, http.client.HTTPException):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_bad_latents_get_4xx_and_the_keep_alive_connection_stays_usable(
+    server: ServeProcess,
+) -> None:
+    video = media.make_video(None, frames=5, width=16, height=16)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/encode", body=video, headers={"Content-Type": "video/mp4"})
+    encoded = conn.getresponse()
+    good = encoded.read()
+    assert encoded.status == 200
+    sock = conn.sock
+    for name, (data, word) in malformed_latents(good).items():
+        if len(data) > MAX_UPLOAD:
+            continue  # refused for its size before parsing; covered in-process
+        conn.request("POST", "/decode", body=data)
+        bad = conn.getresponse()
+        body = bad.read()
+        assert 400 <= bad.status < 500, (name, bad.status, body[:300])
+        assert word.encode() in body, (name, body[:300])
+        assert b"\r" not in bad.getheader("x-model", "").encode()
+        conn.request("GET", "/models")
+        after = conn.getresponse()
+        after.read()
+        assert after.status == 200, name
+        assert conn.sock is sock, f"{name}: the server closed the keep-alive connection"
+    conn.request("POST", "/decode", body=good)
+    ok = conn.getresponse()
+    assert ok.status == 200 and ok.read()[4:8] == b"ftyp"
+    assert conn.sock is sock
+    conn.close()
