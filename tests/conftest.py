@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.redis_server import redis_server  # noqa: F401  (the `redis_server` fixture)
-from tests.service_fixtures import tiny_weights  # noqa: F401  (session fixture)
+from tests.service_fixtures import tiny_service, tiny_weights  # noqa: F401  (fixtures)
 from tests.triton_server import ivvae_triton, tiny_exports  # noqa: F401  (session fixtures)
 
 DATA = Path(__file__).parent / "data"

@@ -13,9 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
 from ivvae.api.http import create_app
 from ivvae.config import Settings
+from ivvae.service import Service
 from tests.redis_server import free_port
 
 TINY_NAME = "tiny_z4_dim4"
@@ -92,3 +94,14 @@ def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> I
             proc.wait()
         if out:
             out.close()
+
+
+@pytest_asyncio.fixture
+async def tiny_service(tiny_weights: Path) -> AsyncIterator[Service]:
+    """A started in-process ``Service`` on the tiny weights (local backend, memory cache)."""
+    svc = Service(tiny_settings(tiny_weights))
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.close()

@@ -3,9 +3,6 @@ cache keys."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -19,13 +16,8 @@ from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
 
 
 @pytest_asyncio.fixture
-async def service(tiny_weights: Path) -> AsyncIterator[Service]:  # noqa: F811
-    svc = Service(tiny_settings(tiny_weights))
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.close()
+async def service(tiny_service: Service) -> Service:
+    return tiny_service
 
 
 def _options(**params: str) -> EncodeOptions:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,13 +37,8 @@ def server(tiny_weights: Path) -> Iterator[ServeProcess]:  # noqa: F811
 
 
 @pytest_asyncio.fixture
-async def local(tiny_weights: Path) -> AsyncIterator[Service]:  # noqa: F811
-    svc = Service(tiny_settings(tiny_weights))
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.close()
+async def local(tiny_service: Service) -> Service:
+    return tiny_service
 
 
 async def _sampler_latent(svc: Service, batch: int = 1) -> np.ndarray:

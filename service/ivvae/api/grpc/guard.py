@@ -12,6 +12,7 @@ is behind the key too when keys are set.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection
@@ -94,8 +95,15 @@ _KINDS = (
 )
 
 
+# A grpc.aio client whose first write is still in flight when the call ends reports
+# INTERNAL instead of our status (grpc/grpc#36066). Clients send a small options message
+# first; waiting this long before ending the call lets that write land, without reading it.
+REFUSAL_GRACE_S = 0.2
+
+
 def _refusal(exc: IVVAEError) -> Any:
     async def refuse(requests: Any, context: Any) -> None:
+        await asyncio.sleep(REFUSAL_GRACE_S)
         await context.abort(grpc_status(exc), exc.detail,
                             trailing_metadata=((ERROR_CODE_KEY, exc.code),))
 
