@@ -303,6 +303,12 @@ class _progress:
         self.bar.close()
 
 
+def _add_console_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
+                   "(default: warnings only)")
+
+
 def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
                          decode: bool = True) -> None:
     p.add_argument("--weights", help="weights file (.pth/.safetensors); default: the bundled "
@@ -444,9 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessing, as HTTP /encode's parameters: resize=256, "
                    "bucket=480x272x17, crop=none, start_frame=0, start_s=1.5, num_frames=17, "
                    "max_frames=65, stride=2, fps=12")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
-                   "(default: warnings only)")
+    _add_console_options(p)
     _add_service_options(p, decode=False)
     p.set_defaults(handler=_encode)
 
@@ -462,9 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "HTTP /decode's parameters: model, fps, num_frames, height, width, "
                    "latent_space; a batch of more than one writes OUT.zip (MP4s) or one "
                    "OUT.safetensors")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("-v", "--verbose", action="store_true", help="log at IVVAE_LOG_LEVEL "
-                   "(default: warnings only)")
+    _add_console_options(p)
     _add_service_options(p, encode=False)
     p.set_defaults(handler=_decode)
 
