@@ -223,6 +223,10 @@ class TritonBackend(Backend):
         problems = [f"{e}: {s}" for e, s in zip(endpoints, probes, strict=True)
                     if isinstance(s, str)]
         self._served = served
+        for endpoint in served:  # it just answered: no need to wait for the next poll
+            if self._down[endpoint].is_set():
+                log.info("Triton at %s answers again", endpoint)
+                self._down[endpoint].clear()
         if served and (self._info is None or not any(
                 s.info == self._info for s in served.values())):
             new = next(iter(served.values())).info
