@@ -10,7 +10,8 @@ multiple of 8 (at least 8). Decoding crops back to the recorded size.
 
 Steps: a stream is stepped as frame 0 alone, then steps of ``groups_per_step`` groups (the
 last one shorter); latents likewise as latent frame 0, then ``groups_per_step`` latent
-frames per step. :func:`encode_plan` and :func:`decode_plan` are that plan.
+frames per step. :class:`FrameStepper` cuts frames that arrive in chunks that way;
+:func:`decode_plan` is the plan for latent frames.
 """
 
 from __future__ import annotations
@@ -63,17 +64,6 @@ def pad_frames(frames: np.ndarray) -> np.ndarray:
     if ph or pw:
         frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
     return np.ascontiguousarray(frames)[None]
-
-
-def encode_plan(num_frames: int, groups_per_step: int) -> Iterator[tuple[int, int]]:
-    """Frame ranges ``[a, b)`` of the time-padded video, one per encoder step."""
-    if groups_per_step < 1:
-        raise ValueError(f"groups_per_step must be >= 1, got {groups_per_step}")
-    total = padded_frames(num_frames)
-    yield 0, 1
-    step = GROUP * groups_per_step
-    for a in range(1, total, step):
-        yield a, min(total, a + step)
 
 
 def decode_plan(num_latent_frames: int, groups_per_step: int) -> Iterator[tuple[int, int]]:

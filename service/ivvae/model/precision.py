@@ -17,6 +17,3 @@ def torch_dtype(name: str) -> torch.dtype:
     except KeyError:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}") from None
 
-
-def precision_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in _DTYPES.items() if d == dtype)
