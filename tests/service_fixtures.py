@@ -40,6 +40,19 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
+def model_video(weights: Path, latent: Any, **crop: int) -> Any:
+    """The in-process model's own decode of a scaled latent ``(B, z, t, h, w)``:
+    ``(B, 3, T, H, W)`` float32, the whole video at once (no service, no steps): what a
+    served float decode must equal."""
+    import torch
+
+    from ivvae.weights import load_weights
+
+    model, _ = load_weights(str(weights))
+    with torch.no_grad():
+        return model.decode(torch.from_numpy(latent), **crop).numpy()
+
+
 def tiny_settings(weights: Path, **kw: Any) -> Settings:
     base: dict[str, Any] = dict(weights=str(weights), batch_max_delay_ms=20.0,
                                 enable_grpc=False)

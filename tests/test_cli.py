@@ -278,3 +278,19 @@ def test_encode_options_and_bare_latent_decode(tiny_weights: Path, tmp_path: Pat
     assert main(["decode", str(out), "--weights", str(tiny_weights), "--no-progress",
                  "--options", "fps=8"]) == 2
     assert "bare latents" in capsys.readouterr().err
+    # float frames: the model's own decode, for the batch and for the latent file
+    from tests.service_fixtures import model_video
+
+    assert main(["decode", str(bare), "-o", str(frames), "--weights", str(tiny_weights),
+                 "--no-progress", "--frames-dtype", "float32"]) == 0
+    tensors, meta = loads(frames.read_bytes())
+    video = model_video(tiny_weights, np.concatenate([latent, latent, latent]))
+    assert tensors["frames"].dtype == "F32" and meta["layout"] == "BTHWC float32 RGB [-1, 1]"
+    assert np.abs(tensors["frames"].array - video.transpose(0, 2, 3, 4, 1)).max() <= 1e-4
+    assert main(["decode", str(out), "-o", str(frames), "--weights", str(tiny_weights),
+                 "--no-progress", "--frames-dtype", "float32"]) == 0
+    assert np.abs(loads(frames.read_bytes())[0]["frames"].array
+                  - video[0].transpose(1, 2, 3, 0)).max() <= 1e-4
+    assert main(["decode", str(out), "-o", str(tmp_path / "x.mp4"), "--weights",
+                 str(tiny_weights), "--no-progress", "--frames-dtype", "float32"]) == 2
+    assert "uint8" in capsys.readouterr().err

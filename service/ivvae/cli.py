@@ -223,6 +223,9 @@ def _decode(args: argparse.Namespace) -> int:
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
     fmt: OutputFormat = "frames" if suffix == ".safetensors" else "mp4"
+    if args.frames_dtype != "uint8" and fmt != "frames":
+        raise CLIError(f"--frames-dtype {args.frames_dtype} needs OUT.safetensors: an MP4 "
+                       "holds uint8 frames")
 
     async def run() -> int:
         service = Service(settings)
@@ -239,8 +242,9 @@ def _decode(args: argparse.Namespace) -> int:
                         + ("OUT.zip (MP4s) or OUT.safetensors (frames)" if batch > 1
                            else "OUT.mp4 or OUT.safetensors"))
                 info, items = await service.pipeline.decode_bare(
-                    latent, dtype, DecodeTarget.parse(target))
-                body, _ = await render_batch(fmt, info, items, crf=args.crf)
+                    latent, dtype, DecodeTarget.parse(target), args.frames_dtype)
+                body, _ = await render_batch(fmt, info, items, crf=args.crf,
+                                             frames_dtype=args.frames_dtype)
                 await asyncio.to_thread(atomic_write, out, body)
                 print(json.dumps({"output": out, "batch": len(items),
                                   "frames": info.num_frames, "width": info.width,
@@ -252,7 +256,7 @@ def _decode(args: argparse.Namespace) -> int:
             if suffix == ".zip":
                 raise CLIError(f"cannot write {out!r}: a latent file holds one video; write "
                                "OUT.mp4 or OUT.safetensors")
-            info, frames = await service.pipeline.decode_frames(data)
+            info, frames = await service.pipeline.decode_frames(data, args.frames_dtype)
             with _progress("decode", args.no_progress, total=info.num_frames) as bar:
                 async def counted() -> AsyncIterator[np.ndarray]:
                     async for part in frames:
@@ -260,7 +264,8 @@ def _decode(args: argparse.Namespace) -> int:
                         yield part
 
                 with atomic_writer(out) as f:
-                    async for chunk in render(fmt, info, counted(), crf=args.crf):
+                    async for chunk in render(fmt, info, counted(), crf=args.crf,
+                                              frames_dtype=args.frames_dtype):
                         await asyncio.to_thread(f.write, chunk)
         finally:
             await service.close()
@@ -461,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with .mp4)")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="H.264 quality, 0-51, lower "
                    f"is better (default: {DEFAULT_CRF})")
+    p.add_argument("--frames-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="of OUT.safetensors frames: uint8 (default) or float32, the "
+                   "decoder's own values (about [-1, 1], not clamped)")
     p.add_argument("--options", nargs="+", metavar="NAME=VALUE",
                    help="for a bare latent (a safetensors file holding only 'latent'), as "
                    "HTTP /decode's parameters: model, fps, num_frames, height, width, "

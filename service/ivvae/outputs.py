@@ -8,8 +8,10 @@ decoder, so memory stays bounded by one decoder step:
 * ``mp4``: H.264 in a fragmented MP4 (``ivvae.video.Mp4Writer`` on a non-seekable sink:
   the index first, then one fragment per keyframe), which players and PyAV read like any
   MP4, and which can be sent before the whole video is encoded.
-* ``frames``: a safetensors file holding ``frames`` ``(T, H, W, 3)`` uint8 RGB and
-  metadata ``FRAMES_METADATA_KEYS``; its header is known from the latent before decoding.
+* ``frames``: a safetensors file holding ``frames`` ``(T, H, W, 3)`` RGB and metadata
+  ``FRAMES_METADATA_KEYS``; its header is known from the latent before decoding. uint8 by
+  default; float32 when asked (``frames_dtype``): the decoder's own values, about [-1, 1]
+  and not clamped, the ones the uint8 frames are rounded from. An MP4 is always uint8.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import io
 import zipfile
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from .core.names import DEFAULT_CRF
+from .core.steps import FramesDtype
 from .latents import LatentInfo
 from .safetensors_io import dumps, header_bytes
 from .video import Mp4Writer
@@ -32,24 +35,31 @@ from .wire import raw_tensor_body
 OutputFormat = Literal["mp4", "frames"]
 MEDIA_TYPES: dict[str, str] = {"mp4": "video/mp4", "frames": "application/x-safetensors"}
 FRAMES_LAYOUT = "THWC uint8 RGB"
+FLOAT_FRAMES_LAYOUT = "THWC float32 RGB [-1, 1]"
 FRAMES_METADATA_KEYS = ("num_frames", "height", "width", "fps", "model_name", "layout")
+_ST_DTYPE = {"uint8": "U8", "float32": "F32"}
+# safetensors is little-endian
+_NP_DTYPE: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
 
 
-def frames_metadata(info: LatentInfo) -> dict[str, str]:
+def frames_metadata(info: LatentInfo, frames_dtype: FramesDtype = "uint8") -> dict[str, str]:
     return {"num_frames": str(info.num_frames), "height": str(info.height),
             "width": str(info.width), "fps": f"{info.fps.numerator}/{info.fps.denominator}",
-            "model_name": info.model_name, "layout": FRAMES_LAYOUT}
+            "model_name": info.model_name,
+            "layout": FRAMES_LAYOUT if frames_dtype == "uint8" else FLOAT_FRAMES_LAYOUT}
 
 
-async def frames_file(info: LatentInfo, frames: AsyncIterator[np.ndarray]
-                      ) -> AsyncIterator[bytes]:
-    """The frames file of ``frames`` (``(n, H, W, 3)`` uint8 parts, ``info.num_frames`` in
-    all), header first."""
+async def frames_file(info: LatentInfo, frames: AsyncIterator[np.ndarray],
+                      frames_dtype: FramesDtype = "uint8") -> AsyncIterator[bytes]:
+    """The frames file of ``frames`` (``(n, H, W, 3)`` parts of ``frames_dtype``,
+    ``info.num_frames`` in all), header first."""
     shape = (info.num_frames, info.height, info.width, 3)
-    head = header_bytes({"frames": ("U8", shape)}, frames_metadata(info))
+    head = header_bytes({"frames": (_ST_DTYPE[frames_dtype], shape)},
+                        frames_metadata(info, frames_dtype))
+    dtype = _NP_DTYPE[frames_dtype]
     async for part in frames:
         # the header goes out with frame 0: nothing is sent before the decoder ran once
-        yield head + np.ascontiguousarray(part, dtype=np.uint8).tobytes()
+        yield head + np.ascontiguousarray(part, dtype=dtype).tobytes()
         head = b""
 
 
@@ -97,10 +107,13 @@ async def mp4_file(info: LatentInfo, frames: AsyncIterator[np.ndarray], *,
 
 
 def render(fmt: OutputFormat, info: LatentInfo, frames: AsyncIterator[np.ndarray], *,
-           crf: int = DEFAULT_CRF) -> AsyncIterator[bytes]:
+           crf: int = DEFAULT_CRF, frames_dtype: FramesDtype = "uint8",
+           ) -> AsyncIterator[bytes]:
     """The output file of ``fmt`` as byte chunks."""
     if fmt == "frames":
-        return frames_file(info, frames)
+        return frames_file(info, frames, frames_dtype)
+    if frames_dtype != "uint8":
+        raise ValueError("an MP4 holds uint8 frames")
     return mp4_file(info, frames, crf=crf)
 
 
@@ -113,10 +126,11 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
 BATCH_MEDIA_TYPES: dict[str, str] = {"mp4": "application/zip",
                                      "frames": "application/x-safetensors"}
 BATCH_FRAMES_LAYOUT = "BTHWC uint8 RGB"
+BATCH_FLOAT_FRAMES_LAYOUT = "BTHWC float32 RGB [-1, 1]"
 
 
 async def _stack(items: list[AsyncIterator[np.ndarray]]) -> np.ndarray:
-    """Every item's frames, in order: ``(B, T, H, W, 3)`` uint8."""
+    """Every item's frames, in order: ``(B, T, H, W, 3)``."""
     stacks = []
     for item in items:
         stacks.append(np.concatenate([part async for part in item]))
@@ -125,19 +139,25 @@ async def _stack(items: list[AsyncIterator[np.ndarray]]) -> np.ndarray:
 
 async def render_batch(fmt: OutputFormat, info: LatentInfo,
                        items: list[AsyncIterator[np.ndarray]], *,
-                       crf: int = DEFAULT_CRF) -> tuple[bytes, str]:
+                       crf: int = DEFAULT_CRF, frames_dtype: FramesDtype = "uint8",
+                       ) -> tuple[bytes, str]:
     """The output of a batch of videos of one size (``info``): ``(body, media type)``.
 
     One item is ``render`` 's file. More: ``mp4`` is a zip holding ``0.mp4``, ``1.mp4``, ...
     (stored, MP4s do not compress), ``frames`` one frames file of ``(B, T, H, W, 3)``
-    (layout ``BATCH_FRAMES_LAYOUT``).
+    (layout ``BATCH_FRAMES_LAYOUT``, or ``BATCH_FLOAT_FRAMES_LAYOUT`` in float32).
     """
     if len(items) == 1:
-        return await collect(render(fmt, info, items[0], crf=crf)), MEDIA_TYPES[fmt]
+        return (await collect(render(fmt, info, items[0], crf=crf, frames_dtype=frames_dtype)),
+                MEDIA_TYPES[fmt])
     if fmt == "frames":
-        meta = {**frames_metadata(info), "layout": BATCH_FRAMES_LAYOUT,
+        layout = BATCH_FRAMES_LAYOUT if frames_dtype == "uint8" else BATCH_FLOAT_FRAMES_LAYOUT
+        meta = {**frames_metadata(info, frames_dtype), "layout": layout,
                 "batch": str(len(items))}
-        return dumps({"frames": await _stack(items)}, meta), BATCH_MEDIA_TYPES[fmt]
+        frames = (await _stack(items)).astype(_NP_DTYPE[frames_dtype], copy=False)
+        return dumps({"frames": frames}, meta), BATCH_MEDIA_TYPES[fmt]
+    if frames_dtype != "uint8":
+        raise ValueError("an MP4 holds uint8 frames")
     sink = io.BytesIO()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as archive:
         for index, item in enumerate(items):
@@ -145,14 +165,13 @@ async def render_batch(fmt: OutputFormat, info: LatentInfo,
     return sink.getvalue(), BATCH_MEDIA_TYPES[fmt]
 
 
-async def tensor_output(items: list[AsyncIterator[np.ndarray]], *, uint8: bool,
+async def tensor_output(items: list[AsyncIterator[np.ndarray]],
                         ) -> tuple[bytes, dict[str, str]]:
     """Decoded frames as a raw tensor body and its ``shape`` / ``dtype`` headers (Hugging
-    Face's remote-VAE output): ``(B, T, H, W, 3)`` uint8, or ``(B, 3, T, H, W)`` float32
-    in [-1, 1], the uint8 frames as the encoder reads them (``x / 127.5 - 1``; the served
-    decoders emit uint8, so values come in steps of 2/255)."""
+    Face's remote-VAE output): uint8 frames as ``(B, T, H, W, 3)``; float32 frames (the
+    decoder's own values, about [-1, 1], not clamped) as the video ``(B, 3, T, H, W)``."""
     video = await _stack(items)
-    if uint8:
+    if video.dtype == np.uint8:
         return raw_tensor_body(np.ascontiguousarray(video))
-    x = video.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
-    return raw_tensor_body(np.ascontiguousarray(x))
+    return raw_tensor_body(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3),
+                                                dtype=np.float32))

@@ -43,6 +43,7 @@ from .core.geometry import (
 )
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
+from .core.steps import FRAMES_DTYPES, FramesDtype
 from .errors import (
     CorruptMedia,
     DeadlineExceeded,
@@ -373,16 +374,19 @@ class Pipeline:
         return scaled, info, model
 
     async def decode_bare(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
+                          frames_dtype: FramesDtype = "uint8",
                           ) -> tuple[LatentInfo, list[AsyncIterator[np.ndarray]]]:
         """A bare latent batch: ``info`` of one item and, per item in order, an iterator of
-        its frames ``(n, H, W, 3)`` uint8 (see ``decode_frames``)."""
+        its frames ``(n, H, W, 3)`` (see ``decode_frames``)."""
+        _check_frames_dtype(frames_dtype)
         scaled, info, model = self.parse_bare_latent(latent, dtype, target)
         plan = self.plan(model, "decoder", info.width, info.height,
                          still=scaled.shape[2] == 1)
         # Items are decoded one after the other: each takes its share of the budget when
         # it starts, not all of them up front.
         return info, [self._reserving(
-            self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model, plan),
+            self._decode_iter(np.ascontiguousarray(scaled[i : i + 1]), info, model, plan,
+                              frames_dtype),
             plan) for i in range(scaled.shape[0])]
 
     async def _reserving(self, frames: AsyncIterator[np.ndarray], plan: Plan
@@ -396,21 +400,27 @@ class Pipeline:
                 if aclose is not None:
                     await aclose()
 
-    async def decode_frames(self, data: bytes) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
-        """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)`` uint8, in
-        order, cropped to the original frame count and size."""
+    async def decode_frames(self, data: bytes, frames_dtype: FramesDtype = "uint8",
+                            ) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
+        """Parse a latent file; the iterator yields its frames, ``(n, H, W, 3)``, in order,
+        cropped to the original frame count and size: uint8, or with ``frames_dtype``
+        float32 the decoder's own values (about [-1, 1], not clamped: what the uint8 frames
+        are rounded from, ``round((x + 1) * 127.5)``)."""
+        _check_frames_dtype(frames_dtype)
         latent, info, model = self.parse_latent(data)
         plan = self.plan(model, "decoder", info.width, info.height,
                          still=latent.shape[2] == 1)
         release = await self.budget.acquire(plan.reserve_bytes)
-        return info, _Holding(self._decode_iter(latent, info, model, plan), release)
+        return info, _Holding(self._decode_iter(latent, info, model, plan, frames_dtype),
+                              release)
 
     async def _decode_iter(self, latent: np.ndarray, info: LatentInfo, model: ModelInfo,
-                           plan: Plan) -> AsyncIterator[np.ndarray]:
+                           plan: Plan, frames_dtype: FramesDtype = "uint8",
+                           ) -> AsyncIterator[np.ndarray]:
         start = time.perf_counter()
         async with self._slots:
             deadline = start + self.settings.request_timeout_s
-            session = self.backend.decode_session(model.name)
+            session = self.backend.decode_session(model.name, frames_dtype)
             self.metrics.active_sessions.labels("decode").inc()
             produced = 0
             try:
@@ -467,6 +477,12 @@ class _Holding:
     def __del__(self) -> None:
         if self._release is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._release)
+
+
+def _check_frames_dtype(frames_dtype: str) -> None:
+    if frames_dtype not in FRAMES_DTYPES:
+        raise InvalidInput(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
+                           f"{frames_dtype!r}")
 
 
 def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:

@@ -78,11 +78,12 @@ async def test_local_backend_isolates_a_bad_member(tiny_weights: Path,
         run = steps_module.EagerSteps._run
         calls: list[int] = []
 
-        def poisoned(self: steps_module.EagerSteps, x: np.ndarray, cache: object) -> object:
+        def poisoned(self: steps_module.EagerSteps, x: np.ndarray, cache: object,
+                     frames_dtype: str) -> object:
             calls.append(len(x))
             if (x == POISON).all(axis=(1, 2, 3, 4)).any():
                 raise RuntimeError("poisoned input")
-            return run(self, x, cache)  # type: ignore[arg-type]
+            return run(self, x, cache, frames_dtype)  # type: ignore[arg-type]
 
         monkeypatch.setattr(steps_module.EagerSteps, "_run", poisoned)
         expected = [await alone(backend, i) for i in (0, 2)]

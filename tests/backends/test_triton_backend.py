@@ -27,7 +27,7 @@ from ivvae.metrics import Metrics
 from ivvae.safetensors_io import loads
 from tests import media
 from tests.redis_server import free_port
-from tests.service_fixtures import running_app, tiny_settings
+from tests.service_fixtures import model_video, running_app, tiny_settings
 from tests.triton_server import IvvaeTriton
 
 pytestmark = pytest.mark.triton
@@ -45,8 +45,10 @@ async def encode(client: httpx.AsyncClient, video: bytes = VIDEO) -> httpx.Respo
     return await client.post("/encode", files={"file": ("v.mp4", video, "video/mp4")})
 
 
-async def decode_frames(client: httpx.AsyncClient, latent_file: bytes) -> np.ndarray:
-    response = await client.post("/decode?format=frames", content=latent_file, headers=OCTET)
+async def decode_frames(client: httpx.AsyncClient, latent_file: bytes,
+                        frames_dtype: str = "uint8") -> np.ndarray:
+    response = await client.post(f"/decode?format=frames&frames_dtype={frames_dtype}",
+                                 content=latent_file, headers=OCTET)
     assert response.status_code == 200, response.text
     return loads(response.content)[0]["frames"].array
 
@@ -85,6 +87,8 @@ async def test_encode_and_decode_match_the_local_backend(ivvae_triton: IvvaeTrit
         via_triton = await encode(client)
         assert via_triton.status_code == 200, via_triton.text
         triton_frames = await decode_frames(client, via_triton.content)
+        # FRAMES_FP32: the decoder's own float values, asked for per request
+        triton_float = await decode_frames(client, via_triton.content, "float32")
     async with running_app(tiny_settings(ivvae_triton.weights)) as client:
         local_models = (await client.get("/models")).json()
         via_local = await encode(client)
@@ -106,6 +110,9 @@ async def test_encode_and_decode_match_the_local_backend(ivvae_triton: IvvaeTrit
                                                            info_l.weights_sha256)
     assert triton_frames.shape == (21, 24, 40, 3)
     assert_frames_close(triton_frames, local_frames)
+    assert triton_float.dtype == np.float32 and triton_float.shape == (21, 24, 40, 3)
+    video = model_video(ivvae_triton.weights, latent_t, num_frames=21, height=24, width=40)
+    assert np.abs(triton_float - video[0].transpose(1, 2, 3, 0)).max() <= 1e-4
     # Every session ended its sequence: nothing waits for the time-to-live.
     for model in ("ivvae_encoder", "ivvae_decoder"):
         assert triton_metric(ivvae_triton, "ivvae_open_sequences", model) == 0

@@ -19,7 +19,7 @@ from ivvae.video import open_video
 from ivvae.wire import DecodeTarget
 from tests.grpc_fixtures import ServerThread, server_thread
 from tests.media import make_frames, sample_clip
-from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+from tests.service_fixtures import model_video, tiny_settings, tiny_weights  # noqa: F401
 
 torch = pytest.importorskip("torch")
 FRAMES = make_frames(5, 24, 16)
@@ -102,3 +102,29 @@ def test_bare_latents_decode_like_in_process(url: str, server: ServerThread) -> 
         with pytest.raises(InvalidInput, match="bare latents"):
             client.decode(made, fps=10)
     assert decode_latent_file(made.data)[1].num_frames == 5
+
+
+def test_float_frames_equal_the_in_process_model(url: str, server: ServerThread,
+                                                 tiny_weights: Path) -> None:  # noqa: F811
+    """A sampler's latent (one, and a batch of 3; two latent frames, so the decoder
+    streams) decoded to float32 frames equals the model's own decode within 1e-4; uint8
+    frames equal the in-process service's exactly; an MP4 cannot be float."""
+    z = server.service.pipeline.model().z_dim
+    latent = np.random.default_rng(0).standard_normal((3, z, 2, 2, 3)).astype(np.float32)
+    video = model_video(tiny_weights, latent).transpose(0, 2, 3, 4, 1)  # (3, 5, 16, 24, 3)
+    with Client(url) as client:
+        one = client.decode(latent[:1], format="frames", frames_dtype="float32")
+        assert isinstance(one, np.ndarray) and one.dtype == np.float32
+        np.testing.assert_allclose(one, video[0], rtol=0, atol=1e-4)
+        batch = client.decode(latent, format="frames", frames_dtype="float32")
+        assert batch.shape == (3, 5, 16, 24, 3)
+        np.testing.assert_allclose(batch, video, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(client.decode(latent, format="frames"),
+                                      _in_process(server, latent))
+        # a latent file from encode too
+        made = client.encode(FRAMES)
+        got = client.decode(made, format="frames", frames_dtype="float32")
+        expected = model_video(tiny_weights, made.numpy(), height=16, width=24)
+        np.testing.assert_allclose(got, expected[0].transpose(1, 2, 3, 0), rtol=0, atol=1e-4)
+        with pytest.raises(ValueError, match="uint8"):
+            client.decode(latent, frames_dtype="float32")

@@ -49,9 +49,11 @@ class RunningSum(ArtifactSteps):
             mu = np.broadcast_to(total[:, None, None, None, None], (b, Z, 1, 1, 1))
             return [mu.astype(np.float32), -mu.astype(np.float32)], [total]
         frames = np.broadcast_to(total[:, None, None, None, None] % 256, (b, 1, 8, 8, 3))
-        return [frames.astype(np.uint8)], [total]
+        return [frames.astype(self.frames_dtype)], [total]
 
-    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, step: str, x: np.ndarray, cache: Cache, frames_dtype: str = "uint8"
+             ) -> tuple[list[np.ndarray], Cache]:
+        self.frames_dtype = frames_dtype
         return self._step(step, x, cache[0] if step == "next" else np.zeros(len(x)))
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
@@ -100,6 +102,24 @@ def test_steps_of_equal_size_run_as_one_batch_and_keep_their_own_cache() -> None
     assert steps.batches == [("first", 3), ("next", 1), ("next", 2)]
     assert nexts[0].outputs[1].shape == (1, Z, 1, 1, 1)
     assert len(table) == 3
+
+
+def test_decoder_steps_are_batched_by_frames_dtype() -> None:
+    """Videos asking for uint8 and float32 frames never share a batch; each gets its own."""
+    steps = RunningSum("decoder")
+    table = SequenceTable(steps, ttl_s=10)
+    z = np.ones((1, Z, 1, 1, 1), np.float32)
+    results = table.execute([StepRequest(c, start=True, array=z * c,
+                                         frames_dtype="float32" if c % 2 else "uint8")
+                             for c in (1, 2, 3)])
+    assert sorted(steps.batches) == [("first", 1), ("first", 2)]
+    assert [r.outputs[0].dtype for r in results] == [np.float32, np.uint8, np.float32]
+    bad = table.execute([StepRequest(4, start=True, array=z,
+                                     frames_dtype="float64")])  # type: ignore[arg-type]
+    assert bad[0].kind is ErrorKind.INVALID and "frames_dtype" in bad[0].error
+    enc = SequenceTable(RunningSum(), ttl_s=10).execute(
+        [StepRequest(1, start=True, array=frames(1), frames_dtype="float32")])
+    assert enc[0].kind is ErrorKind.INVALID and "encoder" in enc[0].error
 
 
 def test_a_bad_request_fails_alone() -> None:

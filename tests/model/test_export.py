@@ -84,8 +84,10 @@ def stream(bare: Bare, direction: str, x: np.ndarray, sizes: tuple[int, ...],
         flat = bare(direction, "first" if a == 0 else "next", part, cache)
         outs.append(flat[:n_out])
         cache = flat[n_out:]
-    out_axis = 2 if direction == "encoder" else 1
-    return [np.concatenate(parts, axis=out_axis) for parts in zip(*outs, strict=True)]
+    # along time: moments (B, z, t, ...), frames (B, T, ...), the float video (B, 3, T, ...)
+    out_axes = (2, 2) if direction == "encoder" else (1, 2)
+    return [np.concatenate(parts, axis=axis)
+            for parts, axis in zip(zip(*outs, strict=True), out_axes, strict=False)]
 
 
 def test_the_command_verified_its_artifacts(export: TinyExport) -> None:
@@ -119,9 +121,13 @@ def test_artifacts_match_the_eager_whole_video_path(export: TinyExport) -> None:
         assert np.abs(got_logvar - logvar.numpy()).max() <= 1e-4
 
         latent = model.moments_to_latent(mu, logvar)
-        expected = video_to_frames(model.decode(latent)).numpy()
-        (frames,) = stream(bare, "decoder", latent.numpy(), (2, 1), 1)
+        decoded = model.decode(latent)
+        expected = video_to_frames(decoded).numpy()
+        frames, video = stream(bare, "decoder", latent.numpy(), (2, 1), 2)
     assert frames.shape == expected.shape == (1, 13, 64, 64, 3)
+    # the graphs' float output is the decoder's own, unclamped, within the golden tolerance
+    assert video.shape == (1, 3, 13, 64, 64)
+    assert np.abs(video - decoded.numpy()).max() <= 1e-4
     diff = np.abs(frames.astype(np.int16) - expected.astype(np.int16))
     # The eager whole-video decode runs other step sizes than the artifacts here: float
     # sums in another order, so a rounding boundary may tip either way.
@@ -146,13 +152,17 @@ def test_batch_time_and_size_are_dynamic(export: TinyExport) -> None:
         assert np.abs(got1 - mu1.numpy()).max() <= 1e-4
 
         z = torch.randn(1, 4, 4, 1, 4, generator=g)
-        f0, dcache = DecoderStep(model).first(z[:, :, :1])
-        f1, _ = DecoderStep(model).next(z[:, :, 1:], dcache)
+        f0, v0, dcache = DecoderStep(model).first(z[:, :, :1])
+        f1, v1, _ = DecoderStep(model).next(z[:, :, 1:], dcache)
         (g0,), art_dcache = dec.first(z[:, :, :1].numpy())
         (g1,), _ = dec.next(z[:, :, 1:].numpy(), art_dcache)
-    assert g1.shape == (1, 12, 8, 32, 3)
+        (h1,), _ = dec.next(z[:, :, 1:].numpy(), art_dcache, "float32")
+    assert g1.shape == h1.shape == (1, 12, 8, 32, 3) and h1.dtype == np.float32
     for ref, got in ((f0, g0), (f1, g1)):
         assert np.abs(ref.numpy().astype(np.int16) - got.astype(np.int16)).max() <= 1
+    # float32 frames: the decoder's video channels-last, not rounded
+    assert np.abs(h1 - v1.permute(0, 2, 3, 4, 1).numpy()).max() <= 1e-4
+    assert np.abs(h1 - np.round(h1 * 127.5) / 127.5).max() > 1e-3
 
 
 def test_onnx_graphs_declare_dynamic_axes(tiny_exports: Callable[[str], TinyExport]) -> None:

@@ -11,7 +11,8 @@ Array contracts (numpy, batch dimension 1 = this video):
   with ``(1, 4k, H, W, 3)``; each returns ``mu, logvar`` float32 ``(1, z, n, H/8, W/8)``.
   H and W are multiples of 8 (the pipeline pads).
 * decode: ``first(latent)`` with latent ``(1, z, 1, h, w)`` float32, then ``next(latent)``
-  with ``(1, z, k, h, w)``; each returns frames ``(1, T, 8h, 8w, 3)`` uint8.
+  with ``(1, z, k, h, w)``; each returns frames ``(1, T, 8h, 8w, 3)`` in the session's
+  ``frames_dtype``: uint8, or float32 (the decoder's own values; see ``ivvae.core.steps``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from ..core.model_info import ModelInfo
-from ..core.steps import Direction, ErrorKind, StepResult
+from ..core.steps import Direction, ErrorKind, FramesDtype, StepResult
 from ..errors import BackendUnavailable, InvalidInput, InvalidLatent, IVVAEError
 from ..memory import StepCost
 
@@ -82,7 +83,8 @@ class Backend(abc.ABC):
     def encode_session(self, model: str) -> EncodeSession: ...
 
     @abc.abstractmethod
-    def decode_session(self, model: str) -> DecodeSession: ...
+    def decode_session(self, model: str, frames_dtype: FramesDtype = "uint8"
+                       ) -> DecodeSession: ...
 
 
 class StepSequence(Protocol):

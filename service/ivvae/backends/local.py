@@ -26,7 +26,7 @@ from .. import memory
 from ..batching import MicroBatcher
 from ..config import Settings
 from ..core.model_info import ModelInfo
-from ..core.steps import Direction, SequenceTable, StepRequest, StepResult
+from ..core.steps import Direction, FramesDtype, SequenceTable, StepRequest, StepResult
 from ..errors import UnknownModel
 from ..memory import StepCost
 from ..metrics import Metrics
@@ -175,9 +175,9 @@ class LocalBackend(Backend):
         self._get(model)
         return SequenceEncode(_Sequence(self, model, "encoder"))
 
-    def decode_session(self, model: str) -> DecodeSession:
+    def decode_session(self, model: str, frames_dtype: FramesDtype = "uint8") -> DecodeSession:
         self._get(model)
-        return SequenceDecode(_Sequence(self, model, "decoder"))
+        return SequenceDecode(_Sequence(self, model, "decoder", frames_dtype))
 
     def _run_batch(self, key: Key, requests: Sequence[StepRequest]) -> list[StepResult]:
         model, direction = key
@@ -187,16 +187,19 @@ class LocalBackend(Backend):
 class _Sequence:
     """One video's steps through a model's table, one at a time."""
 
-    def __init__(self, backend: LocalBackend, model: str, direction: Direction) -> None:
+    def __init__(self, backend: LocalBackend, model: str, direction: Direction,
+                 frames_dtype: FramesDtype = "uint8") -> None:
         self.backend = backend
         self.key: Key = (model, direction)
+        self.frames_dtype = frames_dtype
         self.corrid = next(backend._ids)
         self.started = False
         self.closed = False
 
     async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
         result = await self.backend._batcher.submit(
-            self.key, StepRequest(self.corrid, start=first, array=array))
+            self.key, StepRequest(self.corrid, start=first, array=array,
+                                  frames_dtype=self.frames_dtype))
         if result.kind is not None:
             raise step_error(result, self.key[1])
         self.started = True

@@ -45,11 +45,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import InferInput, InferResult
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException
 
 from ..config import Settings
 from ..core.model_info import ModelInfo
+from ..core.steps import FramesDtype
 from ..errors import (
     BackendUnavailable,
     DeadlineExceeded,
@@ -325,19 +326,23 @@ class TritonBackend(Backend):
     def encode_session(self, model: str) -> EncodeSession:
         return SequenceEncode(_Sequence(self, "encoder", self._check_model(model)))
 
-    def decode_session(self, model: str) -> DecodeSession:
-        return SequenceDecode(_Sequence(self, "decoder", self._check_model(model)))
+    def decode_session(self, model: str, frames_dtype: FramesDtype = "uint8") -> DecodeSession:
+        return SequenceDecode(_Sequence(self, "decoder", self._check_model(model),
+                                        frames_dtype))
 
 
 class _Sequence:
     """One video's steps on one endpoint, one request at a time."""
 
-    def __init__(self, backend: TritonBackend, direction: str, info: ModelInfo) -> None:
+    def __init__(self, backend: TritonBackend, direction: str, info: ModelInfo,
+                 frames_dtype: FramesDtype = "uint8") -> None:
         self.backend = backend
         self.direction = direction
         self.info = info
         self.model = backend._models[direction]
         self.input_name, self.output_names = c.TENSORS[direction]
+        if direction == "decoder":
+            self.output_names = (c.DECODER_FRAMES[frames_dtype],)
         self.corrid = secrets.randbelow(c.MAX_CORRELATION_ID) + 1
         self.endpoint: str | None = None
         self.started = False  # the first step succeeded
@@ -408,6 +413,8 @@ class _Sequence:
         self.sent = True
         call = asyncio.ensure_future(client.infer(
             self.model, inputs, sequence_id=self.corrid, sequence_start=start,
+            outputs=None if tensor is None else [InferRequestedOutput(name)
+                                                 for name in self.output_names],
             sequence_end=end, client_timeout=timeout,
             parameters={c.WEIGHTS_PARAMETER: self.info.weights_sha256} if start else None,
         ))

@@ -65,7 +65,8 @@ class _Transport(Protocol):
     async def encode(self, video: VideoSource | Path | np.ndarray, options: dict[str, Any],
                      preprocess: dict[str, str], fps: float | None = None) -> LatentResult: ...
     async def decode(self, latent: bytes, *, frames: bool, crf: int,
-                     target: dict[str, str] | None = None) -> bytes | np.ndarray: ...
+                     target: dict[str, str] | None = None,
+                     frames_dtype: str = "uint8") -> bytes | np.ndarray: ...
     async def models(self) -> Models: ...
     async def healthy(self) -> bool: ...
     async def close(self) -> None: ...
@@ -164,7 +165,9 @@ class AsyncClient:
                      crf: int = DEFAULT_CRF, model: str = "", fps: float | str | None = None,
                      num_frames: int | None = None, height: int | None = None,
                      width: int | None = None,
-                     latent_space: Literal["scaled", "raw"] = "scaled") -> bytes | np.ndarray:
+                     latent_space: Literal["scaled", "raw"] = "scaled",
+                     frames_dtype: Literal["uint8", "float32"] = "uint8",
+                     ) -> bytes | np.ndarray:
         """Decode to video: a latent file (a path, its bytes, or a ``LatentResult``), or a
         bare latent a sampler made, as a numpy array or torch tensor ``(B, z, t, h, w)`` or
         ``(z, t, h, w)`` (bfloat16 / float16 kept) or a bare latent file.
@@ -172,13 +175,19 @@ class AsyncClient:
         ``format="mp4"``: the bytes of an H.264 MP4 (original fps, frame count and size;
         ``crf`` its quality, lower is better; a batch of more than one: a zip of
         ``0.mp4``, ``1.mp4``, ...); ``format="frames"``: ``(T, H, W, 3)`` uint8 RGB frames
-        in [0, 255] (``(B, T, H, W, 3)`` for a batch). For bare latents, ``model`` (default:
-        the served default), ``fps`` (default 24), ``num_frames`` / ``height`` / ``width``
+        in [0, 255] (``(B, T, H, W, 3)`` for a batch), or with ``frames_dtype="float32"`` the
+        decoder's own values in the same layout (about [-1, 1], not clamped: what the uint8
+        frames are rounded from, equal to decoding in-process). For bare latents, ``model``
+        (default: the served default), ``fps`` (default 24), ``num_frames`` / ``height`` / ``width``
         (defaults ``1 + 4(t-1)``, ``8h``, ``8w``) and ``latent_space`` (``scaled``: the
         model's ``scale * (s - shift)``, what encode returns; ``raw``: ``s``).
         """
         if format not in ("mp4", "frames"):
             raise ValueError(f"format must be 'mp4' or 'frames', got {format!r}")
+        if frames_dtype not in ("uint8", "float32"):
+            raise ValueError(f"frames_dtype must be 'uint8' or 'float32', got {frames_dtype!r}")
+        if format == "mp4" and frames_dtype != "uint8":
+            raise ValueError("frames_dtype='float32' needs format='frames': an MP4 holds uint8")
         target = {k: str(v) for k, v in (("model", model), ("fps", fps),
                                           ("num_frames", num_frames), ("height", height),
                                           ("width", width)) if v}
@@ -192,7 +201,7 @@ class AsyncClient:
             data = await read_source(cast("VideoSource | Path", latent))
         return await with_retries(
             self.retry, lambda: self._t.decode(data, frames=format == "frames", crf=crf,
-                                               target=target))
+                                               target=target, frames_dtype=frames_dtype))
 
     async def models(self) -> Models:
         return await with_retries(self.retry, self._t.models)
@@ -262,11 +271,13 @@ class Client:
                crf: int = DEFAULT_CRF, model: str = "", fps: float | str | None = None,
                num_frames: int | None = None, height: int | None = None,
                width: int | None = None,
-               latent_space: Literal["scaled", "raw"] = "scaled") -> bytes | np.ndarray:
+               latent_space: Literal["scaled", "raw"] = "scaled",
+               frames_dtype: Literal["uint8", "float32"] = "uint8") -> bytes | np.ndarray:
         """See ``AsyncClient.decode``."""
         return self._run(self._async.decode(latent, format=format, crf=crf, model=model,
                                             fps=fps, num_frames=num_frames, height=height,
-                                            width=width, latent_space=latent_space))
+                                            width=width, latent_space=latent_space,
+                                            frames_dtype=frames_dtype))
 
     def models(self) -> Models:
         return self._run(self._async.models())

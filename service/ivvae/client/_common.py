@@ -99,7 +99,8 @@ async def iter_source(source: VideoSource | Path) -> AsyncIterator[bytes]:
 
 
 def frames_from_file(data: bytes | bytearray, source: str) -> np.ndarray:
-    """The ``(T, H, W, 3)`` uint8 frames of a frames file (``ivvae.outputs``), writable."""
+    """The ``(T, H, W, 3)`` frames (uint8, or float32 when asked) of a frames file
+    (``ivvae.outputs``), writable."""
     try:
         tensors, _ = loads(data)
         return np.array(tensors["frames"].array)

@@ -117,14 +117,16 @@ class GrpcTransport:
         return LatentResult.from_bytes(data, cache_hit=results[0].cache_hit)
 
     async def decode(self, latent: bytes, *, frames: bool, crf: int,
-                     target: dict[str, str] | None = None) -> bytes | np.ndarray:
+                     target: dict[str, str] | None = None,
+                     frames_dtype: str = "uint8") -> bytes | np.ndarray:
         fmt = pb.DECODE_FORMAT_FRAMES if frames else pb.DECODE_FORMAT_MP4
         fields: dict[str, Any] = {k: int(v) if k in ("num_frames", "height", "width") else v
                                   for k, v in (target or {}).items()}
         responses = await self._stream(
             self._stub.Decode,
-            pb.DecodeRequest(options=pb.DecodeOptions(format=fmt, crf=crf,
-                                                      size_bytes=len(latent), **fields)),
+            pb.DecodeRequest(options=pb.DecodeOptions(
+                format=fmt, crf=crf, size_bytes=len(latent),
+                frames_dtype="" if frames_dtype == "uint8" else frames_dtype, **fields)),
             lambda piece: pb.DecodeRequest(chunk=piece), latent)
         if not responses or responses[0].WhichOneof("part") != "info":
             raise IVVAEError(f"{self.target} ended the Decode stream early")

@@ -81,10 +81,13 @@ class HttpTransport:
                                        cache_hit=response.headers.get("x-cache") == "hit")
 
     async def decode(self, latent: bytes, *, frames: bool, crf: int,
-                     target: dict[str, str] | None = None) -> bytes | np.ndarray:
+                     target: dict[str, str] | None = None,
+                     frames_dtype: str = "uint8") -> bytes | np.ndarray:
+        params = {"format": "frames" if frames else "mp4", "crf": str(crf), **(target or {})}
+        if frames_dtype != "uint8":
+            params["frames_dtype"] = frames_dtype
         response = await self._request(
-            "POST", "/decode", content=latent,
-            params={"format": "frames" if frames else "mp4", "crf": str(crf), **(target or {})},
+            "POST", "/decode", content=latent, params=params,
             headers={"content-type": "application/octet-stream"})
         if not frames:
             return response.content

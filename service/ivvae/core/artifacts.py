@@ -12,7 +12,8 @@ Formats and files (names are relative to the artifact directory):
   ``first(x)`` and ``next(x, *cache)``, returning a flat tuple (outputs, then the cache).
 * ``onnx``: ``encoder_first.onnx``, ``encoder_next.onnx``, ``decoder_first.onnx``,
   ``decoder_next.onnx``. Inputs ``frames`` or ``latent`` then ``cache_0 .. cache_N``;
-  outputs ``mu, logvar`` or ``frames`` then ``new_cache_0 .. new_cache_N``. Batch, height and
+  outputs ``mu, logvar`` or ``frames, video`` (uint8 frames and the float video they are
+  rounded from, see ``ivvae.model.steps``) then ``new_cache_0 .. new_cache_N``. Batch, height and
   width are dynamic everywhere; time is dynamic in the ``next`` graphs.
 
 Cache slot ``i``: ``(B, C_i, 1, H / d_i, W / d_i)`` float (``H`` = frame height) with
@@ -32,7 +33,7 @@ from .model_info import ModelInfo
 MANIFEST_NAME = "export_manifest.json"
 # Bump when the artifact contract (names, signatures, layout) changes: artifacts exported
 # by an older contract are then stale.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the decoder also returns its float video
 ArtifactFormat = Literal["torchscript", "onnx"]
 FORMATS: tuple[ArtifactFormat, ...] = get_args(ArtifactFormat)
 Direction = Literal["encoder", "decoder"]
@@ -41,7 +42,7 @@ STEPS = ("first", "next")
 
 # ONNX tensor names; the TorchScript methods take and return the same tensors positionally.
 ONNX_INPUT = {"encoder": "frames", "decoder": "latent"}
-ONNX_OUTPUTS = {"encoder": ("mu", "logvar"), "decoder": ("frames",)}
+ONNX_OUTPUTS = {"encoder": ("mu", "logvar"), "decoder": ("frames", "video")}
 
 
 def cache_input_name(i: int) -> str:

@@ -19,8 +19,11 @@ Array contracts (numpy; batch = independent videos):
 
 * encoder input ``(B, T, H, W, 3)`` uint8, H and W multiples of 8, ``T = 1`` first, ``4k``
   next; outputs ``mu, logvar`` float32 ``(B, z, 1 or k, H/8, W/8)``.
-* decoder input ``(B, z, n, h, w)`` float32, ``n = 1`` first; output ``frames`` uint8
-  ``(B, 1 or 4n, 8h, 8w, 3)``.
+* decoder input ``(B, z, n, h, w)`` float32, ``n = 1`` first; output ``frames``
+  ``(B, 1 or 4n, 8h, 8w, 3)`` in the step's ``frames_dtype``: ``uint8`` (rounded and
+  clamped, what video files hold; the default) or ``float32`` (the decoder's own values,
+  about [-1, 1] and not clamped, for callers that compare with or train against the model).
+  One layout for both, so everything downstream crops and trims frames the same way.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger("ivvae.steps")
 
 Direction = Literal["encoder", "decoder"]
 Cache = list[Any]  # per slot: a torch tensor or a numpy array, batch first
+FramesDtype = Literal["uint8", "float32"]
+FRAMES_DTYPES: tuple[FramesDtype, ...] = ("uint8", "float32")
 
 
 class Steps(abc.ABC):
@@ -51,11 +56,14 @@ class Steps(abc.ABC):
     z_dim: int
 
     @abc.abstractmethod
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        """The first step of ``B`` streams: (outputs, the streams' cache)."""
+    def first(self, x: np.ndarray, frames_dtype: FramesDtype = "uint8"
+              ) -> tuple[list[np.ndarray], Cache]:
+        """The first step of ``B`` streams: (outputs, the streams' cache).
+        ``frames_dtype``: the decoder's frames (the encoder has only float32 moments)."""
 
     @abc.abstractmethod
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def next(self, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype = "uint8"
+             ) -> tuple[list[np.ndarray], Cache]:
         """A later step of ``B`` streams with their stacked cache: (outputs, new cache)."""
 
     @abc.abstractmethod
@@ -80,6 +88,7 @@ class StepRequest:
     end: bool = False
     release: bool = False  # free the sequence's state; no step
     array: np.ndarray | None = None  # the data input, batch dimension 1
+    frames_dtype: FramesDtype = "uint8"  # of the decoder's frames
 
 
 @dataclass
@@ -178,7 +187,7 @@ class SequenceTable:
 
     def _round(self, requests: Sequence[StepRequest], indices: list[int],
                results: list[StepResult | None]) -> None:
-        groups: dict[tuple[bool, tuple[int, ...]], list[int]] = {}
+        groups: dict[tuple[bool, tuple[int, ...], FramesDtype], list[int]] = {}
         for i in indices:
             r = requests[i]
             if r.release:
@@ -190,8 +199,8 @@ class SequenceTable:
                 results[i] = problem
                 continue
             assert r.array is not None
-            groups.setdefault((r.start, tuple(r.array.shape)), []).append(i)
-        for (first, _), members in groups.items():
+            groups.setdefault((r.start, tuple(r.array.shape), r.frames_dtype), []).append(i)
+        for (first, _, _), members in groups.items():
             self._run(first, [requests[i] for i in members], members, results)
 
     def _check(self, r: StepRequest) -> StepResult | None:
@@ -205,7 +214,13 @@ class SequenceTable:
             return invalid(f"the input must have 5 dimensions with batch 1 (one video per "
                            f"request), got {x.shape}")
         m = SPACE_COMPRESSION
+        if r.frames_dtype not in FRAMES_DTYPES:
+            return invalid(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
+                           f"{r.frames_dtype!r}")
         if self.direction == "encoder":
+            if r.frames_dtype != "uint8":
+                return invalid("the encoder returns moments, not frames: frames_dtype is "
+                               "for the decoder")
             t, h, w, c = x.shape[1:]
             if x.dtype != np.uint8:
                 return invalid(f"frames must be uint8, got {x.dtype}")
@@ -275,9 +290,10 @@ class SequenceTable:
     def _step(self, first: bool, requests: list[StepRequest]
               ) -> tuple[list[np.ndarray], list[Cache]]:
         x = np.concatenate([r.array for r in requests if r.array is not None])
+        dtype = requests[0].frames_dtype  # one per batch: it is part of the group key
         if first:
-            outputs, cache = self.steps.first(x)
+            outputs, cache = self.steps.first(x, dtype)
         else:
             cache = self.steps.concat([self._states[r.corrid].cache for r in requests])
-            outputs, cache = self.steps.next(x, cache)
+            outputs, cache = self.steps.next(x, cache, dtype)
         return outputs, self.steps.split(cache, len(requests))

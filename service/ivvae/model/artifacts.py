@@ -10,7 +10,8 @@ Array contracts (numpy at this boundary; batch = independent videos):
 * encoder: ``frames`` ``(B, T, H, W, 3)`` uint8, H and W multiples of 8; ``first``: T = 1;
   ``next``: T = 4k. Outputs ``mu, logvar`` float32 ``(B, z, k or 1, H/8, W/8)``.
 * decoder: ``latent`` ``(B, z, n, h, w)`` float32; ``first``: n = 1. Output ``frames``
-  ``(B, 1 or 4n, 8h, 8w, 3)`` uint8.
+  ``(B, 1 or 4n, 8h, 8w, 3)`` in the step's ``frames_dtype`` (the graphs return both the
+  uint8 frames and the float video; only the one asked for leaves the device).
 
 Caches stay in the runner's native type (torch tensors on the model's device, or numpy
 arrays for ONNX Runtime) between steps.
@@ -39,7 +40,7 @@ from ..core.artifacts import (
     read_manifest,
 )
 from ..core.names import PRECISIONS
-from ..core.steps import Cache, Steps
+from ..core.steps import Cache, FramesDtype, Steps
 
 
 class ArtifactSteps(Steps):
@@ -51,14 +52,17 @@ class ArtifactSteps(Steps):
         self.z_dim = manifest.z_dim
         self.num_slots = len(manifest.cache_slots[direction])
 
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        return self._run("first", x, [])
+    def first(self, x: np.ndarray, frames_dtype: FramesDtype = "uint8"
+              ) -> tuple[list[np.ndarray], Cache]:
+        return self._run("first", x, [], frames_dtype)
 
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
-        return self._run("next", x, cache)
+    def next(self, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype = "uint8"
+             ) -> tuple[list[np.ndarray], Cache]:
+        return self._run("next", x, cache, frames_dtype)
 
     @abc.abstractmethod
-    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, step: str, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype
+             ) -> tuple[list[np.ndarray], Cache]:
         """Run step ``first`` or ``next`` on ``x`` with the streams' cache."""
 
     def _outputs(self, flat: Sequence[Any]) -> tuple[list[Any], Cache]:
@@ -111,12 +115,17 @@ class TorchScriptSteps(ArtifactSteps):
                 with torch.autocast(device_type=self.device.type, dtype=self.dtype):
                     yield
 
-    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, step: str, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype
+             ) -> tuple[list[np.ndarray], Cache]:
+        from .steps import pick_frames
+
         torch = self._torch
         inp = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         with self._mode():
             flat = getattr(self.module, step)(inp, *cache)
-        outputs, new = self._outputs(flat)
+            outputs, new = self._outputs(flat)
+            if self.direction == "decoder":
+                outputs = [pick_frames(outputs[0], outputs[1], frames_dtype)]
         return [o.cpu().numpy() for o in outputs], new
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
@@ -156,10 +165,16 @@ class OnnxSteps(ArtifactSteps):
         }
         self.input_name = ONNX_INPUT[direction]
 
-    def _run(self, step: str, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, step: str, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype
+             ) -> tuple[list[np.ndarray], Cache]:
         feed = {self.input_name: np.ascontiguousarray(x)}
         feed.update({cache_input_name(i): c for i, c in enumerate(cache)})
-        return self._outputs(self.sessions[step].run(None, feed))
+        outputs, new = self._outputs(self.sessions[step].run(None, feed))
+        if self.direction == "decoder":
+            frames, video = outputs
+            outputs = [frames if frames_dtype == "uint8" else np.ascontiguousarray(
+                video.transpose(0, 2, 3, 4, 1), dtype=np.float32)]
+        return outputs, new
 
     def concat(self, caches: Sequence[Cache]) -> Cache:
         if len(caches) == 1:

@@ -94,9 +94,10 @@ class EncoderGraphs(nn.Module):
 
 
 class DecoderGraphs(nn.Module):
-    """``first(latent)`` / ``next(latent, *cache)`` -> ``(frames, *cache)``.
+    """``first(latent)`` / ``next(latent, *cache)`` -> ``(frames, video, *cache)``.
 
-    ``latent`` ``(B, z, n, h, w)`` float32; ``frames`` ``(B, T, 8h, 8w, 3)`` uint8.
+    ``latent`` ``(B, z, n, h, w)`` float32; ``frames`` ``(B, T, 8h, 8w, 3)`` uint8;
+    ``video`` ``(B, 3, T, 8h, 8w)`` float32, what the frames are rounded from.
     """
 
     def __init__(self, vae: IVVAE) -> None:
@@ -104,12 +105,12 @@ class DecoderGraphs(nn.Module):
         self.step = DecoderStep(vae)
 
     def first(self, latent: Tensor) -> tuple[Tensor, ...]:
-        frames, cache = self.step.first(latent)
-        return (frames, *cache)
+        frames, video, cache = self.step.first(latent)
+        return (frames, video, *cache)
 
     def next(self, latent: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
-        frames, new = self.step.next(latent, list(cache))
-        return (frames, *new)
+        frames, video, new = self.step.next(latent, list(cache))
+        return (frames, video, *new)
 
 
 class _Method(nn.Module):
@@ -185,8 +186,10 @@ def _dynamic_axes(direction: Direction, step: str, slots: int) -> dict[str, dict
     else:
         axes["latent"] = {0: "batch", 3: "height", 4: "width"} | ({2: "time"} if nxt else {})
         axes["frames"] = {0: "batch", 2: "frame_height", 3: "frame_width"}
+        axes["video"] = {0: "batch", 3: "frame_height", 4: "frame_width"}
         if nxt:
             axes["frames"][1] = "frame_time"
+            axes["video"][2] = "frame_time"
     for i in range(slots):
         dims = {0: "batch", 3: f"cache_{i}_height", 4: f"cache_{i}_width"}
         axes[cache_output_name(i)] = dims
@@ -279,7 +282,8 @@ def verify_artifacts(directory: str | Path, vae: IVVAE, frames: np.ndarray,
 
     Encoder steps take 1, then 8 and 4 frames in turn; decoder steps take 1, then 2 and 1
     latent frames (the eager latents, so each direction is checked on its own). Returns
-    max abs errors of ``mu``, ``logvar`` and the caches, and for the uint8 frames the
+    max abs errors of ``mu``, ``logvar``, the float video and the caches, and for the uint8
+    frames the
     largest difference and the count of differing values; ``passed`` applies the
     tolerances of this module. Moments are compared absolutely (they are the latents);
     caches, whose magnitudes grow with the model, relative to ``max(1, max |eager|)``.
@@ -313,15 +317,21 @@ def verify_artifacts(directory: str | Path, vae: IVVAE, frames: np.ndarray,
         mismatched = total = max_lsb = 0
         for a, b in _chunks(latent.shape[2], (2, 1)):
             z = latent[:, :, a:b].contiguous()
+            # The artifact's cache moves on with the uint8 step; its float output is taken
+            # from a second run of the same step, so both outputs are checked.
             if a == 0:
-                out, cache = dec.first(z)
-                (aout,), art_cache = dec_art.first(z.numpy())
+                out, video, next_cache = dec.first(z)
+                (aout,), art_next = dec_art.first(z.numpy())
+                (avideo,), _ = dec_art.first(z.numpy(), "float32")
             else:
-                out, cache = dec.next(z, cache)
-                (aout,), art_cache = dec_art.next(z.numpy(), art_cache)
+                out, video, next_cache = dec.next(z, cache)
+                (aout,), art_next = dec_art.next(z.numpy(), art_cache)
+                (avideo,), _ = dec_art.next(z.numpy(), art_cache, "float32")
+            cache, art_cache = next_cache, art_next
             if tuple(out.shape) != aout.shape:
                 raise ExportError(f"decoder artifact returned {aout.shape}, eager "
                                   f"{tuple(out.shape)}")
+            errors.update("decoder_video", _max_abs(video.permute(0, 2, 3, 4, 1), avideo))
             diff = np.abs(out.numpy().astype(np.int16) - aout.astype(np.int16))
             max_lsb = max(max_lsb, int(diff.max()))
             mismatched += int(np.count_nonzero(diff))

@@ -10,8 +10,12 @@ concatenated and run together.
 * ``EncoderStep.next(frames, cache)``: frames ``(B, 4k, H, W, 3)`` -> moments of ``k`` latent
   frames and the new cache.
 * ``DecoderStep.first(latent)``: latent ``(B, z, 1, h, w)`` -> frames ``(B, 1, 8h, 8w, 3)``
-  uint8 (rounded, clamped) and the cache.
-* ``DecoderStep.next(latent, cache)``: latent ``(B, z, k, h, w)`` -> ``(B, 4k, 8h, 8w, 3)``.
+  uint8 (rounded, clamped), the decoder's own ``video`` ``(B, 3, 1, 8h, 8w)`` float32 (not
+  clamped) and the cache. Both come out of one step: the uint8 frames are what a video
+  file holds, the float video what a caller comparing with the model (or training against
+  it) asks for; a runner copies to the host only the one a request wants.
+* ``DecoderStep.next(latent, cache)``: latent ``(B, z, k, h, w)`` -> ``(B, 4k, 8h, 8w, 3)``
+  frames, ``(B, 3, 4k, 8h, 8w)`` video and the new cache.
 
 :class:`EagerSteps` is these steps as the step protocol (``ivvae.core.steps.Steps``, numpy
 in and out), what the local backend's step engine runs; ``ivvae export`` traces the same
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.steps import Cache, Direction, Steps
+from ..core.steps import Cache, Direction, FramesDtype, Steps
 from .cache import FeatureCache, concat_slots, split_slots
 from .vae import IVVAE
 
@@ -40,6 +44,14 @@ def video_to_frames(video: Tensor) -> Tensor:
     """(B, 3, T, H, W) float in [-1, 1] -> (B, T, H, W, 3) uint8, rounded (not truncated)."""
     x = ((video.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
+
+
+def pick_frames(frames: Tensor, video: Tensor, frames_dtype: FramesDtype) -> Tensor:
+    """The decoder output a step was asked for, in the frames layout ``(B, T, H, W, 3)``:
+    the uint8 ``frames``, or ``video`` ``(B, 3, T, H, W)`` as float32 channels-last."""
+    if frames_dtype == "uint8":
+        return frames
+    return video.float().permute(0, 2, 3, 4, 1).contiguous()
 
 
 class EncoderStep(nn.Module):
@@ -62,13 +74,13 @@ class DecoderStep(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def first(self, latent: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def first(self, latent: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         video, cache = self.vae.decode_step(latent, None)
-        return video_to_frames(video), list(cache.tensors)
+        return video_to_frames(video), video.float(), list(cache.tensors)
 
-    def next(self, latent: Tensor, cache: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def next(self, latent: Tensor, cache: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
         video, new = self.vae.decode_step(latent, FeatureCache(tuple(cache)))
-        return video_to_frames(video), list(new.tensors)
+        return video_to_frames(video), video.float(), list(new.tensors)
 
 
 class EagerSteps(Steps):
@@ -82,17 +94,22 @@ class EagerSteps(Steps):
         self.module: EncoderStep | DecoderStep = (
             EncoderStep(vae) if direction == "encoder" else DecoderStep(vae))
 
-    def first(self, x: np.ndarray) -> tuple[list[np.ndarray], Cache]:
-        return self._run(x, None)
+    def first(self, x: np.ndarray, frames_dtype: FramesDtype = "uint8"
+              ) -> tuple[list[np.ndarray], Cache]:
+        return self._run(x, None, frames_dtype)
 
-    def next(self, x: np.ndarray, cache: Cache) -> tuple[list[np.ndarray], Cache]:
-        return self._run(x, cache)
+    def next(self, x: np.ndarray, cache: Cache, frames_dtype: FramesDtype = "uint8"
+             ) -> tuple[list[np.ndarray], Cache]:
+        return self._run(x, cache, frames_dtype)
 
-    def _run(self, x: np.ndarray, cache: Cache | None) -> tuple[list[np.ndarray], Cache]:
+    def _run(self, x: np.ndarray, cache: Cache | None, frames_dtype: FramesDtype
+             ) -> tuple[list[np.ndarray], Cache]:
         inp = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         with torch.inference_mode():
             out = self.module.first(inp) if cache is None else self.module.next(inp, cache)
         *outputs, new = out
+        if self.direction == "decoder":
+            outputs = [pick_frames(outputs[0], outputs[1], frames_dtype)]
         return [o.cpu().numpy() for o in outputs], new
 
     def concat(self, caches: Sequence[Cache]) -> Cache:

@@ -13,9 +13,14 @@ model      inputs                       outputs
 =========  ===========================  =================================================
 encoder    ``FRAMES`` uint8             ``MU``, ``LOGVAR`` float32
            ``(1, T, H, W, 3)``          ``(1, z, T', H/8, W/8)``
-decoder    ``LATENT`` float32           ``FRAMES`` uint8 ``(1, T, 8h, 8w, 3)``
-           ``(1, z, n, h, w)``
+decoder    ``LATENT`` float32           ``FRAMES`` uint8 ``(1, T, 8h, 8w, 3)``, or
+           ``(1, z, n, h, w)``          ``FRAMES_FP32`` float32, same layout
 =========  ===========================  =================================================
+
+The decoder answers with ``FRAMES``, or with ``FRAMES_FP32`` alone when a request asks for
+that output alone: the decoder's own values (about [-1, 1], not clamped) that ``FRAMES``
+is rounded from. A sequence may change its ask from step to step; steps are batched with
+others that ask the same.
 
 The first step of a sequence (``sequence_start``) takes one frame (encoder) or one latent
 frame (decoder); later steps take ``4k`` frames or ``k`` latent frames, at the size of the
@@ -54,6 +59,7 @@ DECODER_MODEL = "ivvae_decoder"
 
 # -- tensors -----------------------------------------------------------------------------------
 FRAMES = "FRAMES"
+FRAMES_FP32 = "FRAMES_FP32"  # the decoder's float frames, when a request asks for them
 LATENT = "LATENT"
 MU = "MU"
 LOGVAR = "LOGVAR"
@@ -70,6 +76,8 @@ TENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "decoder": (LATENT, (FRAMES,)),
 }
 MODEL_NAMES = {"encoder": ENCODER_MODEL, "decoder": DECODER_MODEL}
+# the decoder's output per frames dtype (ivvae.core.steps.FRAMES_DTYPES)
+DECODER_FRAMES = {"uint8": FRAMES, "float32": FRAMES_FP32}
 
 # -- model-config parameters -----------------------------------------------------------------
 ARTIFACT_DIR = "ARTIFACT_DIR"  # directory of exported artifacts (export_manifest.json)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core.artifacts import ArtifactError, Direction, read_manifest
 from ..core.model_info import ModelInfo
-from ..core.steps import ErrorKind, SequenceTable, StepRequest, StepResult
+from ..core.steps import ErrorKind, FramesDtype, SequenceTable, StepRequest, StepResult
 from ..model.artifacts import load_steps
 from . import contract as c
 
@@ -101,8 +101,11 @@ class StepModel:
             if result.kind is not None:
                 responses.append(self._error(result.kind, result.error))
             else:
+                assert isinstance(p, StepRequest)
+                names = (self.output_names if self.direction == "encoder"
+                         else (c.DECODER_FRAMES[p.frames_dtype],))
                 tensors = [pb.Tensor(name, out)
-                           for name, out in zip(self.output_names, result.outputs, strict=False)]
+                           for name, out in zip(names, result.outputs, strict=False)]
                 responses.append(pb.InferenceResponse(output_tensors=tensors))
         self._observe()
         return responses
@@ -135,9 +138,14 @@ class StepModel:
                 ErrorKind.LOST, f"{self.name} serves weights {self.weights[:12]}, not the "
                                 "ones this sequence was meant for; ask the server again")
         release = value(c.RELEASE)
+        frames_dtype: FramesDtype = "uint8"
+        # A request that names no outputs is handed all of them by Triton: FRAMES_FP32
+        # alone is the ask for float frames.
+        if self.direction == "decoder" and set(_requested_outputs(request)) == {c.FRAMES_FP32}:
+            frames_dtype = "float32"
         return StepRequest(corrid=int(flags[c.CORRID]), start=start, end=bool(flags[c.END]),
                            release=bool(release is not None and release.any()),
-                           array=value(self.input_name))
+                           array=value(self.input_name), frames_dtype=frames_dtype)
 
     def _wrong_weights(self, request: Any) -> bool:
         """Whether the request names other weights (``WEIGHTS_PARAMETER``) than served."""
@@ -191,3 +199,9 @@ class StepModel:
             logger.log_warn(message)
         else:
             logger.log_info(message)
+
+
+def _requested_outputs(request: Any) -> list[str]:
+    """The outputs a request names (Triton fills in all of them when it names none)."""
+    names = getattr(request, "requested_output_names", None)
+    return list(names()) if names is not None else []

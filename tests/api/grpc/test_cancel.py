@@ -52,7 +52,8 @@ def slow_steps(server: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     for kind in ("encode_session", "decode_session"):
         make = getattr(backend, kind)
         monkeypatch.setattr(backend, kind,
-                            lambda model, make=make: _Slow(make(model), delay=0.2))
+                            lambda model, *args, make=make: _Slow(make(model, *args),
+                                                                  delay=0.2))
 
 
 def _gauge(server: ServerThread, name: str, **labels: str) -> float:

@@ -142,6 +142,11 @@ DECODE: dict[str, tuple[Callable[[], AsyncIterator[Any]], grpc.StatusCode, str]]
                  "empty_input"),
     "bad crf": (lambda: decode_requests(b"x", crf=99), INVALID, "invalid_input"),
     "bad format": (lambda: decode_requests(b"x", format=7), INVALID, "invalid_input"),
+    "bad frames dtype": (lambda: decode_requests(b"x", format=pb.DECODE_FORMAT_FRAMES,
+                                                 frames_dtype="float64"),
+                         INVALID, "invalid_input"),
+    "float mp4": (lambda: decode_requests(b"x", frames_dtype="float32"), INVALID,
+                  "invalid_input"),
     "declared oversized": (lambda: decode_requests(b"\0" * 300_000, size_bytes=300_000),
                            EXHAUSTED, "too_large"),
 }

@@ -24,7 +24,12 @@ from ivvae.service import Service
 from ivvae.video import Preprocess, open_video
 from ivvae.wire import DecodeTarget
 from tests.media import make_frames, sample_clip
-from tests.service_fixtures import running_app, tiny_settings, tiny_weights  # noqa: F401
+from tests.service_fixtures import (  # noqa: F401
+    model_video,
+    running_app,
+    tiny_settings,
+    tiny_weights,
+)
 
 torch = pytest.importorskip("torch")
 remote_utils = pytest.importorskip("diffusers.utils.remote_utils")
@@ -62,7 +67,9 @@ async def _local_frames(svc: Service, latent: np.ndarray) -> np.ndarray:
 
 
 async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
-                                                         local: Service) -> None:
+                                                         local: Service,
+                                                         tiny_weights: Path,  # noqa: F811
+                                                         ) -> None:
     latent = await _sampler_latent(local)
     model = local.pipeline.model()
     tensor = torch.from_numpy(latent)
@@ -76,11 +83,12 @@ async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
     assert frames.dtype == torch.uint8
     np.testing.assert_array_equal(frames.numpy(), expected)
 
+    # partial_postprocess=False: the decoder's own float video, as vae.decode(z).sample
     video = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
                                        return_type="pt", **factors)
     assert video.dtype == torch.float32 and tuple(video.shape) == (1, 3, 5, 64, 64)
-    np.testing.assert_allclose(video.numpy(), expected.transpose(0, 4, 1, 2, 3) / 127.5 - 1,
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(video.numpy(), model_video(tiny_weights, latent),
+                               rtol=0, atol=1e-4)
 
     mp4 = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="mp4",
                                      return_type="mp4", **factors)
@@ -153,6 +161,32 @@ async def test_bare_latents_and_batches_over_http(tiny_weights: Path,  # noqa: F
         got = np.frombuffer(r.content, np.uint8).reshape(1, 4, 60, 57, 3)
         np.testing.assert_array_equal(got, expected[:1, :4, :60, :57])
 
+        # float frames, batch of 3: the in-process model's own values, within 1e-4
+        video = model_video(tiny_weights, latent)  # (3, 3, 5, 64, 64)
+        r = await client.post("/decode", content=latent.tobytes(), params={
+            "shape": list(latent.shape), "dtype": "float32", "output_type": "pt"})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.headers["shape"]) == [3, 3, 5, 64, 64]
+        assert r.headers["dtype"] == "float32"
+        got = np.frombuffer(r.content, np.float32).reshape(3, 3, 5, 64, 64)
+        np.testing.assert_allclose(got, video, rtol=0, atol=1e-4)
+        r = await client.post("/decode?format=frames&frames_dtype=float32",
+                              content=dumps({"latent": latent}))
+        tensors, meta = loads(r.content)
+        assert meta["layout"] == "BTHWC float32 RGB [-1, 1]"
+        np.testing.assert_allclose(tensors["frames"].array, video.transpose(0, 2, 3, 4, 1),
+                                   rtol=0, atol=1e-4)
+        # one item, cropped, streamed as a float frames file
+        r = await client.post("/decode", content=one.tobytes(), params={
+            "shape": "1,4,2,8,8", "dtype": "float32", "num_frames": "4", "height": "60",
+            "width": "57", "format": "frames", "frames_dtype": "float32"})
+        tensors, meta = loads(r.content)
+        assert meta["layout"] == "THWC float32 RGB [-1, 1]"
+        np.testing.assert_allclose(
+            tensors["frames"].array,
+            model_video(tiny_weights, one, num_frames=4, height=60, width=57)[0].transpose(
+                1, 2, 3, 0), rtol=0, atol=1e-4)
+
 
 BAD_DECODES = [
     ({"shape": "1,4,2,8,8", "dtype": "float32"}, b"\0" * 10, 400, "bytes"),
@@ -176,6 +210,14 @@ BAD_DECODES = [
     ({"shape": "1,4,1,8,8", "dtype": "float32"},
      np.full((1, 4, 1, 8, 8), np.nan, np.float32).tobytes(), 422, "non-finite"),
     ({"dtype": "float32"}, b"x", 400, "'shape'"),
+    ({"shape": "1,4,1,8,8", "dtype": "float32", "frames_dtype": "float16"}, bytes(16 * 64),
+     400, "'frames_dtype'"),
+    ({"shape": "1,4,1,8,8", "dtype": "float32", "frames_dtype": "float32"}, bytes(16 * 64),
+     400, "MP4 holds uint8"),
+    ({"shape": "1,4,1,8,8", "dtype": "float32", "frames_dtype": "uint8", "output_type": "pt"},
+     bytes(16 * 64), 400, "partial_postprocess"),
+    ({"shape": "1,4,1,8,8", "dtype": "float32", "partial_postprocess": "maybe"},
+     bytes(16 * 64), 400, "'partial_postprocess'"),
     ({"num_frames": "5"}, dumps({"latent": np.zeros((4, 2, 8, 8), np.float32)},
                                 {"format": "ivvae.latent"}), 400, "bare latents"),
 ]

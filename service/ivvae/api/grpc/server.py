@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ...config import Settings
 from ...core.names import CRF_RANGE, DEFAULT_CRF
+from ...core.steps import FRAMES_DTYPES, FramesDtype
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, render, render_batch
@@ -137,17 +138,26 @@ _FORMATS: dict[int, OutputFormat] = {pb.DECODE_FORMAT_UNSPECIFIED: "mp4",
                                       pb.DECODE_FORMAT_FRAMES: "frames"}
 
 
-def _decode_options(msg: pb.DecodeOptions | None) -> tuple[OutputFormat, int]:
-    """(output format, crf)."""
+def _decode_options(msg: pb.DecodeOptions | None
+                    ) -> tuple[OutputFormat, int, FramesDtype]:
+    """(output format, crf, frames dtype)."""
     if msg is None:
-        return "mp4", DEFAULT_CRF
+        return "mp4", DEFAULT_CRF, "uint8"
     if msg.format not in _FORMATS:
         raise InvalidInput(f"unknown decode format {msg.format}")
     DecodeTarget.parse(_decode_target(msg))  # refused before the upload
     crf = msg.crf if msg.HasField("crf") else DEFAULT_CRF
     if not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
         raise InvalidInput(f"crf must be in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf}")
-    return _FORMATS[msg.format], crf
+    fmt = _FORMATS[msg.format]
+    frames_dtype = msg.frames_dtype or "uint8"
+    if frames_dtype not in FRAMES_DTYPES:
+        raise InvalidInput(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
+                           f"{msg.frames_dtype!r}")
+    if fmt == "mp4" and frames_dtype != "uint8":
+        raise InvalidInput("frames_dtype float32 needs the FRAMES format: an MP4 holds uint8 "
+                           "frames")
+    return fmt, crf, frames_dtype
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:
@@ -347,7 +357,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         async with self._call(context, "decode", admit=False) as rpc:
             options, data = await self._receive(context, rpc, request_iterator,
                                                 "latent file", _decode_options)
-            fmt, crf = _decode_options(options)
+            fmt, crf, frames_dtype = _decode_options(options)
             target = _decode_target(options)
             pipeline = self.service.pipeline
             bare: tuple[np.ndarray, str] | None = None
@@ -362,20 +372,22 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 raise InvalidInput(f"option {target[0][0]!r} is for bare latents: a latent "
                                    "file from Encode records its own model, size and fps")
             if bare is None:
-                info, frames = await pipeline.decode_frames(data)
+                info, frames = await pipeline.decode_frames(data, frames_dtype)
                 items = [frames]
             else:
-                info, items = await pipeline.decode_bare(*bare, DecodeTarget.parse(target))
+                info, items = await pipeline.decode_bare(*bare, DecodeTarget.parse(target),
+                                                         frames_dtype)
             del data
             message = latent_info_message(info)
             message.batch = len(items)
             if len(items) > 1:
-                body, _ = await render_batch(fmt, info, items, crf=crf)
+                body, _ = await render_batch(fmt, info, items, crf=crf,
+                                             frames_dtype=frames_dtype)
                 await context.write(pb.DecodeResponse(info=message))
                 for chunk in _chunks(body):
                     await context.write(pb.DecodeResponse(chunk=chunk))
                 return
-            output = render(fmt, info, items[0], crf=crf)
+            output = render(fmt, info, items[0], crf=crf, frames_dtype=frames_dtype)
             try:
                 await context.write(pb.DecodeResponse(info=message))
                 async for piece in output:

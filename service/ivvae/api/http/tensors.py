@@ -23,9 +23,11 @@ raw tensor body (``shape`` + ``dtype``). Bare and raw latents take ``ivvae.wire`
 ``DecodeTarget`` parameters. The answer: ``format=mp4`` / ``output_type=mp4`` (default; a
 batch of more than one gives ``application/zip`` holding ``0.mp4``, ``1.mp4``, ...),
 ``format=frames`` (or ``Accept: application/x-safetensors``: a safetensors file with
-``frames`` ``(T, H, W, 3)``, or ``(B, T, H, W, 3)`` for a batch), ``output_type=pt``: a raw
-tensor body, ``(B, T, H, W, 3)`` uint8 with ``partial_postprocess=true``, else
-``(B, 3, T, H, W)`` float32 in [-1, 1], the uint8 frames as the encoder would read them.
+``frames`` ``(T, H, W, 3)``, or ``(B, T, H, W, 3)`` for a batch; uint8, or with
+``frames_dtype=float32`` the decoder's own float values), ``output_type=pt``: a raw tensor
+body, ``(B, T, H, W, 3)`` uint8 with ``partial_postprocess=true``, else ``(B, 3, T, H, W)``
+float32, the decoder's own values (about [-1, 1], not clamped; what the uint8 frames are
+rounded from), as diffusers' ``vae.decode(z).sample`` gives them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 
+from ...core.steps import FRAMES_DTYPES, FramesDtype
 from ...errors import InvalidInput
 from ...pipeline import EncodeOptions
 from ...safetensors_io import Tensor, float32_to_bf16_bits
@@ -53,7 +56,7 @@ from ...wire import (
 ENCODE_KEYS = ("model", "sample", "seed", "dtype", "moments", "shape", "output_type",
                "scaling_factor", "shift_factor")
 DECODE_OUTPUT_KEYS = ("format", "crf", "output_type", "partial_postprocess", "image_format",
-                      "shape", "dtype")
+                      "shape", "dtype", "frames_dtype")
 TENSOR_MEDIA_TYPE = "application/octet-stream"
 # Only the frames file's own type picks it: a generic octet-stream Accept is not a request
 # for raw frames.
@@ -199,7 +202,7 @@ def latent_answer(latents: list[np.ndarray], form: EncodeForm, scale: float,
 @dataclass(frozen=True)
 class DecodeForm:
     output: Literal["mp4", "frames", "pt"]
-    uint8: bool  # for pt: (B, T, H, W, 3) uint8, else (B, 3, T, H, W) float32
+    frames_dtype: FramesDtype  # for pt: uint8 (B, T, H, W, 3), float32 (B, 3, T, H, W)
     crf: int
     tensor_shape: tuple[int, ...] | None
     tensor_dtype: str
@@ -246,6 +249,23 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
         raise InvalidInput("parameter 'dtype' describes a raw tensor body: give 'shape' too")
     tensor_dtype = parse_wire_dtype(dtype or "", allowed=LATENT_DTYPES) if shape else ""
     target = [(k, v) for k, v in params if k in DECODE_KEYS]
-    return DecodeForm(output, _bool("partial_postprocess", _single(params,
-                                                                   "partial_postprocess")),
-                      crf, shape, tensor_dtype, target)
+    postprocess = _single(params, "partial_postprocess")
+    frames_dtype = _single(params, "frames_dtype")
+    if frames_dtype is not None and frames_dtype not in FRAMES_DTYPES:
+        raise InvalidInput(f"parameter 'frames_dtype' must be one of "
+                           f"{', '.join(FRAMES_DTYPES)}, got {frames_dtype!r}")
+    if output == "pt":
+        if frames_dtype is not None:
+            raise InvalidInput("parameters 'frames_dtype' and 'output_type=pt' contradict each "
+                               "other: pt takes 'partial_postprocess' (true: uint8 frames, "
+                               "false: the float video)")
+        dtype_of: FramesDtype = ("uint8" if _bool("partial_postprocess", postprocess)
+                                 else "float32")
+    else:
+        # partial_postprocess is only read for pt (diffusers' client sends it always)
+        _bool("partial_postprocess", postprocess)
+        dtype_of = "uint8" if frames_dtype is None else frames_dtype
+        if output == "mp4" and dtype_of != "uint8":
+            raise InvalidInput("parameter 'frames_dtype=float32' needs format=frames or "
+                               "output_type=pt: an MP4 holds uint8 frames")
+    return DecodeForm(output, dtype_of, crf, shape, tensor_dtype, target)

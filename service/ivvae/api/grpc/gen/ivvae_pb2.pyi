@@ -148,7 +148,7 @@ class LatentInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., num_frames: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps_numerator: _Optional[int] = ..., fps_denominator: _Optional[int] = ..., latent_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., content_sha256: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., batch: _Optional[int] = ...) -> None: ...
 
 class DecodeOptions(_message.Message):
-    __slots__ = ("format", "crf", "size_bytes", "model", "num_frames", "height", "width", "fps", "latent_space", "tensor")
+    __slots__ = ("format", "crf", "size_bytes", "model", "num_frames", "height", "width", "fps", "latent_space", "tensor", "frames_dtype")
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     CRF_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class DecodeOptions(_message.Message):
     FPS_FIELD_NUMBER: _ClassVar[int]
     LATENT_SPACE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DTYPE_FIELD_NUMBER: _ClassVar[int]
     format: DecodeFormat
     crf: int
     size_bytes: int
@@ -169,7 +170,8 @@ class DecodeOptions(_message.Message):
     fps: str
     latent_space: str
     tensor: TensorSpec
-    def __init__(self, format: _Optional[_Union[DecodeFormat, str]] = ..., crf: _Optional[int] = ..., size_bytes: _Optional[int] = ..., model: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[str] = ..., latent_space: _Optional[str] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ...) -> None: ...
+    frames_dtype: str
+    def __init__(self, format: _Optional[_Union[DecodeFormat, str]] = ..., crf: _Optional[int] = ..., size_bytes: _Optional[int] = ..., model: _Optional[str] = ..., num_frames: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., fps: _Optional[str] = ..., latent_space: _Optional[str] = ..., tensor: _Optional[_Union[TensorSpec, _Mapping]] = ..., frames_dtype: _Optional[str] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("options", "chunk")

@@ -56,29 +56,32 @@ async def decode(request: Request, svc: Svc) -> Response:
             raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
             latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
             info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
-                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params)))
+                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params),
+                form.frames_dtype))
         elif is_ivvae_latent_file(data):
             if form.target_params:
                 raise InvalidInput(
                     f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
                     "file from /encode records its own model, size and fps")
-            info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(data))
+            info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(
+                data, form.frames_dtype))
             items = [frames]
         else:
             latent, dtype = read_bare_latent(data)
             info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
-                latent, dtype, DecodeTarget.parse(form.target_params)))
+                latent, dtype, DecodeTarget.parse(form.target_params), form.frames_dtype))
         del data
         headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
                    "X-Width": str(info.width), "X-Height": str(info.height),
                    "X-Batch": str(len(items))}
         if form.output == "pt":
-            body, extra = await tensor_output(items, uint8=form.uint8)
+            body, extra = await tensor_output(items)
             return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
                             headers={**headers, **extra})
         if len(items) == 1:
             # One file streams: memory stays at one decoder step, not the whole video.
-            chunks = render(form.output, info, items[0], crf=form.crf)
+            chunks = render(form.output, info, items[0], crf=form.crf,
+                            frames_dtype=form.frames_dtype)
             try:
                 # The first step runs before the status goes out: what fails there (a
                 # backend down, a deadline) still gets its own status; later failures end
@@ -90,7 +93,8 @@ async def decode(request: Request, svc: Svc) -> Response:
             return StreamingResponse(_stream(first, chunks, items[0]),
                                      media_type=MEDIA_TYPES[form.output], headers=headers)
         body, media = await unless_disconnected(
-            request, render_batch(form.output, info, items, crf=form.crf))
+            request, render_batch(form.output, info, items, crf=form.crf,
+                                      frames_dtype=form.frames_dtype))
         return Response(body, media_type=media, headers=headers)
 
 
