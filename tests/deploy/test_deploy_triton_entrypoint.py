@@ -22,6 +22,8 @@ from google.protobuf import text_format
 from tests.devtools.test_repository import CPU_CONFIG
 from tritonclient.grpc import model_config_pb2
 
+from ivvae.core.artifacts import EXPORT_VERSION
+
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "triton-entrypoint.sh"
 
@@ -40,7 +42,8 @@ cat > "$out/export_manifest.json" <<EOF
  "shift_factor": 0.0, "weights_sha256": "$(printf 'a%.0s' {1..64})", "trained": true,
  "source": "/weights/ivvae.pth", "num_params": 10},
  "files": {"encoder": "encoder.pt", "decoder": "decoder.pt"}, "cache_slots": {},
- "ivvae_version": "0", "torch_version": "0", "export_version": 1, "precision": "float32"}
+ "ivvae_version": "0", "torch_version": "0", "export_version": @EXPORT_VERSION@,
+ "precision": "float32"}
 EOF
 """
 
@@ -102,7 +105,7 @@ def _executable(path: Path, text: str) -> None:
 def stage(tmp_path: Path) -> Stage:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    _executable(bin_dir / "ivvae", FAKE_IVVAE)
+    _executable(bin_dir / "ivvae", FAKE_IVVAE.replace("@EXPORT_VERSION@", str(EXPORT_VERSION)))
     _executable(bin_dir / "tritonserver", FAKE_TRITONSERVER)
     source = tmp_path / "model_repository"
     for name in ("ivvae_encoder", "ivvae_decoder"):

@@ -152,7 +152,7 @@ def test_batch_time_and_size_are_dynamic(export: TinyExport) -> None:
         assert np.abs(got1 - mu1.numpy()).max() <= 1e-4
 
         z = torch.randn(1, 4, 4, 1, 4, generator=g)
-        f0, v0, dcache = DecoderStep(model).first(z[:, :, :1])
+        f0, _, dcache = DecoderStep(model).first(z[:, :, :1])
         f1, v1, _ = DecoderStep(model).next(z[:, :, 1:], dcache)
         (g0,), art_dcache = dec.first(z[:, :, :1].numpy())
         (g1,), _ = dec.next(z[:, :, 1:].numpy(), art_dcache)
