@@ -543,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    from .memory import tune_allocator
+
+    tune_allocator()
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     if debug:
         return handler(args)

@@ -18,6 +18,10 @@ budget bounds the whole process:
   as :class:`~ivvae.errors.Overloaded` (503 with ``Retry-After``).
 * **Give back.** After a large job, :func:`return_memory` asks the allocator to hand freed
   pages back to the OS (glibc keeps them otherwise: 2 GB after one 1080p job).
+* **Allocator.** :func:`tune_allocator` (the ``ivvae`` command and the Triton models call
+  it at start) has glibc map every block of 1 MiB or more on its own, so a freed feature
+  map goes back to the OS at once instead of fragmenting the heap: a whole-video encode of
+  161 frames then peaks 2 % above one of 17 (6 % without), at no measured cost in speed.
 
 What one request may use is the budget less the process's baseline (weights, runtime, and
 the in-memory result cache at its cap), measured once after start-up.
@@ -373,6 +377,29 @@ def _libc_trim() -> Callable[[], None] | None:
 
 
 _TRIM = _libc_trim()
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 * MB
+ALLOCATOR_ENV = "IVVAE_TUNE_MALLOC"  # 0: leave glibc's defaults
+
+
+def tune_allocator() -> bool:
+    """Set glibc's mmap threshold to ``MMAP_THRESHOLD_BYTES`` (whether it was set). Left
+    alone when the user set ``MALLOC_MMAP_THRESHOLD_`` or ``IVVAE_TUNE_MALLOC=0``, and off
+    glibc. Setting it also stops glibc from raising the threshold on its own, which is how
+    freed multi-megabyte feature maps end up kept in the heap."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get(
+            ALLOCATOR_ENV, "").strip() == "0":
+        return False
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def return_memory() -> None:
