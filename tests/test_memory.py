@@ -169,3 +169,19 @@ def test_costs_are_measured_once_and_remembered_across_processes(
     monkeypatch.setattr(memory, "_MEASURED", {})
     assert memory.remembered_step_cost("k", measure) == StepCost(5, 123.5)  # re-measured
     assert len(calls) == 2
+
+
+def test_tune_allocator_sets_the_mmap_threshold_unless_told_not_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On glibc the threshold is set (mallopt answers 1); the user's own setting, or
+    IVVAE_TUNE_MALLOC=0, leaves the allocator alone."""
+    import platform
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv(memory.ALLOCATOR_ENV, raising=False)
+    assert memory.tune_allocator() is (platform.libc_ver()[0] == "glibc")
+    monkeypatch.setenv(memory.ALLOCATOR_ENV, "0")
+    assert memory.tune_allocator() is False
+    monkeypatch.delenv(memory.ALLOCATOR_ENV)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert memory.tune_allocator() is False

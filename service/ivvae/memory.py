@@ -41,7 +41,7 @@ import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -364,14 +364,21 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def _libc_trim() -> Callable[[], None] | None:
+def _glibc(function: str) -> Any:
+    """A function of glibc's malloc (``None`` off glibc)."""
     name = ctypes.util.find_library("c")
     if not name:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        return getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):
         return None  # not glibc
+
+
+def _libc_trim() -> Callable[[], None] | None:
+    trim = _glibc("malloc_trim")
+    if trim is None:
+        return None
     trim.argtypes = [ctypes.c_size_t]
     return lambda: trim(0)
 
@@ -391,13 +398,9 @@ def tune_allocator() -> bool:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get(
             ALLOCATOR_ENV, "").strip() == "0":
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
