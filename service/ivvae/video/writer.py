@@ -45,6 +45,7 @@ from av.video.stream import VideoStream
 
 from ivvae.core.names import DEFAULT_CRF
 from ivvae.core.strict import MAX_FPS
+from ivvae.video.reader import SWSCALE_THREADS
 
 X264_PRESETS = (
     "ultrafast",
@@ -166,6 +167,7 @@ class Mp4Writer:
                 format=self._pix_fmt,
                 dst_colorspace=Colorspace.ITU709,
                 dst_color_range=ColorRange.MPEG,
+                threads=SWSCALE_THREADS,  # fork-safe: see ivvae.video.reader
             )
             yuv.pts = self.frames_written
             self.frames_written += 1
