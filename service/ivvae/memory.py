@@ -18,10 +18,11 @@ budget bounds the whole process:
   as :class:`~ivvae.errors.Overloaded` (503 with ``Retry-After``).
 * **Give back.** After a large job, :func:`return_memory` asks the allocator to hand freed
   pages back to the OS (glibc keeps them otherwise: 2 GB after one 1080p job).
-* **Allocator.** :func:`tune_allocator` (the ``ivvae`` command and the Triton models call
-  it at start) has glibc map every block of 1 MiB or more on its own, so a freed feature
-  map goes back to the OS at once instead of fragmenting the heap: a whole-video encode of
-  161 frames then peaks 2 % above one of 17 (6 % without), at no measured cost in speed.
+* **Allocator.** :func:`tune_allocator` (the ``ivvae`` command calls it at start; the
+  Triton python stubs keep glibc's defaults) has glibc map every block of 1 MiB or more on
+  its own, so a freed feature map goes back to the OS at once instead of fragmenting the
+  heap: a whole-video encode of 161 frames then peaks 2 % above one of 17 (10 % without),
+  at no measured cost in speed.
 
 What one request may use is the budget less the process's baseline (weights, runtime, and
 the in-memory result cache at its cap), measured once after start-up.

@@ -41,9 +41,6 @@ class StepModel:
     def initialize(self, args: dict[str, str]) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from ..memory import tune_allocator
-
-        tune_allocator()  # the stub is a process of its own: the same allocator setting
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         self.name = str(config["name"])
