@@ -26,7 +26,8 @@ from typing import Any, Literal
 import numpy as np
 
 from .core.names import DEFAULT_CRF
-from .core.steps import FramesDtype
+from .core.steps import FRAMES_DTYPES, FramesDtype
+from .errors import InvalidInput
 from .latents import LatentInfo
 from .safetensors_io import dumps, header_bytes
 from .video import Mp4Writer
@@ -40,6 +41,19 @@ FRAMES_METADATA_KEYS = ("num_frames", "height", "width", "fps", "model_name", "l
 _ST_DTYPE = {"uint8": "U8", "float32": "F32"}
 # safetensors is little-endian
 _NP_DTYPE: dict[str, np.dtype[Any]] = {"uint8": np.dtype("u1"), "float32": np.dtype("<f4")}
+
+
+def frames_dtype_for(fmt: OutputFormat, value: str | None) -> FramesDtype:
+    """The frames dtype a request asks of an ``fmt`` output (none given: uint8). An unknown
+    dtype, or float32 for an MP4, is ``InvalidInput`` naming it, before any work."""
+    dtype = value or "uint8"
+    if dtype not in FRAMES_DTYPES:
+        raise InvalidInput(f"parameter 'frames_dtype' must be one of "
+                           f"{', '.join(FRAMES_DTYPES)}, got {value!r}")
+    if fmt == "mp4" and dtype != "uint8":
+        raise InvalidInput("parameter 'frames_dtype=float32' needs the frames output "
+                           "(format=frames, or output_type=pt): an MP4 holds uint8 frames")
+    return dtype
 
 
 def frames_metadata(info: LatentInfo, frames_dtype: FramesDtype = "uint8") -> dict[str, str]:

@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..core.names import DEFAULT_CRF
+from ..core.steps import FRAMES_DTYPES
 from ..video.preprocess import Preprocess
 from ._common import (
     RetryPolicy,
@@ -184,8 +185,8 @@ class AsyncClient:
         """
         if format not in ("mp4", "frames"):
             raise ValueError(f"format must be 'mp4' or 'frames', got {format!r}")
-        if frames_dtype not in ("uint8", "float32"):
-            raise ValueError(f"frames_dtype must be 'uint8' or 'float32', got {frames_dtype!r}")
+        if frames_dtype not in FRAMES_DTYPES:
+            raise ValueError(f"frames_dtype must be one of {FRAMES_DTYPES}, got {frames_dtype!r}")
         if format == "mp4" and frames_dtype != "uint8":
             raise ValueError("frames_dtype='float32' needs format='frames': an MP4 holds uint8")
         target = {k: str(v) for k, v in (("model", model), ("fps", fps),

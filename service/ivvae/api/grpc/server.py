@@ -29,10 +29,10 @@ from grpc_reflection.v1alpha import reflection
 
 from ...config import Settings
 from ...core.names import CRF_RANGE, DEFAULT_CRF
-from ...core.steps import FRAMES_DTYPES, FramesDtype
+from ...core.steps import FramesDtype
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
-from ...outputs import OutputFormat, render, render_batch
+from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
 from ...service import Service
 from ...video import DEFAULT_FPS, Preprocess
@@ -150,14 +150,7 @@ def _decode_options(msg: pb.DecodeOptions | None
     if not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
         raise InvalidInput(f"crf must be in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf}")
     fmt = _FORMATS[msg.format]
-    frames_dtype = msg.frames_dtype or "uint8"
-    if frames_dtype not in FRAMES_DTYPES:
-        raise InvalidInput(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
-                           f"{msg.frames_dtype!r}")
-    if fmt == "mp4" and frames_dtype != "uint8":
-        raise InvalidInput("frames_dtype float32 needs the FRAMES format: an MP4 holds uint8 "
-                           "frames")
-    return fmt, crf, frames_dtype
+    return fmt, crf, frames_dtype_for(fmt, msg.frames_dtype)
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:

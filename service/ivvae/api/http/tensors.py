@@ -38,8 +38,9 @@ from typing import Literal
 
 import numpy as np
 
-from ...core.steps import FRAMES_DTYPES, FramesDtype
+from ...core.steps import FramesDtype
 from ...errors import InvalidInput
+from ...outputs import frames_dtype_for
 from ...pipeline import EncodeOptions
 from ...safetensors_io import Tensor, float32_to_bf16_bits
 from ...video import Preprocess
@@ -249,23 +250,15 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
         raise InvalidInput("parameter 'dtype' describes a raw tensor body: give 'shape' too")
     tensor_dtype = parse_wire_dtype(dtype or "", allowed=LATENT_DTYPES) if shape else ""
     target = [(k, v) for k, v in params if k in DECODE_KEYS]
-    postprocess = _single(params, "partial_postprocess")
+    # Checked whatever the output: diffusers' client sends it always; only pt reads it.
+    postprocess = _bool("partial_postprocess", _single(params, "partial_postprocess"))
     frames_dtype = _single(params, "frames_dtype")
-    if frames_dtype is not None and frames_dtype not in FRAMES_DTYPES:
-        raise InvalidInput(f"parameter 'frames_dtype' must be one of "
-                           f"{', '.join(FRAMES_DTYPES)}, got {frames_dtype!r}")
     if output == "pt":
         if frames_dtype is not None:
             raise InvalidInput("parameters 'frames_dtype' and 'output_type=pt' contradict each "
                                "other: pt takes 'partial_postprocess' (true: uint8 frames, "
                                "false: the float video)")
-        dtype_of: FramesDtype = ("uint8" if _bool("partial_postprocess", postprocess)
-                                 else "float32")
+        dtype_of: FramesDtype = "uint8" if postprocess else "float32"
     else:
-        # partial_postprocess is only read for pt (diffusers' client sends it always)
-        _bool("partial_postprocess", postprocess)
-        dtype_of = "uint8" if frames_dtype is None else frames_dtype
-        if output == "mp4" and dtype_of != "uint8":
-            raise InvalidInput("parameter 'frames_dtype=float32' needs format=frames or "
-                               "output_type=pt: an MP4 holds uint8 frames")
+        dtype_of = frames_dtype_for(output, frames_dtype)
     return DecodeForm(output, dtype_of, crf, shape, tensor_dtype, target)
