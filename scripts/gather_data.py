@@ -318,15 +318,22 @@ def cut_clips(src: Path, out_dir: Path, stem: str, *, frames: int = 33, short_si
     def write(k: int, segment: list[av.VideoFrame], rate: Fraction) -> None:
         dest = out_dir / f"{stem}_{k:04d}.mp4"
         with av.open(str(dest), "w", format="mp4") as out:
-            stream = out.add_stream("libx264", rate=rate, options={"crf": str(crf),
-                                                                   "preset": "medium"})
+            # threads=1 as an x264 parameter: PyAV's thread_count (below) did not reach
+            # x264, which then ran threaded and wrote different bytes from run to run
+            stream = out.add_stream("libx264", rate=rate, options={
+                "crf": str(crf), "preset": "medium",
+                "x264-params": "threads=1:lookahead-threads=1"})
             stream.width, stream.height = segment[0].width, segment[0].height
             stream.pix_fmt = "yuv420p"
             stream.codec_context.thread_count = 1
             for j, frame in enumerate(segment):
-                frame.pts = j
-                frame.time_base = Fraction(1) / rate
-                out.mux(stream.encode(frame))
+                # a fresh frame: a scaled one keeps the decoded frame's properties (its
+                # picture type among them, which libx264 obeys), and those too made the
+                # bytes differ between runs
+                fresh = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
+                fresh.pts = j
+                fresh.time_base = Fraction(1) / rate
+                out.mux(stream.encode(fresh))
             out.mux(stream.encode(None))
         written.append(dest)
 
