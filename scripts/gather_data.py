@@ -327,9 +327,9 @@ def cut_clips(src: Path, out_dir: Path, stem: str, *, frames: int = 33, short_si
             stream.pix_fmt = "yuv420p"
             stream.codec_context.thread_count = 1
             for j, frame in enumerate(segment):
-                # a fresh frame: a scaled one keeps the decoded frame's properties (its
-                # picture type among them, which libx264 obeys), and those too made the
-                # bytes differ between runs
+                # a fresh frame, without the decoded frame's properties (libx264 reads
+                # some, the picture type among them): encoding the scaled frame itself,
+                # the bytes still differed between runs even with threads=1
                 fresh = av.VideoFrame.from_ndarray(frame.to_ndarray(), format="yuv420p")
                 fresh.pts = j
                 fresh.time_base = Fraction(1) / rate
