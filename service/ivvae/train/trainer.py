@@ -160,6 +160,9 @@ class Trainer:
         self.mask = KeyframeMask(self.vae)
         self.disc = PatchDiscriminator().to(self.device) if cfg.adversarial else None
         self.step = 0
+        # The moving average (float32, state-dict names) when cfg.ema_decay > 0; made from
+        # the weights after the first step (after stage 1's mask has zeroed its blocks).
+        self.ema: dict[str, Tensor] | None = None
         self.opt: torch.optim.Optimizer | None = None
         self.disc_opt: torch.optim.Optimizer | None = None
         self.objective: nn.Module = Objective(self.vae)
@@ -213,6 +216,9 @@ class Trainer:
             d_tensors, d_groups = _optimizer_tensors(self.disc_opt)
             save_tensors(d_tensors, tmp / "disc_optim.safetensors")
             state["disc_param_groups"] = d_groups
+        if self.ema is not None:
+            save_tensors({k: v.cpu().contiguous() for k, v in self.ema.items()},
+                         tmp / "ema.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         old = self.out / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -231,7 +237,10 @@ class Trainer:
         saved = state["config"]
         mine = dataclasses.asdict(self.cfg)
         mine = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()}
-        changed = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
+        # An option added after the checkpoint was made counts as its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        changed = sorted(k for k in mine
+                         if k not in free and saved.get(k, defaults[k]) != mine[k])
         if changed:
             raise ValueError(f"checkpoint was made with different settings: {changed}")
         loaded = load_model(self.ckpt_dir / "model.safetensors", scale_factor=1.0,
@@ -240,6 +249,8 @@ class Trainer:
             for p, q in zip(self.vae.parameters(), loaded.parameters(), strict=True):
                 p.copy_(q)
         self.step = int(state["step"])
+        if (self.ckpt_dir / "ema.safetensors").exists():
+            self.ema = load_file(str(self.ckpt_dir / "ema.safetensors"), device=str(self.device))
         self._enter_stage(state["stage"])
         assert self.opt is not None
         _restore_optimizer(self.opt, load_file(str(self.ckpt_dir / "optim.safetensors")),
@@ -302,6 +313,7 @@ class Trainer:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
         self.opt.step()
+        self._update_ema()
         if use_gan and self.disc is not None and self.disc_opt is not None:
             d_loss = (F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(rec.detach())).mean())
             self.disc_opt.zero_grad(set_to_none=True)
@@ -319,6 +331,18 @@ class Trainer:
                       batch * frames * self.world / dt, extra)
         self.step += 1
         return log
+
+    def _update_ema(self) -> None:
+        if self.cfg.ema_decay <= 0:
+            return
+        weights = self.vae.state_dict()
+        if self.ema is None:
+            self.ema = {k: v.detach().float().clone() for k, v in weights.items()}
+            return
+        decay = self.cfg.ema_decay_at(self.step)
+        with torch.no_grad():
+            for name, value in weights.items():
+                self.ema[name].lerp_(value.float(), 1 - decay)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -353,26 +377,30 @@ class Trainer:
                      name: str = "") -> IVVAEConfig:
         """Write inference weights with scale/shift factors fitted on training data.
 
+        The weights are the moving average when ``ema_decay`` is set, else the last step's.
         ``shift`` is the mean of ``mu`` and ``scale`` 1 / its standard deviation, so the
         diffusion latents are roughly zero-mean and unit-variance (as the official ones).
         """
         cfg = self.cfg
-        was_training = self.vae.training
-        self.vae.eval()
+        weights = {k: v.detach().cpu() for k, v in
+                   (self.ema if self.ema is not None else self.vae.state_dict()).items()}
+        calibrate = IVVAE(self.vae.cfg).eval().requires_grad_(False)
+        calibrate.load_state_dict(weights)
+        calibrate.to(self.device)
         mus = []
         with torch.no_grad():
             for i in range(calibration_batches):
                 x = self.data.batch(seed=cfg.seed + 1, rank=0, step=i, batch_size=cfg.video_batch,
                                     frames=cfg.frames, crop=cfg.video_crop)
-                mu, _, _ = self.vae.encode_step(x.to(self.device), None)
+                mu, _, _ = calibrate.encode_step(x.to(self.device), None)
                 mus.append(mu.flatten().float().cpu())
+        del calibrate
         allmu = torch.cat(mus)
         shift = float(allmu.mean())
         scale = float(1.0 / allmu.std().clamp_min(1e-6))
-        self.vae.train(was_training)
         model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
         frozen = IVVAE(model_cfg)
-        frozen.load_state_dict({k: v.cpu() for k, v in self.vae.state_dict().items()})
+        frozen.load_state_dict(weights)
         frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
         save_safetensors(frozen, path, {"training_steps": str(self.step),
                                         "training_config": json.dumps(dataclasses.asdict(cfg))})
