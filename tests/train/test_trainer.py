@@ -202,8 +202,21 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path: Path,
     del state["config"]["ema_decay"]  # written by a version without the option
     state_file.write_text(json.dumps(state))
     assert Trainer(cfg, dataset=clips).resume()
-    with pytest.raises(ValueError, match="ema_decay"):
-        Trainer(dataclasses.replace(cfg, ema_decay=0.9), dataset=clips).resume()
+    with pytest.raises(ValueError, match="lr"):
+        Trainer(dataclasses.replace(cfg, lr=1.0), dataset=clips).resume()
+
+
+def test_a_moving_average_switched_on_in_a_resumed_run_starts_there(
+    tmp_path: Path, clips: ClipDataset
+) -> None:
+    cfg = tiny_cfg(tmp_path, image_steps=2, video_steps=4, save_every=2)
+    Trainer(cfg, dataset=clips).fit(progress=False, max_steps=2)
+    tr = Trainer(dataclasses.replace(cfg, ema_decay=0.9), dataset=clips)
+    assert tr.resume() and tr.step == 2 and tr.ema is None
+    tr.train_step()  # the average starts from the weights after this step
+    assert tr.ema is not None
+    for k, v in tr.vae.state_dict().items():
+        assert torch.equal(tr.ema[k], v.float()), k
 
 
 def test_device_resolution() -> None:

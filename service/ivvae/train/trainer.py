@@ -232,8 +232,9 @@ class Trainer:
         if not (self.ckpt_dir / "state.json").exists():
             return False
         state = json.loads((self.ckpt_dir / "state.json").read_text())
-        # Anything but these changes the run; video_steps may grow to train longer.
-        free = {"out", "save_every", "log_every", "video_steps", "device"}
+        # Anything but these changes the run; video_steps may grow to train longer, and the
+        # moving average only watches the weights (switched on later, it starts then).
+        free = {"out", "save_every", "log_every", "video_steps", "device", "ema_decay"}
         saved = state["config"]
         mine = dataclasses.asdict(self.cfg)
         mine = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()}
@@ -249,7 +250,7 @@ class Trainer:
             for p, q in zip(self.vae.parameters(), loaded.parameters(), strict=True):
                 p.copy_(q)
         self.step = int(state["step"])
-        if (self.ckpt_dir / "ema.safetensors").exists():
+        if self.cfg.ema_decay > 0 and (self.ckpt_dir / "ema.safetensors").exists():
             self.ema = load_file(str(self.ckpt_dir / "ema.safetensors"), device=str(self.device))
         self._enter_stage(state["stage"])
         assert self.opt is not None
