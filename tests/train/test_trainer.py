@@ -184,6 +184,10 @@ def test_ema_is_the_average_that_is_exported_and_resumed(tmp_path: Path,
     for k, v in a.ema.items():
         assert torch.equal(exported[k], v), k
 
+    # the checkpoint holds the average at step 6 as a weights file, as it holds the model
+    saved = load_model(tmp_path / "a" / "checkpoint" / "ema.safetensors").state_dict()
+    for k, v in before.items():
+        assert torch.equal(saved[k], v), k
     b = Trainer(cfg, dataset=clips)  # resumes at step 6 with the saved average
     assert b.resume() and b.step == 6
     b.train_step()

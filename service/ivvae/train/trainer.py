@@ -216,9 +216,8 @@ class Trainer:
             d_tensors, d_groups = _optimizer_tensors(self.disc_opt)
             save_tensors(d_tensors, tmp / "disc_optim.safetensors")
             state["disc_param_groups"] = d_groups
-        if self.ema is not None:
-            save_tensors({k: v.cpu().contiguous() for k, v in self.ema.items()},
-                         tmp / "ema.safetensors")
+        if self.ema is not None:  # a weights file like model.safetensors: `ivvae eval` reads it
+            save_safetensors(self._model_of(self.ema), tmp / "ema.safetensors")
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         old = self.out / "checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -251,7 +250,9 @@ class Trainer:
                 p.copy_(q)
         self.step = int(state["step"])
         if self.cfg.ema_decay > 0 and (self.ckpt_dir / "ema.safetensors").exists():
-            self.ema = load_file(str(self.ckpt_dir / "ema.safetensors"), device=str(self.device))
+            ema = load_model(self.ckpt_dir / "ema.safetensors", scale_factor=1.0,
+                             shift_factor=0.0)
+            self.ema = {k: v.float().to(self.device) for k, v in ema.state_dict().items()}
         self._enter_stage(state["stage"])
         assert self.opt is not None
         _restore_optimizer(self.opt, load_file(str(self.ckpt_dir / "optim.safetensors")),
@@ -333,6 +334,12 @@ class Trainer:
         self.step += 1
         return log
 
+    def _model_of(self, weights: dict[str, Tensor], cfg: IVVAEConfig | None = None) -> IVVAE:
+        """A CPU model holding ``weights`` (state-dict names)."""
+        model = IVVAE(cfg or self.vae.cfg)
+        model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+        return model
+
     def _update_ema(self) -> None:
         if self.cfg.ema_decay <= 0:
             return
@@ -383,11 +390,8 @@ class Trainer:
         diffusion latents are roughly zero-mean and unit-variance (as the official ones).
         """
         cfg = self.cfg
-        weights = {k: v.detach().cpu() for k, v in
-                   (self.ema if self.ema is not None else self.vae.state_dict()).items()}
-        calibrate = IVVAE(self.vae.cfg).eval().requires_grad_(False)
-        calibrate.load_state_dict(weights)
-        calibrate.to(self.device)
+        weights = self.ema if self.ema is not None else self.vae.state_dict()
+        calibrate = self._model_of(weights).eval().requires_grad_(False).to(self.device)
         mus = []
         with torch.no_grad():
             for i in range(calibration_batches):
@@ -400,8 +404,7 @@ class Trainer:
         shift = float(allmu.mean())
         scale = float(1.0 / allmu.std().clamp_min(1e-6))
         model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
-        frozen = IVVAE(model_cfg)
-        frozen.load_state_dict(weights)
+        frozen = self._model_of(weights, model_cfg)
         frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
         save_safetensors(frozen, path, {"training_steps": str(self.step),
                                         "training_config": json.dumps(dataclasses.asdict(cfg))})
