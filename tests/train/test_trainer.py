@@ -203,9 +203,13 @@ def test_a_checkpoint_from_before_an_option_existed_resumes(tmp_path: Path,
     Trainer(cfg, dataset=clips).fit(progress=False)
     state_file = tmp_path / "checkpoint" / "state.json"
     state = json.loads(state_file.read_text())
-    del state["config"]["ema_decay"]  # written by a version without the option
+    # written by a version without these options: ema_decay (free on resume) and one that
+    # is not free, which then counts as its default (the value cfg has)
+    del state["config"]["ema_decay"], state["config"]["ssim_weight"]
     state_file.write_text(json.dumps(state))
     assert Trainer(cfg, dataset=clips).resume()
+    with pytest.raises(ValueError, match="ssim_weight"):
+        Trainer(dataclasses.replace(cfg, ssim_weight=0.5), dataset=clips).resume()
     with pytest.raises(ValueError, match="lr"):
         Trainer(dataclasses.replace(cfg, lr=1.0), dataset=clips).resume()
 
