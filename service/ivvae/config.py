@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
     # The longest wait for the next message of a request stream (the first one included).
     grpc_read_timeout_s: float = Field(10.0, gt=0)
+    # Received but unread bytes each gRPC stream may hold (its HTTP/2 flow-control window).
+    # 0: grpc's own windows, which grow with the measured bandwidth: on loopback 20 refused
+    # 60 MB uploads then held ~200 MB. bench/bench_grpc.py measures both.
+    grpc_stream_window_bytes: int = Field(4 * 1024 * 1024, ge=0)
 
     # -- connections -----------------------------------------------------------------------
     # HTTP: the bytes and lines of a request head; the time to send it (from the connection's

@@ -68,13 +68,16 @@ def test_unauthenticated_big_messages_are_refused_without_being_buffered(
 
             return list(await asyncio.gather(*(one() for _ in range(20))))
 
-    codes = asyncio.run(attempt())
-    # UNAUTHENTICATED, or what a client sees whose upload was cut off by that answer.
-    assert all(c in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
-                     grpc.StatusCode.UNAVAILABLE) for c in codes), codes
-    assert grpc.StatusCode.UNAUTHENTICATED in codes
-    # Buffered, 20 x 60 MB would be over a gigabyte; unread, only flow-control windows.
-    assert _rss_mb(server.proc.pid) - before < 200
+    for _ in range(3):  # the allocator keeps what a round took: growth adds up, not averages
+        codes = asyncio.run(attempt())
+        # UNAUTHENTICATED, or what a client sees whose upload was cut off by that answer.
+        assert all(c in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
+                         grpc.StatusCode.UNAVAILABLE) for c in codes), codes
+        assert grpc.StatusCode.UNAUTHENTICATED in codes
+    # Buffered, 20 x 60 MB would be over a gigabyte. Unread, each stream holds at most its
+    # flow-control window: ~20 MB measured with the server's fixed 4 MB windows, up to
+    # ~200 MB with grpc's default windows, which grow with the measured bandwidth.
+    assert _rss_mb(server.proc.pid) - before < 100
 
 
 def test_streams_that_go_quiet_do_not_lock_others_out(server: ServeProcess) -> None:

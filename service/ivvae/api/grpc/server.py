@@ -445,12 +445,18 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
     """Serve ``service`` on ``settings.host:settings.grpc_port`` (port 0: any free port)."""
     settings = settings or service.settings
     size = settings.grpc_max_message_bytes
-    server = grpc.aio.server(interceptors=[
-        Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs)], options=[
+    options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
-    ])
+    ]
+    if settings.grpc_stream_window_bytes:
+        # A fixed window bounds what a stream that is never read (a refused call) holds;
+        # grpc's bandwidth probing would grow it past any bound.
+        options += [("grpc.http2.bdp_probe", 0),
+                    ("grpc.http2.lookahead_bytes", settings.grpc_stream_window_bytes)]
+    server = grpc.aio.server(interceptors=[
+        Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs)], options=options)
     pb_grpc.add_IVVAEServicer_to_server(IVVAEServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
