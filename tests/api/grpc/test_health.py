@@ -60,13 +60,18 @@ async def test_health_follows_readiness_and_shutdown(tiny_weights: Path) -> None
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service=""))
             seen = [(await watch.read()).status]
-            stopper = threading.Thread(target=server.call, args=(server.grpc.stop(0.5),))
+            # A long grace: the watcher must not be cut off before the news reaches it on a
+            # loaded machine; it hangs up itself once it has seen NOT_SERVING.
+            stopper = threading.Thread(target=server.call, args=(server.grpc.stop(30),))
             stopper.start()
             try:
                 while (reply := await watch.read()) is not grpc.aio.EOF:
                     seen.append(reply.status)
+                    if reply.status == NOT_SERVING:
+                        watch.cancel()
+                        break
             except grpc.aio.AioRpcError:
-                pass  # the server ends the stream when it stops
+                pass  # the server ended the stream first
             stopper.join()
             stopped = True
         assert seen[0] == SERVING and NOT_SERVING in seen[1:]

@@ -26,7 +26,7 @@ def _post(video: bytes = VIDEO) -> dict[str, object]:
 async def test_miss_then_hit_same_bytes_and_shared_by_sampling(
     tiny_weights: Path, redis_server: RedisServer
 ) -> None:
-    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.5)
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=2.0)
     async with running_app(settings) as client:
         first = await client.post("/encode", **_post())  # type: ignore[arg-type]
         second = await client.post("/encode", **_post())  # type: ignore[arg-type]
@@ -47,7 +47,7 @@ async def test_miss_then_hit_same_bytes_and_shared_by_sampling(
 
 async def test_redis_down_means_miss_not_failure(tiny_weights: Path,
                                                  redis_server: RedisServer) -> None:
-    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=0.3,
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=2.0,
                              redis_retry_s=0.2)
     async with running_app(settings) as client:
         first = await client.post("/encode", **_post())  # type: ignore[arg-type]
