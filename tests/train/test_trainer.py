@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,14 @@ def tiny_cfg(out: Path, **kw: object) -> TrainConfig:
                 warmup_steps=2, save_every=1000, log_every=1)
     base.update(kw)
     return TrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """Tests here pin one thread for exact losses; later modules get the count back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
