@@ -31,3 +31,11 @@ def test_extra_weights_are_parsed_at_construction() -> None:
     assert Settings(extra_weights="a=/x.pth, b.2=/y.pth").extra_weight_paths.keys() == {"a", "b.2"}
     with pytest.raises(ValidationError, match="NAME=PATH"):
         Settings(extra_weights="just-a-path.pth")
+
+
+@pytest.mark.parametrize("window", [1, 65534, 2**31])
+def test_grpc_stream_window_is_off_or_usable(window: int) -> None:
+    with pytest.raises(ValidationError, match=r"65535|2147483647"):
+        Settings(grpc_stream_window_bytes=window)
+    assert Settings(grpc_stream_window_bytes=0).grpc_stream_window_bytes == 0
+    assert Settings(grpc_stream_window_bytes=65535).grpc_stream_window_bytes == 65535

@@ -110,10 +110,12 @@ class Settings(BaseSettings):
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
     # The longest wait for the next message of a request stream (the first one included).
     grpc_read_timeout_s: float = Field(10.0, gt=0)
-    # Received but unread bytes each gRPC stream may hold (its HTTP/2 flow-control window).
-    # 0: grpc's own windows, which grow with the measured bandwidth: on loopback 20 refused
-    # 60 MB uploads then held ~200 MB. bench/bench_grpc.py measures both.
-    grpc_stream_window_bytes: int = Field(4 * 1024 * 1024, ge=0)
+    # Received but unread bytes each gRPC stream may hold (its HTTP/2 flow-control window);
+    # an upload moves about this + 1 MiB per round trip. 0: grpc's own windows, which grow
+    # with the measured bandwidth-delay product: faster over long round trips, but on
+    # loopback 100 refused 60 MB uploads then peaked at 114-412 MB (fixed: 43-50 MB).
+    # bench/bench_grpc.py measures both.
+    grpc_stream_window_bytes: int = Field(4 * 1024 * 1024, ge=0, le=2**31 - 1)
 
     # -- connections -----------------------------------------------------------------------
     # HTTP: the bytes and lines of a request head; the time to send it (from the connection's
@@ -150,6 +152,15 @@ class Settings(BaseSettings):
             raise ValueError("IVVAE_API_KEYS holds no key (only commas and spaces); leave it "
                              "empty to disable auth, or list the keys")
         return value.strip()
+
+    @field_validator("grpc_stream_window_bytes")
+    @classmethod
+    def _usable_window(cls, value: int) -> int:
+        # Below HTTP/2's default window every upload would crawl; 0 means grpc's default.
+        if 0 < value < 65535:
+            raise ValueError("IVVAE_GRPC_STREAM_WINDOW_BYTES must be 0 (grpc's default) or "
+                             "at least 65535")
+        return value
 
     @field_validator("model_name")
     @classmethod

@@ -13,9 +13,11 @@ import grpc
 import pytest
 from bench._common import ServeProcess
 
+from ivvae.api.grpc import server as grpc_server
 from ivvae.api.grpc.errors import ERROR_CODE_KEY
 from ivvae.api.grpc.gen import ivvae_pb2 as pb
 from ivvae.api.grpc.gen import ivvae_pb2_grpc as pb_grpc
+from ivvae.config import Settings
 
 KEY = "guard-test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -38,11 +40,11 @@ def _target(server: ServeProcess) -> str:
     return f"127.0.0.1:{server.grpc_port}"
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS:") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 _OPTIONS = [("grpc.max_send_message_length", BIG + (1 << 20))]
@@ -52,7 +54,9 @@ def test_unauthenticated_big_messages_are_refused_without_being_buffered(
     server: ServeProcess,
 ) -> None:
     assert server.proc is not None
-    before = _rss_mb(server.proc.pid)
+    pid = server.proc.pid
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from now
+    before = _rss_mb(pid)
 
     async def attempt() -> list[grpc.StatusCode]:
         video = bytes(BIG)
@@ -68,16 +72,33 @@ def test_unauthenticated_big_messages_are_refused_without_being_buffered(
 
             return list(await asyncio.gather(*(one() for _ in range(20))))
 
-    for _ in range(3):  # the allocator keeps what a round took: growth adds up, not averages
+    for _ in range(3):
         codes = asyncio.run(attempt())
         # UNAUTHENTICATED, or what a client sees whose upload was cut off by that answer.
         assert all(c in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
                          grpc.StatusCode.UNAVAILABLE) for c in codes), codes
         assert grpc.StatusCode.UNAUTHENTICATED in codes
-    # Buffered, 20 x 60 MB would be over a gigabyte. Unread, each stream holds at most its
-    # flow-control window: ~20 MB measured with the server's fixed 4 MB windows, up to
-    # ~200 MB with grpc's default windows, which grow with the measured bandwidth.
-    assert _rss_mb(server.proc.pid) - before < 100
+    # Buffered, 20 x 60 MB would be over a gigabyte at the peak. Unread, each stream holds
+    # at most its flow-control window: 20 x 4 MiB at worst with the server's fixed windows
+    # (bench/bench_grpc.py: 43-50 MB over five rounds), 114-412 MB with grpc's probed ones.
+    assert _rss_mb(pid, "VmHWM:") - before < 150
+
+
+def test_the_server_fixes_its_stream_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[tuple[str, int]]] = []
+
+    def record(*, interceptors: object, options: list[tuple[str, int]]) -> object:
+        seen.append(options)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(grpc_server.grpc.aio, "server", record)
+    for window, expected in ((4 << 20, {("grpc.http2.bdp_probe", 0),
+                                         ("grpc.http2.lookahead_bytes", 4 << 20)}),
+                             (0, set())):
+        settings = Settings(grpc_stream_window_bytes=window)
+        with pytest.raises(RuntimeError, match="recorded"):
+            asyncio.run(grpc_server.start_grpc_server(None, settings))  # type: ignore[arg-type]
+        assert {o for o in seen[-1] if o[0].startswith("grpc.http2.")} == expected
 
 
 def test_streams_that_go_quiet_do_not_lock_others_out(server: ServeProcess) -> None:

@@ -4,7 +4,6 @@ during shutdown); reflection lists the services."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,8 @@ async def test_health_follows_readiness_and_shutdown(tiny_weights: Path) -> None
             seen = [(await watch.read()).status]
             # A long grace: the watcher must not be cut off before the news reaches it on a
             # loaded machine; it hangs up itself once it has seen NOT_SERVING.
-            stopper = threading.Thread(target=server.call, args=(server.grpc.stop(30),))
-            stopper.start()
+            stopping = asyncio.ensure_future(
+                asyncio.to_thread(server.call, server.grpc.stop(30)))
             try:
                 while (reply := await watch.read()) is not grpc.aio.EOF:
                     seen.append(reply.status)
@@ -72,7 +71,7 @@ async def test_health_follows_readiness_and_shutdown(tiny_weights: Path) -> None
                         break
             except grpc.aio.AioRpcError:
                 pass  # the server ended the stream first
-            stopper.join()
+            await asyncio.wait_for(stopping, 60)  # and the server did stop
             stopped = True
         assert seen[0] == SERVING and NOT_SERVING in seen[1:]
     finally:
