@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # Received but unread bytes each gRPC stream may hold (its HTTP/2 flow-control window);
     # an upload moves about this + 1 MiB per round trip. 0: grpc's own windows, which grow
     # with the measured bandwidth-delay product: faster over long round trips, but on
-    # loopback 100 refused 60 MB uploads then peaked at 114-412 MB (fixed: 43-50 MB).
+    # loopback 100 refused 60 MB uploads then peaked at 114-412 MB (fixed: 40-50 MB).
     # bench/bench_grpc.py measures both.
     grpc_stream_window_bytes: int = Field(4 * 1024 * 1024, ge=0, le=2**31 - 1)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from bench._common import ServeProcess
+from bench.bench_grpc import check_refused, refused_round, status_mb
 
 from ivvae.api.grpc import server as grpc_server
 from ivvae.api.grpc.errors import ERROR_CODE_KEY
@@ -24,7 +25,6 @@ AUTH = (("authorization", f"Bearer {KEY}"),)
 CAP = 8
 READ_TIMEOUT_S = 3.0  # setting up 8-20 streams must fit well inside it
 SLACK_S = 20.0  # what a loaded CI machine may add to the server's own timeout
-BIG = 60 << 20
 
 
 @pytest.fixture(scope="module")
@@ -40,48 +40,20 @@ def _target(server: ServeProcess) -> str:
     return f"127.0.0.1:{server.grpc_port}"
 
 
-def _rss_mb(pid: int, field: str = "VmRSS:") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no {field}")
-
-
-_OPTIONS = [("grpc.max_send_message_length", BIG + (1 << 20))]
-
-
 def test_unauthenticated_big_messages_are_refused_without_being_buffered(
     server: ServeProcess,
 ) -> None:
     assert server.proc is not None
     pid = server.proc.pid
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from now
-    before = _rss_mb(pid)
-
-    async def attempt() -> list[grpc.StatusCode]:
-        video = bytes(BIG)
-        async with grpc.aio.insecure_channel(_target(server), options=_OPTIONS) as channel:
-            stub = pb_grpc.IVVAEStub(channel)
-
-            async def one() -> grpc.StatusCode:
-                try:
-                    await stub.EncodeUnary(pb.EncodeUnaryRequest(video=video), timeout=60)
-                except grpc.aio.AioRpcError as exc:
-                    return exc.code()
-                return grpc.StatusCode.OK
-
-            return list(await asyncio.gather(*(one() for _ in range(20))))
+    before = status_mb(pid, "VmRSS")
 
     for _ in range(3):
-        codes = asyncio.run(attempt())
-        # UNAUTHENTICATED, or what a client sees whose upload was cut off by that answer.
-        assert all(c in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
-                         grpc.StatusCode.UNAVAILABLE) for c in codes), codes
-        assert grpc.StatusCode.UNAUTHENTICATED in codes
+        check_refused(asyncio.run(refused_round(_target(server))))
     # Buffered, 20 x 60 MB would be over a gigabyte at the peak. Unread, each stream holds
     # at most its flow-control window: 20 x 4 MiB at worst with the server's fixed windows
-    # (bench/bench_grpc.py: 43-50 MB over five rounds), 114-412 MB with grpc's probed ones.
-    assert _rss_mb(pid, "VmHWM:") - before < 150
+    # (bench/bench_grpc.py: 40-50 MB over five rounds), 114-412 MB with grpc's probed ones.
+    assert status_mb(pid, "VmHWM") - before < 150
 
 
 def test_the_server_fixes_its_stream_windows(monkeypatch: pytest.MonkeyPatch) -> None:
