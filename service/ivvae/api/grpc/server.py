@@ -452,7 +452,7 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
     ]
     if settings.grpc_stream_window_bytes:
         # A fixed window bounds what a stream that is never read (a refused call) holds;
-        # grpc's bandwidth probing would grow it past any bound.
+        # grpc's bandwidth probing grows it with the link, up to 1 GiB a stream.
         options += [("grpc.http2.bdp_probe", 0),
                     ("grpc.http2.lookahead_bytes", settings.grpc_stream_window_bytes)]
     server = grpc.aio.server(interceptors=[
