@@ -17,6 +17,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def status_mb(pid: int, field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (peak RSS) of process ``pid``, in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Restart ``VmHWM`` of process ``pid`` from its current RSS."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def make_weights(path: Path, z: int, dim: int, seed: int = 0) -> Path:
     """Random-weight IV-VAE of (z, dim), seeded, written as safetensors."""
     import torch

@@ -31,7 +31,13 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._common import ServeProcess, free_port, make_weights  # noqa: E402
+from bench._common import (  # noqa: E402
+    ServeProcess,
+    free_port,
+    make_weights,
+    reset_peak_rss,
+    status_mb,
+)
 
 from ivvae.api.grpc.gen import ivvae_pb2 as pb  # noqa: E402
 from ivvae.api.grpc.gen import ivvae_pb2_grpc as pb_grpc  # noqa: E402
@@ -42,14 +48,6 @@ UPLOAD_BYTES = 20 << 20
 OPTIONS = [("grpc.max_send_message_length", REFUSED_BYTES + (1 << 20))]
 REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL,
            grpc.StatusCode.UNAVAILABLE}
-
-
-def status_mb(pid: int, field: str) -> float:
-    """``VmRSS`` or ``VmHWM`` (peak) of ``pid``, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field}")
 
 
 async def refused_round(target: str) -> list[grpc.StatusCode]:
@@ -156,7 +154,7 @@ def measure(weights: Path, window: int, rounds: int, delay_s: float) -> dict[str
         pid = srv.proc.pid
         # No warm-up upload: the allocator would keep its freed buffers and the rounds
         # would reuse them unseen.
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM restarts from here
+        reset_peak_rss(pid)
         before = status_mb(pid, "VmRSS")
         for _ in range(rounds):
             check_refused(asyncio.run(refused_round(target)))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from bench._common import ServeProcess
-from bench.bench_grpc import check_refused, refused_round, status_mb
+from bench._common import ServeProcess, reset_peak_rss, status_mb
+from bench.bench_grpc import check_refused, refused_round
 
 from ivvae.api.grpc import server as grpc_server
 from ivvae.api.grpc.errors import ERROR_CODE_KEY
@@ -45,7 +45,7 @@ def test_unauthenticated_big_messages_are_refused_without_being_buffered(
 ) -> None:
     assert server.proc is not None
     pid = server.proc.pid
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) restarts from now
+    reset_peak_rss(pid)
     before = status_mb(pid, "VmRSS")
 
     for _ in range(3):

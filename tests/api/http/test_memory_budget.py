@@ -9,26 +9,18 @@ import io
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import av
 import httpx
 import numpy as np
 import pytest
-from bench._common import ServeProcess
+from bench._common import ServeProcess, status_mb
 
 from tests import media
 
 BUDGET_MB = 3000
 
 pytestmark = pytest.mark.slow
-
-
-def _peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def _tiny_stream_declaring_1088p() -> bytes:
@@ -86,7 +78,7 @@ def test_one_big_request_is_served_or_refused_at_once_within_the_budget(
         assert "fit" in detail
         assert _model_steps(server) == before  # refused before any model work
     assert server.proc is not None
-    assert _peak_rss_mb(server.proc.pid) <= BUDGET_MB
+    assert status_mb(server.proc.pid, "VmHWM") <= BUDGET_MB
 
 
 def test_four_at_once_none_fails_and_the_peak_stays_in_the_budget(
@@ -98,7 +90,7 @@ def test_four_at_once_none_fails_and_the_peak_stays_in_the_budget(
     assert all(r.status_code in (200, 413, 503) for r in replies), [
         (r.status_code, r.text[:200]) for r in replies]
     assert server.proc is not None
-    assert _peak_rss_mb(server.proc.pid) <= BUDGET_MB
+    assert status_mb(server.proc.pid, "VmHWM") <= BUDGET_MB
 
 
 def test_a_video_that_fits_is_encoded_within_the_budget(server: ServeProcess) -> None:
@@ -106,4 +98,4 @@ def test_a_video_that_fits_is_encoded_within_the_budget(server: ServeProcess) ->
     assert r.status_code == 200, r.text[:300]
     assert r.headers["x-latent-shape"] == "1,16,5,30,40"
     assert server.proc is not None
-    assert _peak_rss_mb(server.proc.pid) <= BUDGET_MB
+    assert status_mb(server.proc.pid, "VmHWM") <= BUDGET_MB
