@@ -115,6 +115,7 @@ def make_video(
     mirror: bool = False,
     pattern: Pattern = "shapes",
     timestamps: Sequence[int] | None = None,
+    muxer_options: dict[str, str] | None = None,
 ) -> bytes:
     """Encode ``make_frames(frames, width, height, pattern)``; return (and maybe write) the file.
 
@@ -123,14 +124,16 @@ def make_video(
     them shown mirrored left-right. ``audio`` adds a 440 Hz tone as long as the video.
     x264 gets ``yuv444p`` for odd sizes, as 4:2:0 H.264 cannot have them. ``timestamps``
     (increasing, in units of ``1 / fps``) make a variable-frame-rate video; the default is
-    0, 1, 2, ...
+    0, 1, 2, ... ``muxer_options`` go to FFmpeg's muxer (``{"movflags": "empty_moov",
+    "frag_duration": "250000"}``: a fragmented MP4).
     """
     if audio and container not in _AUDIO_CODECS:
         raise ValueError(f"no audio codec set up for {container}")
     rate = Fraction(fps).limit_denominator(1001)
     pix_fmt = _video_pix_fmt(codec, width, height)
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=_MUXERS[container]) as out:
+    with av.open(buffer, mode="w", format=_MUXERS[container],
+                 options=muxer_options or {}) as out:
         video = out.add_stream(codec, rate=rate, options=_video_options(codec))
         video.width = width
         video.height = height

@@ -382,6 +382,64 @@ def test_truncated_faststart_mp4(tmp_path: Path, keep: float) -> None:
         drain(data[: int(len(data) * keep)])
 
 
+def _sample_ends(data: bytes) -> list[int]:
+    """Where each video sample of an MP4 ends in the file, as FFmpeg's demuxer reads it."""
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        return [packet.pos + packet.size for packet in container.demux(stream) if packet.size]
+
+
+def test_mp4_cut_between_two_samples_is_corrupt_not_short(tmp_path: Path) -> None:
+    # A cut exactly at a sample's end is a clean end of file to FFmpeg: it decoded shorter
+    # (CI drew one such cut at 50 % of an encoded clip).
+    path = tmp_path / "fast.mp4"
+    with Mp4Writer(path, width=64, height=48, fps=24) as writer:
+        writer.write(media.make_frames(24, 64, 48))
+    data = path.read_bytes()
+    ends = _sample_ends(data)
+    assert len(ends) == 24 and ends[-1] == len(data)  # the index is in front, mdat last
+    for cut in ends[:-1]:
+        with pytest.raises(CorruptMedia, match="truncated mp4 data: its 'mdat' box"):
+            drain(data[:cut])
+    cut_file = tmp_path / "cut.mp4"
+    cut_file.write_bytes(data[: ends[10]])
+    with pytest.raises(CorruptMedia, match="truncated mp4"):
+        drain(str(cut_file))
+    drain(data)
+
+
+def test_fragmented_mp4_cut_inside_a_fragment_is_corrupt() -> None:
+    data = media.make_video(None, frames=48, width=64, height=48,
+                            muxer_options={"movflags": "empty_moov", "frag_duration": "250000"})
+    boxes = _isobmff_boxes(data)
+    fragments = [(offset, size) for kind, offset, size in boxes if kind == b"moof"]
+    media_data = [(offset, size) for kind, offset, size in boxes if kind == b"mdat"]
+    assert len(fragments) > 2
+    drain(data)
+    # Halfway into the second fragment's header and into its samples, and at the end of
+    # a sample that is not the fragment's last.
+    inside = [offset + size // 2 for offset, size in (fragments[1], media_data[1])]
+    sample_ends = [end for end in _sample_ends(data)
+                   if media_data[2][0] < end < sum(media_data[2])]
+    assert sample_ends
+    for cut in [*inside, sample_ends[0]]:
+        with pytest.raises(CorruptMedia, match="truncated mp4"):
+            drain(data[:cut])
+    # A cut between two whole fragments is a shorter valid file: no box says otherwise.
+    with open_video(data[: fragments[2][0]]) as reader:
+        assert sum(len(chunk) for chunk in reader.iter_frames(8)) < 48
+
+
+def _isobmff_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
+    """``(type, offset, size)`` of the top-level boxes (32-bit sizes only)."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size = int.from_bytes(data[offset : offset + 4], "big")
+        boxes.append((data[offset + 4 : offset + 8], offset, size))
+        offset += size
+    return boxes
+
+
 @pytest.mark.parametrize("keep", [0.8, 0.97])
 @pytest.mark.parametrize(("container", "codec", "audio"), [
     ("webm", "libvpx-vp9", False), ("mkv", "libx264", False), ("mkv", "libx264", True)])
@@ -592,3 +650,37 @@ def test_writer_rejects_wrong_frames(bad: Frames) -> None:
 def test_writer_rejects_bad_settings(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Mp4Writer(io.BytesIO(), **kwargs)  # type: ignore[arg-type]
+
+
+def _box(kind: bytes, payload: bytes = b"", *, size: int | None = None,
+         large: bool = False) -> bytes:
+    if large:  # a size of 1, then the 64-bit size
+        declared = size or 16 + len(payload)
+        return (1).to_bytes(4, "big") + kind + declared.to_bytes(8, "big") + payload
+    return (size if size is not None else 8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+
+@pytest.mark.parametrize(("data", "cut"), [
+    (_box(b"ftyp", b"isom") + _box(b"moov", b"x" * 8) + _box(b"mdat", b"y" * 8), None),
+    (_box(b"ftyp", b"isom") + _box(b"mdat", size=100) + b"y" * 20, ("mdat", 112)),
+    (_box(b"ftyp", b"isom") + _box(b"mdat", b"y" * 4, size=1 << 20, large=True),
+     ("mdat", 12 + (1 << 20))),
+    (_box(b"ftyp", b"isom") + _box(b"moof", size=64), ("moof", 76)),
+    # Only media boxes count: a cut trailing metadata box loses no samples.
+    (_box(b"ftyp", b"isom") + _box(b"mdat", b"y") + _box(b"udta", size=99), None),
+    (_box(b"ftyp", b"isom") + _box(b"mdat", size=0) + b"y" * 9, None),  # runs to the end
+    (_box(b"ftyp", b"isom") + _box(b"mdat", size=3), None),  # malformed: FFmpeg's call
+])
+def test_cut_isobmff_box(data: bytes, cut: tuple[str, int] | None) -> None:
+    from ivvae.video import sniff
+
+    assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) == cut
+
+
+def test_cut_isobmff_box_walks_a_bounded_number_of_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivvae.video import sniff
+
+    data = _box(b"free") * 10 + _box(b"mdat", size=100)
+    assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) == ("mdat", 180)
+    monkeypatch.setattr(sniff, "MAX_ISOBMFF_BOXES", 10)
+    assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) is None

@@ -15,6 +15,8 @@ not media, a format we do not accept, no video     ``UnsupportedMedia``
 recognised container that does not decode          ``CorruptMedia``
 Matroska/WebM ending > 2 frames before its         ``CorruptMedia``
 declared stream duration (a truncated upload)
+MP4/MOV whose ``mdat``/``moof`` box runs past the   ``CorruptMedia``
+end of the file (a truncated upload)
 over ``VideoLimits`` (pixels per frame, frames)    ``TooLarge``
 ================================================  ===================
 
@@ -258,6 +260,24 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
     return sniff.image_size(source.head)
 
 
+def _check_isobmff_not_cut(source: _Source) -> None:
+    """Refuse an MP4/MOV cut inside its media data. FFmpeg would not: a cut between two
+    samples ends its demuxer's packets cleanly and the clip decodes shorter (with the index
+    in front, every cut there decodes until the missing data)."""
+    file = source.open()
+    try:
+        size = file.seek(0, io.SEEK_END)
+        cut = sniff.cut_isobmff_box(file, size)
+    except OSError as exc:
+        raise InvalidInput(f"the upload could not be read: {exc.strerror or exc}") from exc
+    finally:
+        file.close()
+    if cut is not None:
+        kind, end = cut
+        raise CorruptMedia(f"truncated mp4 data: its {kind!r} box runs to byte {end}, "
+                           f"the file ends at byte {size}")
+
+
 def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
     if width * height > limits.source_pixels:
         raise TooLarge(f"frames of {width}x{height} exceed the limit of "
@@ -321,6 +341,8 @@ def open_video(
     pixel_cap = {"max_pixels": str(decoder_cap)}
     container, file = _open_container(src, options=pixel_cap, container_options={})
     try:
+        if container.format.name.startswith("mov"):
+            _check_isobmff_not_cut(src)
         stream = _video_stream(container)
         if stream is None:
             raise UnsupportedMedia("no video stream")

@@ -1,4 +1,5 @@
-"""Cheap looks at the first bytes of an upload, used only where FFmpeg cannot tell us.
+"""Cheap looks at an upload's first bytes (and an MP4's box headers), used only where
+FFmpeg cannot tell us.
 
 Questions FFmpeg leaves open:
 
@@ -8,6 +9,9 @@ Questions FFmpeg leaves open:
 * How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
   ``open_video`` does not let them decode a picture over the pixel limit, so the size of
   an oversized PNG or JPEG is read from its header here.
+* Was an MP4 cut short? With the index (``moov``) in front, a cut that lands between two
+  samples of the media data (``mdat``) is a clean end of file to FFmpeg's demuxer: the
+  clip just decodes shorter. The cut box's declared size says otherwise.
 * Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
   it (see ``orientation``), so it is read here too.
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 
 # Read this much of an upload for the checks below. A JPEG's frame header can sit behind
 # EXIF/ICC segments of up to 64 KiB each, so this is more than a few bytes.
@@ -35,6 +40,11 @@ _TIFF_SHORT = 3
 # Box types that can open an ISO BMFF / QuickTime file.
 _ISOBMFF_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot"})
 _MPEGTS_PACKET = 188
+# Top-level boxes that carry samples; one cut short means samples are missing.
+_ISOBMFF_MEDIA_BOXES = frozenset({b"mdat", b"moof"})
+# A fragmented MP4 has two top-level boxes per fragment; past this many the walk stops
+# (unchecked, not refused), so a file of tiny boxes cannot make it slow.
+MAX_ISOBMFF_BOXES = 100_000
 
 
 def container_signature(head: bytes) -> str | None:
@@ -65,6 +75,32 @@ def container_signature(head: bytes) -> str | None:
         head[i] == 0x47 for i in range(0, 3 * _MPEGTS_PACKET, _MPEGTS_PACKET)
     ):
         return "mpegts"
+    return None
+
+
+def cut_isobmff_box(file: BinaryIO, size: int) -> tuple[str, int] | None:
+    """The first top-level media box (``mdat``, ``moof``) of an ISO BMFF / QuickTime file
+    of ``size`` bytes that declares more bytes than the file has left, as ``(type, its
+    declared end offset)``; ``None`` when every box fits or the walk cannot tell (a box of
+    size 0 runs to the end by definition; a malformed size is left to FFmpeg). Reads only
+    box headers, seeking from one to the next."""
+    offset = 0
+    for _ in range(MAX_ISOBMFF_BOXES):
+        if offset + 8 > size:
+            return None
+        file.seek(offset)
+        header = file.read(16)
+        box_size, kind = struct.unpack(">I4s", header[:8])
+        if box_size == 1:  # a 64-bit size follows the type
+            if len(header) < 16:
+                return None
+            (box_size,) = struct.unpack(">Q", header[8:16])
+        if box_size < 8:
+            return None
+        if offset + box_size > size:
+            name = kind.decode("latin-1")
+            return (name, offset + box_size) if kind in _ISOBMFF_MEDIA_BOXES else None
+        offset += box_size
     return None
 
 
