@@ -430,6 +430,24 @@ def test_fragmented_mp4_cut_inside_a_fragment_is_corrupt() -> None:
         assert sum(len(chunk) for chunk in reader.iter_frames(8)) < 48
 
 
+@pytest.mark.parametrize("codec", ["mjpeg", "mpeg4"])
+def test_truncated_avi_is_corrupt_not_short(tmp_path: Path, codec: str) -> None:
+    # FFmpeg reads an AVI that lost its trailing index chunk by chunk and stops quietly.
+    data = media.make_video(None, frames=30, width=64, height=48, container="avi",
+                            codec=codec)  # type: ignore[arg-type]
+    drain(data)
+    movi = data.find(b"movi")
+    index = data.rfind(b"idx1")
+    assert 0 < movi < index
+    for cut in [(movi + index) // 2, index, len(data) - 1]:
+        with pytest.raises(CorruptMedia, match="truncated avi data: its 'RIFF' box"):
+            drain(data[:cut])
+    cut_file = tmp_path / "cut.avi"
+    cut_file.write_bytes(data[:index])
+    with pytest.raises(CorruptMedia, match="truncated avi"):
+        drain(str(cut_file))
+
+
 def _isobmff_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
     """``(type, offset, size)`` of the top-level boxes (32-bit sizes only)."""
     boxes, offset = [], 0
@@ -684,3 +702,21 @@ def test_cut_isobmff_box_walks_a_bounded_number_of_boxes(monkeypatch: pytest.Mon
     assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) == ("mdat", 180)
     monkeypatch.setattr(sniff, "MAX_ISOBMFF_BOXES", 10)
     assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) is None
+
+
+def _riff(kind: bytes, size: int, payload: bytes) -> bytes:
+    return kind + size.to_bytes(4, "little") + payload
+
+
+@pytest.mark.parametrize(("data", "cut"), [
+    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8), None),
+    (_riff(b"RIFF", 13, b"AVI " + b"x" * 9) + b"\0" + _riff(b"RIFF", 4, b"AVIX"), None),
+    (_riff(b"RIFF", 100, b"AVI " + b"x" * 8), ("RIFF", 108)),
+    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8) + _riff(b"RIFF", 50, b"AVIX"), ("RIFF", 78)),
+    (_riff(b"RIFF", 0xFFFFFFFF, b"AVI " + b"x" * 8), None),  # written to a pipe
+    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8) + _riff(b"JUNK", 99, b""), None),
+])
+def test_cut_riff_chunk(data: bytes, cut: tuple[str, int] | None) -> None:
+    from ivvae.video import sniff
+
+    assert sniff.cut_riff_chunk(io.BytesIO(data), len(data)) == cut

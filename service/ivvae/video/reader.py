@@ -15,8 +15,9 @@ not media, a format we do not accept, no video     ``UnsupportedMedia``
 recognised container that does not decode          ``CorruptMedia``
 Matroska/WebM ending > 2 frames before its         ``CorruptMedia``
 declared stream duration (a truncated upload)
-MP4/MOV whose ``mdat``/``moof`` box runs past the   ``CorruptMedia``
-end of the file (a truncated upload)
+MP4/MOV whose ``mdat``/``moof`` box, or AVI whose   ``CorruptMedia``
+``RIFF`` chunk, runs past the end of the file
+(a truncated upload)
 over ``VideoLimits`` (pixels per frame, frames)    ``TooLarge``
 ================================================  ===================
 
@@ -260,21 +261,27 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
     return sniff.image_size(source.head)
 
 
-def _check_isobmff_not_cut(source: _Source) -> None:
-    """Refuse an MP4/MOV cut inside its media data. FFmpeg would not: a cut between two
-    samples ends its demuxer's packets cleanly and the clip decodes shorter (with the index
-    in front, every cut there decodes until the missing data)."""
+def _check_not_cut(source: _Source, demuxer: str) -> None:
+    """Refuse an MP4/MOV cut inside its media data, or an AVI cut short. FFmpeg would not: a
+    cut between two MP4 samples ends its demuxer's packets cleanly, and an AVI that lost its
+    trailing index is read until the data stops; the clip decodes shorter."""
+    if demuxer.startswith("mov"):
+        walk, kind = sniff.cut_isobmff_box, "mp4"
+    elif demuxer == "avi":
+        walk, kind = sniff.cut_riff_chunk, "avi"
+    else:
+        return
     file = source.open()
     try:
         size = file.seek(0, io.SEEK_END)
-        cut = sniff.cut_isobmff_box(file, size)
+        cut = walk(file, size)
     except OSError as exc:
         raise InvalidInput(f"the upload could not be read: {exc.strerror or exc}") from exc
     finally:
         file.close()
     if cut is not None:
-        kind, end = cut
-        raise CorruptMedia(f"truncated mp4 data: its {kind!r} box runs to byte {end}, "
+        box, end = cut
+        raise CorruptMedia(f"truncated {kind} data: its {box!r} box runs to byte {end}, "
                            f"the file ends at byte {size}")
 
 
@@ -341,8 +348,7 @@ def open_video(
     pixel_cap = {"max_pixels": str(decoder_cap)}
     container, file = _open_container(src, options=pixel_cap, container_options={})
     try:
-        if container.format.name.startswith("mov"):
-            _check_isobmff_not_cut(src)
+        _check_not_cut(src, container.format.name)
         stream = _video_stream(container)
         if stream is None:
             raise UnsupportedMedia("no video stream")

@@ -9,9 +9,11 @@ Questions FFmpeg leaves open:
 * How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
   ``open_video`` does not let them decode a picture over the pixel limit, so the size of
   an oversized PNG or JPEG is read from its header here.
-* Was an MP4 cut short? With the index (``moov``) in front, a cut that lands between two
-  samples of the media data (``mdat``) is a clean end of file to FFmpeg's demuxer: the
-  clip just decodes shorter. The cut box's declared size says otherwise.
+* Was an MP4 or AVI cut short? With an MP4's index (``moov``) in front, a cut that lands
+  between two samples of the media data (``mdat``) is a clean end of file to FFmpeg's
+  demuxer, and an AVI without its trailing index is read chunk by chunk until the data
+  stops: either clip just decodes shorter. The cut box's (chunk's) declared size says
+  otherwise.
 * Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
   it (see ``orientation``), so it is read here too.
 
@@ -45,6 +47,8 @@ _ISOBMFF_MEDIA_BOXES = frozenset({b"mdat", b"moof"})
 # A fragmented MP4 has two top-level boxes per fragment; past this many the walk stops
 # (unchecked, not refused), so a file of tiny boxes cannot make it slow.
 MAX_ISOBMFF_BOXES = 100_000
+# The size FFmpeg's AVI muxer leaves in a RIFF header it could not go back to (a pipe).
+_RIFF_UNKNOWN_SIZE = 0xFFFFFFFF
 
 
 def container_signature(head: bytes) -> str | None:
@@ -101,6 +105,26 @@ def cut_isobmff_box(file: BinaryIO, size: int) -> tuple[str, int] | None:
             name = kind.decode("latin-1")
             return (name, offset + box_size) if kind in _ISOBMFF_MEDIA_BOXES else None
         offset += box_size
+    return None
+
+
+def cut_riff_chunk(file: BinaryIO, size: int) -> tuple[str, int] | None:
+    """The first top-level ``RIFF`` chunk of an AVI file of ``size`` bytes (an OpenDML file
+    has one per gigabyte) that declares more bytes than the file has left, as ``("RIFF",
+    its declared end offset)``; ``None`` when all fit, or a size is the placeholder of a
+    file written to a pipe, or the walk reaches anything else."""
+    offset = 0
+    for _ in range(MAX_ISOBMFF_BOXES):
+        if offset + 8 > size:
+            return None
+        file.seek(offset)
+        kind, chunk_size = struct.unpack("<4sI", file.read(8))
+        if kind != b"RIFF" or chunk_size == _RIFF_UNKNOWN_SIZE:
+            return None
+        end = offset + 8 + chunk_size
+        if end > size:
+            return "RIFF", end
+        offset = end + (chunk_size & 1)  # chunks are padded to an even length
     return None
 
 
