@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from tests.service_fixtures import tiny_service, tiny_weights  # noqa: F401  (fi
 from tests.triton_server import ivvae_triton, tiny_exports  # noqa: F401  (session fixtures)
 
 DATA = Path(__file__).parent / "data"
+
+# A shell without job control starts a background job (`./dev test &`) with SIGINT ignored,
+# and children inherit that: the Ctrl-C tests' CLIs then never saw their SIGINT. A handler
+# here is reset to the default in every child at exec, as an ignored signal is not.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 GOLDEN_FILES = sorted((DATA / "golden").glob("*.safetensors"))
 
 
