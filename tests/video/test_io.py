@@ -399,7 +399,7 @@ def test_mp4_cut_between_two_samples_is_corrupt_not_short(tmp_path: Path) -> Non
     ends = _sample_ends(data)
     assert len(ends) == 24 and ends[-1] == len(data)  # the index is in front, mdat last
     for cut in ends[:-1]:
-        with pytest.raises(CorruptMedia, match="truncated mp4 data: its 'mdat' box"):
+        with pytest.raises(CorruptMedia, match="truncated mp4 data: its 'mdat' runs"):
             drain(data[:cut])
     cut_file = tmp_path / "cut.mp4"
     cut_file.write_bytes(data[: ends[10]])
@@ -440,7 +440,7 @@ def test_truncated_avi_is_corrupt_not_short(tmp_path: Path, codec: str) -> None:
     index = data.rfind(b"idx1")
     assert 0 < movi < index
     for cut in [(movi + index) // 2, index, len(data) - 1]:
-        with pytest.raises(CorruptMedia, match="truncated avi data: its 'RIFF' box"):
+        with pytest.raises(CorruptMedia, match="truncated avi data: its 'RIFF' runs"):
             drain(data[:cut])
     cut_file = tmp_path / "cut.avi"
     cut_file.write_bytes(data[:index])
@@ -463,21 +463,63 @@ def _isobmff_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
     ("webm", "libvpx-vp9", False), ("mkv", "libx264", False), ("mkv", "libx264", True)])
 def test_truncated_matroska_is_corrupt_not_short(container: str, codec: str, audio: bool,
                                                  keep: float) -> None:
-    # Matroska demuxers stop quietly at a cut; the stream's DURATION tag gives it away.
+    # Matroska demuxers stop quietly at a cut; the Segment's declared size gives it away.
     data = media.make_video(None, frames=40, width=64, height=48, container=container,
                             codec=codec, audio=audio)  # type: ignore[arg-type]
-    def count(blob: bytes) -> int:
-        with open_video(blob) as reader:
-            return sum(len(chunk) for chunk in reader.iter_frames(8))
+    assert _count(data) == 40
+    with pytest.raises(CorruptMedia, match="truncated matroska data: its 'Cluster' runs"):
+        drain(data[: int(len(data) * keep)])
 
-    assert count(data) == 40
-    cut = data[: int(len(data) * keep)]
-    if audio and keep > 0.9:
-        # The cut took audio and the trailing index only: every video frame is there.
-        assert count(cut) == 40
-        return
-    with pytest.raises(CorruptMedia, match="truncated"):
-        drain(cut)
+
+def _count(blob: bytes) -> int:
+    with open_video(blob) as reader:
+        return sum(len(chunk) for chunk in reader.iter_frames(8))
+
+
+def _ebml_children(data: bytes) -> list[tuple[int, int, int]]:
+    """``(id, offset, end)`` of the first Segment's top-level elements, read with
+    ``ivvae.video.sniff``'s element reader."""
+    from ivvae.video import sniff
+
+    file = io.BytesIO(data)
+    header = sniff._ebml_element(file, len(data))
+    assert header is not None and header[2] is not None
+    segment = sniff._ebml_element(file, len(data), offset=header[2])
+    assert segment is not None and segment[2] == len(data)
+    children, offset = [], segment[1]
+    while offset < len(data):
+        element = sniff._ebml_element(file, len(data), offset=offset)
+        assert element is not None and element[2] is not None
+        children.append((element[0], offset, element[2]))
+        offset = element[2]
+    return children
+
+
+def test_matroska_cut_between_clusters_or_in_its_index() -> None:
+    cluster, cues = 0x1F43B675, 0x1C53BB6B
+    data = media.make_video(None, frames=96, width=64, height=48, container="mkv",
+                            muxer_options={"cluster_time_limit": "1000"})
+    children = _ebml_children(data)
+    clusters = [(offset, end) for kind, offset, end in children if kind == cluster]
+    assert len(clusters) >= 3 and children[-1][0] == cues
+    # Between two clusters, or through the header of the next: media is missing.
+    for cut in [clusters[1][1], clusters[1][1] + 2]:
+        with pytest.raises(CorruptMedia, match="truncated matroska data: its 'Segment' runs"):
+            drain(data[:cut])
+    # Inside the trailing index (Cues), past its header: every frame is there, and decodes.
+    _, index, end = children[-1]
+    assert end - index > 16
+    assert _count(data[: index + 16]) == 96
+
+
+def test_live_matroska_without_sizes_is_left_to_its_duration_tag() -> None:
+    # A live recording (a browser's MediaRecorder) leaves the Segment's size unknown.
+    data = media.make_video(None, frames=40, width=64, height=48, container="webm",
+                            codec="libvpx-vp9", muxer_options={"live": "1"})
+    from ivvae.video import sniff
+
+    assert sniff.cut_matroska_cluster(io.BytesIO(data), len(data)) is None
+    assert _count(data) == 40
 
 
 @pytest.mark.parametrize(
@@ -700,7 +742,7 @@ def test_cut_isobmff_box_walks_a_bounded_number_of_boxes(monkeypatch: pytest.Mon
 
     data = _box(b"free") * 10 + _box(b"mdat", size=100)
     assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) == ("mdat", 180)
-    monkeypatch.setattr(sniff, "MAX_ISOBMFF_BOXES", 10)
+    monkeypatch.setattr(sniff, "MAX_TOP_LEVEL_BOXES", 10)
     assert sniff.cut_isobmff_box(io.BytesIO(data), len(data)) is None
 
 
@@ -720,3 +762,14 @@ def test_cut_riff_chunk(data: bytes, cut: tuple[str, int] | None) -> None:
     from ivvae.video import sniff
 
     assert sniff.cut_riff_chunk(io.BytesIO(data), len(data)) == cut
+
+
+def test_cut_matroska_cluster_leaves_malformed_files_to_ffmpeg() -> None:
+    from ivvae.video import sniff
+
+    data = media.make_video(None, frames=8, width=64, height=48, container="mkv")
+    cluster = next(offset for kind, offset, _ in _ebml_children(data) if kind == 0x1F43B675)
+    broken = data[:cluster] + b"\0" * 16 + data[cluster + 16 :]  # an id of length 0
+    assert sniff.cut_matroska_cluster(io.BytesIO(broken), len(broken)) is None
+    not_ebml = b"\0" * 64
+    assert sniff.cut_matroska_cluster(io.BytesIO(not_ebml), len(not_ebml)) is None

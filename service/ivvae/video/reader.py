@@ -15,9 +15,10 @@ not media, a format we do not accept, no video     ``UnsupportedMedia``
 recognised container that does not decode          ``CorruptMedia``
 Matroska/WebM ending > 2 frames before its         ``CorruptMedia``
 declared stream duration (a truncated upload)
-MP4/MOV whose ``mdat``/``moof`` box, or AVI whose   ``CorruptMedia``
-``RIFF`` chunk, runs past the end of the file
-(a truncated upload)
+MP4/MOV whose ``mdat``/``moof`` box, AVI whose      ``CorruptMedia``
+``RIFF`` chunk, Matroska/WebM whose ``Cluster``
+or ``Segment`` (before its index) runs past the
+end of the file (a truncated upload)
 over ``VideoLimits`` (pixels per frame, frames)    ``TooLarge``
 ================================================  ===================
 
@@ -262,13 +263,16 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
 
 
 def _check_not_cut(source: _Source, demuxer: str) -> None:
-    """Refuse an MP4/MOV cut inside its media data, or an AVI cut short. FFmpeg would not: a
-    cut between two MP4 samples ends its demuxer's packets cleanly, and an AVI that lost its
-    trailing index is read until the data stops; the clip decodes shorter."""
+    """Refuse an MP4/MOV or Matroska/WebM file cut inside its media data, or an AVI cut
+    short. FFmpeg would not: a cut between two MP4 samples ends its demuxer's packets
+    cleanly, an AVI that lost its trailing index is read until the data stops, and a
+    Matroska demuxer stops quietly anywhere; the clip decodes shorter."""
     if demuxer.startswith("mov"):
         walk, kind = sniff.cut_isobmff_box, "mp4"
     elif demuxer == "avi":
         walk, kind = sniff.cut_riff_chunk, "avi"
+    elif demuxer.startswith("matroska"):
+        walk, kind = sniff.cut_matroska_cluster, "matroska"
     else:
         return
     file = source.open()
@@ -281,7 +285,7 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
         file.close()
     if cut is not None:
         box, end = cut
-        raise CorruptMedia(f"truncated {kind} data: its {box!r} box runs to byte {end}, "
+        raise CorruptMedia(f"truncated {kind} data: its {box!r} runs to byte {end}, "
                            f"the file ends at byte {size}")
 
 

@@ -9,11 +9,11 @@ Questions FFmpeg leaves open:
 * How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
   ``open_video`` does not let them decode a picture over the pixel limit, so the size of
   an oversized PNG or JPEG is read from its header here.
-* Was an MP4 or AVI cut short? With an MP4's index (``moov``) in front, a cut that lands
-  between two samples of the media data (``mdat``) is a clean end of file to FFmpeg's
-  demuxer, and an AVI without its trailing index is read chunk by chunk until the data
-  stops: either clip just decodes shorter. The cut box's (chunk's) declared size says
-  otherwise.
+* Was an MP4, AVI or Matroska file cut short? With an MP4's index (``moov``) in front, a
+  cut that lands between two samples of the media data (``mdat``) is a clean end of file
+  to FFmpeg's demuxer; an AVI without its trailing index is read chunk by chunk until the
+  data stops; a Matroska file ends quietly at any cut. The clip just decodes shorter. The
+  declared size of the box, chunk or element the cut went through says otherwise.
 * Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
   it (see ``orientation``), so it is read here too.
 
@@ -44,11 +44,16 @@ _ISOBMFF_FIRST_BOXES = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b
 _MPEGTS_PACKET = 188
 # Top-level boxes that carry samples; one cut short means samples are missing.
 _ISOBMFF_MEDIA_BOXES = frozenset({b"mdat", b"moof"})
-# A fragmented MP4 has two top-level boxes per fragment; past this many the walk stops
-# (unchecked, not refused), so a file of tiny boxes cannot make it slow.
-MAX_ISOBMFF_BOXES = 100_000
+# The walks below stop (unchecked, not refused) past this many top-level boxes, chunks or
+# elements, so a file of tiny ones cannot make them slow. A fragmented MP4 has two per
+# fragment, a Matroska file one per cluster (seconds of video).
+MAX_TOP_LEVEL_BOXES = 100_000
 # The size FFmpeg's AVI muxer leaves in a RIFF header it could not go back to (a pipe).
 _RIFF_UNKNOWN_SIZE = 0xFFFFFFFF
+_EBML_HEADER = 0x1A45DFA3
+_EBML_SEGMENT = 0x18538067
+_EBML_CLUSTER = 0x1F43B675
+_EBML_MAX_HEADER = 12  # a 4-byte id and an 8-byte size
 
 
 def container_signature(head: bytes) -> str | None:
@@ -89,7 +94,7 @@ def cut_isobmff_box(file: BinaryIO, size: int) -> tuple[str, int] | None:
     size 0 runs to the end by definition; a malformed size is left to FFmpeg). Reads only
     box headers, seeking from one to the next."""
     offset = 0
-    for _ in range(MAX_ISOBMFF_BOXES):
+    for _ in range(MAX_TOP_LEVEL_BOXES):
         if offset + 8 > size:
             return None
         file.seek(offset)
@@ -114,7 +119,7 @@ def cut_riff_chunk(file: BinaryIO, size: int) -> tuple[str, int] | None:
     its declared end offset)``; ``None`` when all fit, or a size is the placeholder of a
     file written to a pipe, or the walk reaches anything else."""
     offset = 0
-    for _ in range(MAX_ISOBMFF_BOXES):
+    for _ in range(MAX_TOP_LEVEL_BOXES):
         if offset + 8 > size:
             return None
         file.seek(offset)
@@ -126,6 +131,80 @@ def cut_riff_chunk(file: BinaryIO, size: int) -> tuple[str, int] | None:
             return "RIFF", end
         offset = end + (chunk_size & 1)  # chunks are padded to an even length
     return None
+
+
+def cut_matroska_cluster(file: BinaryIO, size: int) -> tuple[str, int] | None:
+    """Where a Matroska/WebM file of ``size`` bytes was cut inside its media data, as
+    ``("Cluster", its declared end)`` for a cut through a cluster, ``("Segment", its
+    declared end)`` for a cut between elements; else ``None``.
+
+    Walks the top-level elements of the first Segment. The cut went through media data when
+    the file ends inside a Cluster, or between elements of a Segment that declares more,
+    while no other element (Cues, Tags: the trailing index) has followed the Clusters yet.
+    ``None`` as well when a size is unknown (a live recording, such as a browser's
+    MediaRecorder writes) or malformed: the stream's DURATION tag is the check left there.
+    """
+    header = _ebml_element(file, size)
+    if header is None or header[0] != _EBML_HEADER or header[2] is None:
+        return None
+    segment = _ebml_element(file, size, offset=header[2])
+    if segment is None:
+        return None
+    segment_id, offset, segment_end = segment
+    if segment_id != _EBML_SEGMENT or segment_end is None:
+        return None
+    seen_cluster = after_clusters = False
+    for _ in range(MAX_TOP_LEVEL_BOXES):
+        if offset >= min(segment_end, size):
+            break
+        element = _ebml_element(file, size, offset=offset)
+        if element is None:
+            if size - offset >= _EBML_MAX_HEADER:
+                return None  # malformed: FFmpeg's call
+            # The cut went through an element's header.
+            return None if after_clusters else ("Segment", segment_end)
+        element_id, _, end = element
+        if end is None:
+            return None
+        if element_id == _EBML_CLUSTER:
+            seen_cluster = True
+        elif seen_cluster:
+            after_clusters = True
+        if end > size:
+            return None if after_clusters else ("Cluster", end)
+        offset = end
+    else:
+        return None
+    if segment_end > size and not after_clusters:
+        return "Segment", segment_end
+    return None
+
+
+def _ebml_element(file: BinaryIO, size: int, *, offset: int = 0
+                  ) -> tuple[int, int, int | None] | None:
+    """``(id, data start, data end)`` of the EBML element at ``offset`` (``end`` is
+    ``None`` for an unknown size); ``None`` when its header is cut off or malformed."""
+    file.seek(offset)
+    head = file.read(_EBML_MAX_HEADER)
+    id_length = _vint_length(head[0]) if head else 0
+    if not id_length or id_length > 4 or len(head) < id_length + 1:
+        return None
+    element_id = int.from_bytes(head[:id_length], "big")
+    size_length = _vint_length(head[id_length])
+    if not size_length or len(head) < id_length + size_length:
+        return None
+    raw = head[id_length : id_length + size_length]
+    value = int.from_bytes(raw, "big") & ((1 << (7 * size_length)) - 1)
+    start = offset + id_length + size_length
+    if value == (1 << (7 * size_length)) - 1:  # all ones: unknown size
+        return element_id, start, None
+    return element_id, start, start + value
+
+
+def _vint_length(first: int) -> int:
+    """The byte length an EBML variable-length integer declares in its first byte (1-8),
+    or 0 when the byte is 0 (invalid)."""
+    return 9 - first.bit_length() if first else 0
 
 
 def image_size(head: bytes) -> tuple[int, int] | None:
