@@ -399,11 +399,11 @@ def test_mp4_cut_between_two_samples_is_corrupt_not_short(tmp_path: Path) -> Non
     ends = _sample_ends(data)
     assert len(ends) == 24 and ends[-1] == len(data)  # the index is in front, mdat last
     for cut in ends[:-1]:
-        with pytest.raises(CorruptMedia, match="truncated mp4 data: its 'mdat' runs"):
+        with pytest.raises(CorruptMedia, match="truncated: its MP4/MOV box 'mdat' runs"):
             drain(data[:cut])
     cut_file = tmp_path / "cut.mp4"
     cut_file.write_bytes(data[: ends[10]])
-    with pytest.raises(CorruptMedia, match="truncated mp4"):
+    with pytest.raises(CorruptMedia, match="MP4/MOV box"):
         drain(str(cut_file))
     drain(data)
 
@@ -423,7 +423,7 @@ def test_fragmented_mp4_cut_inside_a_fragment_is_corrupt() -> None:
                    if media_data[2][0] < end < sum(media_data[2])]
     assert sample_ends
     for cut in [*inside, sample_ends[0]]:
-        with pytest.raises(CorruptMedia, match="truncated mp4"):
+        with pytest.raises(CorruptMedia, match="MP4/MOV box"):
             drain(data[:cut])
     # A cut between two whole fragments is a shorter valid file: no box says otherwise.
     with open_video(data[: fragments[2][0]]) as reader:
@@ -435,17 +435,40 @@ def test_truncated_avi_is_corrupt_not_short(tmp_path: Path, codec: str) -> None:
     # FFmpeg reads an AVI that lost its trailing index chunk by chunk and stops quietly.
     data = media.make_video(None, frames=30, width=64, height=48, container="avi",
                             codec=codec)  # type: ignore[arg-type]
-    drain(data)
-    movi = data.find(b"movi")
+    assert _count(data) == 30
+    movi = data.find(b"LIST", data.find(b"movi") - 8)
     index = data.rfind(b"idx1")
     assert 0 < movi < index
-    for cut in [(movi + index) // 2, index, len(data) - 1]:
-        with pytest.raises(CorruptMedia, match="truncated avi data: its 'RIFF' runs"):
+    frame_ends = [end for end in _avi_frame_ends(data) if end <= index]
+    assert len(frame_ends) == 30
+    # Inside a frame, and exactly between two frames: frames are missing.
+    for cut in [(movi + index) // 2, frame_ends[14]]:
+        with pytest.raises(CorruptMedia, match="truncated: its AVI chunk 'movi' runs"):
             drain(data[:cut])
     cut_file = tmp_path / "cut.avi"
-    cut_file.write_bytes(data[:index])
-    with pytest.raises(CorruptMedia, match="truncated avi"):
+    cut_file.write_bytes(data[: frame_ends[20]])
+    with pytest.raises(CorruptMedia, match="AVI chunk 'movi'"):
         drain(str(cut_file))
+    # Cut before the frames start: whichever check sees it first, it is corrupt.
+    with pytest.raises(CorruptMedia):
+        drain(data[:movi])
+    # A cut inside the trailing index, or a RIFF size a sloppy writer left a little
+    # too large, loses no frame: FFmpeg reads all of them, and so do we.
+    assert _count(data[: index + 9]) == 30
+    assert _count(data[: len(data) - 1]) == 30
+    oversized = data[:4] + (len(data) + 8).to_bytes(4, "little") + data[8:]
+    assert _count(oversized) == 30
+
+
+def _avi_frame_ends(data: bytes) -> list[int]:
+    """Where each video chunk (``00dc``) of an AVI's ``movi`` list ends, padding included."""
+    start = data.find(b"movi") + 4
+    ends, offset = [], start
+    while offset + 8 <= len(data) and data[offset : offset + 4] != b"idx1":
+        size = int.from_bytes(data[offset + 4 : offset + 8], "little")
+        offset += 8 + size + (size & 1)
+        ends.append(offset)
+    return ends
 
 
 def _isobmff_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
@@ -453,6 +476,7 @@ def _isobmff_boxes(data: bytes) -> list[tuple[bytes, int, int]]:
     boxes, offset = [], 0
     while offset + 8 <= len(data):
         size = int.from_bytes(data[offset : offset + 4], "big")
+        assert size >= 8, "a box of size 0 or a 64-bit size: not what these tests make"
         boxes.append((data[offset + 4 : offset + 8], offset, size))
         offset += size
     return boxes
@@ -467,7 +491,7 @@ def test_truncated_matroska_is_corrupt_not_short(container: str, codec: str, aud
     data = media.make_video(None, frames=40, width=64, height=48, container=container,
                             codec=codec, audio=audio)  # type: ignore[arg-type]
     assert _count(data) == 40
-    with pytest.raises(CorruptMedia, match="truncated matroska data: its 'Cluster' runs"):
+    with pytest.raises(CorruptMedia, match="truncated: its Matroska/WebM element 'Cluster' runs"):
         drain(data[: int(len(data) * keep)])
 
 
@@ -477,21 +501,25 @@ def _count(blob: bytes) -> int:
 
 
 def _ebml_children(data: bytes) -> list[tuple[int, int, int]]:
-    """``(id, offset, end)`` of the first Segment's top-level elements, read with
-    ``ivvae.video.sniff``'s element reader."""
-    from ivvae.video import sniff
+    """``(id, offset, end)`` of the first Segment's top-level elements (known sizes only),
+    parsed here rather than with ``ivvae.video.sniff``'s reader, which they check."""
 
-    file = io.BytesIO(data)
-    header = sniff._ebml_element(file, len(data))
-    assert header is not None and header[2] is not None
-    segment = sniff._ebml_element(file, len(data), offset=header[2])
-    assert segment is not None and segment[2] == len(data)
-    children, offset = [], segment[1]
+    def element(pos: int) -> tuple[int, int, int]:
+        id_length = 9 - data[pos].bit_length()
+        size_length = 9 - data[pos + id_length].bit_length()
+        size_bytes = data[pos + id_length : pos + id_length + size_length]
+        size = int.from_bytes(size_bytes, "big") & ((1 << (7 * size_length)) - 1)
+        start = pos + id_length + size_length
+        return int.from_bytes(data[pos : pos + id_length], "big"), start, start + size
+
+    header_id, _, segment_offset = element(0)
+    segment_id, offset, segment_end = element(segment_offset)
+    assert (header_id, segment_id, segment_end) == (0x1A45DFA3, 0x18538067, len(data))
+    children = []
     while offset < len(data):
-        element = sniff._ebml_element(file, len(data), offset=offset)
-        assert element is not None and element[2] is not None
-        children.append((element[0], offset, element[2]))
-        offset = element[2]
+        kind, _, end = element(offset)
+        children.append((kind, offset, end))
+        offset = end
     return children
 
 
@@ -504,7 +532,7 @@ def test_matroska_cut_between_clusters_or_in_its_index() -> None:
     assert len(clusters) >= 3 and children[-1][0] == cues
     # Between two clusters, or through the header of the next: media is missing.
     for cut in [clusters[1][1], clusters[1][1] + 2]:
-        with pytest.raises(CorruptMedia, match="truncated matroska data: its 'Segment' runs"):
+        with pytest.raises(CorruptMedia, match="Matroska/WebM element 'Segment' runs"):
             drain(data[:cut])
     # Inside the trailing index (Cues), past its header: every frame is there, and decodes.
     _, index, end = children[-1]
@@ -750,18 +778,67 @@ def _riff(kind: bytes, size: int, payload: bytes) -> bytes:
     return kind + size.to_bytes(4, "little") + payload
 
 
+def _avi(movi: bytes, *, riff_size: int | None = None, movi_size: int | None = None,
+         tail: bytes = b"") -> bytes:
+    """A RIFF AVI holding an ``hdrl`` list, a ``movi`` list with ``movi`` as its chunks,
+    then ``tail`` (an index)."""
+    hdrl = _riff(b"LIST", 8, b"hdrl" + b"h" * 4)
+    movi_list = _riff(b"LIST", movi_size or 4 + len(movi), b"movi" + movi)
+    body = b"AVI " + hdrl + movi_list + tail
+    return _riff(b"RIFF", riff_size or len(body), body)
+
+
+_FRAMES = _riff(b"00dc", 4, b"f" * 4) * 3
+_INDEX = _riff(b"idx1", 16, b"i" * 16)
+
+
 @pytest.mark.parametrize(("data", "cut"), [
-    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8), None),
-    (_riff(b"RIFF", 13, b"AVI " + b"x" * 9) + b"\0" + _riff(b"RIFF", 4, b"AVIX"), None),
-    (_riff(b"RIFF", 100, b"AVI " + b"x" * 8), ("RIFF", 108)),
-    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8) + _riff(b"RIFF", 50, b"AVIX"), ("RIFF", 78)),
+    (_avi(_FRAMES, tail=_INDEX), None),
+    # The movi list (it starts at byte 28) declares more frames than the file has.
+    (_avi(_FRAMES, movi_size=100), ("movi", 28 + 8 + 100)),
+    (_avi(_FRAMES, tail=_INDEX)[:-len(_INDEX) - 12], ("movi", 28 + 12 + len(_FRAMES))),
+    # Only the index is cut, or the RIFF size is a little too large: no frame is lost.
+    (_avi(_FRAMES, tail=_INDEX)[:-4], None),
+    (_avi(_FRAMES, riff_size=200), None),
+    # Cut before the movi list began.
+    (_avi(_FRAMES)[:28], ("RIFF", 8 + 4 + 16 + 12 + len(_FRAMES))),
+    # An OpenDML file: a second RIFF (AVIX) whose own movi list is cut.
+    (_avi(_FRAMES) + _riff(b"RIFF", 4 + 12 + 50, b"AVIX" + _riff(b"LIST", 54, b"movi")),
+     ("movi", 8 + 4 + 16 + 12 + len(_FRAMES) + 12 + 8 + 54)),
     (_riff(b"RIFF", 0xFFFFFFFF, b"AVI " + b"x" * 8), None),  # written to a pipe
-    (_riff(b"RIFF", 12, b"AVI " + b"x" * 8) + _riff(b"JUNK", 99, b""), None),
+    (_avi(_FRAMES, movi_size=0xFFFFFFFF), None),
+    (_avi(_FRAMES) + _riff(b"JUNK", 99, b""), None),
 ])
-def test_cut_riff_chunk(data: bytes, cut: tuple[str, int] | None) -> None:
+def test_cut_avi_movi(data: bytes, cut: tuple[str, int] | None) -> None:
     from ivvae.video import sniff
 
-    assert sniff.cut_riff_chunk(io.BytesIO(data), len(data)) == cut
+    assert sniff.cut_avi_movi(io.BytesIO(data), len(data)) == cut
+
+
+def test_cut_matroska_cluster_with_a_void_between_clusters() -> None:
+    from ivvae.video import sniff
+
+    def element(kind: bytes, payload: bytes, *, size: int | None = None) -> bytes:
+        return kind + bytes([0x80 | (size if size is not None else len(payload))]) + payload
+
+    cluster = element(b"\x1f\x43\xb6\x75", b"c" * 8)
+    void = element(b"\xec", b"\0" * 4)
+    cues = element(b"\x1c\x53\xbb\x6b", b"q" * 8)
+    header = element(b"\x1a\x45\xdf\xa3", b"")
+
+    def segment(*children: bytes, size: int) -> bytes:
+        return b"\x18\x53\x80\x67" + (size | 1 << 56).to_bytes(8, "big") + b"".join(children)
+
+    whole = [cluster, void, cluster, cluster]
+    declared = sum(len(child) for child in whole)
+    data = header + segment(*whole[:3], size=declared)  # the last cluster is missing
+    assert sniff.cut_matroska_cluster(io.BytesIO(data), len(data)) == (
+        "Segment", len(header) + 12 + declared)
+    data = header + segment(cluster, cues, size=declared)  # an index ends the media data
+    assert sniff.cut_matroska_cluster(io.BytesIO(data), len(data)) is None
+    data = header + segment(cluster, void, cluster[:5], size=declared)
+    assert sniff.cut_matroska_cluster(io.BytesIO(data), len(data)) == (
+        "Cluster", len(header) + 12 + 2 * len(cluster) + len(void))
 
 
 def test_cut_matroska_cluster_leaves_malformed_files_to_ffmpeg() -> None:

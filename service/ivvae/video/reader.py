@@ -263,16 +263,16 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
 
 
 def _check_not_cut(source: _Source, demuxer: str) -> None:
-    """Refuse an MP4/MOV or Matroska/WebM file cut inside its media data, or an AVI cut
-    short. FFmpeg would not: a cut between two MP4 samples ends its demuxer's packets
-    cleanly, an AVI that lost its trailing index is read until the data stops, and a
-    Matroska demuxer stops quietly anywhere; the clip decodes shorter."""
+    """Refuse an MP4/MOV, AVI or Matroska/WebM file cut inside its media data. FFmpeg
+    would not: a cut between two MP4 samples ends its demuxer's packets cleanly, an AVI
+    that lost its trailing index is read until the data stops, and a Matroska demuxer
+    stops quietly anywhere; the clip decodes shorter."""
     if demuxer.startswith("mov"):
-        walk, kind = sniff.cut_isobmff_box, "mp4"
+        walk, kind = sniff.cut_isobmff_box, "MP4/MOV box"
     elif demuxer == "avi":
-        walk, kind = sniff.cut_riff_chunk, "avi"
+        walk, kind = sniff.cut_avi_movi, "AVI chunk"
     elif demuxer.startswith("matroska"):
-        walk, kind = sniff.cut_matroska_cluster, "matroska"
+        walk, kind = sniff.cut_matroska_cluster, "Matroska/WebM element"
     else:
         return
     file = source.open()
@@ -285,8 +285,8 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
         file.close()
     if cut is not None:
         box, end = cut
-        raise CorruptMedia(f"truncated {kind} data: its {box!r} runs to byte {end}, "
-                           f"the file ends at byte {size}")
+        raise CorruptMedia(f"the upload is truncated: its {kind} {box!r} runs to byte "
+                           f"{end}, but the file ends at byte {size}")
 
 
 def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:

@@ -53,6 +53,8 @@ _RIFF_UNKNOWN_SIZE = 0xFFFFFFFF
 _EBML_HEADER = 0x1A45DFA3
 _EBML_SEGMENT = 0x18538067
 _EBML_CLUSTER = 0x1F43B675
+# Elements that may sit between two clusters without ending the media data.
+_EBML_FILLERS = frozenset({0xEC, 0xBF})  # Void, CRC-32
 _EBML_MAX_HEADER = 12  # a 4-byte id and an 8-byte size
 
 
@@ -113,23 +115,52 @@ def cut_isobmff_box(file: BinaryIO, size: int) -> tuple[str, int] | None:
     return None
 
 
-def cut_riff_chunk(file: BinaryIO, size: int) -> tuple[str, int] | None:
-    """The first top-level ``RIFF`` chunk of an AVI file of ``size`` bytes (an OpenDML file
-    has one per gigabyte) that declares more bytes than the file has left, as ``("RIFF",
-    its declared end offset)``; ``None`` when all fit, or a size is the placeholder of a
-    file written to a pipe, or the walk reaches anything else."""
+def cut_avi_movi(file: BinaryIO, size: int) -> tuple[str, int] | None:
+    """Where an AVI file of ``size`` bytes was cut inside its media data, as ``("movi",
+    the list's declared end)``; else ``None``.
+
+    Walks the top-level ``RIFF`` chunks (an OpenDML file has one per gigabyte) and each
+    one's children. Only the ``LIST movi`` holding the frames counts: a RIFF size that
+    runs a few bytes past the end (a sloppy writer), or a cut inside the trailing index
+    (``idx1``), loses no frame. A RIFF cut before its ``movi`` list even started is
+    ``("RIFF", its declared end)``. ``None`` as well when a size is the placeholder of a
+    file written to a pipe, or the walk reaches anything it does not know (FFmpeg's call).
+    """
     offset = 0
     for _ in range(MAX_TOP_LEVEL_BOXES):
-        if offset + 8 > size:
+        if offset + 12 > size:
             return None
         file.seek(offset)
-        kind, chunk_size = struct.unpack("<4sI", file.read(8))
+        kind, chunk_size, _ = struct.unpack("<4sI4s", file.read(12))
         if kind != b"RIFF" or chunk_size == _RIFF_UNKNOWN_SIZE:
             return None
         end = offset + 8 + chunk_size
+        cut = _cut_movi_list(file, offset + 12, end, size)
+        if cut is not None:
+            return cut
         if end > size:
-            return "RIFF", end
+            return None
         offset = end + (chunk_size & 1)  # chunks are padded to an even length
+    return None
+
+
+def _cut_movi_list(file: BinaryIO, offset: int, riff_end: int, size: int
+                   ) -> tuple[str, int] | None:
+    """``("movi", its end)`` when the ``LIST movi`` among one RIFF's children (from
+    ``offset`` to ``riff_end``) runs past ``size``; ``("RIFF", riff_end)`` when the file
+    ends before one started; ``None`` when one fits, or none was there to fit."""
+    stop = min(riff_end, size)
+    for _ in range(MAX_TOP_LEVEL_BOXES):
+        if offset + 12 > stop:
+            return ("RIFF", riff_end) if riff_end > size else None
+        file.seek(offset)
+        kind, chunk_size, form = struct.unpack("<4sI4s", file.read(12))
+        if chunk_size == _RIFF_UNKNOWN_SIZE:
+            return None
+        end = offset + 8 + chunk_size
+        if kind == b"LIST" and form == b"movi":
+            return ("movi", end) if end > size else None
+        offset = end + (chunk_size & 1)
     return None
 
 
@@ -140,7 +171,8 @@ def cut_matroska_cluster(file: BinaryIO, size: int) -> tuple[str, int] | None:
 
     Walks the top-level elements of the first Segment. The cut went through media data when
     the file ends inside a Cluster, or between elements of a Segment that declares more,
-    while no other element (Cues, Tags: the trailing index) has followed the Clusters yet.
+    while no other element (Cues, Tags: the trailing index; a Void filler does not count)
+    has followed the Clusters yet.
     ``None`` as well when a size is unknown (a live recording, such as a browser's
     MediaRecorder writes) or malformed: the stream's DURATION tag is the check left there.
     """
@@ -162,16 +194,19 @@ def cut_matroska_cluster(file: BinaryIO, size: int) -> tuple[str, int] | None:
             if size - offset >= _EBML_MAX_HEADER:
                 return None  # malformed: FFmpeg's call
             # The cut went through an element's header.
-            return None if after_clusters else ("Segment", segment_end)
+            cut = segment_end > size and not after_clusters
+            return ("Segment", segment_end) if cut else None
         element_id, _, end = element
         if end is None:
             return None
         if element_id == _EBML_CLUSTER:
             seen_cluster = True
-        elif seen_cluster:
+        elif seen_cluster and element_id not in _EBML_FILLERS:
             after_clusters = True
         if end > size:
-            return None if after_clusters else ("Cluster", end)
+            if after_clusters:
+                return None
+            return ("Cluster", end) if element_id == _EBML_CLUSTER else ("Segment", segment_end)
         offset = end
     else:
         return None
