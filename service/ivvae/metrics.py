@@ -30,6 +30,10 @@ class Metrics:
         self.active_sessions = Gauge("ivvae_active_sessions",
                                      "Backend sessions (videos mid-encode or mid-decode) open",
                                      ["kind"], registry=r)
+        # A session that is not closed leaves its feature cache here until its time-to-live.
+        self.open_sequences = Gauge("ivvae_open_sequences",
+                                    "Feature caches held in this process (local backend)",
+                                    ["model", "direction"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

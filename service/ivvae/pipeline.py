@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, EncodeSession
 from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
 from .core.geometry import (
@@ -44,6 +44,7 @@ from .core.geometry import (
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .core.steps import FRAMES_DTYPES, FramesDtype
+from .core.tasks import finish
 from .errors import (
     CorruptMedia,
     DeadlineExceeded,
@@ -59,6 +60,7 @@ from .video import (
     DEFAULT_FPS,
     Preprocess,
     VideoLimits,
+    VideoReader,
     exact_rate,
     open_frames,
     open_video,
@@ -282,9 +284,8 @@ class Pipeline:
                     raise CorruptMedia("the video has no decodable frames")
                 await run(stepper.flush())
             finally:
-                await session.close()
                 self.metrics.active_sessions.labels("encode").dec()
-                await asyncio.to_thread(reader.close)
+                await finish(_close_both(session, reader))
         count = stepper.count
         info, plan = reader.info, reader.plan
         # Without preprocessing the output is the source as it is; the keys stay as before.
@@ -396,9 +397,7 @@ class Pipeline:
                 async for part in frames:
                     yield part
             finally:
-                aclose = getattr(frames, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                await finish(_close_frames(frames))
 
     async def decode_frames(self, data: bytes, frames_dtype: FramesDtype = "uint8",
                             ) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
@@ -438,8 +437,8 @@ class Pipeline:
                     produced += keep
                     yield frames[0, :keep, : info.height, : info.width]
             finally:
-                await session.close()
                 self.metrics.active_sessions.labels("decode").dec()
+                await finish(session.close())
         self.metrics.frames.labels("decode").inc(produced)
         self.metrics.frames_per_second.labels("decode").set(
             produced / max(time.perf_counter() - start, 1e-9))
@@ -467,9 +466,7 @@ class _Holding:
     async def aclose(self) -> None:
         release, self._release = self._release, None
         try:
-            aclose = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await finish(_close_frames(self._inner))
         finally:
             if release is not None:
                 release()
@@ -483,6 +480,19 @@ def _check_frames_dtype(frames_dtype: str) -> None:
     if frames_dtype not in FRAMES_DTYPES:
         raise InvalidInput(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
                            f"{frames_dtype!r}")
+
+
+async def _close_frames(frames: AsyncIterator[np.ndarray]) -> None:
+    aclose = getattr(frames, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def _close_both(session: EncodeSession, reader: VideoReader) -> None:
+    try:
+        await session.close()
+    finally:
+        await asyncio.to_thread(reader.close)
 
 
 def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:

@@ -128,11 +128,13 @@ class LocalBackend(Backend):
             model.set_precision(encode=s.encode_precision, decode=s.decode_precision)
             if info.name in self._models:
                 raise ValueError(f"two models are named {info.name!r}; name them apart")
-            self._models[info.name] = _Served(info, {
-                d: SequenceTable(EagerSteps(model, d), ttl_s=ttl_s,
-                                 on_batch=self._observer(d))
-                for d in ("encoder", "decoder")
-            }, _measured_costs(model, info, s))
+            tables: dict[Direction, SequenceTable] = {
+                d: SequenceTable(EagerSteps(model, d), ttl_s=ttl_s, on_batch=self._observer(d))
+                for d in ("encoder", "decoder")}
+            for direction, table in tables.items():
+                self.metrics.open_sequences.labels(info.name, direction).set_function(
+                    table.__len__)
+            self._models[info.name] = _Served(info, tables, _measured_costs(model, info, s))
             log.info("loaded model %s (%s, %d params, weights %s, trained=%s)", info.name,
                      info.source, info.num_params, info.weights_sha256[:12], info.trained)
             if not self._default:

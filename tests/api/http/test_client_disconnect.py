@@ -44,3 +44,40 @@ def test_a_client_that_disconnects_mid_upload_is_not_a_server_error(
     text = log.read_text()
     assert "Traceback" not in text and " ERROR " not in text, text
     assert "the client disconnected" in text
+
+
+def _gauge(url: str, name: str, label: str) -> float:
+    """The sum of gauge ``name`` over its series with ``label`` (they must exist)."""
+    values = [float(line.rsplit(" ", 1)[1])
+              for line in httpx.get(url + "/metrics").text.splitlines()
+              if line.startswith(name + "{") and label in line]
+    assert values, f"no {name} series with {label}"
+    return sum(values)
+
+
+def test_a_client_that_goes_away_mid_decode_frees_its_session(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # Starlette cancels the response task when the client goes; every later await in it is
+    # cancelled too, so a cleanup that awaits (a session's close) must not depend on it.
+    import numpy as np
+
+    latent = np.random.default_rng(0).standard_normal((1, 4, 9, 32, 32), np.float32)
+    request = (b"POST /decode?shape=1,4,9,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
+               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    with serve_process(tiny_weights, log=tmp_path / "serve.log") as url:
+        port = urlparse(url).port
+        assert port is not None
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request)
+                assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        deadline = time.monotonic() + 30
+        sessions = ("ivvae_active_sessions", 'kind="decode"')
+        while _gauge(url, *sessions) != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gauge(url, *sessions) == 0
+        # Their feature caches went with them (else they stay until their time-to-live).
+        assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
+        whole = httpx.post(url + "/decode?shape=1,4,9,32,32&dtype=float32&format=frames",
+                           content=latent.tobytes(), timeout=60)
+        assert whole.status_code == 200

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
+from ....core.tasks import finish
 from ....errors import InvalidInput
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
@@ -88,7 +89,7 @@ async def decode(request: Request, svc: Svc) -> Response:
                 # the stream.
                 first = await unless_disconnected(request, anext(chunks, b""))
             except BaseException:
-                await _close(items[0])
+                await finish(_close(items[0]))
                 raise
             return StreamingResponse(_stream(first, chunks, items[0]),
                                      media_type=MEDIA_TYPES[form.output], headers=headers)
@@ -113,4 +114,5 @@ async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterato
         async for chunk in rest:
             yield chunk
     finally:
-        await _close(frames)
+        # The client gone, Starlette cancels this task and every await left in it.
+        await finish(_close(frames))

@@ -1,0 +1,40 @@
+"""Cleanup that outlives a cancelled request.
+
+A client that goes away cancels its request's task. Under an HTTP server the task runs in
+an anyio cancel scope, and a cancelled scope cancels *every* later await of that task
+again, so a cleanup awaited plainly in a ``finally`` (closing a backend session, closing a
+video) stops at its first await: the session's feature cache stays until its time-to-live
+and its gauge never comes down. ``finish`` runs the cleanup as a task of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+
+log = logging.getLogger(__name__)
+
+# Cleanups whose caller was cancelled, kept alive until they end (the loop holds only weak
+# references to tasks).
+_DETACHED: set[asyncio.Future[None]] = set()
+
+
+async def finish(cleanup: Awaitable[None]) -> None:
+    """Await ``cleanup`` to its end. When the calling task is cancelled meanwhile, the
+    cleanup still runs to its end on its own, and the cancellation goes on; an error it
+    raises then is logged, as nobody is left to take it."""
+    task = asyncio.ensure_future(cleanup)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            _DETACHED.add(task)
+            task.add_done_callback(_after_detached)
+        raise
+
+
+def _after_detached(task: asyncio.Future[None]) -> None:
+    _DETACHED.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a cleanup after a cancelled request failed: %r", task.exception())

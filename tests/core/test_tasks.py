@@ -1,0 +1,55 @@
+"""``finish``: a cleanup that outlives its caller's cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import anyio
+import pytest
+
+from ivvae.core.tasks import finish
+
+
+async def _cleanup(done: list[str], *, fail: bool = False) -> None:
+    for step in ("first", "second"):  # two awaits: a cancel scope cancels each of them
+        await asyncio.sleep(0.01)
+        done.append(step)
+    if fail:
+        raise OSError("the backend went away")
+
+
+async def test_a_cleanup_in_a_cancelled_scope_runs_to_its_end() -> None:
+    plain: list[str] = []
+    finished: list[str] = []
+    with anyio.CancelScope() as scope:
+        try:
+            scope.cancel()
+            await asyncio.sleep(1)
+        finally:
+            with pytest.raises(asyncio.CancelledError):
+                await _cleanup(plain)
+            with pytest.raises(asyncio.CancelledError):
+                await finish(_cleanup(finished))
+    await asyncio.sleep(0.1)
+    assert plain == []  # what a plain await in the finally got
+    assert finished == ["first", "second"]
+
+
+async def test_a_cleanup_that_fails_after_its_caller_left_is_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    done: list[str] = []
+    task = asyncio.create_task(finish(_cleanup(done, fail=True)))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with caplog.at_level(logging.WARNING, "ivvae.core.tasks"):
+        await asyncio.sleep(0.1)
+    assert done == ["first", "second"]
+    assert "the backend went away" in caplog.text
+
+
+async def test_a_cleanup_error_reaches_a_caller_still_there() -> None:
+    with pytest.raises(OSError, match="went away"):
+        await finish(_cleanup([], fail=True))
