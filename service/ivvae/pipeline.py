@@ -331,10 +331,12 @@ class Pipeline:
         frames = info.num_frames * info.height * info.width
         if info.num_frames > self.settings.max_frames or frames > (
                 self.settings.max_frames * self.settings.max_pixels):
-            raise InvalidLatent(f"decoding {info.num_frames} frames of {info.width}x"
-                                f"{info.height} exceeds the server's limits")
+            raise TooLarge(f"decoding {info.num_frames} frames of {info.width}x{info.height} "
+                           f"exceeds the server's limits (max_frames "
+                           f"{self.settings.max_frames}, max_pixels {self.settings.max_pixels})")
         if info.height * info.width > self.settings.max_pixels:
-            raise InvalidLatent(f"a {info.width}x{info.height} frame exceeds max_pixels")
+            raise TooLarge(f"a {info.width}x{info.height} frame exceeds max_pixels "
+                           f"({self.settings.max_pixels})")
         return latent, info, model
 
     def parse_bare_latent(self, latent: np.ndarray, dtype: str, target: DecodeTarget,
@@ -344,6 +346,9 @@ class Pipeline:
         model's scaled space and a ``LatentInfo`` describing one item."""
         model = self.model(target.model)
         b, z, t, h, w = latent.shape
+        if 0 in latent.shape:
+            raise InvalidLatent(f"the latent {tuple(latent.shape)} is empty: shape is "
+                                "(B, z, t, h, w), each at least 1")
         if z != model.z_dim:
             raise InvalidLatent(f"the latent has {z} channels but model {model.name!r} has "
                                 f"z_dim {model.z_dim}: shape is (B, z, t, h, w)")
@@ -360,9 +365,9 @@ class Pipeline:
                                f"[{8 * h - 7}, {8 * h}])")
         s = self.settings
         if height * width > s.max_pixels:
-            raise InvalidLatent(f"a {width}x{height} frame exceeds max_pixels ({s.max_pixels})")
+            raise TooLarge(f"a {width}x{height} frame exceeds max_pixels ({s.max_pixels})")
         if b * num_frames > s.max_frames:
-            raise InvalidLatent(f"decoding {b} x {num_frames} frames exceeds the server's "
+            raise TooLarge(f"decoding {b} x {num_frames} frames exceeds the server's "
                                 f"limit of {s.max_frames}")
         scaled = target.to_model_space(latent, model.scale_factor, model.shift_factor)
         info = LatentInfo(

@@ -26,6 +26,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from .core import strict
 from .core.names import PRECISIONS
 from .errors import InvalidInput, InvalidLatent
 from .safetensors_io import SafetensorsError, Tensor, bf16_bits_to_float32, loads
@@ -68,7 +69,7 @@ def parse_shape(values: Sequence[str]) -> tuple[int, ...]:
     dims = []
     for part in parts:
         p = part.strip()
-        if not p.isdigit() or int(p) < 1:
+        if not strict.is_count(p) or int(p) < 1:
             raise InvalidInput(f"parameter 'shape' has a bad dimension {part!r} "
                                "(positive integers only)")
         dims.append(int(p))
@@ -207,8 +208,8 @@ class DecodeTarget:
             value = getattr(self, name)
             if value is not None and not 1 <= value <= 1 << 20:
                 raise InvalidInput(f"parameter {name!r} must be a positive integer")
-        if not 0 < self.fps <= 1000:
-            raise InvalidInput("parameter 'fps' must be in (0, 1000]")
+        if not strict.fps_in_range(self.fps):
+            raise InvalidInput(f"parameter 'fps' must be in {strict.FPS_RANGE}")
         if self.scaling_factor is not None and (
                 not math.isfinite(self.scaling_factor) or self.scaling_factor == 0):
             raise InvalidInput("parameter 'scaling_factor' must be finite and non-zero")
@@ -270,7 +271,7 @@ def _bool(name: str, value: str) -> bool:
 def _int(seen: Mapping[str, str], name: str) -> int | None:
     if name not in seen:
         return None
-    if not seen[name].isdigit():
+    if not strict.is_count(seen[name]):
         raise InvalidInput(f"parameter {name!r} must be a positive integer, got "
                            f"{seen[name]!r}")
     return int(seen[name])
@@ -288,6 +289,6 @@ def _float(seen: Mapping[str, str], name: str) -> float | None:
 
 def _fraction(seen: Mapping[str, str], name: str) -> Fraction:
     try:
-        return Fraction(seen[name]).limit_denominator(1_000_000)
-    except (ValueError, ZeroDivisionError):
+        return strict.number(seen[name]).limit_denominator(1_000_000)
+    except ValueError:
         raise InvalidInput(f"parameter {name!r} must be a number, got {seen[name]!r}") from None

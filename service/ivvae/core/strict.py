@@ -10,6 +10,7 @@ Stdlib only: every layer may import it.
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -27,12 +28,21 @@ _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 _DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 _DECIMAL = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_NUMBER = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(?:\.[0-9]{{1,{MAX_DIGITS}}})?"
+                     r"(?:[eE][-+]?[0-9]{1,3})?|"
+                     rf"[0-9]{{1,{MAX_DIGITS}}}/[0-9]{{1,{MAX_DIGITS}}}")
 _RATE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})(?:/([0-9]{{1,{MAX_DIGITS}}}))?")
 
 
 def shown(text: str) -> str:
     """``text`` fit for an error message: repr'd (no control characters) and cut short."""
     return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+def is_count(text: str) -> bool:
+    """Whether ``text`` is what ``count`` takes. ``str.isdigit`` is not that: it takes
+    ``"²"``, which ``int`` refuses, and 5,000 digits, over ``int``'s limit."""
+    return isinstance(text, str) and _DIGITS.fullmatch(text) is not None
 
 
 def count(text: str, *, minimum: int = 0) -> int:
@@ -46,6 +56,27 @@ def count(text: str, *, minimum: int = 0) -> int:
     return value
 
 
+def number(text: str) -> Fraction:
+    """A non-negative number a person types for a rate or a time: ``12``, ``12.5``,
+    ``1e-3``, ``30000/1001`` (ASCII digits, an exponent of at most 3 digits). ``Fraction``
+    takes ``"1e100000000"`` too, and spends minutes computing it."""
+    if not isinstance(text, str) or not _NUMBER.fullmatch(text):
+        raise ValueError(f"{shown(str(text))} is not a number such as 12, 12.5 or 30000/1001")
+    try:
+        return Fraction(text)
+    except ZeroDivisionError:
+        raise ValueError(f"{shown(text)} has a zero denominator") from None
+
+
+def fps_in_range(rate: float | Fraction) -> bool:
+    """Whether a frame rate is within [``MIN_FPS``, ``MAX_FPS``]: what the MP4 writer can
+    represent (see ``FPS_RANGE``)."""
+    return math.isfinite(rate) and MIN_FPS <= rate <= MAX_FPS
+
+
+FPS_RANGE = "[1/1001, 1000]"
+
+
 def frame_rate(text: str) -> Fraction:
     """``"N"`` or ``"N/D"`` in ASCII digits, within [``MIN_FPS``, ``MAX_FPS``]."""
     match = _RATE.fullmatch(text) if isinstance(text, str) else None
@@ -56,7 +87,7 @@ def frame_rate(text: str) -> Fraction:
         raise ValueError(f"frame rate {text!r} has a zero denominator")
     rate = Fraction(numerator, denominator)
     if not MIN_FPS <= rate <= MAX_FPS:
-        raise ValueError(f"frame rate {text} is outside [1/1001, {MAX_FPS}] fps")
+        raise ValueError(f"frame rate {text} is outside {FPS_RANGE} fps")
     return rate
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
+from ivvae.core import strict
 from ivvae.errors import InvalidInput
 
 # The option names, in canonical order. Every transport uses exactly these.
@@ -59,10 +60,15 @@ CROPS = ("center", "none")
 # Sizes beyond these are typos, not requests (the service's own limits apply after).
 MAX_SIDE = 16384
 MAX_COUNT = 1 << 20
-MAX_FPS = Fraction(1000)
+# Training setups use tens of buckets; they all go into each latent file's metadata, which
+# a reader caps (64 KiB of safetensors header).
+MAX_BUCKETS = 256
 
-_SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
-_BUCKET = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*$")
+# ASCII digits, as many as a count may have (``\d`` takes any script's digits; ``int``
+# refuses more than 4,300 of them).
+_N = rf"([0-9]{{1,{strict.MAX_DIGITS}}})"
+_SIZE = re.compile(rf"^\s*{_N}\s*[xX]\s*{_N}\s*$")
+_BUCKET = re.compile(rf"^\s*{_N}\s*[xX]\s*{_N}\s*[xX]\s*{_N}\s*$")
 
 
 @dataclass(frozen=True, order=True)
@@ -159,9 +165,12 @@ class Preprocess:
                        if other_keys else "")
                 )
             if name == "bucket":
-                buckets.extend(_bucket(part) for part in value.split(",") if part.strip())
-                if not value.strip():
-                    raise InvalidInput("option 'bucket' is empty; expected WxHxF")
+                parts = [part for part in value.split(",") if part.strip()]
+                if not parts:
+                    raise InvalidInput(f"option 'bucket' is empty ({value!r}); expected WxHxF")
+                if len(buckets) + len(parts) > MAX_BUCKETS:
+                    raise InvalidInput(f"option 'bucket' lists more than {MAX_BUCKETS} buckets")
+                buckets.extend(_bucket(part) for part in parts)
                 continue
             if name in seen:
                 raise InvalidInput(f"option {name!r} is given more than once")
@@ -318,6 +327,8 @@ class Preprocess:
                     s is None or not 1 <= s <= MAX_SIDE for s in sides):
                 raise InvalidInput(f"option 'resize' must be N or WxH with sides in "
                                    f"[1, {MAX_SIDE}]")
+        if len(self.buckets) > MAX_BUCKETS:
+            raise InvalidInput(f"option 'bucket' lists more than {MAX_BUCKETS} buckets")
         for bucket in self.buckets:
             _check_bucket(bucket)
         for name in ("start_frame", "num_frames", "max_frames", "stride"):
@@ -328,8 +339,8 @@ class Preprocess:
                                    f"got {value}")
         if self.start_s is not None and not 0 <= self.start_s <= 10 * 86400:
             raise InvalidInput("option 'start_s' must be in [0, 864000] seconds")
-        if self.fps is not None and not 0 < self.fps <= MAX_FPS:
-            raise InvalidInput(f"option 'fps' must be in (0, {MAX_FPS}]")
+        if self.fps is not None and not strict.fps_in_range(self.fps):
+            raise InvalidInput(f"option 'fps' must be in {strict.FPS_RANGE}, got {self.fps}")
 
     def _given(self, name: str) -> bool:
         if name == "bucket":
@@ -349,6 +360,9 @@ class Preprocess:
         out_fps = Fraction(fps) if self.fps is None else self.fps
         if self.stride is not None:
             out_fps = Fraction(fps) / self.stride
+            if not strict.fps_in_range(out_fps):
+                raise InvalidInput(f"option 'stride' {self.stride} makes the {fps:g} fps clip "
+                                   f"{float(out_fps):.3g} fps, outside {strict.FPS_RANGE}")
         return Plan(self, self.geometry(width, height, bucket), bucket, limit, exact,
                     out_fps.limit_denominator(1_000_000))
 
@@ -445,7 +459,7 @@ def _exact(width: int, height: int, out_w: int, out_h: int, cover: bool) -> Geom
 
 def _resize(value: str) -> Resize:
     text = value.strip()
-    if text.isdigit():
+    if strict.is_count(text):
         return Resize(short_side=int(text))
     m = _SIZE.match(text)
     if m is None:
@@ -473,7 +487,7 @@ def _int(name: str, seen: Mapping[str, str], *, minimum: int) -> int | None:
     if name not in seen:
         return None
     text = seen[name].strip()
-    if not text.isdigit():
+    if not strict.is_count(text):
         raise InvalidInput(f"option {name!r} must be an integer >= {minimum}, "
                            f"got {seen[name]!r}")
     return int(text)
@@ -484,8 +498,8 @@ def _fraction(name: str, seen: Mapping[str, str], *, positive: bool) -> Fraction
         return None
     text = seen[name].strip()
     try:
-        value = Fraction(text)
-    except (ValueError, ZeroDivisionError):
+        value = strict.number(text)
+    except ValueError:
         raise InvalidInput(f"option {name!r} must be a number (e.g. 12, 12.5 or "
                            f"30000/1001), got {seen[name]!r}") from None
     if value < 0 or (positive and value == 0):

@@ -125,6 +125,11 @@ _DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 Frames = npt.NDArray[np.uint8]
 
 
+# How much larger than the frame limits the picture scaled to cover an exact size may be
+# before it is cropped (a 4:3 clip upscaled to cover a 1920x1080 bucket is 1.33x).
+_SCALED_PIXELS_FACTOR = 4
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     """What an upload may not exceed.
@@ -287,6 +292,22 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
         box, end = cut
         raise CorruptMedia(f"the upload is truncated: its {kind} {box!r} runs to byte "
                            f"{end}, but the file ends at byte {size}")
+
+
+def _check_plan(plan: Plan, limits: VideoLimits) -> None:
+    """Refuse output frames over ``max_pixels``, and an exact size so far from the clip's
+    aspect ratio that scaling to cover it makes a huge picture first (``resize=1x12000``
+    on a square clip scales it to 12000x12000, 432 MB a frame, to keep one column)."""
+    if plan.width * plan.height > limits.max_pixels:
+        raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
+                       f"{limits.max_pixels} pixels")
+    g = plan.geometry
+    cap = _SCALED_PIXELS_FACTOR * max(limits.source_pixels, limits.max_pixels)
+    if g.scaled_width * g.scaled_height > cap:
+        option = "bucket" if plan.bucket is not None else "resize"
+        raise TooLarge(f"option {option!r}: covering {plan.width}x{plan.height} scales the "
+                       f"clip to {g.scaled_width}x{g.scaled_height} before cropping, over the "
+                       f"limit of {cap} pixels; pick a size nearer the clip's aspect ratio")
 
 
 def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
@@ -464,9 +485,7 @@ class VideoReader:
             rotation=turn.clockwise,
         )
         plan = preprocess.plan(width, height, info.num_frames, fps)
-        if plan.width * plan.height > limits.max_pixels:
-            raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
-                           f"{limits.max_pixels} pixels")
+        _check_plan(plan, limits)
         if plan.exact and plan.frame_limit is not None and plan.frame_limit > limits.max_frames:
             raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
                            f"{limits.max_frames}")
@@ -668,9 +687,7 @@ def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
     info = VideoInfo(width=width, height=height, fps=float(rate), num_frames=t, codec="raw",
                      container="tensor", rotation=0)
     plan = (preprocess or Preprocess()).plan(width, height, t, float(rate))
-    if plan.width * plan.height > limits.max_pixels:
-        raise TooLarge(f"frames of {plan.width}x{plan.height} exceed the limit of "
-                       f"{limits.max_pixels} pixels")
+    _check_plan(plan, limits)
     return VideoReader(None, None, stream, first, info, Orientation(0), limits, plan)
 
 

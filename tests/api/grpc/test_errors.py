@@ -17,6 +17,7 @@ from ivvae.api.grpc.gen import ivvae_pb2 as pb
 from ivvae.api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ivvae.client import AsyncClient
 from ivvae.errors import TooLarge
+from ivvae.safetensors_io import dumps
 from tests import media
 from tests.api.grpc.conftest import decode_requests, encode_requests
 from tests.grpc_fixtures import ServerThread, server_thread
@@ -74,6 +75,15 @@ ENCODE: dict[str, tuple[Callable[[], AsyncIterator[Any]], grpc.StatusCode, str]]
                       INVALID, "invalid_input"),
     "empty message": (lambda: _messages(pb.EncodeRequest(chunk=GOOD), pb.EncodeRequest()),
                       INVALID, "invalid_input"),
+    # Each once ended INTERNAL: "²" passes str.isdigit, a rate below 1/1001 fps failed in
+    # the MP4 writer after the model ran, and "1e100000000" blocked the loop for minutes.
+    "resize ²": (lambda: encode_requests(GOOD, resize="²"), INVALID, "invalid_input"),
+    "fps 1/5000": (lambda: encode_requests(GOOD, fps="1/5000"), INVALID, "invalid_input"),
+    "fps 1e100000000": (lambda: encode_requests(GOOD, fps="1e100000000"), INVALID,
+                        "invalid_input"),
+    "tensor fps 1e-4": (lambda: encode_requests(
+        bytes(5 * 16 * 16 * 3), frames=pb.TensorSpec(shape=[5, 16, 16, 3], fps="0.0001")),
+        INVALID, "invalid_input"),
 }
 
 
@@ -149,6 +159,12 @@ DECODE: dict[str, tuple[Callable[[], AsyncIterator[Any]], grpc.StatusCode, str]]
                   "invalid_input"),
     "declared oversized": (lambda: decode_requests(b"\0" * 300_000, size_bytes=300_000),
                            EXHAUSTED, "too_large"),
+    "fps 1e-4": (lambda: decode_requests(dumps({"latent": np.zeros((1, 4, 2, 2, 2),
+                                                                   np.float32)}, {}),
+                                         fps="0.0001"), INVALID, "invalid_input"),
+    "empty batch": (lambda: decode_requests(dumps({"latent": np.zeros((0, 4, 1, 2, 2),
+                                                                      np.float32)}, {})),
+                    INVALID, "invalid_latent"),
 }
 
 

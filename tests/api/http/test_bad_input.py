@@ -208,3 +208,53 @@ async def test_client_errors_never_500(tiny_weights: Path) -> None:
                                       headers={"content-type": "video/mp4"})
                 assert r.status_code < 500, (target, i, r.text)
         assert (await client.post("/encode", files=_mp4_upload(GOOD))).status_code == 200
+
+
+def _bare(shape: tuple[int, ...]) -> bytes:
+    return dumps({"latent": np.zeros(shape, np.float32)}, {})
+
+
+# Each once got a 500, hung the worker, or answered 200 with something unusable.
+SQUARE = media.make_video(None, frames=5, width=32, height=32)
+ODD_REQUESTS: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
+    # str.isdigit takes "²", which int() refuses.
+    "seed ²": ("/encode", {"seed": "²"}, GOOD, 400, "seed"),
+    "resize ²": ("/encode", {"resize": "²"}, GOOD, 400, "resize"),
+    "stride ²": ("/encode", {"stride": "²"}, GOOD, 400, "stride"),
+    "num_frames ²": ("/encode", {"num_frames": "²"}, GOOD, 400, "num_frames"),
+    "5000-digit resize": ("/encode", {"resize": "1x" + "9" * 5000}, GOOD, 400, "resize"),
+    "tensor shape ²": ("/encode", {"shape": "5,16,²,3", "dtype": "uint8"}, b"", 400, "shape"),
+    "crf ²": ("/decode", {"crf": "²"}, _bare((1, 4, 2, 2, 2)), 400, "crf"),
+    "latent shape ²": ("/decode", {"shape": "1,4,²,2,2", "dtype": "float32"}, b"", 400,
+                       "shape"),
+    # Fraction("1e100000000") computes 10**100000000: minutes of a blocked event loop.
+    "fps 1e100000000": ("/encode", {"fps": "1e100000000"}, GOOD, 400, "fps"),
+    "start_s 1e-100000000": ("/encode", {"start_s": "1e-100000000"}, GOOD, 400, "start_s"),
+    "decode fps 1e100000000": ("/decode", {"fps": "1e100000000"}, _bare((1, 4, 2, 2, 2)),
+                               400, "fps"),
+    # Rates the MP4 writer cannot hold (below 1/1001 fps) failed after the model ran.
+    "fps 1e-7": ("/encode", {"fps": "0.0000001"}, GOOD, 400, "fps"),
+    "stride to 2e-5 fps": ("/encode", {"stride": "1048576"}, GOOD, 400, "stride"),
+    "tensor fps 1e-4": ("/encode", {"shape": "5,16,16,3", "dtype": "uint8", "fps": "0.0001"},
+                        bytes(5 * 16 * 16 * 3), 400, "fps"),
+    "decode fps 1e-4": ("/decode", {"fps": "0.0001"}, _bare((1, 4, 2, 2, 2)), 400, "fps"),
+    # Covering a far-off aspect ratio scaled the clip to 12000x12000 first.
+    "resize 1x12000": ("/encode", {"resize": "1x12000"}, SQUARE, 413, "resize"),
+    "bucket 16384x1x1": ("/encode", {"bucket": "16384x1x1"}, SQUARE, 413, "bucket"),
+    "bucket ,": ("/encode", {"bucket": ","}, GOOD, 400, "bucket"),
+    "300 buckets": ("/encode", {"bucket": ",".join(f"{8 + i}x8x1" for i in range(300))},
+                    GOOD, 400, "bucket"),
+    "empty latent": ("/decode", {}, _bare((1, 4, 0, 2, 2)), 422, "empty"),
+    "empty batch": ("/decode", {}, _bare((0, 4, 1, 2, 2)), 422, "empty"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_REQUESTS))
+async def test_odd_parameters_get_a_4xx_naming_them(tiny_weights: Path, case: str) -> None:
+    path, params, body, status, word = ODD_REQUESTS[case]
+    ctype = "video/mp4" if body in (GOOD, SQUARE) else "application/octet-stream"
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        r = await client.post(path, params=params, content=body,
+                              headers={"content-type": ctype})
+    assert r.status_code == status, r.text
+    assert word in r.json()["detail"], r.text

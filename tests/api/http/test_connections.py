@@ -189,3 +189,27 @@ def test_bad_latents_get_4xx_and_the_keep_alive_connection_stays_usable(
     assert ok.status == 200 and ok.read()[4:8] == b"ftyp"
     assert conn.sock is sock
     conn.close()
+
+
+
+async def test_a_head_over_the_limit_in_one_piece_is_refused() -> None:
+    # h11 bounds a head only while it is incomplete: one that arrives in a single read (a
+    # 100 KB query string, say) was parsed whole and served. The app-side guard counts it.
+    from ivvae.api.http.protocol import ConnectionLimits, _head_guard
+
+    served: list[bytes] = []
+    sent: list[dict[str, object]] = []
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        served.append(scope["query_string"])  # type: ignore[arg-type]
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    guarded = _head_guard(app, ConnectionLimits(max_header_bytes=1000, max_headers=10))
+    for query in (b"a=" + b"x" * 500, b"a=" + b"x" * 1000):
+        scope = {"type": "http", "raw_path": b"/encode", "query_string": query,
+                 "headers": [(b"host", b"x")]}
+        await guarded(scope, None, send)
+    assert served == [b"a=" + b"x" * 500]
+    assert sent[0]["status"] == 431 and b"over 1000 bytes" in sent[1]["body"]  # type: ignore[operator]

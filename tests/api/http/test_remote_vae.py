@@ -206,7 +206,7 @@ BAD_DECODES = [
     ({"shape": "1,4,2,8,8", "dtype": "float32", "fps": "-3"}, bytes(16 * 2 * 64), 400, "'fps'"),
     ({"shape": "1,4,2,8,8", "dtype": "float32", "format": "frames", "output_type": "pt"},
      bytes(16 * 2 * 64), 400, "contradict"),
-    ({"shape": "1,4,200,8,8", "dtype": "float32"}, bytes(16 * 200 * 64), 422, "limit"),
+    ({"shape": "1,4,200,8,8", "dtype": "float32"}, bytes(16 * 200 * 64), 413, "limit"),
     ({"shape": "1,4,1,8,8", "dtype": "float32"},
      np.full((1, 4, 1, 8, 8), np.nan, np.float32).tobytes(), 422, "non-finite"),
     ({"dtype": "float32"}, b"x", 400, "'shape'"),

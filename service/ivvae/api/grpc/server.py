@@ -19,7 +19,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -28,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ...config import Settings
+from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
@@ -106,11 +106,11 @@ def _frames_spec(spec: pb.TensorSpec) -> tuple[tuple[int, ...], float]:
             shape) != 4 or shape[3] != 3:
         raise InvalidInput(f"frames are (T, H, W, 3) uint8; got shape {list(shape)}")
     try:
-        fps = float(Fraction(spec.fps)) if spec.fps else DEFAULT_FPS
-    except (ValueError, ZeroDivisionError):
-        raise InvalidInput(f"frames fps must be a number, got {spec.fps!r}") from None
-    if not 0 < fps <= 1000:
-        raise InvalidInput("frames fps must be in (0, 1000]")
+        fps = float(strict.number(spec.fps)) if spec.fps else DEFAULT_FPS
+    except ValueError as exc:
+        raise InvalidInput(f"frames fps: {exc}") from None
+    if not strict.fps_in_range(fps):
+        raise InvalidInput(f"frames fps must be in {strict.FPS_RANGE}")
     return shape, fps
 
 

@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
+from ...core import strict
 from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge
 from ...service import Service
 from ..auth import check_bearer
@@ -46,7 +47,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     Reading stops as soon as the cap is passed (413), before any parsing.
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+    if strict.is_count(declared) and int(declared) > limit + MULTIPART_SLACK:
         raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
     chunks, total = [], 0
     async for chunk in request.stream():
@@ -94,7 +95,7 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
     Reading stops as soon as the cap is passed (413), before any parsing.
     """
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+    if strict.is_count(declared) and int(declared) > limit + MULTIPART_SLACK:
         raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
     fd, name = tempfile.mkstemp(prefix="ivvae-upload-")
     path = Path(name)

@@ -72,7 +72,7 @@ class _BoundedH11(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.app = _header_count_guard(self.app, self.limits.max_headers)
+        self.app = _head_guard(self.app, self.limits)
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
 
@@ -162,13 +162,24 @@ class _BoundedH11(H11Protocol):
         self._deadline = self.loop.call_later(self.limits.linger_s, self.transport.close)
 
 
-def _header_count_guard(app: Any, max_headers: int) -> Any:
-    """The ASGI app, refusing requests with more than ``max_headers`` headers (431)."""
+def _head_guard(app: Any, limits: ConnectionLimits) -> Any:
+    """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
+    over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
+    that comes in a single read is parsed whole, whatever its size."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and len(scope["headers"]) > max_headers:
-            body = (b'{"error": "invalid_input", "detail": "more than %d request headers"}'
-                    % max_headers)
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        size = len(scope["raw_path"] or b"") + len(scope["query_string"]) + sum(
+            len(name) + len(value) + 4 for name, value in scope["headers"])
+        detail = None
+        if len(scope["headers"]) > limits.max_headers:
+            detail = b"more than %d request headers" % limits.max_headers
+        elif size > limits.max_header_bytes:
+            detail = b"the request head is over %d bytes" % limits.max_header_bytes
+        if detail is not None:
+            body = b'{"error": "invalid_input", "detail": "%s"}' % detail
             await send({"type": "http.response.start", "status": 431, "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

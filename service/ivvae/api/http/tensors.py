@@ -38,6 +38,7 @@ from typing import Literal
 
 import numpy as np
 
+from ...core import strict
 from ...core.steps import FramesDtype
 from ...errors import InvalidInput
 from ...outputs import frames_dtype_for
@@ -121,7 +122,7 @@ def parse_encode(params: Params) -> EncodeForm:
         [(k, v) for k, v in params if k != "fps" or not tensor],
         other_keys=(*ENCODE_KEYS, "fps") if tensor else ENCODE_KEYS)
     seed_value = _single(params, "seed")
-    if seed_value is not None and not seed_value.strip().isdigit():
+    if seed_value is not None and not strict.is_count(seed_value.strip()):
         raise InvalidInput(f"parameter 'seed' must be a non-negative integer, got {seed_value!r}")
     output = _single(params, "output_type") or ("pt" if tensor else "file")
     if output not in ("file", "pt"):
@@ -142,8 +143,8 @@ def parse_encode(params: Params) -> EncodeForm:
     fps = 24.0
     if tensor and fps_value is not None:
         rate = _float("fps", fps_value)
-        if rate is None or not 0 < rate <= 1000:
-            raise InvalidInput("parameter 'fps' must be in (0, 1000]")
+        if rate is None or not strict.fps_in_range(rate):
+            raise InvalidInput(f"parameter 'fps' must be in {strict.FPS_RANGE}")
         fps = rate
     options = EncodeOptions(
         model=_single(params, "model") or "",
@@ -239,7 +240,7 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
     crf_text = _single(params, "crf")
     crf = default_crf
     if crf_text is not None:
-        if not crf_text.isdigit() or not crf_range[0] <= int(crf_text) <= crf_range[1]:
+        if not strict.is_count(crf_text) or not crf_range[0] <= int(crf_text) <= crf_range[1]:
             raise InvalidInput(f"parameter 'crf' must be an integer in "
                                f"[{crf_range[0]}, {crf_range[1]}], got {crf_text!r}")
         crf = int(crf_text)
