@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -328,6 +328,8 @@ class Pipeline:
         """Validate an uploaded latent file against the served models."""
         latent, info = decode_latent_file(data)
         model = served_model_for(info, self.backend.models)
+        # Found by its weights under another name: answers name the model that decodes it.
+        info = replace(info, model_name=model.name)
         frames = info.num_frames * info.height * info.width
         if info.num_frames > self.settings.max_frames or frames > (
                 self.settings.max_frames * self.settings.max_pixels):
@@ -370,6 +372,9 @@ class Pipeline:
             raise TooLarge(f"decoding {b} x {num_frames} frames exceeds the server's "
                                 f"limit of {s.max_frames}")
         scaled = target.to_model_space(latent, model.scale_factor, model.shift_factor)
+        if scaled is not latent and not np.isfinite(scaled).all():
+            raise InvalidLatent("parameters 'scaling_factor' / 'shift_factor' make the latent "
+                                "non-finite in the model's space")
         info = LatentInfo(
             model_name=model.name, weights_sha256=model.weights_sha256,
             scale_factor=model.scale_factor, shift_factor=model.shift_factor,

@@ -255,8 +255,10 @@ class DecodeTarget:
                 return latent
             s = latent
         else:
-            s = latent / (self.scaling_factor or 1.0) + (self.shift_factor or 0.0)
-        return np.asarray(scale * (s - shift), dtype=np.float32)
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                s = latent / (self.scaling_factor or 1.0) + (self.shift_factor or 0.0)
+        with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
+            return np.asarray(scale * (s - shift), dtype=np.float32)
 
 
 def _bool(name: str, value: str) -> bool:

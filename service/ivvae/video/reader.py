@@ -671,8 +671,6 @@ def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
                            f"{list(frames.shape)} {frames.dtype}")
     t, height, width, _ = frames.shape
     _check_pixels(width, height, limits)
-    if preprocess is None and t > limits.max_frames:
-        raise TooLarge(f"{t} frames exceed the limit of {limits.max_frames}")
     rate = Fraction(fps).limit_denominator(1_000_000)
 
     def video_frames() -> Iterator[VideoFrame]:
@@ -688,6 +686,13 @@ def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
                      container="tensor", rotation=0)
     plan = (preprocess or Preprocess()).plan(width, height, t, float(rate))
     _check_plan(plan, limits)
+    # The count is known here, unlike a file's declared one: refuse before encoding any.
+    produced = plan.options.available_frames(t, float(rate))
+    if produced is not None and plan.frame_limit is not None:
+        produced = min(produced, plan.frame_limit)
+    if produced is not None and produced > limits.max_frames:
+        raise TooLarge(f"{t} frames give {produced} after preprocessing, over the limit of "
+                       f"{limits.max_frames}; max_frames takes fewer")
     return VideoReader(None, None, stream, first, info, Orientation(0), limits, plan)
 
 

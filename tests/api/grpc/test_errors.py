@@ -235,3 +235,27 @@ async def test_client_gets_too_large_before_uploading(server: ServerThread) -> N
                 await client.encode(bytes(8 << 20))
         with pytest.raises(TooLarge):
             await client.decode(bytes(8 << 20))
+
+
+async def test_encode_unary_reads_frames_and_checks_its_declared_size(
+        server: ServerThread) -> None:
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    spec = pb.TensorSpec(shape=[5, 16, 16, 3], dtype="uint8", fps="12")
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        stub = pb_grpc.IVVAEStub(channel)
+        # Frames as a raw tensor were once parsed as a file ("not a supported video").
+        reply = await stub.EncodeUnary(pb.EncodeUnaryRequest(
+            options=pb.EncodeOptions(frames=spec), video=frames.tobytes()), metadata=AUTH)
+        with pytest.raises(grpc.aio.AioRpcError) as wrong_size:
+            await stub.EncodeUnary(pb.EncodeUnaryRequest(
+                options=pb.EncodeOptions(size_bytes=len(GOOD) + 1), video=GOOD),
+                metadata=AUTH)
+        latent = dumps({"latent": np.zeros((1, 4, 2, 2, 2), np.float32)}, {})
+        tensor_fps = await _status(stub.Decode, decode_requests(
+            latent[-128:], tensor=pb.TensorSpec(shape=[1, 4, 2, 2, 2], dtype="float32",
+                                                fps="12")))
+    assert (reply.info.num_frames, reply.info.width) == (5, 16)
+    assert (reply.info.fps_numerator, reply.info.fps_denominator) == (12, 1)
+    assert wrong_size.value.code() == INVALID
+    assert "size_bytes" in (wrong_size.value.details() or "")
+    assert tensor_fps == (INVALID, "invalid_input")

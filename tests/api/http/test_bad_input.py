@@ -245,6 +245,17 @@ ODD_REQUESTS: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
     "300 buckets": ("/encode", {"bucket": ",".join(f"{8 + i}x8x1" for i in range(300))},
                     GOOD, 400, "bucket"),
     "empty latent": ("/decode", {}, _bare((1, 4, 0, 2, 2)), 422, "empty"),
+    # The count of tensor frames is known up front: refused before 2048 are encoded.
+    "3000 tensor frames": ("/encode", {"shape": "3000,8,8,3", "dtype": "uint8"},
+                           bytes(3000 * 8 * 8 * 3), 413, "3000 frames give"),
+    # A scaling that overflows: a 200 full of inf, or a NaN error naming a sequence id.
+    "encode scaling 1e308": ("/encode", {"output_type": "pt", "scaling_factor": "1e308"},
+                             GOOD, 400, "scaling_factor"),
+    "float16 scaling 1e6": ("/encode", {"output_type": "pt", "dtype": "float16",
+                                        "scaling_factor": "1e6"}, GOOD, 400, "float16"),
+    "decode scaling 1e-300": ("/decode", {"scaling_factor": "1e-300"},
+                              dumps({"latent": np.ones((1, 4, 2, 2, 2), np.float32)}, {}),
+                              422, "scaling_factor"),
     "empty batch": ("/decode", {}, _bare((0, 4, 1, 2, 2)), 422, "empty"),
 }
 
@@ -258,3 +269,27 @@ async def test_odd_parameters_get_a_4xx_naming_them(tiny_weights: Path, case: st
                               headers={"content-type": ctype})
     assert r.status_code == status, r.text
     assert word in r.json()["detail"], r.text
+
+
+async def test_frames_refuses_what_encode_refuses(tiny_weights: Path) -> None:
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        text = await client.post("/frames", content=b"hello", headers={"content-type":
+                                                                       "text/plain"})
+        unknown = await client.post("/frames", params={"resize": "8"}, files=_mp4_upload(GOOD))
+        good = await client.post("/frames", files=_mp4_upload(GOOD))
+    assert (text.status_code, text.json()["error"]) == (415, "unsupported_media")
+    assert unknown.status_code == 400 and "'resize'" in unknown.json()["detail"]
+    assert good.status_code == 200 and good.headers["X-Frames"] == "5"
+
+
+async def test_a_latent_found_by_its_weights_names_the_model_that_decodes_it(
+        tiny_weights: Path) -> None:
+    from tests.service_fixtures import TINY_NAME
+
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        latent = (await client.post("/encode", files=_mp4_upload(GOOD))).content
+        renamed = _tamper(latent, meta={"model_name": "other"})
+        r = await client.post("/decode", content=renamed, params={"format": "frames"})
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model"] == TINY_NAME
+    assert loads(r.content)[1]["model_name"] == TINY_NAME

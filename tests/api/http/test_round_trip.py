@@ -158,6 +158,8 @@ async def test_service_endpoints(tiny_weights: Path) -> None:
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["backend"]["ready"] is True
         assert ready.json()["cache"]["status"] == "ok"
+        for probe in ("/healthz", "/readyz"):  # some load balancers probe with HEAD
+            assert (await client.head(probe)).status_code == 200
         models = (await client.get("/models")).json()
         assert models["default"] == "tiny_z4_dim4" and models["models"][0]["trained"] is True
         assert (await client.get("/docs")).status_code == 200

@@ -340,8 +340,13 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             if not request.video:
                 raise EmptyInput("the request carries no video bytes")
             options = request.options if request.HasField("options") else None
-            result = await self.service.pipeline.encode(request.video,
-                                                        _encode_options(options))
+            if options is not None and options.HasField("size_bytes") and (
+                    options.size_bytes != len(request.video)):
+                raise InvalidInput(f"options.size_bytes says {options.size_bytes} bytes; the "
+                                   f"request carries {len(request.video)}")
+            opts = _encode_options(options)
+            result = await self.service.pipeline.encode(
+                _encode_source(options, request.video), opts)
             return pb.EncodeUnaryResponse(info=latent_info_message(result.info),
                                           cache_hit=result.cache_hit, latent=result.data)
         raise AssertionError("unreachable: _call aborts the RPC on every error")
@@ -355,6 +360,9 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             pipeline = self.service.pipeline
             bare: tuple[np.ndarray, str] | None = None
             if options is not None and options.HasField("tensor"):
+                if options.tensor.fps:
+                    raise InvalidInput("tensor.fps is the rate of frames sent to Encode; a "
+                                       "decoded latent's rate is DecodeOptions.fps")
                 shape = parse_shape([",".join(str(d) for d in options.tensor.shape)])
                 dtype = parse_wire_dtype(options.tensor.dtype, allowed=LATENT_DTYPES)
                 raw = read_raw_tensor(data, shape, dtype)

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from ...core import strict
-from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge
+from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ...service import Service
 from ..auth import check_bearer
 
@@ -68,7 +68,8 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
             raise InvalidInput(f"malformed multipart body: {exc}") from exc
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise InvalidInput("the multipart body needs a file field named 'file'")
+            raise InvalidInput("the multipart body has no complete file field named 'file' (none "
+                               "was sent, it has another name, or the body was cut short)")
         data = await upload.read()
         await form.close()
         ctype = (upload.content_type or "application/octet-stream").lower()
@@ -83,6 +84,23 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
 
 _T = TypeVar("_T")
 SPOOL_CHUNK = 1 << 20
+_VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
+
+
+def require_video_type(ctype: str, *, tensor_hint: bool = False) -> None:
+    """Refuse (415) an upload whose content type says it is not a video or image."""
+    if ctype and not ctype.startswith(_VIDEO_TYPES):
+        raise UnsupportedMedia(
+            f"content type {ctype[:60]!r} is not a video or image; send the file as multipart "
+            "field 'file' or with a video/*, image/* or application/octet-stream content type"
+            + (" (or frames as a raw tensor body with shape and dtype parameters)"
+               if tensor_hint else ""))
+
+
+def refuse_parameters(params: list[tuple[str, str]], endpoint: str) -> None:
+    """Refuse (400) query parameters on an endpoint that takes none."""
+    if params:
+        raise InvalidInput(f"unknown parameter {params[0][0]!r}: {endpoint} takes none")
 
 
 @contextlib.asynccontextmanager
@@ -146,7 +164,8 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise InvalidInput("the multipart body needs a file field named 'file'")
+            raise InvalidInput("the multipart body has no complete file field named 'file' (none "
+                               "was sent, it has another name, or the body was cut short)")
         upload.file.seek(0)
         await asyncio.to_thread(shutil.copyfileobj, upload.file, out, SPOOL_CHUNK)
         return (upload.content_type or "application/octet-stream").lower()

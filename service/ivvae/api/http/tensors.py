@@ -187,15 +187,18 @@ def latent_answer(latents: list[np.ndarray], form: EncodeForm, scale: float,
     in the caller's scaling (``form.scaling_factor`` / ``shift_factor``, default the
     model's), float32 or the body's half dtype."""
     z = np.concatenate(latents)
-    if form.scaling_factor is not None or form.shift_factor is not None:
-        s = z / scale + shift
-        z = (s - (form.shift_factor or 0.0)) * (form.scaling_factor or 1.0)
-    z = np.ascontiguousarray(z, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, named in the error
+        if form.scaling_factor is not None or form.shift_factor is not None:
+            s = z / scale + shift
+            z = (s - (form.shift_factor or 0.0)) * (form.scaling_factor or 1.0)
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        out = z.astype(np.float16) if form.options.dtype == "float16" else z
+    if not np.isfinite(out).all():
+        raise InvalidInput(f"parameters 'scaling_factor' / 'shift_factor' put the latent "
+                           f"outside the range of {form.options.dtype or 'float32'}")
     if form.options.dtype == "bfloat16":
         return raw_tensor_body(Tensor("BF16", float32_to_bf16_bits(z)))
-    if form.options.dtype == "float16":
-        return raw_tensor_body(z.astype(np.float16))
-    return raw_tensor_body(z)
+    return raw_tensor_body(out)
 
 
 # -- /decode ---------------------------------------------------------------------------

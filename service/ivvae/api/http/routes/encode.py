@@ -5,18 +5,24 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ....errors import InvalidInput, UnsupportedMedia
+from ....errors import InvalidInput
 from ....latents import decode_latent_file
 from ....pipeline import FramesUpload
 from ...metering import RequestMeter
 from .. import tensors
-from ..deps import Authorized, Svc, read_body, spooled_upload, unless_disconnected
+from ..deps import (
+    Authorized,
+    Svc,
+    read_body,
+    require_video_type,
+    spooled_upload,
+    unless_disconnected,
+)
 from ..errors import error_responses, video_body
 
 router = APIRouter(tags=["encode"], dependencies=[Authorized])
 
 LATENT_MEDIA_TYPE = "application/octet-stream"
-_VIDEO_TYPES = ("video/", "image/", "application/octet-stream")
 
 
 @router.post(
@@ -49,13 +55,7 @@ async def encode(request: Request, svc: Svc) -> Response:
         else:
             # A file upload goes to disk as it arrives, not into memory.
             async with spooled_upload(request, limit) as (path, ctype):
-                if ctype and not ctype.startswith(_VIDEO_TYPES):
-                    raise UnsupportedMedia(
-                        f"content type {ctype[:60]!r} is not a video or image; send the file "
-                        "as multipart field 'file' or with a video/*, image/* or "
-                        "application/octet-stream content type (or frames as a raw tensor "
-                        "body with shape and dtype parameters)"
-                    )
+                require_video_type(ctype, tensor_hint=True)
                 results = [await unless_disconnected(request, svc.pipeline.encode(
                     path, form.options))]
         info = results[0].info

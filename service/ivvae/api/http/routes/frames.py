@@ -18,7 +18,7 @@ from ....outputs import FRAMES_LAYOUT, MEDIA_TYPES
 from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
-from ..deps import Authorized, Svc, read_body
+from ..deps import Authorized, Svc, read_body, refuse_parameters, require_video_type
 from ..errors import error_responses, video_body
 
 router = APIRouter(tags=["frames"], dependencies=[Authorized])
@@ -61,7 +61,9 @@ def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str
 async def frames(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "frames", "http"):
         s = svc.settings
-        data, _ = await read_body(request, s.max_upload_bytes)
+        refuse_parameters(request.query_params.multi_items(), "/frames")
+        data, ctype = await read_body(request, s.max_upload_bytes)
+        require_video_type(ctype)
         limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
         body, meta = await asyncio.to_thread(_frames_file, data, limits)
         return Response(body, media_type=MEDIA_TYPES["frames"], headers={

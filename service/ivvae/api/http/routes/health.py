@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..deps import Svc
 
@@ -21,6 +21,18 @@ async def healthz() -> dict[str, str]:
 async def readyz(svc: Svc) -> JSONResponse:
     ok, body = await svc.readiness()
     return JSONResponse(body, status_code=200 if ok else 503)
+
+
+# HEAD as well: some load balancers probe with it (the status is the answer).
+@router.head("/healthz", include_in_schema=False)
+async def healthz_head() -> Response:
+    return Response()
+
+
+@router.head("/readyz", include_in_schema=False)
+async def readyz_head(svc: Svc) -> Response:
+    ok, _ = await svc.readiness()
+    return Response(status_code=200 if ok else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
