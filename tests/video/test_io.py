@@ -269,6 +269,30 @@ def test_transparency_is_composited_over_black() -> None:
     np.testing.assert_array_equal(decoded[:, 8:], rgba[:, 8:, :3])
 
 
+@pytest.mark.parametrize("codec", ["libvpx-vp9", "libvpx"])
+def test_webm_alpha_is_composited_over_black(codec: str) -> None:
+    # WebM keeps VP8/VP9 alpha beside each frame; FFmpeg's own decoders drop it, so the
+    # transparent half used to come out in full colour.
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = (200, 120, 40)
+    rgba[:, 16:, 3] = 255
+    out = io.BytesIO()
+    with av.open(out, "w", format="webm") as container:
+        # libvpx (VP8) encodes alpha only without alternate reference frames.
+        stream = container.add_stream(codec, rate=24, options={"deadline": "realtime",
+                                                               "auto-alt-ref": "0"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuva420p"
+        for index in range(3):
+            frame = av.VideoFrame.from_ndarray(rgba, format="rgba").reformat(format="yuva420p")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    frames = read(out.getvalue())
+    assert frames.shape == (3, 32, 32, 3)
+    assert frames[:, :, :12].max() <= 8  # transparent: black, give or take the codec
+    assert np.abs(frames[:, :, 20:].astype(int) - (200, 120, 40)).max() <= 12
+
+
 def test_variable_frame_rate_keeps_every_frame_in_order() -> None:
     timestamps = [0, 1, 2, 4, 8, 9, 10, 16]
     data = media.make_video(

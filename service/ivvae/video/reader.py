@@ -54,6 +54,7 @@ import numpy as np
 import numpy.typing as npt
 from av.container import InputContainer
 from av.stream import Discard
+from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
@@ -459,12 +460,12 @@ class VideoReader:
         for other in container.streams:
             if other.index != stream.index:
                 other.discard = Discard.all
-        codec_context = stream.codec_context
-        codec_context.thread_count = _DECODE_THREADS
-        codec_context.thread_type = "AUTO"
-        codec_context.options = dict(decoder_options)
+        decoder = _alpha_decoder(stream) or stream.codec_context
+        decoder.thread_count = _DECODE_THREADS
+        decoder.thread_type = "AUTO"
+        decoder.options = dict(decoder_options)
 
-        frames = _decode(container, stream)
+        frames = _decode(container, stream, decoder)
         first = next(frames, None)
         if first is None:
             raise CorruptMedia("the video stream has no decodable frames")
@@ -696,11 +697,30 @@ def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
     return VideoReader(None, None, stream, first, info, Orientation(0), limits, plan)
 
 
-def _decode(container: InputContainer, stream: VideoStream) -> Iterator[VideoFrame]:
+def _alpha_decoder(stream: VideoStream) -> VideoCodecContext | None:
+    """A libvpx decoder for a VP8/VP9 stream that carries alpha, else ``None``.
+
+    WebM keeps VP8/VP9 alpha as a second picture in each block's BlockAdditional (the track
+    says ``alpha_mode: 1``); FFmpeg's own vp8/vp9 decoders ignore it and give opaque
+    frames, libvpx's read it (``yuva420p``), so alpha is composited like any other."""
+    name = stream.codec_context.name
+    libvpx = {"vp8": "libvpx", "vp9": "libvpx-vp9"}.get(name)
+    if libvpx is None or stream.metadata.get("alpha_mode") != "1":
+        return None
+    try:
+        decoder = cast(VideoCodecContext, av.CodecContext.create(libvpx, "r"))
+    except (av.error.FFmpegError, ValueError):  # an FFmpeg built without libvpx
+        return None
+    decoder.extradata = stream.codec_context.extradata
+    return decoder
+
+
+def _decode(container: InputContainer, stream: VideoStream, decoder: VideoCodecContext
+            ) -> Iterator[VideoFrame]:
     """Decoded frames of ``stream`` in presentation order, FFmpeg's errors as ours."""
     try:
         for packet in container.demux(stream):
-            yield from stream.decode(packet)
+            yield from decoder.decode(packet)
     except av.error.ExitError as exc:
         raise CorruptMedia("reading the video timed out") from exc
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
