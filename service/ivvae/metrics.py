@@ -31,9 +31,14 @@ class Metrics:
                                      "Backend sessions (videos mid-encode or mid-decode) open",
                                      ["kind"], registry=r)
         # A session that is not closed leaves its feature cache here until its time-to-live.
+        # The same names as the Triton models' own (on Triton's metrics port).
         self.open_sequences = Gauge("ivvae_open_sequences",
                                     "Feature caches held in this process (local backend)",
                                     ["model", "direction"], registry=r)
+        self.evicted_sequences = Gauge("ivvae_evicted_sequences",
+                                       "Sequences dropped after their time-to-live without a "
+                                       "step (local backend)", ["model", "direction"],
+                                       registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

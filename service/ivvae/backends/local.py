@@ -134,6 +134,8 @@ class LocalBackend(Backend):
             for direction, table in tables.items():
                 self.metrics.open_sequences.labels(info.name, direction).set_function(
                     table.__len__)
+                self.metrics.evicted_sequences.labels(info.name, direction).set_function(
+                    functools.partial(getattr, table, "evicted"))
             self._models[info.name] = _Served(info, tables, _measured_costs(model, info, s))
             log.info("loaded model %s (%s, %d params, weights %s, trained=%s)", info.name,
                      info.source, info.num_params, info.weights_sha256[:12], info.trained)

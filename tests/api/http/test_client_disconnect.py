@@ -78,6 +78,7 @@ def test_a_client_that_goes_away_mid_decode_frees_its_session(
         assert _gauge(url, *sessions) == 0
         # Their feature caches went with them (else they stay until their time-to-live).
         assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
+        assert _gauge(url, "ivvae_evicted_sequences", 'direction="decoder"') == 0
         whole = httpx.post(url + "/decode?shape=1,4,9,32,32&dtype=float32&format=frames",
                            content=latent.tobytes(), timeout=60)
         assert whole.status_code == 200
