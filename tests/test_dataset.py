@@ -317,11 +317,11 @@ async def test_lock_unavailable_service_and_cli_exit_codes(
     assert done.returncode == 2 and "neither a folder nor a list" in done.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
+    # An empty source is a mistyped prefix or a folder of what is not listed, not a job.
     done = subprocess.run(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(empty), str(tmp_path / "o3"),
          "--server", server.grpc_url, "--shard", "1/2"], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["total"] == 0
+    assert done.returncode == 2 and "holds no video or image files" in done.stderr
     done = subprocess.run(
         [sys.executable, "-m", "ivvae.cli", "encode-dataset", str(empty), str(out),
          "--shard", "2/2"], capture_output=True, text=True)
@@ -379,3 +379,84 @@ async def test_an_unknown_model_is_refused_before_anything_is_written(
         await encode_dataset(clips, tmp_path / "b", server=server.grpc_url,
                              options=ClipOptions(model="nope"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+async def test_a_latent_file_rewritten_since_its_record_is_not_reused(
+        server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A latent file is rewritten in place when its clip changes. After a change and a change
+    # back, the first record matched the clip's key again and was skipped as done, while
+    # the file held the second version's latent.
+    src = make_clips(tmp_path / "src", count=2)
+    out = tmp_path / "out"
+    clip = src / "b" / "clip00.mp4"
+    first = clip.read_bytes()
+    count = count_encodes(server, monkeypatch)
+    await encode_dataset(src, out, server=server.grpc_url)
+    v1 = latents(out)["b/clip00.mp4"]
+    media.make_video(clip, frames=9, width=24, height=16, fps=7)
+    await encode_dataset(src, out, server=server.grpc_url)
+    clip.write_bytes(first)
+    summary = await encode_dataset(src, out, server=server.grpc_url)
+    assert (summary.encoded, summary.skipped, count[0]) == (1, 1, 4)
+    assert latents(out)["b/clip00.mp4"] == v1
+
+    # A run killed after rewriting the file, before its record: the manifest still names
+    # the old latent. The reader refuses the file, and the next run encodes it again.
+    written = out / ("b/clip00.mp4" + LATENT_SUFFIX)
+    other = out / ("a/clip01.mp4" + LATENT_SUFFIX)
+    written.write_bytes(other.read_bytes())
+    with pytest.raises(ValueError, match="no longer holds the latent"):
+        latents(out)
+    summary = await encode_dataset(src, out, server=server.grpc_url)
+    assert (summary.encoded, summary.skipped, count[0]) == (1, 1, 5)
+    assert latents(out)["b/clip00.mp4"] == v1
+
+
+async def test_symbolic_links_are_followed(server: ServerThread, clips: Path, tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    # A folder of links is a common way to assemble a dataset; fsspec lists a link as
+    # neither a file nor a folder, so they were all dropped, and the job exited 0.
+    farm = tmp_path / "farm"
+    farm.mkdir()
+    (farm / "one.mp4").symlink_to(clips / "a" / "clip01.mp4")
+    (farm / "sub").symlink_to(clips / "b", target_is_directory=True)
+    (farm / "loop").symlink_to(farm, target_is_directory=True)  # searched once
+    (farm / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")
+    found = [s.name for s in collect(farm)]
+    assert found == ["one.mp4", *sorted(f"sub/{p.name}" for p in (clips / "b").glob("*.mp4"))]
+    assert "gone.mp4: a broken symbolic link" in caplog.text
+    summary = await encode_dataset(farm, tmp_path / "out", server=server.grpc_url)
+    assert summary.encoded == len(found) and summary.failed == 0
+
+
+async def test_a_second_run_leaves_the_first_ones_files_alone(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    # The clean-up of killed runs once came before the lock: a second run of the same job
+    # removed the running one's temporaries and unrecorded shards, and then stopped.
+    out = tmp_path / "out"
+    await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
+    staged = out / "shards" / f"w00000of00001-run-00001.tar{TMP_MARK}w00000of00001-live"
+    staged.write_bytes(b"a shard being written")
+    with _locked(Location.of(str(out)), "w00000of00001"), \
+            pytest.raises(DatasetError, match="another encode-dataset"):
+        await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
+    assert staged.exists()
+
+
+async def test_fewer_shards_than_readers_is_warned(server: ServerThread, clips: Path,
+                                                   tmp_path: Path) -> None:
+    from ivvae.data import IterableLatentDataset
+
+    out = tmp_path / "out"
+    await encode_dataset(clips, out, server=server.grpc_url, format="webdataset",
+                         shard_clips=4)  # 3 shards
+    with pytest.warns(UserWarning, match="3 shards for 4 readers"):
+        assert IterableLatentDataset(str(out), rank=3, world_size=4).parts() == []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spread = [IterableLatentDataset(str(out), rank=r, world_size=3).parts()
+                  for r in range(3)]
+    assert sorted(p for parts in spread for p in parts) == sorted(
+        {r["part"] for r in manifest(out)})

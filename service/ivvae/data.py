@@ -22,11 +22,13 @@ shuffled the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
 import random
 import tarfile
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +104,15 @@ class _Shards:
         wanted = {self.records[i]["member"]: self.records[i] for i in self.parts[part]}
         if part.endswith(LATENT_SUFFIX):
             (record,) = wanted.values()
-            latent, meta = _from_latent_file(self.loc.fs.cat_file(path))
+            data = self.loc.fs.cat_file(path)
+            # A latent file is rewritten in place when its clip changes; a run killed
+            # before its manifest leaves the new file under the old line.
+            expected = record.get("latent_sha256")
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                raise ValueError(f"{path} no longer holds the latent the manifest names for "
+                                 f"{record['source']!r} (a later encode-dataset run rewrote "
+                                 "it and did not finish): run the job again")
+            latent, meta = _from_latent_file(data)
             return {record["source"]: (latent, {**meta, "source": record["source"]})}
         if part.endswith(".tar"):
             return self._read_tar(path, wanted)
@@ -204,8 +214,15 @@ class IterableLatentDataset(_IterableDataset):
         parts = sorted(self._shards.parts)
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(parts)
-        parts = parts[self.rank::self.world_size]
         worker = get_worker_info()
+        readers = self.world_size * (worker.num_workers if worker is not None else 1)
+        if len(parts) < readers:
+            # Ranks that read nothing end their epoch first: in lockstep training they wait.
+            warnings.warn(f"{len(parts)} shards for {readers} readers (ranks x DataLoader "
+                          "workers): some read nothing. Write smaller shards (--shard-clips) "
+                          "or read with LatentDataset and a DistributedSampler",
+                          stacklevel=2)
+        parts = parts[self.rank::self.world_size]
         if worker is not None:
             parts = parts[worker.id::worker.num_workers]
         return parts

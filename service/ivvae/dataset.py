@@ -5,9 +5,10 @@
     ivvae encode-dataset clips.txt out/ --server grpc://encoder:50051 --concurrency 8
 
 Sources (``SRC``, local or any fsspec URL): a folder or URL prefix (searched recursively for
-video and image files), a glob (``s3://b/clips/*/*.mp4``), or a list file (one path or URL a
-line; relative ones are relative to the list's folder; blank lines and ``#`` comments are
-skipped). Files next to a clip with its stem and another suffix (``clip.txt``,
+video and image files; in a local folder, symbolic links are followed), a glob
+(``s3://b/clips/*/*.mp4``), or a list file (one path or URL a line; relative ones are
+relative to the list's folder; blank lines and ``#`` comments are skipped). A source that
+holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files next to a clip with its stem and another suffix (``clip.txt``,
 ``clip.json``) are its sidecars: they go into webdataset and parquet samples as they are.
 
 Outputs (``OUT``, a folder or URL prefix), ``--format``:
@@ -22,7 +23,8 @@ Outputs (``OUT``, a folder or URL prefix), ``--format``:
 ``OUT/manifest.jsonl`` has one line per clip of the job, whatever the number of reruns and
 workers: ``source``, ``key``, ``status`` (``ok``, ``error`` or ``pending``: not yet done by
 any worker), ``part`` and ``member`` (where the latent is: a file, or a shard and the tar
-sample key / parquet row), ``shape``, ``dtype``, ``frames``, ``bytes``, ``error``, ``detail``.
+sample key / parquet row), ``shape``, ``dtype``, ``frames``, ``bytes``, ``latent_sha256``,
+``file`` (``files`` format: which publish of the latent file it is), ``error``, ``detail``.
 It is rewritten whole when a worker finishes (or is stopped); ``ivvae.data`` reads it.
 
 Encoders. Without ``--server`` the model runs in this process (``EncoderSpec``: weights,
@@ -64,6 +66,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import secrets
@@ -111,6 +114,9 @@ VERSIONS_DIR = "versions"
 LOCK_NAME = "lock"
 SHARD_SUFFIX: dict[Format, str] = {"files": "", "webdataset": ".tar", "parquet": ".parquet"}
 JOB_SCHEMA = "ivvae.encode-dataset/1"
+
+
+log = logging.getLogger("ivvae.dataset")
 
 
 class DatasetError(Exception):
@@ -229,8 +235,35 @@ def _mirrored(url: str) -> str:
     return path.lstrip("/")
 
 
+def _followed(loc: Location, entries: Sequence[dict[str, Any]], seen: set[str] | None = None
+              ) -> list[dict[str, Any]]:
+    """``entries`` with symbolic links followed, in a local folder (a folder of links is a
+    common way to assemble a dataset; fsspec lists a link as neither file nor folder): a
+    link to a file is that file under the link's name, a link to a folder is searched too
+    (each real folder once), a broken link is skipped with a warning."""
+    if not loc.local:
+        return list(entries)
+    seen = seen if seen is not None else {os.path.realpath(loc.path)}
+    out = []
+    for entry in entries:
+        name = entry["name"]
+        if not entry.get("islink"):
+            out.append(entry)
+        elif os.path.isfile(name):
+            out.append({**entry, "type": "file", "size": os.path.getsize(name)})
+        elif os.path.isdir(name):
+            real = os.path.realpath(name)
+            if real not in seen:
+                seen.add(real)
+                out += _followed(loc, list(loc.fs.find(name, detail=True).values()), seen)
+        else:
+            log.warning("skipping %s: a broken symbolic link", name)
+    return out
+
+
 def _listing(loc: Location, entries: Sequence[dict[str, Any]], hash_threads: int
              ) -> list[Source]:
+    entries = _followed(loc, entries)
     infos = {i["name"]: i for i in entries if i.get("type") == "file"}
     siblings: dict[str, list[str]] = {}
     for path in infos:
@@ -559,7 +592,9 @@ class PartWriter:
         if self.fmt == "files":
             path = self.out.join(source.output)
             publish_bytes(self.out, path, encoded.data, self.tag)
-            record.update(part=source.output, member=None)
+            self.out.fs.invalidate_cache(path)
+            record.update(part=source.output, member=None,
+                          file=file_identity(self.out.fs.info(path)))
         elif self.fmt == "webdataset":
             record.update(part=posixpath.relpath(self.shard_path, self.out.path),
                           member=source.sample_key)
@@ -681,15 +716,29 @@ class State:
 
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)  # parts named by records
-    outputs: set[str] = field(default_factory=set)  # outputs present, relative to OUT
+    # Outputs present, relative to OUT, with their file identity (``file_identity``).
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.records.setdefault(record["source"], []).append(record)
+        if record.get("part"):
+            self.referenced.add(record["part"])
 
     def done(self, source: Source, key: str) -> dict[str, Any] | None:
         best = None
         for r in self.records.get(source.name, ()):
             if (r["status"] == "ok" and r["key"] == key and r.get("part") in self.outputs
-                    and (best is None or r.get("at", 0) > best.get("at", 0))):
+                    and self._holds(r) and (best is None or r.get("at", 0) > best.get("at", 0))):
                 best = r
         return best
+
+    def _holds(self, record: dict[str, Any]) -> bool:
+        """Whether the output still is the file ``record`` published. A latent file is
+        rewritten in place when its clip changes: after a change and a change back (or a
+        run killed between the file and its record), an older record matches the clip's
+        key again while the file holds another latent. Shards are never rewritten."""
+        written = record.get("file")
+        return written is None or self.outputs[record["part"]] == written
 
     def line(self, source: Source, key: str) -> dict[str, Any]:
         """The manifest line of ``source``: ok, else its latest failure, else pending."""
@@ -702,6 +751,19 @@ class State:
             return max(failed, key=lambda r: r.get("at", 0))
         return {"source": source.name, "key": key, "identity": source.identity,
                 "status": "pending"}
+
+
+def file_identity(info: dict[str, Any]) -> str:
+    """What tells one publish of an output file from another: a local file's inode and
+    modification time (publishing renames a new file into place), a stored object's
+    content hash. Only what both a listing and ``info`` report (an S3 listing has no
+    VersionId)."""
+    if info.get("ino") is not None:
+        return f"ino:{info['ino']}:mtime:{info.get('mtime')}:size:{info.get('size')}"
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"{key.lower()}:{str(info[key]).strip(chr(34))}:size:{info.get('size')}"
+    return f"size:{info.get('size')}"
 
 
 def load_state(out: Location, fmt: Format) -> State:
@@ -721,16 +783,15 @@ def load_state(out: Location, fmt: Format) -> State:
             except json.JSONDecodeError:
                 continue  # cannot happen for a published file; do not trust it either
             if isinstance(record, dict) and isinstance(record.get("source"), str):
-                state.records.setdefault(record["source"], []).append(record)
-                if record.get("part"):
-                    state.referenced.add(record["part"])
+                state.add(record)
     if fmt == "files":
-        found = fs.find(out.path) if fs.exists(out.path) else []
-        state.outputs = {out.relative(p) for p in found if p.endswith(LATENT_SUFFIX)}
+        found = fs.find(out.path, detail=True) if fs.exists(out.path) else {}
+        state.outputs = {out.relative(p): file_identity(info) for p, info in found.items()
+                         if p.endswith(LATENT_SUFFIX)}
     else:
         shards = out.join(SHARDS_DIR)
         found = fs.ls(shards, detail=False) if fs.exists(shards) else []
-        state.outputs = {out.relative(p) for p in found if TMP_MARK not in p}
+        state.outputs = {out.relative(p): "" for p in found if TMP_MARK not in p}
     return state
 
 
@@ -740,10 +801,10 @@ def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None)
     fs = out.fs
     doomed: list[str] = []
     if fmt != "files":
-        for rel in sorted(state.outputs - state.referenced):
+        for rel in sorted(set(state.outputs) - state.referenced):
             if prefix is None or posixpath.basename(rel).startswith(prefix + "-"):
                 doomed.append(out.join(rel))
-                state.outputs.discard(rel)
+                state.outputs.pop(rel, None)
     if out.local and fs.exists(out.path):
         mark = TMP_MARK if prefix is None else f"{TMP_MARK}{prefix}-"
         versions = out.join(VERSIONS_DIR) + "/"  # other jobs' outputs
@@ -904,20 +965,27 @@ class Plan:
     todo: list[Source]
 
 
-def plan(job: Job, model: ModelIdentity) -> Plan:
-    """List the sources, open (or refuse) the output, clean up after killed runs."""
+def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
+    """List the sources, open (or refuse) the output, take its lock (held until ``held``
+    closes), clean up after killed runs."""
     try:
-        return _plan(job, model)
+        return _plan(job, model, held)
     except (OSError, StorageError) as exc:  # no such bucket, no access, no driver
         raise DatasetError(f"cannot open the job's source or output: {exc}") from exc
 
 
-def _plan(job: Job, model: ModelIdentity) -> Plan:
+def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     config = JobConfig(job.format, job.options, model)
     sources = collect(job.src)
+    if not sources:
+        raise DatasetError(f"{job.src} holds no video or image files (suffixes: "
+                           f"{', '.join(sorted(MEDIA_SUFFIXES))})")
     if job.format != "files":
         _check_unique(sources, ("sample_key",))
     out = open_output(job.out, config, new_version=job.new_version)
+    # Before the clean-up: a second run of the same worker must not remove the first
+    # one's temporaries and unrecorded shards while it writes them.
+    held.enter_context(_locked(out, job.prefix))
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
     state = load_state(out, job.format)
@@ -1000,10 +1068,10 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
     summary = summary if summary is not None else Summary()
     try:
         model = await encoder.start(job.options.model)
-        p = await asyncio.to_thread(plan, job, model)
-        summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
-        summary.output = p.out.url()
-        with _locked(p.out, job.prefix):
+        with contextlib.ExitStack() as held:
+            p = await asyncio.to_thread(plan, job, model, held)
+            summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
+            summary.output = p.out.url()
             writer = PartWriter(p.out, job.format, job.prefix, shard_clips=job.shard_clips,
                                 shard_bytes=job.shard_bytes,
                                 row_group_clips=job.row_group_clips)

@@ -23,6 +23,7 @@ Only this module imports ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -41,7 +42,6 @@ from .dataset import (
     PartWriter,
     Source,
     Summary,
-    _locked,
     encode_clip,
     plan,
     write_manifest,
@@ -152,11 +152,11 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
         finally:
             await encoder.close()
 
-    p = plan(job, asyncio.run(identify()))
-    summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
-    summary.output = p.out.url()
-    start = time.perf_counter()
-    with _locked(p.out, job.prefix):
+    with contextlib.ExitStack() as held:
+        p = plan(job, asyncio.run(identify()), held)
+        summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
+        summary.output = p.out.url()
+        start = time.perf_counter()
         try:
             if p.todo:
                 ds = source_dataset(p.todo).map_batches(
