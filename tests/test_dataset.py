@@ -460,3 +460,36 @@ async def test_fewer_shards_than_readers_is_warned(server: ServerThread, clips: 
                   for r in range(3)]
     assert sorted(p for parts in spread for p in parts) == sorted(
         {r["part"] for r in manifest(out)})
+
+
+def test_an_output_that_fails_mid_run_exits_2_with_the_summary(
+        server: ServerThread, clips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from ivvae import dataset
+
+    published = [0]
+    real = dataset.publish_bytes
+
+    def filling(*args: Any, **kw: Any) -> None:
+        if published[0] == 6:  # job.json, a part of 4 latent files and its record file
+            raise OSError(28, "No space left on device")
+        published[0] += 1
+        real(*args, **kw)
+
+    monkeypatch.setattr(dataset, "publish_bytes", filling)
+    parser = argparse.ArgumentParser()
+    dataset.add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args([str(clips), str(out), "--server", server.grpc_url,
+                              "--no-progress", "--concurrency", "1", "--shard-clips", "4"])
+    assert dataset.main(args) == 2
+    captured = capsys.readouterr()
+    assert "No space left on device" in captured.err and "run it again" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["total"] == CLIPS and summary["output"]
+    monkeypatch.setattr(dataset, "publish_bytes", real)
+    assert dataset.main(args) == 0
+    # The first part was kept.
+    assert json.loads(capsys.readouterr().out)["encoded"] == CLIPS - 4

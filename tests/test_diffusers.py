@@ -38,6 +38,15 @@ def test_config(vae: IVVAEAutoencoder) -> None:
         IVVAEAutoencoder(z_dim=4, dim=4, latent_channels=8)
 
 
+def test_integer_tensors_are_refused(vae: IVVAEAutoencoder) -> None:
+    # uint8 frames would be encoded as if [0, 255] were [-1, 1]; an int latent gave an
+    # int .sample
+    with pytest.raises(ValueError, match=r"float in \[-1, 1\], got torch\.uint8"):
+        vae.encode(torch.zeros(1, 3, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"float tensor, got torch\.int64"):
+        vae.decode(torch.zeros(1, TINY.z_dim, 1, 1, 1, dtype=torch.int64))
+
+
 def test_mode_is_the_posterior_mean_and_decode_inverts_the_scaling(
         vae: IVVAEAutoencoder) -> None:
     model = make_model()

@@ -8,8 +8,9 @@ Sources (``SRC``, local or any fsspec URL): a folder or URL prefix (searched rec
 video and image files; in a local folder, symbolic links are followed), a glob
 (``s3://b/clips/*/*.mp4``), or a list file (one path or URL a line; relative ones are
 relative to the list's folder; blank lines and ``#`` comments are skipped). A source that
-holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files next to a clip with its stem and another suffix (``clip.txt``,
-``clip.json``) are its sidecars: they go into webdataset and parquet samples as they are.
+holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files next to
+a clip with its stem and another suffix (``clip.txt``, ``clip.json``) are its sidecars:
+they go into webdataset and parquet samples as they are.
 
 Outputs (``OUT``, a folder or URL prefix), ``--format``:
 
@@ -55,7 +56,8 @@ run each shard once, as a Kubernetes Indexed Job does).
 anywhere and in any order, together cover the dataset exactly once.
 
 Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
-manifest), 2 when the run could not start, 130 when interrupted.
+manifest), 2 when the run could not start, or could not go on (its output failed: a full
+disk; the summary is printed if it had started), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -1237,6 +1239,10 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
     except DatasetError as exc:
         print(f"encode-dataset: {exc}", file=sys.stderr)
         return 2
+    except (OSError, StorageError) as exc:  # the output failed mid-run (a full disk)
+        print(f"encode-dataset: stopped: {exc}; what was published is kept: run it again "
+              "to finish", file=sys.stderr)
+        return report(2) if summary.output else 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("encode-dataset: interrupted; run it again to finish", file=sys.stderr)
         summary.interrupted = True

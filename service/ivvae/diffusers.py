@@ -230,6 +230,8 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
         ``(B, z, 1 + ceil((T-1)/4), ceil(H/8), ceil(W/8))`` in ``x``'s dtype."""
         if x.dim() != 5 or x.shape[1] != 3:
             raise ValueError(f"x must be (B, 3, T, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():  # uint8 frames would be encoded as [0, 255]
+            raise ValueError(f"x must be float in [-1, 1], got {x.dtype}")
         parts = [self.model.encode_moments(item) for item in self._slices(x)]
         mean = torch.cat([p[0] for p in parts]).to(x.dtype)
         logvar = torch.cat([p[1] for p in parts]).to(x.dtype)
@@ -244,6 +246,8 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
         c = self.model.cfg
         if z.dim() != 5 or z.shape[1] != c.z_dim:
             raise ValueError(f"z must be (B, {c.z_dim}, t, h, w), got {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"z must be a float tensor, got {z.dtype}")
         videos = [self.model.decode(c.scale_factor * (item.float() - c.shift_factor),
                                     num_frames=num_frames, height=height, width=width)
                   for item in self._slices(z)]

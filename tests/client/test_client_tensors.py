@@ -96,6 +96,11 @@ def test_bare_latents_decode_like_in_process(url: str, server: ServerThread) -> 
             client.decode(np.zeros((1, 3, 1, 2, 2), np.float32))
         with pytest.raises(InvalidInput, match="num_frames"):
             client.decode(latent, num_frames=9)
+        # 0 is a value, not "unset": it reaches the server, which names it
+        with pytest.raises(InvalidInput, match="fps"):
+            client.decode(latent, fps=0)
+        with pytest.raises(InvalidInput, match="num_frames"):
+            client.decode(latent, num_frames=0)
         # a latent file still decodes, and is refused bare-latent options
         made = client.encode(FRAMES)
         assert isinstance(client.decode(made), bytes)

@@ -191,7 +191,8 @@ class AsyncClient:
             raise ValueError("frames_dtype='float32' needs format='frames': an MP4 holds uint8")
         target = {k: str(v) for k, v in (("model", model), ("fps", fps),
                                           ("num_frames", num_frames), ("height", height),
-                                          ("width", width)) if v}
+                                          ("width", width))
+                  if v is not None and v != ""}  # 0 goes to the server, which refuses it
         if latent_space != "scaled":
             target["latent_space"] = latent_space
         if is_array(latent):
