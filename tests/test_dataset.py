@@ -300,6 +300,12 @@ async def test_list_file_and_failed_items(server: ServerThread, clips: Path,
     assert (again.skipped, again.encoded, again.failed) == (1, 0, 2)  # failures retried
     assert len(manifest(out)) == 3  # still one line per clip
 
+    # One file under two spellings was merged into one clip named after the last one.
+    for second in ("bad.mp4", "./bad.mp4", str(tmp_path / "bad.mp4"), "sub/../bad.mp4"):
+        listing.write_text(f"bad.mp4\n{second}\n")
+        with pytest.raises(DatasetError, match="listed twice"):
+            collect(listing)
+
 
 async def test_lock_unavailable_service_and_cli_exit_codes(
         server: ServerThread, clips: Path, tmp_path: Path) -> None:

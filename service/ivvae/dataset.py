@@ -341,11 +341,15 @@ def _from_list(listing: Location, hash_threads: int) -> list[Source]:
             entries.append((entry, Location(fs, os.path.normpath(entry))))
         else:
             entries.append((entry, Location(fs, posixpath.normpath(base.join(entry)))))
-    seen: set[str] = set()
-    for entry, _ in entries:
-        if entry in seen:
-            raise DatasetError(f"{entry!r} is listed twice")
-        seen.add(entry)
+    # One clip under two spellings (a.mp4, ./a.mp4, its absolute path) is listed twice too.
+    seen: dict[str, str] = {}
+    for entry, loc in entries:
+        where = loc.fs.unstrip_protocol(loc.path)
+        if where in seen:
+            twice = (f"{entry!r} is listed twice" if seen[where] == entry
+                     else f"{seen[where]!r} and {entry!r} are one file, listed twice")
+            raise DatasetError(twice)
+        seen[where] = entry
     # One listing per folder gives sizes, ETags and sidecars; missing files stay missing
     # (they fail as clips, with an io_error, rather than stopping the job).
     sources: list[Source] = []
