@@ -417,6 +417,18 @@ async def test_a_latent_file_rewritten_since_its_record_is_not_reused(
     assert (summary.encoded, summary.skipped, count[0]) == (1, 1, 5)
     assert latents(out)["b/clip00.mp4"] == v1
 
+    # Records of an older version name no file identity: the file's hash decides.
+    for part in (out / PARTS_DIR).glob("*.jsonl"):
+        lines = [json.loads(line) for line in part.read_text().splitlines()]
+        part.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "file"}) + "\n"
+                                for r in lines))
+    summary = await encode_dataset(src, out, server=server.grpc_url)
+    assert (summary.encoded, summary.skipped, count[0]) == (0, 2, 5)
+    written.write_bytes(other.read_bytes())
+    summary = await encode_dataset(src, out, server=server.grpc_url)
+    assert (summary.encoded, summary.skipped, count[0]) == (1, 1, 6)
+    assert latents(out)["b/clip00.mp4"] == v1
+
 
 async def test_symbolic_links_are_followed(server: ServerThread, clips: Path, tmp_path: Path,
                                            caplog: pytest.LogCaptureFixture) -> None:
@@ -428,8 +440,14 @@ async def test_symbolic_links_are_followed(server: ServerThread, clips: Path, tm
     (farm / "sub").symlink_to(clips / "b", target_is_directory=True)
     (farm / "loop").symlink_to(farm, target_is_directory=True)  # searched once
     (farm / "gone.mp4").symlink_to(tmp_path / "nothing.mp4")
+    (farm / "real").mkdir()
+    (farm / "real" / "two.mp4").write_bytes((clips / "a" / "clip03.mp4").read_bytes())
+    (farm / "alias").symlink_to(farm / "real", target_is_directory=True)  # one file, once
     found = [s.name for s in collect(farm)]
-    assert found == ["one.mp4", *sorted(f"sub/{p.name}" for p in (clips / "b").glob("*.mp4"))]
+    assert found == ["one.mp4", "real/two.mp4",
+                     *sorted(f"sub/{p.name}" for p in (clips / "b").glob("*.mp4"))]
+    # A glob takes what it matches: a linked file, not a linked folder's contents.
+    assert [s.name for s in collect(str(farm / "*"))] == ["one.mp4"]
     assert "gone.mp4: a broken symbolic link" in caplog.text
     summary = await encode_dataset(farm, tmp_path / "out", server=server.grpc_url)
     assert summary.encoded == len(found) and summary.failed == 0

@@ -78,7 +78,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -237,35 +237,47 @@ def _mirrored(url: str) -> str:
     return path.lstrip("/")
 
 
-def _followed(loc: Location, entries: Sequence[dict[str, Any]], seen: set[str] | None = None
+def _followed(loc: Location, entries: Sequence[dict[str, Any]], *, descend: bool = True
               ) -> list[dict[str, Any]]:
     """``entries`` with symbolic links followed, in a local folder (a folder of links is a
     common way to assemble a dataset; fsspec lists a link as neither file nor folder): a
     link to a file is that file under the link's name, a link to a folder is searched too
-    (each real folder once), a broken link is skipped with a warning."""
+    when ``descend`` (a folder listing, not a glob), a broken link is skipped with a
+    warning. A file reached twice (a link to a folder in the tree) is listed once, under
+    its name without links when it has one."""
     if not loc.local:
         return list(entries)
-    seen = seen if seen is not None else {os.path.realpath(loc.path)}
-    out = []
-    for entry in entries:
+    found: list[dict[str, Any]] = []
+    searched = {os.path.realpath(loc.path)}
+    pending = list(entries)
+    while pending:
+        entry = pending.pop()
         name = entry["name"]
         if not entry.get("islink"):
-            out.append(entry)
+            found.append(entry)
         elif os.path.isfile(name):
-            out.append({**entry, "type": "file", "size": os.path.getsize(name)})
+            found.append({**entry, "type": "file", "size": os.path.getsize(name)})
         elif os.path.isdir(name):
             real = os.path.realpath(name)
-            if real not in seen:
-                seen.add(real)
-                out += _followed(loc, list(loc.fs.find(name, detail=True).values()), seen)
+            if descend and real not in searched:
+                searched.add(real)
+                pending += loc.fs.find(name, detail=True).values()
         else:
             log.warning("skipping %s: a broken symbolic link", name)
-    return out
+    by_file: dict[str, dict[str, Any]] = {}
+    for entry in found:
+        real = os.path.realpath(entry["name"]) if entry.get("type") == "file" else entry["name"]
+        kept = by_file.get(real)
+        # Prefer the plain name (equal to its real path), else the first in sorted order.
+        if kept is None or (entry["name"] == real) or (
+                kept["name"] != real and entry["name"] < kept["name"]):
+            by_file[real] = entry
+    return list(by_file.values())
 
 
-def _listing(loc: Location, entries: Sequence[dict[str, Any]], hash_threads: int
-             ) -> list[Source]:
-    entries = _followed(loc, entries)
+def _listing(loc: Location, entries: Sequence[dict[str, Any]], hash_threads: int, *,
+             descend: bool = True) -> list[Source]:
+    entries = _followed(loc, entries, descend=descend)
     infos = {i["name"]: i for i in entries if i.get("type") == "file"}
     siblings: dict[str, list[str]] = {}
     for path in infos:
@@ -309,7 +321,7 @@ def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Sourc
     if any(c in src for c in "*?["):
         loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
         found = loc.fs.glob(Location.of(src).path, detail=True)
-        return _listing(loc, list(found.values()), hash_threads)
+        return _listing(loc, list(found.values()), hash_threads, descend=False)
     loc = Location.of(src)
     try:
         info = loc.fs.info(loc.path)
@@ -724,6 +736,8 @@ class State:
     referenced: set[str] = field(default_factory=set)  # parts named by records
     # Outputs present, relative to OUT, with their file identity (``file_identity``).
     outputs: dict[str, str] = field(default_factory=dict)
+    # The sha256 of an output file, read when its identity cannot tell (files format).
+    read_sha256: Callable[[str], str] | None = None
 
     def add(self, record: dict[str, Any]) -> None:
         self.records.setdefault(record["source"], []).append(record)
@@ -744,7 +758,12 @@ class State:
         run killed between the file and its record), an older record matches the clip's
         key again while the file holds another latent. Shards are never rewritten."""
         written = record.get("file")
-        return written is None or self.outputs[record["part"]] == written
+        if self.read_sha256 is None:
+            return True
+        if written and not written.startswith("size:"):
+            return self.outputs[record["part"]] == written
+        # A record of an older version, or a store that lists only sizes: read the file.
+        return bool(self.read_sha256(record["part"]) == record.get("latent_sha256"))
 
     def line(self, source: Source, key: str) -> dict[str, Any]:
         """The manifest line of ``source``: ok, else its latest failure, else pending."""
@@ -760,15 +779,14 @@ class State:
 
 
 def file_identity(info: dict[str, Any]) -> str:
-    """What tells one publish of an output file from another: a local file's inode and
-    modification time (publishing renames a new file into place), a stored object's
-    content hash. Only what both a listing and ``info`` report (an S3 listing has no
-    VersionId)."""
-    if info.get("ino") is not None:
-        return f"ino:{info['ino']}:mtime:{info.get('mtime')}:size:{info.get('size')}"
+    """What tells one publish of an output file from another: a stored object's content
+    hash, else its modification time. Only what both a listing and ``info`` report (an S3
+    listing has no VersionId). ``size:N`` alone cannot tell: ``State`` then reads the file."""
     for key in ("ETag", "etag", "md5Hash"):
         if info.get(key):
             return f"{key.lower()}:{str(info[key]).strip(chr(34))}:size:{info.get('size')}"
+    if info.get("mtime") is not None:  # not the inode: a FUSE mount numbers them anew
+        return f"mtime:{info['mtime']}:size:{info.get('size')}"
     return f"size:{info.get('size')}"
 
 
@@ -794,6 +812,11 @@ def load_state(out: Location, fmt: Format) -> State:
         found = fs.find(out.path, detail=True) if fs.exists(out.path) else {}
         state.outputs = {out.relative(p): file_identity(info) for p, info in found.items()
                          if p.endswith(LATENT_SUFFIX)}
+
+        def read_sha256(rel: str) -> str:
+            return hashlib.sha256(fs.cat_file(out.join(rel))).hexdigest()
+
+        state.read_sha256 = read_sha256
     else:
         shards = out.join(SHARDS_DIR)
         found = fs.ls(shards, detail=False) if fs.exists(shards) else []

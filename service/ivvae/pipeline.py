@@ -272,9 +272,19 @@ class Pipeline:
                     mus.append(mu)
                     logvars.append(logvar)
 
+            # The chunk being decoded: a cancelled await leaves its thread running, and the
+            # reader must not be closed under it.
+            decoding: asyncio.Future[np.ndarray | None] | None = None
+
+            async def next_chunk() -> np.ndarray | None:
+                nonlocal decoding
+                decoding = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
+                # Shielded: cancelling the task would not stop the thread, only hide it.
+                return await asyncio.shield(decoding)
+
             try:
                 chunks = reader.iter_frames(stepper.step)
-                while (chunk := await asyncio.to_thread(_next_chunk, chunks)) is not None:
+                while (chunk := await next_chunk()) is not None:
                     if single is not None and stepper.count + len(chunk) > 1:
                         raise single  # declared a picture, holds more: too big as a video
                     if on_frames is not None:
@@ -285,7 +295,7 @@ class Pipeline:
                 await run(stepper.flush())
             finally:
                 self.metrics.active_sessions.labels("encode").dec()
-                await finish(_close_both(session, reader))
+                await finish(_close_both(session, reader, decoding))
         count = stepper.count
         info, plan = reader.info, reader.plan
         # Without preprocessing the output is the source as it is; the keys stay as before.
@@ -498,10 +508,15 @@ async def _close_frames(frames: AsyncIterator[np.ndarray]) -> None:
         await aclose()
 
 
-async def _close_both(session: EncodeSession, reader: VideoReader) -> None:
+async def _close_both(session: EncodeSession, reader: VideoReader,
+                      decoding: asyncio.Future[np.ndarray | None] | None) -> None:
     try:
         await session.close()
     finally:
+        if decoding is not None:
+            await asyncio.wait([decoding])
+            if not decoding.cancelled():
+                decoding.exception()  # the caller saw it, or has gone: retrieved either way
         await asyncio.to_thread(reader.close)
 
 

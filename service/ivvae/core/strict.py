@@ -71,7 +71,9 @@ def number(text: str) -> Fraction:
 def fps_in_range(rate: float | Fraction) -> bool:
     """Whether a frame rate is within [``MIN_FPS``, ``MAX_FPS``]: what the MP4 writer can
     represent (see ``FPS_RANGE``)."""
-    return math.isfinite(rate) and MIN_FPS <= rate <= MAX_FPS
+    if isinstance(rate, float) and not math.isfinite(rate):
+        return False
+    return MIN_FPS <= rate <= MAX_FPS  # exact for a Fraction (float() of 1e400 overflows)
 
 
 FPS_RANGE = "[1/1001, 1000]"

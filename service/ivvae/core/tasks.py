@@ -28,7 +28,9 @@ async def finish(cleanup: Awaitable[None]) -> None:
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.done():
+        if task.done():
+            _after_detached(task)  # it failed as the caller was cancelled: log it
+        else:
             _DETACHED.add(task)
             task.add_done_callback(_after_detached)
         raise

@@ -206,7 +206,9 @@ def cut_matroska_cluster(file: BinaryIO, size: int) -> tuple[str, int] | None:
         if end > size:
             if after_clusters:
                 return None
-            return ("Cluster", end) if element_id == _EBML_CLUSTER else ("Segment", segment_end)
+            if element_id == _EBML_CLUSTER:
+                return "Cluster", end
+            return ("Segment", segment_end) if segment_end > size else None
         offset = end
     else:
         return None

@@ -81,6 +81,9 @@ ENCODE: dict[str, tuple[Callable[[], AsyncIterator[Any]], grpc.StatusCode, str]]
     "fps 1/5000": (lambda: encode_requests(GOOD, fps="1/5000"), INVALID, "invalid_input"),
     "fps 1e100000000": (lambda: encode_requests(GOOD, fps="1e100000000"), INVALID,
                         "invalid_input"),
+    "tensor fps 1e400": (lambda: encode_requests(
+        bytes(5 * 16 * 16 * 3), frames=pb.TensorSpec(shape=[5, 16, 16, 3], fps="1e400")),
+        INVALID, "invalid_input"),
     "tensor fps 1e-4": (lambda: encode_requests(
         bytes(5 * 16 * 16 * 3), frames=pb.TensorSpec(shape=[5, 16, 16, 3], fps="0.0001")),
         INVALID, "invalid_input"),

@@ -232,6 +232,10 @@ ODD_REQUESTS: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
     "start_s 1e-100000000": ("/encode", {"start_s": "1e-100000000"}, GOOD, 400, "start_s"),
     "decode fps 1e100000000": ("/decode", {"fps": "1e100000000"}, _bare((1, 4, 2, 2, 2)),
                                400, "fps"),
+    # ... and float(Fraction("1e400")) overflows.
+    "fps 1e400": ("/encode", {"fps": "1e400"}, GOOD, 400, "fps"),
+    "start_s 1e400": ("/encode", {"start_s": "1e400"}, GOOD, 400, "start_s"),
+    "decode fps 1e400": ("/decode", {"fps": "1e400"}, _bare((1, 4, 2, 2, 2)), 400, "fps"),
     # Rates the MP4 writer cannot hold (below 1/1001 fps) failed after the model ran.
     "fps 1e-7": ("/encode", {"fps": "0.0000001"}, GOOD, 400, "fps"),
     "stride to 2e-5 fps": ("/encode", {"stride": "1048576"}, GOOD, 400, "stride"),

@@ -59,10 +59,12 @@ def test_a_client_that_goes_away_mid_decode_frees_its_session(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     # Starlette cancels the response task when the client goes; every later await in it is
     # cancelled too, so a cleanup that awaits (a session's close) must not depend on it.
+    # 65 frames of 256x256 (12.8 MB): more than loopback buffers take, so the client's
+    # leaving cuts the stream.
     import numpy as np
 
-    latent = np.random.default_rng(0).standard_normal((1, 4, 9, 32, 32), np.float32)
-    request = (b"POST /decode?shape=1,4,9,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
+    latent = np.random.default_rng(0).standard_normal((1, 4, 17, 32, 32), np.float32)
+    request = (b"POST /decode?shape=1,4,17,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
                b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
     with serve_process(tiny_weights, log=tmp_path / "serve.log") as url:
         port = urlparse(url).port
@@ -79,6 +81,6 @@ def test_a_client_that_goes_away_mid_decode_frees_its_session(
         # Their feature caches went with them (else they stay until their time-to-live).
         assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
         assert _gauge(url, "ivvae_evicted_sequences", 'direction="decoder"') == 0
-        whole = httpx.post(url + "/decode?shape=1,4,9,32,32&dtype=float32&format=frames",
+        whole = httpx.post(url + "/decode?shape=1,4,17,32,32&dtype=float32&format=frames",
                            content=latent.tobytes(), timeout=60)
         assert whole.status_code == 200

@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import grpc
@@ -107,11 +108,12 @@ def _frames_spec(spec: pb.TensorSpec) -> tuple[tuple[int, ...], float]:
             shape) != 4 or shape[3] != 3:
         raise InvalidInput(f"frames are (T, H, W, 3) uint8; got shape {list(shape)}")
     try:
-        fps = float(strict.number(spec.fps)) if spec.fps else DEFAULT_FPS
+        rate = strict.number(spec.fps) if spec.fps else Fraction(DEFAULT_FPS)
     except ValueError as exc:
         raise InvalidInput(f"frames fps: {exc}") from None
-    if not strict.fps_in_range(fps):
+    if not strict.fps_in_range(rate):
         raise InvalidInput(f"frames fps must be in {strict.FPS_RANGE}")
+    fps = float(rate)
     return shape, fps
 
 

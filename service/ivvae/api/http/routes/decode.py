@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -89,7 +90,7 @@ async def decode(request: Request, svc: Svc) -> Response:
                 # the stream.
                 first = await unless_disconnected(request, anext(chunks, b""))
             except BaseException:
-                await finish(_close(items[0]))
+                await finish(_close_both(chunks, items[0]))
                 raise
             return StreamingResponse(_stream(first, chunks, items[0]),
                                      media_type=MEDIA_TYPES[form.output], headers=headers)
@@ -99,10 +100,17 @@ async def decode(request: Request, svc: Svc) -> Response:
         return Response(body, media_type=media, headers=headers)
 
 
-async def _close(frames: AsyncIterator[np.ndarray]) -> None:
+async def _close(frames: AsyncIterator[Any]) -> None:
     aclose = getattr(frames, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def _close_both(rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]) -> None:
+    try:
+        await _close(rest)  # the MP4 writer's thread
+    finally:
+        await _close(frames)
 
 
 async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
@@ -115,4 +123,4 @@ async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterato
             yield chunk
     finally:
         # The client gone, Starlette cancels this task and every await left in it.
-        await finish(_close(frames))
+        await finish(_close_both(rest, frames))
