@@ -256,46 +256,53 @@ class Pipeline:
             steps, single = self._encode_plan(model, reader.plan.width, reader.plan.height,
                                               reader.info.num_frames)
         except BaseException:
-            await asyncio.to_thread(reader.close)
+            await finish(asyncio.to_thread(reader.close))
             raise
-        async with self.budget.reserve(steps.reserve_bytes):
-            stepper = FrameStepper(steps.groups_per_step)
-            session = self.backend.encode_session(model.name)
-            self.metrics.active_sessions.labels("encode").inc()
-            mus: list[np.ndarray] = []
-            logvars: list[np.ndarray] = []
+        closes_reader = False  # the session's clean-up has taken the reader over
+        try:
+            async with self.budget.reserve(steps.reserve_bytes):
+                stepper = FrameStepper(steps.groups_per_step)
+                session = self.backend.encode_session(model.name)
+                self.metrics.active_sessions.labels("encode").inc()
+                mus: list[np.ndarray] = []
+                logvars: list[np.ndarray] = []
 
-            async def run(steps: list[tuple[bool, np.ndarray]]) -> None:
-                for first, frames in steps:
-                    step = session.first if first else session.next
-                    mu, logvar = await step(pad_frames(frames))
-                    mus.append(mu)
-                    logvars.append(logvar)
+                async def run(steps: list[tuple[bool, np.ndarray]]) -> None:
+                    for first, frames in steps:
+                        step = session.first if first else session.next
+                        mu, logvar = await step(pad_frames(frames))
+                        mus.append(mu)
+                        logvars.append(logvar)
 
-            # The chunk being decoded: a cancelled await leaves its thread running, and the
-            # reader must not be closed under it.
-            decoding: asyncio.Future[np.ndarray | None] | None = None
+                # The chunk being decoded: a cancelled await leaves its thread running, and the
+                # reader must not be closed under it.
+                decoding: asyncio.Future[np.ndarray | None] | None = None
 
-            async def next_chunk() -> np.ndarray | None:
-                nonlocal decoding
-                decoding = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
-                # Shielded: cancelling the task would not stop the thread, only hide it.
-                return await asyncio.shield(decoding)
+                async def next_chunk() -> np.ndarray | None:
+                    nonlocal decoding
+                    decoding = asyncio.ensure_future(asyncio.to_thread(_next_chunk, chunks))
+                    # Shielded: cancelling the task would not stop the thread, only hide it.
+                    return await asyncio.shield(decoding)
 
-            try:
-                chunks = reader.iter_frames(stepper.step)
-                while (chunk := await next_chunk()) is not None:
-                    if single is not None and stepper.count + len(chunk) > 1:
-                        raise single  # declared a picture, holds more: too big as a video
-                    if on_frames is not None:
-                        on_frames(len(chunk))
-                    await run(stepper.push(chunk))
-                if stepper.count == 0:
-                    raise CorruptMedia("the video has no decodable frames")
-                await run(stepper.flush())
-            finally:
-                self.metrics.active_sessions.labels("encode").dec()
-                await finish(_close_both(session, reader, decoding))
+                closes_reader = True
+                try:
+                    chunks = reader.iter_frames(stepper.step)
+                    while (chunk := await next_chunk()) is not None:
+                        if single is not None and stepper.count + len(chunk) > 1:
+                            raise single  # declared a picture, holds more: too big as a video
+                        if on_frames is not None:
+                            on_frames(len(chunk))
+                        await run(stepper.push(chunk))
+                    if stepper.count == 0:
+                        raise CorruptMedia("the video has no decodable frames")
+                    await run(stepper.flush())
+                finally:
+                    self.metrics.active_sessions.labels("encode").dec()
+                    await finish(_close_both(session, reader, decoding))
+        except BaseException:
+            if not closes_reader:  # cancelled while waiting for the budget
+                await finish(asyncio.to_thread(reader.close))
+            raise
         count = stepper.count
         info, plan = reader.info, reader.plan
         # Without preprocessing the output is the source as it is; the keys stay as before.
