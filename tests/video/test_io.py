@@ -829,6 +829,9 @@ _INDEX = _riff(b"idx1", 16, b"i" * 16)
     # An OpenDML file: a second RIFF (AVIX) whose own movi list is cut.
     (_avi(_FRAMES) + _riff(b"RIFF", 4 + 12 + 50, b"AVIX" + _riff(b"LIST", 54, b"movi")),
      ("movi", 8 + 4 + 16 + 12 + len(_FRAMES) + 12 + 8 + 54)),
+    # ... or whose header is cut.
+    (_avi(_FRAMES) + b"RIFF\x10", ("RIFF", 8 + 4 + 16 + 12 + len(_FRAMES) + 12)),
+    (_avi(_FRAMES) + b"\0\0", None),  # padding, not a chunk
     (_riff(b"RIFF", 0xFFFFFFFF, b"AVI " + b"x" * 8), None),  # written to a pipe
     (_avi(_FRAMES, movi_size=0xFFFFFFFF), None),
     (_avi(_FRAMES) + _riff(b"JUNK", 99, b""), None),
