@@ -132,8 +132,8 @@ def cut_avi_movi(file: BinaryIO, size: int) -> tuple[str, int] | None:
             file.seek(offset)
             rest = file.read(4)
             # The file ends inside the header of the next RIFF (an OpenDML file's AVIX).
-            cut = len(rest) > 0 and b"RIFF".startswith(rest) and offset > 0
-            return ("RIFF", offset + 12) if cut else None
+            in_header = len(rest) > 0 and b"RIFF".startswith(rest) and offset > 0
+            return ("RIFF", offset + 12) if in_header else None
         file.seek(offset)
         kind, chunk_size, _ = struct.unpack("<4sI4s", file.read(12))
         if kind != b"RIFF" or chunk_size == _RIFF_UNKNOWN_SIZE:
