@@ -12,7 +12,7 @@ from ivvae import memory
 from ivvae.core.geometry import GROUP
 from ivvae.errors import Overloaded, TooLarge
 from ivvae.memory import MB, MemoryBudget, StepCost, plan_steps
-from tests.service_fixtures import write_tiny_weights
+from tests.service_fixtures import tiny_settings, tiny_weights, write_tiny_weights  # noqa: F401
 
 COST = StepCost(fixed=0, per_pixel_frame=700.0)  # about the bundled model's
 
@@ -185,3 +185,26 @@ def test_tune_allocator_sets_the_mmap_threshold_unless_told_not_to(
     monkeypatch.delenv(memory.ALLOCATOR_ENV)
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert memory.tune_allocator() is False
+
+
+async def test_a_request_waits_for_a_slot_only_as_long_as_for_memory(
+        tiny_weights: Path) -> None:  # noqa: F811
+    # The max_concurrent_requests queue had no bound: behind a slow backend, requests
+    # waited many request timeouts instead of a 503 the client can retry.
+    from tests import media
+    from tests.service_fixtures import running_app
+
+    settings = tiny_settings(tiny_weights, max_concurrent_requests=1, admission_timeout_s=0.3)
+    video = media.make_video(None, frames=5, width=16, height=16)
+    async with running_app(settings) as client:
+        pipeline = client.app.state.service.pipeline  # type: ignore[attr-defined]
+        await pipeline._slots.acquire()  # one request in flight
+        try:
+            busy = await asyncio.wait_for(client.post(
+                "/encode", content=video, headers={"content-type": "video/mp4"}), 20)
+        finally:
+            pipeline._slots.release()
+        free = await client.post("/encode", content=video, headers={"content-type": "video/mp4"})
+    assert busy.status_code == 503 and busy.json()["error"] == "overloaded"
+    assert busy.headers["retry-after"] == "1"
+    assert free.status_code == 200

@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     # fit is refused (413), and requests queue for it. 0: 75% of the machine's (or the
     # container's) memory.
     memory_budget_mb: int = Field(0, ge=0)
-    # How long a request may wait for its share of the budget before a 503 (Retry-After).
+    # How long a request may wait for its share of the budget, or for one of the
+    # max_concurrent_requests, before a 503 (Retry-After).
     admission_timeout_s: float = Field(30.0, gt=0)
     max_concurrent_requests: int = Field(64, ge=1)
     # gRPC: the largest single message either way (EncodeUnary's whole file); the streaming

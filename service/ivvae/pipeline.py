@@ -16,6 +16,7 @@ the whole video encoded successfully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -50,6 +51,7 @@ from .errors import (
     DeadlineExceeded,
     InvalidInput,
     InvalidLatent,
+    Overloaded,
     TooLarge,
     UnknownModel,
 )
@@ -140,6 +142,23 @@ class Pipeline:
         self.budget_mb = settings.memory_budget_mb or default_budget_mb()
         self._budget: MemoryBudget | None = None
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of ``max_concurrent_requests``, waited for as long as a share of the memory
+        budget (``admission_timeout_s``), then 503: a queue without a bound kept requests
+        waiting many request timeouts behind a slow backend."""
+        s = self.settings
+        try:
+            await asyncio.wait_for(self._slots.acquire(), s.admission_timeout_s)
+        except TimeoutError:
+            raise Overloaded(f"{s.max_concurrent_requests} requests were in flight for "
+                             f"{s.admission_timeout_s:g} s; retry later",
+                             retry_after_s=1.0) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
     # -- memory ----------------------------------------------------------------------------
 
     def start_budget(self, baseline_bytes: int) -> MemoryBudget:
@@ -185,7 +204,7 @@ class Pipeline:
 
         ``on_frames(n)`` is called as frames are consumed (progress bars).
         """
-        async with self._slots:
+        async with self._slot():
             try:
                 return await asyncio.wait_for(self._encode(source, options, on_frames),
                                               self.settings.request_timeout_s)
@@ -444,7 +463,7 @@ class Pipeline:
                            plan: Plan, frames_dtype: FramesDtype = "uint8",
                            ) -> AsyncIterator[np.ndarray]:
         start = time.perf_counter()
-        async with self._slots:
+        async with self._slot():
             deadline = start + self.settings.request_timeout_s
             session = self.backend.decode_session(model.name, frames_dtype)
             self.metrics.active_sessions.labels("decode").inc()

@@ -283,3 +283,21 @@ async def test_a_stopped_triton_fails_new_requests_at_once_then_recovers(
             await asyncio.sleep(0.5)
     assert refused.status_code == 503 and refused.json()["error"] == "backend_unavailable"
     assert refused_s < 2.0
+
+
+def test_channels_reconnect_soon_after_triton_comes_back(monkeypatch: pytest.MonkeyPatch,
+                                                         tiny_weights: Path) -> None:
+    # gRPC's default reconnect backoff grows to 120 s while Triton is down: a probe saw
+    # gateways stay unready for 24-35 s after a restart. The channels are made with a short
+    # one (and tritonclient's own options, which passing any replaces).
+    import tritonclient.grpc.aio as grpcclient
+
+    made: list[dict[str, Any]] = []
+    monkeypatch.setattr(grpcclient, "InferenceServerClient",
+                        lambda url, **kw: made.append({"url": url, **kw}))
+    settings = tiny_settings(tiny_weights, backend="triton", triton_url="127.0.0.1:1")
+    TritonBackend(settings, Metrics())._client("127.0.0.1:1")
+    (args,) = [dict(m["channel_args"]) for m in made]
+    assert args["grpc.max_reconnect_backoff_ms"] <= 2000
+    assert args["grpc.max_receive_message_length"] == 2**31 - 1
+    assert "grpc.keepalive_timeout_ms" in args

@@ -94,6 +94,33 @@ async def test_corrupt_value_is_ignored_counted_and_deleted(
     assert cache.stats.corrupt == 2 and plain.exists(redis_key) == 0
 
 
+async def test_another_type_at_our_key_is_a_miss_and_deleted(
+        cache: RedisCache, plain: redis.Redis) -> None:
+    # Redis answers WRONGTYPE: it used to count as an outage (the circuit opened for every
+    # request) and the key was never cleaned up.
+    plain.lpush(cache.redis_key("k"), b"a")
+    assert await cache.get("k") is None
+    assert plain.exists(cache.redis_key("k")) == 0
+    assert cache.breaker.allow()
+    assert await cache.put("k", moments()) is True
+    assert_same(await cache.get("k"), moments())
+
+
+async def test_a_full_redis_refusing_writes_still_serves_its_entries(
+        cache: RedisCache, plain: redis.Redis) -> None:
+    # maxmemory with noeviction: SET fails with OOM. That opened the circuit, so entries
+    # Redis still held were not served for retry_after_s after every refused write.
+    assert await cache.put("old", moments(1)) is True
+    plain.config_set("maxmemory-policy", "noeviction")
+    plain.config_set("maxmemory", "1")  # below what it uses: every write refused
+    try:
+        assert await cache.put("new", moments(2)) is False
+        assert_same(await cache.get("old"), moments(1))
+        assert cache.stats.errors == 1 and cache.breaker.allow()
+    finally:
+        plain.config_set("maxmemory", "0")
+
+
 async def test_forged_entries_are_ignored_and_deleted(
     cache: RedisCache, plain: redis.Redis
 ) -> None:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult, KeepAliveOptions
 from tritonclient.utils import InferenceServerException
 
 from ..config import Settings
@@ -63,6 +63,27 @@ from ..errors import (
 from ..metrics import Metrics
 from ..triton import contract as c
 from .base import Backend, DecodeSession, EncodeSession, SequenceDecode, SequenceEncode
+
+
+def _channel_args() -> list[tuple[str, int]]:
+    """tritonclient's own channel options (passing any replaces them all), and a short
+    reconnect backoff: gRPC's grows to 120 s while Triton is down, and kept every gateway
+    unready for 24-35 s after a restart."""
+    keepalive = KeepAliveOptions()
+    largest = 2**31 - 1  # tritonclient's MAX_GRPC_MESSAGE_SIZE
+    return [("grpc.max_send_message_length", largest),
+            ("grpc.max_receive_message_length", largest),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls",
+             int(keepalive.keepalive_permit_without_calls)),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+CHANNEL_ARGS = _channel_args()
 
 log = logging.getLogger("ivvae.backends.triton")
 
@@ -277,7 +298,8 @@ class TritonBackend(Backend):
     def _client(self, endpoint: str) -> grpcclient.InferenceServerClient:
         client = self._clients.get(endpoint)
         if client is None:
-            client = self._clients[endpoint] = grpcclient.InferenceServerClient(endpoint)
+            client = self._clients[endpoint] = grpcclient.InferenceServerClient(
+                endpoint, channel_args=CHANNEL_ARGS)
         return client
 
     async def _endpoints(self, *, fresh: bool = False) -> list[str]:

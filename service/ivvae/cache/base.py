@@ -104,6 +104,11 @@ async def _off_loop(fn: Callable[[_A], _T], arg: _A, nbytes: int) -> _T:
     return fn(arg)
 
 
+class Refused(Exception):
+    """The backend answered, and refused this one command (a full Redis refusing a write):
+    not an outage, so it does not open the circuit for the entries it still serves."""
+
+
 class ResultCache(abc.ABC):
     """Async cache of :class:`CachedMoments` under string keys (see :func:`cache_key`).
 
@@ -194,6 +199,10 @@ class ResultCache(abc.ABC):
             return False
         try:
             await self._store(key, blob)
+        except Refused as exc:
+            self.stats.errors += 1
+            log.warning("%s cache: not storing %s: %s", self.name, key, exc)
+            return False
         except Exception as exc:
             self._backend_failed("put", key, exc)
             return False

@@ -12,12 +12,17 @@ The connection pool reconnects by itself once Redis answers again.
 
 from __future__ import annotations
 
+import logging
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
-from .base import ResultCache
+from .base import Refused, ResultCache
+
+log = logging.getLogger(__name__)
 
 KEY_LAYOUT = "v1"
 
@@ -74,14 +79,26 @@ class RedisCache(ResultCache):
         await self._client.aclose()
 
     async def _load(self, key: str) -> bytes | None:
-        blob = await self._client.get(self.redis_key(key))
+        try:
+            blob = await self._client.get(self.redis_key(key))
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            # Something else wrote another kind of value at our key: it is no entry of
+            # ours, and left there it would fail every read of it.
+            log.warning("redis cache: dropping %s, which holds no entry: %s", key, exc)
+            await self._client.delete(self.redis_key(key))
+            return None
         if isinstance(blob, str):
             # A backend fault, not a corrupt entry: the entry must not be deleted for it.
             raise TypeError("Redis answered text: the URL must not set decode_responses")
         return blob
 
     async def _store(self, key: str, blob: bytes) -> None:
-        await self._client.set(self.redis_key(key), blob, ex=self.ttl_s or None)
+        try:
+            await self._client.set(self.redis_key(key), blob, ex=self.ttl_s or None)
+        except ResponseError as exc:  # e.g. OOM: maxmemory reached with noeviction
+            raise Refused(f"Redis refused the write: {exc}") from exc
 
     async def _discard(self, key: str, blob: bytes) -> None:
         # Unconditional: a valid entry written since the read would be lost, which costs one
