@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .config import Settings
 from .service import Service
@@ -71,16 +72,33 @@ def limit_logging(limiter: logging.Filter = _LIMITER) -> logging.Filter:
     return limiter
 
 
-def _quiet_server_class() -> type:
+def _quiet_server_class(handshake_timeout_s: float) -> type:
     import uvicorn
 
     class QuietServer(uvicorn.Server):
         """uvicorn without its own signal handling: ``serve`` decides when to stop (and
-        uvicorn would re-raise the signal afterwards, killing us before cleanup)."""
+        uvicorn would re-raise the signal afterwards, killing us before cleanup); with TLS,
+        a handshake bounded like a request head (asyncio's default is 60 s, and uvicorn
+        does not pass one)."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
+
+        async def startup(self, sockets: Any = None) -> None:
+            loop = asyncio.get_running_loop()
+            create_server = loop.create_server
+
+            def bounded(*args: Any, **kwargs: Any) -> Any:
+                if kwargs.get("ssl") is not None:
+                    kwargs.setdefault("ssl_handshake_timeout", handshake_timeout_s)
+                return create_server(*args, **kwargs)
+
+            loop.create_server = bounded  # type: ignore[method-assign]
+            try:
+                await super().startup(sockets)
+            finally:
+                del loop.create_server  # the instance attribute: the method again
 
     return QuietServer
 
@@ -88,7 +106,7 @@ def _quiet_server_class() -> type:
 async def serve(settings: Settings) -> None:
     import uvicorn
 
-    _QuietServer = _quiet_server_class()
+    _QuietServer = _quiet_server_class(settings.http_header_timeout_s)
 
     from .api.http import create_app
     from .api.http.protocol import ConnectionLimits, bounded_protocol

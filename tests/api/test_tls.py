@@ -4,6 +4,7 @@ verify it against a private CA (``ca_cert``) and get the same latents as in-proc
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def test_serve_over_tls(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F8
     env = {**os.environ, "IVVAE_WEIGHTS": str(tiny_weights), "IVVAE_HOST": "127.0.0.1",
            "IVVAE_PORT": str(http_port), "IVVAE_GRPC_PORT": str(grpc_port),
            "IVVAE_TLS_CERT": str(cert), "IVVAE_TLS_KEY": str(key),
-           "IVVAE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1"}
+           "IVVAE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1",
+           "IVVAE_HTTP_HEADER_TIMEOUT_S": "2"}
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "serve"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -77,6 +79,12 @@ def test_serve_over_tls(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F8
             untrusted.models()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"https://127.0.0.1:{http_port}/healthz", timeout=5)
+
+        # A client that never finishes its TLS handshake is closed after the header
+        # timeout (2 s here), not asyncio's default 60 s (the 15 s wait is slack for CI).
+        with socket.create_connection(("127.0.0.1", http_port), timeout=15) as idle:
+            idle.sendall(b"\x16\x03\x01")  # the start of a ClientHello, never the rest
+            assert idle.recv(1024) == b""
     finally:
         proc.terminate()
         try:
