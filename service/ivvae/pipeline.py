@@ -45,7 +45,7 @@ from .core.geometry import (
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .core.steps import FRAMES_DTYPES, FramesDtype
-from .core.tasks import finish
+from .core.tasks import aclose_all, finish
 from .errors import (
     CorruptMedia,
     DeadlineExceeded,
@@ -443,7 +443,7 @@ class Pipeline:
                 async for part in frames:
                     yield part
             finally:
-                await finish(_close_frames(frames))
+                await finish(aclose_all(frames))
 
     async def decode_frames(self, data: bytes, frames_dtype: FramesDtype = "uint8",
                             ) -> tuple[LatentInfo, AsyncIterator[np.ndarray]]:
@@ -512,7 +512,7 @@ class _Holding:
     async def aclose(self) -> None:
         release, self._release = self._release, None
         try:
-            await finish(_close_frames(self._inner))
+            await finish(aclose_all(self._inner))
         finally:
             if release is not None:
                 release()
@@ -526,12 +526,6 @@ def _check_frames_dtype(frames_dtype: str) -> None:
     if frames_dtype not in FRAMES_DTYPES:
         raise InvalidInput(f"frames_dtype must be one of {', '.join(FRAMES_DTYPES)}, got "
                            f"{frames_dtype!r}")
-
-
-async def _close_frames(frames: AsyncIterator[np.ndarray]) -> None:
-    aclose = getattr(frames, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def _close_both(session: EncodeSession, reader: VideoReader,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
-from ivvae.core.tasks import finish
+from ivvae.core.tasks import aclose_all, finish
 
 
 async def _cleanup(done: list[str], *, fail: bool = False) -> None:
@@ -53,3 +54,22 @@ async def test_a_cleanup_that_fails_after_its_caller_left_is_logged(
 async def test_a_cleanup_error_reaches_a_caller_still_there() -> None:
     with pytest.raises(OSError, match="went away"):
         await finish(_cleanup([], fail=True))
+
+
+async def test_aclose_all_closes_each_in_order_even_after_a_failure() -> None:
+    closed: list[str] = []
+
+    async def gen(name: str, fail: bool = False) -> AsyncIterator[int]:
+        try:
+            yield 1
+        finally:
+            closed.append(name)
+            if fail:
+                raise OSError(f"{name} failed to close")
+
+    first, second, third = gen("first", fail=True), gen("second"), gen("third")
+    for g in (first, second, third):
+        await anext(g)
+    with pytest.raises(OSError, match="first failed"):
+        await aclose_all(first, iter([]), second, third)  # type: ignore[arg-type]
+    assert closed == ["first", "second", "third"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -40,3 +41,20 @@ def _after_detached(task: asyncio.Future[None]) -> None:
     _DETACHED.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("a cleanup after a cancelled request failed: %r", task.exception())
+
+
+async def aclose_all(*iterators: AsyncIterator[Any]) -> None:
+    """Close async generators now, in order (their ``finally`` closes a backend session or
+    an encoder's thread), not whenever the garbage collector finds them; each is closed
+    even when closing one before it failed."""
+    error: BaseException | None = None
+    for iterator in iterators:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is None:
+            continue
+        try:
+            await aclose()
+        except BaseException as exc:  # raised below, once the rest are closed
+            error = error or exc
+    if error is not None:
+        raise error

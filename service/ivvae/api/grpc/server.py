@@ -31,7 +31,7 @@ from ...config import Settings
 from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
-from ...core.tasks import finish
+from ...core.tasks import aclose_all, finish
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
@@ -154,21 +154,6 @@ def _decode_options(msg: pb.DecodeOptions | None
         raise InvalidInput(f"crf must be in [{CRF_RANGE[0]}, {CRF_RANGE[1]}], got {crf}")
     fmt = _FORMATS[msg.format]
     return fmt, crf, frames_dtype_for(fmt, msg.frames_dtype)
-
-
-async def _aclose_both(first: AsyncIterator[Any], second: AsyncIterator[Any]) -> None:
-    try:
-        await _aclose(first)
-    finally:
-        await _aclose(second)
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    """Close an async generator now (its ``finally`` closes the backend session), not
-    whenever the garbage collector finds it."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def _deadlined(stream: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
@@ -405,7 +390,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                     for chunk in _chunks(piece):
                         await context.write(pb.DecodeResponse(chunk=chunk))
             finally:
-                await finish(_aclose_both(output, items[0]))
+                await finish(aclose_all(output, items[0]))
 
     async def ListModels(self, request: Any, context: Context) -> Any:
         async with self._call(context, "models"):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
-from ....core.tasks import finish
+from ....core.tasks import aclose_all, finish
 from ....errors import InvalidInput
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
@@ -90,7 +89,7 @@ async def decode(request: Request, svc: Svc) -> Response:
                 # the stream.
                 first = await unless_disconnected(request, anext(chunks, b""))
             except BaseException:
-                await finish(_close_both(chunks, items[0]))
+                await finish(aclose_all(chunks, items[0]))
                 raise
             return StreamingResponse(_stream(first, chunks, items[0]),
                                      media_type=MEDIA_TYPES[form.output], headers=headers)
@@ -98,19 +97,6 @@ async def decode(request: Request, svc: Svc) -> Response:
             request, render_batch(form.output, info, items, crf=form.crf,
                                       frames_dtype=form.frames_dtype))
         return Response(body, media_type=media, headers=headers)
-
-
-async def _close(frames: AsyncIterator[Any]) -> None:
-    aclose = getattr(frames, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-async def _close_both(rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]) -> None:
-    try:
-        await _close(rest)  # the MP4 writer's thread
-    finally:
-        await _close(frames)
 
 
 async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
@@ -123,4 +109,4 @@ async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterato
             yield chunk
     finally:
         # The client gone, Starlette cancels this task and every await left in it.
-        await finish(_close_both(rest, frames))
+        await finish(aclose_all(rest, frames))
