@@ -250,14 +250,13 @@ class DecodeTarget:
 
     def to_model_space(self, latent: np.ndarray, scale: float, shift: float) -> np.ndarray:
         """``latent`` as the model's scaled latent ``scale * (s - shift)`` (float32)."""
-        if self.scaling_factor is None and self.shift_factor is None:
-            if self.latent_space == "scaled":
-                return latent
-            s = latent
-        else:
-            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-                s = latent / (self.scaling_factor or 1.0) + (self.shift_factor or 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the result
+        unscaled = self.scaling_factor is None and self.shift_factor is None
+        if unscaled and self.latent_space == "scaled":
+            return latent
+        # Overflow gives inf, not a warning: the caller checks the result and names it.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            s = latent if unscaled else (
+                latent / (self.scaling_factor or 1.0) + (self.shift_factor or 0.0))
             return np.asarray(scale * (s - shift), dtype=np.float32)
 
 

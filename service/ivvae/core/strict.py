@@ -47,7 +47,7 @@ def is_count(text: str) -> bool:
 
 def count(text: str, *, minimum: int = 0) -> int:
     """A decimal integer of ASCII digits only (no sign, spaces, underscores), >= minimum."""
-    if not isinstance(text, str) or not _DIGITS.fullmatch(text):
+    if not is_count(text):
         raise ValueError(f"{shown(str(text))} is not a decimal number of at most "
                          f"{MAX_DIGITS} ASCII digits")
     value = int(text)
@@ -88,7 +88,7 @@ def frame_rate(text: str) -> Fraction:
     if denominator == 0:
         raise ValueError(f"frame rate {text!r} has a zero denominator")
     rate = Fraction(numerator, denominator)
-    if not MIN_FPS <= rate <= MAX_FPS:
+    if not fps_in_range(rate):
         raise ValueError(f"frame rate {text} is outside {FPS_RANGE} fps")
     return rate
 
