@@ -93,6 +93,7 @@ from .storage import (
     Location,
     StorageError,
     content_sha256,
+    file_identity,
     identity,
     publish_file,
     temp_file_for,
@@ -264,14 +265,13 @@ def _followed(loc: Location, entries: Sequence[dict[str, Any]], *, descend: bool
                 pending += loc.fs.find(name, detail=True).values()
         else:
             log.warning("skipping %s: a broken symbolic link", name)
+    keyed = [(os.path.realpath(e["name"]) if e.get("type") == "file" else e["name"], e)
+             for e in found]
+    # The plain name (equal to its real path) first, then the others in order: first kept.
+    keyed.sort(key=lambda pair: (pair[1]["name"] != pair[0], pair[1]["name"]))
     by_file: dict[str, dict[str, Any]] = {}
-    for entry in found:
-        real = os.path.realpath(entry["name"]) if entry.get("type") == "file" else entry["name"]
-        kept = by_file.get(real)
-        # Prefer the plain name (equal to its real path), else the first in sorted order.
-        if kept is None or (entry["name"] == real) or (
-                kept["name"] != real and entry["name"] < kept["name"]):
-            by_file[real] = entry
+    for real, entry in keyed:
+        by_file.setdefault(real, entry)
     return list(by_file.values())
 
 
@@ -757,9 +757,9 @@ class State:
         rewritten in place when its clip changes: after a change and a change back (or a
         run killed between the file and its record), an older record matches the clip's
         key again while the file holds another latent. Shards are never rewritten."""
-        written = record.get("file")
         if self.read_sha256 is None:
             return True
+        written = record.get("file")
         if written and not written.startswith("size:"):
             return self.outputs[record["part"]] == written
         # A record of an older version, or a store that lists only sizes: read the file.
@@ -776,18 +776,6 @@ class State:
             return max(failed, key=lambda r: r.get("at", 0))
         return {"source": source.name, "key": key, "identity": source.identity,
                 "status": "pending"}
-
-
-def file_identity(info: dict[str, Any]) -> str:
-    """What tells one publish of an output file from another: a stored object's content
-    hash, else its modification time. Only what both a listing and ``info`` report (an S3
-    listing has no VersionId). ``size:N`` alone cannot tell: ``State`` then reads the file."""
-    for key in ("ETag", "etag", "md5Hash"):
-        if info.get(key):
-            return f"{key.lower()}:{str(info[key]).strip(chr(34))}:size:{info.get('size')}"
-    if info.get("mtime") is not None:  # not the inode: a FUSE mount numbers them anew
-        return f"mtime:{info['mtime']}:size:{info.get('size')}"
-    return f"size:{info.get('size')}"
 
 
 def load_state(out: Location, fmt: Format) -> State:

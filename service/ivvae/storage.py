@@ -75,6 +75,19 @@ def identity(info: dict[str, Any]) -> str | None:
     return None
 
 
+def file_identity(info: dict[str, Any]) -> str:
+    """What tells one publish of an output file from another: a stored object's content
+    hash, else its modification time. Only what both a listing and ``info`` report (an S3
+    listing has no VersionId). ``size:N`` alone cannot tell: a caller must read the file.
+    (``identity`` is a source's, from a listing only.)"""
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"{key.lower()}:{str(info[key]).strip(chr(34))}:size:{info.get('size')}"
+    if info.get("mtime") is not None:  # not the inode: a FUSE mount numbers them anew
+        return f"mtime:{info['mtime']}:size:{info.get('size')}"
+    return f"size:{info.get('size')}"
+
+
 def content_sha256(fs: AbstractFileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
