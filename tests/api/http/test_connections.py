@@ -191,6 +191,17 @@ def test_bad_latents_get_4xx_and_the_keep_alive_connection_stays_usable(
     conn.close()
 
 
+def test_a_long_query_string_is_refused_by_the_real_server(server: ServeProcess) -> None:
+    # Whichever layer sees it first (h11 while the head is incomplete, the app-side guard
+    # once it is whole), a head past 64 KiB is not served.
+    with _connect(server) as sock:
+        head = (b"GET /healthz?a=" + b"x" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(head)
+        reply = _read_all(sock)
+    assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), reply[:200]
+    _wait_healthy(server)
+
 
 async def test_a_head_over_the_limit_in_one_piece_is_refused() -> None:
     # h11 bounds a head only while it is incomplete: one that arrives in a single read (a
