@@ -140,11 +140,39 @@ def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
 
 
 def test_connections_past_the_maximum_are_turned_away_at_once(server: ServeProcess) -> None:
+    from ivvae.api.http.protocol import ConnectionLimits
+
+    reserve = ConnectionLimits().probe_reserve
     socks = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)  # let the server accept them all
-        with _connect(server) as extra:
-            reply = _read_all(extra)
+        # The probe reserve: health checks are served (a liveness probe must not fail
+        # because the service is busy), anything else gets the same 503.
+        probes = [_connect(server) for _ in range(reserve)]
+        socks += probes
+        for path, status in (("/healthz", b"200"), ("/readyz", b"200"), ("/models", b"503")):
+            sock = probes.pop()
+            sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                         % path.encode())
+            reply = _read_all(sock)
+            assert reply.startswith(b"HTTP/1.1 " + status), (path, reply[:200])
+        probes[0].sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        reply = _read_all(probes[0])
+        assert reply.startswith(b"HTTP/1.1 503") and b"retry-after" in reply.lower(), reply[:200]
+        # Past the reserve: turned away at once, without a word from the client. The four
+        # closed above come back to the reserve when the server notices, so fill it again
+        # until a connection is answered unasked.
+        for _ in range(reserve + 4):
+            sock = _connect(server)
+            socks.append(sock)
+            sock.settimeout(0.5)
+            try:
+                reply = _read_all(sock)
+            except TimeoutError:
+                continue  # held: a place in the reserve
+            break
+        else:
+            raise AssertionError("no connection was turned away past the probe reserve")
         assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
         assert b"retry-after" in reply.lower()
     finally:

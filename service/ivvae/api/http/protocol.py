@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,11 @@ def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-_TOO_MANY_CONNECTIONS = _raw_response(
-    b"503 Service Unavailable",
-    b'{"error": "overloaded", "detail": "too many open connections; retry later"}',
-    b"retry-after: 1")
+_OVERLOADED = b'{"error": "overloaded", "detail": "too many open connections; retry later"}'
+_TOO_MANY_CONNECTIONS = _raw_response(b"503 Service Unavailable", _OVERLOADED, b"retry-after: 1")
+
+# What a connection past ``max_connections`` (in the probe reserve) may ask for.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,10 @@ class ConnectionLimits:
     the connection's opening, or the end of the previous response, to a complete request
     head. ``body_timeout_s``: the longest gap between pieces of a request body (while the
     app is reading it). ``max_connections``: open connections; more are answered 503 and
-    closed at once. ``linger_s`` / ``linger_bytes``: after an early response, how long and
+    closed at once, except ``probe_reserve`` more that serve only ``GET``/``HEAD`` of the
+    health paths (a liveness probe that failed whenever the service is busiest would have
+    the orchestrator restart it exactly then, dropping every request in flight); any other
+    request on them gets the same 503. ``linger_s`` / ``linger_bytes``: after an early response, how long and
     how much of the rest of the body is read and dropped before closing (closing at once
     would reset the connection under the client's feet, and it might never read the
     response)."""
@@ -53,6 +58,7 @@ class ConnectionLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 1024
+    probe_reserve: int = 8
     linger_s: float = 2.0
     linger_bytes: int = 1 << 20
 
@@ -72,7 +78,8 @@ class _BoundedH11(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.app = _head_guard(self.app, self.limits)
+        self.app = _head_guard(self.app, self.limits, lambda: self._probe_only)
+        self._probe_only = False  # past max_connections: health paths only
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
 
@@ -80,10 +87,12 @@ class _BoundedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections:
+        over = len(self.connections) - self.limits.max_connections
+        if over > self.limits.probe_reserve:
             transport.write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
+        self._probe_only = over > 0
         self._arm(self.limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -162,14 +171,20 @@ class _BoundedH11(H11Protocol):
         self._deadline = self.loop.call_later(self.limits.linger_s, self.transport.close)
 
 
-def _head_guard(app: Any, limits: ConnectionLimits) -> Any:
+def _head_guard(app: Any, limits: ConnectionLimits,
+                probe_only: Callable[[], bool] = lambda: False) -> Any:
     """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
     over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
-    that comes in a single read is parsed whole, whatever its size."""
+    that comes in a single read is parsed whole, whatever its size. While ``probe_only()``
+    (the connection is in the probe reserve) anything but a health check gets 503."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
+            return
+        if probe_only() and not (scope["method"] in ("GET", "HEAD")
+                                 and scope["path"] in HEALTH_PATHS):
+            await _respond(send, 503, _OVERLOADED, (b"retry-after", b"1"))
             return
         size = len(scope["raw_path"] or b"") + len(scope["query_string"]) + sum(
             len(name) + len(value) + 4 for name, value in scope["headers"])
@@ -179,13 +194,17 @@ def _head_guard(app: Any, limits: ConnectionLimits) -> Any:
         elif size > limits.max_header_bytes:
             detail = b"the request head is over %d bytes" % limits.max_header_bytes
         if detail is not None:
-            body = b'{"error": "invalid_input", "detail": "%s"}' % detail
-            await send({"type": "http.response.start", "status": 431, "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
+            await _respond(send, 431, b'{"error": "invalid_input", "detail": "%s"}' % detail)
             return
         await app(scope, receive, send)
 
     return guarded
+
+
+async def _respond(send: Any, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
+    """A JSON error that ends the connection, sent before the app sees the request."""
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"), *headers]})
+    await send({"type": "http.response.body", "body": body})
