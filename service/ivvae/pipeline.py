@@ -21,7 +21,7 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
@@ -316,8 +316,7 @@ class Pipeline:
                         raise CorruptMedia("the video has no decodable frames")
                     await run(stepper.flush())
                 finally:
-                    self.metrics.active_sessions.labels("encode").dec()
-                    await finish(_close_both(session, reader, decoding))
+                    await finish(self._ended("encode", _close_both(session, reader, decoding)))
         except BaseException:
             if not closes_reader:  # cancelled while waiting for the budget
                 await finish(asyncio.to_thread(reader.close))
@@ -459,6 +458,14 @@ class Pipeline:
         return info, _Holding(self._decode_iter(latent, info, model, plan, frames_dtype),
                               release)
 
+    async def _ended(self, kind: str, close: Awaitable[None]) -> None:
+        """``close`` a session, then count it as ended: the gauge stays up until what the
+        session holds (its feature cache behind a running batch) is freed."""
+        try:
+            await close
+        finally:
+            self.metrics.active_sessions.labels(kind).dec()
+
     async def _decode_iter(self, latent: np.ndarray, info: LatentInfo, model: ModelInfo,
                            plan: Plan, frames_dtype: FramesDtype = "uint8",
                            ) -> AsyncIterator[np.ndarray]:
@@ -483,8 +490,7 @@ class Pipeline:
                     produced += keep
                     yield frames[0, :keep, : info.height, : info.width]
             finally:
-                self.metrics.active_sessions.labels("decode").dec()
-                await finish(session.close())
+                await finish(self._ended("decode", session.close()))
         self.metrics.frames.labels("decode").inc(produced)
         self.metrics.frames_per_second.labels("decode").set(
             produced / max(time.perf_counter() - start, 1e-9))

@@ -405,7 +405,7 @@ class _Sequence:
                     raise
                 assert self.endpoint is not None
                 failed.add(self.endpoint)
-                log.info("sequence %d: %s (retry %d of %d)", self.corrid, exc.detail,
+                log.info("sequence %d: %s; retrying (%d of %d)", self.corrid, exc.detail,
                          attempt + 1, retries)
                 continue
             self.started = True

@@ -17,6 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from ...core import strict
+from ...core.tasks import finish
 from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ...service import Service
 from ..auth import check_bearer
@@ -71,7 +72,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
             raise InvalidInput("the multipart body has no complete file field named 'file' (none "
                                "was sent, it has another name, or the body was cut short)")
         data = await upload.read()
-        await form.close()
+        await finish(form.close())  # its files on disk go even when the client left
         ctype = (upload.content_type or "application/octet-stream").lower()
     else:
         data = body
@@ -170,7 +171,7 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
         await asyncio.to_thread(shutil.copyfileobj, upload.file, out, SPOOL_CHUNK)
         return (upload.content_type or "application/octet-stream").lower()
     finally:
-        await form.close()
+        await finish(form.close())  # its files on disk go even when the client left
 
 
 async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:

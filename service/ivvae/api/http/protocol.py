@@ -48,10 +48,10 @@ class ConnectionLimits:
     closed at once, except ``probe_reserve`` more that serve only ``GET``/``HEAD`` of the
     health paths (a liveness probe that failed whenever the service is busiest would have
     the orchestrator restart it exactly then, dropping every request in flight); any other
-    request on them gets the same 503. ``linger_s`` / ``linger_bytes``: after an early response, how long and
-    how much of the rest of the body is read and dropped before closing (closing at once
-    would reset the connection under the client's feet, and it might never read the
-    response)."""
+    request on them gets the same 503. ``linger_s`` / ``linger_bytes``: after an early
+    response, how long and how much of the rest of the body is read and dropped before
+    closing (closing at once would reset the connection under the client's feet, and it
+    might never read the response)."""
 
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
