@@ -1267,7 +1267,7 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``encode-dataset`` arguments."""
-    from .video.preprocess import PREPROCESS_KEYS
+    from .video.preprocess import OPTION_HELP, PREPROCESS_KEYS
 
     p.add_argument("src", metavar="SRC", help="a folder, URL prefix, glob or list file")
     p.add_argument("out", metavar="OUT", help="a folder or URL prefix")
@@ -1313,10 +1313,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="retries of a video on UNAVAILABLE / no connection (default 6)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     for name in PREPROCESS_KEYS:
-        flag = "--" + name.replace("_", "-")
-        if name == "bucket":
-            p.add_argument(flag, dest=name, action="append", help="preprocessing: WxHxF "
-                           "(repeatable)")
-        else:
-            p.add_argument(flag, dest=name, help="preprocessing (see ivvae.video.preprocess)")
+        p.add_argument("--" + name.replace("_", "-"), dest=name, help=OPTION_HELP[name],
+                       action="append" if name == "bucket" else "store")
 

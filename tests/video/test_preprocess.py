@@ -145,3 +145,18 @@ def test_plan() -> None:
     with pytest.raises(InvalidInput, match="num_frames asks for 17"):
         Preprocess.parse({"num_frames": "17"}).plan(8, 8, 10, 25.0)
     assert Preprocess.parse({"max_frames": "17"}).plan(8, 8, 10, 25.0).frame_limit == 17
+
+
+def test_every_option_has_its_one_line_of_help_and_the_dataset_cli_shows_it() -> None:
+    import argparse
+
+    from ivvae.dataset import add_arguments
+    from ivvae.video.preprocess import OPTION_HELP, PREPROCESS_KEYS
+
+    assert set(OPTION_HELP) == set(PREPROCESS_KEYS)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["src", "out", "--bucket", "64x64x9", "--bucket", "32x64x5",
+                              "--fps", "12"])
+    assert args.bucket == ["64x64x9", "32x64x5"] and args.fps == "12"
+    assert OPTION_HELP["num_frames"] in " ".join(parser.format_help().split())

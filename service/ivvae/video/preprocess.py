@@ -56,6 +56,19 @@ PREPROCESS_KEYS = (
     "resize", "crop", "bucket", "start_frame", "start_s", "num_frames", "max_frames",
     "stride", "fps",
 )
+# One line each, for command-line help (the table above is the whole story).
+OPTION_HELP = {
+    "resize": "N: the short side becomes N (aspect kept); WxH: exactly W x H (see --crop)",
+    "crop": "with an exact size: center (default, cut the middle out) or none (stretch)",
+    "bucket": "WxHxF, repeatable: the bucket closest in aspect ratio whose F frames the "
+              "clip fills; scaled to cover, cropped, cut to F frames",
+    "start_frame": "the first source frame taken (0-based)",
+    "start_s": "or the first frame as a time in seconds",
+    "num_frames": "exactly this many frames (a shorter clip is refused)",
+    "max_frames": "at most this many frames (a longer clip is cut)",
+    "stride": "take every N-th source frame",
+    "fps": "or resample to this frame rate by timestamp: 24, 12.5, 30000/1001",
+}
 CROPS = ("center", "none")
 # Sizes beyond these are typos, not requests (the service's own limits apply after).
 MAX_SIDE = 16384
