@@ -517,3 +517,38 @@ def test_an_output_that_fails_mid_run_exits_2_with_the_summary(
     assert dataset.main(args) == 0
     # The first part was kept.
     assert json.loads(capsys.readouterr().out)["encoded"] == CLIPS - 4
+
+
+async def test_a_damaged_shard_is_an_error_naming_it_never_a_latent(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from ivvae.data import DamagedPart
+
+    for fmt in ("webdataset", "parquet"):
+        out = tmp_path / fmt
+        await encode_dataset(clips, out, server=server.grpc_url, format=fmt, shard_clips=6)
+        first = manifest(out)[0]
+        shard = out / first["part"]
+        data = bytearray(shard.read_bytes())
+        if fmt == "webdataset":  # one byte of the first latent's tensor data
+            with tarfile.open(shard) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith(LATENT_SUFFIX))
+            at = member.offset_data + member.size - 3
+        else:  # the last byte of the first row group's latent column (its page data)
+            chunk = pq.ParquetFile(shard).metadata.row_group(0).column(3)
+            assert chunk.path_in_schema == "latent"
+            start = (chunk.dictionary_page_offset if chunk.has_dictionary_page
+                     else chunk.data_page_offset)
+            at = start + chunk.total_compressed_size - 1
+        data[at] ^= 0x40
+        shard.write_bytes(bytes(data))
+        with pytest.raises(DamagedPart, match=f"{first['part']}.*(damaged|sha256)"):
+            latents(out)
+        shard.unlink()
+        with pytest.raises(FileNotFoundError, match=f"{first['part']}: the manifest names"):
+            latents(out)
+    text = (out / MANIFEST_NAME).read_text()
+    (out / MANIFEST_NAME).write_text(text[:-10])  # a torn last line
+    with pytest.raises(ValueError, match=r"manifest\.jsonl: line .* is not JSON"):
+        LatentDataset(str(out))

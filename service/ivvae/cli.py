@@ -58,7 +58,11 @@ def _train(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    # The run remembers which files it trained on, not how they were spelled from here.
+    values["data"] = tuple(os.path.abspath(d) for d in values.get("data", ()))
     cfg = TrainConfig(**values)
+    if args.export_only and not args.export:
+        raise CLIError("--export-only needs --export PATH: the file to write")
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings():
             print(f"ivvae train: warning: {warning}", file=sys.stderr)
@@ -71,7 +75,13 @@ def _train(args: argparse.Namespace) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         trainer = Trainer(cfg)
+        if trainer.rank == 0:
+            for line in trainer.skipped:
+                print(f"ivvae train: warning: left out {line}", file=sys.stderr)
         resumed = trainer.resume()
+        if args.export_only and not resumed and not cfg.init_weights:
+            raise CLIError(f"--export-only: there is no checkpoint in {cfg.out} to export "
+                           "(is --out the folder of the run?)")
         if trainer.rank == 0:
             where = (f"resumed at step {trainer.step}" if resumed
                      else f"from {cfg.init_weights}" if cfg.init_weights else "from scratch")

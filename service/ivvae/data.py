@@ -59,7 +59,15 @@ def read_manifest(url: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} has no {MANIFEST_NAME}: not an encode-dataset "
                                 "output, or no run has finished yet") from None
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{loc.join(MANIFEST_NAME)}: line {number} is not JSON (the "
+                             "file was damaged after the run wrote it whole)") from None
     return [r for r in records if r.get("status") == "ok"]
 
 
@@ -76,6 +84,17 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
 def _from_latent_file(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
     tensors, meta = loads(data)
     return to_torch(tensors["latent"]), meta
+
+
+class DamagedPart(ValueError):
+    """A latent file or shard that is not what the run published."""
+
+
+def _matches(data: bytes, record: dict[str, Any]) -> bool:
+    """Whether ``data`` is the latent file ``record`` describes (records from before
+    ``latent_sha256`` existed are taken as they are)."""
+    expected = record.get("latent_sha256")
+    return not expected or hashlib.sha256(data).hexdigest() == expected
 
 
 class _Shards:
@@ -99,25 +118,34 @@ class _Shards:
         return self._loc
 
     def read_part(self, part: str) -> dict[str, Sample]:
-        """Every current clip of ``part``, by source name."""
+        """Every current clip of ``part``, by source name. A part that is missing or
+        damaged (a latent whose bytes are not those the manifest recorded, a cut shard) is
+        an error naming it: a training run must not learn from a corrupt latent."""
         path = self.loc.join(part)
         wanted = {self.records[i]["member"]: self.records[i] for i in self.parts[part]}
-        if part.endswith(LATENT_SUFFIX):
-            (record,) = wanted.values()
-            data = self.loc.fs.cat_file(path)
-            # A latent file is rewritten in place when its clip changes; a run killed
-            # before its manifest leaves the new file under the old line.
-            expected = record.get("latent_sha256")
-            if expected and hashlib.sha256(data).hexdigest() != expected:
-                raise ValueError(f"{path} no longer holds the latent the manifest names for "
-                                 f"{record['source']!r} (a later encode-dataset run rewrote "
-                                 "it and did not finish): run the job again")
-            latent, meta = _from_latent_file(data)
-            return {record["source"]: (latent, {**meta, "source": record["source"]})}
-        if part.endswith(".tar"):
-            return self._read_tar(path, wanted)
-        if part.endswith(".parquet"):
-            return self._read_parquet(path, wanted)
+        try:
+            if part.endswith(LATENT_SUFFIX):
+                (record,) = wanted.values()
+                data = self.loc.fs.cat_file(path)
+                # A latent file is rewritten in place when its clip changes; a run killed
+                # before its manifest leaves the new file under the old line.
+                if not _matches(data, record):
+                    raise DamagedPart(f"{path} no longer holds the latent the manifest names "
+                                     f"for {record['source']!r} (a later encode-dataset run "
+                                     "rewrote it and did not finish): run the job again")
+                latent, meta = _from_latent_file(data)
+                return {record["source"]: (latent, {**meta, "source": record["source"]})}
+            if part.endswith(".tar"):
+                return self._read_tar(path, wanted)
+            if part.endswith(".parquet"):
+                return self._read_parquet(path, wanted)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: the manifest names this part, and it is gone"
+                                    ) from None
+        except DamagedPart:
+            raise
+        except Exception as exc:  # tarfile, pyarrow and the safetensors reader raise many types
+            raise DamagedPart(f"{path} is damaged: {type(exc).__name__}: {exc}") from exc
         raise ValueError(f"unknown part {part!r}")
 
     def _read_tar(self, path: str, wanted: dict[Any, dict[str, Any]]) -> dict[str, Sample]:
@@ -133,8 +161,16 @@ class _Shards:
                 members.setdefault(key, {})["." + base.split(".", 1)[1]] = reader.read()
         out: dict[str, Sample] = {}
         for key, record in wanted.items():
-            files = members[key]
-            latent, meta = _from_latent_file(files.pop(LATENT_SUFFIX))
+            files = members.get(key, {})
+            if LATENT_SUFFIX not in files:
+                raise DamagedPart(f"{path} has no latent of {record['source']!r} (sample "
+                                  f"{key!r}): the shard is cut short or was rewritten")
+            data = files.pop(LATENT_SUFFIX)
+            if not _matches(data, record):
+                raise DamagedPart(f"{path}: the latent of {record['source']!r} is not the one "
+                                  "the manifest recorded (its sha256 differs): the shard is "
+                                  "damaged")
+            latent, meta = _from_latent_file(data)
             files.pop(RECORD_SUFFIX, None)
             out[record["source"]] = (latent, {**meta, "source": record["source"],
                                               "sidecars": files})
@@ -144,8 +180,11 @@ class _Shards:
         import pyarrow.parquet as pq
 
         with self.loc.fs.open(path, "rb") as f:
+            # Shards are written with page checksums (the manifest's sha256 is of the latent
+            # file, which a row does not hold): a flipped byte fails here, not in training.
             table = pq.read_table(f, columns=["source", "latent", "shape", "dtype",
-                                              "metadata", "sidecars"])
+                                              "metadata", "sidecars"],
+                                  page_checksum_verification=True)
         rows = table.to_pylist()
         out: dict[str, Sample] = {}
         for row_index, record in wanted.items():

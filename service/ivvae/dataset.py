@@ -722,7 +722,9 @@ def _write_parquet(path: str, rows: list[dict[str, Any]], row_group_clips: int) 
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=parquet_schema())
-    pq.write_table(table, path, row_group_size=max(1, row_group_clips))
+    # Page checksums: ivvae.data verifies them, so a damaged shard is an error, not a latent.
+    pq.write_table(table, path, row_group_size=max(1, row_group_clips),
+                   write_page_checksum=True)
 
 
 # -- the state of an output -------------------------------------------------------------------

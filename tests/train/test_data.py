@@ -59,8 +59,10 @@ def test_folders_give_videos_and_images_and_images_become_clips(tmp_path: Path) 
     assert [p.name for p in paths] == ["drawing.png", "one_frame.webm", "photo.jpg",
                                        "clip.mp4"]
     ds = ClipDataset.from_paths(paths, max_side=256, extra_scales=(32,))
-    assert ds.names == ["drawing.png", "drawing.png@32", "one_frame.webm", "photo.jpg",
-                        "photo.jpg@32", "clip.mp4", "clip.mp4@32"]
+    assert [n.split("/")[-1] for n in ds.names] == [
+        "drawing.png", "drawing.png@32", "one_frame.webm", "photo.jpg", "photo.jpg@32",
+        "clip.mp4", "clip.mp4@32"]
+    assert ds.names[0] == str(tmp_path / "drawing.png")  # messages name the file
     shapes = [c.shape for c in ds.clips]
     assert shapes[0] == (STILL_CLIP_FRAMES, 48, 48, 3)
     assert shapes[2] == (STILL_CLIP_FRAMES, 24, 30, 3)

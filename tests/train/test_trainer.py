@@ -77,7 +77,7 @@ def test_resume_is_bit_identical(tmp_path: Path, clips: ClipDataset) -> None:
 
     state = json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8 and state["stage"] == "video"
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 then, 1.0 now\)"):
         Trainer(tiny_cfg(tmp_path / "a", lr=1.0), dataset=clips).resume()
 
 
@@ -266,7 +266,7 @@ def test_extra_scales_add_downscaled_copies(tmp_path: Path) -> None:
     media.make_video(path, frames=6, width=64, height=48)
     ds = ClipDataset.from_paths([path], max_side=256, extra_scales=(24, 100))
     # 100 is not smaller than the clip: no copy; 24 is
-    assert ds.names == ["clip.mp4", "clip.mp4@24"]
+    assert ds.names == [str(path), f"{path}@24"]
     assert ds.clips[0].shape == (6, 48, 64, 3)
     assert ds.clips[1].shape == (6, 24, 32, 3)
 
@@ -313,3 +313,120 @@ def test_a_warmup_longer_than_a_stage_is_warned_about(tmp_path: Path,
                  "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning: warmup_steps=100" in err and "video stage (50 steps)" in err
+
+
+def _trained(out: Path, clips: ClipDataset, steps: int) -> Trainer:
+    tr = Trainer(tiny_cfg(out, image_steps=2, video_steps=6, save_every=2), dataset=clips)
+    tr.fit(progress=False, max_steps=steps)
+    return tr
+
+
+@pytest.mark.parametrize("new_is_whole", [False, True])
+def test_a_save_killed_between_its_renames_resumes_from_the_newest_whole_checkpoint(
+        tmp_path: Path, clips: ClipDataset, new_is_whole: bool) -> None:
+    import shutil
+
+    _trained(tmp_path, clips, 4)  # checkpoint of step 4
+    # The kill: the last checkpoint was moved aside, the new one not yet moved in.
+    ckpt, old, tmp = (tmp_path / n for n in ("checkpoint", "checkpoint.old", "checkpoint.tmp"))
+    ckpt.rename(old)
+    shutil.copytree(old, tmp)
+    state = json.loads((tmp / "state.json").read_text())
+    if new_is_whole:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": 6}))
+    else:  # killed while writing it: state.json is written last
+        (tmp / "state.json").write_text(json.dumps(state)[:20])
+    again = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=6, save_every=2),
+                    dataset=clips)
+    assert again.resume()
+    assert again.step == (6 if new_is_whole else 4)
+    again.fit(progress=False)  # and it saves over it as usual
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 8
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path: Path,
+                                                            clips: ClipDataset) -> None:
+    from ivvae.train.trainer import Diverged
+
+    tr = _trained(tmp_path, clips, 2)
+    before = (tmp_path / "checkpoint" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(tr.vae.parameters()).fill_(float("nan"))
+    with pytest.raises(Diverged, match=r"finite number at step 2.*checkpoint of step 2 is kept"):
+        tr.fit(progress=False)
+    with pytest.raises(Diverged, match="NaN or infinite"):
+        tr.save()
+    assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert tr.step == 2  # the step that saw the NaN was not taken
+
+
+def test_unusable_option_values_are_refused_by_name() -> None:
+    for field, value in (("save_every", 0), ("log_every", 0), ("image_batch", 0),
+                         ("max_clip_frames", 0), ("max_side", 0), ("image_steps", -5),
+                         ("lr", float("inf")), ("kl_weight", float("nan")), ("lr", 0.0)):
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(out="x", **{field: value})
+    with pytest.raises(ValueError, match="extra_scales"):
+        TrainConfig(out="x", extra_scales=(0,))
+    with pytest.raises(ValueError, match="at least 1"):
+        TrainConfig(out="x", image_steps=0, video_steps=0)
+
+
+def test_clips_too_small_or_unreadable_are_left_out_by_name(tmp_path: Path) -> None:
+    good, short, tiny = (tmp_path / n for n in ("good.mp4", "short.mp4", "tiny.mp4"))
+    media.make_video(good, frames=9, width=32, height=32)
+    media.make_video(short, frames=3, width=32, height=32)
+    media.make_video(tiny, frames=9, width=8, height=8)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    cfg = tiny_cfg(tmp_path / "run", data=tuple(map(str, (good, short, tiny, broken))))
+    tr = Trainer(cfg)
+    assert tr.data.names == [str(good)]
+    assert [line.split(":")[0] for line in tr.skipped] == [str(broken), str(tiny), str(short)]
+    assert "3 frames of 32x32 is smaller than the 5 frames of 16x16" in tr.skipped[2]
+    with pytest.raises(ValueError, match=r"no training clip is usable: .*short\.mp4"):
+        Trainer(tiny_cfg(tmp_path / "run2", data=(str(short),)))
+    with pytest.raises(ValueError, match=r"broken\.mp4: "):  # without a list: an error naming it
+        ClipDataset.from_paths([broken])
+
+
+def test_a_list_file_is_read_relative_to_its_folder(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivvae.train.data import expand_sources
+
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("# clips\n../a.mp4\n\n/abs/b.mp4\n")
+    monkeypatch.chdir("/")
+    assert expand_sources([tmp_path / "lists" / "train.txt"]) == [
+        tmp_path / "lists" / "../a.mp4", Path("/abs/b.mp4")]
+
+
+def _cli_train(out: Path, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "ivvae.cli", "train", "--out", str(out), "--z-dim", "4",
+           "--dim", "4", "--image-steps", "1", "--video-steps", "1", "--image-batch", "1",
+           "--video-batch", "1", "--image-crop", "16", "--video-crop", "16", "--frames", "5",
+           "--warmup-steps", "0", "--threads", "1", "--no-progress", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_export_only_needs_a_checkpoint_and_data_paths_are_remembered_as_files(
+        tmp_path: Path) -> None:
+    clip = tmp_path / "d" / "clip.mp4"
+    clip.parent.mkdir()
+    media.make_video(clip, frames=9, width=32, height=32)
+    run = tmp_path / "run"
+    refused = _cli_train(run, "--data", str(clip), "--export-only", "--export",
+                         str(tmp_path / "m.safetensors"))
+    assert refused.returncode == 2 and "no checkpoint in" in refused.stderr, refused.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+    refused = _cli_train(run, "--data", str(clip), "--export-only")
+    assert refused.returncode == 2 and "needs --export" in refused.stderr, refused.stderr
+    done = _cli_train(run, "--data", "d/clip.mp4", "--max-steps", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The same file spelled another way resumes; another file with the same spelling does not.
+    again = _cli_train(run, "--data", "./d/../d/clip.mp4", cwd=tmp_path)
+    assert again.returncode == 0 and "resumed at step 1" in again.stderr, again.stderr
+    (tmp_path / "x" / "d").mkdir(parents=True)
+    media.make_video(tmp_path / "x" / "d" / "clip.mp4", frames=9, width=32, height=32)
+    other = _cli_train(run, "--data", "d/clip.mp4", cwd=tmp_path / "x")
+    assert other.returncode == 2 and "other settings (data:" in other.stderr, other.stderr

@@ -9,6 +9,7 @@ not configurable. ``scale_factor``/``shift_factor`` map posterior means to diffu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..core.geometry import TEMPORAL_DOWNSAMPLE
@@ -36,6 +37,9 @@ class IVVAEConfig:
             raise ValueError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if self.scale_factor == 0:
             raise ValueError("scale_factor must be non-zero")
+        if not (math.isfinite(self.scale_factor) and math.isfinite(self.shift_factor)):
+            raise ValueError(f"scale_factor and shift_factor must be finite numbers, got "
+                             f"{self.scale_factor} and {self.shift_factor}")
         # Upsamplers halve the width, so the decoder needs even stage widths.
         if any((self.dim * m) % 2 for m in self.dim_mult[1:]):
             raise ValueError("dim * dim_mult[1:] must be even")

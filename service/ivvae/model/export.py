@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -263,6 +264,8 @@ def _max_abs(ref: Any, got: Any, *, relative: bool = False) -> float:
         return float("inf")
     if not a.size:
         return 0.0
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")  # a NaN differs from everything, itself included
     err = float(np.abs(a - b).max())
     return err / max(1.0, float(np.abs(a).max())) if relative else err
 
@@ -272,7 +275,9 @@ class _Errors:
     values: dict[str, float]
 
     def update(self, key: str, value: float) -> None:
-        self.values[key] = max(self.values.get(key, 0.0), value)
+        # max() drops a NaN that comes second; one anywhere fails the check
+        old = self.values.get(key, 0.0)
+        self.values[key] = value if math.isnan(value) or value > old else old
 
 
 def verify_artifacts(directory: str | Path, vae: IVVAE, frames: np.ndarray,
@@ -366,6 +371,10 @@ def export_artifacts(vae: IVVAE, out: str | Path, fmt: str, model_info: Mapping[
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    bad = [name for name, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ExportError(f"the weights hold NaN or infinite values ({len(bad)} tensors, e.g. "
+                          f"{bad[0]}): a diverged training run? Nothing was exported")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)

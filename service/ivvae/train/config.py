@@ -56,12 +56,40 @@ class TrainConfig:
     init_weights: str = ""  # start from these weights (official layout) instead of random
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if (self.frames - 1) % GROUP:
             raise ValueError(f"frames must be 1 + {GROUP}N, got {self.frames}")
         if self.image_crop % SPACE_COMPRESSION or self.video_crop % SPACE_COMPRESSION:
             raise ValueError(f"crops must be multiples of {SPACE_COMPRESSION}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+    def _check_ranges(self) -> None:
+        """Values that would fail deep inside a step (a division by zero, an empty batch) or
+        train nothing, refused up front with the option's name (the model's own sizes are
+        checked by ``IVVAEConfig``)."""
+        at_least = {"image_steps": 0,
+                    "video_steps": 0, "image_batch": 1, "image_crop": SPACE_COMPRESSION,
+                    "video_batch": 1, "video_crop": SPACE_COMPRESSION, "frames": 1,
+                    "warmup_steps": 0, "adv_start": 0, "max_side": SPACE_COMPRESSION,
+                    "max_clip_frames": 1, "save_every": 1, "log_every": 1, "seed": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+        if self.image_steps + self.video_steps < 1:
+            raise ValueError("image_steps + video_steps must be at least 1")
+        for side in self.extra_scales:
+            if side < SPACE_COMPRESSION:
+                raise ValueError(f"extra_scales must be >= {SPACE_COMPRESSION}, got {side}")
+        for name in ("lr", "kl_weight", "init_logvar", "ssim_weight", "adv_weight",
+                     "grad_clip", "min_lr_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or (name != "init_logvar" and value < 0):
+                raise ValueError(f"{name} must be a finite number"
+                                 f"{'' if name == 'init_logvar' else ' >= 0'}, got {value}")
+        if self.lr == 0:
+            raise ValueError("lr must be above 0")
 
     def warnings(self) -> list[str]:
         """Settings that are legal but almost certainly not meant."""

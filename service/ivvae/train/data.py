@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import IVVAEError
 from ..media_types import MEDIA_SUFFIXES
 
 # Frames of the virtual-camera clip made from each still image.
@@ -46,14 +47,15 @@ def default_train_clips() -> list[Path]:
 
 def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Files as given; folders searched recursively for videos and still images; ``.txt``
-    files as lists."""
+    files as lists (a path a line, relative to the list's folder; ``#`` comments)."""
     out: list[Path] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.suffix.lower() in MEDIA_SUFFIXES)
-        elif p.suffix == ".txt":
-            out += [Path(line.strip()) for line in p.read_text().splitlines() if line.strip()]
+        elif p.suffix == ".txt":  # relative entries are relative to the list's folder
+            out += [p.parent / line.strip() for line in p.read_text().splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
         else:
             out.append(p)
     if not out:
@@ -118,17 +120,39 @@ class ClipDataset:
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], *, max_side: int = 256,
-                   max_frames: int = 600, extra_scales: Sequence[int] = ()) -> ClipDataset:
+                   max_frames: int = 600, extra_scales: Sequence[int] = (),
+                   skipped: list[str] | None = None) -> ClipDataset:
+        """The clips of ``paths``. A file that cannot be read is an error naming it, or,
+        when a ``skipped`` list is given, is left out with a line there saying why."""
         clips, names = [], []
         for p in paths:
-            clip = _load_clip(p, max_side, max_frames)
+            try:
+                clip = _load_clip(p, max_side, max_frames)
+            except (IVVAEError, OSError, ValueError) as exc:
+                if skipped is None:
+                    raise ValueError(f"{p}: {exc}") from exc
+                skipped.append(f"{p}: {exc}")
+                continue
             clips.append(clip)
-            names.append(p.name)
+            names.append(str(p))
             for side in extra_scales:
                 if side < min(clip.shape[1:3]):
                     clips.append(_downscale(clip, side))
-                    names.append(f"{p.name}@{side}")
+                    names.append(f"{p}@{side}")
         return cls(clips, names)
+
+    def fitting(self, frames: int, crop: int, skipped: list[str]) -> ClipDataset:
+        """The clips that hold a window of ``frames`` x ``crop`` x ``crop``; each other one
+        gets a line in ``skipped`` (a still's clip is a 3/4 view of the picture)."""
+        keep = []
+        for clip, name in zip(self.clips, self.names, strict=True):
+            t, h, w, _ = clip.shape
+            if t < frames or h < crop or w < crop:
+                skipped.append(f"{name}: its clip of {t} frames of {w}x{h} is smaller than "
+                               f"the {frames} frames of {crop}x{crop} a batch cuts out")
+            else:
+                keep.append((clip, name))
+        return ClipDataset([c for c, _ in keep], [n for _, n in keep])
 
     @property
     def num_frames(self) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -100,10 +101,18 @@ def resolve_device(name: str) -> torch.device:
     process's (``LOCAL_RANK`` under torchrun)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
+                         ) from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
+
+
+class Diverged(ValueError):
+    """The loss stopped being a finite number: the weights are lost, the checkpoint is not."""
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
@@ -132,15 +141,29 @@ class Trainer:
         self.out = Path(cfg.out)
         self.rank, self.world = _dist_info()
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r}: this torch sees no CUDA GPU")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed shapes per stage
         self.on_log = on_log
+        # Files and clips left out, a line each saying why (the CLI prints them): one
+        # unreadable or tiny file among thousands must not stop a run, nor fail it at the
+        # step whose batch first draws it.
+        self.skipped: list[str] = []
         if dataset is None:
             paths = expand_sources(cfg.data) if cfg.data else default_train_clips()
             dataset = ClipDataset.from_paths(paths, max_side=cfg.max_side,
                                              max_frames=cfg.max_clip_frames,
-                                             extra_scales=cfg.extra_scales)
+                                             extra_scales=cfg.extra_scales,
+                                             skipped=self.skipped)
+        if cfg.image_steps:
+            dataset = dataset.fitting(1, cfg.image_crop, self.skipped)
+        if cfg.video_steps:
+            dataset = dataset.fitting(cfg.frames, cfg.video_crop, self.skipped)
+        if not dataset.clips:
+            reasons = "; ".join(self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
+            raise ValueError(f"no training clip is usable: {reasons}")
         self.data = dataset
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
@@ -197,10 +220,29 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    def _recover_checkpoint(self) -> None:
+        """Put the newest whole checkpoint in place after a save that was killed between
+        moving the last one aside and moving the new one in: the new one is whole once its
+        ``state.json`` (written last) reads, else the last one is."""
+        if (self.ckpt_dir / "state.json").exists():
+            return
+        for candidate in (self.out / "checkpoint.tmp", self.out / "checkpoint.old"):
+            try:
+                json.loads((candidate / "state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            candidate.rename(self.ckpt_dir)
+            return
+
     def save(self) -> None:
         if self.rank != 0:
             return
         assert self.opt is not None
+        if not all(bool(torch.isfinite(p).all()) for p in self.vae.parameters()):
+            raise Diverged(f"the weights hold NaN or infinite values after step {self.step}: "
+                           "training diverged; the last checkpoint is kept. Lower --lr and "
+                           "run again")
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -228,6 +270,10 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load the checkpoint in ``out`` if there is one. Returns whether it did."""
+        if self.rank == 0:
+            self._recover_checkpoint()
+        if self.world > 1:
+            dist.barrier()
         if not (self.ckpt_dir / "state.json").exists():
             return False
         state = json.loads((self.ckpt_dir / "state.json").read_text())
@@ -239,10 +285,18 @@ class Trainer:
         mine = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()}
         # An option added after the checkpoint was made counts as its default there.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        changed = sorted(k for k in mine
-                         if k not in free and saved.get(k, defaults[k]) != mine[k])
+        def same(key: str) -> bool:
+            was = saved.get(key, defaults[key])
+            if key == "data":  # paths, however spelled (the CLI gives absolute ones)
+                return [os.path.abspath(p) for p in was] == [os.path.abspath(p) for p in mine[key]]
+            return bool(was == mine[key])
+
+        changed = sorted(k for k in mine if k not in free and not same(k))
         if changed:
-            raise ValueError(f"checkpoint was made with different settings: {changed}")
+            detail = "; ".join(f"{k}: {saved.get(k, defaults[k])!r} then, {mine[k]!r} now"
+                               for k in changed)
+            raise ValueError(f"the checkpoint in {self.ckpt_dir} was made with other "
+                             f"settings ({detail}): use them, or another --out")
         loaded = load_model(self.ckpt_dir / "model.safetensors", scale_factor=1.0,
                             shift_factor=0.0)
         with torch.no_grad():
@@ -308,6 +362,7 @@ class Trainer:
             g_adv = -self.disc(rec).mean()
             loss = loss + cfg.adv_weight * g_adv
             extra["g_adv"] = float(g_adv)
+        self._check_finite(loss, lr)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if image and not cfg.init_weights:
@@ -333,6 +388,21 @@ class Trainer:
                       batch * frames * self.world / dt, extra)
         self.step += 1
         return log
+
+    def _check_finite(self, loss: Tensor, lr: float) -> None:
+        """Stop before a non-finite loss reaches the weights (every rank stops together: one
+        that stopped alone would leave the others waiting in the gradient all-reduce)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item():
+            saved = (json.loads((self.ckpt_dir / "state.json").read_text())["step"]
+                     if (self.ckpt_dir / "state.json").exists() else None)
+            kept = (f"the checkpoint of step {saved} is kept" if saved is not None
+                    else "no checkpoint was written")
+            raise Diverged(f"the loss is not a finite number at step {self.step} (lr {lr:g}): "
+                           f"training diverged; {kept}. Lower --lr (or --kl-weight, "
+                           "--adv-weight) and run again")
 
     def _model_of(self, weights: dict[str, Tensor], cfg: IVVAEConfig | None = None) -> IVVAE:
         """A CPU model holding ``weights`` (state-dict names)."""
@@ -403,6 +473,9 @@ class Trainer:
         allmu = torch.cat(mus)
         shift = float(allmu.mean())
         scale = float(1.0 / allmu.std().clamp_min(1e-6))
+        if not (math.isfinite(shift) and math.isfinite(scale)):
+            raise Diverged("the model's latents are not finite numbers: there is nothing "
+                           "worth exporting (train again with a lower --lr)")
         model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
         frozen = self._model_of(weights, model_cfg)
         frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
