@@ -43,8 +43,10 @@ class Service:
         for info in self.backend.models.values():
             if not info.trained:
                 log.warning("model %s is UNTRAINED: its latents are meaningless", info.name)
+        # A cache that is down at start is said at start (and requests go on without it).
+        cache = self.cache.name if await self.cache.ping() else f"{self.cache.name} (unreachable)"
         log.info("service ready: backend=%s cache=%s models=%s", self.backend.name,
-                 self.cache.name, sorted(self.backend.models))
+                 cache, sorted(self.backend.models))
 
     async def close(self) -> None:
         await self.backend.close()

@@ -293,3 +293,26 @@ def test_server_starts_fast_restarts_on_its_port_and_leaves_nothing(
         server.kill()
     assert pid is not None and not _alive(pid) and not server.running
     server.kill()  # idempotent
+
+
+async def test_an_unreachable_redis_is_warned_about_by_the_first_ping(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Readiness probes ping before any request reads the cache: their failures were logged
+    # at debug level and opened the circuit, so no request ever met the failure to warn.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    cache = RedisCache(f"redis://127.0.0.1:{port}/0", ttl_s=TTL_S, max_entry_bytes=1 << 20,
+                       key_prefix="test", timeout_s=TIMEOUT_S, secret=SECRET,
+                       retry_after_s=0.01)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ivvae.cache"):
+            assert await cache.ping() is False
+            await asyncio.sleep(0.02)
+            assert await cache.ping() is False  # the probe after retry_after_s
+    finally:
+        await cache.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "redis cache: ping failed" in warnings[0].getMessage()

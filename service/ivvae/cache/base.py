@@ -221,8 +221,7 @@ class ResultCache(abc.ABC):
         try:
             await self._ping()
         except Exception as exc:
-            log.debug("%s cache: ping failed: %s: %s", self.name, type(exc).__name__, exc)
-            self.breaker.failure()
+            self._backend_failed("ping", "", exc)
             return False
         except BaseException:
             self.breaker.abandon()
@@ -273,10 +272,9 @@ class ResultCache(abc.ABC):
         self._failing = True
         log.log(
             level,
-            "%s cache: %s %s failed (%s: %s); answering without the cache for %g s",
+            "%s cache: %s failed (%s: %s); answering without the cache for %g s",
             self.name,
-            op,
-            key,
+            f"{op} {key}" if key else op,
             type(exc).__name__,
             exc,
             self.breaker.retry_after_s,
