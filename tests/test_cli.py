@@ -56,7 +56,7 @@ def test_encode_decode_cli_matches_http(tmp_path: Path, tiny_weights: Path,  # n
                  str(tiny_weights), "--no-progress"]) == 0
     tensors, _ = loads(out_frames.read_bytes())
     assert tensors["frames"].shape == (7, 13, 21, 3)
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_cli_bad_input_exits_nonzero_with_message(tmp_path: Path, tiny_weights: Path,  # noqa: F811
@@ -167,7 +167,7 @@ def test_decode_writes_the_container_its_suffix_names_or_refuses(
                  "--no-progress"]) == 0
     with open_video(upper) as reader:
         assert reader.info.codec == "h264" and reader.read_all().shape == (5, 16, 16, 3)
-    assert not list(tmp_path.glob("*.tmp-*"))
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_serve_on_a_busy_port_is_a_one_line_error(tiny_weights: Path,  # noqa: F811
@@ -235,7 +235,7 @@ def test_ctrl_c_during_encode_is_one_line_and_leaves_no_file(tmp_path: Path,
     rest = proc.stderr.read()
     assert proc.wait(60) == 130, seen + rest
     assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
-    assert not out.exists() and not list(tmp_path.glob("*.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_encode_progress_knows_the_total_from_the_header(tmp_path: Path,
@@ -294,3 +294,67 @@ def test_encode_options_and_bare_latent_decode(tiny_weights: Path, tmp_path: Pat
     assert main(["decode", str(out), "-o", str(tmp_path / "x.mp4"), "--weights",
                  str(tiny_weights), "--no-progress", "--frames-dtype", "float32"]) == 2
     assert "uint8" in capsys.readouterr().err
+
+
+def test_sigterm_during_decode_ends_it_as_ctrl_c_does(tmp_path: Path,
+                                                     tiny_weights: Path) -> None:  # noqa: F811
+    # A job scheduler stops with SIGTERM: the half-written MP4 must go, as on Ctrl-C.
+    clip = tmp_path / "long.mp4"
+    media.make_video(clip, frames=801, width=64, height=64)
+    latent = tmp_path / "long.latent.safetensors"
+    assert main(["encode", str(clip), "-o", str(latent), "--weights", str(tiny_weights),
+                 "--no-progress"]) == 0
+    out = tmp_path / "long.mp4.out.mp4"
+    env = dict(os.environ)
+    env.pop(DEBUG_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "decode", str(latent), "-o",
+                             str(out), "--weights", str(tiny_weights)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stderr is not None
+    seen = ""
+    while "frame" not in seen:  # the progress bar is up: frames are being written
+        char = proc.stderr.read(1)
+        assert char, f"decode ended before it could be stopped: {seen}"
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, seen + rest
+    assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_outputs_that_would_lose_data_or_cannot_be_written_are_named(
+        tmp_path: Path, tiny_weights: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: F811
+    import torch
+
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=5, width=16, height=16)
+    original = clip.read_bytes()
+    weights = ["--weights", str(tiny_weights), "--no-progress"]
+    latent = tmp_path / "c.latent.safetensors"
+    assert main(["encode", str(clip), "-o", str(latent), *weights]) == 0
+    frames = tmp_path / "f.safetensors"
+    long_name = tmp_path / ("a" * 240 + ".safetensors")  # 252 bytes: legal, near the limit
+    assert main(["encode", str(clip), "-o", str(long_name), *weights]) == 0
+    assert long_name.is_file()
+    capsys.readouterr()
+    cases: list[tuple[list[str], str]] = [
+        (["encode", str(clip), "-o", str(clip)], "is the input"),
+        (["encode", str(clip), "-o", str(tmp_path / "." / "clip.mp4")], "is the input"),
+        (["decode", str(latent), "-o", str(latent)], "is the input"),
+        (["encode", str(clip), "-o", "-"], "standard output"),
+        (["encode", str(clip), "-o", str(tmp_path / "no" / "such" / "x.safetensors")],
+         f"the output's folder {tmp_path / 'no' / 'such'} does not exist"),
+        (["encode", str(clip), "-o", str(tmp_path)], f"the output {tmp_path} is a folder"),
+        (["encode", str(tmp_path)], "(it is a folder)"),
+        (["decode", str(latent), "-o", str(frames), "--device", "bogus"],
+         "device must be cpu, cuda or cuda:N, got 'bogus'"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["encode", str(clip), "-o", str(frames), "--device", "cuda"],
+                      "sees no CUDA GPU"))
+    for argv, says in cases:
+        assert main([*argv, *weights]) == 2, argv
+        assert says in _one_error_line(capsys.readouterr().err), argv
+    assert clip.read_bytes() == original
+    assert not frames.exists() and not list(tmp_path.glob("*.tmp"))

@@ -8,10 +8,13 @@ is one line too, exit 1. ``--debug`` or ``IVVAE_DEBUG=1`` shows the traceback in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,7 +169,9 @@ def _encode(args: argparse.Namespace) -> int:
 
     source = Path(args.input)
     if not source.is_file():
-        raise CLIError(f"no such video file: {source}")
+        raise CLIError(f"no such video file: {source}" + _not_a_file(source))
+    out = args.output or str(source.with_suffix(".latent.safetensors"))
+    _check_output(out, source)
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
 
@@ -183,7 +188,6 @@ def _encode(args: argparse.Namespace) -> int:
                 result = await service.pipeline.encode(source, options, on_frames=bar)
         finally:
             await service.close()
-        out = args.output or str(source.with_suffix(".latent.safetensors"))
         atomic_write(out, result.data)
         print(json.dumps({"output": out, "latent_shape": list(result.latent_shape),
                           "model": result.info.model_name, "frames": result.info.num_frames,
@@ -191,6 +195,29 @@ def _encode(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _not_a_file(path: Path) -> str:
+    """Why an existing ``path`` is not a file the command can read, for its error."""
+    if path.is_dir():
+        return " (it is a folder)"
+    if path.exists():  # a pipe (/dev/stdin fed by |), a device: the model seeks its input
+        return " (not a regular file: save the input to a file first)"
+    return ""
+
+
+def _check_output(out: str, source: Path) -> None:
+    """Refuse, before any work, an output that cannot be written or would lose data."""
+    if out == "-":
+        raise CLIError("-o -: writing to standard output is not supported; name a file")
+    path = Path(out)
+    if path.exists() and os.path.samefile(path, source):
+        raise CLIError(f"the output {out} is the input: it would be overwritten; name "
+                       "another output with -o")
+    if path.is_dir():
+        raise CLIError(f"the output {out} is a folder: name a file")
+    if not path.parent.is_dir():
+        raise CLIError(f"the output's folder {path.parent} does not exist")
 
 
 def _declared_frames(path: Path) -> int | None:
@@ -229,7 +256,8 @@ def _decode(args: argparse.Namespace) -> int:
                        "names the container")
     source = Path(args.input)
     if not source.is_file():
-        raise CLIError(f"no such latent file: {source}")
+        raise CLIError(f"no such latent file: {source}" + _not_a_file(source))
+    _check_output(out, source)
     settings = _settings(args, backend="local", redis_url="")
     _setup_logging(settings.log_level if args.verbose else "warning")
     fmt: OutputFormat = "frames" if suffix == ".safetensors" else "mp4"
@@ -557,8 +585,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     tune_allocator()
     debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
-    if debug:
-        return handler(args)
+    with _terminate_as_interrupt():
+        if debug:
+            return handler(args)
+        return _handled(args, handler)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler) ends a command as Ctrl-C does: its temporary
+    files removed, exit 130. (``serve`` and ``encode-dataset`` install their own.)"""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _handled(args: argparse.Namespace, handler: Handler) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:

@@ -4,18 +4,24 @@ And where the service keeps what it learns about its machine (:func:`state_dir`)
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-TMP_SUFFIX = ".tmp"  # temporary files are ``<name>.<pid>-<random><TMP_SUFFIX>``
+TMP_SUFFIX = ".tmp"  # temporary files are ``.<name>.<pid>-<random><TMP_SUFFIX>``
+# Of the name, what the temporary one keeps: a name near the file system's 255 bytes must
+# stay writable with the suffix added.
+TMP_NAME_KEEP = 100
 
 
 def temp_path(path: Path) -> Path:
-    """A unique temporary name beside ``path`` (same folder: the rename stays atomic)."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+    """A unique temporary name beside ``path`` (same folder: the rename stays atomic),
+    hidden, and never much longer than 100 bytes whatever the name."""
+    keep = path.name.encode()[:TMP_NAME_KEEP].decode(errors="ignore")
+    return path.with_name(f".{keep}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
 
 
 # New files are readable by others: a Triton container or another user reads what the CLI
@@ -33,9 +39,15 @@ def atomic_writer(path: str | os.PathLike[str], *, mode: int = FILE_MODE
     reads what the CLI and training write).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")  # noqa: SIM115 - closed below
+        except OSError as exc:  # named by what the caller asked for, not by our temporary
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -90,8 +90,13 @@ class TorchScriptSteps(ArtifactSteps):
         import torch
 
         super().__init__(manifest, direction)
+        from .device import torch_device
+
         self._torch = torch
-        self.device = torch.device(device)
+        try:
+            self.device = torch_device(device)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
         if precision not in PRECISIONS:
             raise ArtifactError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if precision == "float16" and self.device.type != "cuda":

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..core.geometry import latent_shape
 from ..model.checkpoint import load_model, save_safetensors, save_tensors
 from ..model.config import IVVAEConfig
+from ..model.device import torch_device
 from ..model.vae import IVVAE
 from .config import TrainConfig
 from .data import ClipDataset, default_train_clips, expand_sources
@@ -104,8 +105,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}"
-                         ) from None
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
@@ -141,8 +141,7 @@ class Trainer:
         self.out = Path(cfg.out)
         self.rank, self.world = _dist_info()
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {cfg.device!r}: this torch sees no CUDA GPU")
+        torch_device(str(self.device))  # a GPU this torch can use
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True  # fixed shapes per stage

@@ -36,7 +36,9 @@ def load_weights(path: str | Path | None, *, name: str = "", device: str = "cpu"
     from ..core.model_info import ModelInfo
     from ..model import IVVAE, IVVAEConfig, load_model
     from ..model.checkpoint import weights_sha256
+    from ..model.device import torch_device
 
+    torch_device(device)  # a bad device is an error before the weights are read
     trained = True
     if path:
         source = str(path)
