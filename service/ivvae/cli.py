@@ -56,16 +56,25 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .train.config import TrainConfig
-    from .train.trainer import Trainer
+    from .train.trainer import Trainer, recover_checkpoint
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.export_only:
+        if not args.export:
+            raise CLIError("--export-only needs --export PATH: the file to write")
+        # The run's own settings (its data: the factors are fitted on it); the command line
+        # gives only where it is and what runs it.
+        state = recover_checkpoint(Path(args.out))
+        if state is None:
+            raise CLIError(f"--export-only: there is no checkpoint in {args.out} to export "
+                           "(is --out the folder of the run?)")
+        values = {**{k: v for k, v in state["config"].items() if k in fields},
+                  **{k: values[k] for k in ("out", "device") if k in values}}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     # The run remembers which files it trained on, not how they were spelled from here.
     values["data"] = tuple(os.path.abspath(d) for d in values.get("data", ()))
     cfg = TrainConfig(**values)
-    if args.export_only and not args.export:
-        raise CLIError("--export-only needs --export PATH: the file to write")
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings():
             print(f"ivvae train: warning: {warning}", file=sys.stderr)
@@ -82,9 +91,6 @@ def _train(args: argparse.Namespace) -> int:
             for line in trainer.skipped:
                 print(f"ivvae train: warning: left out {line}", file=sys.stderr)
         resumed = trainer.resume()
-        if args.export_only and not resumed and not cfg.init_weights:
-            raise CLIError(f"--export-only: there is no checkpoint in {cfg.out} to export "
-                           "(is --out the folder of the run?)")
         if trainer.rank == 0:
             where = (f"resumed at step {trainer.step}" if resumed
                      else f"from {cfg.init_weights}" if cfg.init_weights else "from scratch")
@@ -536,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--export", default="", help="write inference weights here at the end")
-    p.add_argument("--export-only", action="store_true", help="only --export the checkpoint")
+    p.add_argument("--export-only", action="store_true",
+                   help="only --export the checkpoint in --out, with the run's own settings "
+                   "(other training options are ignored)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=_train)
 

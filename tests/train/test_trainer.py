@@ -430,3 +430,10 @@ def test_cli_export_only_needs_a_checkpoint_and_data_paths_are_remembered_as_fil
     media.make_video(tmp_path / "x" / "d" / "clip.mp4", frames=9, width=32, height=32)
     other = _cli_train(run, "--data", "d/clip.mp4", cwd=tmp_path / "x")
     assert other.returncode == 2 and "other settings (data:" in other.stderr, other.stderr
+    # Exporting takes the run's own settings: only where it is, and where to write.
+    export = subprocess.run(
+        [sys.executable, "-m", "ivvae.cli", "train", "--out", str(run), "--export-only",
+         "--export", str(tmp_path / "m.safetensors"), "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path / "x")
+    assert export.returncode == 0, export.stderr
+    assert load_model(tmp_path / "m.safetensors").cfg.z_dim == 4

@@ -111,6 +111,24 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def recover_checkpoint(out: Path) -> dict[str, Any] | None:
+    """The state of the checkpoint in ``out`` (None: there is none), after putting the
+    newest whole one in place when a save was killed between moving the last one aside and
+    moving the new one in: the new one is whole once its ``state.json`` (written last)
+    reads, else the last one is."""
+    ckpt = out / "checkpoint"
+    for candidate in (ckpt, out / "checkpoint.tmp", out / "checkpoint.old"):
+        try:
+            state: dict[str, Any] = json.loads((candidate / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if candidate != ckpt:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            candidate.rename(ckpt)
+        return state
+    return None
+
+
 class Diverged(ValueError):
     """The loss stopped being a finite number: the weights are lost, the checkpoint is not."""
 
@@ -219,21 +237,6 @@ class Trainer:
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoint"
 
-    def _recover_checkpoint(self) -> None:
-        """Put the newest whole checkpoint in place after a save that was killed between
-        moving the last one aside and moving the new one in: the new one is whole once its
-        ``state.json`` (written last) reads, else the last one is."""
-        if (self.ckpt_dir / "state.json").exists():
-            return
-        for candidate in (self.out / "checkpoint.tmp", self.out / "checkpoint.old"):
-            try:
-                json.loads((candidate / "state.json").read_text())
-            except (OSError, ValueError):
-                continue
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            candidate.rename(self.ckpt_dir)
-            return
-
     def save(self) -> None:
         if self.rank != 0:
             return
@@ -270,7 +273,7 @@ class Trainer:
     def resume(self) -> bool:
         """Load the checkpoint in ``out`` if there is one. Returns whether it did."""
         if self.rank == 0:
-            self._recover_checkpoint()
+            recover_checkpoint(self.out)
         if self.world > 1:
             dist.barrier()
         if not (self.ckpt_dir / "state.json").exists():
