@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from ivvae.diffusers import HAVE_DIFFUSERS, IVVAEAutoencoder
+from ivvae.diffusers import HAVE_DIFFUSERS, DiagonalGaussian, IVVAEAutoencoder
 from tests.model.conftest import TINY, make_model, rand_video
 
 
@@ -180,3 +180,37 @@ def test_without_diffusers_the_same_surface(monkeypatch: pytest.MonkeyPatch,
         loaded = IVVAEAutoencoder.from_pretrained(tmp_path / "plain")
         with torch.no_grad():
             torch.testing.assert_close(loaded.encode(x).latent_dist.mode(), mu, rtol=0, atol=0)
+
+
+def test_the_rest_of_diffusers_autoencoder_surface(vae: IVVAEAutoencoder,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """What pipelines and training scripts call besides encode/decode: tiling, a generator
+    passed to decode, one generator per batch item, the posterior's parameters."""
+    x = rand_video(9, 16, 16).repeat(2, 1, 1, 1, 1)
+    x[1] = -x[1]
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        whole = vae.decode(dist.mode()).sample
+        vae.enable_tiling(tile_sample_min_height=256)  # diffusers' keywords are accepted
+        try:
+            assert vae.use_tiling
+            tiled = vae.encode(x).latent_dist
+            torch.testing.assert_close(tiled.mode(), dist.mode(), rtol=0, atol=2e-5)
+            torch.testing.assert_close(vae.decode(dist.mode(), generator=torch.Generator()
+                                                  ).sample, whole, rtol=0, atol=2e-5)
+        finally:
+            vae.disable_tiling()
+        assert not dist.deterministic
+        torch.testing.assert_close(dist.parameters, torch.cat([dist.mean, dist.logvar], 1))
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        both = dist.sample(generator=gens)
+        for i, seed in enumerate((1, 2)):  # item i drew from generator i alone
+            one = DiagonalGaussian(dist.mean[i : i + 1], dist.logvar[i : i + 1])
+            torch.testing.assert_close(
+                both[i : i + 1], one.sample(torch.Generator().manual_seed(seed)))
+        with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+            dist.sample(generator=[torch.Generator()] * 3)
+        assert dist.nll(dist.mean, dims=[1, 2, 3, 4]).shape == (2,)
+    with caplog.at_level("WARNING"):
+        IVVAEAutoencoder.from_ivvae(make_model().to(torch.bfloat16))
+    assert "float32" not in caplog.text  # diffusers' fp32-modules warning: there are none

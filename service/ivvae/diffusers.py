@@ -94,8 +94,11 @@ else:
 class DiagonalGaussian:
     """The posterior ``N(mean, exp(logvar))``, elementwise, as diffusers' VAEs return it.
 
-    ``mean`` and ``logvar``: ``(B, z, t, h, w)``, in the unscaled latent space.
+    ``mean`` and ``logvar``: ``(B, z, t, h, w)``, in the unscaled latent space;
+    ``parameters`` is the two concatenated along ``dim=1``, as in diffusers.
     """
+
+    deterministic = False  # diffusers' flag for a zero-variance posterior; never so here
 
     def __init__(self, mean: Tensor, logvar: Tensor) -> None:
         self.mean = mean
@@ -103,10 +106,16 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * logvar)
         self.var = torch.exp(logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                          dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+    @property
+    def parameters(self) -> Tensor:
+        return torch.cat([self.mean, self.logvar], dim=1)
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None
+               ) -> Tensor:
+        """``mean + std * eps``. ``generator``: one, or one per batch item (a list); a CPU
+        generator draws on the CPU whatever the model's device (the same draws on any
+        device), as diffusers' ``randn_tensor`` does."""
+        return self.mean + self.std * _randn(self.mean, generator)
 
     def mode(self) -> Tensor:
         return self.mean
@@ -120,10 +129,27 @@ class DiagonalGaussian:
             (self.mean - other.mean) ** 2 / other.var + self.var / other.var - 1.0
             - self.logvar + other.logvar, dim=dims)
 
-    def nll(self, sample: Tensor) -> Tensor:
-        dims = list(range(1, self.mean.dim()))
+    def nll(self, sample: Tensor, dims: list[int] | tuple[int, ...] | None = None) -> Tensor:
+        """Negative log-likelihood of ``sample``, summed over ``dims`` (default: all but
+        the batch)."""
+        dims = list(range(1, self.mean.dim())) if dims is None else list(dims)
         return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar
                                + (sample - self.mean) ** 2 / self.var, dim=dims)
+
+
+def _randn(like: Tensor, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {like.shape[0]}")
+        return torch.cat([_randn(like[i : i + 1], g) for i, g in enumerate(generator)])
+    device = like.device
+    if generator is not None and generator.device.type != device.type:
+        if generator.device.type != "cpu":
+            raise ValueError(f"cannot draw a {device} tensor from a {generator.device} "
+                             "generator")
+        device = torch.device("cpu")
+    return torch.randn(like.shape, generator=generator, device=device,
+                       dtype=like.dtype).to(like.device)
 
 
 @dataclass
@@ -186,6 +212,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
                                        num_res_blocks=num_res_blocks,
                                        scale_factor=scaling_factor, shift_factor=shift_factor))
         self.use_slicing = False
+        self.use_tiling = False
         if HAVE_DIFFUSERS:
             # Written to config.json, read by pipelines that ask for latent_channels.
             register: Callable[..., None] = getattr(self, "register_to_config")  # noqa: B009
@@ -207,7 +234,9 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
         vae.model.name, vae.model.weights_sha256 = model.name, model.weights_sha256
         frozen = not any(p.requires_grad for p in model.parameters())
         vae.requires_grad_(not frozen)
-        vae.to(device=model.device, dtype=model.param_dtype)
+        # nn.Module's own .to: diffusers' warns of fp32-only modules on any dtype given,
+        # and this model has none.
+        nn.Module.to(vae, device=model.device, dtype=model.param_dtype)
         return vae.eval() if frozen else vae
 
     @classmethod
@@ -225,6 +254,20 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        """Less peak memory, the same result: IV-VAE already runs group by group in time
+        with a carried cache; tiled, each step is one group of 4 frames (instead of 4
+        groups). Frames are not split in space (the cache makes time the exact cut), so
+        diffusers' tile sizes, accepted for compatibility, are not used."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    @property
+    def _groups_per_step(self) -> int:
+        return 1 if self.use_tiling else 4
+
     def encode(self, x: Tensor, return_dict: bool = True) -> Any:
         """``x`` ``(B, 3, T, H, W)`` float in [-1, 1] -> ``.latent_dist`` over
         ``(B, z, 1 + ceil((T-1)/4), ceil(H/8), ceil(W/8))`` in ``x``'s dtype."""
@@ -232,24 +275,29 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
             raise ValueError(f"x must be (B, 3, T, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():  # uint8 frames would be encoded as [0, 255]
             raise ValueError(f"x must be float in [-1, 1], got {x.dtype}")
-        parts = [self.model.encode_moments(item) for item in self._slices(x)]
+        parts = [self.model.encode_moments(item, groups_per_step=self._groups_per_step)
+                 for item in self._slices(x)]
         mean = torch.cat([p[0] for p in parts]).to(x.dtype)
         logvar = torch.cat([p[1] for p in parts]).to(x.dtype)
         dist = DiagonalGaussian(mean, logvar)
         return _encoder_output(dist) if return_dict else (dist,)
 
-    def decode(self, z: Tensor, return_dict: bool = True, *, num_frames: int | None = None,
+    def decode(self, z: Tensor, return_dict: bool = True,
+               generator: torch.Generator | None = None, *, num_frames: int | None = None,
                height: int | None = None, width: int | None = None) -> Any:
         """Unscaled ``z`` ``(B, z, t, h, w)`` -> ``.sample`` ``(B, 3, T, H, W)`` float in
         ``z``'s dtype (about [-1, 1], not clamped), ``T = 1 + 4(t-1)``, ``H = 8h``,
-        ``W = 8w`` unless cropped by ``num_frames`` / ``height`` / ``width``."""
+        ``W = 8w`` unless cropped by ``num_frames`` / ``height`` / ``width``.
+        ``generator`` is accepted as diffusers' ``decode`` does (pipelines pass it) and, as
+        there, unused: decoding draws nothing."""
         c = self.model.cfg
         if z.dim() != 5 or z.shape[1] != c.z_dim:
             raise ValueError(f"z must be (B, {c.z_dim}, t, h, w), got {tuple(z.shape)}")
         if not z.is_floating_point():
             raise ValueError(f"z must be a float tensor, got {z.dtype}")
         videos = [self.model.decode(c.scale_factor * (item.float() - c.shift_factor),
-                                    num_frames=num_frames, height=height, width=width)
+                                    num_frames=num_frames, height=height, width=width,
+                                    groups_per_step=self._groups_per_step)
                   for item in self._slices(z)]
         video = torch.cat(videos).to(z.dtype)
         return _decoder_output(video) if return_dict else (video,)
@@ -265,6 +313,18 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
 
     def _slices(self, x: Tensor) -> Iterator[Tensor] | tuple[Tensor]:
         return x.split(1) if self.use_slicing and x.shape[0] > 1 else (x,)
+
+    if HAVE_DIFFUSERS:
+
+        @classmethod
+        def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+            """diffusers' loader; without ``accelerate`` installed it loads the plain way
+            instead of printing that it would like ``accelerate``."""
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None:
+                kwargs.setdefault("low_cpu_mem_usage", False)
+            return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
 
     # -- saving without diffusers ------------------------------------------------------
 
