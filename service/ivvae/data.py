@@ -177,14 +177,18 @@ class _Shards:
         return out
 
     def _read_parquet(self, path: str, wanted: dict[Any, dict[str, Any]]) -> dict[str, Sample]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with self.loc.fs.open(path, "rb") as f:
-            # Shards are written with page checksums (the manifest's sha256 is of the latent
-            # file, which a row does not hold): a flipped byte fails here, not in training.
-            table = pq.read_table(f, columns=["source", "latent", "shape", "dtype",
-                                              "metadata", "sidecars"],
-                                  page_checksum_verification=True)
+        # From bytes, not a Python file object: pyarrow reads one of those from its own
+        # threads, and a process that imported torch then aborted at exit, now and then
+        # ("terminate called without an active exception"). The table is read whole anyway.
+        data = self.loc.fs.cat_file(path)
+        # Shards are written with page checksums (the manifest's sha256 is of the latent
+        # file, which a row does not hold): a flipped byte fails here, not in training.
+        table = pq.read_table(pa.BufferReader(data), columns=[
+            "source", "latent", "shape", "dtype", "metadata", "sidecars"],
+            page_checksum_verification=True)
         rows = table.to_pylist()
         out: dict[str, Sample] = {}
         for row_index, record in wanted.items():
