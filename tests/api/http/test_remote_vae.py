@@ -127,6 +127,28 @@ async def test_remote_encode_equals_in_process(server: ServeProcess, local: Serv
     np.testing.assert_allclose(latent.numpy(), expected, rtol=0, atol=1e-4)
 
 
+async def test_remote_encode_of_a_pil_image_answers_a_tensor(server: ServeProcess,
+                                                            local: Service) -> None:
+    # diffusers sends a PIL image as a PNG body with only the factors as parameters: those
+    # mean its wire, so the answer is a raw tensor (it was a latent file: KeyError 'shape').
+    if not hasattr(remote_utils, "remote_encode"):
+        pytest.skip("this diffusers has no remote_encode")
+    from PIL import Image
+
+    frame = make_frames(1, 32, 24)[0]
+    model = local.pipeline.model()
+    result = await local.pipeline.encode(FramesUpload(frame[None], fps=24))
+    expected = decode_latent_file(result.data)[0]
+    for endpoint, factors in (
+            (server.url + "/encode", {"scaling_factor": model.scale_factor,
+                                      "shift_factor": model.shift_factor}),
+            (server.url + "/encode?output_type=pt", {})):  # no factors: ask for the tensor
+        latent = remote_utils.remote_encode(endpoint=endpoint, image=Image.fromarray(frame),
+                                            **factors)
+        assert tuple(latent.shape) == expected.shape == (1, model.z_dim, 1, 3, 4)
+        np.testing.assert_allclose(latent.numpy(), expected, rtol=0, atol=1e-4)
+
+
 async def test_bare_latents_and_batches_over_http(tiny_weights: Path,  # noqa: F811
                                                   local: Service) -> None:
     latent = await _sampler_latent(local, batch=3)

@@ -12,7 +12,9 @@ a raw tensor body (``shape`` + ``dtype`` parameters, Hugging Face's remote-VAE c
 preprocessing option it is the target rate), the preprocessing options of
 ``ivvae.video.preprocess``, ``output_type`` (``file``: the latent .safetensors file,
 the default for file uploads; ``pt``: a raw tensor body with ``shape`` / ``dtype``
-headers, the default for tensor bodies), and for ``pt`` the remote-VAE ``scaling_factor`` /
+headers, the default for tensor bodies and for any request with ``scaling_factor`` or
+``shift_factor``, as diffusers' ``remote_encode`` sends a PIL image), and for ``pt`` the
+remote-VAE ``scaling_factor`` /
 ``shift_factor`` (the answer is ``(s - shift_factor) * scaling_factor``; default: the
 model's own, i.e. the latent file's values). ``dtype`` is the stored latent dtype for file
 uploads and the body's dtype for tensor bodies (whose answer is float32, or the body's
@@ -124,11 +126,14 @@ def parse_encode(params: Params) -> EncodeForm:
     seed_value = _single(params, "seed")
     if seed_value is not None and not strict.is_count(seed_value.strip()):
         raise InvalidInput(f"parameter 'seed' must be a non-negative integer, got {seed_value!r}")
-    output = _single(params, "output_type") or ("pt" if tensor else "file")
-    if output not in ("file", "pt"):
-        raise InvalidInput(f"parameter 'output_type' must be file or pt, got {output!r}")
     scaling = _float("scaling_factor", _single(params, "scaling_factor"))
     shift = _float("shift_factor", _single(params, "shift_factor"))
+    # A raw tensor body answers a raw tensor, as does a factor (diffusers' remote_encode
+    # sends its PIL images as a PNG body with only these): they mean the diffusers wire.
+    wire = tensor or scaling is not None or shift is not None
+    output = _single(params, "output_type") or ("pt" if wire else "file")
+    if output not in ("file", "pt"):
+        raise InvalidInput(f"parameter 'output_type' must be file or pt, got {output!r}")
     if output == "file" and (scaling is not None or shift is not None):
         raise InvalidInput("parameters 'scaling_factor' / 'shift_factor' apply to "
                            "output_type=pt only: a latent file is in the model's own scale")
