@@ -144,3 +144,18 @@ assert "torch" in sys.modules
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+async def test_arguments_a_header_or_a_field_cannot_carry_are_refused_here() -> None:
+    # A key with a line break came back as BackendUnavailable quoting the key (HTTP) or as
+    # a bare INTERNAL (gRPC); crf=-1 as protobuf's "Value out of range" on gRPC only.
+    for key in ("secret\nkey", "sécret", "with space"):
+        with pytest.raises(ValueError, match="visible ASCII") as caught:
+            AsyncClient("http://127.0.0.1:9", api_key=key)
+        assert key not in str(caught.value)
+    for url in ("http://127.0.0.1:9", "grpc://127.0.0.1:9"):
+        client = AsyncClient(url)
+        for crf in (-1, 52, 1.5, True):
+            with pytest.raises(ValueError, match=r"crf must be an integer in \[0, 51\]"):
+                await client.decode(b"not read", crf=crf)  # type: ignore[arg-type]
+        await client.close()

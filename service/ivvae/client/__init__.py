@@ -37,13 +37,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..core.names import DEFAULT_CRF
+from ..core.names import CRF_RANGE, DEFAULT_CRF
 from ..core.steps import FRAMES_DTYPES
 from ..video.preprocess import Preprocess
 from ._common import (
     RetryPolicy,
     VideoSource,
     bare_latent_file,
+    check_api_key,
     frames_of_array,
     is_array,
     read_source,
@@ -111,6 +112,7 @@ class AsyncClient:
                  timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
                  ca_cert: str | os.PathLike[str] | None = None) -> None:
         _parse_url(url)  # fail now on a malformed URL, not at the first call
+        check_api_key(api_key)
         self.url = url
         self.api_key = api_key
         self.ca_cert = ca_cert
@@ -189,6 +191,9 @@ class AsyncClient:
             raise ValueError(f"frames_dtype must be one of {FRAMES_DTYPES}, got {frames_dtype!r}")
         if format == "mp4" and frames_dtype != "uint8":
             raise ValueError("frames_dtype='float32' needs format='frames': an MP4 holds uint8")
+        lo, hi = CRF_RANGE
+        if isinstance(crf, bool) or not isinstance(crf, int) or not lo <= crf <= hi:
+            raise ValueError(f"crf must be an integer in [{lo}, {hi}], got {crf!r}")
         target = {k: str(v) for k, v in (("model", model), ("fps", fps),
                                           ("num_frames", num_frames), ("height", height),
                                           ("width", width))

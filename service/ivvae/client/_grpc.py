@@ -22,7 +22,13 @@ from ..api.grpc.gen import ivvae_pb2 as pb
 from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
-from ._common import VideoSource, error_from_code, frames_from_file, iter_source
+from ._common import (
+    VideoSource,
+    error_from_code,
+    frames_from_file,
+    iter_source,
+    tls_refused,
+)
 from ._result import LatentResult, Models
 
 
@@ -32,6 +38,8 @@ def _error(status: grpc.StatusCode, details: str | None, trailing: Any,
     if code is not None:
         return error_from_code(str(code), details or "")
     detail = f"{status.name} from {target}: {details}"
+    if status == grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in (details or ""):
+        return tls_refused(target, "CERTIFICATE_VERIFY_FAILED")
     if status == grpc.StatusCode.UNAVAILABLE:
         return BackendUnavailable(detail)
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -13,7 +13,13 @@ import numpy as np
 
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
-from ._common import VideoSource, error_from_code, frames_from_file, iter_source
+from ._common import (
+    VideoSource,
+    error_from_code,
+    frames_from_file,
+    iter_source,
+    tls_refused,
+)
 from ._result import LatentResult, Models
 
 
@@ -52,6 +58,11 @@ class HttpTransport:
                 raise BackendUnavailable(f"cannot connect to {self.base_url}: {exc}") from exc
             raise DeadlineExceeded(f"no answer from {self.base_url} in time: {exc}") from exc
         except httpx.TransportError as exc:
+            cause: BaseException | None = exc
+            while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise tls_refused(self.base_url, str(cause)) from exc
             raise BackendUnavailable(f"cannot reach {self.base_url}: {exc!r}") from exc
         if response.status_code >= 400:
             raise _error(response)
