@@ -567,3 +567,28 @@ async def test_reading_parquet_shards_does_not_abort_the_process_at_exit(
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_an_engine_stopped_mid_run_reports_what_it_did(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    # The Ray engine returned its summary only at the end, so Ctrl-C printed zeros. The
+    # engine now fills the caller's (the real Ray runs are in tests/test_ray.py).
+    import argparse
+
+    from ivvae.dataset import Summary, add_arguments
+    from ivvae.dataset import main as dataset_main
+
+    def engine(job: Any, spec: Any, *, summary: Summary, **kw: Any) -> Summary:
+        summary.total, summary.encoded, summary.parts = 6, 4, 2
+        summary.output = str(tmp_path / "out")
+        raise KeyboardInterrupt
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    src = make_clips(tmp_path / "src", count=2)
+    args = parser.parse_args([str(src), str(tmp_path / "out"), "--engine", "ray"])
+    assert dataset_main(args, engine) == 130
+    report = json.loads(capsys.readouterr().out)
+    assert (report["total"], report["encoded"], report["parts"]) == (6, 4, 2)
+    assert report["interrupted"] and report["output"] == str(tmp_path / "out")

@@ -1221,7 +1221,8 @@ class Engine(Protocol):
     """Runs a whole job elsewhere (``ivvae.ray.run_on_ray``)."""
 
     def __call__(self, job: Job, spec: EncoderSpec, *, address: str | None, workers: int,
-                 cpus_per_worker: float, gpus_per_worker: float) -> Summary: ...
+                 cpus_per_worker: float, gpus_per_worker: float,
+                 summary: Summary) -> Summary: ...
 
 
 def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
@@ -1240,9 +1241,9 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
         if args.engine != "local":
             if engine is None:
                 raise DatasetError(f"--engine {args.engine} is not available here")
-            summary = engine(job, spec, address=args.address, workers=args.workers,
-                             cpus_per_worker=args.cpus_per_worker,
-                             gpus_per_worker=args.gpus_per_worker)
+            engine(job, spec, address=args.address, workers=args.workers,
+                   cpus_per_worker=args.cpus_per_worker,
+                   gpus_per_worker=args.gpus_per_worker, summary=summary)
             return report(1 if summary.failed else 0)
 
         async def run() -> Summary:

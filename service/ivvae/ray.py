@@ -133,15 +133,16 @@ class EncodeClips:
 
 def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                workers: int = 1, cpus_per_worker: float = 1.0,
-               gpus_per_worker: float = 0.0) -> Summary:
+               gpus_per_worker: float = 0.0, summary: Summary | None = None) -> Summary:
     """Run ``job`` on the Ray cluster at ``address`` (``"local"``: start one on this
-    machine), or on the one this process already joined."""
+    machine), or on the one this process already joined. ``summary`` is filled as clips
+    finish, so an interrupted run still says what it did."""
     if not ray.is_initialized():
         try:
             ray.init(address=None if address == "local" else address)
         except ConnectionError as exc:
             raise DatasetError(f"no Ray cluster at {address!r}: {exc}") from exc
-    summary = Summary()
+    summary = Summary() if summary is None else summary
     # The driver loads the model only to learn its identity (the job key): on its CPU.
     probe = replace(spec, device="cpu") if not spec.server else spec
 
@@ -171,7 +172,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                     record = json.loads(row["record"])
                     summary.count(record)
                     parts.add(str(record.get("part")))
-                summary.parts = len(parts)
+                    summary.parts = len(parts)
         finally:
             summary.seconds = time.perf_counter() - start
             write_manifest(p.out, p.sources, p.config)
