@@ -125,3 +125,20 @@ def test_config_validation() -> None:
         IVVAEConfig(z_dim=3)
     with pytest.raises(ValueError):
         IVVAEConfig(dim_mult=(1, 2, 4))
+
+
+def test_a_file_that_is_not_tensors_only_is_refused_without_torchs_unsafe_advice(
+        tmp_path: Path) -> None:
+    import collections
+
+    from ivvae.model.checkpoint import read_weights
+
+    objects = tmp_path / "objects.pth"
+    torch.save({"f": print, "d": collections.Counter()}, objects)
+    video = tmp_path / "clip.pth"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(100))
+    for path in (objects, video):
+        with pytest.raises(CheckpointError, match="not a torch checkpoint of tensors only") as e:
+            read_weights(path)
+        assert "weights_only` set to `False" not in str(e.value)
+        assert "trust" not in str(e.value)

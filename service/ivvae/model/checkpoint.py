@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -193,7 +194,14 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt files raise many types (pickle, safetensors, OSError)
-        raise CheckpointError(f"cannot read weights {p}: {exc}") from exc
+        # torch's message for a file it will not unpickle advises weights_only=False, which
+        # runs whatever code the file holds: never here, so it is not passed on.
+        reason = (
+            "it is not a torch checkpoint of tensors only (weights are read with "
+            "weights_only=True: never arbitrary objects)"
+            if isinstance(exc, pickle.UnpicklingError) else
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise CheckpointError(f"cannot read weights {p}: {reason}") from exc
     return sd, meta
 
 
