@@ -40,6 +40,10 @@ TRITON_READY_PATH = "/v2/health/ready"
 # IVVAE_* variables that are not gateway settings: read by the Triton python models
 # (model_repository/*/1/model.py) as a fallback for the ARTIFACT_DIR parameter.
 MODEL_SIDE_VARIABLES = frozenset({"IVVAE_ARTIFACT_DIR"})
+# IVVAE_* variables of the command-line tools (docs/deploy.md lists them); each must still be
+# read somewhere in the package, or the docs name a variable that does nothing.
+TOOL_VARIABLES = frozenset({"IVVAE_API_KEY", "IVVAE_SHARD_COUNT", "IVVAE_DEBUG",
+                            "IVVAE_TUNE_MALLOC", "IVVAE_MODEL_REPOSITORY"})
 
 IVVAE_NAME_RE = re.compile(r"\bIVVAE_[A-Z][A-Z0-9_]*\b")
 MODEL_NAME_RE = re.compile(r"\bivvae_[a-z0-9_]*(?:encoder|decoder)\b")
@@ -72,6 +76,7 @@ def check_drift(layout: Layout) -> DriftReport:
     files = DeployFiles.read(layout)
     report.problems += [f"{layout.rel(p)} is missing" for p in layout.docs if not p.is_file()]
     report.problems += drift_variable_names(files, gateway)
+    report.problems += drift_tool_variables(package_folder(layout.root))
     report.problems += drift_compose(files, gateway)
     for source, objects in files.rendered.items():
         report.problems += drift_k8s(objects, source, gateway)
@@ -222,9 +227,28 @@ def drift_default_ports(gateway: Gateway) -> list[str]:
     return problems
 
 
+def package_folder(root: Path) -> Path:
+    """``service/ivvae`` of ``root``, else the installed package's folder."""
+    local = root / "service" / "ivvae"
+    if local.is_dir():
+        return local
+    import importlib.util
+
+    spec = importlib.util.find_spec("ivvae")
+    assert spec is not None and spec.submodule_search_locations, "ivvae is not importable"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def drift_tool_variables(package: Path) -> list[str]:
+    """Each tool variable is still read by the package's code."""
+    code = "\n".join(p.read_text() for p in package.rglob("*.py"))
+    return [f"{name} is listed as a tool variable, and no code in {package.name} reads it"
+            for name in sorted(TOOL_VARIABLES) if f'"{name}"' not in code]
+
+
 def drift_variable_names(files: DeployFiles, gateway: Gateway) -> list[str]:
     """Every IVVAE_* name in every file is a field of Settings (or a model-side variable)."""
-    allowed = set(gateway.variables) | MODEL_SIDE_VARIABLES
+    allowed = set(gateway.variables) | MODEL_SIDE_VARIABLES | TOOL_VARIABLES
     texts = {files.compose_source: files.compose_text, **files.rendered_text}
     texts.update(files.dockerfile_text)
     texts.update(files.docs_text)

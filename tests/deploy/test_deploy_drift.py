@@ -21,6 +21,7 @@ from scripts.deploy_checks.drift import (
     check_drift,
     drift_images,
     drift_k8s,
+    drift_tool_variables,
     model_names,
     settings_variables,
 )
@@ -226,3 +227,10 @@ def test_image_drift_catches_ports_and_health_checks(
         "docker/triton-entrypoint.sh: tritonserver needs --grpc-port=8001",
         "docker/healthcheck.py: default path must be /healthz",
     ]
+
+
+def test_a_tool_variable_no_code_reads_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "cli.py").write_text('DEBUG_ENV = "IVVAE_DEBUG"\n')
+    problems = drift_tool_variables(tmp_path)
+    assert "IVVAE_SHARD_COUNT is listed as a tool variable, and no code" in " ".join(problems)
+    assert not any("IVVAE_DEBUG" in p for p in problems)
