@@ -142,3 +142,22 @@ def test_a_file_that_is_not_tensors_only_is_refused_without_torchs_unsafe_advice
             read_weights(path)
         assert "weights_only` set to `False" not in str(e.value)
         assert "trust" not in str(e.value)
+
+
+def test_weights_of_no_official_size_without_factors_are_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The bundled file's tensors saved as a .pth lost its factors without a word.
+    from ivvae.model import IVVAE
+
+    model = IVVAE(IVVAEConfig(z_dim=4, dim=4, scale_factor=0.5, shift_factor=0.1))
+    with_factors = tmp_path / "m.safetensors"
+    save_safetensors(model, with_factors)
+    pth = tmp_path / "m.pth"
+    torch.save(official_state_dict(model), pth)
+    with caplog.at_level("WARNING", logger="ivvae.model.checkpoint"):
+        assert load_model(with_factors).cfg.scale_factor == 0.5
+        assert not caplog.records
+        assert load_model(pth, scale_factor=0.5, shift_factor=0.1).cfg.scale_factor == 0.5
+        assert not caplog.records
+        assert load_model(pth).cfg.scale_factor == 1.0
+    assert "m.pth holds no scale/shift factors" in caplog.text

@@ -12,6 +12,7 @@ an error naming every missing, unexpected or mis-shaped key.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 from collections.abc import Mapping
@@ -36,6 +37,8 @@ from .network import Decoder, Encoder
 from .vae import IVVAE
 
 StateDict = Mapping[str, Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -225,6 +228,14 @@ def load_model(
     else:
         sd, meta = read_weights(weights)
     cfg = infer_config(sd)
+    if (scale_factor is None or shift_factor is None) and "scale_factor" not in meta \
+            and _default_name(cfg) not in PRESETS:
+        # A .pth (or a bare state dict) of a non-official size: its factors are nowhere.
+        log.warning("%s holds no scale/shift factors and no official preset is %s: using "
+                    "scale %g, shift %g; the latents of these weights from their .safetensors "
+                    "(as ivvae writes them) differ. Pass scale_factor= / shift_factor=",
+                    "the state dict" if isinstance(weights, Mapping) else weights,
+                    _default_name(cfg), cfg.scale_factor, cfg.shift_factor)
     scale = scale_factor if scale_factor is not None else float(
         meta.get("scale_factor", cfg.scale_factor))
     shift = shift_factor if shift_factor is not None else float(
