@@ -76,7 +76,8 @@ def check_drift(layout: Layout) -> DriftReport:
     files = DeployFiles.read(layout)
     report.problems += [f"{layout.rel(p)} is missing" for p in layout.docs if not p.is_file()]
     report.problems += drift_variable_names(files, gateway)
-    report.problems += drift_tool_variables(package_folder(layout.root))
+    report.problems += drift_tool_variables(package_folder(layout.root),
+                                            "\n".join(files.docs_text.values()))
     report.problems += drift_compose(files, gateway)
     for source, objects in files.rendered.items():
         report.problems += drift_k8s(objects, source, gateway)
@@ -239,11 +240,16 @@ def package_folder(root: Path) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def drift_tool_variables(package: Path) -> list[str]:
-    """Each tool variable is still read by the package's code."""
+def drift_tool_variables(package: Path, docs: str = "") -> list[str]:
+    """Each tool variable is still read by the package's code, and (with ``docs``, the
+    deployment docs' text) documented there."""
     code = "\n".join(p.read_text() for p in package.rglob("*.py"))
-    return [f"{name} is listed as a tool variable, and no code in {package.name} reads it"
-            for name in sorted(TOOL_VARIABLES) if f'"{name}"' not in code]
+    problems = [f"{name} is listed as a tool variable, and no code in {package.name} reads it"
+                for name in sorted(TOOL_VARIABLES) if f'"{name}"' not in code]
+    if docs:
+        problems += [f"{name} is a tool variable the deployment docs do not name"
+                     for name in sorted(TOOL_VARIABLES) if name not in docs]
+    return problems
 
 
 def drift_variable_names(files: DeployFiles, gateway: Gateway) -> list[str]:

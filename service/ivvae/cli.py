@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from .core.version import __version__
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .train.trainer import Trainer
 
 Handler = Callable[[argparse.Namespace], int]
 DEBUG_ENV = "IVVAE_DEBUG"
@@ -56,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .train.config import TrainConfig
-    from .train.trainer import Trainer, recover_checkpoint
+    from .train.trainer import Trainer, newest_checkpoint
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -65,11 +67,11 @@ def _train(args: argparse.Namespace) -> int:
             raise CLIError("--export-only needs --export PATH: the file to write")
         # The run's own settings (its data: the factors are fitted on it); the command line
         # gives only where it is and what runs it.
-        state = recover_checkpoint(Path(args.out))
-        if state is None:
+        newest = newest_checkpoint(Path(args.out))
+        if newest is None:
             raise CLIError(f"--export-only: there is no checkpoint in {args.out} to export "
                            "(is --out the folder of the run?)")
-        values = {**{k: v for k, v in state["config"].items() if k in fields},
+        values = {**{k: v for k, v in newest[1]["config"].items() if k in fields},
                   **{k: values[k] for k in ("out", "device") if k in values}}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     # The run remembers which files it trained on, not how they were spelled from here.
@@ -90,7 +92,7 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.rank == 0:
             for line in trainer.skipped:
                 print(f"ivvae train: warning: left out {line}", file=sys.stderr)
-        resumed = trainer.resume()
+        resumed = _resume(trainer, read_only=args.export_only)
         if trainer.rank == 0:
             where = (f"resumed at step {trainer.step}" if resumed
                      else f"from {cfg.init_weights}" if cfg.init_weights else "from scratch")
@@ -108,6 +110,22 @@ def _train(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     return 0
+
+
+def _resume(trainer: Trainer, *, read_only: bool) -> bool:
+    """``trainer.resume()``. Read-only (an export while the run may still be going): the
+    folder is left as it is, and a save that moves the checkpoint away under the read is
+    met by reading the newest one again."""
+    if not read_only:
+        return trainer.resume()
+    for attempt in range(3):
+        try:
+            return trainer.resume(recover=False)
+        except (OSError, ValueError):
+            if attempt == 2:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -602,11 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (``kill``, a job scheduler) ends a command as Ctrl-C does: its temporary
-    files removed, exit 130. (``serve`` and ``encode-dataset`` install their own.)"""
+    files removed, exit 130. (``serve`` and ``encode-dataset`` install their own; a worker
+    of ``torchrun`` keeps the default, so that torchrun's SIGTERM ends it even while it
+    waits inside a collective, where a Python handler would not run.)"""
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    if threading.current_thread() is not threading.main_thread():
+    if (threading.current_thread() is not threading.main_thread()
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         yield
         return
     before = signal.signal(signal.SIGTERM, interrupt)

@@ -152,6 +152,10 @@ class Settings(BaseSettings):
         if value and not any(k.strip() for k in value.split(",")):
             raise ValueError("IVVAE_API_KEYS holds no key (only commas and spaces); leave it "
                              "empty to disable auth, or list the keys")
+        if not all(strict.is_api_key(k.strip()) for k in value.split(",") if k.strip()):
+            # No client could send such a key: a typo, not a key (the key is not shown).
+            raise ValueError("IVVAE_API_KEYS holds a key with characters a header cannot "
+                             "carry: visible ASCII only (inner spaces allowed)")
         return value.strip()
 
     @field_validator("grpc_stream_window_bytes")

@@ -180,15 +180,17 @@ class _Shards:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # From bytes, not a Python file object: pyarrow reads one of those from its own
-        # threads, and a process that imported torch then aborted at exit, now and then
-        # ("terminate called without an active exception"). The table is read whole anyway.
+        # In this thread only, from bytes: pyarrow's reader threads outlive a process's last
+        # line and, now and then, abort it at exit ("terminate called without an active
+        # exception", apache/arrow#34314), a failed job after all its work. A shard is read
+        # whole anyway; its bytes go as soon as the table holds them.
         data = self.loc.fs.cat_file(path)
         # Shards are written with page checksums (the manifest's sha256 is of the latent
         # file, which a row does not hold): a flipped byte fails here, not in training.
         table = pq.read_table(pa.BufferReader(data), columns=[
             "source", "latent", "shape", "dtype", "metadata", "sidecars"],
-            page_checksum_verification=True)
+            page_checksum_verification=True, use_threads=False, pre_buffer=False)
+        del data
         rows = table.to_pylist()
         out: dict[str, Sample] = {}
         for row_index, record in wanted.items():

@@ -94,3 +94,13 @@ class ClientGone(IVVAEError):
     """The client disconnected; its work was cancelled. Nobody reads the answer."""
 
     code = "cancelled"
+
+
+# -- raised by the clients only -------------------------------------------------------------
+
+
+class UntrustedCertificate(IVVAEError):
+    """The server's TLS certificate is not signed by a trusted CA (a wrong or missing
+    ``ca_cert``): no retry fixes it. Never sent by the service."""
+
+    code = "tls_untrusted"

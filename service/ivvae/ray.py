@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -138,10 +140,16 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
     machine), or on the one this process already joined. ``summary`` is filled as clips
     finish, so an interrupted run still says what it did."""
     if not ray.is_initialized():
+        # ray.init makes SIGTERM exit at once (sys.exit(15)); the command's own handler
+        # (an interrupt: the summary, then exit 130) is put back.
+        before = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=None if address == "local" else address)
         except ConnectionError as exc:
             raise DatasetError(f"no Ray cluster at {address!r}: {exc}") from exc
+        finally:
+            if threading.current_thread() is threading.main_thread() and before is not None:
+                signal.signal(signal.SIGTERM, before)
     summary = Summary() if summary is None else summary
     # The driver loads the model only to learn its identity (the job key): on its CPU.
     probe = replace(spec, device="cpu") if not spec.server else spec

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from ivvae.client import Client, RetryPolicy
 from ivvae.client._common import RETRYABLE
 from ivvae.config import Settings
-from ivvae.errors import BackendUnavailable, IVVAEError
+from ivvae.errors import BackendUnavailable, UntrustedCertificate
 from tests import media
 from tests.api.grpc.test_serve import _free_port
 from tests.service_fixtures import tiny_weights  # noqa: F401
@@ -78,7 +78,8 @@ def test_serve_over_tls(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F8
         # An untrusted certificate is no outage: one clear error naming ca_cert, not
         # retried (the default policy retries only what a retry can fix).
         for url in (f"grpcs://127.0.0.1:{grpc_port}", f"https://127.0.0.1:{http_port}"):
-            with Client(url, timeout=5) as untrusted, pytest.raises(IVVAEError) as caught:
+            with Client(url, timeout=5) as untrusted, \
+                    pytest.raises(UntrustedCertificate) as caught:
                 untrusted.models()
             assert caught.value.code == "tls_untrusted", (url, caught.value)
             assert not isinstance(caught.value, RETRYABLE) and "ca_cert" in str(caught.value)

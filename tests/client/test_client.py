@@ -149,10 +149,18 @@ assert "torch" in sys.modules
 async def test_arguments_a_header_or_a_field_cannot_carry_are_refused_here() -> None:
     # A key with a line break came back as BackendUnavailable quoting the key (HTTP) or as
     # a bare INTERNAL (gRPC); crf=-1 as protobuf's "Value out of range" on gRPC only.
-    for key in ("secret\nkey", "sécret", "with space"):
+    for key in ("secret\nkey", "sécret", " padded", "tab\tkey"):
         with pytest.raises(ValueError, match="visible ASCII") as caught:
             AsyncClient("http://127.0.0.1:9", api_key=key)
         assert key not in str(caught.value)
+    AsyncClient("http://127.0.0.1:9", api_key="an inner space")  # the server accepts these
+    from pydantic import ValidationError
+
+    from ivvae.config import Settings
+
+    with pytest.raises(ValidationError, match="characters a header cannot carry"):
+        Settings(api_keys="good,sécret")
+    assert Settings(api_keys="good, an inner space").api_keys
     for url in ("http://127.0.0.1:9", "grpc://127.0.0.1:9"):
         client = AsyncClient(url)
         for crf in (-1, 52, 1.5, True):

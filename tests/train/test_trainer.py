@@ -356,6 +356,9 @@ def test_a_diverged_run_stops_and_keeps_its_last_checkpoint(tmp_path: Path,
         tr.fit(progress=False)
     with pytest.raises(Diverged, match="NaN or infinite"):
         tr.save()
+    tr.rank = 1  # every rank stops (one alone would leave the rest at the barrier)
+    with pytest.raises(Diverged, match="NaN or infinite"):
+        tr.save()
     assert (tmp_path / "checkpoint" / "model.safetensors").read_bytes() == before
     assert tr.step == 2  # the step that saw the NaN was not taken
 
@@ -381,11 +384,18 @@ def test_clips_too_small_or_unreadable_are_left_out_by_name(tmp_path: Path) -> N
     broken.write_bytes(b"\x00" * 100)
     cfg = tiny_cfg(tmp_path / "run", data=tuple(map(str, (good, short, tiny, broken))))
     tr = Trainer(cfg)
-    assert tr.data.names == [str(good)]
-    assert [line.split(":")[0] for line in tr.skipped] == [str(broken), str(tiny), str(short)]
-    assert "3 frames of 32x32 is smaller than the 5 frames of 16x16" in tr.skipped[2]
-    with pytest.raises(ValueError, match=r"no training clip is usable: .*short\.mp4"):
+    # The short clip still serves stage 1 (single frames); the tiny one no stage.
+    assert tr.data.names == [str(good), str(short)]
+    assert tr.stage_data["video"].names == [str(good)]
+    assert [line.split(":")[0] for line in tr.skipped] == [str(broken), str(tiny), str(short),
+                                                           str(tiny)]
+    assert ("3 frames of 32x32 is smaller than the 5 frames of 16x16 a batch cuts out (left "
+            "out of the video stage)") in tr.skipped[2]
+    with pytest.raises(ValueError, match=r"usable in the video stage: .*short\.mp4"):
         Trainer(tiny_cfg(tmp_path / "run2", data=(str(short),)))
+    images_only = Trainer(tiny_cfg(tmp_path / "run3", data=(str(short),), video_steps=0))
+    images_only.train_step()  # and its export calibrates on single frames
+    images_only.export_model(tmp_path / "m.safetensors", calibration_batches=1)
     with pytest.raises(ValueError, match=r"broken\.mp4: "):  # without a list: an error naming it
         ClipDataset.from_paths([broken])
 
@@ -437,3 +447,27 @@ def test_cli_export_only_needs_a_checkpoint_and_data_paths_are_remembered_as_fil
         capture_output=True, text=True, timeout=300, cwd=tmp_path / "x")
     assert export.returncode == 0, export.stderr
     assert load_model(tmp_path / "m.safetensors").cfg.z_dim == 4
+
+
+def test_the_newest_whole_checkpoint_wins_and_an_export_moves_nothing(
+        tmp_path: Path, clips: ClipDataset) -> None:
+    import shutil
+
+    from ivvae.train.trainer import newest_checkpoint
+
+    _trained(tmp_path, clips, 4)
+    ckpt, tmp = tmp_path / "checkpoint", tmp_path / "checkpoint.tmp"
+    # Killed after the new checkpoint was whole, before either rename.
+    shutil.copytree(ckpt, tmp)
+    state = json.loads((tmp / "state.json").read_text())
+    (tmp / "state.json").write_text(json.dumps({**state, "step": 6}))
+    found = newest_checkpoint(tmp_path)
+    assert found is not None and found[0] == tmp and found[1]["step"] == 6
+    reader = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=6, save_every=2),
+                     dataset=clips)
+    assert reader.resume(recover=False) and reader.step == 6
+    assert tmp.is_dir() and json.loads((ckpt / "state.json").read_text())["step"] == 4
+    again = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=6, save_every=2),
+                    dataset=clips)
+    assert again.resume() and again.step == 6 and not tmp.exists()
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 6

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..errors import BackendUnavailable, IVVAEError, Overloaded
+from ..core import strict
+from ..errors import BackendUnavailable, IVVAEError, Overloaded, UntrustedCertificate
 from ..safetensors_io import SafetensorsError, Tensor, dumps, loads
 
 T = TypeVar("T")
@@ -41,21 +42,17 @@ def error_from_code(code: str, detail: str) -> IVVAEError:
 RETRYABLE: tuple[type[IVVAEError], ...] = (BackendUnavailable, Overloaded)
 
 
-def tls_refused(target: str, detail: str) -> IVVAEError:
-    """The server's certificate was not trusted: no retry fixes that (a wrong or missing
-    ``ca_cert``), so it is not ``BackendUnavailable``."""
-    err = IVVAEError(f"{target}: the server's TLS certificate is not trusted ({detail}); "
-                     "pass ca_cert= the CA bundle that signed it")
-    err.code = "tls_untrusted"
-    return err
+def tls_refused(target: str, detail: str) -> UntrustedCertificate:
+    return UntrustedCertificate(f"{target}: the server's TLS certificate is not trusted "
+                                f"({detail}); pass ca_cert= the CA bundle that signed it")
 
 
 def check_api_key(api_key: str | None) -> None:
-    """An API key goes in a header: visible ASCII only. Refused here, without showing it
-    (a header library would quote it in its error, and a retry would follow)."""
-    if api_key and not all(0x21 <= ord(c) <= 0x7E for c in api_key):
-        raise ValueError("api_key must be visible ASCII characters (no spaces, line breaks "
-                         "or accents); the key is not shown here")
+    """An API key goes in a header (``strict.is_api_key``). Refused here, without showing
+    it (a header library would quote it in its error, and a retry would follow)."""
+    if api_key and not strict.is_api_key(api_key):
+        raise ValueError("api_key must be visible ASCII characters (inner spaces allowed; no "
+                         "line breaks or accents); the key is not shown here")
 
 
 @dataclass(frozen=True)

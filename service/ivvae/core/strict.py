@@ -25,6 +25,9 @@ MAX_DIGITS = 19
 # that is safe in all three, and short enough to read.
 MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+# API keys travel in an HTTP Authorization header and in gRPC metadata: visible ASCII, inner
+# spaces allowed (both carry them), none at either end (the server strips those).
+_API_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _DIGITS = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}")
 _DECIMAL = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -116,3 +119,8 @@ def sha256_hex(text: str) -> str:
     if not isinstance(text, str) or not _SHA256.fullmatch(text):
         raise ValueError(f"{shown(str(text))} is not a sha256 (64 lowercase hex digits)")
     return text
+
+
+def is_api_key(text: str) -> bool:
+    """Whether ``text`` can be sent as an API key over HTTP and gRPC alike."""
+    return _API_KEY.fullmatch(text) is not None

@@ -7,12 +7,17 @@ from __future__ import annotations
 import torch
 
 
-def torch_device(name: str) -> torch.device:
-    """``name`` (``cpu``, ``cuda``, ``cuda:1``, ...) as a device this process can use."""
+def parse_device(name: str) -> torch.device:
+    """``name`` as a torch device, whether or not this process has it."""
     try:
-        device = torch.device(name)
+        return torch.device(name)
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def torch_device(name: str) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1``, ...) as a device this process can use."""
+    device = parse_device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA "

@@ -141,15 +141,17 @@ class ClipDataset:
                     names.append(f"{p}@{side}")
         return cls(clips, names)
 
-    def fitting(self, frames: int, crop: int, skipped: list[str]) -> ClipDataset:
+    def fitting(self, frames: int, crop: int, skipped: list[str], *,
+                stage: str = "") -> ClipDataset:
         """The clips that hold a window of ``frames`` x ``crop`` x ``crop``; each other one
         gets a line in ``skipped`` (a still's clip is a 3/4 view of the picture)."""
         keep = []
+        where = f" (left out of the {stage} stage)" if stage else ""
         for clip, name in zip(self.clips, self.names, strict=True):
             t, h, w, _ = clip.shape
             if t < frames or h < crop or w < crop:
                 skipped.append(f"{name}: its clip of {t} frames of {w}x{h} is smaller than "
-                               f"the {frames} frames of {crop}x{crop} a batch cuts out")
+                               f"the {frames} frames of {crop}x{crop} a batch cuts out{where}")
             else:
                 keep.append((clip, name))
         return ClipDataset([c for c, _ in keep], [n for _, n in keep])

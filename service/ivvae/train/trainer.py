@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..core.geometry import latent_shape
 from ..model.checkpoint import load_model, save_safetensors, save_tensors
 from ..model.config import IVVAEConfig
-from ..model.device import torch_device
+from ..model.device import parse_device, torch_device
 from ..model.vae import IVVAE
 from .config import TrainConfig
 from .data import ClipDataset, default_train_clips, expand_sources
@@ -102,31 +102,42 @@ def resolve_device(name: str) -> torch.device:
     process's (``LOCAL_RANK`` under torchrun)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    dev = parse_device(name)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
 
 
-def recover_checkpoint(out: Path) -> dict[str, Any] | None:
-    """The state of the checkpoint in ``out`` (None: there is none), after putting the
-    newest whole one in place when a save was killed between moving the last one aside and
-    moving the new one in: the new one is whole once its ``state.json`` (written last)
-    reads, else the last one is."""
-    ckpt = out / "checkpoint"
-    for candidate in (ckpt, out / "checkpoint.tmp", out / "checkpoint.old"):
+def newest_checkpoint(out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest whole checkpoint folder in ``out`` and its state (None: there is none),
+    without changing anything. A save writes ``checkpoint.tmp`` (its ``state.json`` last,
+    so one that reads is whole), moves ``checkpoint`` aside to ``checkpoint.old`` and the
+    new one in: a save killed midway leaves the newest whole one under any of the three."""
+    found = []
+    for candidate in (out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"):
         try:
             state: dict[str, Any] = json.loads((candidate / "state.json").read_text())
         except (OSError, ValueError):
             continue
-        if candidate != ckpt:
-            shutil.rmtree(ckpt, ignore_errors=True)
-            candidate.rename(ckpt)
-        return state
-    return None
+        found.append((int(state.get("step", -1)), candidate, state))
+    if not found:
+        return None
+    _, folder, state = max(found, key=lambda f: f[0])  # a tie keeps the first: checkpoint
+    return folder, state
+
+
+def recover_checkpoint(out: Path) -> dict[str, Any] | None:
+    """``newest_checkpoint``, moved into place as ``out/checkpoint`` (the next save then
+    proceeds as usual); its state, or None."""
+    newest = newest_checkpoint(out)
+    if newest is None:
+        return None
+    folder, state = newest
+    ckpt = out / "checkpoint"
+    if folder != ckpt:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        folder.rename(ckpt)
+    return state
 
 
 class Diverged(ValueError):
@@ -174,14 +185,20 @@ class Trainer:
                                              max_frames=cfg.max_clip_frames,
                                              extra_scales=cfg.extra_scales,
                                              skipped=self.skipped)
-        if cfg.image_steps:
-            dataset = dataset.fitting(1, cfg.image_crop, self.skipped)
-        if cfg.video_steps:
-            dataset = dataset.fitting(cfg.frames, cfg.video_crop, self.skipped)
-        if not dataset.clips:
+        # Each stage draws from the clips that hold its window: a clip too short for the
+        # video stage's frames still serves the image stage.
+        windows = {"image": (cfg.image_steps, 1, cfg.image_crop),
+                   "video": (cfg.video_steps, cfg.frames, cfg.video_crop)}
+        self.stage_data = {stage: dataset.fitting(frames, crop, self.skipped, stage=stage)
+                           for stage, (steps, frames, crop) in windows.items() if steps}
+        empty = [stage for stage, data in self.stage_data.items() if not data.clips]
+        if empty:
             reasons = "; ".join(self.skipped[:3]) + (" ..." if len(self.skipped) > 3 else "")
-            raise ValueError(f"no training clip is usable: {reasons}")
-        self.data = dataset
+            raise ValueError(f"no training clip is usable in the {empty[0]} stage: {reasons}")
+        used = {name for data in self.stage_data.values() for name in data.names}
+        keep = [i for i, name in enumerate(dataset.names) if name in used]
+        self.data = ClipDataset([dataset.clips[i] for i in keep],
+                                [dataset.names[i] for i in keep])  # every clip some stage uses
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
         if cfg.init_weights:
@@ -238,13 +255,15 @@ class Trainer:
         return self.out / "checkpoint"
 
     def save(self) -> None:
-        if self.rank != 0:
-            return
-        assert self.opt is not None
+        # On every rank (they hold the same weights): one that stopped alone would leave
+        # the others waiting at the barrier after the save.
         if not all(bool(torch.isfinite(p).all()) for p in self.vae.parameters()):
             raise Diverged(f"the weights hold NaN or infinite values after step {self.step}: "
                            "training diverged; the last checkpoint is kept. Lower --lr and "
                            "run again")
+        if self.rank != 0:
+            return
+        assert self.opt is not None
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -270,15 +289,20 @@ class Trainer:
         tmp.rename(self.ckpt_dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def resume(self) -> bool:
-        """Load the checkpoint in ``out`` if there is one. Returns whether it did."""
-        if self.rank == 0:
-            recover_checkpoint(self.out)
-        if self.world > 1:
-            dist.barrier()
-        if not (self.ckpt_dir / "state.json").exists():
+    def resume(self, *, recover: bool = True) -> bool:
+        """Load the newest checkpoint in ``out`` if there is one. Returns whether it did.
+        ``recover``: first move it into place after a save that was killed midway (what a
+        run that goes on needs); without, nothing in ``out`` changes (an export while the
+        run that owns the folder is still going)."""
+        if recover:
+            if self.rank == 0:
+                recover_checkpoint(self.out)
+            if self.world > 1:
+                dist.barrier()
+        newest = newest_checkpoint(self.out)
+        if newest is None:
             return False
-        state = json.loads((self.ckpt_dir / "state.json").read_text())
+        folder, state = newest
         # Anything but these changes the run; video_steps may grow to train longer, and the
         # moving average only watches the weights (switched on later, it starts then).
         free = {"out", "save_every", "log_every", "video_steps", "device", "ema_decay"}
@@ -287,37 +311,38 @@ class Trainer:
         mine = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items()}
         # An option added after the checkpoint was made counts as its default there.
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
         def same(key: str) -> bool:
             was = saved.get(key, defaults[key])
             if key == "data":  # paths, however spelled (the CLI gives absolute ones)
-                return [os.path.abspath(p) for p in was] == [os.path.abspath(p) for p in mine[key]]
+                return list(map(os.path.abspath, was)) == list(map(os.path.abspath, mine[key]))
             return bool(was == mine[key])
 
         changed = sorted(k for k in mine if k not in free and not same(k))
         if changed:
             detail = "; ".join(f"{k}: {saved.get(k, defaults[k])!r} then, {mine[k]!r} now"
                                for k in changed)
-            raise ValueError(f"the checkpoint in {self.ckpt_dir} was made with other "
+            raise ValueError(f"the checkpoint in {folder} was made with other "
                              f"settings ({detail}): use them, or another --out")
-        loaded = load_model(self.ckpt_dir / "model.safetensors", scale_factor=1.0,
+        loaded = load_model(folder / "model.safetensors", scale_factor=1.0,
                             shift_factor=0.0)
         with torch.no_grad():
             for p, q in zip(self.vae.parameters(), loaded.parameters(), strict=True):
                 p.copy_(q)
         self.step = int(state["step"])
-        if self.cfg.ema_decay > 0 and (self.ckpt_dir / "ema.safetensors").exists():
-            ema = load_model(self.ckpt_dir / "ema.safetensors", scale_factor=1.0,
+        if self.cfg.ema_decay > 0 and (folder / "ema.safetensors").exists():
+            ema = load_model(folder / "ema.safetensors", scale_factor=1.0,
                              shift_factor=0.0)
             self.ema = {k: v.float().to(self.device) for k, v in ema.state_dict().items()}
         self._enter_stage(state["stage"])
         assert self.opt is not None
-        _restore_optimizer(self.opt, load_file(str(self.ckpt_dir / "optim.safetensors")),
+        _restore_optimizer(self.opt, load_file(str(folder / "optim.safetensors")),
                            state["param_groups"])
         if self.disc is not None and self.disc_opt is not None:
-            self.disc.load_state_dict(load_file(str(self.ckpt_dir / "disc.safetensors"),
+            self.disc.load_state_dict(load_file(str(folder / "disc.safetensors"),
                                                 device=str(self.device)))
             _restore_optimizer(self.disc_opt,
-                               load_file(str(self.ckpt_dir / "disc_optim.safetensors")),
+                               load_file(str(folder / "disc_optim.safetensors")),
                                state["disc_param_groups"])
         return True
 
@@ -333,7 +358,7 @@ class Trainer:
         batch = cfg.image_batch if image else cfg.video_batch
         crop = cfg.image_crop if image else cfg.video_crop
         t0 = time.perf_counter()
-        x = self.data.batch(seed=cfg.seed, rank=self.rank, step=self.step,
+        x = self.stage_data[stage].batch(seed=cfg.seed, rank=self.rank, step=self.step,
                             batch_size=batch, frames=frames, crop=crop)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
         # drawn on the CPU: the same on every device
@@ -465,10 +490,15 @@ class Trainer:
         weights = self.ema if self.ema is not None else self.vae.state_dict()
         calibrate = self._model_of(weights).eval().requires_grad_(False).to(self.device)
         mus = []
+        # Video windows, or single frames for a run of stage 1 only (its clips may be
+        # shorter than a video window).
+        data, frames, crop = ((self.stage_data["video"], cfg.frames, cfg.video_crop)
+                              if "video" in self.stage_data
+                              else (self.stage_data["image"], 1, cfg.image_crop))
         with torch.no_grad():
             for i in range(calibration_batches):
-                x = self.data.batch(seed=cfg.seed + 1, rank=0, step=i, batch_size=cfg.video_batch,
-                                    frames=cfg.frames, crop=cfg.video_crop)
+                x = data.batch(seed=cfg.seed + 1, rank=0, step=i, batch_size=cfg.video_batch,
+                               frames=frames, crop=crop)
                 mu, _, _ = calibrate.encode_step(x.to(self.device), None)
                 mus.append(mu.flatten().float().cpu())
         del calibrate

@@ -146,11 +146,12 @@ def test_connections_past_the_maximum_are_turned_away_at_once(server: ServeProce
     socks = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)  # let the server accept them all
-        # The probe reserve: health checks are served (a liveness probe must not fail
-        # because the service is busy), anything else gets the same 503.
+        # The probe reserve: liveness checks are served (a liveness probe must not fail
+        # because the service is busy), anything else gets the same 503 (readiness too:
+        # the next requests had better go elsewhere).
         probes = [_connect(server) for _ in range(reserve)]
         socks += probes
-        for path, status in (("/healthz", b"200"), ("/readyz", b"200"), ("/models", b"503")):
+        for path, status in (("/healthz", b"200"), ("/readyz", b"503"), ("/models", b"503")):
             sock = probes.pop()
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
                          % path.encode())

@@ -34,8 +34,11 @@ def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
 _OVERLOADED = b'{"error": "overloaded", "detail": "too many open connections; retry later"}'
 _TOO_MANY_CONNECTIONS = _raw_response(b"503 Service Unavailable", _OVERLOADED, b"retry-after: 1")
 
-# What a connection past ``max_connections`` (in the probe reserve) may ask for.
-HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+# The liveness check: what a connection past ``max_connections`` (in the probe reserve)
+# may ask for. Only liveness: a readiness check that fails when connections are full is
+# right (the orchestrator sends the next requests elsewhere); a liveness check that fails
+# has the pod restarted, dropping every request in flight.
+LIVENESS_PATH = "/healthz"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class ConnectionLimits:
     head. ``body_timeout_s``: the longest gap between pieces of a request body (while the
     app is reading it). ``max_connections``: open connections; more are answered 503 and
     closed at once, except ``probe_reserve`` more that serve only ``GET``/``HEAD`` of the
-    health paths (a liveness probe that failed whenever the service is busiest would have
+    liveness path (a liveness probe that failed whenever the service is busiest would have
     the orchestrator restart it exactly then, dropping every request in flight); any other
     request on them gets the same 503. ``linger_s`` / ``linger_bytes``: after an early
     response, how long and how much of the rest of the body is read and dropped before
@@ -176,14 +179,14 @@ def _head_guard(app: Any, limits: ConnectionLimits,
     """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
     over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
     that comes in a single read is parsed whole, whatever its size. While ``probe_only()``
-    (the connection is in the probe reserve) anything but a health check gets 503."""
+    (the connection is in the probe reserve) anything but a liveness check gets 503."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
         if probe_only() and not (scope["method"] in ("GET", "HEAD")
-                                 and scope["path"] in HEALTH_PATHS):
+                                 and scope["path"] == LIVENESS_PATH):
             await _respond(send, 503, _OVERLOADED, (b"retry-after", b"1"))
             return
         size = len(scope["raw_path"] or b"") + len(scope["query_string"]) + sum(

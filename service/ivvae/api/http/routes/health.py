@@ -6,11 +6,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..deps import Svc
+from ..protocol import LIVENESS_PATH
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
+@router.get(LIVENESS_PATH, summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -24,7 +25,7 @@ async def readyz(svc: Svc) -> JSONResponse:
 
 
 # HEAD as well: some load balancers probe with it (the status is the answer).
-@router.head("/healthz", include_in_schema=False)
+@router.head(LIVENESS_PATH, include_in_schema=False)
 async def healthz_head() -> Response:
     return Response()
 
