@@ -220,22 +220,28 @@ def test_ctrl_c_during_encode_is_one_line_and_leaves_no_file(tmp_path: Path,
     clip = tmp_path / "long.mp4"
     media.make_video(clip, frames=1500, width=64, height=64)
     out = tmp_path / "long.latent.safetensors"
+    _stop_mid_run(["encode", str(clip), "-o", str(out), "--weights", str(tiny_weights),
+                   "--groups-per-step", "1"], signal.SIGINT)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def _stop_mid_run(argv: list[str], signum: int) -> None:
+    """Run ``ivvae ARGV``, send ``signum`` once its progress bar is up (the work is under
+    way), and check that it ends as an interrupt: exit 130, one line, no traceback."""
     env = dict(os.environ)
     env.pop(DEBUG_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "encode", str(clip), "-o",
-                             str(out), "--weights", str(tiny_weights), "--groups-per-step", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", *argv],
                             stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     seen = ""
-    while "frame" not in seen:  # the progress bar is up: the model is running
+    while "frame" not in seen:
         char = proc.stderr.read(1)
-        assert char, f"encode ended before it could be interrupted: {seen}"
+        assert char, f"{argv[0]} ended before it could be stopped: {seen}"
         seen += char
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     rest = proc.stderr.read()
     assert proc.wait(60) == 130, seen + rest
     assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
-    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
 def test_encode_progress_knows_the_total_from_the_header(tmp_path: Path,
@@ -305,21 +311,8 @@ def test_sigterm_during_decode_ends_it_as_ctrl_c_does(tmp_path: Path,
     assert main(["encode", str(clip), "-o", str(latent), "--weights", str(tiny_weights),
                  "--no-progress"]) == 0
     out = tmp_path / "long.mp4.out.mp4"
-    env = dict(os.environ)
-    env.pop(DEBUG_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "ivvae.cli", "decode", str(latent), "-o",
-                             str(out), "--weights", str(tiny_weights)],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stderr is not None
-    seen = ""
-    while "frame" not in seen:  # the progress bar is up: frames are being written
-        char = proc.stderr.read(1)
-        assert char, f"decode ended before it could be stopped: {seen}"
-        seen += char
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stderr.read()
-    assert proc.wait(60) == 130, seen + rest
-    assert "Traceback" not in rest and "ivvae: interrupted" in rest, rest
+    _stop_mid_run(["decode", str(latent), "-o", str(out), "--weights", str(tiny_weights)],
+                  signal.SIGTERM)
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 

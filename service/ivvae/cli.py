@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .core.names import DEFAULT_CRF, PRECISIONS
 from .core.version import __version__
@@ -623,8 +623,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
     files removed, exit 130. (``serve`` and ``encode-dataset`` install their own; a worker
     of ``torchrun`` keeps the default, so that torchrun's SIGTERM ends it even while it
     waits inside a collective, where a Python handler would not run.)"""
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def interrupt(signum: int, frame: Any) -> None:
+        # Whatever Ctrl-C does now: under asyncio.run, cancel the main task (its clean-ups
+        # run in order, then KeyboardInterrupt); elsewhere, KeyboardInterrupt here.
+        on_sigint = signal.getsignal(signal.SIGINT)
+        if not callable(on_sigint):
+            raise KeyboardInterrupt
+        on_sigint(signal.SIGINT, frame)
 
     if (threading.current_thread() is not threading.main_thread()
             or int(os.environ.get("WORLD_SIZE", "1")) > 1):

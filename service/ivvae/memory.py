@@ -49,6 +49,7 @@ import numpy as np
 from .core.files import atomic_write, state_dir
 from .core.geometry import GROUP, SPACE_COMPRESSION, latent_size
 from .core.steps import Steps
+from .core.tasks import within
 from .errors import Overloaded, TooLarge
 
 log = logging.getLogger("ivvae.memory")
@@ -207,7 +208,7 @@ class MemoryBudget:
         entry = (nbytes, waiter)
         self._waiters.append(entry)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
+            await within(asyncio.shield(waiter), self.timeout_s)
         except TimeoutError:
             if waiter.done() and not waiter.cancelled():
                 return  # granted just as the timeout fired: keep it

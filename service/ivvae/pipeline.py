@@ -45,7 +45,7 @@ from .core.geometry import (
 from .core.model_info import ModelInfo
 from .core.names import PRECISIONS
 from .core.steps import FRAMES_DTYPES, FramesDtype
-from .core.tasks import aclose_all, finish
+from .core.tasks import aclose_all, finish, within
 from .errors import (
     CorruptMedia,
     DeadlineExceeded,
@@ -149,7 +149,7 @@ class Pipeline:
         waiting many request timeouts behind a slow backend."""
         s = self.settings
         try:
-            await asyncio.wait_for(self._slots.acquire(), s.admission_timeout_s)
+            await within(self._slots.acquire(), s.admission_timeout_s)
         except TimeoutError:
             raise Overloaded(f"{s.max_concurrent_requests} requests were in flight for "
                              f"{s.admission_timeout_s:g} s; retry later",
@@ -206,7 +206,7 @@ class Pipeline:
         """
         async with self._slot():
             try:
-                return await asyncio.wait_for(self._encode(source, options, on_frames),
+                return await within(self._encode(source, options, on_frames),
                                               self.settings.request_timeout_s)
             except TimeoutError:
                 raise DeadlineExceeded(
@@ -481,7 +481,7 @@ class Pipeline:
                     step = session.first(part) if a == 0 else session.next(part)
                     remaining = deadline - time.perf_counter()
                     try:
-                        frames = await asyncio.wait_for(step, max(remaining, 0.001))
+                        frames = await within(step, max(remaining, 0.001))
                     except TimeoutError:
                         raise DeadlineExceeded(
                             f"decoding took longer than {self.settings.request_timeout_s:g} s"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 
-from ivvae.core.tasks import aclose_all, finish
+from ivvae.core.tasks import aclose_all, finish, within
 
 
 async def _cleanup(done: list[str], *, fail: bool = False) -> None:
@@ -73,3 +74,29 @@ async def test_aclose_all_closes_each_in_order_even_after_a_failure() -> None:
     with pytest.raises(OSError, match="first failed"):
         await aclose_all(first, iter([]), second, third)  # type: ignore[arg-type]
     assert closed == ["first", "second", "third"]
+
+
+async def test_within_never_loses_a_cancellation() -> None:
+    # A caller cancelled while the work it waits for completes in the same loop iteration:
+    # asyncio.wait_for (before 3.12) returns normally and the caller goes on; a Ctrl-C that
+    # came while `ivvae encode` took its request slot was lost, and the encode ran to its end.
+    import sys
+
+    async def caller(limit: object) -> None:
+        await limit(asyncio.Semaphore(1).acquire(), 5)  # type: ignore[operator]
+        await asyncio.sleep(10)  # never reached by a cancelled caller
+
+    async def cancelled_at_once(limit: object) -> bool:
+        task = asyncio.ensure_future(caller(limit))
+        await asyncio.sleep(0)  # it is waiting now; what it waits for completes next
+        task.cancel()
+        await asyncio.sleep(0.05)
+        lost = not task.done()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return not lost
+
+    assert await cancelled_at_once(within)
+    if sys.version_info < (3, 12):  # the bug this guards against is there to see
+        assert not await cancelled_at_once(asyncio.wait_for)

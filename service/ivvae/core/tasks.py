@@ -5,14 +5,19 @@ an anyio cancel scope, and a cancelled scope cancels *every* later await of that
 again, so a cleanup awaited plainly in a ``finally`` (closing a backend session, closing a
 video) stops at its first await: the session's feature cache stays until its time-to-live
 and its gauge never comes down. ``finish`` runs the cleanup as a task of its own.
+
+And a time limit that never loses a cancellation (``within``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +63,16 @@ async def aclose_all(*iterators: AsyncIterator[Any]) -> None:
             error = error or exc
     if error is not None:
         raise error
+
+
+async def within(awaitable: Awaitable[_T], seconds: float) -> _T:
+    """``await awaitable``, or ``TimeoutError`` after ``seconds``.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it returns normally when the caller is
+    cancelled just as the awaited work completes (gh-86296), so the cancellation is lost:
+    a Ctrl-C that arrived while a request slot was being taken let a whole encode run on.
+    ``asyncio.timeout`` (3.11) keeps it."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10

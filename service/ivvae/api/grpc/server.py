@@ -31,7 +31,7 @@ from ...config import Settings
 from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
-from ...core.tasks import aclose_all, finish
+from ...core.tasks import aclose_all, finish, within
 from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
@@ -161,7 +161,7 @@ async def _deadlined(stream: AsyncIterator[Any], seconds: float) -> AsyncIterato
     (a stream that sends its options and then nothing must not hold its RPC slot)."""
     while True:
         try:
-            item = await asyncio.wait_for(anext(stream, _END), seconds)
+            item = await within(anext(stream, _END), seconds)
         except TimeoutError:
             raise InvalidInput(f"no request message for {seconds:g} s: the stream was "
                                "dropped") from None
