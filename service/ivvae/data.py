@@ -22,12 +22,14 @@ shuffled the same way.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import posixpath
 import random
 import tarfile
+import time
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -84,6 +86,23 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
 def _from_latent_file(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
     tensors, meta = loads(data)
     return to_torch(tensors["latent"]), meta
+
+
+# pyarrow's thread pools can still be finishing a read's last tasks when the interpreter
+# exits, and a process that read parquet then aborts at exit now and then ("terminate called
+# without an active exception", apache/arrow#34314 and #39862): a failed job after all its
+# work, in about half of the runs on a busy machine. A moment at exit lets them finish (none
+# of the aborts in 30 runs that gave 13 without it). DataLoader workers end with os._exit
+# and never reach it.
+ARROW_SETTLE_S = 0.2
+_settling = False
+
+
+def _settle_arrow_at_exit() -> None:
+    global _settling
+    if not _settling:
+        _settling = True
+        atexit.register(time.sleep, ARROW_SETTLE_S)
 
 
 class DamagedPart(ValueError):
@@ -180,10 +199,9 @@ class _Shards:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # In this thread only, from bytes: pyarrow's reader threads outlive a process's last
-        # line and, now and then, abort it at exit ("terminate called without an active
-        # exception", apache/arrow#34314), a failed job after all its work. A shard is read
-        # whole anyway; its bytes go as soon as the table holds them.
+        _settle_arrow_at_exit()
+        # In this thread only, from bytes (a shard is read whole anyway; its bytes go as soon
+        # as the table holds them).
         data = self.loc.fs.cat_file(path)
         # Shards are written with page checksums (the manifest's sha256 is of the latent
         # file, which a row does not hold): a flipped byte fails here, not in training.
