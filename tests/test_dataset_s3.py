@@ -212,3 +212,48 @@ def test_parts_published_by_another_process_are_seen(
                     (json.dumps(record) + "\n").encode())
     after = load_state(loc, "files")
     assert "elsewhere.mp4" not in before.records and "elsewhere.mp4" in after.records
+
+
+def test_storage_that_fails_outside_oserror_is_exit_2_with_the_reason(
+        s3_server: S3Server, bucket_clips: tuple[str, dict[str, bytes]],  # noqa: F811
+        tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    # botocore's own errors (no credentials, no endpoint) are not OSError: they came out as
+    # "internal error", exit 1, where a job that cannot start or go on exits 2.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    src, _ = bucket_clips
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    no_keys = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    no_keys.update(AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=s3_server.endpoint,
+                   AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                   AWS_CONFIG_FILE=str(tmp_path / "none"))
+    for env, says in (({**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_MAX_ATTEMPTS": "1"},
+                       "Could not connect"),
+                      (no_keys, "credentials")):
+        done = subprocess.run(
+            [sys.executable, "-m", "ivvae.cli", "encode-dataset", src, str(tmp_path / "out"),
+             "--weights", str(tiny_weights), "--no-progress"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert says in done.stderr and "internal error" not in done.stderr, done.stderr
+
+
+def test_a_glob_source_carries_the_sidecars_beside_its_clips(
+        s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    src = s3_server.make_bucket("globbed")
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{src}/a/c0.mp4", media.make_video(None, frames=5, width=16, height=16))
+    fs.pipe_file(f"{src}/a/c0.txt", b"a caption")
+    fs.pipe_file(f"{src}/a/other.txt", b"not a sidecar")
+    out = s3_server.make_bucket("globbed-out") + "/v1"
+    asyncio.run(encode_dataset(f"{src}/a/*.mp4", out, encoder=in_process(tiny_weights),
+                               format="webdataset"))
+    ds = LatentDataset(out)
+    assert len(ds) == 1
+    meta = ds[0][1]
+    assert meta["source"] == "c0.mp4" and meta["sidecars"] == {".txt": b"a caption"}

@@ -91,11 +91,11 @@ from .media_types import MEDIA_SUFFIXES
 from .storage import (
     TMP_MARK,
     Location,
-    StorageError,
     content_sha256,
     file_identity,
     identity,
     publish_file,
+    storage_errors,
     temp_file_for,
 )
 from .storage import write_bytes as publish_bytes
@@ -314,14 +314,27 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
     return sources
 
 
+def _sidecars_beside(loc: Location, entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sidecars of the clips among ``entries`` that ``entries`` lacks: a glob for the
+    clips (``*.mp4``) matches none of them, so each clip folder is listed once."""
+    clips = [e["name"] for e in entries
+             if e.get("type") == "file" and _suffix(e["name"]) in MEDIA_SUFFIXES]
+    stems, known = {_stem(c) for c in clips}, {e["name"] for e in entries}
+    return [e for folder in sorted({posixpath.dirname(c) for c in clips})
+            for e in loc.fs.ls(folder, detail=True)
+            if e.get("type") == "file" and e["name"] not in known
+            and _stem(e["name"]) in stems and _suffix(e["name"]) not in MEDIA_SUFFIXES]
+
+
 def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Source]:
     """The clips of ``src`` (see the module docstring), sorted by name: a folder or URL
     prefix, a glob, or a list file."""
     src = str(src)
     if any(c in src for c in "*?["):
         loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
-        found = loc.fs.glob(Location.of(src).path, detail=True)
-        return _listing(loc, list(found.values()), hash_threads, descend=False)
+        entries = list(loc.fs.glob(Location.of(src).path, detail=True).values())
+        return _listing(loc, entries + _sidecars_beside(loc, entries), hash_threads,
+                        descend=False)
     loc = Location.of(src)
     try:
         info = loc.fs.info(loc.path)
@@ -989,7 +1002,7 @@ def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     closes), clean up after killed runs."""
     try:
         return _plan(job, model, held)
-    except (OSError, StorageError) as exc:  # no such bucket, no access, no driver
+    except storage_errors() as exc:  # no such bucket, no access, no credentials, no driver
         raise DatasetError(f"cannot open the job's source or output: {exc}") from exc
 
 
@@ -1257,7 +1270,7 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
     except DatasetError as exc:
         print(f"encode-dataset: {exc}", file=sys.stderr)
         return 2
-    except (OSError, StorageError) as exc:  # the output failed mid-run (a full disk)
+    except storage_errors() as exc:  # the output failed mid-run (a full disk, no endpoint)
         print(f"encode-dataset: stopped: {exc}; what was published is kept: run it again "
               "to finish", file=sys.stderr)
         return report(2) if summary.output else 2

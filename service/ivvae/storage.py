@@ -12,6 +12,7 @@ stores make visible only once it is complete. So a reader never sees half a file
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import posixpath
@@ -27,6 +28,19 @@ TMP_MARK = ".tmp-"  # in the name of a file being written; never in a published 
 
 class StorageError(Exception):
     """A URL that no installed filesystem can open."""
+
+
+@functools.cache
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What storage raises when it fails: ``OSError`` (s3fs and gcsfs turn most service
+    errors into one), ``StorageError``, and botocore's own errors that s3fs lets through
+    (no credentials, the endpoint unreachable) when botocore is installed."""
+    errors: tuple[type[BaseException], ...] = (OSError, StorageError)
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError)
 
 
 @dataclass(frozen=True)
