@@ -594,3 +594,18 @@ def test_an_engine_stopped_mid_run_reports_what_it_did(tmp_path: Path,
     report = json.loads(capsys.readouterr().out)
     assert (report["total"], report["encoded"], report["parts"]) == (6, 4, 2)
     assert report["interrupted"] and report["output"] == str(tmp_path / "out")
+
+
+def test_copies_of_clips_left_by_killed_runs_are_removed(tmp_path: Path) -> None:
+    from ivvae.dataset import SPOOL_PREFIX, _remove_orphaned_copies
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphan = tmp_path / f"{SPOOL_PREFIX}{gone}-abc.mp4"
+    mine = tmp_path / f"{SPOOL_PREFIX}{os.getpid()}-def.mp4"
+    alive = tmp_path / f"{SPOOL_PREFIX}1-ghi.mp4"  # init never exits
+    other = tmp_path / "unrelated.mp4"
+    for path in (orphan, mine, alive, other):
+        path.write_bytes(b"x")
+    _remove_orphaned_copies(str(tmp_path))
+    assert not orphan.exists() and mine.exists() and alive.exists() and other.exists()

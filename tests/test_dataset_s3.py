@@ -257,3 +257,21 @@ def test_a_glob_source_carries_the_sidecars_beside_its_clips(
     assert len(ds) == 1
     meta = ds[0][1]
     assert meta["source"] == "c0.mp4" and meta["sidecars"] == {".txt": b"a caption"}
+
+
+def test_a_prefix_that_is_also_an_object_and_an_empty_object_are_named(
+        s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    from ivvae.dataset import collect
+
+    src = s3_server.make_bucket("odd-keys")
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{src}/pfx", b"some text\n")  # an object with the folder's name
+    fs.pipe_file(f"{src}/pfx/c0.mp4", media.make_video(None, frames=5, width=16, height=16))
+    fs.pipe_file(f"{src}/pfx/empty.mp4", b"")
+    assert [s.name for s in collect(f"{src}/pfx/")] == ["c0.mp4", "empty.mp4"]
+    out = s3_server.make_bucket("odd-keys-out") + "/v1"
+    summary = asyncio.run(encode_dataset(f"{src}/pfx/", out, encoder=in_process(tiny_weights)))
+    assert (summary.encoded, summary.failed) == (1, 1)
+    failed = [json.loads(line) for line in fs.cat_file(f"{out}/{MANIFEST_NAME}").splitlines()
+              if json.loads(line)["status"] == "error"]
+    assert f"{src}/pfx/empty.mp4" in failed[0]["detail"], failed  # not the temporary copy

@@ -84,6 +84,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .core import strict
 from .core.names import PRECISIONS
 from .errors import BackendUnavailable, IVVAEError, Overloaded
 from .latents import LatentInfo
@@ -340,7 +341,8 @@ def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Sourc
         info = loc.fs.info(loc.path)
     except FileNotFoundError:
         raise DatasetError(f"{src} is neither a folder nor a list file") from None
-    if info.get("type") == "directory":
+    # A trailing slash means a folder, also where an object has the folder's name.
+    if info.get("type") == "directory" or src.endswith("/"):
         return _listing(loc, list(loc.fs.find(loc.path, detail=True).values()), hash_threads)
     if _suffix(loc.path) in MEDIA_SUFFIXES:
         raise DatasetError(f"{src} is one clip, not a dataset: give its folder, a glob or a "
@@ -1026,13 +1028,23 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     return Plan(out, config, sources, mine, todo)
 
 
+def _named(detail: str, copy: Path | None, source: Source) -> str:
+    """An error's text naming the source, not the temporary copy it was read from."""
+    return detail.replace(str(copy), source.url) if copy is not None else detail
+
+
+SPOOL_PREFIX = "ivvae-clip-"  # then the pid of the run that spooled it, "-", random
+
+
 def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
     """A local path of the clip and whether it is a temporary copy (of an object: the
     decoder then streams from disk, so a large object never sits in memory)."""
     loc = Location.of(source.url)
     if loc.local:
         return Path(loc.path), False
-    fd, tmp = tempfile.mkstemp(prefix="ivvae-clip-", suffix=_suffix(loc.path), dir=spool)
+    _remove_orphaned_copies(spool or tempfile.gettempdir())
+    fd, tmp = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-",
+                               suffix=_suffix(loc.path), dir=spool)
     os.close(fd)
     try:
         loc.fs.get_file(loc.path, tmp)
@@ -1040,6 +1052,27 @@ def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
         os.unlink(tmp)
         raise
     return Path(tmp), True
+
+
+_swept: set[str] = set()
+
+
+def _remove_orphaned_copies(folder: str) -> None:
+    """Once per process and folder: remove the copies of clips that runs killed mid-clip
+    left behind (their pid is gone); a node that runs job after job would fill its disk."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    for path in Path(folder).glob(SPOOL_PREFIX + "*-*"):
+        pid = path.name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if not strict.is_count(pid) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, another user's: not ours to remove
 
 
 def read_sidecars(source: Source) -> dict[str, bytes]:
@@ -1063,9 +1096,9 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
         extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
         encoded = await encoder.encode(path, options, source.name)
     except IVVAEError as exc:
-        return error_record(source, key, exc.code, exc.detail), None, {}
+        return error_record(source, key, exc.code, _named(exc.detail, copy, source)), None, {}
     except OSError as exc:
-        return error_record(source, key, "io_error", str(exc)), None, {}
+        return error_record(source, key, "io_error", _named(str(exc), copy, source)), None, {}
     finally:
         if copy is not None:
             copy.unlink(missing_ok=True)
