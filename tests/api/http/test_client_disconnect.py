@@ -84,3 +84,66 @@ def test_a_client_that_goes_away_mid_decode_frees_its_session(
         whole = httpx.post(url + "/decode?shape=1,4,17,32,32&dtype=float32&format=frames",
                            content=latent.tobytes(), timeout=60)
         assert whole.status_code == 200
+
+
+def test_a_client_that_stops_reading_is_cut_at_the_request_timeout(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # Between decoder steps nothing waited on the clock: a client that stopped reading a
+    # streamed decode held its session (and its memory budget share) for ever.
+    import numpy as np
+
+    latent = np.random.default_rng(0).standard_normal((1, 4, 33, 32, 32), np.float32)
+    request = (b"POST /decode?shape=1,4,33,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
+               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    with serve_process(tiny_weights, log=tmp_path / "serve.log",
+                       IVVAE_REQUEST_TIMEOUT_S="4") as url:
+        port = urlparse(url).port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request)
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more
+            deadline = time.monotonic() + 60
+            sessions = ("ivvae_active_sessions", 'kind="decode"')
+            while _gauge(url, *sessions) != 0:
+                assert time.monotonic() < deadline, "the stalled decode was never cut"
+                time.sleep(0.5)
+            assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
+
+
+async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() -> None:
+    # The mechanism alone, without a machine's socket buffers and speed in the way: a send
+    # that never completes (a client that reads nothing) ends the answer at its deadline.
+    import asyncio
+
+    import pytest
+
+    from ivvae.api.http.routes.decode import _ReadInTime
+    from ivvae.errors import DeadlineExceeded
+
+    closed = asyncio.Event()
+
+    async def body():  # type: ignore[no-untyped-def]
+        try:
+            for _ in range(100):
+                yield b"x" * 1024
+        finally:
+            closed.set()
+
+    sent: list[str] = []
+
+    async def send(message: dict) -> None:  # type: ignore[type-arg]
+        sent.append(message["type"])
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the client reads nothing
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        await asyncio.Event().wait()
+        return {}
+
+    response = _ReadInTime(body(), seconds=0.3, media_type="video/mp4")
+    with pytest.raises(DeadlineExceeded, match=r"did not read the answer within 0\.3 s"):
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.4"}},
+                                        receive, send), 10)
+    await asyncio.wait_for(closed.wait(), 5)
+    assert sent == ["http.response.start", "http.response.body"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,7 +33,7 @@ from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
 from ...core.tasks import aclose_all, finish, within
-from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
+from ...errors import DeadlineExceeded, EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
@@ -384,11 +385,25 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                     await context.write(pb.DecodeResponse(chunk=chunk))
                 return
             output = render(fmt, info, items[0], crf=crf, frames_dtype=frames_dtype)
+            # The client must take the stream within the request timeout: between decoder
+            # steps nothing else waits on the clock, and one that stopped reading held its
+            # session and its share of the memory budget for ever.
+            seconds = self.service.settings.request_timeout_s
+            deadline = time.monotonic() + seconds
+
+            async def write(response: Any) -> None:
+                try:
+                    await within(context.write(response), max(deadline - time.monotonic(),
+                                                              0.001))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"the client did not read the answer within "
+                                           f"{seconds:g} s") from None
+
             try:
-                await context.write(pb.DecodeResponse(info=message))
+                await write(pb.DecodeResponse(info=message))
                 async for piece in output:
                     for chunk in _chunks(piece):
-                        await context.write(pb.DecodeResponse(chunk=chunk))
+                        await write(pb.DecodeResponse(chunk=chunk))
             finally:
                 await finish(aclose_all(output, items[0]))
 

@@ -42,14 +42,21 @@ def authorize(request: Request, svc: Svc) -> None:
 Authorized = Depends(authorize)
 
 
+def _refuse_declared_size(request: Request, limit: int) -> None:
+    """413 now for a body that says it is too large (more digits than any count: too
+    large too; h11 has checked they are digits)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (
+            not strict.is_count(declared) or int(declared) > limit + MULTIPART_SLACK):
+        raise TooLarge(f"the upload is {declared} bytes; the limit is {limit}")
+
+
 async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     """The uploaded file's bytes and content type: multipart field ``file`` or raw body.
 
     Reading stops as soon as the cap is passed (413), before any parsing.
     """
-    declared = request.headers.get("content-length", "")
-    if strict.is_count(declared) and int(declared) > limit + MULTIPART_SLACK:
-        raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
+    _refuse_declared_size(request, limit)
     chunks, total = [], 0
     async for chunk in request.stream():
         total += len(chunk)
@@ -113,9 +120,7 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
     parser), so an upload costs its size on disk, not two to four times it in memory.
     Reading stops as soon as the cap is passed (413), before any parsing.
     """
-    declared = request.headers.get("content-length", "")
-    if strict.is_count(declared) and int(declared) > limit + MULTIPART_SLACK:
-        raise TooLarge(f"the upload is {int(declared)} bytes; the limit is {limit}")
+    _refuse_declared_size(request, limit)
     fd, name = tempfile.mkstemp(prefix="ivvae-upload-")
     path = Path(name)
     try:

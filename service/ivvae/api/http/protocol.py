@@ -90,6 +90,18 @@ class _BoundedH11(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # The body clock stops while reading is paused (the app is behind) and must start
+        # again when the app resumes it: otherwise a client that sent more than one buffer
+        # of its body and then stopped was held for ever.
+        resume = self.flow.resume_reading
+
+        def resume_reading() -> None:
+            resume()
+            if (self.conn.their_state is h11.SEND_BODY and self._lingering < 0
+                    and not self.transport.is_closing()):
+                self._arm(self.limits.body_timeout_s)
+
+        self.flow.resume_reading = resume_reading  # type: ignore[method-assign]
         over = len(self.connections) - self.limits.max_connections
         if over > self.limits.probe_reserve:
             transport.write(_TOO_MANY_CONNECTIONS)
