@@ -297,3 +297,47 @@ async def test_a_latent_found_by_its_weights_names_the_model_that_decodes_it(
     assert r.status_code == 200, r.text
     assert r.headers["X-Model"] == TINY_NAME
     assert loads(r.content)[1]["model_name"] == TINY_NAME
+
+
+async def test_frames_answers_are_inside_the_memory_budget_until_sent(
+        tiny_weights: Path) -> None:
+    # /frames built its answer (up to 512 MiB from a small upload) outside the budget and
+    # kept it while the client did not read: six at once took 8.7 GB on a 4 GB budget.
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        budget = client.app.state.service.pipeline.budget  # type: ignore[attr-defined]
+        taken: list[int] = []
+        acquire = budget.acquire
+
+        async def recording(nbytes: int):  # type: ignore[no-untyped-def]
+            taken.append(nbytes)
+            return await acquire(nbytes)
+
+        budget.acquire = recording
+        good = await client.post("/frames", files=_mp4_upload(GOOD))
+        assert good.status_code == 200
+        frames = int(good.headers["X-Frames"]) * int(good.headers["X-Width"]) * int(
+            good.headers["X-Height"]) * 3
+        assert taken == [3 * frames]  # the frames, joined, and the file
+        assert budget.reserved == 0  # given back once the answer was sent
+
+
+async def test_a_held_answer_not_taken_in_time_gives_its_reservation_back() -> None:
+    import asyncio
+
+    from ivvae.api.http.answers import HeldResponse
+    from ivvae.errors import DeadlineExceeded
+
+    released: list[bool] = []
+
+    async def send(message: dict) -> None:  # type: ignore[type-arg]
+        if message["type"] == "http.response.body":
+            await asyncio.Event().wait()  # the client reads nothing
+
+    async def receive() -> dict:  # type: ignore[type-arg]
+        await asyncio.Event().wait()
+        return {}
+
+    held = HeldResponse(b"x" * 100, release=lambda: released.append(True), seconds=0.2)
+    with pytest.raises(DeadlineExceeded):
+        await held({"type": "http"}, receive, send)
+    assert released == [True] and held.body == b""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
-from ....core.tasks import aclose_all, finish, within
+from ....core.tasks import aclose_all, finish
 from ....errors import DeadlineExceeded, InvalidInput
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
@@ -24,6 +23,7 @@ from ....wire import (
 )
 from ...metering import RequestMeter
 from .. import tensors
+from ..answers import in_time
 from ..deps import Authorized, Svc, read_body, unless_disconnected
 from ..errors import error_responses
 
@@ -114,17 +114,8 @@ class _ReadInTime(StreamingResponse):
         self.seconds = seconds
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        deadline = time.monotonic() + self.seconds
-
-        async def send_in_time(message: Any) -> None:
-            try:
-                await within(send(message), max(deadline - time.monotonic(), 0.001))
-            except TimeoutError:
-                raise DeadlineExceeded(f"the client did not read the answer within "
-                                       f"{self.seconds:g} s") from None
-
         try:
-            await super().__call__(scope, receive, send_in_time)
+            await super().__call__(scope, receive, in_time(send, self.seconds))
         except DeadlineExceeded:
             await finish(aclose_all(self.content))  # the session goes now, not at GC
             raise

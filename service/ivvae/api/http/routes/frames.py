@@ -18,6 +18,7 @@ from ....outputs import FRAMES_LAYOUT, MEDIA_TYPES
 from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
+from ..answers import HeldResponse
 from ..deps import Authorized, Svc, read_body, refuse_parameters, require_video_type
 from ..errors import error_responses, video_body
 
@@ -26,6 +27,15 @@ router = APIRouter(tags=["frames"], dependencies=[Authorized])
 # The most decoded bytes (T * H * W * 3) one answer holds: it is built in memory, and the
 # compare page keeps it and the reconstruction in a browser tab.
 MAX_FRAMES_BYTES = 512 * 1024 * 1024
+
+
+def _answer_bytes(data: bytes, limits: VideoLimits) -> int:
+    """What building the answer holds at most: the frames decoded, joined, and the file
+    (3x the frames), from the size and frame count the header declares (the cap without)."""
+    with open_video(data, limits=limits) as reader:
+        info = reader.info
+        frames = info.width * info.height * 3 * (info.num_frames or MAX_FRAMES_BYTES)
+    return 3 * min(frames, MAX_FRAMES_BYTES)
 
 
 def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str]]:
@@ -65,7 +75,17 @@ async def frames(request: Request, svc: Svc) -> Response:
         data, ctype = await read_body(request, s.max_upload_bytes)
         require_video_type(ctype)
         limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
-        body, meta = await asyncio.to_thread(_frames_file, data, limits)
-        return Response(body, media_type=MEDIA_TYPES["frames"], headers={
-            "X-Frames": meta["num_frames"], "X-Width": meta["width"],
-            "X-Height": meta["height"]})
+        # Up to 1.5 GB for one answer: within the memory budget like every other request,
+        # and held until the client has it (a 2 MB upload makes a 500 MB answer).
+        release = await svc.pipeline.budget.acquire(
+            await asyncio.to_thread(_answer_bytes, data, limits))
+        try:
+            body, meta = await asyncio.to_thread(_frames_file, data, limits)
+        except BaseException:
+            release()
+            raise
+        del data
+        return HeldResponse(body, release=release, seconds=s.request_timeout_s,
+                            media_type=MEDIA_TYPES["frames"], headers={
+                                "X-Frames": meta["num_frames"], "X-Width": meta["width"],
+                                "X-Height": meta["height"]})
