@@ -6,7 +6,8 @@ again, so a cleanup awaited plainly in a ``finally`` (closing a backend session,
 video) stops at its first await: the session's feature cache stays until its time-to-live
 and its gauge never comes down. ``finish`` runs the cleanup as a task of its own.
 
-And a time limit that never loses a cancellation (``within``).
+And a time limit that never loses a cancellation (``within``), and one on a whole answer
+sent piece by piece (``in_time``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
+
+from ..errors import DeadlineExceeded
 
 _T = TypeVar("_T")
 
@@ -76,3 +80,21 @@ async def within(awaitable: Awaitable[_T], seconds: float) -> _T:
         async with asyncio.timeout(seconds):
             return await awaitable
     return await asyncio.wait_for(awaitable, seconds)  # pragma: no cover - Python 3.10
+
+
+def in_time(send: Callable[[_T], Awaitable[Any]], seconds: float
+            ) -> Callable[[_T], Awaitable[None]]:
+    """``send`` (an ASGI ``send``, a gRPC ``context.write``), all of whose calls together
+    must end within ``seconds`` of now, else ``DeadlineExceeded``: a client that stops
+    reading an answer holds what the answer holds (a decode session, a share of the memory
+    budget) until its connection dies, and nothing else bounds that wait."""
+    deadline = time.monotonic() + seconds
+
+    async def send_in_time(message: _T) -> None:
+        try:
+            await within(send(message), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the client did not read the answer within "
+                                   f"{seconds:g} s") from None
+
+    return send_in_time

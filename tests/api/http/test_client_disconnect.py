@@ -118,7 +118,7 @@ async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() 
 
     import pytest
 
-    from ivvae.api.http.routes.decode import _ReadInTime
+    from ivvae.api.http.answers import StreamedInTime
     from ivvae.errors import DeadlineExceeded
 
     closed = asyncio.Event()
@@ -141,7 +141,7 @@ async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() 
         await asyncio.Event().wait()
         return {}
 
-    response = _ReadInTime(body(), seconds=0.3, media_type="video/mp4")
+    response = StreamedInTime(body(), seconds=0.3, media_type="video/mp4")
     with pytest.raises(DeadlineExceeded, match=r"did not read the answer within 0\.3 s"):
         await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": "2.4"}},
                                         receive, send), 10)

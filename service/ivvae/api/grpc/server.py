@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,8 +31,8 @@ from ...config import Settings
 from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
-from ...core.tasks import aclose_all, finish, within
-from ...errors import DeadlineExceeded, EmptyInput, InvalidInput, IVVAEError, TooLarge
+from ...core.tasks import aclose_all, finish, in_time, within
+from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
@@ -386,19 +385,8 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 return
             output = render(fmt, info, items[0], crf=crf, frames_dtype=frames_dtype)
             # The client must take the stream within the request timeout: between decoder
-            # steps nothing else waits on the clock, and one that stopped reading held its
-            # session and its share of the memory budget for ever.
-            seconds = self.service.settings.request_timeout_s
-            deadline = time.monotonic() + seconds
-
-            async def write(response: Any) -> None:
-                try:
-                    await within(context.write(response), max(deadline - time.monotonic(),
-                                                              0.001))
-                except TimeoutError:
-                    raise DeadlineExceeded(f"the client did not read the answer within "
-                                           f"{seconds:g} s") from None
-
+            # steps nothing else waits on the clock.
+            write = in_time(context.write, self.service.settings.request_timeout_s)
             try:
                 await write(pb.DecodeResponse(info=message))
                 async for piece in output:

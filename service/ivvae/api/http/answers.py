@@ -1,32 +1,35 @@
-"""Answers a client must take in time: one that stops reading holds what the answer holds
-(a decode session, a share of the memory budget, the bytes of the answer) until its
-connection dies, and nothing else bounds that wait."""
+"""Answers a client must take in time (``ivvae.core.tasks.in_time``, the request timeout):
+one that stops reading holds what the answer holds (a decode session, a share of the memory
+budget, the bytes of the answer) until its connection dies, and nothing else bounds that
+wait."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
-from ...core.tasks import within
+from ...core.tasks import aclose_all, finish, in_time
 from ...errors import DeadlineExceeded
 
 
-def in_time(send: Any, seconds: float) -> Any:
-    """``send``, each message of which must go within ``seconds`` of now, all together
-    (``DeadlineExceeded`` after)."""
-    deadline = time.monotonic() + seconds
+class StreamedInTime(StreamingResponse):
+    """A streamed answer the client must take within ``seconds`` of its start. Between
+    decoder steps nothing else waits on the clock."""
 
-    async def send_in_time(message: Any) -> None:
+    def __init__(self, content: AsyncIterator[bytes], *, seconds: float,
+                 **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.content = content
+        self.seconds = seconds
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await within(send(message), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:
-            raise DeadlineExceeded(f"the client did not read the answer within "
-                                   f"{seconds:g} s") from None
-
-    return send_in_time
+            await super().__call__(scope, receive, in_time(send, self.seconds))
+        except DeadlineExceeded:
+            await finish(aclose_all(self.content))  # the session goes now, not at GC
+            raise
 
 
 class HeldResponse(Response):

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
 from ....core.tasks import aclose_all, finish
-from ....errors import DeadlineExceeded, InvalidInput
+from ....errors import InvalidInput
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
     DecodeTarget,
@@ -23,7 +22,7 @@ from ....wire import (
 )
 from ...metering import RequestMeter
 from .. import tensors
-from ..answers import in_time
+from ..answers import StreamedInTime
 from ..deps import Authorized, Svc, read_body, unless_disconnected
 from ..errors import error_responses
 
@@ -93,32 +92,13 @@ async def decode(request: Request, svc: Svc) -> Response:
             except BaseException:
                 await finish(aclose_all(chunks, items[0]))
                 raise
-            return _ReadInTime(_stream(first, chunks, items[0]),
-                               seconds=svc.settings.request_timeout_s,
+            return StreamedInTime(_stream(first, chunks, items[0]),
+                                  seconds=svc.settings.request_timeout_s,
                                media_type=MEDIA_TYPES[form.output], headers=headers)
         body, media = await unless_disconnected(
             request, render_batch(form.output, info, items, crf=form.crf,
                                       frames_dtype=form.frames_dtype))
         return Response(body, media_type=media, headers=headers)
-
-
-class _ReadInTime(StreamingResponse):
-    """A streamed answer the client must take within ``seconds`` of its start (the request
-    timeout). Between decoder steps nothing else waits on the clock: a client that stopped
-    reading held its decode session and its share of the memory budget for ever."""
-
-    def __init__(self, content: AsyncIterator[bytes], *, seconds: float,
-                 **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.content = content
-        self.seconds = seconds
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, in_time(send, self.seconds))
-        except DeadlineExceeded:
-            await finish(aclose_all(self.content))  # the session goes now, not at GC
-            raise
 
 
 async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
