@@ -116,12 +116,14 @@ def _resume(trainer: Trainer, *, read_only: bool) -> bool:
     """``trainer.resume()``. Read-only (an export while the run may still be going): the
     folder is left as it is, and a save that moves the checkpoint away under the read is
     met by reading the newest one again."""
+    from .model.checkpoint import CheckpointError
+
     if not read_only:
         return trainer.resume()
     for attempt in range(3):
         try:
             return trainer.resume(recover=False)
-        except (OSError, ValueError):
+        except (OSError, CheckpointError):  # a file moved away under the read
             if attempt == 2:
                 raise
             time.sleep(1.0)

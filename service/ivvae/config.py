@@ -148,11 +148,12 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _some_key(cls, value: str) -> str:
+        keys = _keys(value)
         # "," or " , " would otherwise mean "no keys", which silently disables auth.
-        if value and not any(k.strip() for k in value.split(",")):
+        if value and not keys:
             raise ValueError("IVVAE_API_KEYS holds no key (only commas and spaces); leave it "
                              "empty to disable auth, or list the keys")
-        if not all(strict.is_api_key(k.strip()) for k in value.split(",") if k.strip()):
+        if not all(map(strict.is_api_key, keys)):
             # No client could send such a key: a typo, not a key (the key is not shown).
             raise ValueError("IVVAE_API_KEYS holds a key with characters a header cannot "
                              "carry: visible ASCII only (inner spaces allowed)")
@@ -202,7 +203,7 @@ class Settings(BaseSettings):
 
     @property
     def api_key_set(self) -> frozenset[str]:
-        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+        return frozenset(_keys(self.api_keys))
 
     @property
     def extra_weight_paths(self) -> dict[str, Path]:
@@ -216,3 +217,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"IVVAE_EXTRA_WEIGHTS entry {item!r} is not NAME=PATH")
             out[strict.model_name(name.strip())] = Path(path.strip())
         return out
+
+
+def _keys(api_keys: str) -> list[str]:
+    """The keys of ``IVVAE_API_KEYS`` (comma-separated; spaces around each dropped)."""
+    return [k.strip() for k in api_keys.split(",") if k.strip()]

@@ -265,8 +265,9 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
         self.use_tiling = False
 
     @property
-    def _groups_per_step(self) -> int:
-        return 1 if self.use_tiling else 4
+    def _steps(self) -> dict[str, int]:
+        """The model's step options: one group per step when tiled, else its own default."""
+        return {"groups_per_step": 1} if self.use_tiling else {}
 
     def encode(self, x: Tensor, return_dict: bool = True) -> Any:
         """``x`` ``(B, 3, T, H, W)`` float in [-1, 1] -> ``.latent_dist`` over
@@ -275,8 +276,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
             raise ValueError(f"x must be (B, 3, T, H, W), got {tuple(x.shape)}")
         if not x.is_floating_point():  # uint8 frames would be encoded as [0, 255]
             raise ValueError(f"x must be float in [-1, 1], got {x.dtype}")
-        parts = [self.model.encode_moments(item, groups_per_step=self._groups_per_step)
-                 for item in self._slices(x)]
+        parts = [self.model.encode_moments(item, **self._steps) for item in self._slices(x)]
         mean = torch.cat([p[0] for p in parts]).to(x.dtype)
         logvar = torch.cat([p[1] for p in parts]).to(x.dtype)
         dist = DiagonalGaussian(mean, logvar)
@@ -297,7 +297,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
             raise ValueError(f"z must be a float tensor, got {z.dtype}")
         videos = [self.model.decode(c.scale_factor * (item.float() - c.shift_factor),
                                     num_frames=num_frames, height=height, width=width,
-                                    groups_per_step=self._groups_per_step)
+                                    **self._steps)
                   for item in self._slices(z)]
         video = torch.cat(videos).to(z.dtype)
         return _decoder_output(video) if return_dict else (video,)

@@ -160,6 +160,11 @@ def check_state_dict(cfg: IVVAEConfig, sd: StateDict) -> None:
         raise CheckpointError(f"non-float tensors in weights: {', '.join(sorted(bad)[:10])}")
 
 
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters holding a NaN or an infinity (a diverged run's)."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
 def weights_sha256(sd: StateDict) -> str:
     """Content hash of the weights, independent of file format (.pth or .safetensors)."""
     h = hashlib.sha256()

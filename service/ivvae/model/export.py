@@ -50,6 +50,7 @@ from ..core.artifacts import (
 from ..core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
 from ..core.version import __version__
 from .artifacts import load_steps
+from .checkpoint import nonfinite_parameters
 from .steps import DecoderStep, EncoderStep
 from .vae import IVVAE
 
@@ -371,7 +372,7 @@ def export_artifacts(vae: IVVAE, out: str | Path, fmt: str, model_info: Mapping[
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    bad = [name for name, p in vae.named_parameters() if not bool(torch.isfinite(p).all())]
+    bad = nonfinite_parameters(vae)
     if bad:
         raise ExportError(f"the weights hold NaN or infinite values ({len(bad)} tensors, e.g. "
                           f"{bad[0]}): a diverged training run? Nothing was exported")

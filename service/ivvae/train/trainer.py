@@ -33,7 +33,12 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..core.geometry import latent_shape
-from ..model.checkpoint import load_model, save_safetensors, save_tensors
+from ..model.checkpoint import (
+    load_model,
+    nonfinite_parameters,
+    save_safetensors,
+    save_tensors,
+)
 from ..model.config import IVVAEConfig
 from ..model.device import parse_device, torch_device
 from ..model.vae import IVVAE
@@ -257,7 +262,7 @@ class Trainer:
     def save(self) -> None:
         # On every rank (they hold the same weights): one that stopped alone would leave
         # the others waiting at the barrier after the save.
-        if not all(bool(torch.isfinite(p).all()) for p in self.vae.parameters()):
+        if nonfinite_parameters(self.vae):
             raise Diverged(f"the weights hold NaN or infinite values after step {self.step}: "
                            "training diverged; the last checkpoint is kept. Lower --lr and "
                            "run again")
@@ -359,7 +364,7 @@ class Trainer:
         crop = cfg.image_crop if image else cfg.video_crop
         t0 = time.perf_counter()
         x = self.stage_data[stage].batch(seed=cfg.seed, rank=self.rank, step=self.step,
-                            batch_size=batch, frames=frames, crop=crop)
+                                         batch_size=batch, frames=frames, crop=crop)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.rank * 7919 + self.step)
         # drawn on the CPU: the same on every device
         eps = torch.randn(latent_shape(cfg.z_dim, frames, crop, crop, batch), generator=g)
@@ -423,9 +428,8 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(bad)
         if bad.item():
-            saved = (json.loads((self.ckpt_dir / "state.json").read_text())["step"]
-                     if (self.ckpt_dir / "state.json").exists() else None)
-            kept = (f"the checkpoint of step {saved} is kept" if saved is not None
+            newest = newest_checkpoint(self.out)
+            kept = (f"the checkpoint of step {newest[1]['step']} is kept" if newest
                     else "no checkpoint was written")
             raise Diverged(f"the loss is not a finite number at step {self.step} (lr {lr:g}): "
                            f"training diverged; {kept}. Lower --lr (or --kl-weight, "
