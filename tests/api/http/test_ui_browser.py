@@ -68,10 +68,17 @@ def test_compare_page_shows_what_ivvae_eval_computes(tmp_path: Path, server: str
     assert state == "done", chromium.driver.find_element("id", "status").text
     shown = {name: chromium.driver.find_element("id", name).text
              for name in ("psnr", "ssim", "latent-shape", "video-size")}
+    value = {name: float(chromium.driver.find_element("id", name).get_attribute("data-value"))
+             for name in ("psnr", "ssim")}
     [report] = evaluate(load_model(tiny_weights), [clip], precisions=["float32"])
     expected = report.results["ivvae float32"]
-    assert shown["psnr"] == f"{expected.mean_psnr:.2f}", (shown, expected.mean_psnr)
-    assert shown["ssim"] == f"{expected.mean_ssim:.4f}", (shown, expected.mean_ssim)
+    # The page computes in float64 JavaScript, `ivvae eval` in float32 torch; they differ by
+    # up to about 2e-5 in SSIM, so rounded to the shown digits they can still fall on either
+    # side of a boundary (0.111145 against 0.111150 showed 0.1111 against 0.1112). The
+    # unrounded values must agree within one unit of the last digit shown.
+    assert value["psnr"] == pytest.approx(expected.mean_psnr, abs=0.01), (value, expected)
+    assert value["ssim"] == pytest.approx(expected.mean_ssim, abs=1e-4), (value, expected)
+    assert shown["psnr"] == f"{value['psnr']:.2f}" and shown["ssim"] == f"{value['ssim']:.4f}"
     assert shown["latent-shape"] == "1 × 4 × 5 × 4 × 5"
     assert shown["video-size"].startswith("17 frames 40×32")
     # Both pictures are drawn, at the clip's size, and the latent can be downloaded.

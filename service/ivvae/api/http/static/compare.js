@@ -303,6 +303,9 @@ async function run() {
     const m = state.metrics;
     $("psnr").textContent = m.meanPsnr.toFixed(2);
     $("ssim").textContent = m.meanSsim.toFixed(4);
+    // The unrounded values, for whoever compares them with `ivvae eval` (the text is rounded).
+    $("psnr").dataset.value = m.meanPsnr;
+    $("ssim").dataset.value = m.meanSsim;
     $("latent-shape").textContent = (encoded.headers.get("X-Latent-Shape") || "").split(",").join(" × ");
     $("latent-size").textContent = `${bytes(latent.byteLength)} (input ${bytes(file.size)})`;
     $("video-size").textContent = `${original.t} frames ${original.w}×${original.h} at ${original.fps.toFixed(2)} fps`;
