@@ -121,11 +121,14 @@ class Settings(BaseSettings):
     # -- connections -----------------------------------------------------------------------
     # HTTP: the bytes and lines of a request head; the time to send it (from the connection's
     # opening or the previous response); the longest gap inside a request body; idle time
-    # between requests; open connections (past it: 503 and closed at once).
+    # between requests; open connections (past it: 503 and closed at once). The bytes a second
+    # a body must average after its first body timeout (0: no bound): without it one byte
+    # every 29 seconds holds a connection and a request for ever.
     http_max_header_bytes: int = Field(64 * 1024, ge=4096)
     http_max_headers: int = Field(100, ge=8)
     http_header_timeout_s: float = Field(10.0, gt=0)
     http_body_timeout_s: float = Field(30.0, gt=0)
+    http_body_min_rate: float = Field(500.0, ge=0)
     http_keepalive_s: float = Field(5.0, gt=0)
     max_connections: int = Field(1024, ge=1)
 

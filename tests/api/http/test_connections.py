@@ -19,6 +19,7 @@ from tests.api.http.test_bad_input import malformed_latents
 
 HEADER_TIMEOUT_S = 3.0  # 64 connects, or a keep-alive gap, must fit well inside it
 BODY_TIMEOUT_S = 1.0
+BODY_MIN_RATE = 500  # bytes a second, after the first BODY_TIMEOUT_S
 MAX_CONNECTIONS = 64
 # How long a client waits for what the server must do "within its timeout": the timeout
 # plus room for a loaded CI machine. Not a performance check.
@@ -33,6 +34,7 @@ def server(tiny_weights: Path) -> Iterator[ServeProcess]:
         IVVAE_ENABLE_GRPC="false",
         IVVAE_HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
         IVVAE_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        IVVAE_HTTP_BODY_MIN_RATE=str(BODY_MIN_RATE),
         IVVAE_HTTP_KEEPALIVE_S="30",
         IVVAE_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
         IVVAE_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
@@ -138,8 +140,43 @@ def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
             sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
                          b"Content-Length: 99000\r\n\r\n" + b"\0" * sent)
             reply = _read_all(sock)  # socket.timeout (SLACK_S) if the server never closes
-        assert b" 500 " not in reply[:20], sent
+        assert reply.startswith(b"HTTP/1.1 408"), (sent, reply[:200])
+        assert b"too slowly" in reply
     _wait_healthy(server)
+
+
+def test_a_trickled_body_is_cut_off_though_no_gap_is_long(server: ServeProcess) -> None:
+    # A byte every half body timeout: each gap is fine, the pace is not.
+    with _connect(server) as sock:
+        sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                     b"Content-Length: 99000\r\n\r\n")
+        sock.setblocking(False)
+        reply, start = b"", time.monotonic()
+        while not reply and time.monotonic() - start < SLACK_S:
+            sock.sendall(b"\0")
+            time.sleep(BODY_TIMEOUT_S / 2)
+            with contextlib.suppress(BlockingIOError):
+                reply = sock.recv(65536)
+        # Answered while the client was still sending (a client that stopped would be cut
+        # off by the gap timer alone).
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    _wait_healthy(server)
+
+
+def test_a_body_slower_than_the_gap_timeout_in_all_but_at_a_good_pace_is_served(
+    server: ServeProcess,
+) -> None:
+    video = media.make_video(None, frames=17, width=48, height=48)
+    pieces = [video[i:i + 250] for i in range(0, len(video), 250)]
+    assert len(pieces) * 0.25 > 2 * BODY_TIMEOUT_S  # longer in all than the first allowance
+    with _connect(server) as sock:
+        sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(video))
+        for piece in pieces:  # 1000 bytes a second, twice the minimum rate
+            sock.sendall(piece)
+            time.sleep(0.25)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
 
 
 def test_a_declared_size_past_any_count_is_refused_at_once(server: ServeProcess) -> None:

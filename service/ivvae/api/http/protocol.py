@@ -4,7 +4,8 @@ uvicorn (0.55) bounds the bytes of a request head (``h11_max_incomplete_event_si
 the idle time between requests (``timeout_keep_alive``), but not: the time a client takes
 to send a request head (a connection that sends nothing, or a byte a second, is held
 forever: slowloris), the gaps in a request body, the number of headers, or the number of
-connections (idle ones exhaust file descriptors). And after an early response (a 413 on a
+connections (idle ones exhaust file descriptors), nor a body's overall pace (one byte every
+29 seconds keeps a 30-second gap timer happy for ever). And after an early response (a 413 on a
 body still arriving) the connection keeps the rest of that body coming. This subclass adds
 those bounds; :class:`ConnectionLimits` holds them and ``ivvae serve`` builds them from
 the settings.
@@ -41,25 +42,42 @@ _TOO_MANY_CONNECTIONS = _raw_response(b"503 Service Unavailable", _OVERLOADED, b
 LIVENESS_PATH = "/healthz"
 
 
+_BODY_TOO_SLOW = (b'{"error": "deadline_exceeded", "detail": "the request body came too slowly '
+                  b'(a gap past the body timeout, or under the minimum rate)"}')
+
+
+@dataclass
+class _BodyPace:
+    started: float  # loop time the body began
+    received: int = 0  # bytes since (roughly: the first read may hold the head's end)
+    paused_s: float = 0.0  # time reading was paused by us, which is not the client's
+    paused_at: float | None = None
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """``max_header_bytes``: the whole request head (h11 answers 400 past it).
     ``max_headers``: header lines per request (431 past it). ``header_timeout_s``: from
     the connection's opening, or the end of the previous response, to a complete request
     head. ``body_timeout_s``: the longest gap between pieces of a request body (while the
-    app is reading it). ``max_connections``: open connections; more are answered 503 and
-    closed at once, except ``probe_reserve`` more that serve only ``GET``/``HEAD`` of the
-    liveness path (a liveness probe that failed whenever the service is busiest would have
-    the orchestrator restart it exactly then, dropping every request in flight); any other
-    request on them gets the same 503. ``linger_s`` / ``linger_bytes``: after an early
-    response, how long and how much of the rest of the body is read and dropped before
-    closing (closing at once would reset the connection under the client's feet, and it
-    might never read the response)."""
+    app is reading it). ``body_min_rate``: bytes a second a body must average, after a
+    first ``body_timeout_s`` of grace (as Apache's mod_reqtimeout ``MinRate``: each byte
+    earns ``1 / body_min_rate`` seconds more; 0: no overall bound). Time with reading
+    paused by us (the app is behind) does not count against the client. A body past
+    either bound is answered 408 and the connection ends. ``max_connections``: open
+    connections; more are answered 503 and closed at once, except ``probe_reserve`` more
+    that serve only ``GET``/``HEAD`` of the liveness path (a liveness probe that failed
+    whenever the service is busiest would have the orchestrator restart it exactly then,
+    dropping every request in flight); any other request on them gets the same 503.
+    ``linger_s`` / ``linger_bytes``: after an early response, how long and how much of the
+    rest of the body is read and dropped before closing (closing at once would reset the
+    connection under the client's feet, and it might never read the response)."""
 
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
+    body_min_rate: float = 500.0
     max_connections: int = 1024
     probe_reserve: int = 8
     linger_s: float = 2.0
@@ -85,6 +103,7 @@ class _BoundedH11(H11Protocol):
         self._probe_only = False  # past max_connections: health paths only
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
+        self._body: _BodyPace | None = None  # the pace of the request body now arriving
 
     # -- connection --------------------------------------------------------------------------
 
@@ -93,14 +112,23 @@ class _BoundedH11(H11Protocol):
         # The body clock stops while reading is paused (the app is behind) and must start
         # again when the app resumes it: otherwise a client that sent more than one buffer
         # of its body and then stopped was held for ever.
-        resume = self.flow.resume_reading
+        pause, resume = self.flow.pause_reading, self.flow.resume_reading
+
+        def pause_reading() -> None:
+            if self._body is not None and not self.flow.read_paused:
+                self._body.paused_at = self.loop.time()
+            pause()
 
         def resume_reading() -> None:
+            if self._body is not None and self._body.paused_at is not None:
+                self._body.paused_s += self.loop.time() - self._body.paused_at
+                self._body.paused_at = None
             resume()
             if (self.conn.their_state is h11.SEND_BODY and self._lingering < 0
                     and not self.transport.is_closing()):
-                self._arm(self.limits.body_timeout_s)
+                self._arm_body()
 
+        self.flow.pause_reading = pause_reading  # type: ignore[method-assign]
         self.flow.resume_reading = resume_reading  # type: ignore[method-assign]
         over = len(self.connections) - self.limits.max_connections
         if over > self.limits.probe_reserve:
@@ -120,7 +148,12 @@ class _BoundedH11(H11Protocol):
             if self._lingering > self.limits.linger_bytes:
                 self.transport.close()
             return
+        pace = self._body
+        if pace is not None:
+            pace.received += len(data)  # before h11 sees it: the timer it arms counts these
         super().data_received(data)
+        if pace is None and self._body is not None:
+            self._body.received = len(data)  # the body began in this read (with the head's end)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -128,16 +161,20 @@ class _BoundedH11(H11Protocol):
             return
         state = self.conn.their_state
         if state is h11.SEND_BODY:
+            if self._body is None:
+                self._body = _BodyPace(started=self.loop.time())
             # Body pieces must keep coming, but only while we read them: with reading
             # paused (the app is behind) the client is not the slow one.
             if self.flow.read_paused:
                 self._disarm()
             else:
-                self._arm(self.limits.body_timeout_s)
+                self._arm_body()
         elif state is not h11.IDLE:
+            self._body = None
             self._disarm()  # the request is in; the app's time is bounded elsewhere
 
     def on_response_complete(self) -> None:
+        self._body = None
         if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             self._linger()
             return
@@ -162,6 +199,16 @@ class _BoundedH11(H11Protocol):
         self._disarm()
         self._deadline = self.loop.call_later(seconds, self._expired)
 
+    def _arm_body(self) -> None:
+        """The next gap, or the end of the body's overall allowance if that comes first."""
+        seconds = self.limits.body_timeout_s
+        pace, rate = self._body, self.limits.body_min_rate
+        if pace is not None and rate > 0:
+            allowed = (pace.started + pace.paused_s + self.limits.body_timeout_s
+                       + pace.received / rate)
+            seconds = min(seconds, max(0.0, allowed - self.loop.time()))
+        self._arm(seconds)
+
     def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
@@ -171,8 +218,18 @@ class _BoundedH11(H11Protocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.conn.their_state is h11.SEND_BODY and self.flow.read_paused:
-            return  # paused by us since the timer was armed: not the client's fault
+        if self.conn.their_state is h11.SEND_BODY:
+            if self.flow.read_paused:
+                return  # paused by us since the timer was armed: not the client's fault
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_started:
+                # Answer, and tell the app at once (its receive() sees a disconnect and
+                # anything it sends is dropped): the connection is ended either way.
+                cycle.response_started = cycle.disconnected = True
+                cycle.message_event.set()
+                self.transport.write(_raw_response(b"408 Request Timeout", _BODY_TOO_SLOW))
+                self._linger()
+                return
         self.transport.close()
 
     def _linger(self) -> None:
