@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     max_source_pixels: int = Field(4096 * 2304, ge=1)
     max_source_seconds: float = Field(4 * 3600.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # Bytes a second an upload (an HTTP body, a gRPC request stream) must average after a
+    # first allowance of one gap timeout (http_body_timeout_s, grpc_read_timeout_s); 0: no
+    # bound. Without it one byte every 29 seconds holds a connection and a request for ever.
+    min_upload_rate: float = Field(500.0, ge=0)
     # The process's memory bound (ivvae.memory): step sizes are planned from it, what cannot
     # fit is refused (413), and requests queue for it. 0: 75% of the machine's (or the
     # container's) memory.
@@ -121,14 +125,11 @@ class Settings(BaseSettings):
     # -- connections -----------------------------------------------------------------------
     # HTTP: the bytes and lines of a request head; the time to send it (from the connection's
     # opening or the previous response); the longest gap inside a request body; idle time
-    # between requests; open connections (past it: 503 and closed at once). The bytes a second
-    # a body must average after its first body timeout (0: no bound): without it one byte
-    # every 29 seconds holds a connection and a request for ever.
+    # between requests; open connections (past it: 503 and closed at once).
     http_max_header_bytes: int = Field(64 * 1024, ge=4096)
     http_max_headers: int = Field(100, ge=8)
     http_header_timeout_s: float = Field(10.0, gt=0)
     http_body_timeout_s: float = Field(30.0, gt=0)
-    http_body_min_rate: float = Field(500.0, ge=0)
     http_keepalive_s: float = Field(5.0, gt=0)
     max_connections: int = Field(1024, ge=1)
 

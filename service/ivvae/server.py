@@ -137,7 +137,7 @@ async def serve(settings: Settings) -> None:
                 max_headers=settings.http_max_headers,
                 header_timeout_s=settings.http_header_timeout_s,
                 body_timeout_s=settings.http_body_timeout_s,
-                body_min_rate=settings.http_body_min_rate,
+                body_min_rate=settings.min_upload_rate,
                 max_connections=settings.max_connections,
             )
             config = uvicorn.Config(app, host=settings.host, port=settings.port,

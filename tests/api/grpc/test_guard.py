@@ -32,6 +32,7 @@ def server(tiny_weights: Path) -> Iterator[ServeProcess]:
     with ServeProcess(tiny_weights, IVVAE_API_KEYS=KEY,
                       IVVAE_GRPC_MAX_CONCURRENT_RPCS=str(CAP),
                       IVVAE_GRPC_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+                      IVVAE_MIN_UPLOAD_RATE="500",
                       IVVAE_TORCH_THREADS="1") as srv:
         yield srv
 
@@ -108,6 +109,36 @@ def test_streams_that_go_quiet_do_not_lock_others_out(server: ServeProcess) -> N
     assert codes.count(grpc.StatusCode.UNAVAILABLE) >= 20 - CAP  # over the cap: refused
     assert grpc.StatusCode.INVALID_ARGUMENT in codes  # admitted, then dropped when quiet
     assert grpc.StatusCode.OK not in codes
+
+
+def test_a_trickled_stream_is_cut_off_though_no_gap_is_long(server: ServeProcess) -> None:
+    async def scenario() -> tuple[grpc.aio.AioRpcError, float]:
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            call = pb_grpc.IVVAEStub(channel).Encode(metadata=AUTH)
+            await call.write(pb.EncodeRequest(options=pb.EncodeOptions()))
+            await call.initial_metadata()
+            start = time.monotonic()
+            # A byte every half read timeout: each gap is fine, the pace is not. The call
+            # must end while this is still sending.
+            while time.monotonic() - start < READ_TIMEOUT_S + SLACK_S:
+                try:
+                    await call.write(pb.EncodeRequest(chunk=b"\0"))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    break
+                await asyncio.sleep(READ_TIMEOUT_S / 2)
+                if call.done():
+                    break
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                return exc, time.monotonic() - start
+            raise AssertionError("the trickled upload was served")
+
+    exc, took = asyncio.run(scenario())
+    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+    assert "too slowly" in (exc.details() or ""), exc
+    assert took < READ_TIMEOUT_S + SLACK_S
 
 
 def test_cap_refusal_carries_the_error_code(server: ServeProcess) -> None:

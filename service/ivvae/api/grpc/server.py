@@ -32,7 +32,7 @@ from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
 from ...core.tasks import aclose_all, finish, in_time, within
-from ...errors import EmptyInput, InvalidInput, IVVAEError, TooLarge
+from ...errors import DeadlineExceeded, EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
@@ -269,12 +269,20 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         await context.send_initial_metadata(())
         parts: list[bytes] = []
         total = 0
+        rate, grace = self.settings.min_upload_rate, self.settings.grpc_read_timeout_s
+        start = asyncio.get_running_loop().time()
         async for request in _prepend(None if has_options else first, stream):
             kind = request.WhichOneof("part")
             if kind == "chunk":
                 total += len(request.chunk)
                 if total > limit:
                     raise TooLarge(f"the {what} exceeds the limit of {limit} bytes")
+                # Each gap is bounded by the read timeout; this bounds their sum.
+                late = asyncio.get_running_loop().time() - start - grace
+                if rate and late > total / rate:
+                    raise DeadlineExceeded(
+                        f"the {what} came too slowly: {total} bytes in {late + grace:.0f} s, "
+                        f"under the minimum of {rate:g} bytes a second")
                 parts.append(request.chunk)
             elif kind == "options":
                 raise InvalidInput("options must be the first message of the stream, and "
