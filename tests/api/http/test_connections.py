@@ -301,3 +301,19 @@ async def test_a_head_over_the_limit_in_one_piece_is_refused() -> None:
         await guarded(scope, None, send)
     assert served == [b"a=" + b"x" * 500]
     assert sent[0]["status"] == 431 and b"over 1000 bytes" in sent[1]["body"]  # type: ignore[operator]
+
+
+def test_an_absolute_form_target_is_served_as_its_path(server: ServeProcess) -> None:
+    # RFC 9112 3.2.2: a server must accept "GET http://host/path" (proxies send it).
+    with _connect(server) as sock:
+        sock.sendall(b"GET http://example.com/healthz HTTP/1.1\r\nHost: example.com\r\n"
+                     b"Connection: close\r\n\r\n")
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    video = media.make_video(None, frames=5, width=16, height=16)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", f"http://127.0.0.1:{server.port}/encode?output_type=pt",
+                 body=video, headers={"Content-Type": "video/mp4"})
+    answer = conn.getresponse()
+    assert answer.status == 200, answer.read()[:300]
+    conn.close()

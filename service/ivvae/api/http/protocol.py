@@ -21,6 +21,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -254,6 +255,7 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         if scope["type"] != "http":
             await app(scope, receive, send)
             return
+        scope = _origin_form(scope)
         if probe_only() and not (scope["method"] in ("GET", "HEAD")
                                  and scope["path"] == LIVENESS_PATH):
             await _respond(send, 503, _OVERLOADED, (b"retry-after", b"1"))
@@ -271,6 +273,18 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         await app(scope, receive, send)
 
     return guarded
+
+
+def _origin_form(scope: Any) -> Any:
+    """``POST http://host/encode`` (absolute-form, which servers must accept: RFC 9112
+    3.2.2; proxies and some clients send it) as ``POST /encode``; uvicorn routes the whole
+    URL as the path."""
+    raw: bytes = scope.get("raw_path") or b""
+    scheme, sep, rest = raw.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return scope
+    raw = b"/" + rest.partition(b"/")[2]
+    return {**scope, "raw_path": raw, "path": unquote(raw.decode("latin-1"))}
 
 
 async def _respond(send: Any, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
