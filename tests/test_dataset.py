@@ -609,3 +609,10 @@ def test_copies_of_clips_left_by_killed_runs_are_removed(tmp_path: Path) -> None
         path.write_bytes(b"x")
     _remove_orphaned_copies(str(tmp_path))
     assert not orphan.exists() and mine.exists() and alive.exists() and other.exists()
+
+
+def test_two_jobs_opening_one_new_output_together_cannot_both_own_it(tmp_path: Path) -> None:
+    from tests.dataset_race import race
+
+    results = race([str(tmp_path / f"out{i}") for i in range(40)])
+    assert all(r == ["owner", "refused"] for r in results), Counter(map(tuple, results))

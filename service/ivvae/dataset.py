@@ -880,23 +880,27 @@ def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -
     it is new or holds the same job, ``out_url/versions/<key>`` with ``new_version``."""
     out = Location.of(out_url)
     path = out.join(STATE_DIR, JOB_NAME)
-    if out.fs.exists(path):
-        held = json.loads(out.fs.cat_file(path))
-        if held.get("key") == config.key:
+    if not out.fs.exists(path):
+        body = {"key": config.key, "config": config.as_dict()}
+        try:
+            # Workers of different jobs that start together into a new OUT: exactly one
+            # creates the job file (written over, a loser could go on writing its latents
+            # beside the winner's), and the others read it as an existing job.
+            publish_bytes(out, path, json.dumps(body, indent=1, sort_keys=True).encode(),
+                          create=True)
             return out
-        if not new_version:
-            changes = "; ".join(_differences(held.get("config", {}), config.as_dict()))
-            raise DatasetError(
-                f"{out_url} holds another job (key {str(held.get('key'))[:12]}): {changes}. "
-                "Use another OUT, or --new-version to write this one to "
-                f"{VERSIONS_DIR}/{config.key[:16]}/ under it")
-        return open_output(out.url(out.join(VERSIONS_DIR, config.key[:16])), config)
-    body = {"key": config.key, "config": config.as_dict()}
-    publish_bytes(out, path, json.dumps(body, indent=1, sort_keys=True).encode())
-    # Workers of different jobs that started together into a new OUT: one of them wins.
-    if json.loads(out.fs.cat_file(path)).get("key") != config.key:
-        return open_output(out_url, config, new_version=new_version)
-    return out
+        except FileExistsError:
+            pass
+    held = json.loads(out.fs.cat_file(path))
+    if held.get("key") == config.key:
+        return out
+    if not new_version:
+        changes = "; ".join(_differences(held.get("config", {}), config.as_dict()))
+        raise DatasetError(
+            f"{out_url} holds another job (key {str(held.get('key'))[:12]}): {changes}. "
+            "Use another OUT, or --new-version to write this one to "
+            f"{VERSIONS_DIR}/{config.key[:16]}/ under it")
+    return open_output(out.url(out.join(VERSIONS_DIR, config.key[:16])), config)
 
 
 @contextlib.contextmanager

@@ -110,10 +110,16 @@ def content_sha256(fs: AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def write_bytes(loc: Location, path: str, data: bytes, tag: str = "") -> None:
+def write_bytes(loc: Location, path: str, data: bytes, tag: str = "", *,
+                create: bool = False) -> None:
     """Publish ``data`` at ``path`` whole or not at all (``tag``: in the temporary's name,
     so that its writer can tell its own leftovers apart; ``ivvae.core.files`` names its
-    temporaries by pid only, which is why this does not use it)."""
+    temporaries by pid only, which is why this does not use it).
+
+    ``create``: only if nothing is at ``path`` (FileExistsError otherwise), decided at once
+    by the store: a hard link locally, a conditional put (``If-None-Match: *``) on S3.
+    Stores that cannot do that (fsspec's fallback) check first, which two writers can race.
+    """
     if loc.local:
         loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}{TMP_MARK}{tag}{secrets.token_hex(4)}"
@@ -122,13 +128,17 @@ def write_bytes(loc: Location, path: str, data: bytes, tag: str = "") -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            if create:
+                os.link(tmp, path)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
     else:
-        loc.fs.pipe_file(path, data)
+        loc.fs.pipe_file(path, data, mode="create" if create else "overwrite")
 
 
 def publish_file(loc: Location, local_tmp: str, path: str) -> None:
