@@ -616,3 +616,39 @@ def test_two_jobs_opening_one_new_output_together_cannot_both_own_it(tmp_path: P
 
     results = race([str(tmp_path / f"out{i}") for i in range(40)])
     assert all(r == ["owner", "refused"] for r in results), Counter(map(tuple, results))
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    (["--server", "127.0.0.1:1", "--weights", "w.safetensors"], "--weights applies only to"),
+    (["--server", "127.0.0.1:1", "--device", "cuda:3", "--encode-precision", "bfloat16"],
+     "--device, --encode-precision apply only to the in-process model"),
+    (["--api-key", "k"], "--api-key applies only with --server"),
+    (["--workers", "8"], "--workers applies only with --engine ray"),
+    (["--address", "local", "--gpus-per-worker", "1"], "apply only with --engine ray"),
+])
+def test_options_that_would_be_ignored_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], named: str,
+) -> None:
+    # With --server the server's model encodes: --weights used to be dropped without a
+    # word, and the run recorded the server's weights as if that had been asked for.
+    import argparse
+
+    from ivvae.dataset import add_arguments
+    from ivvae.dataset import main as dataset_main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    src = make_clips(tmp_path / "src", count=1)
+    out = tmp_path / "out"
+    assert dataset_main(parser.parse_args([str(src), str(out), *extra])) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ray_worker_counts_out_of_range_are_refused_by_name() -> None:
+    pytest.importorskip("ray")
+    from ivvae.dataset import EncoderSpec, Job
+    from ivvae.ray import run_on_ray
+
+    with pytest.raises(DatasetError, match="--workers must be at least 1"):
+        run_on_ray(Job("src", "out"), EncoderSpec(), workers=0)

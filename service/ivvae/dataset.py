@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from .core import strict
 from .core.names import PRECISIONS
@@ -116,6 +116,9 @@ PARTS_DIR = f"{STATE_DIR}/parts"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
 LOCK_NAME = "lock"
+SHARD_CLIPS = 1000  # a shard's clips at most (--shard-clips)
+SHARD_MB = 1024.0  # and its MiB (--shard-mb)
+_T = TypeVar("_T")
 SHARD_SUFFIX: dict[Format, str] = {"files": "", "webdataset": ".tar", "parquet": ".parquet"}
 JOB_SCHEMA = "ivvae.encode-dataset/1"
 
@@ -576,8 +579,8 @@ class PartWriter:
     part's record file. ``publish`` starts the next part; records of clips that failed go
     into the record file too (a part may hold only those)."""
 
-    def __init__(self, out: Location, fmt: Format, prefix: str, *, shard_clips: int = 1000,
-                 shard_bytes: int = 1 << 30, row_group_clips: int = 64,
+    def __init__(self, out: Location, fmt: Format, prefix: str, *, shard_clips: int = SHARD_CLIPS,
+                 shard_bytes: int = int(SHARD_MB * 2**20), row_group_clips: int = 64,
                  spool: str | None = None) -> None:
         self.out, self.fmt, self.prefix = out, fmt, prefix
         self.run_id = f"{int(time.time()):010x}{secrets.token_hex(3)}"
@@ -970,8 +973,8 @@ class Job:
     options: ClipOptions = ClipOptions()
     shard: tuple[int, int] = (0, 1)
     concurrency: int = 4
-    shard_clips: int = 1000
-    shard_bytes: int = 1 << 30
+    shard_clips: int = SHARD_CLIPS
+    shard_bytes: int = int(SHARD_MB * 2**20)
     row_group_clips: int = 64
     new_version: bool = False
 
@@ -1241,9 +1244,37 @@ def _index_shard(args: argparse.Namespace) -> tuple[int, int]:
     return 0, 1
 
 
+# Options that mean something only with another: given without it they would be ignored,
+# and a run that silently did something else than asked (another model's weights, one
+# shard size for files) is worse than a refusal. (option, where it applies, applies?)
+_APPLIES: tuple[tuple[tuple[str, ...], str, Callable[[argparse.Namespace], bool]], ...] = (
+    (("weights", "device", "encode_precision"),
+     "only to the in-process model: with --server the server's model encodes (choose it "
+     "with --model)", lambda a: not a.server),
+    (("api_key", "ca_cert"), "only with --server", lambda a: bool(a.server)),
+    (("address", "workers", "cpus_per_worker", "gpus_per_worker"),
+     "only with --engine ray", lambda a: a.engine == "ray"),
+)
+
+
+def _given(value: _T | None, default: _T) -> _T:
+    """An option's value, or its default when not given (not ``or``: 0 is a value, and
+    refused by name where it is out of range)."""
+    return default if value is None else value
+
+
+def _check_applicable(args: argparse.Namespace) -> None:
+    for names, where, applies in _APPLIES:
+        given = [n for n in names if getattr(args, n, None) is not None]
+        if given and not applies(args):
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise DatasetError(f"{flags} {'applies' if len(given) == 1 else 'apply'} {where}")
+
+
 def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
     from .video.preprocess import PREPROCESS_KEYS, Preprocess
 
+    _check_applicable(args)
     params: list[tuple[str, str]] = []
     for name in PREPROCESS_KEYS:
         value = getattr(args, name, None)
@@ -1258,10 +1289,12 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
                           preprocess="" if preprocess.is_identity else preprocess.canonical())
     job = Job(args.src, args.out, format=args.format, options=options,
               shard=_index_shard(args), concurrency=args.concurrency,
-              shard_clips=args.shard_clips, shard_bytes=int(args.shard_mb * 2**20),
+              shard_clips=_given(args.shard_clips, SHARD_CLIPS),
+              shard_bytes=int(_given(args.shard_mb, SHARD_MB) * 2**20),
               new_version=args.new_version)
     spec = EncoderSpec(server=args.server or "", weights=args.weights or "",
-                       device=args.device, encode_precision=args.encode_precision,
+                       device=args.device or "cpu",
+                       encode_precision=args.encode_precision or PRECISIONS[0],
                        api_key=args.api_key or os.environ.get("IVVAE_API_KEY"),
                        ca_cert=args.ca_cert, timeout=args.timeout, retries=args.retries)
     return job, spec
@@ -1291,9 +1324,10 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
         if args.engine != "local":
             if engine is None:
                 raise DatasetError(f"--engine {args.engine} is not available here")
-            engine(job, spec, address=args.address, workers=args.workers,
-                   cpus_per_worker=args.cpus_per_worker,
-                   gpus_per_worker=args.gpus_per_worker, summary=summary)
+            engine(job, spec, address=_given(args.address, "auto"),
+                   workers=_given(args.workers, 1),
+                   cpus_per_worker=_given(args.cpus_per_worker, 1.0),
+                   gpus_per_worker=_given(args.gpus_per_worker, 0.0), summary=summary)
             return report(1 if summary.failed else 0)
 
         async def run() -> Summary:
@@ -1330,26 +1364,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="encode through this service: grpc://HOST:PORT, "
                    "HOST:PORT or http(s)://HOST:PORT (default: in-process model)")
     p.add_argument("--weights", help="in-process weights file (default: bundled)")
-    p.add_argument("--device", default="cpu", help="in-process torch device (cpu, cuda:0)")
-    p.add_argument("--encode-precision", default=PRECISIONS[0], choices=PRECISIONS,
+    p.add_argument("--device", help="in-process torch device (cpu, cuda:0; default: cpu)")
+    p.add_argument("--encode-precision", choices=PRECISIONS,
                    help=f"in-process encoder compute precision (default: {PRECISIONS[0]})")
     p.add_argument("--shard", type=_shard, metavar="I/N",
                    help="this worker's share (default: $JOB_COMPLETION_INDEX/"
                    "$IVVAE_SHARD_COUNT when both are set, else 0/1)")
-    p.add_argument("--shard-clips", type=int, default=1000, help="clips per shard")
-    p.add_argument("--shard-mb", type=float, default=1024.0, help="MiB per shard at most")
+    p.add_argument("--shard-clips", type=int, help="clips per shard; with --format files, "
+                   f"per published part of the manifest (default: {SHARD_CLIPS})")
+    p.add_argument("--shard-mb", type=float,
+                   help=f"MiB per shard (or part) at most (default: {SHARD_MB:g})")
     p.add_argument("--new-version", action="store_true",
                    help="OUT holds a different job: write this one to OUT/versions/<key>/")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: this process; ray: encode actors on a Ray cluster "
                    "(default: local)")
-    p.add_argument("--address", default="auto", help="Ray cluster address (--engine ray; "
-                   "default: the cluster this machine belongs to, 'local': start one here)")
-    p.add_argument("--workers", type=int, default=1, help="Ray encode actors")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
+    p.add_argument("--address", help="Ray cluster address (--engine ray; default 'auto': "
+                   "the cluster this machine belongs to, 'local': start one here)")
+    p.add_argument("--workers", type=int, help="Ray encode actors (default: 1)")
+    p.add_argument("--cpus-per-worker", type=float,
                    help="CPUs per Ray encode actor (default: 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="with --device cuda: GPUs per Ray encode actor (e.g. 1)")
+    p.add_argument("--gpus-per-worker", type=float,
+                   help="with --device cuda: GPUs per Ray encode actor (e.g. 1; default 0)")
     p.add_argument("--concurrency", type=int, default=4, help="clips in flight (default 4)")
     p.add_argument("--api-key", help="default: $IVVAE_API_KEY")
     p.add_argument("--ca-cert", help="PEM CA bundle for https:// or grpcs:// servers with a "

@@ -139,6 +139,10 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
     """Run ``job`` on the Ray cluster at ``address`` (``"local"``: start one on this
     machine), or on the one this process already joined. ``summary`` is filled as clips
     finish, so an interrupted run still says what it did."""
+    if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
+        raise DatasetError(f"--workers must be at least 1 (got {workers}), --cpus-per-worker "
+                           f"above 0 (got {cpus_per_worker:g}), --gpus-per-worker at least 0 "
+                           f"(got {gpus_per_worker:g})")
     if not ray.is_initialized():
         # ray.init makes SIGTERM exit at once (sys.exit(15)); the command's own handler
         # (an interrupt: the summary, then exit 130) is put back.
