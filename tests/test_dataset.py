@@ -344,6 +344,19 @@ async def test_unknown_protocol_and_unreadable_output_are_clear_errors(
         await encode_dataset(clips, blocked / "out", server=server.grpc_url)
 
 
+def test_a_list_file_names_clips_as_written_spaces_included(clips: Path,
+                                                              tmp_path: Path) -> None:
+    import shutil
+
+    for name in (" lead.mp4", "trail.mp4 "):
+        shutil.copy(clips / "a" / "clip01.mp4", tmp_path / name)
+    listing = tmp_path / "list.txt"
+    listing.write_text("# clips\n lead.mp4\n\n   \ntrail.mp4 \r\n")
+    sources = collect(listing)
+    assert [s.name for s in sources] == [" lead.mp4", "trail.mp4 "]
+    assert all(s.identity for s in sources)
+
+
 def test_a_single_clip_or_a_binary_file_is_no_list(clips: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="one clip, not a dataset"):
         collect(clips / "a" / "clip01.mp4")

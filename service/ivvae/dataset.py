@@ -6,8 +6,9 @@
 
 Sources (``SRC``, local or any fsspec URL): a folder or URL prefix (searched recursively for
 video and image files; in a local folder, symbolic links are followed), a glob
-(``s3://b/clips/*/*.mp4``), or a list file (one path or URL a line; relative ones are
-relative to the list's folder; blank lines and ``#`` comments are skipped). A source that
+(``s3://b/clips/*/*.mp4``), or a list file (one path or URL a line, as written, spaces
+included; relative ones are relative to the list's folder; blank lines and lines starting
+with ``#`` are skipped). A source that
 holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files next to
 a clip with its stem and another suffix (``clip.txt``, ``clip.json``) are its sidecars:
 they go into webdataset and parquet samples as they are.
@@ -361,9 +362,10 @@ def _from_list(listing: Location, hash_threads: int) -> list[Source]:
     except UnicodeDecodeError:
         raise DatasetError(f"{listing.url()} is not a list file (not UTF-8 text)") from None
     entries: list[tuple[str, Location]] = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
+    for entry in text.splitlines():
+        # Taken as written, spaces included (names may begin or end with one, as GNU tar's
+        # -T reads them); blank lines and lines starting with # are skipped.
+        if not entry.strip() or entry.startswith("#"):
             continue
         if "://" in entry:
             entries.append((entry, Location.of(entry)))
