@@ -28,6 +28,7 @@ from ivvae.dataset import (
     PARTS_DIR,
     ClipOptions,
     DatasetError,
+    EncoderSpec,
     _locked,
     collect,
     encode_dataset,
@@ -660,8 +661,32 @@ def test_options_that_would_be_ignored_are_refused_by_name(
 
 def test_ray_worker_counts_out_of_range_are_refused_by_name() -> None:
     pytest.importorskip("ray")
-    from ivvae.dataset import EncoderSpec, Job
+    from ivvae.dataset import Job
     from ivvae.ray import run_on_ray
 
     with pytest.raises(DatasetError, match="--workers must be at least 1"):
         run_on_ray(Job("src", "out"), EncoderSpec(), workers=0)
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+async def test_moments_stored_with_moments_are_read_back(
+        fmt: str, clips: Path, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    # --moments stored mu and logvar in every format, and ivvae.data dropped them.
+    import torch
+
+    out = tmp_path / "out"
+    summary = await encode_dataset(
+        clips, out, encoder=EncoderSpec(weights=str(tiny_weights), torch_threads=1),
+        format=fmt, options=ClipOptions(moments=True))
+    assert summary.encoded == CLIPS
+    for latent, meta in LatentDataset(str(out)):
+        mu, logvar = meta["moments"]["mu"], meta["moments"]["logvar"]
+        assert mu.shape == logvar.shape == latent.shape and mu.dtype == torch.float32
+        # The stored latent is the scaled mean (no --sample): mu is its unscaled moment.
+        scale, shift = float(meta["scale_factor"]), float(meta["shift_factor"])
+        torch.testing.assert_close(latent, scale * (mu - shift))
+        assert not torch.equal(logvar, torch.zeros_like(logvar))
+    plain = tmp_path / "plain"
+    await encode_dataset(clips, plain, encoder=EncoderSpec(weights=str(tiny_weights),
+                                                           torch_threads=1), format=fmt)
+    assert all("moments" not in meta for _, meta in LatentDataset(str(plain)))

@@ -11,8 +11,11 @@ outputs, in any of its formats, local or in object storage.
 Both read ``OUT/manifest.jsonl`` to learn which clips are done and where (a file, or a
 shard and its member), so they see exactly the clips a finished run published, never a
 superseded sample of a re-encoded clip. ``meta`` is the latent file's metadata (strings;
-see ``ivvae.latents.META_KEYS``) plus ``source`` and, for webdataset and parquet, the
-clip's ``sidecars`` (suffix -> bytes).
+see ``ivvae.latents.META_KEYS``) plus ``source``; for webdataset and parquet, the clip's
+``sidecars`` (suffix -> bytes); and for a run with ``--moments``, ``moments``: ``{"mu":
+..., "logvar": ...}``, float32 tensors of the latent's shape, unscaled (the latent is
+``scaling_factor * (mu - shift_factor)``, or a sample around it), for training that draws
+its own posterior samples.
 
 The iterable variant gives whole shards to workers: each ``DataLoader`` worker (and each
 distributed rank, ``rank`` / ``world_size``) reads its own shards, in an order shuffled by
@@ -83,9 +86,17 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
     return torch.from_numpy(array.copy())
 
 
-def _from_latent_file(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
+def _from_latent_file(data: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
     tensors, meta = loads(data)
-    return to_torch(tensors["latent"]), meta
+    return to_torch(tensors["latent"]), {**meta, **_moments(tensors.get("mu"),
+                                                            tensors.get("logvar"))}
+
+
+def _moments(mu: Tensor | None, logvar: Tensor | None) -> dict[str, Any]:
+    """``{"moments": {...}}`` where the clip has them, else nothing."""
+    if mu is None or logvar is None:
+        return {}
+    return {"moments": {"mu": to_torch(mu), "logvar": to_torch(logvar)}}
 
 
 # pyarrow's thread pools can still be finishing a read's last tasks when the interpreter
@@ -206,7 +217,7 @@ class _Shards:
         # Shards are written with page checksums (the manifest's sha256 is of the latent
         # file, which a row does not hold): a flipped byte fails here, not in training.
         table = pq.read_table(pa.BufferReader(data), columns=[
-            "source", "latent", "shape", "dtype", "metadata", "sidecars"],
+            "source", "latent", "mu", "logvar", "shape", "dtype", "metadata", "sidecars"],
             page_checksum_verification=True, use_threads=False, pre_buffer=False)
         del data
         rows = table.to_pylist()
@@ -216,9 +227,12 @@ class _Shards:
             dtype = DTYPE_NAMES[row["dtype"]]
             array = np.frombuffer(row["latent"], dtype=DTYPES[dtype]).reshape(row["shape"])
             meta = json.loads(row["metadata"])
+            moments = [None if row[name] is None else Tensor("F32", np.frombuffer(
+                row[name], dtype=DTYPES["F32"]).reshape(row["shape"])) for name in ("mu", "logvar")]
             out[record["source"]] = (to_torch(Tensor(dtype, array)),
                                      {**meta, "source": row["source"],
-                                      "sidecars": dict(row["sidecars"] or [])})
+                                      "sidecars": dict(row["sidecars"] or []),
+                                      **_moments(*moments)})
         return out
 
 
