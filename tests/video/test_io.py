@@ -35,6 +35,7 @@ from ivvae.video import (
     exact_rate,
     open_video,
 )
+from ivvae.video.preprocess import Preprocess
 from tests import media
 
 Frames = npt.NDArray[np.uint8]
@@ -303,6 +304,26 @@ def test_variable_frame_rate_keeps_every_frame_in_order() -> None:
         decoded = reader.read_all()
     assert_same_frames(decoded, media.make_frames(len(timestamps), 32, 24), 22.0)
     assert 24 * len(timestamps) / 17 - 1 < info.fps < 24
+
+
+@pytest.mark.parametrize("fps", [24, 12, 30])
+def test_a_variable_rate_clip_resampled_gives_the_frames_its_plan_counts(fps: int) -> None:
+    # The plan counts a clip's frames as its declared frames over its average rate (its
+    # declared duration); the last frame used to last 1 / average rate instead, so a
+    # variable-rate clip gave one frame more than counted, and num_frames of what it
+    # gives was refused as too many.
+    timestamps = [0, 1, 2, 5, 6, 7, 12, 13, 20, 21, *range(22, 40)]
+    data = media.make_video(
+        None, frames=len(timestamps), width=32, height=24, fps=24, timestamps=timestamps
+    )
+    options = Preprocess.parse({"fps": str(fps)})
+    with open_video(data, preprocess=options) as reader:
+        counted = options.available_frames(reader.info.num_frames, reader.info.fps)
+        given = len(reader.read_all())
+    assert counted == given == round(40 * fps / 24)
+    exact = Preprocess.parse({"fps": str(fps), "num_frames": str(given)})
+    with open_video(data, preprocess=exact) as reader:
+        assert len(reader.read_all()) == given
 
 
 @pytest.mark.parametrize("name", ["bikes", "carphone_pristine", "bigbuckbunny"])

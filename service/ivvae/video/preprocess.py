@@ -409,8 +409,8 @@ class FrameSelector:
     """Which source frames become output frames, decided as frames stream in.
 
     A source frame shown from ``t_i`` to ``t_{i+1}`` (seconds from the first frame; the
-    last one lasts ``1 / source_fps``) is emitted once for every output time that falls in
-    that interval: with ``fps``, the times ``start + k / fps`` (so frames are dropped or
+    last one until the stream's declared end, else for ``1 / source_fps``) is emitted once
+    for every output time that falls in that interval: with ``fps``, the times ``start + k / fps`` (so frames are dropped or
     repeated); otherwise the frame on screen at ``start_s`` (or frame ``start_frame``) and
     every ``stride``-th frame after it. The interval of a frame is known only when the next
     one arrives, so ``push`` answers for the previous frame.
@@ -436,11 +436,21 @@ class FrameSelector:
         self._index += 1
         return copies
 
-    def finish(self) -> int:
-        """The stream ended: how many times to emit the last frame."""
+    def finish(self, end: float | None = None) -> int:
+        """The stream ended: how many times to emit the last frame. ``end``: where the
+        stream declares it ends (seconds from the first frame), if it does.
+
+        The declared end is what ``Preprocess.available_frames`` counts with (a declared
+        frame count over the average rate is the declared duration), so a variable-rate
+        clip gives the frames its plan promised: its last frame's own length is not
+        ``1 / average rate``. An end before the last frame, or far past it (a header
+        that disagrees with the timestamps), is not taken."""
         if self._prev is None:
             return 0
-        return self._copies(self._prev, self._prev + self._frame_s)
+        last = self._prev + self._frame_s
+        if end is not None and self._prev + self._EPS < end <= self._prev + 4 * self._frame_s:
+            last = end
+        return self._copies(self._prev, last)
 
     def _copies(self, begin: float, end: float) -> int:
         o = self._o

@@ -337,6 +337,14 @@ def _declared_seconds(stream: VideoStream, container: InputContainer) -> float |
     return seconds
 
 
+def _stream_end(stream: VideoStream) -> float | None:
+    """Where the stream declares its last frame ends, in seconds of presentation time."""
+    if stream.start_time is None or stream.duration is None or stream.time_base is None:
+        return None
+    end = float((stream.start_time + stream.duration) * stream.time_base)
+    return end if math.isfinite(end) else None
+
+
 def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> int | None:
     if stream.frames > 0:
         return stream.frames
@@ -427,10 +435,12 @@ class VideoReader:
         limits: VideoLimits,
         plan: Plan,
         declared_seconds: float | None = None,
+        stream_end: float | None = None,
     ) -> None:
         self.info = info
         self.plan = plan
         self._declared_seconds = declared_seconds
+        self._stream_end = stream_end
         self._container = container
         self._file = file
         self._frames = frames
@@ -491,7 +501,7 @@ class VideoReader:
             raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
                            f"{limits.max_frames}")
         return cls(container, file, frames, first, info, turn, limits, plan,
-                   _tagged_duration(stream))
+                   _tagged_duration(stream), _stream_end(stream))
 
     def iter_frames(self, chunk: int) -> Iterator[Frames]:
         """Yield the output frames in order as ``(n, H, W, 3)`` uint8 RGB, ``n <= chunk``.
@@ -578,7 +588,9 @@ class VideoReader:
                     return
             previous = frame
         if previous is not None:
-            copies = selector.finish()
+            end = (None if self._stream_end is None or origin is None
+                   else self._stream_end - origin)
+            copies = selector.finish(end)
             while copies and (limit is None or produced < limit):
                 copies -= 1
                 yield from self._emit(previous, produced)
