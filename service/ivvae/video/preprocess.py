@@ -410,10 +410,11 @@ class FrameSelector:
 
     A source frame shown from ``t_i`` to ``t_{i+1}`` (seconds from the first frame; the
     last one until the stream's declared end, else for ``1 / source_fps``) is emitted once
-    for every output time that falls in that interval: with ``fps``, the times ``start + k / fps`` (so frames are dropped or
-    repeated); otherwise the frame on screen at ``start_s`` (or frame ``start_frame``) and
-    every ``stride``-th frame after it. The interval of a frame is known only when the next
-    one arrives, so ``push`` answers for the previous frame.
+    for every output time that falls in that interval: with ``fps``, the times
+    ``start + k / fps`` (so frames are dropped or repeated); otherwise the frame on screen
+    at ``start_s`` (or frame ``start_frame``) and every ``stride``-th frame after it. The
+    interval of a frame is known only when the next one arrives, so ``push`` answers for
+    the previous frame.
     """
 
     _EPS = 1e-6  # timestamps are rounded to the stream's time base
