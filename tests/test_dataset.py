@@ -27,6 +27,7 @@ from ivvae.dataset import (
     MANIFEST_NAME,
     PARTS_DIR,
     ClipOptions,
+    Columns,
     DatasetError,
     EncoderSpec,
     _locked,
@@ -690,3 +691,77 @@ async def test_moments_stored_with_moments_are_read_back(
     await encode_dataset(clips, plain, encoder=EncoderSpec(weights=str(tiny_weights),
                                                            torch_threads=1), format=fmt)
     assert all("moments" not in meta for _, meta in LatentDataset(str(plain)))
+
+
+def _encoder(weights: Path) -> EncoderSpec:
+    return EncoderSpec(weights=str(weights), torch_threads=1)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+async def test_a_csv_of_paths_and_captions_gives_each_clip_its_caption(
+        fmt: str, tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # As LTX-2's process_dataset.py reads a dataset: media_path and caption columns; the
+    # caption travels as the sample's .txt (what webdataset loaders read), the row as .json.
+    import csv
+
+    src = make_clips(tmp_path / "src", count=3)
+    table = src / "dataset.csv"
+    rows = [{"media_path": "b/clip00.mp4", "caption": "a red ball, rolling", "score": "4.5"},
+            {"media_path": "a/clip01.mp4", "caption": "two lines\nof \"caption\"", "score": ""}]
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["media_path", "caption", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    summary = await encode_dataset(table, out, encoder=_encoder(tiny_weights), format=fmt)
+    assert (summary.total, summary.encoded) == (2, 2)  # the table's rows, not the folder
+    got = {meta["source"]: meta["sidecars"] for _, meta in LatentDataset(str(out))}
+    for row in rows:
+        sidecars = got[row["media_path"]]
+        assert sidecars[".txt"].decode() == row["caption"]  # over b/clip00.txt beside it
+        assert json.loads(sidecars[".json"]) == row
+    # A caption edited in the table makes that clip's sample new; the other is skipped.
+    rows[1]["caption"] = "an edited caption"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["media_path", "caption", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    again = await encode_dataset(table, out, encoder=_encoder(tiny_weights), format=fmt)
+    assert (again.encoded, again.skipped) == (1, 1)
+    got = {meta["source"]: meta["sidecars"] for _, meta in LatentDataset(str(out))}
+    assert got["a/clip01.mp4"][".txt"] == b"an edited caption"
+
+
+def test_jsonl_and_json_tables_and_their_columns(tmp_path: Path) -> None:
+    src = make_clips(tmp_path / "src", count=2)
+    (src / "m.jsonl").write_text(
+        '{"video_path": "a/clip01.mp4", "caption": "one"}\n\n'
+        '{"video_path": "b/clip00.mp4", "caption": "zero", "fps": 10}\n')
+    by_name = {s.name: dict(s.given) for s in collect(src / "m.jsonl")}
+    assert by_name["a/clip01.mp4"][".txt"] == b"one"
+    assert json.loads(by_name["b/clip00.mp4"][".json"])["fps"] == 10
+    # FastVideo's shape: a JSON array, captions as a list (kept in the row, no .txt).
+    (src / "v.json").write_text(json.dumps([{"path": "a/clip01.mp4", "cap": ["x", "y"]}]))
+    [source] = collect(src / "v.json")
+    assert ".txt" not in dict(source.given)
+    assert json.loads(dict(source.given)[".json"])["cap"] == ["x", "y"]
+    # Columns by name.
+    (src / "c.csv").write_text("clip,description\na/clip01.mp4,hello\n")
+    [source] = collect(src / "c.csv", columns=Columns("clip", "description"))
+    assert dict(source.given)[".txt"] == b"hello"
+    with pytest.raises(DatasetError, match=r"no column names the clips.*columns: clip, "
+                       r"description.*--path-column"):
+        collect(src / "c.csv")
+    with pytest.raises(DatasetError, match=r"no column 'clip_path'.*its columns: clip"):
+        collect(src / "c.csv", columns=Columns("clip_path"))
+    (src / "gap.csv").write_text("path,caption\na/clip01.mp4,x\n,y\n")
+    with pytest.raises(DatasetError, match="row 2 has no 'path'"):
+        collect(src / "gap.csv")
+    (src / "bad.jsonl").write_text('{"path": "a/clip01.mp4"}\n[1, 2]\n')
+    with pytest.raises(DatasetError, match="objects"):
+        collect(src / "bad.jsonl")
+    (src / "torn.json").write_text('[{"path": "a/clip01.mp4"')
+    with pytest.raises(DatasetError, match="not a readable json table"):
+        collect(src / "torn.json")
+    with pytest.raises(DatasetError, match=r"apply to a \.csv/\.jsonl/\.json list"):
+        collect(src, columns=Columns(caption="text"))

@@ -8,10 +8,16 @@ Sources (``SRC``, local or any fsspec URL): a folder or URL prefix (searched rec
 video and image files; in a local folder, symbolic links are followed), a glob
 (``s3://b/clips/*/*.mp4``), or a list file (one path or URL a line, as written, spaces
 included; relative ones are relative to the list's folder; blank lines and lines starting
-with ``#`` are skipped). A source that
-holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files next to
-a clip with its stem and another suffix (``clip.txt``, ``clip.json``) are its sidecars:
-they go into webdataset and parquet samples as they are.
+with ``#`` are skipped). A list may also be a table, as training tools keep their
+datasets: ``.csv`` (with a header), ``.jsonl`` or ``.json`` (an array of objects), one row
+per clip. Its clip column is ``--path-column`` or the first of ``PATH_COLUMNS``
+(``media_path``, ``video_path``, ``video``, ``path``, ...); its caption, ``--caption-column``
+or the first of ``CAPTION_COLUMNS`` (``caption``, ``text``, ``prompt``, ``cap``), becomes the
+clip's ``.txt`` sidecar and the whole row its ``.json`` sidecar (in place of files beside
+the clip with those suffixes). A source that holds no clip at all is refused (exit 2): it
+is a mistyped prefix, not a job. Files next to a clip with its stem and another suffix
+(``clip.txt``, ``clip.json``) are its sidecars: they go into webdataset and parquet samples
+as they are. A changed sidecar or caption makes its clip's sample new.
 
 Outputs (``OUT``, a folder or URL prefix), ``--format``:
 
@@ -66,6 +72,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -204,13 +211,16 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
 class Source:
     """One clip: ``name`` as the manifest names it, ``url`` where to read it, ``identity``
     (``etag:...:size:N``, ``versionid:...`` or ``sha256:...``), its sidecars as
-    ``(suffix, url, identity)`` and ``output``, its path under OUT for ``--format files``."""
+    ``(suffix, url, identity)`` and ``output``, its path under OUT for ``--format files``.
+    ``given``: sidecars a table list file gives as ``(suffix, bytes)`` (its caption as
+    ``.txt``, its row as ``.json``), in place of files beside the clip with that suffix."""
 
     name: str
     url: str
     identity: str
     output: str
     sidecars: tuple[tuple[str, str, str], ...] = ()
+    given: tuple[tuple[str, bytes], ...] = ()
 
     def key(self, job_key: str, *, sidecars: bool = True) -> str:
         """The clip key: the job key, the name, the source's identity and (for formats that
@@ -218,6 +228,7 @@ class Source:
         parts = [job_key, self.name, self.identity]
         if sidecars:
             parts += [f"{s}={i}" for s, _, i in self.sidecars]
+            parts += [f"{s}=sha256:{hashlib.sha256(data).hexdigest()}" for s, data in self.given]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     @property
@@ -331,10 +342,15 @@ def _sidecars_beside(loc: Location, entries: Sequence[dict[str, Any]]) -> list[d
             and _stem(e["name"]) in stems and _suffix(e["name"]) not in MEDIA_SUFFIXES]
 
 
-def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Source]:
+def collect(src: str | os.PathLike[str], *, hash_threads: int = 4,
+            columns: Columns | None = None) -> list[Source]:
     """The clips of ``src`` (see the module docstring), sorted by name: a folder or URL
-    prefix, a glob, or a list file."""
+    prefix, a glob, or a list file (``columns``: which of a table's columns name the clip
+    and its caption; by default the first of ``PATH_COLUMNS`` and ``CAPTION_COLUMNS``)."""
     src = str(src)
+    if columns is not None and columns.given and _suffix(src) not in TABLE_SUFFIXES:
+        raise DatasetError(f"--path-column and --caption-column apply to a "
+                           f"{'/'.join(TABLE_SUFFIXES)} list of clips, not to {src}")
     if any(c in src for c in "*?["):
         loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
         entries = list(loc.fs.glob(Location.of(src).path, detail=True).values())
@@ -351,22 +367,95 @@ def collect(src: str | os.PathLike[str], *, hash_threads: int = 4) -> list[Sourc
     if _suffix(loc.path) in MEDIA_SUFFIXES:
         raise DatasetError(f"{src} is one clip, not a dataset: give its folder, a glob or a "
                            "list file (or use ivvae encode)")
-    return _from_list(loc, hash_threads)
+    return _from_list(loc, hash_threads, columns or Columns())
 
 
-def _from_list(listing: Location, hash_threads: int) -> list[Source]:
+@dataclass(frozen=True)
+class Columns:
+    """Which columns of a table list file (CSV, JSON Lines, a JSON array of objects) name a
+    clip and its caption: ``""`` for the first of ``PATH_COLUMNS`` / ``CAPTION_COLUMNS``
+    the table has."""
+
+    path: str = ""
+    caption: str = ""
+
+    @property
+    def given(self) -> bool:
+        return bool(self.path or self.caption)
+
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
+# The names training tools use: LTX-2 (media_path, caption), FastVideo (path, cap),
+# musubi-tuner's JSONL (video_path, caption), webdataset-style tables (video, text).
+PATH_COLUMNS = ("media_path", "video_path", "video", "path", "file_name", "filename", "file")
+CAPTION_COLUMNS = ("caption", "text", "prompt", "cap")
+
+
+def _table(text: str, suffix: str, where: str, columns: Columns
+           ) -> list[tuple[str, tuple[tuple[str, bytes], ...]]]:
+    """A table list file's clips, each with the sidecars its row gives: ``.txt`` its
+    caption (when a string), ``.json`` the whole row."""
+    rows: list[Any]
+    try:
+        if suffix == ".csv":
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        elif suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except (ValueError, csv.Error) as exc:
+        raise DatasetError(f"{where} is not a readable {suffix[1:]} table: {exc}") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise DatasetError(f"{where}: a {suffix[1:]} list of clips is objects (rows), one per "
+                           "clip")
+    present = list(rows[0]) if rows else []
+
+    def pick(given: str, candidates: tuple[str, ...], what: str) -> str:
+        if given:
+            if given not in present:
+                raise DatasetError(f"{where} has no column {given!r} (its columns: "
+                                   f"{', '.join(present) or 'none'})")
+            return given
+        found = next((c for c in candidates if c in present), "")
+        if not found and what == "path":
+            raise DatasetError(f"{where}: no column names the clips (looked for "
+                               f"{', '.join(candidates)}; its columns: "
+                               f"{', '.join(present) or 'none'}): give --path-column")
+        return found
+
+    path_col = pick(columns.path, PATH_COLUMNS, "path")
+    caption_col = pick(columns.caption, CAPTION_COLUMNS, "caption")
+    out = []
+    for number, row in enumerate(rows, 1):
+        path = row.get(path_col)
+        if not isinstance(path, str) or not path.strip():
+            raise DatasetError(f"{where}: row {number} has no {path_col!r}")
+        given = []
+        caption = row.get(caption_col) if caption_col else None
+        if isinstance(caption, str):
+            given.append((".txt", caption.encode()))
+        given.append((".json", json.dumps(row, ensure_ascii=False, sort_keys=True).encode()))
+        out.append((path, tuple(given)))
+    return out
+
+
+def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[Source]:
     fs = listing.fs
     base = Location(fs, posixpath.dirname(listing.path))
     try:
-        text = fs.cat_file(listing.path).decode("utf-8")
+        text = fs.cat_file(listing.path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"{listing.url()} is not a list file (not UTF-8 text)") from None
-    entries: list[tuple[str, Location]] = []
-    for entry in text.splitlines():
+    if _suffix(listing.path) in TABLE_SUFFIXES:
+        table = _table(text, _suffix(listing.path), listing.url(), columns)
+    else:
         # Taken as written, spaces included (names may begin or end with one, as GNU tar's
         # -T reads them); blank lines and lines starting with # are skipped.
-        if not entry.strip() or entry.startswith("#"):
-            continue
+        table = [(line, ()) for line in text.splitlines()
+                 if line.strip() and not line.startswith("#")]
+    given = dict(table)
+    entries: list[tuple[str, Location]] = []
+    for entry, _ in table:
         if "://" in entry:
             entries.append((entry, Location.of(entry)))
         elif listing.local and os.path.isabs(entry):
@@ -414,6 +503,7 @@ def _from_list(listing: Location, hash_threads: int) -> list[Source]:
         sources += [Source(entry, gfs.unstrip_protocol(loc.path), "missing",
                            _output_for(base, gfs, loc.path))
                     for entry, loc in group if loc.path not in infos]
+    sources = [replace(s, given=given[s.name]) if given.get(s.name) else s for s in sources]
     sources.sort(key=lambda s: s.name)
     _check_unique(sources)
     return sources
@@ -979,6 +1069,7 @@ class Job:
     shard_bytes: int = int(SHARD_MB * 2**20)
     row_group_clips: int = 64
     new_version: bool = False
+    columns: Columns = Columns()
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -1019,7 +1110,7 @@ def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
 
 def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     config = JobConfig(job.format, job.options, model)
-    sources = collect(job.src)
+    sources = collect(job.src, columns=job.columns)
     if not sources:
         raise DatasetError(f"{job.src} holds no video or image files (suffixes: "
                            f"{', '.join(sorted(MEDIA_SUFFIXES))})")
@@ -1086,10 +1177,12 @@ def _remove_orphaned_copies(folder: str) -> None:
 
 def read_sidecars(source: Source) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
+    given = dict(source.given)
     for suffix, url, _ in source.sidecars:
-        loc = Location.of(url)
-        out[suffix] = loc.fs.cat_file(loc.path)
-    return out
+        if suffix not in given:
+            loc = Location.of(url)
+            out[suffix] = loc.fs.cat_file(loc.path)
+    return {**out, **given}
 
 
 async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
@@ -1293,7 +1386,8 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
               shard=_index_shard(args), concurrency=args.concurrency,
               shard_clips=_given(args.shard_clips, SHARD_CLIPS),
               shard_bytes=int(_given(args.shard_mb, SHARD_MB) * 2**20),
-              new_version=args.new_version)
+              new_version=args.new_version,
+              columns=Columns(args.path_column or "", args.caption_column or ""))
     spec = EncoderSpec(server=args.server or "", weights=args.weights or "",
                        device=args.device or "cpu",
                        encode_precision=args.encode_precision or PRECISIONS[0],
@@ -1360,6 +1454,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", metavar="SRC", help="a folder, URL prefix, glob or list file")
     p.add_argument("out", metavar="OUT", help="a folder or URL prefix")
+    p.add_argument("--path-column", help="a .csv/.jsonl/.json list's column naming the clips "
+                   f"(default: the first of {', '.join(PATH_COLUMNS)})")
+    p.add_argument("--caption-column", help="its column of captions, stored as the .txt "
+                   f"sidecar (default: the first of {', '.join(CAPTION_COLUMNS)})")
     p.add_argument("--format", choices=FORMATS, default="files",
                    help="files: one latent file per video; webdataset: tar shards; parquet: "
                    "parquet shards (default: files)")
