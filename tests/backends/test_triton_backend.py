@@ -2,8 +2,8 @@
 
 The shared ``ivvae_triton`` server runs the project's ``model_repository/`` over the
 TorchScript export of the tiny test weights; the local backend loads the same weights, so
-both must give the same latents and frames. Tests that kill a server, or need a short
-time-to-live, live in ``tests/triton/test_serve.py`` with their own server.
+both must give the same latents and frames. Tests that kill a server or a model instance
+start their own.
 """
 
 from __future__ import annotations
@@ -301,3 +301,56 @@ def test_channels_reconnect_soon_after_triton_comes_back(monkeypatch: pytest.Mon
     assert args["grpc.max_reconnect_backoff_ms"] <= 2000
     assert args["grpc.max_receive_message_length"] == 2**31 - 1
     assert "grpc.keepalive_timeout_ms" in args
+
+
+def _stub_of(server_pid: int, model: str) -> int:
+    """The python backend stub process running ``model`` under this tritonserver."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == server_pid and f"/{model}/" in command:
+            return int(entry.name)
+    raise AssertionError(f"no stub of {model} under {server_pid}")
+
+
+async def test_a_dead_model_instance_is_a_503_and_not_ready_until_triton_runs_again(
+        ivvae_triton: IvvaeTriton, tmp_path: Path) -> None:
+    """A model instance's python stub killed (OOM): Triton stays up, says the model is
+    ready, and answers every request INTERNAL "Stub process ... is not healthy" for ever.
+    That was a 500 on every request with /readyz 200; now it is a 503, /readyz says which
+    model, and a restarted Triton is used again."""
+    from ivvae.devtools.triton_launcher import start_triton
+    from tests.triton_server import start_ivvae_triton
+
+    server = start_ivvae_triton(ivvae_triton.export, tmp_path / "first")
+    try:
+        own = IvvaeTriton(server, ivvae_triton.export)
+        async with running_app(settings_for(own)) as client:
+            assert (await encode(client)).status_code == 200
+            os.kill(_stub_of(server.process.pid, "ivvae_encoder"), signal.SIGKILL)
+            fresh = media.make_video(None, frames=5, width=24, height=16)  # not cached
+            for _ in range(2):  # the failed step, then a new video refused before one
+                refused = await encode(client, fresh)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"] == "backend_unavailable"
+            assert "ivvae_encoder" in refused.json()["detail"]
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and "ivvae_encoder" in ready.text, ready.text
+            # Triton restarted on the same ports: ready again, and videos run there.
+            ports = {"http_port": server.http_port, "grpc_port": server.grpc_port,
+                     "metrics_port": server.metrics_port}
+            server.stop()
+            server = start_triton(tmp_path / "first" / "model_repository",
+                                  log_path=tmp_path / "second.log", ready_timeout=120, **ports)
+            deadline = time.monotonic() + 60
+            while (ready := await client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, ready.text
+                await asyncio.sleep(0.5)
+            assert (await encode(client, fresh)).status_code == 200
+    finally:
+        server.stop()

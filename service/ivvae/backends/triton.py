@@ -20,7 +20,13 @@ Failures:
 * a step slower than ``triton_timeout_s``: ``DeadlineExceeded`` (504);
 * ``INVALID_ARGUMENT`` from the model: ``InvalidInput`` (encode) or ``InvalidLatent``
   (decode); Triton's "must specify the START flag" on a later step means the sequence was
-  dropped: ``BackendUnavailable``.
+  dropped: ``BackendUnavailable``;
+* a model instance whose python stub died or hangs (OOM-killed; Triton keeps the server
+  and the model "ready" and answers every request ``INTERNAL``, "Stub process ... is not
+  healthy", and does not restart it): ``BackendUnavailable``, and the endpoint counts as
+  not ready (``/readyz`` 503 naming the model, no new videos sent there) until a data-less
+  request to each model succeeds again (Triton restarted, or the model reloaded): every
+  readiness check, and every new video while no endpoint is usable, sends one.
 
 Failing fast: a watcher asks each endpoint whether it is live every ``HEALTH_POLL_S``
 (``HEALTH_TIMEOUT_S`` for an answer). While no endpoint answers, new sessions are refused
@@ -116,6 +122,11 @@ def parse_endpoints(url: str) -> tuple[list[str], tuple[str, int] | None]:
     return endpoints, None
 
 
+def _correlation_id() -> int:
+    """A fresh sequence id: random, so gateways sharing a Triton do not collide."""
+    return secrets.randbelow(c.MAX_CORRELATION_ID) + 1
+
+
 @dataclass(frozen=True)
 class _Served:
     """What one endpoint serves, from its models' config."""
@@ -144,6 +155,8 @@ class TritonBackend(Backend):
         self._watcher: asyncio.Task[None] | None = None
         # endpoint -> set while it does not answer health checks (absent: not known yet)
         self._down: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        # endpoint -> why a model instance there cannot run steps (a dead python stub)
+        self._broken: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -268,6 +281,8 @@ class TritonBackend(Backend):
             for model in self._models.values():
                 if not await client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
                     return f"model {model} is not ready"
+            if endpoint in self._broken and not await self._runs_again(endpoint):
+                return self._broken[endpoint]
             configs = {d: await client.get_model_config(m, as_json=True,
                                                         client_timeout=PROBE_TIMEOUT_S)
                        for d, m in self._models.items()}
@@ -292,6 +307,26 @@ class TritonBackend(Backend):
         info = dataclasses.replace(raw, name=self.settings.model_name or raw.name,
                                    source=f"triton:{raw.source}")
         return _Served(info, precision)
+
+    async def _runs_again(self, endpoint: str) -> bool:
+        """Whether every model at ``endpoint`` runs requests again: a data-less RELEASE of a
+        sequence nobody uses goes through the model instance (its python stub) and changes
+        nothing. Clears the endpoint's broken mark when it does."""
+        client = self._client(endpoint)
+        release = InferInput(c.RELEASE, [1, 1], "BOOL")
+        release.set_data_from_numpy(np.ones((1, 1), dtype=bool))
+        for model in self._models.values():
+            try:
+                await client.infer(model, [release], sequence_id=_correlation_id(),
+                                   sequence_start=True, sequence_end=True,
+                                   client_timeout=PROBE_TIMEOUT_S)
+            except InferenceServerException as exc:
+                self._broken[endpoint] = (f"model {model} cannot run requests: "
+                                          f"{exc.message() or exc}")
+                return False
+        log.info("Triton at %s runs requests again", endpoint)
+        self._broken.pop(endpoint, None)
+        return True
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -330,6 +365,13 @@ class TritonBackend(Backend):
             raise BackendUnavailable(
                 f"Triton at {', '.join(endpoints)} does not answer health checks (within "
                 f"{HEALTH_TIMEOUT_S:g} s); retry later")
+        if all(e in self._broken for e in answering):
+            await self.refresh()  # the readiness check's probe: has one recovered?
+            answering = [e for e in answering if e not in self._broken]
+            if not answering:
+                raise BackendUnavailable("; ".join(
+                    f"Triton at {e}: {why}" for e, why in sorted(self._broken.items())))
+        answering = [e for e in answering if e not in self._broken]
         info = self._info
         usable = [e for e in answering
                   if info is None or e not in self._served or self._served[e].info == info]
@@ -365,7 +407,7 @@ class _Sequence:
         self.input_name, self.output_names = c.TENSORS[direction]
         if direction == "decoder":
             self.output_names = (c.DECODER_FRAMES[frames_dtype],)
-        self.corrid = secrets.randbelow(c.MAX_CORRELATION_ID) + 1
+        self.corrid = _correlation_id()
         self.endpoint: str | None = None
         self.started = False  # the first step succeeded
         self.sent = False  # a request reached the wire (Triton may hold state)
@@ -472,6 +514,15 @@ class _Sequence:
             return (InvalidInput if self.direction == "encoder" else InvalidLatent)(message)
         if status.endswith("RESOURCE_EXHAUSTED"):
             return Overloaded(f"{where}: {message}")
+        if status.endswith("INTERNAL") and "not healthy" in message.lower():
+            assert self.endpoint is not None
+            if self.endpoint not in self.backend._broken:
+                log.warning("%s: a model instance cannot run requests (%s); sending no new "
+                            "videos there until it does", where, message)
+            self.backend._broken[self.endpoint] = f"model {self.model} cannot run requests: " \
+                                                  f"{message}"
+            return BackendUnavailable(f"{where}: its model instance has failed ({message}); "
+                                      "retry later")
         return IVVAEError(f"{where} failed: {status} {message}")
 
     async def close(self) -> None:
