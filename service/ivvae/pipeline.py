@@ -344,6 +344,15 @@ class Pipeline:
                 "preprocess_source_frames_declared": str(info.num_frames or ""),
                 "preprocess_source_frames_decoded": str(reader.source_frames_read),
             })
+            if reader.first_used is not None and reader.last_used is not None:
+                # Which source frames the latent covers (index in presentation order, and
+                # seconds from the first frame): to line up captions or clips with it.
+                meta.update({
+                    "preprocess_source_first_frame": str(reader.first_used[0]),
+                    "preprocess_source_last_frame": str(reader.last_used[0]),
+                    "preprocess_source_first_s": f"{reader.first_used[1]:.6f}",
+                    "preprocess_source_last_s": f"{reader.last_used[1]:.6f}",
+                })
         return np.concatenate(mus, axis=2), np.concatenate(logvars, axis=2), meta
 
     def _encode_plan(self, model: ModelInfo, width: int, height: int,

@@ -455,6 +455,10 @@ class VideoReader:
         self._started = False
         self._closed = False
         self.source_frames_read = 0
+        # The source frames the output came from: (index, seconds from the first frame) of
+        # the first and the last one emitted (None until one is).
+        self.first_used: tuple[int, float] | None = None
+        self.last_used: tuple[int, float] | None = None
 
     @classmethod
     def _start(
@@ -573,6 +577,7 @@ class VideoReader:
         produced = 0
         previous: VideoFrame | None = None
         origin: float | None = None
+        at = (0, 0.0)  # the previous frame's index and seconds
         for index, frame in enumerate(self._all_frames()):
             time = frame.time
             if origin is None:
@@ -582,18 +587,18 @@ class VideoReader:
             while copies:
                 copies -= 1
                 assert previous is not None
-                yield from self._emit(previous, produced)
+                yield from self._emit(previous, produced, at)
                 produced += 1
                 if limit is not None and produced >= limit:
                     return
-            previous = frame
+            previous, at = frame, (index, seconds)
         if previous is not None:
             end = (None if self._stream_end is None or origin is None
                    else self._stream_end - origin)
             copies = selector.finish(end)
             while copies and (limit is None or produced < limit):
                 copies -= 1
-                yield from self._emit(previous, produced)
+                yield from self._emit(previous, produced, at)
                 produced += 1
         if produced == 0:
             raise InvalidInput("preprocessing selects no frames: the window starts after "
@@ -603,7 +608,11 @@ class VideoReader:
                                f"preprocessing; {limit} are needed "
                                f"({plan.bucket or 'num_frames'})")
 
-    def _emit(self, frame: VideoFrame, produced: int) -> Iterator[npt.NDArray[np.uint8]]:
+    def _emit(self, frame: VideoFrame, produced: int,
+              at: tuple[int, float]) -> Iterator[npt.NDArray[np.uint8]]:
+        if self.first_used is None:
+            self.first_used = at
+        self.last_used = at
         if produced >= self._limits.max_frames:
             raise TooLarge(f"the video has more than {self._limits.max_frames} frames"
                            + ("" if self.plan.options.is_identity
