@@ -70,23 +70,20 @@ async def test_frames_upload_with_a_window(service: Service) -> None:
 
 
 @pytest.mark.asyncio
-async def test_the_latent_records_which_source_frames_it_covers(service: Service) -> None:
-    # carphone: 30000/1001 fps. Frames 3, 5, ..., 19 (start_frame 3, stride 2, 9 frames).
+@pytest.mark.parametrize(("options", "first", "last"), [
+    # carphone runs at 30000/1001 fps. Frames 3, 5, ..., 19:
+    ({"start_frame": "3", "stride": "2", "num_frames": "9"}, 3, 19),
+    # 10 fps from 1 s, 5 frames: those on screen at 1.0 s (frame 29, shown from 0.968 s)
+    # to 1.4 s (frame 41, shown from 1.368 s).
+    ({"start_s": "1", "fps": "10", "num_frames": "5"}, 29, 41),
+])
+async def test_the_latent_records_which_source_frames_it_covers(
+        service: Service, options: dict[str, str], first: int, last: int) -> None:
     frame_s = 1001 / 30000
-    path = sample_clip("carphone_pristine")
-    result = await service.pipeline.encode(
-        path, _options(start_frame="3", stride="2", num_frames="9", resize="32"))
+    result = await service.pipeline.encode(sample_clip("carphone_pristine"),
+                                           _options(resize="32", **options))
     meta = result.info.to_metadata()
     assert (meta["preprocess_source_first_frame"], meta["preprocess_source_last_frame"]) == (
-        "3", "19")
-    assert float(meta["preprocess_source_first_s"]) == pytest.approx(3 * frame_s, abs=1e-4)
-    assert float(meta["preprocess_source_last_s"]) == pytest.approx(19 * frame_s, abs=1e-4)
-    # By time, at another rate: 10 fps from 1 s, 5 frames: the frames on screen at 1.0 s
-    # (frame 29, shown from 0.968 s) to 1.4 s (frame 41, shown from 1.368 s).
-    timed = await service.pipeline.encode(
-        path, _options(start_s="1", fps="10", num_frames="5", resize="32"))
-    meta = timed.info.to_metadata()
-    assert (meta["preprocess_source_first_frame"], meta["preprocess_source_last_frame"]) == (
-        "29", "41")
-    assert float(meta["preprocess_source_first_s"]) == pytest.approx(29 * frame_s, abs=1e-4)
-    assert float(meta["preprocess_source_last_s"]) == pytest.approx(41 * frame_s, abs=1e-4)
+        str(first), str(last))
+    assert float(meta["preprocess_source_first_s"]) == pytest.approx(first * frame_s, abs=1e-4)
+    assert float(meta["preprocess_source_last_s"]) == pytest.approx(last * frame_s, abs=1e-4)

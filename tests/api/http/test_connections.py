@@ -48,6 +48,13 @@ def _connect(server: ServeProcess) -> socket.socket:
     return sock
 
 
+def _exchange(server: ServeProcess, request: bytes) -> bytes:
+    """Send ``request`` on a new connection; everything until the server closes it."""
+    with _connect(server) as sock:
+        sock.sendall(request)
+        return _read_all(sock)
+
+
 def _read_all(sock: socket.socket) -> bytes:
     """Everything until the server closes (raises socket.timeout if it never does)."""
     chunks = []
@@ -180,10 +187,8 @@ def test_a_body_slower_than_the_gap_timeout_in_all_but_at_a_good_pace_is_served(
 
 
 def test_a_declared_size_past_any_count_is_refused_at_once(server: ServeProcess) -> None:
-    with _connect(server) as sock:
-        sock.sendall(b"POST /decode HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Length: 99999999999999999999\r\n\r\n")
-        reply = _read_all(sock)
+    reply = _exchange(server, b"POST /decode HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Length: 99999999999999999999\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
 
 
@@ -305,10 +310,8 @@ async def test_a_head_over_the_limit_in_one_piece_is_refused() -> None:
 
 def test_an_absolute_form_target_is_served_as_its_path(server: ServeProcess) -> None:
     # RFC 9112 3.2.2: a server must accept "GET http://host/path" (proxies send it).
-    with _connect(server) as sock:
-        sock.sendall(b"GET http://example.com/healthz HTTP/1.1\r\nHost: example.com\r\n"
-                     b"Connection: close\r\n\r\n")
-        reply = _read_all(sock)
+    reply = _exchange(server, b"GET http://example.com/healthz HTTP/1.1\r\n"
+                              b"Host: example.com\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     video = media.make_video(None, frames=5, width=16, height=16)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
