@@ -163,7 +163,11 @@ class _BoundedH11(H11Protocol):
         state = self.conn.their_state
         if state is h11.SEND_BODY:
             if self._body is None:
-                self._body = _BodyPace(started=self.loop.time())
+                now = self.loop.time()
+                # The read that began the body may have filled the buffer: reading is then
+                # paused already, by us, and that time is not the client's.
+                self._body = _BodyPace(started=now,
+                                       paused_at=now if self.flow.read_paused else None)
             # Body pieces must keep coming, but only while we read them: with reading
             # paused (the app is behind) the client is not the slow one.
             if self.flow.read_paused:
@@ -227,6 +231,7 @@ class _BoundedH11(H11Protocol):
                 # Answer, and tell the app at once (its receive() sees a disconnect and
                 # anything it sends is dropped): the connection is ended either way.
                 cycle.response_started = cycle.disconnected = True
+                cycle.waiting_for_100_continue = False  # no "100 Continue" after the answer
                 cycle.message_event.set()
                 self.transport.write(_raw_response(b"408 Request Timeout", _BODY_TOO_SLOW))
                 self._linger()
