@@ -56,10 +56,20 @@ def test_ray_equals_plain_and_resumes(local_ray: None, tiny_weights: Path,  # no
 def test_cli_engine_ray(local_ray: None, tiny_weights: Path, tmp_path: Path,  # noqa: F811
                         capsys: pytest.CaptureFixture[str]) -> None:
     from ivvae.cli import main
+    from ivvae.data import LatentDataset
 
+    # A table of clips and captions: the captions travel through Ray's rows, and the clip
+    # keys they enter are the plan's (a rerun skips every clip).
     src = make_clips(tmp_path / "src", count=2)
-    code = main(["encode-dataset", str(src), str(tmp_path / "out"), "--engine", "ray",
-                 "--weights", str(tiny_weights), "--format", "parquet", "--no-progress"])
-    assert code == 0
+    (src / "clips.csv").write_text("media_path,caption\nb/clip00.mp4,zero\na/clip01.mp4,one\n")
+    args = ["encode-dataset", str(src / "clips.csv"), str(tmp_path / "out"), "--engine", "ray",
+            "--weights", str(tiny_weights), "--format", "parquet", "--no-progress"]
+    assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["total"], summary["encoded"]) == (2, 2)
+    captions = {meta["source"]: meta["sidecars"][".txt"]
+                for _, meta in LatentDataset(str(tmp_path / "out"))}
+    assert captions == {"b/clip00.mp4": b"zero", "a/clip01.mp4": b"one"}
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (again["encoded"], again["skipped"]) == (0, 2)

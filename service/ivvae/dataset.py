@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import csv
 import hashlib
@@ -86,7 +87,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -230,6 +231,20 @@ class Source:
             parts += [f"{s}={i}" for s, _, i in self.sidecars]
             parts += [f"{s}=sha256:{hashlib.sha256(data).hexdigest()}" for s, data in self.given]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def as_row(self) -> dict[str, str]:
+        """The source as a row of strings (a Ray dataset's), ``from_row``'s inverse."""
+        return {"name": self.name, "url": self.url, "identity": self.identity,
+                "output": self.output, "sidecars": json.dumps([list(x) for x in self.sidecars]),
+                "given": json.dumps([[s, base64.b64encode(data).decode()]
+                                     for s, data in self.given])}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Source:
+        return cls(str(row["name"]), str(row["url"]), str(row["identity"]), str(row["output"]),
+                   tuple((str(a), str(b), str(c)) for a, b, c in json.loads(str(row["sidecars"]))),
+                   tuple((str(s), base64.b64decode(str(data)))
+                         for s, data in json.loads(str(row.get("given") or "[]"))))
 
     @property
     def sample_key(self) -> str:

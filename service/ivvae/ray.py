@@ -52,17 +52,14 @@ from .storage import Location
 
 
 def source_dataset(sources: Sequence[Source]) -> ray.data.Dataset:
-    """One row per clip: ``name``, ``url``, ``identity``, ``output``, ``sidecars`` (JSON)."""
-    return ray.data.from_items([
-        {"name": s.name, "url": s.url, "identity": s.identity, "output": s.output,
-         "sidecars": json.dumps([list(x) for x in s.sidecars])} for s in sources])
+    """One row per clip (``Source.as_row``: its name, url, identity, output, sidecars and
+    the sidecars its list gave)."""
+    return ray.data.from_items([s.as_row() for s in sources])
 
 
 def _sources(batch: dict[str, np.ndarray]) -> list[Source]:
-    return [Source(str(n), str(u), str(i), str(o),
-                   tuple((str(a), str(b), str(c)) for a, b, c in json.loads(str(sc))))
-            for n, u, i, o, sc in zip(batch["name"], batch["url"], batch["identity"],
-                                      batch["output"], batch["sidecars"], strict=True)]
+    return [Source.from_row({k: v[i] for k, v in batch.items()})
+            for i in range(len(batch["name"]))]
 
 
 def write_part(out: Location, job: Job, prefix: str,
