@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -757,6 +758,19 @@ def test_jsonl_and_json_tables_and_their_columns(tmp_path: Path) -> None:
     (src / "gap.csv").write_text("path,caption\na/clip01.mp4,x\n,y\n")
     with pytest.raises(DatasetError, match="row 2 has no 'path'"):
         collect(src / "gap.csv")
+    # The columns of every row count (the first may lack the caption).
+    (src / "later.jsonl").write_text('{"path": "a/clip01.mp4"}\n'
+                                     '{"path": "b/clip00.mp4", "caption": "zero"}\n')
+    by_name = {s.name: dict(s.given) for s in collect(src / "later.jsonl")}
+    assert ".txt" not in by_name["a/clip01.mp4"] and by_name["b/clip00.mp4"][".txt"] == b"zero"
+    for name, text, message in [
+            ("extra.csv", "path,caption\na/clip01.mp4,hi,EXTRA\n", "row 1 has more fields"),
+            ("twice.csv", "path,path\na/clip01.mp4,b/clip00.mp4\n", "names path twice"),
+            ("empty.csv", "path,caption\n", "holds no clips"),
+            ("number.jsonl", '{"path": 5}\n', "row 1's 'path' is not a path: 5")]:
+        (src / name).write_text(text)
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            collect(src / name)
     (src / "bad.jsonl").write_text('{"path": "a/clip01.mp4"}\n[1, 2]\n')
     with pytest.raises(DatasetError, match="objects"):
         collect(src / "bad.jsonl")

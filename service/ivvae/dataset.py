@@ -413,7 +413,16 @@ def _table(text: str, suffix: str, where: str, columns: Columns
     rows: list[Any]
     try:
         if suffix == ".csv":
-            rows = list(csv.DictReader(io.StringIO(text, newline="")))
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            header = reader.fieldnames or []
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:
+                raise DatasetError(f"{where}: the header names {', '.join(twice)} twice")
+            rows = list(reader)
+            for number, row in enumerate(rows, 1):
+                if None in row:  # DictReader's key for fields past the header's
+                    raise DatasetError(f"{where}: row {number} has more fields than the "
+                                       f"header ({len(header)})")
         elif suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
@@ -423,7 +432,9 @@ def _table(text: str, suffix: str, where: str, columns: Columns
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DatasetError(f"{where}: a {suffix[1:]} list of clips is objects (rows), one per "
                            "clip")
-    present = list(rows[0]) if rows else []
+    if not rows:
+        raise DatasetError(f"{where} holds no clips")
+    present = list(dict.fromkeys(k for row in rows for k in row))  # every row's, in order
 
     def pick(given: str, candidates: tuple[str, ...], what: str) -> str:
         if given:
@@ -443,8 +454,11 @@ def _table(text: str, suffix: str, where: str, columns: Columns
     out = []
     for number, row in enumerate(rows, 1):
         path = row.get(path_col)
-        if not isinstance(path, str) or not path.strip():
+        if path is None or path == "":
             raise DatasetError(f"{where}: row {number} has no {path_col!r}")
+        if not isinstance(path, str) or not path.strip():
+            raise DatasetError(f"{where}: row {number}'s {path_col!r} is not a path: "
+                               f"{path!r}")
         given = []
         caption = row.get(caption_col) if caption_col else None
         if isinstance(caption, str):
