@@ -1007,14 +1007,16 @@ def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -
     if not out.fs.exists(path):
         body = {"key": config.key, "config": config.as_dict()}
         try:
-            # Workers of different jobs that start together into a new OUT: exactly one
-            # creates the job file (written over, a loser could go on writing its latents
-            # beside the winner's), and the others read it as an existing job.
+            # Workers that start together into a new OUT: exactly one creates the job file
+            # (written over, a loser of another job could go on writing its latents beside
+            # the winner's), and the others read it as an existing job: their own, or not.
             publish_bytes(out, path, json.dumps(body, indent=1, sort_keys=True).encode(),
                           create=True)
-            return out
-        except FileExistsError:
-            pass
+        except OSError:
+            # Taken (FileExistsError; S3 may say so as a 409 or a bare 412, which s3fs
+            # raises as other OSErrors): read what is there. Anything else stays an error.
+            if not out.fs.exists(path):
+                raise
     held = json.loads(out.fs.cat_file(path))
     if held.get("key") == config.key:
         return out

@@ -117,8 +117,9 @@ def write_bytes(loc: Location, path: str, data: bytes, tag: str = "", *,
     temporaries by pid only, which is why this does not use it).
 
     ``create``: only if nothing is at ``path`` (FileExistsError otherwise), decided at once
-    by the store: a hard link locally, a conditional put (``If-None-Match: *``) on S3.
-    Stores that cannot do that (fsspec's fallback) check first, which two writers can race.
+    by the store: a hard link locally (or an exclusive open where a filesystem has no hard
+    links), a conditional put (``If-None-Match: *``) on S3. Stores that cannot do that
+    (fsspec's fallback) check first, which two writers can race: callers read back.
     """
     if loc.local:
         loc.fs.makedirs(posixpath.dirname(path), exist_ok=True)
@@ -128,17 +129,27 @@ def write_bytes(loc: Location, path: str, data: bytes, tag: str = "", *,
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            if create:
-                os.link(tmp, path)
-                os.unlink(tmp)
-            else:
+            if not create:
                 os.replace(tmp, path)
+                return
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links here (some FUSE and SMB mounts)
+                with open(path, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.unlink(tmp)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+    elif create:
+        loc.fs.pipe_file(path, data, mode="create")
     else:
-        loc.fs.pipe_file(path, data, mode="create" if create else "overwrite")
+        loc.fs.pipe_file(path, data)
 
 
 def publish_file(loc: Location, local_tmp: str, path: str) -> None:
