@@ -136,6 +136,24 @@ def test_selector_by_index_and_time() -> None:
     assert _select({"fps": "10"}, [0.0, 0.1, 0.5], 10) == [0, 1, 1, 1, 1, 2]
 
 
+def test_the_last_frame_lasts_until_the_declared_end_unless_that_is_rounding() -> None:
+    def count(fps: str, times: list[float], rate: float, end: float | None) -> int:
+        selector = Preprocess.parse({"fps": fps}).plan(8, 8, len(times), rate).selector(rate)
+        return sum(selector.push(t) for t in times) + selector.finish(end)
+
+    # Variable rate, declaring its end (28 frames over 40/24 s, average 16.8 fps): 40
+    # frames at 24 fps, as the plan counts (28 / 16.8 * 24), not 41 (1 / 16.8 for the last).
+    times = [t / 24 for t in [0, 1, 2, 5, 6, 7, 12, 13, 20, 21, *range(22, 40)]]
+    assert count("24", times, 16.8, 40 / 24) == 40
+    assert count("24", times, 16.8, None) == 41
+    # A stream-copied trim of a 24000/1001 clip declares 1.21 s for 29 frames (1.2095 s):
+    # that is rounding, not a longer last frame; resampled at its own rate it keeps 29.
+    rate = 24000 / 1001
+    trim = [i / rate for i in range(29)]
+    assert count(f"{24000}/{1001}", trim, rate, 1.21) == count(f"{24000}/{1001}", trim, rate,
+                                                               None) == 29
+
+
 def test_plan() -> None:
     plan = Preprocess.parse({"bucket": "480x272x17"}).plan(1280, 720, 100, 25.0)
     assert (plan.width, plan.height, plan.frame_limit, plan.exact) == (480, 272, 17, True)

@@ -445,11 +445,14 @@ class FrameSelector:
         frame count over the average rate is the declared duration), so a variable-rate
         clip gives the frames its plan promised: its last frame's own length is not
         ``1 / average rate``. An end before the last frame, or far past it (a header
-        that disagrees with the timestamps), is not taken."""
+        that disagrees with the timestamps), is not taken; nor one within rounding of
+        ``1 / average rate`` (a stream-copied trim declares its length in milliseconds:
+        taken, a 23.976 fps trim resampled at its own rate gained a frame)."""
         if self._prev is None:
             return 0
         last = self._prev + self._frame_s
-        if end is not None and self._prev + self._EPS < end <= self._prev + 4 * self._frame_s:
+        if (end is not None and self._prev + self._EPS < end <= self._prev + 4 * self._frame_s
+                and abs(end - last) > max(2e-3, 0.05 * self._frame_s)):
             last = end
         return self._copies(self._prev, last)
 
