@@ -25,8 +25,8 @@ Failures:
   and the model "ready" and answers every request ``INTERNAL``, "Stub process ... is not
   healthy", and does not restart it): ``BackendUnavailable``, and the endpoint counts as
   not ready (``/readyz`` 503 naming the model, no new videos sent there) until a data-less
-  request to each model succeeds again (Triton restarted, or the model reloaded): every
-  readiness check, and every new video while no endpoint is usable, sends one.
+  request to each model succeeds again (Triton restarted, or the model reloaded): the
+  health watcher sends one every ``HEALTH_POLL_S``, and so does every readiness check.
 
 Failing fast: a watcher asks each endpoint whether it is live every ``HEALTH_POLL_S``
 (``HEALTH_TIMEOUT_S`` for an answer). While no endpoint answers, new sessions are refused
@@ -197,6 +197,11 @@ class TritonBackend(Backend):
                     log.warning("Triton at %s does not answer health checks; refusing new "
                                 "videos on it until it does", endpoint)
                     down.set()
+            for gone in [e for e in self._broken if e not in endpoints]:
+                del self._broken[gone]  # left DNS: an address reused later starts clean
+            broken = [e for e, live in zip(endpoints, answers, strict=True)
+                      if live and e in self._broken]
+            await asyncio.gather(*(self._runs_again(e) for e in broken))
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def _live(self, endpoint: str) -> bool:
@@ -313,6 +318,7 @@ class TritonBackend(Backend):
         sequence nobody uses goes through the model instance (its python stub) and changes
         nothing. Clears the endpoint's broken mark when it does."""
         client = self._client(endpoint)
+        marked = self._broken.get(endpoint)
         release = InferInput(c.RELEASE, [1, 1], "BOOL")
         release.set_data_from_numpy(np.ones((1, 1), dtype=bool))
         for model in self._models.values():
@@ -324,6 +330,11 @@ class TritonBackend(Backend):
                 self._broken[endpoint] = (f"model {model} cannot run requests: "
                                           f"{exc.message() or exc}")
                 return False
+            except Exception:  # a probe must never stop the watcher; the mark stays
+                log.debug("probing %s failed", endpoint, exc_info=True)
+                return False
+        if self._broken.get(endpoint) is not marked:
+            return False  # a step failed there while this probe ran: that is newer
         log.info("Triton at %s runs requests again", endpoint)
         self._broken.pop(endpoint, None)
         return True
@@ -365,13 +376,11 @@ class TritonBackend(Backend):
             raise BackendUnavailable(
                 f"Triton at {', '.join(endpoints)} does not answer health checks (within "
                 f"{HEALTH_TIMEOUT_S:g} s); retry later")
-        if all(e in self._broken for e in answering):
-            await self.refresh()  # the readiness check's probe: has one recovered?
-            answering = [e for e in answering if e not in self._broken]
-            if not answering:
-                raise BackendUnavailable("; ".join(
-                    f"Triton at {e}: {why}" for e, why in sorted(self._broken.items())))
-        answering = [e for e in answering if e not in self._broken]
+        working = [e for e in answering if e not in self._broken]
+        if not working:  # the watcher probes them, and lets them back in when they work
+            raise BackendUnavailable("; ".join(
+                f"Triton at {e}: {self._broken[e]}" for e in answering) + "; retry later")
+        answering = working
         info = self._info
         usable = [e for e in answering
                   if info is None or e not in self._served or self._served[e].info == info]
