@@ -668,6 +668,8 @@ def test_ray_worker_counts_out_of_range_are_refused_by_name() -> None:
 
     with pytest.raises(DatasetError, match="--workers must be at least 1"):
         run_on_ray(Job("src", "out"), EncoderSpec(), workers=0)
+    with pytest.raises(DatasetError, match="got nan"):
+        run_on_ray(Job("src", "out"), EncoderSpec(), cpus_per_worker=float("nan"))
 
 
 @pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import threading
 import time
@@ -136,7 +137,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
     """Run ``job`` on the Ray cluster at ``address`` (``"local"``: start one on this
     machine), or on the one this process already joined. ``summary`` is filled as clips
     finish, so an interrupted run still says what it did."""
-    if workers < 1 or cpus_per_worker <= 0 or gpus_per_worker < 0:
+    if not (workers >= 1 and 0 < cpus_per_worker < math.inf and 0 <= gpus_per_worker < math.inf):
         raise DatasetError(f"--workers must be at least 1 (got {workers}), --cpus-per-worker "
                            f"above 0 (got {cpus_per_worker:g}), --gpus-per-worker at least 0 "
                            f"(got {gpus_per_worker:g})")
