@@ -55,6 +55,17 @@ def _exchange(server: ServeProcess, request: bytes) -> bytes:
         return _read_all(sock)
 
 
+def _requests(server: ServeProcess, op: str, outcome: str) -> float:
+    """``ivvae_requests_total`` for ``op`` over HTTP with ``outcome``, from /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=SLACK_S)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ivvae_requests_total{") and f'op="{op}"' in line
+               and 'transport="http"' in line and f'outcome="{outcome}"' in line)
+
+
 def _read_all(sock: socket.socket) -> bytes:
     """Everything until the server closes (raises socket.timeout if it never does)."""
     chunks = []
@@ -167,6 +178,11 @@ def test_a_trickled_body_is_cut_off_though_no_gap_is_long(server: ServeProcess) 
         # Answered while the client was still sending (a client that stopped would be cut
         # off by the gap timer alone).
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    # Counted as what it was, not as a client that went away.
+    deadline = time.monotonic() + SLACK_S
+    while _requests(server, "encode", "deadline_exceeded") < 1:
+        assert time.monotonic() < deadline, "the 408 was not counted as deadline_exceeded"
+        time.sleep(0.1)
     _wait_healthy(server)
 
 

@@ -18,9 +18,18 @@ from starlette.requests import ClientDisconnect
 
 from ...core import strict
 from ...core.tasks import finish
-from ...errors import ClientGone, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
+from ...errors import (
+    ClientGone,
+    DeadlineExceeded,
+    EmptyInput,
+    InvalidInput,
+    IVVAEError,
+    TooLarge,
+    UnsupportedMedia,
+)
 from ...service import Service
 from ..auth import check_bearer
+from .protocol import BODY_TIMED_OUT
 
 MULTIPART_SLACK = 64 * 1024  # boundary lines and part headers around the file
 
@@ -137,7 +146,7 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
                             raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
                         out.write(chunk)
                 except ClientDisconnect:
-                    raise ClientGone("the client disconnected during the upload") from None
+                    raise _gone(request) from None
             size = out.tell()
         if size > limit:
             raise TooLarge(f"the file is {size} bytes; the limit is {limit}")
@@ -148,6 +157,14 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
         path.unlink(missing_ok=True)
 
 
+def _gone(request: Request) -> IVVAEError:
+    """Why the upload ended early: the client went away, or the connection cut it off for
+    its pace (``protocol.BODY_TIMED_OUT``; the client got a 408)."""
+    if request.scope.get(BODY_TIMED_OUT):
+        return DeadlineExceeded("the request body came too slowly (answered 408)")
+    return ClientGone("the client disconnected during the upload")
+
+
 async def _multipart_to(request: Request, limit: int, out: Any) -> str:
     total = 0
 
@@ -155,7 +172,7 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
         nonlocal total
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone("the client disconnected during the upload")
+            raise _gone(request)
         total += len(message.get("body", b""))
         if total > limit + MULTIPART_SLACK:
             raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
@@ -163,7 +180,7 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
 
     try:
         form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
-    except (TooLarge, ClientGone):
+    except (TooLarge, ClientGone, DeadlineExceeded):
         raise
     except Exception as exc:  # the multipart parser raises several types
         raise InvalidInput(f"malformed multipart body: {exc}") from exc

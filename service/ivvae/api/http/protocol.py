@@ -43,6 +43,10 @@ _TOO_MANY_CONNECTIONS = _raw_response(b"503 Service Unavailable", _OVERLOADED, b
 LIVENESS_PATH = "/healthz"
 
 
+# Set in a request's scope when its body was cut off for its pace (answered 408): the app
+# then sees a disconnect, and says in its log and metrics why.
+BODY_TIMED_OUT = "ivvae.body_timed_out"
+
 _BODY_TOO_SLOW = (b'{"error": "deadline_exceeded", "detail": "the request body came too slowly '
                   b'(a gap past the body timeout, or under the minimum rate)"}')
 
@@ -231,6 +235,7 @@ class _BoundedH11(H11Protocol):
                 # Answer, and tell the app at once (its receive() sees a disconnect and
                 # anything it sends is dropped): the connection is ended either way.
                 cycle.response_started = cycle.disconnected = True
+                cycle.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]
                 cycle.waiting_for_100_continue = False  # no "100 Continue" after the answer
                 cycle.message_event.set()
                 self.transport.write(_raw_response(b"408 Request Timeout", _BODY_TOO_SLOW))
