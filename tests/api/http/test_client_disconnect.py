@@ -147,3 +147,36 @@ async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() 
                                         receive, send), 10)
     await asyncio.wait_for(closed.wait(), 5)
     assert sent == ["http.response.start", "http.response.body"]
+
+
+def test_a_client_that_goes_away_before_a_tensor_answer_cancels_its_decode(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # output_type=pt (and a batch's zip) is answered whole: the decode ran to its end for a
+    # client long gone, holding its share of the budget (minutes, on a big batch).
+    import numpy as np
+
+    latent = np.random.default_rng(0).standard_normal((1, 4, 25, 32, 32), np.float32)
+    request = (b"POST /decode?shape=1,4,25,32,32&dtype=float32&output_type=pt HTTP/1.1\r\n"
+               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    with serve_process(tiny_weights, log=tmp_path / "serve.log",
+                       IVVAE_TORCH_THREADS="1") as url:
+        port = urlparse(url).port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(request)
+            deadline = time.monotonic() + 30
+            while "ivvae_in_flight_requests 1.0" not in httpx.get(url + "/metrics").text:
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.1)
+        deadline = time.monotonic() + 120
+        while "ivvae_in_flight_requests 0.0" not in httpx.get(url + "/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        metrics = httpx.get(url + "/metrics").text
+    decoded = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("ivvae_frames_total{") and 'op="decode"' in line)
+    assert decoded < 97, "the whole video was decoded for a client that had gone"
+    outcomes = [line for line in metrics.splitlines()
+                if line.startswith("ivvae_requests_total{") and 'op="decode"' in line]
+    assert outcomes == ['ivvae_requests_total{op="decode",outcome="cancelled",'
+                        'transport="http"} 1.0'], outcomes

@@ -77,7 +77,12 @@ async def decode(request: Request, svc: Svc) -> Response:
                    "X-Width": str(info.width), "X-Height": str(info.height),
                    "X-Batch": str(len(items))}
         if form.output == "pt":
-            body, extra = await tensor_output(items)
+            try:
+                # Held whole: decoded only while the client waits for it (a client gone
+                # cancels it, and closing the items gives the budget back at once).
+                body, extra = await unless_disconnected(request, tensor_output(items))
+            finally:
+                await finish(aclose_all(*items))
             return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
                             headers={**headers, **extra})
         if len(items) == 1:
@@ -95,9 +100,12 @@ async def decode(request: Request, svc: Svc) -> Response:
             return StreamedInTime(_stream(first, chunks, items[0]),
                                   seconds=svc.settings.request_timeout_s,
                                media_type=MEDIA_TYPES[form.output], headers=headers)
-        body, media = await unless_disconnected(
-            request, render_batch(form.output, info, items, crf=form.crf,
+        try:
+            body, media = await unless_disconnected(
+                request, render_batch(form.output, info, items, crf=form.crf,
                                       frames_dtype=form.frames_dtype))
+        finally:
+            await finish(aclose_all(*items))
         return Response(body, media_type=media, headers=headers)
 
 
