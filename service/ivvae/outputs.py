@@ -182,10 +182,12 @@ async def render_batch(fmt: OutputFormat, info: LatentInfo,
 async def tensor_output(items: list[AsyncIterator[np.ndarray]],
                         ) -> tuple[bytes, dict[str, str]]:
     """Decoded frames as a raw tensor body and its ``shape`` / ``dtype`` headers (Hugging
-    Face's remote-VAE output): uint8 frames as ``(B, T, H, W, 3)``; float32 frames (the
-    decoder's own values, about [-1, 1], not clamped) as the video ``(B, 3, T, H, W)``."""
+    Face's remote-VAE output): uint8 frames as the frames file holds them, ``(T, H, W, 3)``
+    for one video (what diffusers makes a list of PIL frames of) and ``(B, T, H, W, 3)``
+    for a batch; float32 frames (the decoder's own values, about [-1, 1], not clamped) as
+    the video ``(B, 3, T, H, W)``."""
     video = await _stack(items)
     if video.dtype == np.uint8:
-        return raw_tensor_body(np.ascontiguousarray(video))
+        return raw_tensor_body(np.ascontiguousarray(video[0] if len(video) == 1 else video))
     return raw_tensor_body(np.ascontiguousarray(video.transpose(0, 4, 1, 2, 3),
                                                 dtype=np.float32))

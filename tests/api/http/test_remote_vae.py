@@ -78,10 +78,17 @@ async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
     expected = await _local_frames(local, latent)
     assert expected.shape == (1, 5, 64, 64, 3)
 
+    # One video's uint8 frames are (T, H, W, 3), as Hugging Face's video endpoints answer.
     frames = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
                                         return_type="pt", partial_postprocess=True, **factors)
     assert frames.dtype == torch.uint8
-    np.testing.assert_array_equal(frames.numpy(), expected)
+    np.testing.assert_array_equal(frames.numpy(), expected[0])
+    # diffusers' default return_type (pil) makes them a list of PIL frames; it failed on
+    # (1, T, H, W, 3).
+    pictures = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
+                                          partial_postprocess=True, **factors)
+    assert len(pictures) == 5
+    np.testing.assert_array_equal(np.stack([np.asarray(p) for p in pictures]), expected[0])
 
     # partial_postprocess=False: the decoder's own float video, as vae.decode(z).sample
     video = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
@@ -104,8 +111,14 @@ async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
         "shape": list(raw.shape), "dtype": "float32", "latent_space": "raw",
         "output_type": "pt", "partial_postprocess": "true"}, timeout=120)
     assert r.status_code == 200, r.text
-    again = np.frombuffer(r.content, np.uint8).reshape(expected.shape)
-    assert int(np.abs(again.astype(int) - expected.astype(int)).max()) <= 1
+    again = np.frombuffer(r.content, np.uint8).reshape(expected[0].shape)
+    assert int(np.abs(again.astype(int) - expected[0].astype(int)).max()) <= 1
+    # diffusers' do_scaling=False says the same by sending no scaling parameter at all (as
+    # Hugging Face's endpoints read it); it was taken as scaled and scaled again.
+    unscaled = remote_utils.remote_decode(endpoint=endpoint, tensor=torch.from_numpy(raw),
+                                          do_scaling=False, output_type="pt", return_type="pt",
+                                          partial_postprocess=True)
+    assert int(np.abs(unscaled.numpy().astype(int) - expected[0].astype(int)).max()) <= 1
 
 
 async def test_remote_encode_equals_in_process(server: ServeProcess, local: Service) -> None:
@@ -178,10 +191,10 @@ async def test_bare_latents_and_batches_over_http(tiny_weights: Path,  # noqa: F
             "shape": "1,4,2,8,8", "dtype": "float32", "num_frames": "4", "height": "60",
             "width": "57", "output_type": "pt", "partial_postprocess": "true"})
         assert r.status_code == 200, r.text
-        assert json.loads(r.headers["shape"]) == [1, 4, 60, 57, 3]
+        assert json.loads(r.headers["shape"]) == [4, 60, 57, 3]
         assert r.headers["dtype"] == "uint8"
-        got = np.frombuffer(r.content, np.uint8).reshape(1, 4, 60, 57, 3)
-        np.testing.assert_array_equal(got, expected[:1, :4, :60, :57])
+        got = np.frombuffer(r.content, np.uint8).reshape(4, 60, 57, 3)
+        np.testing.assert_array_equal(got, expected[0, :4, :60, :57])
 
         # float frames, batch of 3: the in-process model's own values, within 1e-4
         video = model_video(tiny_weights, latent)  # (3, 3, 5, 64, 64)

@@ -22,14 +22,19 @@ dtype when it is bfloat16 / float16).
 
 ``/decode``: a latent file from /encode, a bare latent file (only a ``latent`` tensor), or a
 raw tensor body (``shape`` + ``dtype``). Bare and raw latents take ``ivvae.wire``'s
-``DecodeTarget`` parameters. The answer: ``format=mp4`` / ``output_type=mp4`` (default; a
-batch of more than one gives ``application/zip`` holding ``0.mp4``, ``1.mp4``, ...),
-``format=frames`` (or ``Accept: application/x-safetensors``: a safetensors file with
-``frames`` ``(T, H, W, 3)``, or ``(B, T, H, W, 3)`` for a batch; uint8, or with
-``frames_dtype=float32`` the decoder's own float values), ``output_type=pt``: a raw tensor
-body, ``(B, T, H, W, 3)`` uint8 with ``partial_postprocess=true``, else ``(B, 3, T, H, W)``
-float32, the decoder's own values (about [-1, 1], not clamped; what the uint8 frames are
-rounded from), as diffusers' ``vae.decode(z).sample`` gives them.
+``DecodeTarget`` parameters; a raw body from diffusers' ``remote_decode`` (it always sends
+``image_format`` and ``partial_postprocess``) with no scaling parameter at all is
+``do_scaling=False``'s, and is decoded as raw, as Hugging Face's endpoints do. The answer:
+``format=mp4`` / ``output_type=mp4`` (default; a batch of more than one gives
+``application/zip`` holding ``0.mp4``, ``1.mp4``, ...), ``format=frames`` (or ``Accept:
+application/x-safetensors``: a safetensors file with ``frames`` ``(T, H, W, 3)``, or
+``(B, T, H, W, 3)`` for a batch; uint8, or with ``frames_dtype=float32`` the decoder's own
+float values), ``output_type=pt``: a raw tensor body, with ``partial_postprocess=true``
+uint8 frames as the frames file holds them (``(T, H, W, 3)`` for one video, as Hugging
+Face's video endpoints answer and diffusers turns into a list of PIL frames; ``(B, T, H, W,
+3)`` for a batch), else the video ``(B, 3, T, H, W)`` float32, the decoder's own values
+(about [-1, 1], not clamped; what the uint8 frames are rounded from), as diffusers'
+``vae.decode(z).sample`` gives them.
 """
 
 from __future__ import annotations
@@ -219,6 +224,12 @@ class DecodeForm:
     target_params: list[tuple[str, str]]
 
 
+def _from_remote_decode(params: Params) -> bool:
+    """Whether the request is diffusers' ``remote_decode``: it always sends these two."""
+    names = {k for k, _ in params}
+    return "image_format" in names and "partial_postprocess" in names
+
+
 def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
                  default_crf: int) -> DecodeForm:
     known = (*DECODE_OUTPUT_KEYS, *DECODE_KEYS)
@@ -259,6 +270,12 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
         raise InvalidInput("parameter 'dtype' describes a raw tensor body: give 'shape' too")
     tensor_dtype = parse_wire_dtype(dtype or "", allowed=LATENT_DTYPES) if shape else ""
     target = [(k, v) for k, v in params if k in DECODE_KEYS]
+    if shape is not None and _from_remote_decode(params) and not any(
+            k in ("do_scaling", "scaling_factor", "shift_factor", "latent_space")
+            for k, _ in params):
+        # diffusers' remote_decode(do_scaling=False) sends no scaling parameter at all, and
+        # Hugging Face's endpoints then decode the tensor as it is: raw, not scaled.
+        target.append(("latent_space", "raw"))
     # Checked whatever the output: diffusers' client sends it always; only pt reads it.
     postprocess = _bool("partial_postprocess", _single(params, "partial_postprocess"))
     frames_dtype = _single(params, "frames_dtype")
