@@ -396,8 +396,12 @@ class Pipeline:
             raise InvalidLatent(f"the latent {tuple(latent.shape)} is empty: shape is "
                                 "(B, z, t, h, w), each at least 1")
         if z != model.z_dim:
+            hint = ""
+            if b == 1 and t == model.z_dim:  # most likely images (B, z, h, w) sent as 4-D
+                hint = ("; a 4-D latent is one video (z, t, h, w): send image latents "
+                        "(B, z, h, w) as (B, z, 1, h, w)")
             raise InvalidLatent(f"the latent has {z} channels but model {model.name!r} has "
-                                f"z_dim {model.z_dim}: shape is (B, z, t, h, w)")
+                                f"z_dim {model.z_dim}: shape is (B, z, t, h, w){hint}")
         num_frames = target.num_frames or 1 + TIME_COMPRESSION * (t - 1)
         height = target.height or h * SPACE_COMPRESSION
         width = target.width or w * SPACE_COMPRESSION

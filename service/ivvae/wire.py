@@ -157,6 +157,15 @@ def read_bare_latent(data: bytes) -> tuple[np.ndarray, str]:
     return check_latent_values(tensor_to_float32(t), dtype), dtype
 
 
+def safetensors_problem(data: bytes) -> str | None:
+    """Why ``data`` is no safetensors file at all (None: it is one)."""
+    try:
+        loads(data)
+    except SafetensorsError as exc:
+        return str(exc)
+    return None
+
+
 def is_ivvae_latent_file(data: bytes) -> bool:
     """Whether ``data`` is safetensors carrying ivvae latent metadata (``/encode``'s
     output) rather than a bare latent."""

@@ -227,6 +227,10 @@ BAD_DECODES = [
     ({"shape": "1,4,2,8,8", "dtype": "float32"}, b"\0" * 10, 400, "bytes"),
     ({"shape": "1,5,2,8,8", "dtype": "float32"}, bytes(4 * 5 * 2 * 64), 422, "channels"),
     ({"shape": "1,4,2,8", "dtype": "float32"}, bytes(4 * 4 * 2 * 8), 422, "(B, z, t, h, w)"),
+    # Two image latents (B, z, h, w): 4-D is one video, and the error says how to send them.
+    ({"shape": "2,4,8,8", "dtype": "float32"}, bytes(4 * 2 * 4 * 64), 422, "(B, z, 1, h, w)"),
+    # A raw tensor without its shape (sent as headers, say) is no latent file: say so.
+    ({}, np.zeros((1, 4, 2, 8, 8), np.float32).tobytes(), 422, "?shape="),
     ({"shape": "1,4,2,8,8", "dtype": "int8"}, bytes(4 * 2 * 64), 400, "'dtype'"),
     ({"shape": "1,4,2,8,8", "dtype": "float32", "num_frames": "9"}, bytes(16 * 2 * 64), 400,
      "num_frames"),

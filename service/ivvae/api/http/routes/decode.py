@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
 from ....core.tasks import aclose_all, finish
-from ....errors import InvalidInput
+from ....errors import InvalidInput, InvalidLatent
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
     DecodeTarget,
@@ -18,6 +18,7 @@ from ....wire import (
     is_ivvae_latent_file,
     read_bare_latent,
     read_raw_tensor,
+    safetensors_problem,
     tensor_to_float32,
 )
 from ...metering import RequestMeter
@@ -60,6 +61,9 @@ async def decode(request: Request, svc: Svc) -> Response:
             info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
                 latent, form.tensor_dtype, DecodeTarget.parse(form.target_params),
                 form.frames_dtype))
+        elif (problem := safetensors_problem(data)) is not None:
+            raise InvalidLatent(f"not a readable latent file ({problem}); a raw tensor body "
+                                "needs its ?shape=...&dtype=... as query parameters")
         elif is_ivvae_latent_file(data):
             if form.target_params:
                 raise InvalidInput(
