@@ -73,9 +73,9 @@ async def test_frames_upload_with_a_window(service: Service) -> None:
 @pytest.mark.parametrize(("options", "first", "last"), [
     # carphone runs at 30000/1001 fps. Frames 3, 5, ..., 19:
     ({"start_frame": "3", "stride": "2", "num_frames": "9"}, 3, 19),
-    # 10 fps from 1 s, 5 frames: those on screen at 1.0 s (frame 29, shown from 0.968 s)
-    # to 1.4 s (frame 41, shown from 1.368 s).
-    ({"start_s": "1", "fps": "10", "num_frames": "5"}, 29, 41),
+    # 10 fps from 1.01 s, 5 frames: those on screen at 1.01 s (frame 30, shown from
+    # 1.001 s) to 1.41 s (frame 42, shown from 1.401 s).
+    ({"start_s": "1.01", "fps": "10", "num_frames": "5"}, 30, 42),
 ])
 async def test_the_latent_records_which_source_frames_it_covers(
         service: Service, options: dict[str, str], first: int, last: int) -> None:

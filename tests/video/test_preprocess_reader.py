@@ -72,8 +72,10 @@ def test_start_frame_stride_and_repeat_up() -> None:
         frames, np.stack([_scaled(ref[i], 176, 144) for i in range(5, 33, 4)]))
     frames, _ = _read(path, {"fps": "60", "num_frames": "10", "resize": "96x64",
                              "crop": "none"})
-    picked = [max(i for i, t in enumerate(times) if t <= k / 60 + 1e-6) for k in range(10)]
-    assert picked[:4] == [0, 0, 0, 1]  # 29.97 fps: frame 1 starts just after 2 / 60 s
+    # Each output time takes the frame on screen then, timestamps within rounding (a
+    # millisecond) early: 29.97 fps frame 1 starts 0.03 ms after 2 / 60 s, so it is there.
+    picked = [max(i for i, t in enumerate(times) if t <= k / 60 + 1e-3) for k in range(10)]
+    assert picked[:4] == [0, 0, 1, 1]
     np.testing.assert_array_equal(frames, np.stack([_scaled(ref[i], 96, 64) for i in picked]))
 
 
@@ -136,3 +138,16 @@ def test_frames_in_memory_take_the_same_path() -> None:
         np.testing.assert_array_equal(reader.read_all(), frames)
     with pytest.raises(InvalidInput, match="uint8"):
         open_frames(frames.astype(np.float32))
+
+
+@pytest.mark.parametrize(("fps", "rate"), [(24, "24"), (24000 / 1001, "24000/1001")])
+def test_resampling_a_millisecond_timestamped_clip_at_its_own_rate_keeps_every_frame(
+        fps: float, rate: str) -> None:
+    # Matroska rounds timestamps to the millisecond: 24 fps frame 1 is "at 0.042 s", after
+    # the output time 1/24 s, which took frame 0 twice and dropped frame 1 (and every
+    # third one after it).
+    data = make_video(None, frames=24, width=32, height=32, fps=fps, container="mkv")
+    plain, _ = _read(data, {})
+    resampled, _ = _read(data, {"fps": rate})
+    assert resampled.shape == plain.shape == (24, 32, 32, 3)
+    np.testing.assert_array_equal(resampled, plain)

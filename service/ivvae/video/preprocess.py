@@ -313,8 +313,10 @@ class Preprocess:
         if self.stride is not None:
             return -(-left // self.stride)
         if self.fps is not None:
-            # Output frame k is shown at k / fps; those before the clip's end count.
-            return math.ceil(left / source_fps * float(self.fps) - 1e-6)
+            # Output frame k is shown at k / fps; those before the clip's end count (as the
+            # frame selector counts them, within timestamp rounding).
+            tolerance = time_tolerance(source_fps, self.fps)
+            return max(0, math.ceil((left / source_fps - tolerance) * float(self.fps)))
         return left
 
     # -- checks ----------------------------------------------------------------------------
@@ -380,6 +382,16 @@ class Preprocess:
                     out_fps.limit_denominator(1_000_000))
 
 
+def time_tolerance(source_fps: float, fps: Fraction | None) -> float:
+    """How far before a frame's timestamp an output time still counts as that frame's.
+
+    Timestamps are rounded to the stream's time base, a millisecond in Matroska/WebM: a
+    24 fps clip's frame "at 0.042 s" is the one at 1/24 s, and resampling it at its own
+    rate must take every frame once. A millisecond, or a quarter of a frame (source or
+    output) where that is less."""
+    return min(1e-3, 0.25 / source_fps, 0.25 / float(fps) if fps else math.inf)
+
+
 @dataclass(frozen=True)
 class Plan:
     """``Preprocess.plan``: the options as decided for one clip. ``frame_limit`` output
@@ -417,11 +429,10 @@ class FrameSelector:
     the previous frame.
     """
 
-    _EPS = 1e-6  # timestamps are rounded to the stream's time base
-
     def __init__(self, options: Preprocess, source_fps: float) -> None:
         self._o = options
         self._frame_s = 1.0 / source_fps
+        self._EPS = time_tolerance(source_fps, options.fps)
         self._start = float(options.start_s or 0)
         self._start_index: int | None = options.start_frame or 0
         if options.start_s is not None:
