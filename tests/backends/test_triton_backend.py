@@ -357,3 +357,32 @@ async def test_a_dead_model_instance_is_a_503_and_not_ready_until_triton_runs_ag
             assert (await client.get("/readyz")).status_code == 200
     finally:
         server.stop()
+
+
+class _FakeClient:
+    """A Triton client whose models are ready and whose requests take the given times."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.delays = delays
+
+    async def is_model_ready(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    async def infer(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(self.delays.pop(0))
+
+    async def get_model_config(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {}
+
+
+async def test_two_probes_of_a_recovered_endpoint_at_once_do_not_fail_readiness(
+        tiny_weights: Path) -> None:
+    # The watcher's probe and a readiness check's overlap: the first to finish clears the
+    # mark, and the other read the mark it had cleared (a KeyError: /readyz answered 500).
+    backend = TritonBackend(tiny_settings(tiny_weights, backend="triton",
+                                          triton_url="t:1"), Metrics())
+    backend._broken["t:1"] = "model ivvae_decoder cannot run requests: not healthy"
+    backend._clients["t:1"] = _FakeClient([0.01, 0.05, 0.01, 0.05])  # type: ignore[assignment]
+    cleared, probed = await asyncio.gather(backend._runs_again("t:1"), backend._probe("t:1"))
+    assert cleared is True and "t:1" not in backend._broken
+    assert isinstance(probed, str) and "cannot run requests" not in probed  # the config's say

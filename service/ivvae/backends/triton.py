@@ -157,6 +157,7 @@ class TritonBackend(Backend):
         self._down: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         # endpoint -> why a model instance there cannot run steps (a dead python stub)
         self._broken: dict[str, str] = {}
+        self._probing: dict[str, asyncio.Task[None]] = {}  # the watcher's probes running
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -183,10 +184,11 @@ class TritonBackend(Backend):
     async def _watch(self) -> None:
         """Keep ``_down`` current: a liveness call per endpoint, every ``HEALTH_POLL_S``."""
         while True:
+            resolved = True
             try:
                 endpoints = await self._endpoints()
             except BackendUnavailable:
-                endpoints = []
+                endpoints, resolved = [], False
             answers = await asyncio.gather(*(self._live(e) for e in endpoints))
             for endpoint, live in zip(endpoints, answers, strict=True):
                 down = self._down[endpoint]
@@ -197,11 +199,14 @@ class TritonBackend(Backend):
                     log.warning("Triton at %s does not answer health checks; refusing new "
                                 "videos on it until it does", endpoint)
                     down.set()
-            for gone in [e for e in self._broken if e not in endpoints]:
-                del self._broken[gone]  # left DNS: an address reused later starts clean
-            broken = [e for e, live in zip(endpoints, answers, strict=True)
-                      if live and e in self._broken]
-            await asyncio.gather(*(self._runs_again(e) for e in broken))
+            if resolved:  # (a failed lookup says nothing of who left)
+                for gone in [e for e in self._broken if e not in endpoints]:
+                    del self._broken[gone]  # left DNS: an address reused later starts clean
+            for endpoint, live in zip(endpoints, answers, strict=True):
+                # In the background, one at a time per endpoint: a probe can take seconds,
+                # and the liveness polls above must keep their pace.
+                if live and endpoint in self._broken and endpoint not in self._probing:
+                    self._probing[endpoint] = asyncio.create_task(self._probe_broken(endpoint))
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def _live(self, endpoint: str) -> bool:
@@ -215,6 +220,8 @@ class TritonBackend(Backend):
             return False
 
     async def close(self) -> None:
+        for task in list(self._probing.values()):
+            task.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
         if self._refresher is not None:
@@ -287,7 +294,9 @@ class TritonBackend(Backend):
                 if not await client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S):
                     return f"model {model} is not ready"
             if endpoint in self._broken and not await self._runs_again(endpoint):
-                return self._broken[endpoint]
+                why = self._broken.get(endpoint)  # another probe may have cleared it since
+                if why is not None:
+                    return why
             configs = {d: await client.get_model_config(m, as_json=True,
                                                         client_timeout=PROBE_TIMEOUT_S)
                        for d, m in self._models.items()}
@@ -313,6 +322,12 @@ class TritonBackend(Backend):
                                    source=f"triton:{raw.source}")
         return _Served(info, precision)
 
+    async def _probe_broken(self, endpoint: str) -> None:
+        try:
+            await self._runs_again(endpoint)
+        finally:
+            self._probing.pop(endpoint, None)
+
     async def _runs_again(self, endpoint: str) -> bool:
         """Whether every model at ``endpoint`` runs requests again: a data-less RELEASE of a
         sequence nobody uses goes through the model instance (its python stub) and changes
@@ -333,10 +348,13 @@ class TritonBackend(Backend):
             except Exception:  # a probe must never stop the watcher; the mark stays
                 log.debug("probing %s failed", endpoint, exc_info=True)
                 return False
-        if self._broken.get(endpoint) is not marked:
+        now = self._broken.get(endpoint)
+        if now is None:
+            return True  # another probe got there first
+        if now is not marked:
             return False  # a step failed there while this probe ran: that is newer
         log.info("Triton at %s runs requests again", endpoint)
-        self._broken.pop(endpoint, None)
+        del self._broken[endpoint]
         return True
 
     # -- endpoints -------------------------------------------------------------------------
