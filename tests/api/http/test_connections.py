@@ -163,11 +163,18 @@ def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
     _wait_healthy(server)
 
 
-def test_a_trickled_body_is_cut_off_though_no_gap_is_long(server: ServeProcess) -> None:
+@pytest.mark.parametrize(("target", "op"), [
+    (b"/encode", "encode"),  # a spooled upload
+    (b"/decode", "decode"),  # a body read whole
+    (b"http://x/decode", "decode"),  # absolute-form
+])
+def test_a_trickled_body_is_cut_off_though_no_gap_is_long(server: ServeProcess, target: bytes,
+                                                          op: str) -> None:
+    before = _requests(server, op, "deadline_exceeded")
     # A byte every half body timeout: each gap is fine, the pace is not.
     with _connect(server) as sock:
-        sock.sendall(b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
-                     b"Content-Length: 99000\r\n\r\n")
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n"
+                     b"Content-Length: 99000\r\n\r\n" % target)
         sock.setblocking(False)
         reply, start = b"", time.monotonic()
         while not reply and time.monotonic() - start < SLACK_S:
@@ -180,7 +187,7 @@ def test_a_trickled_body_is_cut_off_though_no_gap_is_long(server: ServeProcess) 
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
     # Counted as what it was, not as a client that went away.
     deadline = time.monotonic() + SLACK_S
-    while _requests(server, "encode", "deadline_exceeded") < 1:
+    while _requests(server, op, "deadline_exceeded") < before + 1:
         assert time.monotonic() < deadline, "the 408 was not counted as deadline_exceeded"
         time.sleep(0.1)
     _wait_healthy(server)

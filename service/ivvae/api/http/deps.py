@@ -67,11 +67,14 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
     """
     _refuse_declared_size(request, limit)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit + MULTIPART_SLACK:
-            raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit + MULTIPART_SLACK:
+                raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _gone(request) from None
     body = b"".join(chunks)
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):

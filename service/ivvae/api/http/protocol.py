@@ -294,7 +294,9 @@ def _origin_form(scope: Any) -> Any:
     if not sep or scheme.lower() not in (b"http", b"https"):
         return scope
     raw = b"/" + rest.partition(b"/")[2]
-    return {**scope, "raw_path": raw, "path": unquote(raw.decode("latin-1"))}
+    # In place: the connection marks this very scope later (BODY_TIMED_OUT).
+    scope.update(raw_path=raw, path=unquote(raw.decode("latin-1")))
+    return scope
 
 
 async def _respond(send: Any, status: int, body: bytes, *headers: tuple[bytes, bytes]) -> None:
