@@ -760,6 +760,12 @@ def test_jsonl_and_json_tables_and_their_columns(tmp_path: Path) -> None:
     (src / "gap.csv").write_text("path,caption\na/clip01.mp4,x\n,y\n")
     with pytest.raises(DatasetError, match="row 2 has no 'path'"):
         collect(src / "gap.csv")
+    # The column most rows have wins: one row's extra "text" takes no one's "prompt".
+    (src / "mixed.jsonl").write_text('{"path": "a/clip01.mp4", "prompt": "one"}\n'
+                                     '{"path": "b/clip00.mp4", "prompt": "zero", "text": "x"}\n')
+    by_name = {s.name: dict(s.given) for s in collect(src / "mixed.jsonl")}
+    assert (by_name["a/clip01.mp4"][".txt"], by_name["b/clip00.mp4"][".txt"]) == (b"one",
+                                                                                 b"zero")
     # The columns of every row count (the first may lack the caption).
     (src / "later.jsonl").write_text('{"path": "a/clip01.mp4"}\n'
                                      '{"path": "b/clip00.mp4", "caption": "zero"}\n')
@@ -799,3 +805,14 @@ def test_a_job_file_is_created_once_where_the_filesystem_has_no_hard_links(
         write_bytes(out, path, b"second", create=True)
     assert Path(path).read_bytes() == b"first"
     assert [p.name for p in Path(out.path).iterdir()] == ["job.json"]  # no temporaries left
+
+
+def test_a_torn_job_file_is_named_not_a_json_error(tmp_path: Path) -> None:
+    from ivvae.dataset import JOB_NAME, STATE_DIR, JobConfig, ModelIdentity, open_output
+
+    out = tmp_path / "out"
+    (out / STATE_DIR).mkdir(parents=True)
+    (out / STATE_DIR / JOB_NAME).write_text('{"key": "ab')
+    config = JobConfig("parquet", ClipOptions(), ModelIdentity("tiny", "0" * 64, "float32"))
+    with pytest.raises(DatasetError, match=r"not a whole job file.*remove it"):
+        open_output(str(out), config)

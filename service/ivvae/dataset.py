@@ -442,7 +442,10 @@ def _table(text: str, suffix: str, where: str, columns: Columns
                 raise DatasetError(f"{where} has no column {given!r} (its columns: "
                                    f"{', '.join(present) or 'none'})")
             return given
-        found = next((c for c in candidates if c in present), "")
+        # The candidate most rows have (a column a few rows add must not win), then the
+        # first in the list.
+        counts = {c: sum(c in row for row in rows) for c in candidates if c in present}
+        found = max(counts, key=lambda c: (counts[c], -candidates.index(c)), default="")
         if not found and what == "path":
             raise DatasetError(f"{where}: no column names the clips (looked for "
                                f"{', '.join(candidates)}; its columns: "
@@ -1017,7 +1020,7 @@ def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -
             # raises as other OSErrors): read what is there. Anything else stays an error.
             if not out.fs.exists(path):
                 raise
-    held = json.loads(out.fs.cat_file(path))
+    held = _read_job(out, path)
     if held.get("key") == config.key:
         return out
     if not new_version:
@@ -1027,6 +1030,21 @@ def open_output(out_url: str, config: JobConfig, *, new_version: bool = False) -
             "Use another OUT, or --new-version to write this one to "
             f"{VERSIONS_DIR}/{config.key[:16]}/ under it")
     return open_output(out.url(out.join(VERSIONS_DIR, config.key[:16])), config)
+
+
+def _read_job(out: Location, path: str) -> dict[str, Any]:
+    """The job file, waiting a moment for one being written (where a filesystem has no
+    hard links it is created empty, then written)."""
+    for _ in range(20):
+        try:
+            held = json.loads(out.fs.cat_file(path))
+            if isinstance(held, dict) and "key" in held:
+                return held
+        except ValueError:
+            pass
+        time.sleep(0.1)
+    raise DatasetError(f"{out.url(path)} is not a whole job file (a run was killed while it "
+                       "created it?): remove it, and run again")
 
 
 @contextlib.contextmanager
