@@ -262,3 +262,26 @@ async def test_encode_unary_reads_frames_and_checks_its_declared_size(
     assert wrong_size.value.code() == INVALID
     assert "size_bytes" in (wrong_size.value.details() or "")
     assert tensor_fps == (INVALID, "invalid_input")
+
+
+@pytest.mark.parametrize("method", ["Encode", "Decode", "EncodeUnary"])
+async def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerThread,
+                                                                 method: str) -> None:
+    # Bytes that are no protobuf message of the method: the deserializer's error was
+    # INTERNAL (streams) or UNKNOWN (unary) with no error code.
+    path = f"/ivvae.v1.IVVAE/{method}"
+    garbage = b"\xff\xff\xff\xff"
+    async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+        if method == "EncodeUnary":
+            call: Any = channel.unary_unary(path, request_serializer=None,
+                                            response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(garbage, metadata=AUTH)
+            exc = raised.value
+            got = exc.code(), dict(exc.trailing_metadata() or ()).get(ERROR_CODE_KEY)
+        else:
+            stream = channel.stream_stream(path, request_serializer=None,
+                                           response_deserializer=None)
+            got = await _status(stream, _messages(garbage))
+    assert got == (INVALID, "invalid_input")
+    await _good_encode_works(server.grpc_target)

@@ -8,6 +8,11 @@ read the message for it), and an admitted one is counted until it ends.
 
 Guarded: every service but ``grpc.health.v1.Health`` (probes need no key), so reflection
 is behind the key too when keys are set.
+
+Malformed messages: grpc answers a request message that does not parse with UNKNOWN or
+INTERNAL (the deserializer's exception). For the methods under ``tolerant`` prefixes the
+deserializer gives a ``Malformed`` instead: a unary request is refused INVALID_ARGUMENT
+here, and a streaming handler refuses it when it reads it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from ...errors import IVVAEError, Overloaded
+from ...errors import InvalidInput, IVVAEError, Overloaded
 from ..auth import check_bearer
 from .errors import ERROR_CODE_KEY, grpc_status
 
@@ -33,9 +40,11 @@ class Guard(grpc.aio.ServerInterceptor):
     """``keys``: the API keys (empty: no key needed); ``max_rpcs``: guarded RPCs in flight
     (more are refused UNAVAILABLE, code ``overloaded``)."""
 
-    def __init__(self, keys: Collection[str], max_rpcs: int) -> None:
+    def __init__(self, keys: Collection[str], max_rpcs: int,
+                 tolerant: tuple[str, ...] = ()) -> None:
         self.keys = keys
         self.max_rpcs = max_rpcs
+        self.tolerant = tolerant
         self.active = 0
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
@@ -54,14 +63,21 @@ class Guard(grpc.aio.ServerInterceptor):
             log.info("gRPC %s refused before reading: %s", method, exc.code)
             return _refusal(exc)
         handler = await continuation(details)
-        return None if handler is None else self._counted(handler)
+        return None if handler is None else self._counted(
+            handler, tolerant=bool(self.tolerant) and method.startswith(self.tolerant))
 
-    def _counted(self, handler: Any) -> Any:
-        """``handler`` with its behaviour counted in ``active`` while it runs."""
+    def _counted(self, handler: Any, *, tolerant: bool = False) -> Any:
+        """``handler`` with its behaviour counted in ``active`` while it runs (and with
+        ``tolerant``, malformed messages as ``Malformed``)."""
         for kind, make in _KINDS:
             inner = getattr(handler, kind)
             if inner is None:
                 continue
+            deserialize = handler.request_deserializer
+            if tolerant and deserialize is not None:
+                deserialize = _tolerant(deserialize)
+                if kind.startswith("unary_"):
+                    inner = _refusing_malformed(inner)
 
             if inspect.isasyncgenfunction(inner):  # e.g. reflection's handler
                 async def stream(request: Any, context: Any, _inner: Any = inner) -> Any:
@@ -82,9 +98,53 @@ class Guard(grpc.aio.ServerInterceptor):
                         self.active -= 1
 
                 behaviour = call
-            return make(behaviour, request_deserializer=handler.request_deserializer,
+            return make(behaviour, request_deserializer=deserialize,
                         response_serializer=handler.response_serializer)
         return handler
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request message that did not parse, and why."""
+
+    detail: str
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"a request message is not a valid protobuf message of this "
+                            f"method: {self.detail}")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Malformed(str(exc) or "it does not parse")
+
+    return parse
+
+
+def _refusing_malformed(inner: Callable[..., Any]) -> Callable[..., Any]:
+    async def refuse(request: Malformed, context: Any) -> None:
+        exc = request.error()
+        await context.abort(grpc_status(exc), exc.detail,
+                            trailing_metadata=((ERROR_CODE_KEY, exc.code),))
+
+    if inspect.isasyncgenfunction(inner):
+        async def stream(request: Any, context: Any) -> Any:
+            if isinstance(request, Malformed):
+                await refuse(request, context)
+            async for response in inner(request, context):
+                yield response
+
+        return stream
+
+    async def call(request: Any, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            await refuse(request, context)
+        return await inner(request, context)
+
+    return call
 
 
 _KINDS = (

@@ -53,7 +53,7 @@ from ..metering import RequestMeter
 from .errors import ERROR_CODE_KEY, grpc_status
 from .gen import ivvae_pb2 as pb
 from .gen import ivvae_pb2_grpc as pb_grpc
-from .guard import Guard
+from .guard import Guard, Malformed
 
 log = logging.getLogger("ivvae.grpc")
 
@@ -167,6 +167,8 @@ async def _deadlined(stream: AsyncIterator[Any], seconds: float) -> AsyncIterato
                                "dropped") from None
         if item is _END:
             return
+        if isinstance(item, Malformed):
+            raise item.error()
         yield item
 
 
@@ -469,7 +471,8 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
         options += [("grpc.http2.bdp_probe", 0),
                     ("grpc.http2.lookahead_bytes", settings.grpc_stream_window_bytes)]
     server = grpc.aio.server(interceptors=[
-        Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs)], options=options)
+        Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs,
+              tolerant=(f"/{SERVICE_NAME}/",))], options=options)
     pb_grpc.add_IVVAEServicer_to_server(IVVAEServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
