@@ -127,6 +127,12 @@ def test_bad_urls() -> None:
     for url in ("ftp://x", "grpc://", "grpc://host:1/path"):
         with pytest.raises(ValueError):
             Client(url)
+    # A port out of range went on to another port (99999 is 34463 to grpc) or failed at the
+    # first call in an ExceptionGroup; one that is no number was retried as unavailable.
+    for url in ("grpc://127.0.0.1:99999", "127.0.0.1:abc", "http://127.0.0.1:99999",
+                "https://h:abc"):
+        with pytest.raises(ValueError, match="port"):
+            Client(url)
 
 
 def test_client_does_not_import_torch(server: ServerThread) -> None:

@@ -77,6 +77,10 @@ class _Transport(Protocol):
 def _parse_url(url: str) -> tuple[Literal["http", "grpc"], str, bool]:
     """(transport, address, TLS) of a client URL; raises ``ValueError`` when malformed."""
     parts = urlsplit(url if "://" in url else f"grpc://{url}")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError(f"the port of {url!r} must be a number in 0-65535") from None
     if parts.scheme in ("http", "https") and parts.netloc:
         return "http", url, parts.scheme == "https"
     if parts.scheme in ("grpc", "grpcs"):
