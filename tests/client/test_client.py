@@ -173,3 +173,19 @@ async def test_arguments_a_header_or_a_field_cannot_carry_are_refused_here() -> 
             with pytest.raises(ValueError, match=r"crf must be an integer in \[0, 51\]"):
                 await client.decode(b"not read", crf=crf)  # type: ignore[arg-type]
         await client.close()
+
+
+def test_values_a_request_cannot_carry_are_the_same_error_on_both_transports(
+        url: str) -> None:
+    # Over gRPC a protobuf ValueError ("Value out of range: -1") came out, naming nothing.
+    from ivvae.errors import InvalidInput
+
+    latent = np.zeros((1, 4, 3, 6, 8), np.float32)
+    with Client(url, api_key=KEY) as client:
+        for bad in ({"height": -1}, {"width": "abc"}):
+            name = next(iter(bad))
+            with pytest.raises(InvalidInput, match=f"'{name}'"):
+                client.decode(latent, **bad)
+        for seed in (-1, 2**64):
+            with pytest.raises(InvalidInput, match="'seed'"):
+                client.encode(VIDEO, sample=True, seed=seed)

@@ -21,7 +21,7 @@ from ..api.grpc.errors import ERROR_CODE_KEY
 from ..api.grpc.gen import ivvae_pb2 as pb
 from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ..core.model_info import ModelInfo
-from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
+from ..errors import BackendUnavailable, DeadlineExceeded, InvalidInput, IVVAEError
 from ._common import (
     VideoSource,
     error_from_code,
@@ -103,7 +103,7 @@ class GrpcTransport:
             if name == "bucket":
                 fields[name] = value.split(",")
             elif name in ("start_frame", "num_frames", "max_frames", "stride"):
-                fields[name] = int(value)
+                fields[name] = _integer(name, value)
             else:
                 fields[name] = value
         source: VideoSource | Path
@@ -115,8 +115,8 @@ class GrpcTransport:
             source = video
         responses = await self._stream(
             self._stub.Encode,
-            pb.EncodeRequest(options=pb.EncodeOptions(**options, **fields,
-                                                      size_bytes=_size(source))),
+            pb.EncodeRequest(options=_options(pb.EncodeOptions, **options, **fields,
+                                              size_bytes=_size(source))),
             lambda piece: pb.EncodeRequest(chunk=piece), source)
         results = [r.result for r in responses if r.WhichOneof("part") == "result"]
         data = b"".join(r.chunk for r in responses if r.WhichOneof("part") == "chunk")
@@ -128,12 +128,13 @@ class GrpcTransport:
                      target: dict[str, str] | None = None,
                      frames_dtype: str = "uint8") -> bytes | np.ndarray:
         fmt = pb.DECODE_FORMAT_FRAMES if frames else pb.DECODE_FORMAT_MP4
-        fields: dict[str, Any] = {k: int(v) if k in ("num_frames", "height", "width") else v
-                                  for k, v in (target or {}).items()}
+        fields: dict[str, Any] = {
+            k: _integer(k, v) if k in ("num_frames", "height", "width") else v
+            for k, v in (target or {}).items()}
         responses = await self._stream(
             self._stub.Decode,
-            pb.DecodeRequest(options=pb.DecodeOptions(
-                format=fmt, crf=crf, size_bytes=len(latent),
+            pb.DecodeRequest(options=_options(
+                pb.DecodeOptions, format=fmt, crf=crf, size_bytes=len(latent),
                 frames_dtype="" if frames_dtype == "uint8" else frames_dtype, **fields)),
             lambda piece: pb.DecodeRequest(chunk=piece), latent)
         if not responses or responses[0].WhichOneof("part") != "info":
@@ -164,3 +165,24 @@ class GrpcTransport:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+def _integer(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"parameter {name!r} must be an integer, got {value!r}") from None
+
+
+def _options(message: Callable[..., Any], **fields: Any) -> Any:
+    """``message(**fields)``, or the error the HTTP API gives for a value a protobuf field
+    cannot hold (a negative or huge count, a text for a number), naming the parameter."""
+    try:
+        return message(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                message(**{name: value})
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"parameter {name!r} cannot be {value!r} ({exc})") from None
+        raise
