@@ -128,14 +128,20 @@ async def test_bad_encode_streams(server: ServerThread, case: str) -> None:
     await _good_encode_works(server.grpc_target)
 
 
-def test_oversized_stream_is_cut_off_early(server: ServerThread) -> None:
-    """RESOURCE_EXHAUSTED as soon as max_upload_bytes is passed, not after the whole upload
-    (no size declared). The sync API: it reports the server's status when the server ends
-    the RPC mid-upload."""
+@pytest.mark.parametrize(("declared", "status", "code"), [
+    (None, EXHAUSTED, "too_large"),  # past max_upload_bytes
+    (1000, INVALID, "invalid_input"),  # past its own declared size (read to the end before)
+])
+def test_oversized_stream_is_cut_off_early(server: ServerThread, declared: int | None,
+                                           status: grpc.StatusCode, code: str) -> None:
+    """Refused as soon as the stream passes its limit, not after the whole upload. The sync
+    API: it reports the server's status when the server ends the RPC mid-upload."""
     sent = 0
 
     def endless() -> Iterator[Any]:
         nonlocal sent
+        if declared is not None:
+            yield pb.EncodeRequest(options=pb.EncodeOptions(size_bytes=declared))
         while sent < 1 << 30:
             sent += 65536
             yield pb.EncodeRequest(chunk=bytes(65536))
@@ -144,8 +150,8 @@ def test_oversized_stream_is_cut_off_early(server: ServerThread) -> None:
             pytest.raises(grpc.RpcError) as exc:
         for _ in pb_grpc.IVVAEStub(channel).Encode(endless(), metadata=AUTH):
             pass
-    assert exc.value.code() == EXHAUSTED  # type: ignore[attr-defined]
-    assert dict(exc.value.trailing_metadata())[ERROR_CODE_KEY] == "too_large"  # type: ignore[attr-defined]
+    assert exc.value.code() == status  # type: ignore[attr-defined]
+    assert dict(exc.value.trailing_metadata())[ERROR_CODE_KEY] == code  # type: ignore[attr-defined]
     assert sent < 16 << 20
 
 

@@ -279,6 +279,9 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 total += len(request.chunk)
                 if total > limit:
                     raise TooLarge(f"the {what} exceeds the limit of {limit} bytes")
+                if declared is not None and total > declared:  # no need to read the rest
+                    raise InvalidInput(f"the stream carries more than the {declared} bytes "
+                                       f"its options declared for the {what}")
                 # Each gap is bounded by the read timeout; this bounds their sum.
                 late = asyncio.get_running_loop().time() - start - grace
                 if rate and late > total / rate:
