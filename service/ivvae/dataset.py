@@ -1419,6 +1419,8 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
     from .video.preprocess import PREPROCESS_KEYS, Preprocess
 
     _check_applicable(args)
+    if args.ca_cert is not None and not os.path.isfile(args.ca_cert):
+        raise DatasetError(f"--ca-cert {args.ca_cert}: no such file")
     params: list[tuple[str, str]] = []
     for name in PREPROCESS_KEYS:
         value = getattr(args, name, None)

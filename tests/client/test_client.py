@@ -189,3 +189,15 @@ def test_values_a_request_cannot_carry_are_the_same_error_on_both_transports(
         for seed in (-1, 2**64):
             with pytest.raises(InvalidInput, match="'seed'"):
                 client.encode(VIDEO, sample=True, seed=seed)
+
+
+def test_a_ca_cert_needs_a_tls_url_and_a_file(tmp_path: Path) -> None:
+    # Over grpc:// it was ignored (plain text while the user asked to verify a server), and
+    # a missing file failed at the first call without its name.
+    cert = tmp_path / "ca.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    for url in ("grpc://127.0.0.1:1", "http://127.0.0.1:1"):
+        with pytest.raises(ValueError, match="plain text"):
+            Client(url, ca_cert=cert)
+    with pytest.raises(FileNotFoundError, match=r"nope\.pem"):
+        Client("grpcs://127.0.0.1:1", ca_cert=tmp_path / "nope.pem")

@@ -115,8 +115,15 @@ class AsyncClient:
     def __init__(self, url: str, *, api_key: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
                  ca_cert: str | os.PathLike[str] | None = None) -> None:
-        _parse_url(url)  # fail now on a malformed URL, not at the first call
+        _, _, secure = _parse_url(url)  # fail now on a malformed URL, not at the first call
         check_api_key(api_key)
+        if ca_cert is not None:
+            # A CA with a plain-text URL was ignored over gRPC: the user meant TLS.
+            if not secure:
+                raise ValueError(f"ca_cert is for https:// and grpcs:// URLs; {url!r} is "
+                                 "plain text")
+            if not Path(ca_cert).is_file():
+                raise FileNotFoundError(f"ca_cert {os.fspath(ca_cert)!r} is not a file")
         self.url = url
         self.api_key = api_key
         self.ca_cert = ca_cert
