@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -27,9 +28,7 @@ def test_a_client_that_disconnects_mid_upload_is_not_a_server_error(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     log = tmp_path / "serve.log"
     with serve_process(tiny_weights, log=log, IVVAE_LOG_LEVEL="info") as url:
-        port = urlparse(url).port
-        assert port is not None
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with _connect(url) as sock:
             sock.sendall(b"POST /encode HTTP/1.1\r\nHost: ivvae\r\nContent-Type: video/mp4\r\n"
                          b"Content-Length: 1000000\r\n\r\n" + b"\0" * 4096)
             # Go away only once the server is reading the body (else it never sees a request).
@@ -55,22 +54,34 @@ def _gauge(url: str, name: str, label: str) -> float:
     return sum(values)
 
 
+def _connect(url: str) -> socket.socket:
+    """A raw connection to the server at ``url``."""
+    port = urlparse(url).port
+    assert port is not None
+    return socket.create_connection(("127.0.0.1", port))
+
+
+def _decode_request(shape: tuple[int, ...], output: str) -> tuple[Any, bytes]:
+    """A random latent of ``shape`` and the raw HTTP request that decodes it (``output``:
+    the query's output parameter)."""
+    import numpy as np
+
+    latent = np.random.default_rng(0).standard_normal(shape, np.float32)
+    head = (f"POST /decode?shape={','.join(map(str, shape))}&dtype=float32&{output} "
+            f"HTTP/1.1\r\nHost: ivvae\r\nContent-Length: {latent.nbytes}\r\n\r\n")
+    return latent, head.encode() + latent.tobytes()
+
+
 def test_a_client_that_goes_away_mid_decode_frees_its_session(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     # Starlette cancels the response task when the client goes; every later await in it is
     # cancelled too, so a cleanup that awaits (a session's close) must not depend on it.
     # 65 frames of 256x256 (12.8 MB): more than loopback buffers take, so the client's
     # leaving cuts the stream.
-    import numpy as np
-
-    latent = np.random.default_rng(0).standard_normal((1, 4, 17, 32, 32), np.float32)
-    request = (b"POST /decode?shape=1,4,17,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
-               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    latent, request = _decode_request((1, 4, 17, 32, 32), "format=frames")
     with serve_process(tiny_weights, log=tmp_path / "serve.log") as url:
-        port = urlparse(url).port
-        assert port is not None
         for _ in range(3):
-            with socket.create_connection(("127.0.0.1", port)) as sock:
+            with _connect(url) as sock:
                 sock.sendall(request)
                 assert sock.recv(100).startswith(b"HTTP/1.1 200")
         deadline = time.monotonic() + 30
@@ -90,25 +101,18 @@ def test_a_client_that_stops_reading_is_cut_at_the_request_timeout(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     # Between decoder steps nothing waited on the clock: a client that stopped reading a
     # streamed decode held its session (and its memory budget share) for ever.
-    import numpy as np
-
-    latent = np.random.default_rng(0).standard_normal((1, 4, 33, 32, 32), np.float32)
-    request = (b"POST /decode?shape=1,4,33,32,32&dtype=float32&format=frames HTTP/1.1\r\n"
-               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    _, request = _decode_request((1, 4, 33, 32, 32), "format=frames")
     with serve_process(tiny_weights, log=tmp_path / "serve.log",
-                       IVVAE_REQUEST_TIMEOUT_S="4") as url:
-        port = urlparse(url).port
-        assert port is not None
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.sendall(request)
-            assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more
-            deadline = time.monotonic() + 60
-            sessions = ("ivvae_active_sessions", 'kind="decode"')
-            while _gauge(url, *sessions) != 0:
-                assert time.monotonic() < deadline, "the stalled decode was never cut"
-                time.sleep(0.5)
-            assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
+                       IVVAE_REQUEST_TIMEOUT_S="4") as url, _connect(url) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(request)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more
+        deadline = time.monotonic() + 60
+        sessions = ("ivvae_active_sessions", 'kind="decode"')
+        while _gauge(url, *sessions) != 0:
+            assert time.monotonic() < deadline, "the stalled decode was never cut"
+            time.sleep(0.5)
+        assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
 
 
 async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() -> None:
@@ -153,16 +157,10 @@ def test_a_client_that_goes_away_before_a_tensor_answer_cancels_its_decode(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     # output_type=pt (and a batch's zip) is answered whole: the decode ran to its end for a
     # client long gone, holding its share of the budget (minutes, on a big batch).
-    import numpy as np
-
-    latent = np.random.default_rng(0).standard_normal((1, 4, 25, 32, 32), np.float32)
-    request = (b"POST /decode?shape=1,4,25,32,32&dtype=float32&output_type=pt HTTP/1.1\r\n"
-               b"Host: ivvae\r\nContent-Length: %d\r\n\r\n" % latent.nbytes) + latent.tobytes()
+    _, request = _decode_request((1, 4, 25, 32, 32), "output_type=pt")
     with serve_process(tiny_weights, log=tmp_path / "serve.log",
                        IVVAE_TORCH_THREADS="1") as url:
-        port = urlparse(url).port
-        assert port is not None
-        with socket.create_connection(("127.0.0.1", port)) as sock:
+        with _connect(url) as sock:
             sock.sendall(request)
             # Go away once the decode runs (not while the upload is still read).
             deadline = time.monotonic() + 30
