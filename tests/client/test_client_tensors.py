@@ -65,6 +65,9 @@ def test_array_inputs_encode_like_the_frames(url: str, server: ServerThread) -> 
             client.encode(FRAMES, preprocess={"stride": "2", "fps": "5"})
         with pytest.raises(ValueError, match="batch"):
             client.encode(np.zeros((2, 3, 1, 8, 8), np.float32))
+        # The shape named is the caller's (it said (1, 5, 16, 16), which was never given).
+        with pytest.raises(ValueError, match=r"got \(5, 16, 16\)"):
+            client.encode(np.zeros((5, 16, 16), np.uint8))
         bf16 = client.encode(sample_clip("carphone_pristine"), dtype="bfloat16",
                              preprocess={"resize": "16", "max_frames": "1"})
         assert bf16.torch().dtype == torch.bfloat16

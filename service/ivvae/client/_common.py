@@ -149,11 +149,9 @@ def frames_of_array(x: object) -> np.ndarray:
     (rounded to uint8 as the server reads frames)."""
     a = _as_numpy(x)
     if a.dtype == np.uint8:
-        if a.ndim == 3:
-            a = a[None]
-        if a.ndim != 4 or a.shape[-1] != 3:
+        if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"uint8 frames are (T, H, W, 3) or (H, W, 3); got {a.shape}")
-        return np.ascontiguousarray(a)
+        return np.ascontiguousarray(a[None] if a.ndim == 3 else a)
     if a.ndim == 5:
         if a.shape[0] != 1:
             raise ValueError(f"encode takes one video; got a batch of {a.shape[0]}")
