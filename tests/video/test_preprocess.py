@@ -49,7 +49,8 @@ def test_spellings_of_the_same_options_share_one_canonical_string() -> None:
     ({"fps": "0"}, "'fps'"),
     ({"fps": "nan"}, "'fps'"),
     ({"fps": "1/0"}, "'fps'"),
-    ({"start_s": "-1"}, "'start_s'"),
+    ({"start_s": "-1"}, "'start_s' must be >= 0"),  # not "must be a number": it is one
+    ({"fps": "-5"}, "'fps' must be > 0"),
     ({"size": "64"}, "'size'"),
 ])
 def test_bad_options_name_the_problem(params: dict[str, str], named: str) -> None:

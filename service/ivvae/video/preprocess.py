@@ -536,10 +536,12 @@ def _fraction(name: str, seen: Mapping[str, str], *, positive: bool) -> Fraction
         return None
     text = seen[name].strip()
     try:
-        value = strict.number(text)
+        value = strict.number(text.removeprefix("-"))  # a sign is checked below, by name
     except ValueError:
         raise InvalidInput(f"option {name!r} must be a number (e.g. 12, 12.5 or "
                            f"30000/1001), got {seen[name]!r}") from None
+    if text.startswith("-"):
+        value = -value
     if value < 0 or (positive and value == 0):
         raise InvalidInput(f"option {name!r} must be {'> 0' if positive else '>= 0'}, "
                            f"got {seen[name]!r}")
