@@ -10,7 +10,8 @@ from fastapi.responses import Response
 
 from ....core.names import CRF_RANGE, DEFAULT_CRF
 from ....core.tasks import aclose_all, finish
-from ....errors import InvalidInput, InvalidLatent
+from ....errors import InvalidInput, InvalidLatent, TooLarge
+from ....latents import LatentInfo
 from ....outputs import BATCH_MEDIA_TYPES, MEDIA_TYPES, render, render_batch, tensor_output
 from ....wire import (
     DecodeTarget,
@@ -23,7 +24,7 @@ from ....wire import (
 )
 from ...metering import RequestMeter
 from .. import tensors
-from ..answers import StreamedInTime
+from ..answers import HeldResponse, StreamedInTime
 from ..deps import Authorized, Svc, read_body, unless_disconnected
 from ..errors import error_responses
 
@@ -82,13 +83,17 @@ async def decode(request: Request, svc: Svc) -> Response:
                    "X-Batch": str(len(items))}
         if form.output == "pt":
             try:
+                need = _held_bytes(svc, info, len(items), form.frames_dtype)
                 # Held whole: decoded only while the client waits for it (a client gone
                 # cancels it, and closing the items gives the budget back at once).
                 body, extra = await unless_disconnected(request, tensor_output(items))
             finally:
                 await finish(aclose_all(*items))
-            return Response(body, media_type=tensors.TENSOR_MEDIA_TYPE,
-                            headers={**headers, **extra})
+            # In the budget until the client has it, as every other request's memory.
+            release = await svc.pipeline.budget.acquire(need)
+            return HeldResponse(body, release=release, seconds=svc.settings.request_timeout_s,
+                                media_type=tensors.TENSOR_MEDIA_TYPE,
+                                headers={**headers, **extra})
         if len(items) == 1:
             # One file streams: memory stays at one decoder step, not the whole video.
             chunks = render(form.output, info, items[0], crf=form.crf,
@@ -105,12 +110,32 @@ async def decode(request: Request, svc: Svc) -> Response:
                                   seconds=svc.settings.request_timeout_s,
                                media_type=MEDIA_TYPES[form.output], headers=headers)
         try:
+            # A batch's frames file is held whole like a tensor; its MP4s are compressed.
+            need = (_held_bytes(svc, info, len(items), form.frames_dtype)
+                    if form.output == "frames" else 0)
             body, media = await unless_disconnected(
                 request, render_batch(form.output, info, items, crf=form.crf,
                                       frames_dtype=form.frames_dtype))
         finally:
             await finish(aclose_all(*items))
-        return Response(body, media_type=media, headers=headers)
+        release = await svc.pipeline.budget.acquire(need)
+        return HeldResponse(body, release=release, seconds=svc.settings.request_timeout_s,
+                            media_type=media, headers=headers)
+
+
+def _held_bytes(svc: Svc, info: LatentInfo, count: int, frames_dtype: str) -> int:
+    """The memory a whole answer of ``count`` videos holds (their frames, stacked, and the
+    body: three copies, as ``/frames`` counts); a 413 before any decoding when it could
+    never fit the budget."""
+    frame = info.num_frames * info.height * info.width * 3 * (4 if frames_dtype == "float32"
+                                                                else 1)
+    need = 3 * count * frame
+    capacity = svc.pipeline.budget.capacity
+    if need > capacity:
+        raise TooLarge(f"the answer is {count * frame:,} bytes, and holding it takes "
+                       f"{need:,} of the memory budget's {capacity:,} (IVVAE_MEMORY_BUDGET_MB): "
+                       "decode fewer latents at once, or ask for mp4 (one video streams)")
+    return need
 
 
 async def _stream(first: bytes, rest: AsyncIterator[bytes], frames: AsyncIterator[np.ndarray]
