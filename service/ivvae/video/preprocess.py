@@ -432,7 +432,7 @@ class FrameSelector:
     def __init__(self, options: Preprocess, source_fps: float) -> None:
         self._o = options
         self._frame_s = 1.0 / source_fps
-        self._EPS = time_tolerance(source_fps, options.fps)
+        self._eps = time_tolerance(source_fps, options.fps)
         self._start = float(options.start_s or 0)
         self._start_index: int | None = options.start_frame or 0
         if options.start_s is not None:
@@ -462,7 +462,7 @@ class FrameSelector:
         if self._prev is None:
             return 0
         last = self._prev + self._frame_s
-        if (end is not None and self._prev + self._EPS < end <= self._prev + 4 * self._frame_s
+        if (end is not None and self._prev + self._eps < end <= self._prev + 4 * self._frame_s
                 and abs(end - last) > max(2e-3, 0.05 * self._frame_s)):
             last = end
         return self._copies(self._prev, last)
@@ -471,13 +471,13 @@ class FrameSelector:
         o = self._o
         if o.fps is not None:
             # Targets start + k / fps with k >= emitted so far, before ``end``.
-            upto = math.ceil((end - self._EPS - self._start) * float(o.fps))
+            upto = math.ceil((end - self._eps - self._start) * float(o.fps))
             copies = max(0, upto - self._emitted_targets)
             self._emitted_targets += copies
             return copies
         i = self._index
         if self._start_index is None:
-            if self._start >= end - self._EPS:
+            if self._start >= end - self._eps:
                 return 0
             self._start_index = i
         if i < self._start_index:

@@ -32,6 +32,11 @@ class StreamedInTime(StreamingResponse):
             raise
 
 
+# What building a whole answer holds at most, in copies of its frames: the frames decoded,
+# joined into one array, and the body.
+HELD_COPIES = 3
+
+
 class HeldResponse(Response):
     """A whole answer that holds ``release``'s reservation until it is sent (or the client
     took too long: ``seconds``)."""

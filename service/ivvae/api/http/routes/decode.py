@@ -24,7 +24,7 @@ from ....wire import (
 )
 from ...metering import RequestMeter
 from .. import tensors
-from ..answers import HeldResponse, StreamedInTime
+from ..answers import HELD_COPIES, HeldResponse, StreamedInTime
 from ..deps import Authorized, Svc, read_body, unless_disconnected
 from ..errors import error_responses
 
@@ -81,20 +81,7 @@ async def decode(request: Request, svc: Svc) -> Response:
         headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
                    "X-Width": str(info.width), "X-Height": str(info.height),
                    "X-Batch": str(len(items))}
-        if form.output == "pt":
-            try:
-                need = _held_bytes(svc, info, len(items), form.frames_dtype)
-                # Held whole: decoded only while the client waits for it (a client gone
-                # cancels it, and closing the items gives the budget back at once).
-                body, extra = await unless_disconnected(request, tensor_output(items))
-            finally:
-                await finish(aclose_all(*items))
-            # In the budget until the client has it, as every other request's memory.
-            release = await svc.pipeline.budget.acquire(need)
-            return HeldResponse(body, release=release, seconds=svc.settings.request_timeout_s,
-                                media_type=tensors.TENSOR_MEDIA_TYPE,
-                                headers={**headers, **extra})
-        if len(items) == 1:
+        if form.output != "pt" and len(items) == 1:
             # One file streams: memory stays at one decoder step, not the whole video.
             chunks = render(form.output, info, items[0], crf=form.crf,
                             frames_dtype=form.frames_dtype)
@@ -109,13 +96,20 @@ async def decode(request: Request, svc: Svc) -> Response:
             return StreamedInTime(_stream(first, chunks, items[0]),
                                   seconds=svc.settings.request_timeout_s,
                                media_type=MEDIA_TYPES[form.output], headers=headers)
+        # The rest is answered whole: a tensor, or a batch's file. It is decoded only while
+        # the client waits for it (a client gone cancels it, and closing the items gives
+        # the budget back at once), and is in the budget until the client has it; a batch's
+        # MP4s are compressed, its frames file is held like a tensor.
         try:
-            # A batch's frames file is held whole like a tensor; its MP4s are compressed.
             need = (_held_bytes(svc, info, len(items), form.frames_dtype)
-                    if form.output == "frames" else 0)
-            body, media = await unless_disconnected(
-                request, render_batch(form.output, info, items, crf=form.crf,
-                                      frames_dtype=form.frames_dtype))
+                    if form.output != "mp4" else 0)
+            if form.output == "pt":
+                body, extra = await unless_disconnected(request, tensor_output(items))
+                media, headers = tensors.TENSOR_MEDIA_TYPE, {**headers, **extra}
+            else:
+                body, media = await unless_disconnected(
+                    request, render_batch(form.output, info, items, crf=form.crf,
+                                          frames_dtype=form.frames_dtype))
         finally:
             await finish(aclose_all(*items))
         release = await svc.pipeline.budget.acquire(need)
@@ -124,12 +118,11 @@ async def decode(request: Request, svc: Svc) -> Response:
 
 
 def _held_bytes(svc: Svc, info: LatentInfo, count: int, frames_dtype: str) -> int:
-    """The memory a whole answer of ``count`` videos holds (their frames, stacked, and the
-    body: three copies, as ``/frames`` counts); a 413 before any decoding when it could
-    never fit the budget."""
+    """The memory a whole answer of ``count`` videos holds (``HELD_COPIES`` of its frames);
+    a 413 before any decoding when it could never fit the budget."""
     frame = info.num_frames * info.height * info.width * 3 * (4 if frames_dtype == "float32"
                                                                 else 1)
-    need = 3 * count * frame
+    need = HELD_COPIES * count * frame
     capacity = svc.pipeline.budget.capacity
     if need > capacity:
         raise TooLarge(f"the answer is {count * frame:,} bytes, and holding it takes "

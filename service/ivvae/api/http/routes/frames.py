@@ -18,7 +18,7 @@ from ....outputs import FRAMES_LAYOUT, MEDIA_TYPES
 from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
-from ..answers import HeldResponse
+from ..answers import HELD_COPIES, HeldResponse
 from ..deps import Authorized, Svc, read_body, refuse_parameters, require_video_type
 from ..errors import error_responses, video_body
 
@@ -30,12 +30,12 @@ MAX_FRAMES_BYTES = 512 * 1024 * 1024
 
 
 def _answer_bytes(data: bytes, limits: VideoLimits) -> int:
-    """What building the answer holds at most: the frames decoded, joined, and the file
-    (3x the frames), from the size and frame count the header declares (the cap without)."""
+    """What building the answer holds at most (``HELD_COPIES`` of the frames), from the
+    size and frame count the header declares (the cap without)."""
     with open_video(data, limits=limits) as reader:
         info = reader.info
         frames = info.width * info.height * 3 * (info.num_frames or MAX_FRAMES_BYTES)
-    return 3 * min(frames, MAX_FRAMES_BYTES)
+    return HELD_COPIES * min(frames, MAX_FRAMES_BYTES)
 
 
 def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str]]:
