@@ -292,3 +292,37 @@ def test_a_job_file_is_created_on_s3_only_where_none_is(s3_server: S3Server) -> 
     assert out.fs.cat_file(path) == b"first"
     write_bytes(out, path, b"third")  # an ordinary publish replaces
     assert out.fs.cat_file(path) == b"third"
+
+
+def test_compaction_on_s3_leaves_one_sample_per_clip_for_the_webdataset_package(
+        s3_server: S3Server, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    import webdataset as wds
+
+    from ivvae.compact import compact
+
+    src = s3_server.make_bucket("recut")
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.pipe_file(f"recut/clip{i}.mp4",
+                     media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
+    out = src + "/out"
+    spec = in_process(tiny_weights)
+    asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    fs.pipe_file("recut/clip1.mp4", media.make_video(None, frames=9, width=16, height=16, fps=5))
+    asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    before = {m["source"]: x.numpy().tobytes() for x, m in LatentDataset(out)}
+
+    def plain_keys() -> list[str]:
+        local = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        fs.invalidate_cache()
+        fs.get(out.removeprefix("s3://") + "/shards/", str(local) + "/", recursive=True)
+        shards = sorted(str(p) for p in local.rglob("*.tar"))
+        return sorted(s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False))
+
+    assert plain_keys() == ["clip0_mp4", "clip1_mp4", "clip1_mp4", "clip2_mp4"]
+    result = compact(out)
+    assert (result.shards_rewritten, result.samples_dropped) == (1, 1)
+    assert plain_keys() == ["clip0_mp4", "clip1_mp4", "clip2_mp4"]
+    assert {m["source"]: x.numpy().tobytes() for x, m in LatentDataset(out)} == before
+    summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    assert (summary.encoded, summary.skipped) == (0, 3)

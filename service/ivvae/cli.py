@@ -185,6 +185,12 @@ def _encode_dataset(args: argparse.Namespace) -> int:
     return encode_dataset(args, engine=run_on_ray)
 
 
+def _compact_dataset(args: argparse.Namespace) -> int:
+    from .compact import main as compact_dataset
+
+    return compact_dataset(args)
+
+
 def _encode(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -549,6 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
+
+    from .compact import add_arguments as _compact_arguments
+
+    p = sub.add_parser("compact-dataset", help="rewrite an encode-dataset output's shards to "
+                       "hold only what its manifest names (for readers that glob shards)")
+    _compact_arguments(p)
+    p.set_defaults(handler=_compact_dataset)
 
     from .train.config import FIELD_HELP, TrainConfig
 

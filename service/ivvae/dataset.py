@@ -47,9 +47,9 @@ content's sha256) and its sidecars'. A rerun with the same job key skips every c
 key has a published output and encodes the rest (never done, failed, interrupted, or a
 source that changed since); a different job key is refused (``--new-version`` writes it to
 ``OUT/versions/<key>/`` instead), so outputs are never mixed. A re-encoded clip's old
-sample stays in its old shard (a tar or parquet file is never rewritten): the manifest, and
-so ``ivvae.data``, names only the current one, while a reader that globs the shards itself
-sees both until the job is written anew.
+sample stays in its old shard (a run never rewrites a tar or parquet file): the manifest,
+and so ``ivvae.data``, names only the current one, while a reader that globs the shards
+itself sees both until ``ivvae compact-dataset`` (``ivvae.compact``) rewrites that shard.
 
 Crash safety. Outputs are published whole (``ivvae.storage``): a latent file, then a shard,
 then the part's record file ``OUT/.ivvae/parts/<part>.jsonl``, which is what makes its
@@ -125,6 +125,7 @@ PARTS_DIR = f"{STATE_DIR}/parts"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
 LOCK_NAME = "lock"
+REPLACES = "replaces"  # a record file's line naming a part that a compaction replaced
 SHARD_CLIPS = 1000  # a shard's clips at most (--shard-clips)
 SHARD_MB = 1024.0  # and its MiB (--shard-mb)
 _T = TypeVar("_T")
@@ -878,6 +879,10 @@ class State:
 
     records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     referenced: set[str] = field(default_factory=set)  # parts named by records
+    # Each record file's records, by part name; and the parts a compaction replaced (their
+    # record files are read as empty, so their shards are orphans: ``ivvae.compact``).
+    files: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    replaced: set[str] = field(default_factory=set)
     # Outputs present, relative to OUT, with their file identity (``file_identity``).
     outputs: dict[str, str] = field(default_factory=dict)
     # The sha256 of an output file, read when its identity cannot tell (files format).
@@ -889,8 +894,12 @@ class State:
             self.referenced.add(record["part"])
 
     def done(self, source: Source, key: str) -> dict[str, Any] | None:
+        return self.done_named(source.name, key)
+
+    def done_named(self, name: str, key: str) -> dict[str, Any] | None:
+        """The record of the published output of clip ``name`` at ``key``, if any."""
         best = None
-        for r in self.records.get(source.name, ()):
+        for r in self.records.get(name, ()):
             if (r["status"] == "ok" and r["key"] == key and r.get("part") in self.outputs
                     and self._holds(r) and (best is None or r.get("at", 0) > best.get("at", 0))):
                 best = r
@@ -910,16 +919,18 @@ class State:
         return bool(self.read_sha256(record["part"]) == record.get("latent_sha256"))
 
     def line(self, source: Source, key: str) -> dict[str, Any]:
-        """The manifest line of ``source``: ok, else its latest failure, else pending."""
-        done = self.done(source, key)
+        return self.line_named(source.name, source.identity, key)
+
+    def line_named(self, name: str, identity: str, key: str) -> dict[str, Any]:
+        """The manifest line of clip ``name``: ok, else its latest failure, else pending."""
+        done = self.done_named(name, key)
         if done is not None:
             return done
-        failed = [r for r in self.records.get(source.name, ())
+        failed = [r for r in self.records.get(name, ())
                   if r["status"] == "error" and r["key"] == key]
         if failed:
             return max(failed, key=lambda r: r.get("at", 0))
-        return {"source": source.name, "key": key, "identity": source.identity,
-                "status": "pending"}
+        return {"source": name, "key": key, "identity": identity, "status": "pending"}
 
 
 def load_state(out: Location, fmt: Format) -> State:
@@ -932,14 +943,23 @@ def load_state(out: Location, fmt: Format) -> State:
     parts_dir = out.join(PARTS_DIR)
     names = fs.glob(parts_dir + "/*.jsonl") if fs.exists(parts_dir) else []
     blobs = fs.cat([n for n in names if TMP_MARK not in n]) if names else {}
-    for blob in blobs.values():
+    for path, blob in blobs.items():
+        part = posixpath.basename(path)[:-len(".jsonl")]
+        records = state.files.setdefault(part, [])
         for line in blob.decode("utf-8").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # cannot happen for a published file; do not trust it either
-            if isinstance(record, dict) and isinstance(record.get("source"), str):
-                state.add(record)
+            if not isinstance(record, dict):
+                continue
+            if isinstance(record.get(REPLACES), str):
+                state.replaced.add(record[REPLACES])
+            elif isinstance(record.get("source"), str):
+                records.append(record)
+    for part, records in state.files.items():
+        for record in records if part not in state.replaced else ():
+            state.add(record)
     if fmt == "files":
         found = fs.find(out.path, detail=True) if fs.exists(out.path) else {}
         state.outputs = {out.relative(p): file_identity(info) for p, info in found.items()
@@ -993,6 +1013,11 @@ def write_manifest(out: Location, sources: Sequence[Source], config: JobConfig) 
         return "".join(json.dumps(state.line(s, clip_key(s, config)), separators=(",", ":"))
                        + "\n" for s in sources).encode()
 
+    publish_manifest(out, render)
+
+
+def publish_manifest(out: Location, render: Callable[[], bytes]) -> None:
+    """Publish ``render()`` as ``OUT/manifest.jsonl`` until two renders agree."""
     text = render()
     for _ in range(10):
         publish_bytes(out, out.join(MANIFEST_NAME), text)
@@ -1048,19 +1073,32 @@ def _read_job(out: Location, path: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _locked(out: Location, prefix: str) -> Iterator[None]:
+def _locked(out: Location, prefix: str | None) -> Iterator[None]:
+    """Hold ``OUT``'s locks: a worker shares the job's lock and owns its ``prefix``'s; a
+    compaction (``prefix`` None) owns the job's, so it runs alone. Local outputs only: object
+    stores cannot lock."""
     if not out.local:
         yield
         return
     import fcntl
 
     os.makedirs(out.join(STATE_DIR), exist_ok=True)
-    with open(out.join(STATE_DIR, f"{LOCK_NAME}-{prefix}"), "a") as lock:
+    with contextlib.ExitStack() as held:
+        job_lock = held.enter_context(open(out.join(STATE_DIR, LOCK_NAME), "a"))
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(job_lock, (fcntl.LOCK_SH if prefix else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DatasetError(f"another encode-dataset run ({prefix}) is writing to "
-                               f"{out.path}") from None
+            raise DatasetError(
+                f"a compaction of {out.path} is running" if prefix else
+                f"an encode-dataset run is writing to {out.path}: compact when none is"
+            ) from None
+        if prefix:
+            lock = held.enter_context(open(out.join(STATE_DIR, f"{LOCK_NAME}-{prefix}"), "a"))
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DatasetError(f"another encode-dataset run ({prefix}) is writing to "
+                                   f"{out.path}") from None
         yield
 
 

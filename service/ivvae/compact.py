@@ -1,0 +1,297 @@
+"""``ivvae compact-dataset``: make an ``encode-dataset`` output hold exactly what its manifest
+names, for readers that glob the shards themselves.
+
+    ivvae compact-dataset latents/ --dry-run      # what it would rewrite and remove
+    ivvae compact-dataset s3://lat/v1/
+
+``ivvae.data`` reads the manifest and never sees a superseded sample. A plain webdataset or
+parquet reader globs ``OUT/shards/`` and sees every sample ever published: after a clip was
+re-encoded (its video, caption or sidecar changed) both its old and its new sample, and the
+samples of clips dropped from the source list. Shards are never rewritten while workers
+run; this rewrites, once they are done, each shard that holds anything the manifest does
+not name, keeping the rest byte for byte (a latent whose sha256 is not its record's stops
+it: a damaged shard is named, never copied). With ``--format files``, latent files that the
+job wrote and the manifest no longer names are removed (a clip whose current version
+failed, or that left the list).
+
+Crash safety. A rewritten shard is published under a new part name, then its record file,
+whose first line names the part it replaces (``dataset.REPLACES``); from then on every run
+reads the old part's records as gone and its shard as an orphan. Then the old record file
+and shard are removed. Killed at any point, the output is whole; a second compaction (or
+the next ``encode-dataset`` start) removes what is left over.
+
+It runs alone: locally it takes the job's lock, so it refuses while a worker writes and
+workers refuse while it runs; object stores cannot lock, so run it when no worker runs. It
+refuses a manifest older than the newest record (a worker was killed before writing it):
+run ``encode-dataset`` once more, which only rewrites the manifest when all is done. A
+training job that holds the old manifest loses the shards it names: compact between jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import posixpath
+import secrets
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .dataset import (
+    JOB_NAME,
+    LATENT_SUFFIX,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    RECORD_SUFFIX,
+    REPLACES,
+    SHARD_SUFFIX,
+    SHARDS_DIR,
+    STATE_DIR,
+    VERSIONS_DIR,
+    DatasetError,
+    Format,
+    State,
+    _locked,
+    _read_job,
+    load_state,
+    publish_manifest,
+    remove_orphans,
+)
+from .storage import Location, publish_file, storage_errors, temp_file_for
+from .storage import write_bytes as publish_bytes
+
+PREFIX = "compact"  # the part names a compaction publishes: compact-<run>-<seq>
+# Record times are the workers' clocks, a manifest's time the store's (S3: whole seconds).
+CLOCK_SLACK_S = 2.0
+
+
+@dataclass
+class Compaction:
+    output: str = ""
+    format: str = ""
+    dry_run: bool = False
+    shards_rewritten: int = 0
+    shards_removed: int = 0  # every sample stale
+    samples_dropped: int = 0
+    files_removed: int = 0  # --format files: latent files no longer named
+    leftovers_removed: int = 0  # of killed runs and compactions
+    bytes_freed: int = 0
+
+
+def compact(url: str, *, dry_run: bool = False, spool: str | None = None) -> Compaction:
+    """Compact the ``encode-dataset`` output at ``url`` (see the module docstring)."""
+    try:
+        return _compact(url, dry_run, spool or tempfile.gettempdir())
+    except storage_errors() as exc:
+        raise DatasetError(f"cannot compact {url}: {exc}") from exc
+
+
+def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
+    out = Location.of(url)
+    job_path = out.join(STATE_DIR, JOB_NAME)
+    if not out.fs.exists(job_path):
+        raise DatasetError(f"{url} is not an encode-dataset output (no {STATE_DIR}/{JOB_NAME})")
+    fmt: Format = _read_job(out, job_path).get("config", {}).get("format", "files")
+    result = Compaction(output=out.url(), format=fmt, dry_run=dry_run)
+    with _locked(out, None):
+        state = load_state(out, fmt)
+        lines = _manifest(out, state)
+        current = {id(state.line_named(line["source"], str(line.get("identity", "")),
+                                       line["key"])) for line in lines}
+        if not dry_run:
+            result.leftovers_removed += remove_orphans(out, fmt, state, None)
+        if fmt == "files":
+            _remove_stale_files(out, state, current, result, dry_run)
+        else:
+            _rewrite_shards(out, fmt, state, current, result, dry_run, spool)
+        if not dry_run:
+            def render() -> bytes:
+                now = load_state(out, fmt)
+                return "".join(json.dumps(now.line_named(
+                    line["source"], str(line.get("identity", "")), line["key"]),
+                    separators=(",", ":")) + "\n" for line in lines).encode()
+
+            publish_manifest(out, render)
+    return result
+
+
+def _manifest(out: Location, state: State) -> list[dict[str, Any]]:
+    """The manifest's lines; refused when a record is newer than it (then it does not list
+    every clip a worker published, and compacting by it would drop that work)."""
+    path = out.join(MANIFEST_NAME)
+    if not out.fs.exists(path):
+        raise DatasetError(f"{out.url()} has no {MANIFEST_NAME}: no encode-dataset run has "
+                           "finished there yet")
+    lines = []
+    for number, text in enumerate(out.fs.cat_file(path).decode("utf-8").splitlines(), 1):
+        try:
+            line = json.loads(text)
+            if isinstance(line, dict) and all(isinstance(line.get(k), str)
+                                              for k in ("source", "key")):
+                lines.append(line)
+                continue
+        except ValueError:
+            pass
+        raise DatasetError(f"{out.url(path)}: line {number} is not a manifest line")
+    written = out.fs.modified(path).timestamp()
+    newest = max((r.get("at", 0) for records in state.records.values() for r in records),
+                 default=0)
+    if newest > written + CLOCK_SLACK_S:
+        raise DatasetError(
+            f"{out.url(path)} is older than the newest published part (a worker was stopped "
+            "before it wrote the manifest): run encode-dataset once more with the same "
+            "options (it rewrites the manifest), then compact")
+    return lines
+
+
+def _remove_stale_files(out: Location, state: State, current: set[int], result: Compaction,
+                        dry_run: bool) -> None:
+    named = {r["part"] for records in state.records.values() for r in records
+             if r["status"] == "ok" and r.get("part")}
+    kept = {r["part"] for records in state.records.values() for r in records
+            if id(r) in current and r["status"] == "ok"}
+    versions = VERSIONS_DIR + "/"
+    doomed = sorted(rel for rel in state.outputs
+                    if rel in named and rel not in kept and not rel.startswith(versions))
+    for rel in doomed:
+        result.bytes_freed += int(out.fs.size(out.join(rel)) or 0)
+    result.files_removed = len(doomed)
+    if doomed and not dry_run:
+        out.fs.rm([out.join(rel) for rel in doomed])
+
+
+def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
+                    result: Compaction, dry_run: bool, spool: str) -> None:
+    # First the record files of parts a killed compaction replaced (their shards went with
+    # the orphans): while the file replacing one exists, they are read as gone.
+    for part in sorted(state.replaced & set(state.files)):
+        result.leftovers_removed += 1
+        if not dry_run:
+            out.fs.rm(out.join(PARTS_DIR, part + ".jsonl"))
+    run = f"{int(time.time()):010x}{secrets.token_hex(3)}"
+    seq = 0
+    for part, records in sorted(state.files.items()):
+        if part in state.replaced:
+            continue
+        shard = out.join(SHARDS_DIR, part + SHARD_SUFFIX[fmt])
+        stale = [r for r in records if r["status"] == "ok" and id(r) not in current]
+        if not stale or not out.fs.exists(shard):  # stale failures have no sample
+            continue
+        keep = [r for r in records if id(r) in current]
+        keep_ok = [r for r in keep if r["status"] == "ok"]
+        result.samples_dropped += len(stale)
+        result.bytes_freed += sum(int(r.get("bytes", 0)) for r in stale)
+        if keep_ok:
+            result.shards_rewritten += 1
+        else:
+            result.shards_removed += 1
+        if dry_run:
+            continue
+        if keep:
+            new_part = f"{PREFIX}-{run}-{seq:05d}"
+            seq += 1
+            new_shard = out.join(SHARDS_DIR, new_part + SHARD_SUFFIX[fmt])
+            rel = posixpath.relpath(new_shard, out.path)
+            moved = [{**r, "part": rel, "member": _member(r, i, fmt)} if r["status"] == "ok"
+                     else r for i, r in enumerate(keep)]
+            if keep_ok:
+                tmp = temp_file_for(out, new_shard, spool, PREFIX + "-")
+                try:
+                    if fmt == "webdataset":
+                        _copy_tar(out, shard, tmp, keep_ok, rel)
+                    else:
+                        _copy_parquet(out, shard, tmp, keep_ok)
+                except BaseException:
+                    _unlink(tmp)
+                    raise
+                publish_file(out, tmp, new_shard)
+            body = [{REPLACES: part}, *moved]
+            publish_bytes(out, out.join(PARTS_DIR, new_part + ".jsonl"), "".join(
+                json.dumps(line, separators=(",", ":")) + "\n" for line in body).encode())
+        # The old records go first: a shard without them is an orphan, never a duplicate.
+        out.fs.rm(out.join(PARTS_DIR, part + ".jsonl"))
+        out.fs.rm(shard)
+
+
+def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:
+    """A kept sample's member in its new shard: the same tar key, or its new row."""
+    return record["member"] if fmt == "webdataset" else index
+
+
+def _copy_tar(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]],
+              part: str) -> None:
+    wanted = {r["member"]: r for r in keep}
+    seen: set[str] = set()
+    with out.fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|") as old, \
+            tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as new:
+        for entry in old:
+            key, _, suffix = entry.name.partition(".")
+            record = wanted.get(key)
+            if record is None or not entry.isfile():
+                continue
+            reader = old.extractfile(entry)
+            assert reader is not None
+            data = reader.read()
+            if "." + suffix == LATENT_SUFFIX:
+                if hashlib.sha256(data).hexdigest() != record.get("latent_sha256"):
+                    raise DatasetError(f"{out.url(shard)}: the latent of {record['source']!r} "
+                                       "is not the one its record names: the shard is damaged")
+                seen.add(key)
+            elif "." + suffix == RECORD_SUFFIX:  # it names its part: the new one now
+                data = json.dumps({**json.loads(data), "part": part}, sort_keys=True).encode()
+            copy = tarfile.TarInfo(entry.name)
+            copy.size, copy.mode, copy.mtime = len(data), entry.mode, entry.mtime
+            new.addfile(copy, io.BytesIO(data))
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        raise DatasetError(f"{out.url(shard)} has no latent of sample {missing[0]!r}: the "
+                           "shard is cut short")
+
+
+def _copy_parquet(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = out.fs.cat_file(shard)
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    rows = meta.row_group(0).num_rows if meta.num_row_groups else 64
+    try:
+        table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True,
+                              use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise DatasetError(f"{out.url(shard)} is damaged: {exc}") from exc
+    wanted = [int(r["member"]) for r in keep]
+    if max(wanted) >= table.num_rows:
+        raise DatasetError(f"{out.url(shard)} has {table.num_rows} rows, and its records "
+                           f"name row {max(wanted)}: the shard is cut short")
+    pq.write_table(table.take(wanted), tmp, row_group_size=max(1, rows),
+                   write_page_checksum=True)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", metavar="OUT", help="an encode-dataset output: a folder or URL prefix")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be rewritten and removed; change nothing")
+
+
+def main(args: argparse.Namespace) -> int:
+    """The ``compact-dataset`` subcommand: 0 when done, 2 when refused."""
+    try:
+        result = compact(args.out, dry_run=args.dry_run)
+    except DatasetError as exc:
+        print(f"compact-dataset: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)))
+    return 0

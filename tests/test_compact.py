@@ -1,0 +1,263 @@
+"""``ivvae compact-dataset``: after re-encodes and a shrunk source list, a reader that globs
+the shards itself (webdataset's tar reading, pyarrow over the folder) sees exactly the
+manifest's samples; a compaction killed at any point leaves a whole output; it refuses
+what it cannot do safely."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ivvae import compact as compaction
+from ivvae.compact import compact
+from ivvae.data import LatentDataset
+from ivvae.dataset import (
+    LATENT_SUFFIX,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    RECORD_SUFFIX,
+    DatasetError,
+    EncoderSpec,
+    _locked,
+    encode_dataset,
+)
+from ivvae.storage import Location
+from tests import media
+from tests.service_fixtures import tiny_weights  # noqa: F401
+
+
+def _encoder(weights: Path) -> EncoderSpec:
+    return EncoderSpec(weights=str(weights), torch_threads=1)
+
+
+def make_clips(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        media.make_video(folder / f"clip{i}.mp4", frames=5, width=16, height=16, fps=10 + i)
+        (folder / f"clip{i}.txt").write_text(f"caption {i}")
+    return folder
+
+
+def tar_samples(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """What a plain webdataset reader sees: every sample of every shard, with its record."""
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(RECORD_SUFFIX):
+                    reader = tar.extractfile(m)
+                    assert reader is not None
+                    record = json.loads(reader.read())
+                    seen.setdefault(m.name.split(".", 1)[0], []).append(
+                        {**record, "_shard": f"shards/{shard.name}"})
+    return seen
+
+
+def parquet_rows(out: Path) -> Counter[str]:
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(str(out / "shards"), format="parquet").to_table(columns=["source"])
+    return Counter(table.column("source").to_pylist())
+
+
+def read_all(out: Path) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    return {meta["source"]: (latent.numpy().tobytes(), meta.get("sidecars", {}))
+            for latent, meta in LatentDataset(str(out))}
+
+
+def manifest(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / MANIFEST_NAME).read_text().splitlines()]
+
+
+async def _stale_output(tmp_path: Path, weights: Path, fmt: str) -> tuple[Path, Path]:
+    """An output with superseded samples: 4 clips in shards of 2, then one re-captioned,
+    one re-cut, and one dropped from the list."""
+    src = make_clips(tmp_path / "src", 4)
+    out = tmp_path / "out"
+    # One clip at a time: shards {clip0, clip1} and {clip2, clip3}.
+    await encode_dataset(src, out, encoder=_encoder(weights), format=fmt, shard_clips=2,
+                         concurrency=1)
+    (src / "clip0.txt").write_text("a new caption")
+    media.make_video(src / "clip1.mp4", frames=9, width=16, height=16, fps=7)
+    (src / "clip3.mp4").unlink()
+    (src / "clip3.txt").unlink()
+    summary = await encode_dataset(src, out, encoder=_encoder(weights), format=fmt,
+                                   shard_clips=2, concurrency=1)
+    assert (summary.encoded, summary.skipped) == (2, 1)
+    return src, out
+
+
+async def test_webdataset_shards_hold_only_the_manifest_after_compaction(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
+    before = read_all(out)
+    assert set(before) == {"clip0.mp4", "clip1.mp4", "clip2.mp4"}
+    # What a plain reader saw: two samples of the changed clips, and the dropped clip.
+    assert {k: len(v) for k, v in tar_samples(out).items()} == {
+        "clip0_mp4": 2, "clip1_mp4": 2, "clip2_mp4": 1, "clip3_mp4": 1}
+
+    planned = compact(str(out), dry_run=True)
+    assert (planned.shards_rewritten, planned.shards_removed, planned.samples_dropped) == (
+        1, 1, 3)
+    assert {k: len(v) for k, v in tar_samples(out).items()}["clip0_mp4"] == 2  # untouched
+
+    done = compact(str(out))
+    assert (done.shards_rewritten, done.shards_removed, done.samples_dropped) == (1, 1, 3)
+    seen = tar_samples(out)
+    assert {k: len(v) for k, v in seen.items()} == {"clip0_mp4": 1, "clip1_mp4": 1,
+                                                    "clip2_mp4": 1}
+    # Byte for byte what the manifest reader read before, captions included; each sample's
+    # own record names the shard it is in now.
+    assert read_all(out) == before
+    assert before["clip0.mp4"][1][".txt"] == b"a new caption"
+    lines = {line["source"]: line for line in manifest(out)}
+    for key, (record,) in seen.items():
+        assert record["part"] == record["_shard"] == lines[key.replace("_", ".")]["part"]
+    # Nothing is left to do, and a rerun of the job re-encodes nothing.
+    again = compact(str(out))
+    assert (again.shards_rewritten, again.shards_removed, again.samples_dropped) == (0, 0, 0)
+    rerun = await encode_dataset(src, out, encoder=_encoder(tiny_weights),
+                                 format="webdataset", shard_clips=2)
+    assert (rerun.encoded, rerun.skipped) == (0, 3)
+    assert read_all(out) == before
+
+
+async def test_parquet_shards_hold_only_the_manifest_after_compaction(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    src, out = await _stale_output(tmp_path, tiny_weights, "parquet")
+    before = read_all(out)
+    assert parquet_rows(out) == {"clip0.mp4": 2, "clip1.mp4": 2, "clip2.mp4": 1,
+                                 "clip3.mp4": 1}
+    compact(str(out))
+    assert parquet_rows(out) == {"clip0.mp4": 1, "clip1.mp4": 1, "clip2.mp4": 1}
+    assert read_all(out) == before
+    rerun = await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="parquet",
+                                 shard_clips=2)
+    assert (rerun.encoded, rerun.skipped) == (0, 3)
+
+
+async def test_files_of_clips_no_longer_named_are_removed(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    src = make_clips(tmp_path / "src", 3)
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "mine.latent.safetensors").write_bytes(b"not the job's")
+    await encode_dataset(src, out, encoder=_encoder(tiny_weights))
+    (src / "clip2.mp4").unlink()
+    await encode_dataset(src, out, encoder=_encoder(tiny_weights))
+    before = read_all(out)
+    assert (out / "clip2.mp4.latent.safetensors").exists()
+    done = compact(str(out))
+    assert done.files_removed == 1
+    assert not (out / "clip2.mp4.latent.safetensors").exists()
+    assert (out / "notes" / "mine.latent.safetensors").exists()  # not the job's: kept
+    assert read_all(out) == before
+
+
+@pytest.mark.parametrize("stop_at", ["shard", "records", "old records", "old shard"])
+async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
+        stop_at: str, tmp_path: Path, tiny_weights: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
+    before = read_all(out)
+    loc_rm = type(Location.of(str(out)).fs).rm
+    real_publish_file, real_publish_bytes = compaction.publish_file, compaction.publish_bytes
+
+    class Killed(Exception):
+        pass
+
+    def publish_file(*args: Any) -> None:
+        real_publish_file(*args)
+        if stop_at == "shard":
+            raise Killed
+
+    def publish_bytes(*args: Any, **kw: Any) -> None:
+        real_publish_bytes(*args, **kw)
+        if stop_at == "records":
+            raise Killed
+
+    def rm(self: Any, path: Any, *args: Any, **kw: Any) -> None:
+        loc_rm(self, path, *args, **kw)
+        if (stop_at == "old records" and str(path).endswith(".jsonl")) or (
+                stop_at == "old shard" and str(path).endswith(".tar")):
+            raise Killed
+
+    monkeypatch.setattr(compaction, "publish_file", publish_file)
+    monkeypatch.setattr(compaction, "publish_bytes", publish_bytes)
+    monkeypatch.setattr(type(Location.of(str(out)).fs), "rm", rm)
+    with pytest.raises(Killed):
+        compact(str(out))
+    monkeypatch.undo()
+    # Killed: readers through the manifest read what they read before, and a new run
+    # re-encodes nothing.
+    assert read_all(out) == before
+    rerun = await encode_dataset(src, out, encoder=_encoder(tiny_weights),
+                                 format="webdataset", shard_clips=2)
+    assert (rerun.encoded, rerun.skipped) == (0, 3)
+    # A second compaction finishes the work: one sample of each clip, no leftovers.
+    compact(str(out))
+    assert {k: len(v) for k, v in tar_samples(out).items()} == {
+        "clip0_mp4": 1, "clip1_mp4": 1, "clip2_mp4": 1}
+    parts = {p.stem for p in (out / PARTS_DIR).glob("*.jsonl")}
+    shards = {p.stem for p in (out / "shards").glob("*.tar")}
+    assert shards <= parts
+    assert read_all(out) == before
+
+
+async def test_refused_while_a_worker_runs_over_a_stale_manifest_or_not_an_output(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
+    with _locked(Location.of(str(out)), "w00000of00001"), \
+            pytest.raises(DatasetError, match="encode-dataset run is writing"):
+        compact(str(out))
+    with _locked(Location.of(str(out)), None), \
+            pytest.raises(DatasetError, match=r"compaction .* is running"):
+        await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="webdataset")
+    # A part published after the manifest (a worker killed before writing it).
+    part = next((out / PARTS_DIR).glob("*.jsonl"))
+    lines = part.read_text().splitlines()
+    newer = [json.dumps({**json.loads(line), "at": json.loads(line)["at"] + 3600})
+             for line in lines]
+    part.write_text("\n".join(newer) + "\n")
+    with pytest.raises(DatasetError, match="older than the newest published part"):
+        compact(str(out))
+    with pytest.raises(DatasetError, match="not an encode-dataset output"):
+        compact(str(src))
+    # Through the command: exit 2 and the reason; a dry run's JSON otherwise.
+    proc = subprocess.run([sys.executable, "-m", "ivvae.cli", "compact-dataset", str(src)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "not an encode-dataset output" in proc.stderr
+    part.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "ivvae.cli", "compact-dataset", str(out),
+                           "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["samples_dropped"] == 3
+
+
+async def test_a_damaged_latent_stops_the_compaction_and_is_named(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    _, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
+
+    def holds(path: Path) -> bool:
+        with tarfile.open(path) as tar:
+            return "clip2_mp4" + LATENT_SUFFIX in tar.getnames()
+
+    shard = next(p for p in (out / "shards").glob("*.tar") if holds(p))
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for m, data in members:
+            if m.name == "clip2_mp4" + LATENT_SUFFIX:
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(DatasetError, match=f"{shard.name}.*clip2.mp4.*damaged"):
+        compact(str(out))
