@@ -276,8 +276,11 @@ def drift_compose(files: DeployFiles, gateway: Gateway) -> list[str]:
     service = services.get("gateway", {}) or {}
     raw_service = (load_yaml(files.compose_text).get("services", {}) or {}).get("gateway", {})
     env = {str(k): str(v) for k, v in (service.get("environment") or {}).items()}
+    stop = service.get("stop_grace_period")
     return [
         *_compose_gateway_settings(env, raw_service, files.interpolation, gateway),
+        *grace_problems(_shutdown_grace(gateway, env),
+                        None if stop is None else _seconds(stop), "compose gateway"),
         *_compose_gateway_ports(service, env, gateway),
         *_compose_gateway_wiring(service, env, services),
         *_compose_triton(services.get("triton", {}) or {}),
@@ -370,6 +373,42 @@ def _compose_gateway_wiring(
     return problems
 
 
+def _seconds(value: Any) -> float | None:
+    """A compose duration (``60s``, ``1m30s``, ``90``) in seconds; None when unreadable."""
+    text = str(value).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def grace_problems(shutdown_grace_s: float, stop_wait_s: float | None, where: str) -> list[str]:
+    """In-flight requests get ``shutdown_grace_s`` after SIGTERM; the orchestrator waits
+    ``stop_wait_s`` (after any preStop) before it kills: the grace must end first, or a
+    long request is killed without the 503 that tells its client to retry."""
+    if stop_wait_s is None:
+        return [f"{where}: no stop grace period is set"]
+    if shutdown_grace_s + 5 > stop_wait_s:
+        return [f"{where}: IVVAE_SHUTDOWN_GRACE_S is {shutdown_grace_s:g} s and the "
+                f"orchestrator kills after {stop_wait_s:g} s: keep the setting at least "
+                "5 s shorter"]
+    return []
+
+
+def _shutdown_grace(gateway: Gateway, values: Mapping[str, str]) -> float:
+    field_name = gateway.variables["IVVAE_SHUTDOWN_GRACE_S"]
+    if "IVVAE_SHUTDOWN_GRACE_S" in values:
+        try:
+            return float(getattr(gateway.settings.model_validate(
+                {field_name: values["IVVAE_SHUTDOWN_GRACE_S"]}), field_name))
+        except ValueError:
+            pass  # parse_settings reports it
+    return float(settings_default(gateway.settings, "IVVAE_SHUTDOWN_GRACE_S"))
+
+
 def _compose_triton(service: Mapping[str, Any]) -> list[str]:
     problems = Problems()
     healthcheck = " ".join(map(str, (service.get("healthcheck") or {}).get("test", [])))
@@ -398,8 +437,15 @@ def drift_k8s(objects: Sequence[K8sObject], source: str, gateway: Gateway) -> li
     values = {**config, **env}
     namespace = gateway_deployment["metadata"].get("namespace")
     prefix = f"{source}: "
+    spec = gateway_deployment["spec"]["template"]["spec"]
+    pre_stop = (((container.get("lifecycle") or {}).get("preStop") or {}).get("exec") or {})
+    command = [str(c) for c in pre_stop.get("command", [])]
+    sleeping = float(command[1]) if command[:1] == ["sleep"] and len(command) == 2 else 0.0
+    # Kubernetes' default grace is 30 s; the preStop hook's time counts against it.
+    wait = float(spec.get("terminationGracePeriodSeconds", 30)) - sleeping
     return [
         *_k8s_gateway(container, config, values, gateway, prefix),
+        *grace_problems(_shutdown_grace(gateway, values), wait, f"{source}: gateway"),
         *_k8s_triton(find_container(triton_deployment, "triton"), prefix),
         *_k8s_service_ports(services, gateway, prefix),
         *_k8s_gateway_endpoints(values, services, namespace, prefix),

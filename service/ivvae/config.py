@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     max_source_pixels: int = Field(4096 * 2304, ge=1)
     max_source_seconds: float = Field(4 * 3600.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # After SIGTERM: how long in-flight requests (HTTP and gRPC) get to finish before they
+    # are cancelled (HTTP: a 503 the client may retry; gRPC: UNAVAILABLE). Keep it below the
+    # orchestrator's wait: compose's stop_grace_period, Kubernetes' grace minus preStop.
+    shutdown_grace_s: float = Field(50.0, gt=0, le=3600)
     # Bytes a second an upload (an HTTP body, a gRPC request stream) must average after a
     # first allowance of one gap timeout (http_body_timeout_s, grpc_read_timeout_s); 0: no
     # bound. Without it one byte every 29 seconds holds a connection and a request for ever.

@@ -1,7 +1,8 @@
 """``ivvae serve``: one Service, served over HTTP (uvicorn) and gRPC, in one event loop.
 
-SIGTERM/SIGINT stop both gracefully: uvicorn stops accepting and finishes in-flight
-requests, the gRPC server gets a grace period, then the backend and cache close.
+SIGTERM/SIGINT stop both gracefully: both stop accepting, in-flight requests get
+``shutdown_grace_s`` to finish (then HTTP answers 503, gRPC UNAVAILABLE: both retryable),
+then the backend and cache close. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from .service import Service
 
 log = logging.getLogger("ivvae.server")
 
-GRACE_S = 10.0
 # Per message template: this many records per window, then one note of how many were held
 # back. A flood of one error (a client hammering a bad request, asyncio's callback
 # tracebacks when file descriptors run out) must not fill a disk.
@@ -116,13 +116,24 @@ async def serve(settings: Settings) -> None:
     limit_logging()
     service = Service(settings)
     await service.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop, force = asyncio.Event(), asyncio.Event()
     http_server: uvicorn.Server | None = None
     grpc_server = None
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        log.warning("second signal: stopping now, in-flight requests are cancelled")
+        force.set()
+        if http_server is not None:
+            http_server.force_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     tasks: list[asyncio.Task[None]] = []
+    ended: asyncio.Task[None] | None = None
     try:
         if settings.enable_grpc:
             from .api.grpc.server import start_grpc_server
@@ -145,7 +156,8 @@ async def serve(settings: Settings) -> None:
                                     http=bounded_protocol(limits),
                                     h11_max_incomplete_event_size=limits.max_header_bytes,
                                     timeout_keep_alive=settings.http_keepalive_s,  # type: ignore[arg-type]
-                                    timeout_graceful_shutdown=int(GRACE_S),
+                                    timeout_graceful_shutdown=max(
+                                        1, round(settings.shutdown_grace_s)),
                                     ssl_certfile=settings.tls_cert or None,
                                     ssl_keyfile=settings.tls_key or None)
             http_server = _QuietServer(config)
@@ -154,14 +166,29 @@ async def serve(settings: Settings) -> None:
             log.info("HTTP%s listening on %s:%d", "S" if settings.tls_cert else "",
                      settings.host, settings.port)
         waiter = asyncio.create_task(stop.wait())
-        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
+        # The HTTP server ended without a signal: it could not start (a TLS file it cannot
+        # use) or it failed. That is an exit with the reason, never a quiet exit 0.
+        ended = next((t for t in tasks if t in done), None)
     finally:
-        log.info("shutting down")
+        log.info("shutting down: in-flight requests get up to %gs",
+                 settings.shutdown_grace_s)
         if http_server is not None:
             http_server.should_exit = True
         if grpc_server is not None:
-            await grpc_server.stop(GRACE_S)
+            stopping = asyncio.ensure_future(grpc_server.stop(settings.shutdown_grace_s))
+            forced = asyncio.ensure_future(force.wait())
+            await asyncio.wait([stopping, forced], return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.done():
+                await grpc_server.stop(None)  # cancels the calls still running
+                await stopping
+            forced.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await service.close()
+    if ended is not None and not stop.is_set():
+        failure = None if ended.cancelled() else ended.exception()
+        if failure is not None:
+            raise RuntimeError(f"the HTTP server failed: {failure}") from failure
+        raise RuntimeError("the HTTP server stopped on its own (see the log above)")

@@ -235,3 +235,16 @@ def test_a_tool_variable_no_code_reads_is_a_problem(tmp_path: Path) -> None:
     assert "IVVAE_SHARD_COUNT is listed as a tool variable, and no code" in " ".join(problems)
     assert "IVVAE_SHARD_COUNT is a tool variable the deployment docs do not name" in problems
     assert not any("IVVAE_DEBUG" in p for p in problems)
+
+
+def test_drift_catches_a_shutdown_grace_the_orchestrator_cuts_short(deploy_copy: Path) -> None:
+    # In-flight requests must get their 503 (retry) before the orchestrator kills the pod.
+    _replace(deploy_copy / "k8s" / "base" / "gateway.env", "IVVAE_SHUTDOWN_GRACE_S=110",
+             "IVVAE_SHUTDOWN_GRACE_S=118")
+    _replace(deploy_copy / "docker-compose.yml", "stop_grace_period: 60s\n\nvolumes:",
+             "stop_grace_period: 30s\n\nvolumes:")
+    problems = _drift(deploy_copy)
+    assert "compose gateway: IVVAE_SHUTDOWN_GRACE_S is 50 s and the orchestrator kills " \
+        "after 30 s" in problems
+    assert "gateway: IVVAE_SHUTDOWN_GRACE_S is 118 s and the orchestrator kills after 115 s" \
+        in problems

@@ -13,6 +13,7 @@ assets) and ``/openapi.json``. Everything else needs the key (the compare page s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import ClientGone, IVVAEError
+from ...errors import ClientGone, IVVAEError, Overloaded
 from ...service import Service
 from . import ui
 from .errors import http_status, retry_after
@@ -67,6 +68,21 @@ class _Contain:
             await self.app(scope, receive, tracking_send)
         except ClientDisconnect:
             log.debug("client went away during %s %s", scope["method"], scope["path"])
+        except asyncio.CancelledError:
+            # The server is stopping and the grace for in-flight requests is over (uvicorn
+            # cancels them): a 503 the client retries elsewhere, not uvicorn's text 500.
+            if started:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.warning("%s %s cancelled: the server is stopping", scope["method"],
+                        scope["path"])
+            error = Overloaded("the server is shutting down; retry", retry_after_s=1)
+            response = JSONResponse(
+                {"error": error.code, "detail": error.detail}, status_code=http_status(error),
+                headers={"Retry-After": retry_after(error) or "1", "Connection": "close"})
+            await response(scope, receive, send)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
