@@ -76,7 +76,15 @@ def test_invalid_settings_are_a_message_not_a_traceback(tmp_path: Path) -> None:
     assert "invalid settings" in str(exc.value) and "together" in str(exc.value)
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--port", "70000"])
-    assert "port" in str(exc.value)
+    assert "\n  --port: Input should be less than" in str(exc.value)
+
+
+def test_an_invalid_setting_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the operator wrote it: the variable (the option where one was given).
+    monkeypatch.setenv("IVVAE_LOG_LEVEL", "verbose")
+    with pytest.raises(SystemExit) as exc:
+        main(["serve"])
+    assert "\n  IVVAE_LOG_LEVEL: 'verbose' is not a log level" in str(exc.value)
 
 
 # -- one error style ------------------------------------------------------------------------

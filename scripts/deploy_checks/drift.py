@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +38,6 @@ REDIS_PORT = 6379
 GATEWAY_LIVENESS_PATH = "/healthz"
 GATEWAY_READINESS_PATH = "/readyz"
 TRITON_READY_PATH = "/v2/health/ready"
-# IVVAE_* variables that are not gateway settings: read by the Triton python models
-# (model_repository/*/1/model.py) as a fallback for the ARTIFACT_DIR parameter.
-MODEL_SIDE_VARIABLES = frozenset({"IVVAE_ARTIFACT_DIR"})
-# IVVAE_* variables of the command-line tools (docs/deploy.md lists them); each must still be
-# read somewhere in the package, or the docs name a variable that does nothing.
-TOOL_VARIABLES = frozenset({"IVVAE_API_KEY", "IVVAE_SHARD_COUNT", "IVVAE_DEBUG",
-                            "IVVAE_TUNE_MALLOC", "IVVAE_MODEL_REPOSITORY"})
-
 IVVAE_NAME_RE = re.compile(r"\bIVVAE_[A-Z][A-Z0-9_]*\b")
 MODEL_NAME_RE = re.compile(r"\bivvae_[a-z0-9_]*(?:encoder|decoder)\b")
 
@@ -76,7 +69,7 @@ def check_drift(layout: Layout) -> DriftReport:
     files = DeployFiles.read(layout)
     report.problems += [f"{layout.rel(p)} is missing" for p in layout.docs if not p.is_file()]
     report.problems += drift_variable_names(files, gateway)
-    report.problems += drift_tool_variables(package_folder(layout.root),
+    report.problems += drift_tool_variables(package_folder(layout.root), gateway.tool_variables,
                                             "\n".join(files.docs_text.values()))
     report.problems += drift_compose(files, gateway)
     for source, objects in files.rendered.items():
@@ -138,14 +131,21 @@ class Gateway:
     variables: dict[str, str]  # IVVAE_* -> Settings field
     http_port: int
     grpc_port: int
+    # IVVAE_* variables that are not gateway settings (ivvae.config says which): the
+    # command-line tools' and the Triton python models'.
+    tool_variables: frozenset[str] = frozenset()
+    model_side_variables: frozenset[str] = frozenset()
 
     @classmethod
     def from_settings(cls, settings: type[Any]) -> Gateway:
+        config = sys.modules[settings.__module__]
         return cls(
             settings=settings,
             variables=settings_variables(settings),
             http_port=settings_default(settings, "IVVAE_PORT"),
             grpc_port=settings_default(settings, "IVVAE_GRPC_PORT"),
+            tool_variables=frozenset(config.TOOL_VARIABLES),
+            model_side_variables=frozenset(config.MODEL_SIDE_VARIABLES),
         )
 
     @property
@@ -240,21 +240,24 @@ def package_folder(root: Path) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def drift_tool_variables(package: Path, docs: str = "") -> list[str]:
+def drift_tool_variables(package: Path, tool_variables: frozenset[str],
+                         docs: str = "") -> list[str]:
     """Each tool variable is still read by the package's code, and (with ``docs``, the
     deployment docs' text) documented there."""
-    code = "\n".join(p.read_text() for p in package.rglob("*.py"))
+    # Not the list itself (ivvae/config.py names them all).
+    code = "\n".join(p.read_text() for p in package.rglob("*.py")
+                     if p != package / "config.py")
     problems = [f"{name} is listed as a tool variable, and no code in {package.name} reads it"
-                for name in sorted(TOOL_VARIABLES) if f'"{name}"' not in code]
+                for name in sorted(tool_variables) if f'"{name}"' not in code]
     if docs:
         problems += [f"{name} is a tool variable the deployment docs do not name"
-                     for name in sorted(TOOL_VARIABLES) if name not in docs]
+                     for name in sorted(tool_variables) if name not in docs]
     return problems
 
 
 def drift_variable_names(files: DeployFiles, gateway: Gateway) -> list[str]:
     """Every IVVAE_* name in every file is a field of Settings (or a model-side variable)."""
-    allowed = set(gateway.variables) | MODEL_SIDE_VARIABLES | TOOL_VARIABLES
+    allowed = set(gateway.variables) | gateway.model_side_variables | gateway.tool_variables
     texts = {files.compose_source: files.compose_text, **files.rendered_text}
     texts.update(files.dockerfile_text)
     texts.update(files.docs_text)
@@ -294,7 +297,7 @@ def _compose_gateway_settings(
     gateway: Gateway,
 ) -> list[str]:
     problems = Problems()
-    for key in set(env) & MODEL_SIDE_VARIABLES:
+    for key in set(env) & gateway.model_side_variables:
         problems.add(f"compose gateway: {key} belongs to Triton, not the gateway")
     problems += [f"compose gateway environment: {p}" for p in parse_settings(gateway.settings, env)]
     # ${IVVAE_X:-default} as written: the default must mean what Settings' default means.
@@ -469,7 +472,7 @@ def _k8s_gateway(
     problems.expect(
         "IVVAE_API_KEYS" not in config, "IVVAE_API_KEYS must not be in a ConfigMap (use the Secret)"
     )
-    for key in (set(values) | secret_names) & MODEL_SIDE_VARIABLES:
+    for key in (set(values) | secret_names) & gateway.model_side_variables:
         problems.add(f"gateway gets {key}, a Triton-side variable")
     for problem in parse_settings(gateway.settings, values):
         problems.add(f"gateway settings: {problem}")

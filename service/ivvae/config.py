@@ -10,8 +10,13 @@ application is built.
 
 from __future__ import annotations
 
+import difflib
+import os
+import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +34,16 @@ LOCAL_TRITON_HTTP_PORT = 8100
 LOCAL_TRITON_GRPC_PORT = 8101
 LOCAL_TRITON_METRICS_PORT = 8102
 
+# IVVAE_* variables that are not gateway settings: the command-line tools' (docs/deploy.md
+# lists them), and the Triton python models' (model_repository/*/1/model.py, a fallback for
+# the ARTIFACT_DIR parameter). Any other IVVAE_* name is a typo the gateway warns about.
+TOOL_VARIABLES = frozenset({"IVVAE_API_KEY", "IVVAE_SHARD_COUNT", "IVVAE_DEBUG",
+                            "IVVAE_TUNE_MALLOC", "IVVAE_MODEL_REPOSITORY"})
+MODEL_SIDE_VARIABLES = frozenset({"IVVAE_ARTIFACT_DIR"})
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_LOG_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical"}
+MAX_CACHE_TTL_S = 10 * 365 * 24 * 3600  # Redis takes larger, as milliseconds it cannot hold
+
 
 class Settings(BaseSettings):
     """Gateway configuration. Every field maps to ``IVVAE_<FIELD_NAME_UPPER>``."""
@@ -36,7 +51,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IVVAE_", extra="ignore", frozen=True)
 
     # -- network ---------------------------------------------------------------------------
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(DEFAULT_HTTP_PORT, ge=0, le=65535)
     grpc_port: int = Field(DEFAULT_GRPC_PORT, ge=0, le=65535)
     enable_http: bool = True
@@ -72,7 +87,7 @@ class Settings(BaseSettings):
 
     # -- result cache ----------------------------------------------------------------------
     redis_url: str = ""  # empty: in-memory LRU
-    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0)  # 0 = no expiry
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, le=MAX_CACHE_TTL_S)  # 0 = no expiry
     cache_max_entry_bytes: int = Field(256 * 1024 * 1024, ge=0)
     cache_memory_max_bytes: int = Field(512 * 1024 * 1024, ge=0)
     cache_key_prefix: str = "ivvae"
@@ -114,7 +129,7 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(64, ge=1)
     # gRPC: the largest single message either way (EncodeUnary's whole file); the streaming
     # RPCs use <= 1 MiB chunks, so this does not limit them (max_upload_bytes does).
-    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024)
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=2 * 1024 * 1024, le=2**31 - 1)
     # ivvae RPCs in flight over gRPC; more are refused with UNAVAILABLE (clients back off).
     grpc_max_concurrent_rpcs: int = Field(256, ge=1)
     # The longest wait for the next message of a request stream (the first one included).
@@ -146,7 +161,31 @@ class Settings(BaseSettings):
     tls_cert: str = ""
     tls_key: str = ""
 
-    log_level: str = "info"
+    log_level: str = "info"  # critical, error, warning, info, debug
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = _LOG_LEVEL_ALIASES.get(value.strip().lower(), value.strip().lower())
+        if level not in LOG_LEVELS:
+            raise ValueError(f"{value!r} is not a log level: {', '.join(LOG_LEVELS)}")
+        return level
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        url = urlsplit(value)
+        if url.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"the scheme must be redis://, rediss:// or unix://, got "
+                             f"{url.scheme or 'none'}:// (redis://host:port/db)")
+        db = url.path.strip("/") if url.scheme != "unix" else ""
+        # redis-py drops a db path that is not a number and uses db 0: another gateway's.
+        if db and not db.isdigit():
+            raise ValueError(f"the database is a number (redis://host:port/0), got {db!r}")
+        return value
 
     @field_validator("extra_weights")
     @classmethod
@@ -200,7 +239,28 @@ class Settings(BaseSettings):
         for name in ("tls_cert", "tls_key"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
-                raise ValueError(f"{name}: no such file {path!r}")
+                raise ValueError(f"IVVAE_{name.upper()}: no such file {path!r}")
+        if self.tls_cert:
+            # Loaded now, as both listeners will: a key that is not the certificate's, a
+            # file that is not PEM, or a key with a passphrase (which OpenSSL would ask
+            # for on the terminal) is a start-up error naming the settings, not a failed
+            # bind or a server that quietly ends.
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(self.tls_cert, self.tls_key, password=lambda: b"")
+            except (ssl.SSLError, OSError) as exc:
+                raise ValueError(
+                    f"IVVAE_TLS_CERT {self.tls_cert!r} and IVVAE_TLS_KEY {self.tls_key!r} are "
+                    f"not a usable PEM certificate chain and its unencrypted key: "
+                    f"{exc.strerror or exc}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Settings:
+        if (self.enable_http and self.enable_grpc and self.port != 0
+                and self.port == self.grpc_port):
+            raise ValueError(f"IVVAE_PORT and IVVAE_GRPC_PORT are both {self.port}: HTTP and "
+                             "gRPC need a port each")
         return self
 
     def tls_pair(self) -> tuple[bytes, bytes] | None:
@@ -223,8 +283,27 @@ class Settings(BaseSettings):
             name, sep, path = item.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"IVVAE_EXTRA_WEIGHTS entry {item!r} is not NAME=PATH")
-            out[strict.model_name(name.strip())] = Path(path.strip())
+            name = strict.model_name(name.strip())
+            if name in out:  # the last would win, and the first be dropped unseen
+                raise ValueError(f"IVVAE_EXTRA_WEIGHTS names {name!r} twice")
+            out[name] = Path(path.strip())
         return out
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A line for each ``IVVAE_*`` variable in ``environ`` that nothing reads (a typo:
+    settings ignore names they do not know), with the setting it most likely meant."""
+    environ = os.environ if environ is None else environ
+    known = {f"IVVAE_{name.upper()}" for name in Settings.model_fields}
+    lines = []
+    for name in sorted(environ):
+        if (not name.startswith("IVVAE_") or name in known or name in TOOL_VARIABLES
+                or name in MODEL_SIDE_VARIABLES):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name} is not an ivvae setting and is ignored{hint}")
+    return lines
 
 
 def _keys(api_keys: str) -> list[str]:

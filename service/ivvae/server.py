@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .config import Settings
+from .config import Settings, unknown_variables
 from .service import Service
 
 log = logging.getLogger("ivvae.server")
@@ -103,6 +104,33 @@ def _quiet_server_class(handshake_timeout_s: float) -> type:
     return QuietServer
 
 
+def configuration_warnings(settings: Settings,
+                           environ: Mapping[str, str] | None = None) -> list[str]:
+    """What an operator should hear at start-up: IVVAE_* names nothing reads, and an open
+    API where a key was probably meant."""
+    environ = os.environ if environ is None else environ
+    lines = unknown_variables(environ)
+    if not settings.api_key_set:
+        if environ.get("IVVAE_API_KEY", "").strip():
+            lines.append("IVVAE_API_KEY is the key clients send; the gateway's keys are "
+                         "IVVAE_API_KEYS, which is empty: every route is open")
+        elif not _loopback(settings.host):
+            lines.append(f"IVVAE_API_KEYS is empty and the gateway listens on "
+                         f"{settings.host}: every route is open to whoever reaches it")
+    return lines
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 async def serve(settings: Settings) -> None:
     import uvicorn
 
@@ -114,6 +142,8 @@ async def serve(settings: Settings) -> None:
     if not (settings.enable_http or settings.enable_grpc):
         raise ValueError("both HTTP and gRPC are disabled; enable at least one")
     limit_logging()
+    for line in configuration_warnings(settings):
+        log.warning("%s", line)
     service = Service(settings)
     await service.start()
     stop, force = asyncio.Event(), asyncio.Event()

@@ -231,7 +231,9 @@ def test_image_drift_catches_ports_and_health_checks(
 
 def test_a_tool_variable_no_code_reads_is_a_problem(tmp_path: Path) -> None:
     (tmp_path / "cli.py").write_text('DEBUG_ENV = "IVVAE_DEBUG"\n')
-    problems = drift_tool_variables(tmp_path, "IVVAE_DEBUG=1 shows tracebacks")
+    (tmp_path / "config.py").write_text('TOOL_VARIABLES = {"IVVAE_SHARD_COUNT"}\n')  # a list
+    problems = drift_tool_variables(tmp_path, frozenset({"IVVAE_DEBUG", "IVVAE_SHARD_COUNT"}),
+                                    "IVVAE_DEBUG=1 shows tracebacks")
     assert "IVVAE_SHARD_COUNT is listed as a tool variable, and no code" in " ".join(problems)
     assert "IVVAE_SHARD_COUNT is a tool variable the deployment docs do not name" in problems
     assert not any("IVVAE_DEBUG" in p for p in problems)
