@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -225,3 +226,66 @@ def test_the_rest_of_diffusers_autoencoder_surface(vae: IVVAEAutoencoder) -> Non
             assert [m for m in heard if "kept in float32" in m]
         finally:
             logging.getLogger("diffusers").removeHandler(listener)
+
+
+def test_non_finite_and_empty_inputs_are_refused(vae: IVVAEAutoencoder) -> None:
+    # NaN/inf came back as an all-NaN latent or video; a batch of 0 was a ZeroDivisionError
+    # and 0 latent frames "a video needs at least one frame, got -3".
+    x = rand_video(5, 8, 8)
+    x[0, 0, 2, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="the video holds NaN or infinite values"):
+        vae.encode(x)
+    z = torch.zeros(1, TINY.z_dim, 2, 1, 1)
+    z[0, 0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="the latent holds NaN or infinite values"):
+        vae.decode(z)
+    with pytest.raises(ValueError, match="batch size 0"):
+        vae.decode(torch.zeros(0, TINY.z_dim, 2, 1, 1))
+    with pytest.raises(ValueError, match="no latent frames"):
+        vae.decode(torch.zeros(1, TINY.z_dim, 2, 1, 1)[:, :, :0])
+
+
+def _rewrite_weights(folder: Path, *, drop: str = "",
+                     add: dict[str, torch.Tensor] | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    tensors.pop(drop, None)
+    tensors.update(add or {})
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_from_pretrained_refuses_a_folder_that_lacks_or_adds_a_weight(
+        vae: IVVAEAutoencoder, tmp_path: Path) -> None:
+    # diffusers (low_cpu_mem_usage=False, as without accelerate) left a missing tensor
+    # randomly initialised with only a log line, and dropped an unexpected one.
+    pytest.importorskip("diffusers")
+    from ivvae.model import CheckpointError
+
+    missing, extra = tmp_path / "missing", tmp_path / "extra"
+    vae.save_pretrained(missing)
+    vae.save_pretrained(extra)
+    name = "model.decoder.head.conv_3d.weight"
+    assert name in vae.state_dict()
+    _rewrite_weights(missing, drop=name)
+    _rewrite_weights(extra, add={"model.stray.weight": torch.ones(2)})
+    with pytest.raises(CheckpointError, match=rf"1 missing key\(s\): {re.escape(name)}"):
+        IVVAEAutoencoder.from_pretrained(missing)
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): model\.stray\.weight"):
+        IVVAEAutoencoder.from_pretrained(extra)
+    # diffusers refuses a mis-shaped tensor itself, unless told to ignore it: then it too
+    # was left random
+    shaped = tmp_path / "shaped"
+    vae.save_pretrained(shaped)
+    _rewrite_weights(shaped, add={"model.decoder.head.conv_3d.bias": torch.ones(5)})
+    with pytest.raises(CheckpointError, match=(
+            r"1 mis-shaped key\(s\): model\.decoder\.head\.conv_3d\.bias: "
+            r"file \(5,\) != model \(3,\)")):
+        IVVAEAutoencoder.from_pretrained(shaped, ignore_mismatched_sizes=True)
+    # What diffusers returns when asked for the loading info, and only then.
+    vae.save_pretrained(tmp_path / "whole")
+    model, info = IVVAEAutoencoder.from_pretrained(tmp_path / "whole", output_loading_info=True)
+    assert isinstance(model, IVVAEAutoencoder)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert isinstance(IVVAEAutoencoder.from_pretrained(tmp_path / "whole"), IVVAEAutoencoder)

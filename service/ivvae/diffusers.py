@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
-from .model.checkpoint import load_model
+from .model.checkpoint import CheckpointError, load_model
 from .model.config import IVVAEConfig
 from .model.vae import IVVAE
 
@@ -166,6 +166,25 @@ class _DecoderOutput:
 
     def __getitem__(self, index: int) -> Tensor:
         return (self.sample,)[index]
+
+
+def _check_loading_info(source: Any, info: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` for every key diffusers' loader found missing, unexpected
+    or mis-shaped (``info`` is its ``output_loading_info``)."""
+    problems = []
+    for label, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                       ("mis-shaped", "mismatched_keys")):
+        # mismatched_keys are (key, shape in the file, shape in the model)
+        items = sorted(f"{k[0]}: file {tuple(k[1])} != model {tuple(k[2])}"
+                       if isinstance(k, (tuple, list)) else str(k)
+                       for k in info.get(key) or ())
+        if items:
+            shown = ", ".join(items[:20]) + (
+                f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+            problems.append(f"{len(items)} {label} key(s): {shown}")
+    if problems:
+        raise CheckpointError(f"weights in {source} do not match {IVVAEAutoencoder.__name__}'s "
+                              "config: " + "; ".join(problems))
 
 
 def _encoder_output(dist: DiagonalGaussian) -> Any:
@@ -318,13 +337,23 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
 
         @classmethod
         def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
-            """diffusers' loader; without ``accelerate`` installed it loads the plain way
-            instead of printing that it would like ``accelerate``."""
+            """diffusers' loader, strict: a weight the folder lacks, one it holds that the
+            model has not, or one of another shape (``ignore_mismatched_sizes=True``) is a
+            ``CheckpointError`` naming them; diffusers only logs these, and leaves the
+            model's tensor randomly initialised. ``output_loading_info=True`` returns
+            ``(model, info)`` as in diffusers.
+            Without ``accelerate`` installed it loads the plain way instead of printing
+            that it would like ``accelerate``."""
             import importlib.util
 
             if importlib.util.find_spec("accelerate") is None:
                 kwargs.setdefault("low_cpu_mem_usage", False)
-            return super().from_pretrained(*args, **kwargs)  # type: ignore[misc]
+            wants_info = bool(kwargs.pop("output_loading_info", False))
+            model, info = super().from_pretrained(  # type: ignore[misc]
+                *args, output_loading_info=True, **kwargs)
+            _check_loading_info(args[0] if args else kwargs.get(
+                "pretrained_model_name_or_path"), info)
+            return (model, info) if wants_info else model
 
     # -- saving without diffusers ------------------------------------------------------
 

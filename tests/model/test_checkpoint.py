@@ -161,3 +161,25 @@ def test_weights_of_no_official_size_without_factors_are_warned_about(
         assert not caplog.records
         assert load_model(pth).cfg.scale_factor == 1.0
     assert "m.pth holds no scale/shift factors" in caplog.text
+
+
+def test_a_device_this_torch_cannot_use_is_refused_before_the_weights_are_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Was torch's AssertionError ("Torch not compiled with CUDA enabled") after reading
+    # every weight, and for "tpu" a RuntimeError listing every device type torch knows.
+    path = tmp_path / "tiny.safetensors"
+    save_safetensors(make_model(), path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda': this torch .* sees no CUDA GPU"):
+        load_model(path, device="cuda")
+    with pytest.raises(ValueError, match=r"device must be cpu, cuda or cuda:N, got 'tpu'"):
+        load_model(path, device="tpu")
+    # before the weights: a path that is not there is not what it says
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        load_model(tmp_path / "missing.pth", device=torch.device("cuda", 0))
+    assert load_model(path, device=torch.device("cpu")).device.type == "cpu"
+
+
+def test_a_directory_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"is a directory, not a \.pth or \.safetensors"):
+        load_model(tmp_path)

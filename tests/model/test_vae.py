@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -177,3 +179,67 @@ def test_bad_inputs_raise_value_errors(tiny: IVVAE) -> None:
         tiny.decode(torch.zeros(1, 5, 2, 1, 1))
     with pytest.raises(ValueError, match="do not come from"):
         tiny.decode(torch.zeros(1, 4, 2, 1, 1), num_frames=9)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_inputs_are_refused(tiny: IVVAE, bad: float) -> None:
+    # They used to come back as an all-NaN latent or video, with no error.
+    video = rand_video(5, 8, 8)
+    video[0, 1, 3, 2, 5] = bad
+    with pytest.raises(ValueError, match="the video holds NaN or infinite values"):
+        tiny.encode(video)
+    with pytest.raises(ValueError, match="the video holds NaN or infinite values"):
+        tiny.encode_moments(video)
+    with pytest.raises(ValueError, match="the video holds NaN or infinite values"):
+        StreamEncoder(tiny).push(video)
+    latent = torch.zeros(1, 4, 2, 1, 1)
+    latent[0, 2, 1] = bad
+    with pytest.raises(ValueError, match="the latent holds NaN or infinite values"):
+        tiny.decode(latent)
+    with pytest.raises(ValueError, match="the latent holds NaN or infinite values"):
+        StreamDecoder(tiny).push(latent)
+
+
+def test_finite_check_keeps_autograd() -> None:
+    model = make_model().requires_grad_(True)
+    video = rand_video(5, 8, 8).requires_grad_(True)
+    model.decode(model.encode(video)).square().mean().backward()
+    assert video.grad is not None and bool(torch.isfinite(video.grad).all())
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((0, 4, 2, 1, 1), "batch size 0"),
+     ((1, 4, 0, 1, 1), r"no latent frames \(n = 0\)"),
+     ((1, 4, 2, 0, 1), "h, w >= 1"),
+     ((1, 5, 2, 1, 1), r"\(B, 4, n, h, w\) for this 4-channel model"),
+     ((4, 2, 1, 1), r"\(B, 4, n, h, w\)")])
+def test_decode_checks_the_latent_shape_first(tiny: IVVAE, shape: tuple[int, ...],
+                                              message: str) -> None:
+    # A batch of 0 was a ZeroDivisionError deep in the network; 0 latent frames "-3 frames".
+    with pytest.raises(ValueError, match=message):
+        tiny.decode(torch.zeros(shape))
+    with pytest.raises(ValueError, match=message):
+        StreamDecoder(tiny).push(torch.zeros(shape))
+
+
+def test_stream_encoder_refuses_pushes_after_flush(tiny: IVVAE) -> None:
+    video = rand_video(6, 8, 8)
+    enc = StreamEncoder(tiny, groups_per_step=1)
+    enc.push(video[:, :, :3])
+    enc.flush()
+    # The padding flush() added would have ended up in the middle of the video.
+    with pytest.raises(RuntimeError, match="was flushed: start a new one"):
+        enc.push(video[:, :, 3:])
+    assert enc.flush() == []  # a second flush has nothing left to do
+
+
+@pytest.mark.parametrize("other", [(2, 3, 4, 8, 8), (1, 3, 4, 16, 8), (1, 3, 4, 8, 7)])
+def test_stream_encoder_refuses_a_change_of_batch_or_frame_size(
+        tiny: IVVAE, other: tuple[int, ...]) -> None:
+    enc = StreamEncoder(tiny, groups_per_step=1)
+    enc.push(rand_video(3, 8, 8))
+    with pytest.raises(ValueError, match=(
+            rf"frames are {re.escape(str(other))} but the first push's were "
+            r"\(1, 3, 3, 8, 8\)")):
+        enc.push(torch.zeros(other))

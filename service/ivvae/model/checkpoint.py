@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..core.files import FILE_MODE
 from .config import PRESETS, IVVAEConfig, preset_for
+from .device import torch_device
 from .layers import (
     PAC_DILATIONS,
     Attention,
@@ -178,6 +179,9 @@ def weights_sha256(sd: StateDict) -> str:
 def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a ``.pth``/``.pt`` or ``.safetensors`` file: (state dict, string metadata)."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"weights path is a directory, not a .pth or .safetensors "
+                              f"file: {p}")
     if not p.is_file():
         raise CheckpointError(f"weights file not found: {p}")
     meta: dict[str, str] = {}
@@ -226,7 +230,10 @@ def load_model(
     Scale/shift factors: explicit arguments, else the file's metadata (safetensors written
     by this project), else the official preset with the same (z_dim, dim), else 1/0.
     ``dtype`` is the parameter dtype (default float32, whatever the file stores).
+    ``device`` must be one this process can use (``ivvae.model.device``): checked before
+    the weights are read, which can take a while.
     """
+    target = torch_device(str(device))
     meta: dict[str, str] = {}
     if isinstance(weights, Mapping):
         sd = dict(weights)
@@ -252,7 +259,7 @@ def load_model(
     names = official_names(model)
     internal = {names[k]: k for k in names}
     model.load_state_dict({internal[k]: v for k, v in sd.items()}, strict=True, assign=True)
-    model = model.to(device=device, dtype=dtype or torch.float32)
+    model = model.to(device=target, dtype=dtype or torch.float32)
     model.eval().requires_grad_(False)
     model.weights_sha256 = weights_sha256(sd)
     model.name = meta.get("model_name") or _default_name(cfg)

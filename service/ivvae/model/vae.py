@@ -59,6 +59,22 @@ def pad_space(video: Tensor) -> Tensor:
     return flat.reshape(b, c, t, h + ph, w + pw)
 
 
+def _check_finite(x: Tensor, what: str) -> None:
+    """Refuse NaN and infinities: every conv spreads one over its whole receptive field, so
+    they came back as an all-NaN result and no error (the service refuses them too).
+
+    One reduction over the input. Only the eager entry points call this, never the step
+    functions that ``ivvae.model.export`` traces, where a branch on tensor values would be
+    baked into the graph. Skipped likewise when a caller traces or compiles these entry
+    points: under ``torch.compile`` it would cut the graph in two (and fail
+    ``fullgraph=True``).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the {what} holds NaN or infinite values")
+
+
 def _check_video(video: Tensor) -> None:
     if video.dim() != 5 or video.shape[1] != 3:
         raise ValueError(f"video must be (B, 3, T, H, W), got {tuple(video.shape)}")
@@ -66,6 +82,24 @@ def _check_video(video: Tensor) -> None:
         raise ValueError(f"video must be a float tensor in [-1, 1], got {video.dtype}")
     if video.shape[0] < 1 or video.shape[3] < 1 or video.shape[4] < 1:
         raise ValueError(f"video must have B, H, W >= 1, got {tuple(video.shape)}")
+    _check_finite(video, "video")
+
+
+def _check_latent(latent: Tensor, z_dim: int) -> None:
+    """What a whole latent must be before decoding; without this a batch of 0 failed deep
+    in the network (a ZeroDivisionError) and 0 latent frames as "-3 video frames"."""
+    shape = tuple(latent.shape)
+    if latent.dim() != 5 or latent.shape[1] != z_dim:
+        raise ValueError(f"latent must be (B, {z_dim}, n, h, w) for this {z_dim}-channel "
+                         f"model, got {shape}")
+    b, _, n, h, w = shape
+    if b < 1:
+        raise ValueError(f"latent holds no video (batch size 0): {shape}")
+    if n < 1:
+        raise ValueError(f"latent has no latent frames (n = 0), at least 1 is needed: {shape}")
+    if h < 1 or w < 1:
+        raise ValueError(f"latent must have h, w >= 1, got {shape}")
+    _check_finite(latent, "latent")
 
 
 class IVVAE(nn.Module):
@@ -247,6 +281,7 @@ class IVVAE(nn.Module):
         ``num_frames``, ``height``, ``width`` crop to the original size (defaults: the full
         padded size ``1 + 4(n-1)``, ``8h``, ``8w``).
         """
+        _check_latent(latent, self.cfg.z_dim)
         n, h, w = latent.shape[2:]
         full_t = 1 + TIME_COMPRESSION * (n - 1)
         num_frames = full_t if num_frames is None else num_frames
@@ -282,10 +317,10 @@ def _decode_chunks(model: IVVAE, latent: Tensor, groups_per_step: int) -> Iterat
 class StreamEncoder:
     """Push frames in any chunk sizes; get latent moments as soon as groups complete.
 
-    Frames may have any H, W (padded per step, so chunking never changes results and a
-    whole video is never copied). Call ``flush()`` at the end: it pads the last partial
-    group by repeating the last frame. Memory is bounded by one step (``groups_per_step``
-    groups) plus the feature cache.
+    Frames may have any H, W, the same in every push (padded per step, so chunking never
+    changes results and a whole video is never copied). Call ``flush()`` at the end: it
+    pads the last partial group by repeating the last frame, and ends the stream. Memory is
+    bounded by one step (``groups_per_step`` groups) plus the feature cache.
     """
 
     def __init__(self, model: IVVAE, *, groups_per_step: int = 4) -> None:
@@ -297,13 +332,28 @@ class StreamEncoder:
         self._pending: list[Tensor] = []
         self._pending_frames = 0
         self._last: Tensor | None = None
+        self._first_shape: tuple[int, ...] | None = None
+        self._flushed = False
         self.frames_in = 0
 
     def push(self, video: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """``video`` (B, 3, t, H, W) in [-1, 1], t >= 0. Returns completed (mu, logvar)."""
+        """``video`` (B, 3, t, H, W) in [-1, 1], t >= 0, with the B, H and W of the first
+        push. Returns completed (mu, logvar)."""
+        if self._flushed:
+            # flush() padded the last group: frames after it would follow the padding.
+            raise RuntimeError("this StreamEncoder was flushed: start a new one for the "
+                               "next video")
         _check_video(video)
+        shape = tuple(video.shape)
+        if self._first_shape is not None and (
+                shape[:2] + shape[3:] != self._first_shape[:2] + self._first_shape[3:]):
+            raise ValueError(
+                f"this push's frames are {shape} but the first push's were "
+                f"{self._first_shape}: every push of a stream keeps the batch size B and "
+                "the frame size H, W of (B, 3, t, H, W); only t may change")
         if video.shape[2] == 0:
             return []
+        self._first_shape = self._first_shape or shape
         self._last = video[:, :, -1:]
         self._pending.append(video)
         self._pending_frames += video.shape[2]
@@ -314,6 +364,7 @@ class StreamEncoder:
         """Finish the stream: pad the last group with repeats of the last frame."""
         if self._last is None:
             raise ValueError("no frames were pushed")
+        self._flushed = True
         need = (-(self._pending_frames - (1 if self._slots is None else 0))) % TIME_COMPRESSION
         if need:
             self._pending.append(self._last.expand(-1, -1, need, -1, -1))
@@ -338,9 +389,7 @@ class StreamEncoder:
 
     def _take(self, n: int) -> Tensor:
         """The next ``n`` pending frames (a view when they come from one push)."""
-        parts = self._pending
-        if len(parts) > 1 and len({p.shape[3:] for p in parts}) > 1:
-            parts = [pad_space(p) for p in parts]  # pushes of sizes that pad alike
+        parts = self._pending  # all of one shape but t: push() checks
         buf = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         taken, rest = buf[:, :, :n], buf[:, :, n:]
         self._pending = [rest] if rest.shape[2] else []
@@ -357,5 +406,6 @@ class StreamDecoder:
 
     def push(self, latent: Tensor) -> Tensor:
         """``latent`` (B, z, n, h, w) -> video (B, 3, T, 8h, 8w) float32, not cropped."""
+        _check_latent(latent, self.model.cfg.z_dim)
         video, self.cache = self.model.decode_step(latent, self.cache)
         return video
