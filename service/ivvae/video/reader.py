@@ -311,6 +311,24 @@ def _check_plan(plan: Plan, limits: VideoLimits) -> None:
                        f"limit of {cap} pixels; pick a size nearer the clip's aspect ratio")
 
 
+def _check_declared_frames(declared: int | None, fps: float, plan: Plan,
+                           limits: VideoLimits) -> None:
+    """Refuse, before any frame is used, a clip whose declared frame count gives more
+    output frames than ``max_frames`` under ``plan`` (the window, stride, rate and count
+    options); the limit is checked again as frames come out, for headers that lie."""
+    produced = plan.options.available_frames(declared, fps)
+    if produced is not None and plan.frame_limit is not None:
+        produced = min(produced, plan.frame_limit)
+    if produced is None or produced <= limits.max_frames:
+        return
+    if plan.options.is_identity:
+        raise TooLarge(f"the video declares {declared} frames, over the limit of "
+                       f"{limits.max_frames}")
+    gives = "" if produced == declared else f", which give {produced} after preprocessing"
+    raise TooLarge(f"the video declares {declared} frames{gives}, over the limit of "
+                   f"{limits.max_frames}; max_frames takes fewer")
+
+
 def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
     if width * height > limits.source_pixels:
         raise TooLarge(f"frames of {width}x{height} exceed the limit of "
@@ -345,11 +363,14 @@ def _stream_end(stream: VideoStream) -> float | None:
     return end if math.isfinite(end) else None
 
 
-def _frame_count(stream: VideoStream, container: InputContainer, fps: float) -> int | None:
+def _frame_count(stream: VideoStream, container: InputContainer, fps: float
+                 ) -> tuple[int | None, bool]:
+    """``(count, declared)``: the frames the stream declares (``declared``), else an
+    estimate from its duration, else ``None``."""
     if stream.frames > 0:
-        return stream.frames
+        return stream.frames, True
     seconds = _declared_seconds(stream, container)
-    return None if seconds is None else max(1, round(seconds * fps))
+    return (None if seconds is None else max(1, round(seconds * fps))), False
 
 
 def _tagged_duration(stream: VideoStream) -> float | None:
@@ -373,7 +394,9 @@ def open_video(
     """Open an upload (bytes) or a file (path) for decoding; see the module docstring.
 
     Checks the limits against the stream headers, then decodes the first frame and plans
-    ``preprocess`` (``reader.plan``; see ``ivvae.video.preprocess``) for the clip. Raises
+    ``preprocess`` (``reader.plan``; see ``ivvae.video.preprocess``) for the clip: a
+    declared frame count that gives more than ``limits.max_frames`` output frames under
+    the plan is refused then, before any frame is used. Raises
     ``EmptyInput``, ``InvalidInput``, ``UnsupportedMedia``, ``CorruptMedia`` or
     ``TooLarge``; nothing from PyAV or the OS escapes.
     """
@@ -400,10 +423,6 @@ def open_video(
                 and seconds > limits.max_source_seconds):
             raise TooLarge(f"the video declares {seconds:.1f} s, over the limit of "
                            f"{limits.max_source_seconds:g} s")
-        if preprocess is None and stream.frames > limits.max_frames:
-            raise TooLarge(
-                f"the video declares {stream.frames} frames, over the limit of {limits.max_frames}"
-            )
         return VideoReader._start(container, file, stream, src, limits, pixel_cap,
                                   preprocess or Preprocess())
     except BaseException:
@@ -487,6 +506,7 @@ class VideoReader:
 
         still = container.format.name.endswith(_STILL_IMAGE_SUFFIX)
         fps = _frame_rate(stream, still)
+        count, declared = _frame_count(stream, container, fps)
         exif = sniff.jpeg_exif_orientation(source.head) if still else None
         turn = orientation.of_frame(first, exif, codec=stream.codec_context.name)
         width, height = turn.display_size(first.width, first.height)
@@ -494,7 +514,7 @@ class VideoReader:
             width=width,
             height=height,
             fps=fps,
-            num_frames=_frame_count(stream, container, fps),
+            num_frames=count,
             codec=stream.codec_context.name,
             container=container.format.name,
             rotation=turn.clockwise,
@@ -504,6 +524,8 @@ class VideoReader:
         if plan.exact and plan.frame_limit is not None and plan.frame_limit > limits.max_frames:
             raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
                            f"{limits.max_frames}")
+        if declared:
+            _check_declared_frames(count, fps, plan, limits)
         return cls(container, file, frames, first, info, turn, limits, plan,
                    _tagged_duration(stream), _stream_end(stream))
 

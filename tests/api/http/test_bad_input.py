@@ -341,3 +341,46 @@ async def test_a_held_answer_not_taken_in_time_gives_its_reservation_back() -> N
     with pytest.raises(DeadlineExceeded):
         await held({"type": "http"}, receive, send)
     assert released == [True] and held.body == b""
+
+
+async def test_a_declared_frame_count_over_the_limit_is_refused_before_any_model_step(
+        tiny_weights: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``/encode`` ran the model over ``max_frames`` frames before refusing a clip whose
+    header already declared too many (preprocessing or not), as ``/frames`` did not."""
+    from ivvae.backends import local
+
+    steps = 0
+    step = local._Sequence.step
+
+    async def counted(self: local._Sequence, array: np.ndarray, *, first: bool,
+                      ) -> list[np.ndarray]:
+        nonlocal steps
+        steps += 1
+        return await step(self, array, first=first)
+
+    monkeypatch.setattr(local._Sequence, "step", counted)
+    long = media.make_video(None, frames=40, width=16, height=16)  # declares 40
+    short = media.make_video(None, frames=10, width=16, height=16)  # 24 fps
+    refused = {
+        "as it is": (long, {}, "declares 40 frames, over the limit of 16"),
+        "a window": (long, {"start_frame": "4"}, "give 36 after preprocessing"),
+        "resampled up": (short, {"fps": "48"}, "give 20 after preprocessing"),
+    }
+    async with running_app(tiny_settings(tiny_weights, max_frames=16)) as client:
+        for name, (body, params, detail) in refused.items():
+            for path in ("/encode", "/frames"):
+                if params and path == "/frames":
+                    continue
+                r = await client.post(path, params=params, content=body,
+                                      headers={"content-type": "video/mp4"})
+                assert r.status_code == 413, (name, path, r.text)
+                assert steps == 0, (name, path, r.text)
+                assert detail in r.json()["detail"], (name, path, r.text)
+        # What the options take of the long clip fits: still encoded.
+        for params, frames in (({"max_frames": "9"}, "9"), ({"stride": "3"}, "14"),
+                               ({"num_frames": "13"}, "13")):
+            r = await client.post("/encode", params=params, content=long,
+                                  headers={"content-type": "video/mp4"})
+            assert r.status_code == 200, (params, r.text)
+            assert loads(r.content)[1]["num_frames"] == frames, params
+    assert steps > 0
