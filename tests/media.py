@@ -236,6 +236,28 @@ def add_icc_profile(png: bytes, name: bytes = b"sRGB-ish") -> bytes:
     return png[:end_of_header] + chunk + png[end_of_header:]
 
 
+def trim_by_edit_list(mp4: bytes, skip: int, fps: float = 24) -> bytes:
+    """``mp4`` (one video track at ``fps``, as ``make_video`` writes it) with its edit list
+    changed to skip the first ``skip`` frames, as a stream-copied cut (``ffmpeg -ss ... -c
+    copy``) or a QuickTime trim writes it: every sample stays in the file (the stream still
+    declares them all), the edit list shows only the rest, and only those decode."""
+    data = bytearray(mp4)
+    mvhd = data.find(b"mvhd") - 4
+    assert mvhd >= 0 and data[mvhd + 8] == 0, "expected a version-0 mvhd box"
+    (movie_scale,) = struct.unpack_from(">I", data, mvhd + 20)
+    mdhd = data.find(b"mdhd") - 4
+    assert mdhd >= 0 and data[mdhd + 8] == 0, "expected a version-0 mdhd box"
+    (media_scale,) = struct.unpack_from(">I", data, mdhd + 20)
+    elst = data.find(b"elst") - 4
+    # size, type, version/flags, entry count, then (segment duration, media time, rate)
+    assert elst >= 0 and data[elst + 8] == 0, "expected a version-0 elst box"
+    assert struct.unpack_from(">I", data, elst + 12) == (1,), "expected one edit"
+    segment, media_time = struct.unpack_from(">Ii", data, elst + 16)
+    struct.pack_into(">Ii", data, elst + 16, segment - round(skip * movie_scale / fps),
+                     media_time + round(skip * media_scale / fps))
+    return bytes(data)
+
+
 def make_audio_only(seconds: float = 1.0) -> bytes:
     """An MP4 (M4A) file with one AAC track and no video."""
     buffer = io.BytesIO()

@@ -11,7 +11,7 @@ from ivvae.latents import decode_latent_file
 from ivvae.pipeline import EncodeOptions, FramesUpload
 from ivvae.service import Service
 from ivvae.video import Preprocess
-from tests.media import make_frames, sample_clip
+from tests.media import make_frames, make_video, sample_clip, trim_by_edit_list
 from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
 
 
@@ -87,3 +87,14 @@ async def test_the_latent_records_which_source_frames_it_covers(
         str(first), str(last))
     assert float(meta["preprocess_source_first_s"]) == pytest.approx(first * frame_s, abs=1e-4)
     assert float(meta["preprocess_source_last_s"]) == pytest.approx(last * frame_s, abs=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_an_edit_list_trimmed_clip_records_the_frames_it_shows(service: Service) -> None:
+    # The stream keeps 17 samples; its edit list shows 13 (a stream-copied cut).
+    clip = trim_by_edit_list(make_video(None, frames=17, width=64, height=48), skip=4)
+    result = await service.pipeline.encode(clip, _options(bucket="64x48x17,64x48x9"))
+    meta = result.info.to_metadata()
+    assert meta["preprocess_bucket"] == "64x48x9"
+    assert meta["preprocess_source_frames_declared"] == "13"
+    assert meta["num_frames"] == "9"

@@ -656,6 +656,21 @@ def test_declared_frame_count_over_limit_is_refused_at_open() -> None:
         open_video(data, limits=VideoLimits(max_frames=10))
 
 
+def test_an_edit_list_trim_declares_the_frames_it_shows() -> None:
+    # A stream-copied cut or a QuickTime trim keeps all 17 samples (the stream declares
+    # 17) and edits the first 4 out (its duration: 13 frames); 13 decode.
+    full = media.make_video(None, frames=17, width=64, height=48, pattern="gradient")
+    trimmed = media.trim_by_edit_list(full, skip=4)
+    with open_video(full) as reader:
+        assert reader.info.num_frames == 17
+    with open_video(trimmed, limits=VideoLimits(max_frames=13)) as reader:
+        assert reader.info.num_frames == 13
+        frames = reader.read_all()
+    np.testing.assert_array_equal(frames, read(full)[4:])
+    with pytest.raises(TooLarge, match="declares 13 frames"):
+        open_video(trimmed, limits=VideoLimits(max_frames=12))
+
+
 def test_frame_limit_stops_decoding_early() -> None:
     # WebM declares no frame count: the limit is met while decoding, not after.
     data = media.make_video(

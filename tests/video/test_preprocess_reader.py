@@ -13,6 +13,7 @@ import pytest
 
 from ivvae.errors import InvalidInput, TooLarge
 from ivvae.video import Preprocess, VideoLimits, open_video
+from tests import media
 from tests.media import make_video, sample_clip
 
 Frames = npt.NDArray[np.uint8]
@@ -113,6 +114,16 @@ def test_short_clips_and_empty_windows_are_refused_clearly() -> None:
         _read(clip, {"start_frame": "50"})
     frames, _ = _read(clip, {"bucket": "64x48x17,32x32x9"})
     assert frames.shape == (9, 32, 32, 3)
+
+
+def test_an_edit_list_trimmed_clip_gets_the_bucket_it_fills() -> None:
+    # 17 samples, 13 shown: the 17-frame bucket was picked, then refused as 13 came out.
+    clip = media.trim_by_edit_list(make_video(None, frames=17, width=64, height=48), skip=4)
+    frames, plan = _read(clip, {"bucket": "64x48x17,64x48x9"})
+    assert frames.shape == (9, 48, 64, 3)
+    assert str(plan.bucket) == "64x48x9"  # type: ignore[attr-defined]
+    frames, _ = _read(clip, {"fps": "12"})
+    assert len(frames) == 7  # 13 frames at 24 fps last 0.54 s: 12 fps shows 7
 
 
 def test_rotated_clip_is_resized_upright() -> None:

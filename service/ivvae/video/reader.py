@@ -129,6 +129,9 @@ Frames = npt.NDArray[np.uint8]
 # How much larger than the frame limits the picture scaled to cover an exact size may be
 # before it is cropped (a 4:3 clip upscaled to cover a 1920x1080 bucket is 1.33x).
 _SCALED_PIXELS_FACTOR = 4
+# How many frames fewer than its sample count a stream's declared duration must show
+# before the duration is believed (see ``_frame_count``).
+_EDIT_SLACK_FRAMES = 1.0
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ class VideoInfo:
     rare, is also flipped left-right after the turn; see ``ivvae.video.orientation``).
     ``fps`` is the average frame rate, or
     ``DEFAULT_FPS`` for still images and streams that declare none. ``num_frames`` is the
-    count the container declares, or an estimate from its duration, or ``None``; the
+    count the container declares (fewer than its samples where an edit list trims the
+    stream, as its duration shows), or an estimate from its duration, or ``None``; the
     frames actually decoded are authoritative. ``codec`` is FFmpeg's decoder name
     (``"h264"``) and ``container`` its demuxer name (``"mov,mp4,m4a,3gp,3g2,mj2"``).
     """
@@ -335,13 +339,15 @@ def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
                        f"{limits.source_pixels} pixels")
 
 
-def _frame_rate(stream: VideoStream, still: bool) -> float:
+def _declared_rate(stream: VideoStream, still: bool) -> float | None:
+    """The frame rate the stream declares, ``None`` for still images and streams that
+    declare none (or a nonsense one)."""
     if still:
-        return DEFAULT_FPS
+        return None
     for rate in (stream.average_rate, stream.guessed_rate):
         if rate is not None and MIN_FPS <= rate <= MAX_FPS:
             return float(rate)
-    return DEFAULT_FPS
+    return None
 
 
 def _declared_seconds(stream: VideoStream, container: InputContainer) -> float | None:
@@ -363,13 +369,23 @@ def _stream_end(stream: VideoStream) -> float | None:
     return end if math.isfinite(end) else None
 
 
-def _frame_count(stream: VideoStream, container: InputContainer, fps: float
-                 ) -> tuple[int | None, bool]:
+def _frame_count(stream: VideoStream, container: InputContainer, fps: float,
+                 rate_declared: bool) -> tuple[int | None, bool]:
     """``(count, declared)``: the frames the stream declares (``declared``), else an
-    estimate from its duration, else ``None``."""
-    if stream.frames > 0:
-        return stream.frames, True
+    estimate from its duration, else ``None``.
+
+    A declared count is the stream's sample count unless its declared duration (the
+    container's without one), at a rate the stream declares, shows more than a frame
+    fewer: an MP4/MOV edit list (a stream-copied cut, a QuickTime trim) keeps every sample
+    but shows only the edited span, and FFmpeg decodes only that. A frame of slack covers
+    rounding, and a last sample stored without a duration (FFmpeg then leaves it out of
+    both the duration and the average rate)."""
     seconds = _declared_seconds(stream, container)
+    if stream.frames > 0:
+        if (rate_declared and seconds is not None
+                and stream.frames - seconds * fps > _EDIT_SLACK_FRAMES):
+            return max(1, round(seconds * fps)), True
+        return stream.frames, True
     return (None if seconds is None else max(1, round(seconds * fps))), False
 
 
@@ -505,8 +521,9 @@ class VideoReader:
         _check_pixels(first.width, first.height, limits)
 
         still = container.format.name.endswith(_STILL_IMAGE_SUFFIX)
-        fps = _frame_rate(stream, still)
-        count, declared = _frame_count(stream, container, fps)
+        rate = _declared_rate(stream, still)
+        fps = DEFAULT_FPS if rate is None else rate
+        count, declared = _frame_count(stream, container, fps, rate is not None)
         exif = sniff.jpeg_exif_orientation(source.head) if still else None
         turn = orientation.of_frame(first, exif, codec=stream.codec_context.name)
         width, height = turn.display_size(first.width, first.height)
