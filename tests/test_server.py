@@ -46,3 +46,43 @@ def test_limit_logging_puts_one_filter_on_each_handler() -> None:
         assert handler.filters.count(limiter) == 1
     finally:
         root.removeHandler(handler)
+
+
+def test_access_lines_are_limited_per_request_kind_and_answers_never() -> None:
+    # uvicorn's access line is one template for every request: 20 a minute in all hid the
+    # traffic behind the probes (18 a minute in Kubernetes).
+    limiter = RateLimit(burst=3, window_s=60, clock=lambda: 0.0)
+    access = logging.getLogger("uvicorn.access")
+    refusals = logging.getLogger("ivvae.http")
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Keep()
+    handler.addFilter(limiter)
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in (access, refusals)]
+    for lg in (access, refusals):
+        lg.handlers[:] = [handler]
+        lg.propagate = False
+        lg.setLevel(logging.INFO)
+    try:
+        template = '%s - "%s %s HTTP/%s" %d'
+        for i in range(50):
+            access.info(template, f"10.0.0.{i}:1", "GET", "/healthz", "1.1", 200)
+        for i in range(10):
+            access.info(template, "10.0.0.9:1", "POST", f"/encode?x={i}", "1.1", 401)
+        access.info(template, "10.0.0.9:1", "POST", "/decode", "1.1", 401)
+        for i in range(10):
+            refusals.info("%s %s -> %d %s: %s", "POST", "/encode", 413, "too_large", f"{i}")
+        refusals.info("%s %s -> %d %s: %s", "POST", "/encode", 400, "invalid_input", "x")
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:] = handlers
+            lg.propagate, lg.level = propagate, level
+    assert sum("/healthz" in r for r in records) == 50  # answers: every one
+    assert sum('"POST /encode' in r for r in records) == 3  # one bad request, hammered
+    assert sum('"POST /decode' in r for r in records) == 1  # another: its own budget
+    assert sum("-> 413" in r for r in records) == 3
+    assert sum("-> 400" in r for r in records) == 1

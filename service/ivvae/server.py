@@ -29,19 +29,41 @@ LOG_BURST = 20
 LOG_WINDOW_S = 60.0
 
 
+# Records logged with one template for every request: keyed by what tells requests apart
+# (logger, template) -> indexes into the record's args, a path without its query string.
+# uvicorn's access line: (client, method, path, http version, status).
+_PER_REQUEST = {("uvicorn.access", '%s - "%s %s HTTP/%s" %d'): (1, 2, 4),
+                ("ivvae.http", "%s %s -> %d %s: %s"): (0, 1, 2, 3)}
+
+
 class RateLimit(logging.Filter):
     """Lets through ``burst`` records per (logger, level, message template) per
-    ``window_s``; the first record of the next window says how many were dropped."""
+    ``window_s``; the first record of the next window says how many were dropped.
+
+    A per-request template (the access line, the refusal line) is keyed by method, path
+    and status as well: one client hammering one bad request is cut, while the rest of
+    the traffic still shows. Access lines of answers below 400 are never cut: they are as
+    many as the requests served, and each is one."""
 
     def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.burst, self.window_s, self._clock = burst, window_s, clock
-        self._seen: dict[tuple[str, int, str], list[float | int]] = {}  # start, passed, dropped
+        self._seen: dict[tuple[object, ...], list[float | int]] = {}  # start, passed, dropped
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        key: tuple[object, ...] = (record.name, record.levelno, str(record.msg))
+        fields = _PER_REQUEST.get((record.name, str(record.msg)))
+        if fields is not None and isinstance(record.args, tuple):
+            try:
+                parts = [record.args[i] for i in fields]
+            except IndexError:
+                parts = []
+            if record.name == "uvicorn.access" and parts and isinstance(parts[-1], int) \
+                    and parts[-1] < 400:
+                return True
+            key += tuple(str(p).split("?", 1)[0] for p in parts)
         now = self._clock()
         with self._lock:
             state = self._seen.get(key)
