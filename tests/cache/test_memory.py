@@ -219,22 +219,29 @@ def test_secret_file_is_created_once_private_and_reused(tmp_path: Path) -> None:
     assert cache_secret(other) != first
 
 
-def test_unwritable_secret_file_falls_back_to_a_process_secret(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_an_unwritable_default_secret_file_falls_back_to_a_process_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocker = tmp_path / "a-file"
+    blocker = tmp_path / "a-file"  # a read-only root filesystem, in effect
     blocker.write_text("")
-    settings = Settings(cache_secret_file=str(blocker / "cache-secret"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(blocker))
     with caplog.at_level(logging.WARNING, logger="ivvae.cache"):
-        one, two = cache_secret(settings), cache_secret(settings)
+        one, two = cache_secret(Settings()), cache_secret(Settings())
     assert len(one) == 32 and one != two
     assert "IVVAE_CACHE_SECRET" in caplog.text
 
 
-def test_secret_file_with_too_short_a_secret_is_not_trusted(tmp_path: Path) -> None:
-    path = tmp_path / "cache-secret"
-    path.write_text("abc")
-    assert cache_secret(Settings(cache_secret_file=str(path))) != b"abc"
+def test_a_secret_file_named_by_the_operator_must_be_usable(tmp_path: Path) -> None:
+    # A per-process secret in its place meant replicas evicting each other's entries as
+    # "corrupt", behind one warning line.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="IVVAE_CACHE_SECRET_FILE"):
+        cache_secret(Settings(cache_secret_file=str(blocker / "cache-secret")))
+    short = tmp_path / "cache-secret"
+    short.write_text("abc")  # too short to trust
+    with pytest.raises(ValueError, match="IVVAE_CACHE_SECRET_FILE .*16"):
+        cache_secret(Settings(cache_secret_file=str(short)))
 
 
 # -- the circuit breaker (its use with a real, failing Redis is in test_redis) ----------------

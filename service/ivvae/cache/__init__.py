@@ -79,9 +79,10 @@ def cache_secret(settings: Settings) -> bytes:
 
     The file (``IVVAE_CACHE_SECRET_FILE``, default :func:`default_secret_file`) is created
     with a random secret, mode 0600, when absent, so a deployment keeps one secret across
-    restarts without being configured. Where it cannot be written (a read-only root
-    filesystem), the secret is random per process: the cache still works, but entries do
-    not outlive the process and are not shared between gateways.
+    restarts without being configured. Where the default file cannot be written (a
+    read-only root filesystem), the secret is random per process: the cache still works,
+    but entries do not outlive the process and are not shared between gateways. A file
+    named by ``IVVAE_CACHE_SECRET_FILE`` that cannot be used is a ``ValueError``.
     """
     configured = settings.cache_secret.get_secret_value()
     if configured:
@@ -91,6 +92,9 @@ def cache_secret(settings: Settings) -> bytes:
     try:
         return _read_or_create(path)
     except (OSError, ValueError) as exc:
+        if settings.cache_secret_file:  # asked for by name: a per-process one is not it
+            raise ValueError(f"IVVAE_CACHE_SECRET_FILE {path}: cannot read or create a "
+                             f"cache secret there ({exc})") from exc
         log.warning("cache secret file %s unusable (%s); using a per-process secret: set "
                     "IVVAE_CACHE_SECRET to share cache entries between processes", path, exc)
         return secrets.token_bytes(32)

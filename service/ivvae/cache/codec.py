@@ -195,7 +195,9 @@ def _deserialize(blob: bytes | bytearray | memoryview, secret: bytes, key: str
     payload = view[len(MAGIC) + DIGEST_BYTES :]
     stored_mac = bytes(view[len(MAGIC) : len(MAGIC) + DIGEST_BYTES])
     if not hmac.compare_digest(_mac(secret, key, [payload]), stored_mac):
-        raise CorruptEntry("MAC mismatch: not written for this key under this deployment's secret")
+        raise CorruptEntry("MAC mismatch: not written for this key under this deployment's "
+                           "secret (tampered with, or written by a gateway with another "
+                           "IVVAE_CACHE_SECRET: every gateway on one Redis needs the same)")
 
     (header_len,) = _HEADER_LEN.unpack_from(payload)
     data_start = _HEADER_LEN.size + header_len
