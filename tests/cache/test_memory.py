@@ -240,7 +240,7 @@ def test_a_secret_file_named_by_the_operator_must_be_usable(tmp_path: Path) -> N
         cache_secret(Settings(cache_secret_file=str(blocker / "cache-secret")))
     short = tmp_path / "cache-secret"
     short.write_text("abc")  # too short to trust
-    with pytest.raises(ValueError, match="IVVAE_CACHE_SECRET_FILE .*16"):
+    with pytest.raises(ValueError, match=r"IVVAE_CACHE_SECRET_FILE .*16"):
         cache_secret(Settings(cache_secret_file=str(short)))
 
 

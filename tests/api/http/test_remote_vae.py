@@ -268,6 +268,11 @@ BAD_ENCODES = [
      400, "batch of 2"),
     ({"shape": "1,3,1,8,8", "dtype": "float32"},
      np.full((1, 3, 1, 8, 8), np.inf, np.float32).tobytes(), 400, "non-finite"),
+    # [0, 255] floats were clipped to a white video, with a 200.
+    ({"shape": "1,3,1,8,8", "dtype": "float32"},
+     np.linspace(0, 255, 192, dtype=np.float32).tobytes(), 400, "x / 127.5 - 1"),
+    ({"shape": "1,3,1,8,8", "dtype": "float32"},
+     np.full((1, 3, 1, 8, 8), -1.3, np.float32).tobytes(), 400, "[-1.3, -1.3]"),
     ({"shape": "1,8,8,3", "dtype": "uint8", "output_type": "tensor"}, bytes(192), 400,
      "output_type"),
     ({"shape": "1,8,8,3", "dtype": "uint8", "bucket": "8x8"}, bytes(192), 400, "'bucket'"),
@@ -285,6 +290,11 @@ async def test_bad_tensor_bodies_and_parameters_name_the_problem(
                 assert word in r.json()["detail"], (path, params, r.text)
         ok = await client.post("/encode", content=bytes(192),
                                params={"shape": "1,8,8,3", "dtype": "uint8"})
+        assert ok.status_code == 200, ok.text
+        # A decoder's own output overshoots [-1, 1] a little: clipped, not refused.
+        overshoot = np.full((1, 3, 1, 8, 8), 1.1, np.float32)
+        ok = await client.post("/encode", content=overshoot.tobytes(),
+                               params={"shape": "1,3,1,8,8", "dtype": "float32"})
         assert ok.status_code == 200, ok.text
 
 

@@ -7,7 +7,8 @@ is refused).
 ``/encode``: a video or image file (multipart field ``file`` or the raw body), or frames as
 a raw tensor body (``shape`` + ``dtype`` parameters, Hugging Face's remote-VAE convention):
 ``(T, H, W, 3)`` uint8, or ``(B, 3, T, H, W)`` / ``(B, 3, H, W)`` float in [-1, 1]
-(float32 / bfloat16 / float16; rounded to uint8 frames as the encoder reads them). Options:
+(float32 / bfloat16 / float16; clipped to [-1, 1] and rounded to uint8 frames as the
+encoder reads every video; past +-1.25 another scale is refused). Options:
 ``model``, ``sample``, ``seed``, ``moments``, ``fps`` of tensor frames (default 24; as a
 preprocessing option it is the target rate), the preprocessing options of
 ``ivvae.video.preprocess``, ``output_type`` (``file``: the latent .safetensors file,
@@ -169,6 +170,11 @@ def parse_encode(params: Params) -> EncodeForm:
                       scaling, shift)
 
 
+# Float frames past this are another scale, not [-1, 1]; up to it they are clipped (a
+# decoder's output, not clamped, overshoots [-1, 1] a little).
+FLOAT_FRAME_BOUND = 1.25
+
+
 def frames_of_tensor(data: bytes, form: EncodeForm, max_bytes: int) -> list[np.ndarray]:
     """A raw tensor body as frames, ``(T, H, W, 3)`` uint8 per batch item."""
     assert form.tensor_shape is not None
@@ -186,6 +192,12 @@ def frames_of_tensor(data: bytes, form: EncodeForm, max_bytes: int) -> list[np.n
         x = x[:, :, None]
     if not np.isfinite(x).all():
         raise InvalidInput("the video tensor has non-finite values (NaN or inf)")
+    low, high = float(x.min()), float(x.max())
+    if low < -FLOAT_FRAME_BOUND or high > FLOAT_FRAME_BOUND:
+        # A [0, 255] tensor was clipped to a white video, with a 200.
+        raise InvalidInput(
+            f"the video tensor's values span [{low:.4g}, {high:.4g}]; float frames are in "
+            "[-1, 1] (from [0, 255]: x / 127.5 - 1; from [0, 1]: x * 2 - 1)")
     # (B, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 per item, rounded as the decoder does.
     frames = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
     return [np.ascontiguousarray(item.transpose(1, 2, 3, 0)) for item in frames]
