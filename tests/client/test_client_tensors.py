@@ -61,6 +61,15 @@ def test_array_inputs_encode_like_the_frames(url: str, server: ServerThread) -> 
                                 preprocess={"resize": "32", "max_frames": "5"})
         assert (resized.info.width, resized.info.height, resized.info.num_frames) == (39, 32, 5)
         assert resized.info.extra["preprocess"] == "resize=32;max_frames=5"
+        # Numbers as numbers, buckets as a list: as a Python caller writes them (an int was
+        # an AttributeError: 'int' object has no attribute 'strip').
+        typed = client.encode(sample_clip("carphone_pristine"),
+                              preprocess={"resize": 32, "max_frames": 5})
+        assert typed.data == resized.data
+        bucketed = client.encode(FRAMES, preprocess={"bucket": ["16x16x5", "8x8x1"]})
+        assert "bucket=8x8x1,16x16x5" in bucketed.info.extra["preprocess"]  # both, canonical
+        with pytest.raises(InvalidInput, match="'max_frames': True is not"):
+            client.encode(FRAMES, preprocess={"max_frames": True})
         with pytest.raises(InvalidInput, match="'stride' and 'fps'"):
             client.encode(FRAMES, preprocess={"stride": "2", "fps": "5"})
         with pytest.raises(ValueError, match="batch"):

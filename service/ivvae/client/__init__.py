@@ -39,6 +39,7 @@ import numpy as np
 
 from ..core.names import CRF_RANGE, DEFAULT_CRF
 from ..core.steps import FRAMES_DTYPES
+from ..errors import InvalidInput
 from ..video.preprocess import Preprocess
 from ._common import (
     RetryPolicy,
@@ -104,6 +105,19 @@ def _transport(url: str, api_key: str | None, timeout: float,
                          ca_cert=ca_cert)
 
 
+def _option_strings(options: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Preprocessing options as the string parameters they travel as: a number as its
+    text (``max_frames=41``), a list (of buckets) as one item each."""
+    pairs = []
+    for name, value in options.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                raise InvalidInput(f"preprocess option {name!r}: {item!r} is not a string "
+                                   "or a number")
+            pairs.append((name, str(item)))
+    return pairs
+
+
 class AsyncClient:
     """An asyncio client; see the module docstring. Use ``async with`` or ``await close()``.
 
@@ -140,7 +154,7 @@ class AsyncClient:
     async def encode(self, video: VideoInput, *, sample: bool = False,
                      seed: int | None = None, dtype: str = "float32", model: str = "",
                      moments: bool = False,
-                     preprocess: Preprocess | Mapping[str, str] | None = None,
+                     preprocess: Preprocess | Mapping[str, Any] | None = None,
                      fps: float | None = None) -> LatentResult:
         """Encode a video to a latent file: a video or image file (a path, or its bytes),
         or frames as a numpy array or torch tensor (``(T, H, W, 3)`` uint8, or
@@ -151,9 +165,10 @@ class AsyncClient:
         sample reproducible; ``dtype``: float32, bfloat16 or float16 (file uploads; arrays
         give float32 latents); ``model``: a served model (``models()``), empty for the
         default; ``moments``: also store mu and logvar; ``preprocess``: resize, crop,
-        bucket, frame window and rate (``ivvae.video.Preprocess`` or its string
-        parameters, e.g. ``{"bucket": "480x272x17"}``), checked here before anything is
-        sent.
+        bucket, frame window and rate (``ivvae.video.Preprocess`` or its parameters, e.g.
+        ``{"bucket": ["480x272x17", "320x240x17"], "max_frames": 41}``: numbers as numbers
+        or strings, buckets as a list or one comma-separated string), checked here before
+        anything is sent.
         """
         options: dict[str, Any] = {"model": model, "sample": sample, "dtype": dtype,
                                    "moments": moments}
@@ -162,7 +177,7 @@ class AsyncClient:
         if preprocess is None:
             preprocess = Preprocess()
         elif not isinstance(preprocess, Preprocess):
-            preprocess = Preprocess.parse(preprocess)
+            preprocess = Preprocess.parse(_option_strings(preprocess))
         params = preprocess.to_params()
         source: VideoSource | Path | np.ndarray
         if is_array(video):
@@ -278,7 +293,7 @@ class Client:
 
     def encode(self, video: VideoInput, *, sample: bool = False,
                seed: int | None = None, dtype: str = "float32", model: str = "",
-               moments: bool = False, preprocess: Preprocess | Mapping[str, str] | None = None,
+               moments: bool = False, preprocess: Preprocess | Mapping[str, Any] | None = None,
                fps: float | None = None) -> LatentResult:
         """See ``AsyncClient.encode``."""
         return self._run(self._async.encode(video, sample=sample, seed=seed, dtype=dtype,
