@@ -384,3 +384,57 @@ async def test_a_declared_frame_count_over_the_limit_is_refused_before_any_model
             assert r.status_code == 200, (params, r.text)
             assert loads(r.content)[1]["num_frames"] == frames, params
     assert steps > 0
+
+
+async def test_a_full_spool_disk_is_a_503_to_retry_not_a_500(
+        tiny_weights: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The disk under TMPDIR is full (uploads of many clients at once): the client may retry,
+    # elsewhere or later, and the operator is told what to size.
+    import errno
+    import io
+    import logging
+    import tempfile
+
+    import starlette.formparsers
+
+    from ivvae.api.http import deps
+
+    def no_room() -> OSError:
+        return OSError(errno.ENOSPC, "No space left on device")
+
+    def full(*args: object, **kwargs: object) -> int:
+        raise no_room()
+
+    class FullSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            raise no_room()
+
+    class FullFile(io.FileIO):
+        def write(self, data: object) -> int:
+            raise no_room()
+
+    def fdopen_full(fd: int, mode: str = "r", *args: object) -> io.FileIO:
+        return FullFile(fd, "wb")
+
+    clip = media.make_video(None, frames=5, width=16, height=16)
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        with caplog.at_level(logging.WARNING, logger="ivvae.http"):
+            with monkeypatch.context() as m:
+                m.setattr(deps.os, "fdopen", fdopen_full)  # the raw body's own spool file
+                raw = await client.post("/encode", content=clip,
+                                        headers={"content-type": "video/mp4"})
+            with monkeypatch.context() as m:
+                m.setattr(starlette.formparsers, "SpooledTemporaryFile", FullSpool)
+                multipart = await client.post("/encode", files={"file": ("c.mp4", clip)})
+            with monkeypatch.context() as m:
+                m.setattr(deps.tempfile, "mkstemp", full)
+                no_file = await client.post("/encode", content=clip,
+                                            headers={"content-type": "video/mp4"})
+        for r in (raw, multipart, no_file):
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "5"
+            assert "no room for this upload" in r.json()["detail"]
+        assert "size the temporary folder" in caplog.text
+        ok = await client.post("/encode", content=clip, headers={"content-type": "video/mp4"})
+        assert ok.status_code == 200, ok.text

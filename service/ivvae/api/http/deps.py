@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,12 +26,15 @@ from ...errors import (
     EmptyInput,
     InvalidInput,
     IVVAEError,
+    Overloaded,
     TooLarge,
     UnsupportedMedia,
 )
 from ...service import Service
 from ..auth import check_bearer
 from .protocol import BODY_TIMED_OUT
+
+log = logging.getLogger("ivvae.http")
 
 MULTIPART_SLACK = 64 * 1024  # boundary lines and part headers around the file
 
@@ -133,10 +138,13 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
     Reading stops as soon as the cap is passed (413), before any parsing.
     """
     _refuse_declared_size(request, limit)
-    fd, name = tempfile.mkstemp(prefix="ivvae-upload-")
+    try:
+        fd, name = tempfile.mkstemp(prefix="ivvae-upload-")
+    except OSError as exc:
+        raise _no_room(exc) from exc
     path = Path(name)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with _spool_space(), os.fdopen(fd, "wb") as out:  # close's flush may be what fails
             ctype = request.headers.get("content-type", "").lower()
             if ctype.startswith("multipart/form-data"):
                 ctype = await _multipart_to(request, limit, out)
@@ -158,6 +166,29 @@ async def spooled_upload(request: Request, limit: int) -> AsyncIterator[tuple[Pa
         yield path, ctype
     finally:
         path.unlink(missing_ok=True)
+
+
+# A full (or over-quota) spool disk is the server's momentary trouble, not the client's: a
+# 503 to retry (elsewhere), and a warning for the operator, instead of a 500.
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _no_room(exc: OSError) -> IVVAEError:
+    if exc.errno not in _NO_ROOM:
+        raise exc
+    log.warning("no room to spool an upload in %s (%s): size the temporary folder for "
+                "IVVAE_MAX_UPLOAD_BYTES x concurrent uploads (x2 for multipart)",
+                tempfile.gettempdir(), exc.strerror)
+    return Overloaded("the server has no room for this upload now; retry later",
+                      retry_after_s=5)
+
+
+@contextlib.contextmanager
+def _spool_space() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise _no_room(exc) from exc
 
 
 def _gone(request: Request) -> IVVAEError:
@@ -185,6 +216,8 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
         form = await Request(request.scope, counted).form(max_files=1, max_fields=16)
     except (TooLarge, ClientGone, DeadlineExceeded):
         raise
+    except OSError as exc:  # its own spool file (a full disk), not a malformed body
+        raise _no_room(exc) from exc
     except Exception as exc:  # the multipart parser raises several types
         raise InvalidInput(f"malformed multipart body: {exc}") from exc
     try:
