@@ -17,10 +17,17 @@ from .backends import Backend, create_backend
 from .cache import MemoryCache, ResultCache, create_cache
 from .config import Settings
 from .core.model_info import ModelInfo
+from .core.tasks import within
 from .metrics import Metrics
 from .pipeline import Pipeline
 
 log = logging.getLogger("ivvae.service")
+
+READINESS_CACHE_S = 1.0  # how long a readiness check waits for the result cache
+
+
+async def _not_yet() -> tuple[bool, str]:
+    return False, "starting"
 
 
 class Service:
@@ -62,12 +69,22 @@ class Service:
         return self.backend.default_model
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready = backend ready. A failing cache only degrades (requests still work)."""
-        ok, reason = await self.backend.ready() if self.started else (False, "starting")
-        cache_ok = await self.cache.ping()
+        """Ready = backend ready. A failing cache only degrades (requests still work), and
+        a hung one is given ``READINESS_CACHE_S``: a probe that waited for the cache's own
+        timeout (IVVAE_REDIS_TIMEOUT_S) could outlast the orchestrator's probe timeout and
+        take every replica out of service for an optional cache."""
+
+        async def cache_ok() -> bool:
+            try:
+                return await within(self.cache.ping(), READINESS_CACHE_S)
+            except TimeoutError:
+                return False
+
+        (ok, reason), cache_ok_ = await asyncio.gather(
+            self.backend.ready() if self.started else _not_yet(), cache_ok())
         return ok, {
             "status": "ready" if ok else "not_ready",
             "backend": {"name": self.backend.name, "ready": ok, "detail": reason},
-            "cache": {"name": self.cache.name, "status": "ok" if cache_ok else "degraded"},
+            "cache": {"name": self.cache.name, "status": "ok" if cache_ok_ else "degraded"},
             "models": sorted(self.backend.models) if ok else [],
         }

@@ -67,6 +67,27 @@ async def test_redis_down_means_miss_not_failure(tiny_weights: Path,
     assert after.headers["x-cache"] == "hit"
 
 
+async def test_a_hung_redis_does_not_hold_readiness_for_its_timeout(
+    tiny_weights: Path, redis_server: RedisServer
+) -> None:
+    # With IVVAE_REDIS_TIMEOUT_S=10 each /readyz took 10 s while Redis hung: past any probe
+    # timeout (Kubernetes' is 3 s here), every replica unready for an optional cache.
+    from ivvae.service import READINESS_CACHE_S
+
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url, redis_timeout_s=10.0)
+    async with running_app(settings) as client:
+        assert (await client.get("/readyz")).json()["cache"]["status"] == "ok"
+        redis_server.pause()  # SIGSTOP: accepts connections, answers nothing
+        try:
+            t0 = time.perf_counter()
+            ready = await client.get("/readyz")
+            seconds = time.perf_counter() - t0
+        finally:
+            redis_server.resume()
+    assert ready.status_code == 200 and ready.json()["cache"]["status"] == "degraded"
+    assert seconds < READINESS_CACHE_S + 4 < 10  # not the cache's own 10 s timeout
+
+
 async def test_corrupt_entry_is_ignored_and_replaced(tiny_weights: Path,
                                                      redis_server: RedisServer) -> None:
     settings = tiny_settings(tiny_weights, redis_url=redis_server.url)
