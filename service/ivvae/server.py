@@ -191,7 +191,7 @@ async def serve(settings: Settings) -> None:
             from .api.grpc.server import start_grpc_server
 
             grpc_server = await start_grpc_server(service, settings)
-            log.info("gRPC listening on %s:%d%s", settings.host, settings.grpc_port,
+            log.info("gRPC listening on %s:%d%s", settings.host, grpc_server.port,
                      " (TLS)" if settings.tls_cert else "")
         if settings.enable_http:
             app = create_app(settings, service=service)
