@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -261,3 +262,31 @@ async def test_a_damaged_latent_stops_the_compaction_and_is_named(
             tar.addfile(m, io.BytesIO(data))
     with pytest.raises(DatasetError, match=f"{shard.name}.*clip2.mp4.*damaged"):
         compact(str(out))
+
+
+async def test_a_part_holding_a_failed_clip_keeps_its_rows_right(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # The failure's record stays with the kept clips; rows are numbered among the latents.
+    src = make_clips(tmp_path / "src", 2)
+    (src / "a_broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "out"
+    first = await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="parquet",
+                                 concurrency=1)
+    assert (first.encoded, first.failed) == (2, 1)
+    (src / "clip1.txt").write_text("a new caption")
+    await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="parquet",
+                         concurrency=1)
+    # As if that run was stopped before it retried the broken clip: its failure of the
+    # first run is still its current line, in the part that is rewritten, listed before a
+    # latent that is kept.
+    newest = max((out / PARTS_DIR).glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    lines = newest.read_text().splitlines()
+    newest.write_text("".join(line + "\n" for line in lines
+                              if json.loads(line)["source"] != "a_broken.mp4"))
+    os.utime(out / MANIFEST_NAME)
+    before = read_all(out)
+    compact(str(out))
+    assert parquet_rows(out) == {"clip0.mp4": 1, "clip1.mp4": 1}
+    assert read_all(out) == before
+    assert {line["source"]: line["status"] for line in manifest(out)} == {
+        "a_broken.mp4": "error", "clip0.mp4": "ok", "clip1.mp4": "ok"}

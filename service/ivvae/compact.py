@@ -199,8 +199,9 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
             seq += 1
             new_shard = out.join(SHARDS_DIR, new_part + SHARD_SUFFIX[fmt])
             rel = posixpath.relpath(new_shard, out.path)
-            moved = [{**r, "part": rel, "member": _member(r, i, fmt)} if r["status"] == "ok"
-                     else r for i, r in enumerate(keep)]
+            row = {id(r): i for i, r in enumerate(keep_ok)}  # parquet: the new shard's rows
+            moved = [{**r, "part": rel, "member": _member(r, row[id(r)], fmt)}
+                     if r["status"] == "ok" else r for r in keep]
             if keep_ok:
                 tmp = temp_file_for(out, new_shard, spool, PREFIX + "-")
                 try:
