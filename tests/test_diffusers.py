@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -172,10 +173,20 @@ def test_without_diffusers_the_same_surface(monkeypatch: pytest.MonkeyPatch,
         mu = vae.encode(x).latent_dist.mode()
         torch.testing.assert_close(mu, make_model().encode_moments(x)[0], rtol=0, atol=0)
         assert vae.decode(mu).sample.shape == (1, 3, 1, 8, 8)
-    vae.save_pretrained(tmp_path / "plain")
-    again = plain.IVVAEAutoencoder.from_pretrained(tmp_path / "plain")
+    # The config reads as diffusers' FrozenDict does (it was a SimpleNamespace).
+    assert vae.config["scaling_factor"] == vae.config.scaling_factor
+    assert vae.config.get("shift_factor") == TINY.shift_factor
+    assert vae.config.get("no_such_key", 7) == 7
+    fresh = plain.IVVAEAutoencoder.from_config(vae.config)
+    assert dict(fresh.config) == dict(vae.config)
+    vae.save_pretrained(tmp_path / "plain" / "vae", safe_serialization=True)
+    again = plain.IVVAEAutoencoder.from_pretrained(tmp_path / "plain", subfolder="vae")
     with torch.no_grad():
         torch.testing.assert_close(again.encode(x).latent_dist.mode(), mu, rtol=0, atol=0)
+    with pytest.raises(OSError, match=r"holds no config\.json"):
+        plain.IVVAEAutoencoder.from_pretrained(tmp_path / "nothing")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # for diffusers below
+        shutil.copy(tmp_path / "plain" / "vae" / name, tmp_path / "plain" / name)
     monkeypatch.delitem(sys.modules, "diffusers")
     if HAVE_DIFFUSERS:  # a folder written without diffusers loads with it
         loaded = IVVAEAutoencoder.from_pretrained(tmp_path / "plain")

@@ -31,10 +31,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -84,11 +83,24 @@ else:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
                 values = {k: v for k, v in bound.arguments.items() if k != "self"}
-                self._internal_dict = values
-                self.config = SimpleNamespace(**values)
+                self._internal_dict = self.config = _Config(values)
                 init(self, *args, **kwargs)
 
             return wrapper  # type: ignore[return-value]
+
+
+class _Config(dict[str, Any]):
+    """Without diffusers, its ``FrozenDict`` in short: a dict whose keys read as attributes
+    too (``vae.config.scaling_factor``, ``vae.config["scaling_factor"]``, ``.get``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
 
 
 class DiagonalGaussian:
@@ -195,6 +207,12 @@ def _decoder_output(video: Tensor) -> Any:
     return _DiffusersDecoderOutput(sample=video) if HAVE_DIFFUSERS else _DecoderOutput(video)
 
 
+# The constructor's arguments, as config.json holds them.
+_CONFIG_NAMES = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
+                 "shift_factor", "latent_channels", "temporal_compression_ratio",
+                 "spatial_compression_ratio")
+
+
 class IVVAEAutoencoder(_Base, _ConfigBase):
     """IV-VAE behind diffusers' autoencoder API; see the module docstring.
 
@@ -204,7 +222,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
 
     config_name = CONFIG_NAME
     _supports_gradient_checkpointing = False
-    config: Any  # diffusers' FrozenDict, or a namespace without diffusers
+    config: Any  # diffusers' FrozenDict, or _Config without diffusers
     _internal_dict: dict[str, Any]
 
     @register_to_config
@@ -359,31 +377,43 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
 
     if not HAVE_DIFFUSERS:
 
-        def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        def save_pretrained(self, save_directory: str | os.PathLike[str], *,
+                            safe_serialization: bool = True, **_: Any) -> None:
             """``config.json`` + ``diffusion_pytorch_model.safetensors``, as diffusers
-            writes them (so diffusers' ``from_pretrained`` reads the folder too)."""
+            writes them (so diffusers' ``from_pretrained`` reads the folder too). Always
+            safetensors; diffusers' other keywords (hub pushing, sharding) do nothing
+            here."""
+            if not safe_serialization:
+                raise ValueError("without diffusers only safetensors is written "
+                                 "(safe_serialization=True)")
             from safetensors.torch import save_file
 
             folder = Path(save_directory)
             folder.mkdir(parents=True, exist_ok=True)
-            config = {"_class_name": type(self).__name__, **self._internal_dict}
+            config = {"_class_name": type(self).__name__, **dict(self._internal_dict)}
             config["dim_mult"] = list(config["dim_mult"])
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
         @classmethod
+        def from_config(cls, config: Mapping[str, Any]) -> IVVAEAutoencoder:
+            """A new (untrained) autoencoder of ``config`` (``vae.config`` or its JSON)."""
+            return cls(**{k: config[k] for k in _CONFIG_NAMES if k in config})
+
+        @classmethod
         def from_pretrained(cls, folder: str | os.PathLike[str],
-                            torch_dtype: torch.dtype | None = None) -> IVVAEAutoencoder:
+                            torch_dtype: torch.dtype | None = None,
+                            subfolder: str | None = None) -> IVVAEAutoencoder:
             """A local folder written by ``save_pretrained`` (diffusers' or this one)."""
             from safetensors.torch import load_file
 
-            path = Path(folder)
+            path = Path(folder) / subfolder if subfolder else Path(folder)
+            if not (path / CONFIG_NAME).is_file():
+                raise OSError(f"{path} holds no {CONFIG_NAME}: not a folder that "
+                              "save_pretrained wrote")
             config = json.loads((path / CONFIG_NAME).read_text())
-            names = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
-                     "shift_factor", "latent_channels", "temporal_compression_ratio",
-                     "spatial_compression_ratio")
-            vae = cls(**{k: config[k] for k in names if k in config})
+            vae = cls.from_config(config)
             vae.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
             if torch_dtype is not None:
                 vae.to(dtype=torch_dtype)
