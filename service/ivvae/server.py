@@ -205,7 +205,7 @@ async def serve(settings: Settings) -> None:
             )
             config = uvicorn.Config(app, host=settings.host, port=settings.port,
                                     log_level=settings.log_level.lower(), lifespan="on",
-                                    http=bounded_protocol(limits),
+                                    http=bounded_protocol(limits, service.metrics),
                                     h11_max_incomplete_event_size=limits.max_header_bytes,
                                     timeout_keep_alive=settings.http_keepalive_s,  # type: ignore[arg-type]
                                     timeout_graceful_shutdown=max(

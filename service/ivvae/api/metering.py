@@ -1,4 +1,11 @@
-"""The request meter, one for every transport: requests by outcome, latency, in flight."""
+"""The request meter, one for every transport: requests by outcome, latency, in flight; and
+the count of requests refused before they were served.
+
+Every request is counted in ``ivvae_requests_total`` under an ``op`` from a fixed set, never
+text from the wire: the operations (``encode``, ``decode``, ``frames``, ``models``),
+``OTHER`` (a gRPC method that is none of ivvae's: reflection, a made-up name) and
+``UNROUTED`` (an HTTP request refused by a connection bound before it was routed). Its
+``outcome`` is ``ok`` or an error code of ``ivvae.errors``."""
 
 from __future__ import annotations
 
@@ -10,6 +17,26 @@ from starlette.requests import ClientDisconnect
 
 from ..errors import IVVAEError
 from ..metrics import Metrics
+
+OTHER = "other"
+UNROUTED = "unrouted"
+
+
+def count_outcome(metrics: Metrics, op: str, transport: str, outcome: str) -> None:
+    """Count one request in ``ivvae_requests_total`` (only: where ``ivvae_errors_total``
+    is counted already, as HTTP's error handler does)."""
+    metrics.requests.labels(op, transport, outcome).inc()
+
+
+def count_refusal(metrics: Metrics | None, op: str, transport: str, code: str) -> None:
+    """Count a request refused before it was served (a missing or wrong key, a cap on RPCs
+    or connections, a head over its bounds): in ``ivvae_requests_total`` with ``code`` as
+    its outcome, and in ``ivvae_errors_total``. Not in ``ivvae_request_seconds`` or
+    ``ivvae_in_flight_requests``: nothing was served. ``op``: see the module."""
+    if metrics is None:
+        return
+    count_outcome(metrics, op, transport, code)
+    metrics.errors.labels(code).inc()
 
 
 class RequestMeter:

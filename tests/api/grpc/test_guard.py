@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,9 +21,12 @@ from ivvae.api.grpc.errors import ERROR_CODE_KEY
 from ivvae.api.grpc.gen import ivvae_pb2 as pb
 from ivvae.api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ivvae.config import Settings
+from ivvae.metrics import Metrics
+from tests.scrape import OPS, errors, ops, requests, scrape
 
 KEY = "guard-test-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
+WRONG = (("authorization", "Bearer not-the-key"),)
 CAP = 8
 READ_TIMEOUT_S = 3.0  # setting up 8-20 streams must fit well inside it
 SLACK_S = 20.0  # what a loaded CI machine may add to the server's own timeout
@@ -70,7 +75,8 @@ def test_the_server_fixes_its_stream_windows(monkeypatch: pytest.MonkeyPatch) ->
                              (0, set())):
         settings = Settings(grpc_stream_window_bytes=window)
         with pytest.raises(RuntimeError, match="recorded"):
-            asyncio.run(grpc_server.start_grpc_server(None, settings))  # type: ignore[arg-type]
+            asyncio.run(grpc_server.start_grpc_server(
+                types.SimpleNamespace(metrics=Metrics()), settings))  # type: ignore[arg-type]
         assert {o for o in seen[-1] if o[0].startswith("grpc.http2.")} == expected
 
 
@@ -159,6 +165,69 @@ def test_cap_refusal_carries_the_error_code(server: ServeProcess) -> None:
                     call.cancel()
             raise AssertionError("the RPC over the cap was admitted")
 
+    before = scrape(server.url)
     exc = asyncio.run(scenario())
     assert exc.code() == grpc.StatusCode.UNAVAILABLE
     assert dict(exc.trailing_metadata() or ())[ERROR_CODE_KEY] == "overloaded"
+    # Counted where served requests are: an operator can alert on it.
+    after = scrape(server.url)
+    assert (requests(after, "models", "grpc", "overloaded")
+            == requests(before, "models", "grpc", "overloaded") + 1)
+    assert errors(after, "overloaded") == errors(before, "overloaded") + 1
+
+
+def test_rpc_ops_name_every_rpc() -> None:
+    methods = pb.DESCRIPTOR.services_by_name["IVVAE"].methods
+    assert set(grpc_server.RPC_OPS) == {f"/{grpc_server.SERVICE_NAME}/{m.name}"
+                                        for m in methods}
+    assert set(grpc_server.RPC_OPS.values()) <= OPS
+
+
+def test_refusals_are_counted_under_known_ops_only(server: ServeProcess) -> None:
+    async def scenario() -> list[grpc.StatusCode]:
+        codes = []
+        async with grpc.aio.insecure_channel(_target(server)) as channel:
+            stub = pb_grpc.IVVAEStub(channel)
+            calls: list[Any] = [
+                stub.ListModels(pb.ListModelsRequest(), metadata=WRONG, timeout=10),
+                stub.ListModels(pb.ListModelsRequest(), timeout=10),  # no key at all
+                # Method names from the wire: one that is not ivvae's, one of no service.
+                channel.unary_unary("/ivvae.v1.IVVAE/NoSuchRpc")(b"", metadata=WRONG,
+                                                                  timeout=10),
+                channel.unary_unary("/junk.Service/Junk")(b"", metadata=WRONG, timeout=10),
+                # A key, but a message that does not parse: refused before the handler.
+                channel.unary_unary("/ivvae.v1.IVVAE/EncodeUnary")(b"\x0a\xff", metadata=AUTH,
+                                                                    timeout=10),
+            ]
+            for call in calls:
+                try:
+                    await call
+                except grpc.aio.AioRpcError as exc:
+                    codes.append(exc.code())
+            encode = stub.Encode(metadata=WRONG, timeout=10)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await encode.write(pb.EncodeRequest(options=pb.EncodeOptions()))
+            try:
+                await encode.read()
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        return codes
+
+    before = scrape(server.url)
+    codes = asyncio.run(scenario())
+    after = scrape(server.url)
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    assert codes == [unauthenticated] * 4 + [grpc.StatusCode.INVALID_ARGUMENT,
+                                             unauthenticated]
+
+    def added(op: str, outcome: str) -> float:
+        return requests(after, op, "grpc", outcome) - requests(before, op, "grpc", outcome)
+
+    assert added("models", "unauthorized") == 2
+    assert added("other", "unauthorized") == 2
+    assert added("encode", "unauthorized") == 1
+    assert added("encode", "invalid_input") == 1
+    assert errors(after, "unauthorized") - errors(before, "unauthorized") == 5
+    assert errors(after, "invalid_input") - errors(before, "invalid_input") == 1
+    # The method names from the wire made no label values.
+    assert ops(after) <= OPS

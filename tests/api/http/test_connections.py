@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from bench._common import ServeProcess
 
 from tests import media
 from tests.api.http.test_bad_input import malformed_latents
+from tests.scrape import OPS, errors, ops, requests, scrape
 
 HEADER_TIMEOUT_S = 3.0  # 64 connects, or a keep-alive gap, must fit well inside it
 BODY_TIMEOUT_S = 1.0
@@ -110,7 +112,17 @@ def test_idle_connections_are_closed_and_do_not_pile_up(server: ServeProcess) ->
             sock.close()
 
 
+def _wait_counted(server: ServeProcess, op: str, outcome: str, at_least: float) -> None:
+    """Wait until ``ivvae_requests_total`` for ``op`` over HTTP with ``outcome`` reaches
+    ``at_least`` (the server counts a request just before or after its client sees it)."""
+    deadline = time.monotonic() + SLACK_S
+    while requests(scrape(server.url), op, "http", outcome) < at_least:
+        assert time.monotonic() < deadline, f"{op} {outcome} was not counted"
+        time.sleep(0.1)
+
+
 def test_a_1mb_header_gets_a_4xx_and_the_connection_ends(server: ServeProcess) -> None:
+    before = scrape(server.url)
     with _connect(server) as sock:
         head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
         # The server answers and stops reading long before the end.
@@ -119,17 +131,37 @@ def test_a_1mb_header_gets_a_4xx_and_the_connection_ends(server: ServeProcess) -
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
     _wait_healthy(server)
+    # Refused before it was routed: counted as such.
+    after = scrape(server.url)
+    assert (requests(after, "unrouted", "http", "invalid_input")
+            == requests(before, "unrouted", "http", "invalid_input") + 1)
+    assert errors(after, "invalid_input") == errors(before, "invalid_input") + 1
 
 
 def test_too_many_headers_get_431(server: ServeProcess) -> None:
+    before = scrape(server.url)
+    # A path and a method of the client's choosing: neither may become a label value.
+    path, method = f"/random-{secrets.token_hex(6)}", f"JUNK{secrets.token_hex(3).upper()}"
+    for verb, target in (("GET", "/healthz"), (method, path)):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=SLACK_S)
+        conn.putrequest(verb, target)
+        for i in range(200):
+            conn.putheader(f"X-H{i}", "v")
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 431 and b"headers" in reply.read()
+        conn.close()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=SLACK_S)
-    conn.putrequest("GET", "/healthz")
-    for i in range(200):
-        conn.putheader(f"X-H{i}", "v")
-    conn.endheaders()
-    reply = conn.getresponse()
-    assert reply.status == 431 and b"headers" in reply.read()
+    conn.request(method, path)  # an ordinary head: a 404 or 405
+    assert conn.getresponse().status in (404, 405)
     conn.close()
+    after = scrape(server.url)
+    assert (requests(after, "unrouted", "http", "invalid_input")
+            == requests(before, "unrouted", "http", "invalid_input") + 2)
+    assert errors(after, "invalid_input") == errors(before, "invalid_input") + 2
+    assert ops(after) <= OPS
+    assert not [labels for _, labels, _ in after
+                if path in str(labels) or method in str(labels)]
 
 
 def test_early_413_on_a_body_still_arriving_closes_the_connection(server: ServeProcess) -> None:
@@ -151,6 +183,7 @@ def test_early_413_on_a_body_still_arriving_closes_the_connection(server: ServeP
 
 
 def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
+    before = scrape(server.url)
     # 100 bytes, and 90 KB: more than the 64 KiB buffer, past which reading pauses until
     # the app takes it (and the body clock stopped for good, holding the connection).
     for sent in (100, 90_000):
@@ -161,6 +194,13 @@ def test_a_stalled_body_is_cut_off(server: ServeProcess) -> None:
         assert reply.startswith(b"HTTP/1.1 408"), (sent, reply[:200])
         assert b"too slowly" in reply
     _wait_healthy(server)
+    # Counted by the route's meter (the app sees why its body ended), once each.
+    _wait_counted(server, "encode", "deadline_exceeded",
+                  requests(before, "encode", "http", "deadline_exceeded") + 2)
+    after = scrape(server.url)
+    assert (requests(after, "encode", "http", "deadline_exceeded")
+            == requests(before, "encode", "http", "deadline_exceeded") + 2)
+    assert errors(after, "deadline_exceeded") == errors(before, "deadline_exceeded") + 2
 
 
 @pytest.mark.parametrize(("target", "op"), [
@@ -219,6 +259,7 @@ def test_connections_past_the_maximum_are_turned_away_at_once(server: ServeProce
     from ivvae.api.http.protocol import ConnectionLimits
 
     reserve = ConnectionLimits().probe_reserve
+    before = requests(scrape(server.url), "unrouted", "http", "overloaded")
     socks = [_connect(server) for _ in range(MAX_CONNECTIONS)]
     try:
         time.sleep(0.2)  # let the server accept them all
@@ -263,6 +304,9 @@ def test_connections_past_the_maximum_are_turned_away_at_once(server: ServeProce
         except (AssertionError, OSError, http.client.HTTPException):
             assert time.monotonic() < deadline
             time.sleep(0.1)
+    # Three 503s in the probe reserve, one past it (and any of _wait_healthy's that came
+    # before the slots did): each counted, as refused before it was routed.
+    assert requests(scrape(server.url), "unrouted", "http", "overloaded") >= before + 4
 
 
 def test_bad_latents_get_4xx_and_the_keep_alive_connection_stays_usable(

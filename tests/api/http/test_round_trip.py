@@ -14,6 +14,7 @@ from ivvae.latents import META_KEYS, decode_latent_file
 from ivvae.safetensors_io import loads
 from ivvae.video import open_video
 from tests import media
+from tests.scrape import errors, requests, samples
 from tests.service_fixtures import running_app, tiny_settings
 
 
@@ -179,10 +180,16 @@ async def test_api_keys(tiny_weights: Path) -> None:
         ok = await client.post("/encode", content=video,
                                headers={"content-type": "video/mp4", "authorization": "Bearer k2"})
         health = await client.get("/healthz")
+        found = samples((await client.get("/metrics")).text)
     assert denied.status_code == 401 and denied.json()["error"] == "unauthorized"
     assert wrong.status_code == 401
     assert ok.status_code == 200
     assert health.status_code == 200
+    # Refused requests are requests too, of the route they were for.
+    assert requests(found, "encode", "http", "unauthorized") == 1
+    assert requests(found, "models", "http", "unauthorized") == 1
+    assert requests(found, "encode", "http", "ok") == 1
+    assert errors(found, "unauthorized") == 2
 
 
 async def test_concurrent_requests_are_batched_and_match_sequential(tiny_weights: Path) -> None:

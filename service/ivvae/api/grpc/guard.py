@@ -13,6 +13,11 @@ Malformed messages: grpc answers a request message that does not parse with UNKN
 INTERNAL (the deserializer's exception). For the methods under ``tolerant`` prefixes the
 deserializer gives a ``Malformed`` instead: a unary request is refused INVALID_ARGUMENT
 here, and a streaming handler refuses it when it reads it.
+
+Refusals here never reach the servicer's meter, so the guard counts them
+(``ivvae_requests_total`` with the error code as the outcome, and ``ivvae_errors_total``)
+under the RPC's op from ``ops`` (method path to op), or ``other`` for any other method:
+never the method name from the wire.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +33,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from ...errors import InvalidInput, IVVAEError, Overloaded
+from ...metrics import Metrics
 from ..auth import check_bearer
+from ..metering import OTHER, count_refusal
 from .errors import ERROR_CODE_KEY, grpc_status
 
 log = logging.getLogger("ivvae.grpc")
@@ -38,14 +45,21 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 class Guard(grpc.aio.ServerInterceptor):
     """``keys``: the API keys (empty: no key needed); ``max_rpcs``: guarded RPCs in flight
-    (more are refused UNAVAILABLE, code ``overloaded``)."""
+    (more are refused UNAVAILABLE, code ``overloaded``). ``metrics``: where refusals are
+    counted, each under its method's op in ``ops`` (else ``other``)."""
 
     def __init__(self, keys: Collection[str], max_rpcs: int,
-                 tolerant: tuple[str, ...] = ()) -> None:
+                 tolerant: tuple[str, ...] = (), *, metrics: Metrics | None = None,
+                 ops: Mapping[str, str] | None = None) -> None:
         self.keys = keys
         self.max_rpcs = max_rpcs
         self.tolerant = tolerant
+        self.metrics = metrics
+        self.ops = dict(ops or {})
         self.active = 0
+
+    def _count_refusal(self, method: str, exc: IVVAEError) -> None:
+        count_refusal(self.metrics, self.ops.get(method, OTHER), "grpc", exc.code)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: Any) -> Any:
@@ -61,12 +75,14 @@ class Guard(grpc.aio.ServerInterceptor):
                                  "retry later")
         except IVVAEError as exc:
             log.info("gRPC %s refused before reading: %s", method, exc.code)
+            self._count_refusal(method, exc)
             return _refusal(exc)
         handler = await continuation(details)
         return None if handler is None else self._counted(
-            handler, tolerant=bool(self.tolerant) and method.startswith(self.tolerant))
+            handler, tolerant=bool(self.tolerant) and method.startswith(self.tolerant),
+            method=method)
 
-    def _counted(self, handler: Any, *, tolerant: bool = False) -> Any:
+    def _counted(self, handler: Any, *, tolerant: bool = False, method: str = "") -> Any:
         """``handler`` with its behaviour counted in ``active`` while it runs (and with
         ``tolerant``, malformed messages as ``Malformed``)."""
         for kind, make in _KINDS:
@@ -77,7 +93,8 @@ class Guard(grpc.aio.ServerInterceptor):
             if tolerant and deserialize is not None:
                 deserialize = _tolerant(deserialize)
                 if kind.startswith("unary_"):
-                    inner = _refusing_malformed(inner)
+                    inner = _refusing_malformed(
+                        inner, lambda exc: self._count_refusal(method, exc))
 
             if inspect.isasyncgenfunction(inner):  # e.g. reflection's handler
                 async def stream(request: Any, context: Any, _inner: Any = inner) -> Any:
@@ -124,9 +141,15 @@ def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _refusing_malformed(inner: Callable[..., Any]) -> Callable[..., Any]:
+def _refusing_malformed(inner: Callable[..., Any],
+                        counted: Callable[[IVVAEError], None] = lambda exc: None
+                        ) -> Callable[..., Any]:
+    """``inner``, refusing a ``Malformed`` request (``counted``: the refusal is counted
+    there, as ``inner`` never runs)."""
+
     async def refuse(request: Malformed, context: Any) -> None:
         exc = request.error()
+        counted(exc)
         await context.abort(grpc_status(exc), exc.detail,
                             trailing_metadata=((ERROR_CODE_KEY, exc.code),))
 

@@ -61,6 +61,12 @@ CHUNK_BYTES = 1 << 20  # every response message carries at most this many bytes 
 HEALTH_POLL_S = 1.0
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IVVAE"].full_name  # "ivvae.v1.IVVAE"
 
+# The op (ivvae_requests_total's label) of each RPC of SERVICE_NAME, as its handler meters
+# it; the guard counts its refusals by it (any other method: "other").
+RPC_OPS: dict[str, str] = {f"/{SERVICE_NAME}/{name}": op for name, op in (
+    ("Encode", "encode"), ("EncodeUnary", "encode"), ("Decode", "decode"),
+    ("ListModels", "models"))}
+
 Context = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
 
@@ -475,7 +481,8 @@ async def start_grpc_server(service: Service, settings: Settings | None = None, 
                     ("grpc.http2.lookahead_bytes", settings.grpc_stream_window_bytes)]
     server = grpc.aio.server(interceptors=[
         Guard(settings.api_key_set, settings.grpc_max_concurrent_rpcs,
-              tolerant=(f"/{SERVICE_NAME}/",))], options=options)
+              tolerant=(f"/{SERVICE_NAME}/",), metrics=service.metrics, ops=RPC_OPS)],
+        options=options)
     pb_grpc.add_IVVAEServicer_to_server(IVVAEServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):

@@ -28,10 +28,12 @@ from ...errors import (
     IVVAEError,
     Overloaded,
     TooLarge,
+    Unauthorized,
     UnsupportedMedia,
 )
 from ...service import Service
 from ..auth import check_bearer
+from ..metering import count_outcome
 from .protocol import BODY_TIMED_OUT
 
 log = logging.getLogger("ivvae.http")
@@ -53,7 +55,19 @@ def authorize(request: Request, svc: Svc) -> None:
                  how="'Authorization: Bearer <key>'")
 
 
-Authorized = Depends(authorize)
+def authorized(op: str) -> Any:
+    """The key check of the routes of ``op`` (their label in the request meter), as a
+    router dependency. It runs before the route's meter, so a refusal is counted here as a
+    request of ``op`` (its error by the error handler, as every error's)."""
+
+    def check(request: Request, svc: Svc) -> None:
+        try:
+            authorize(request, svc)
+        except Unauthorized as exc:
+            count_outcome(svc.metrics, op, "http", exc.code)
+            raise
+
+    return Depends(check)
 
 
 def _refuse_declared_size(request: Request, limit: int) -> None:

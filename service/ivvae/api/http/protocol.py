@@ -12,6 +12,11 @@ the settings.
 
 Why a protocol subclass: these are properties of the connection, decided before and
 outside the ASGI app (a request whose head never completes never reaches the app).
+
+Metrics: what is refused here before the app routes it (a connection past the cap, a head
+with too many headers or bytes, one h11 rejects) is counted with ``metrics`` as a request
+of op ``unrouted`` (``ivvae.api.metering``). A 408 is not counted here: the app's request
+sees it (``BODY_TIMED_OUT``) and its meter counts it as ``deadline_exceeded`` of its route.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ from urllib.parse import unquote
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ...metrics import Metrics
+from ..metering import UNROUTED, count_refusal
 
 
 def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
@@ -89,22 +97,27 @@ class ConnectionLimits:
     linger_bytes: int = 1 << 20
 
 
-def bounded_protocol(limits: ConnectionLimits) -> type[H11Protocol]:
-    """The protocol class to pass as ``uvicorn.Config(http=...)``."""
+def bounded_protocol(limits: ConnectionLimits,
+                     metrics: Metrics | None = None) -> type[H11Protocol]:
+    """The protocol class to pass as ``uvicorn.Config(http=...)``; ``metrics``: where its
+    refusals are counted."""
 
     class Bounded(_BoundedH11):
         pass
 
     Bounded.limits = limits
+    Bounded.metrics = metrics
     return Bounded
 
 
 class _BoundedH11(H11Protocol):
     limits = ConnectionLimits()
+    metrics: Metrics | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.app = _head_guard(self.app, self.limits, lambda: self._probe_only)
+        self.app = _head_guard(self.app, self.limits, lambda: self._probe_only,
+                               self._refused)
         self._probe_only = False  # past max_connections: health paths only
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
@@ -137,6 +150,7 @@ class _BoundedH11(H11Protocol):
         self.flow.resume_reading = resume_reading  # type: ignore[method-assign]
         over = len(self.connections) - self.limits.max_connections
         if over > self.limits.probe_reserve:
+            self._refused("overloaded")
             transport.write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
@@ -195,8 +209,14 @@ class _BoundedH11(H11Protocol):
         # h11 refused the request (malformed, or a head past max_header_bytes): answer, then
         # linger like after any early response instead of resetting the connection.
         detail = json.dumps({"error": "invalid_input", "detail": msg}).encode()
+        if self.cycle is None or self.cycle.response_complete:
+            # A request head (mid-body, the app's request sees the connection end instead).
+            self._refused("invalid_input")
         self.transport.write(_raw_response(b"400 Bad Request", detail))
         self._linger()
+
+    def _refused(self, code: str) -> None:
+        count_refusal(self.metrics, UNROUTED, "http", code)
 
     def timeout_keep_alive_handler(self) -> None:
         self._disarm()
@@ -260,11 +280,13 @@ class _BoundedH11(H11Protocol):
 
 
 def _head_guard(app: Any, limits: ConnectionLimits,
-                probe_only: Callable[[], bool] = lambda: False) -> Any:
+                probe_only: Callable[[], bool] = lambda: False,
+                refused: Callable[[str], None] = lambda code: None) -> Any:
     """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
     over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
     that comes in a single read is parsed whole, whatever its size. While ``probe_only()``
-    (the connection is in the probe reserve) anything but a liveness check gets 503."""
+    (the connection is in the probe reserve) anything but a liveness check gets 503.
+    ``refused(code)`` counts each refusal."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -273,6 +295,7 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         scope = _origin_form(scope)
         if probe_only() and not (scope["method"] in ("GET", "HEAD")
                                  and scope["path"] == LIVENESS_PATH):
+            refused("overloaded")
             await _respond(send, 503, _OVERLOADED, (b"retry-after", b"1"))
             return
         size = len(scope["raw_path"] or b"") + len(scope["query_string"]) + sum(
@@ -283,6 +306,7 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         elif size > limits.max_header_bytes:
             detail = b"the request head is over %d bytes" % limits.max_header_bytes
         if detail is not None:
+            refused("invalid_input")
             await _respond(send, 431, b'{"error": "invalid_input", "detail": "%s"}' % detail)
             return
         await app(scope, receive, send)

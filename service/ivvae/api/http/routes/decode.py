@@ -25,10 +25,10 @@ from ....wire import (
 from ...metering import RequestMeter
 from .. import tensors
 from ..answers import HELD_COPIES, HeldResponse, StreamedInTime
-from ..deps import Authorized, Svc, read_body, unless_disconnected
+from ..deps import Svc, authorized, read_body, unless_disconnected
 from ..errors import error_responses
 
-router = APIRouter(tags=["decode"], dependencies=[Authorized])
+router = APIRouter(tags=["decode"], dependencies=[authorized("decode")])
 
 
 @router.post(

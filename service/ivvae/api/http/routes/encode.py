@@ -11,8 +11,8 @@ from ....pipeline import FramesUpload
 from ...metering import RequestMeter
 from .. import tensors
 from ..deps import (
-    Authorized,
     Svc,
+    authorized,
     read_body,
     require_video_type,
     spooled_upload,
@@ -20,7 +20,7 @@ from ..deps import (
 )
 from ..errors import error_responses, video_body
 
-router = APIRouter(tags=["encode"], dependencies=[Authorized])
+router = APIRouter(tags=["encode"], dependencies=[authorized("encode")])
 
 LATENT_MEDIA_TYPE = "application/octet-stream"
 

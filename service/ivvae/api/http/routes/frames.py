@@ -19,10 +19,10 @@ from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
 from ..answers import HELD_COPIES, HeldResponse
-from ..deps import Authorized, Svc, read_body, refuse_parameters, require_video_type
+from ..deps import Svc, authorized, read_body, refuse_parameters, require_video_type
 from ..errors import error_responses, video_body
 
-router = APIRouter(tags=["frames"], dependencies=[Authorized])
+router = APIRouter(tags=["frames"], dependencies=[authorized("frames")])
 
 # The most decoded bytes (T * H * W * 3) one answer holds: it is built in memory, and the
 # compare page keeps it and the reconstruction in a browser tab.

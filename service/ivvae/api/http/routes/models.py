@@ -6,13 +6,15 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from ..deps import Authorized, Svc
+from ...metering import RequestMeter
+from ..deps import Svc, authorized
 from ..errors import error_responses
 
-router = APIRouter(tags=["models"], dependencies=[Authorized])
+router = APIRouter(tags=["models"], dependencies=[authorized("models")])
 
 
 @router.get("/models", summary="Served models", responses=error_responses(401, 503))
 async def models(svc: Svc) -> dict[str, Any]:
-    return {"default": svc.default_model,
-            "models": [m.as_dict() for m in svc.models.values()]}
+    async with RequestMeter(svc.metrics, "models", "http"):
+        return {"default": svc.default_model,
+                "models": [m.as_dict() for m in svc.models.values()]}
