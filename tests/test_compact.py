@@ -163,7 +163,8 @@ async def test_files_of_clips_no_longer_named_are_removed(
     assert read_all(out) == before
 
 
-@pytest.mark.parametrize("stop_at", ["shard", "records", "old records", "old shard"])
+@pytest.mark.parametrize("stop_at", ["shard", "records", "records, hard", "old records",
+                                     "old shard"])
 async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
         stop_at: str, tmp_path: Path, tiny_weights: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,27 +183,35 @@ async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
 
     def publish_bytes(*args: Any, **kw: Any) -> None:
         real_publish_bytes(*args, **kw)
-        if stop_at == "records":
+        if stop_at.startswith("records") and str(args[1]).endswith(".jsonl"):
             raise Killed
 
+    def publish_manifest(*args: Any, **kw: Any) -> None:
+        raise Killed  # SIGKILL: no clean-up publishes the manifest
+
     def rm(self: Any, path: Any, *args: Any, **kw: Any) -> None:
+        paths = [str(p) for p in (path if isinstance(path, list) else [path])]
         loc_rm(self, path, *args, **kw)
-        if (stop_at == "old records" and str(path).endswith(".jsonl")) or (
-                stop_at == "old shard" and str(path).endswith(".tar")):
+        if (stop_at == "old records" and any(p.endswith(".jsonl") for p in paths)) or (
+                stop_at == "old shard" and any(p.endswith(".tar") for p in paths)):
             raise Killed
 
     monkeypatch.setattr(compaction, "publish_file", publish_file)
     monkeypatch.setattr(compaction, "publish_bytes", publish_bytes)
+    if stop_at.endswith("hard"):
+        monkeypatch.setattr(compaction, "publish_manifest", publish_manifest)
     monkeypatch.setattr(type(Location.of(str(out)).fs), "rm", rm)
     with pytest.raises(Killed):
         compact(str(out))
     monkeypatch.undo()
     # Killed: readers through the manifest read what they read before, and a new run
-    # re-encodes nothing.
+    # re-encodes nothing (and, after a compaction killed before its manifest, names the
+    # new parts before it removes the shards they replace).
     assert read_all(out) == before
     rerun = await encode_dataset(src, out, encoder=_encoder(tiny_weights),
                                  format="webdataset", shard_clips=2)
     assert (rerun.encoded, rerun.skipped) == (0, 3)
+    assert read_all(out) == before
     # A second compaction finishes the work: one sample of each clip, no leftovers.
     compact(str(out))
     assert {k: len(v) for k, v in tar_samples(out).items()} == {
@@ -217,17 +226,15 @@ async def test_refused_while_a_worker_runs_over_a_stale_manifest_or_not_an_outpu
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
     with _locked(Location.of(str(out)), "w00000of00001"), \
-            pytest.raises(DatasetError, match="encode-dataset run is writing"):
+            pytest.raises(DatasetError, match="encode-dataset run or another compaction"):
         compact(str(out))
     with _locked(Location.of(str(out)), None), \
             pytest.raises(DatasetError, match=r"compaction .* is running"):
         await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="webdataset")
     # A part published after the manifest (a worker killed before writing it).
     part = next((out / PARTS_DIR).glob("*.jsonl"))
-    lines = part.read_text().splitlines()
-    newer = [json.dumps({**json.loads(line), "at": json.loads(line)["at"] + 3600})
-             for line in lines]
-    part.write_text("\n".join(newer) + "\n")
+    written = part.stat().st_mtime
+    os.utime(part, (written + 60, written + 60))
     with pytest.raises(DatasetError, match="older than the newest published part"):
         compact(str(out))
     with pytest.raises(DatasetError, match="not an encode-dataset output"):
@@ -237,11 +244,34 @@ async def test_refused_while_a_worker_runs_over_a_stale_manifest_or_not_an_outpu
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "not an encode-dataset output" in proc.stderr
-    part.write_text("\n".join(lines) + "\n")
+    os.utime(part, (written, written))
     proc = subprocess.run([sys.executable, "-m", "ivvae.cli", "compact-dataset", str(out),
                            "--dry-run"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["samples_dropped"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+async def test_a_cut_shard_stops_the_compaction_named_and_the_output_whole(
+        fmt: str, tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    _, out = await _stale_output(tmp_path, tiny_weights, fmt)
+    before = read_all(out)
+    # The shard of clip2 and clip3: the one rewritten (clip2 kept).
+    shard = out / {line["source"]: line for line in manifest(out)}["clip2.mp4"]["part"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=f"{shard.name} is damaged"):
+        compact(str(out))
+    # Stopped there: what readers read of the other clips is as before.
+    others = {k: v for k, v in before.items() if k != "clip2.mp4"}
+    assert {k: v for k, v in read_all_but(out, "clip2.mp4").items()} == others
+
+
+def read_all_but(out: Path, skip: str) -> dict[str, tuple[bytes, dict[str, Any]]]:
+    ds = LatentDataset(str(out))
+    keep = [i for i, r in enumerate(ds.records) if r["source"] != skip]
+    return {ds[i][1]["source"]: (ds[i][0].numpy().tobytes(), ds[i][1].get("sidecars", {}))
+            for i in keep}
 
 
 async def test_a_damaged_latent_stops_the_compaction_and_is_named(

@@ -326,3 +326,26 @@ def test_compaction_on_s3_leaves_one_sample_per_clip_for_the_webdataset_package(
     assert {m["source"]: x.numpy().tobytes() for x, m in LatentDataset(out)} == before
     summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
     assert (summary.encoded, summary.skipped) == (0, 3)
+
+
+def test_a_worker_refuses_an_s3_output_while_it_is_compacted(
+        s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    # S3 cannot lock: a worker beside a compaction would remove the new shards as orphans
+    # before their record files are published.
+    from ivvae.dataset import DatasetError
+
+    src = s3_server.make_bucket("marked")
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file("marked/clip0.mp4", media.make_video(None, frames=5, width=16, height=16))
+    out = src + "/out"
+    spec = in_process(tiny_weights)
+    asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    fs.pipe_file("marked/out/.ivvae/compacting", b"")
+    with pytest.raises(DatasetError, match="is being compacted"):
+        asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    from ivvae.compact import compact
+
+    compact(out)  # finishes (nothing to do) and takes its marker away
+    assert not fs.exists("marked/out/.ivvae/compacting")
+    summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
+    assert (summary.encoded, summary.skipped) == (0, 1)

@@ -9,21 +9,26 @@ parquet reader globs ``OUT/shards/`` and sees every sample ever published: after
 re-encoded (its video, caption or sidecar changed) both its old and its new sample, and the
 samples of clips dropped from the source list. Shards are never rewritten while workers
 run; this rewrites, once they are done, each shard that holds anything the manifest does
-not name, keeping the rest byte for byte (a latent whose sha256 is not its record's stops
-it: a damaged shard is named, never copied). With ``--format files``, latent files that the
+not name, keeping the rest byte for byte (a latent whose sha256 is not its record's, a
+parquet row whose source is not its record's, or a cut shard stops it, naming the shard:
+damage is never copied). With ``--format files``, latent files that the
 job wrote and the manifest no longer names are removed (a clip whose current version
 failed, or that left the list).
 
-Crash safety. A rewritten shard is published under a new part name, then its record file,
-whose first line names the part it replaces (``dataset.REPLACES``); from then on every run
-reads the old part's records as gone and its shard as an orphan. Then the old record file
-and shard are removed. Killed at any point, the output is whole; a second compaction (or
-the next ``encode-dataset`` start) removes what is left over.
+Crash safety. In three phases: each rewritten shard is published under a new part name,
+then its record file, whose first line names the part it replaces (``dataset.REPLACES``);
+from then on every run reads the old part's records as gone. Then the manifest, naming
+the new parts. Only then are the old record files and shards removed. So the published
+manifest names only shards that exist, wherever the compaction stops (a kill, a damaged
+shard, a storage error), and the output is whole; a second compaction finishes the work,
+and an ``encode-dataset`` start rewrites the manifest first and removes the leftovers.
 
 It runs alone: locally it takes the job's lock, so it refuses while a worker writes and
-workers refuse while it runs; object stores cannot lock, so run it when no worker runs. It
-refuses a manifest older than the newest record (a worker was killed before writing it):
-run ``encode-dataset`` once more, which only rewrites the manifest when all is done. A
+workers refuse while it runs; on object stores, which cannot lock, it leaves
+``OUT/.ivvae/compacting`` while it works, and workers refuse to start while that is there
+(a compaction that was stopped leaves it: run it again to finish). It refuses a manifest
+older than the newest record file (a worker was stopped before it wrote the manifest): run
+``encode-dataset`` once more, which only rewrites the manifest when all is done. A
 training job that holds the old manifest loses the shards it names: compact between jobs.
 """
 
@@ -45,6 +50,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .dataset import (
+    COMPACT_PREFIX,
+    COMPACTING_NAME,
     JOB_NAME,
     LATENT_SUFFIX,
     MANIFEST_NAME,
@@ -67,8 +74,7 @@ from .dataset import (
 from .storage import Location, publish_file, storage_errors, temp_file_for
 from .storage import write_bytes as publish_bytes
 
-PREFIX = "compact"  # the part names a compaction publishes: compact-<run>-<seq>
-# Record times are the workers' clocks, a manifest's time the store's (S3: whole seconds).
+# The store's times, of the manifest and of the record files (S3: whole seconds).
 CLOCK_SLACK_S = 2.0
 
 
@@ -102,27 +108,50 @@ def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
     result = Compaction(output=out.url(), format=fmt, dry_run=dry_run)
     with _locked(out, None):
         state = load_state(out, fmt)
-        lines = _manifest(out, state)
+        lines = _manifest(out)
         current = {id(state.line_named(line["source"], str(line.get("identity", "")),
                                        line["key"])) for line in lines}
-        if not dry_run:
-            result.leftovers_removed += remove_orphans(out, fmt, state, None)
-        if fmt == "files":
-            _remove_stale_files(out, state, current, result, dry_run)
-        else:
-            _rewrite_shards(out, fmt, state, current, result, dry_run, spool)
-        if not dry_run:
-            def render() -> bytes:
-                now = load_state(out, fmt)
-                return "".join(json.dumps(now.line_named(
-                    line["source"], str(line.get("identity", "")), line["key"]),
-                    separators=(",", ":")) + "\n" for line in lines).encode()
 
+        def render() -> bytes:
+            now = load_state(out, fmt)
+            return "".join(json.dumps(now.line_named(
+                line["source"], str(line.get("identity", "")), line["key"]),
+                separators=(",", ":")) + "\n" for line in lines).encode()
+
+        if dry_run:
+            if fmt == "files":
+                _remove_stale_files(out, state, current, result, dry_run=True)
+            else:
+                _rewrite_shards(out, fmt, state, current, result, True, spool)
+            return result
+        marker = out.join(STATE_DIR, COMPACTING_NAME)
+        publish_bytes(out, marker, b"")  # object stores: workers refuse to start meanwhile
+        if state.replaced:  # a stopped compaction's: name its new parts before any removal
             publish_manifest(out, render)
+        result.leftovers_removed += remove_orphans(out, fmt, state, None)
+        if fmt == "files":
+            _remove_stale_files(out, state, current, result, dry_run=False)
+        else:
+            # Three phases, so that the published manifest names only shards that exist
+            # whenever the compaction stops: the new shards and their record files
+            # (which replace the old parts for every run from then on), the manifest that
+            # names them, and only then the removal of what they replace.
+            doomed: list[str] = []
+            try:
+                _rewrite_shards(out, fmt, state, current, result, False, spool, doomed)
+            finally:
+                publish_manifest(out, render)
+            # Record files first, in their own call (a bulk delete has no order): a shard
+            # without its records is an orphan, never a duplicate.
+            records = [p for p in doomed if p.endswith(".jsonl")]
+            for batch in (records, [p for p in doomed if p not in records]):
+                if batch:
+                    out.fs.rm(batch)
+        out.fs.rm(marker)
     return result
 
 
-def _manifest(out: Location, state: State) -> list[dict[str, Any]]:
+def _manifest(out: Location) -> list[dict[str, Any]]:
     """The manifest's lines; refused when a record is newer than it (then it does not list
     every clip a worker published, and compacting by it would drop that work)."""
     path = out.join(MANIFEST_NAME)
@@ -140,15 +169,35 @@ def _manifest(out: Location, state: State) -> list[dict[str, Any]]:
         except ValueError:
             pass
         raise DatasetError(f"{out.url(path)}: line {number} is not a manifest line")
-    written = out.fs.modified(path).timestamp()
-    newest = max((r.get("at", 0) for records in state.records.values() for r in records),
-                 default=0)
+    written = _modified(out, path, out.fs.info(path))
+    parts = out.join(PARTS_DIR)
+    listed = out.fs.ls(parts, detail=True) if out.fs.exists(parts) else []
+    newest = max((_modified(out, info["name"], info) for info in listed
+                  if info["name"].endswith(".jsonl")), default=0.0)
     if newest > written + CLOCK_SLACK_S:
         raise DatasetError(
             f"{out.url(path)} is older than the newest published part (a worker was stopped "
             "before it wrote the manifest): run encode-dataset once more with the same "
             "options (it rewrites the manifest), then compact")
     return lines
+
+
+def _modified(out: Location, path: str, info: dict[str, Any]) -> float:
+    """When the store last wrote ``path`` (its own clock, as for every file compared)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "mtime_ns"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value) / (1e9 if key == "mtime_ns" else 1)
+        if value is not None and hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    try:
+        stamp = out.fs.modified(path)
+    except NotImplementedError:
+        stamp = None
+    if stamp is None:
+        raise DatasetError(f"{out.url(path)}: this store does not say when its files were "
+                           "written, which compaction needs")
+    return float(stamp.timestamp())
 
 
 def _remove_stale_files(out: Location, state: State, current: set[int], result: Compaction,
@@ -168,13 +217,17 @@ def _remove_stale_files(out: Location, state: State, current: set[int], result: 
 
 
 def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
-                    result: Compaction, dry_run: bool, spool: str) -> None:
+                    result: Compaction, dry_run: bool, spool: str,
+                    doomed: list[str] | None = None) -> None:
+    """Publish a shard and record file for the current samples of every part that holds
+    stale ones; what they replace is appended to ``doomed`` (record files, then shards),
+    for the caller to remove once the manifest names the new parts."""
+    doomed = [] if doomed is None else doomed
     # First the record files of parts a killed compaction replaced (their shards went with
     # the orphans): while the file replacing one exists, they are read as gone.
     for part in sorted(state.replaced & set(state.files)):
         result.leftovers_removed += 1
-        if not dry_run:
-            out.fs.rm(out.join(PARTS_DIR, part + ".jsonl"))
+        doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
     run = f"{int(time.time()):010x}{secrets.token_hex(3)}"
     seq = 0
     for part, records in sorted(state.files.items()):
@@ -195,7 +248,7 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
         if dry_run:
             continue
         if keep:
-            new_part = f"{PREFIX}-{run}-{seq:05d}"
+            new_part = f"{COMPACT_PREFIX}-{run}-{seq:05d}"
             seq += 1
             new_shard = out.join(SHARDS_DIR, new_part + SHARD_SUFFIX[fmt])
             rel = posixpath.relpath(new_shard, out.path)
@@ -203,7 +256,7 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
             moved = [{**r, "part": rel, "member": _member(r, row[id(r)], fmt)}
                      if r["status"] == "ok" else r for r in keep]
             if keep_ok:
-                tmp = temp_file_for(out, new_shard, spool, PREFIX + "-")
+                tmp = temp_file_for(out, new_shard, spool, COMPACT_PREFIX + "-")
                 try:
                     if fmt == "webdataset":
                         _copy_tar(out, shard, tmp, keep_ok, rel)
@@ -216,9 +269,8 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
             body = [{REPLACES: part}, *moved]
             publish_bytes(out, out.join(PARTS_DIR, new_part + ".jsonl"), "".join(
                 json.dumps(line, separators=(",", ":")) + "\n" for line in body).encode())
-        # The old records go first: a shard without them is an orphan, never a duplicate.
-        out.fs.rm(out.join(PARTS_DIR, part + ".jsonl"))
-        out.fs.rm(shard)
+        doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
+        doomed.append(shard)
 
 
 def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:
@@ -228,6 +280,16 @@ def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:
 
 def _copy_tar(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]],
               part: str) -> None:
+    try:
+        _copy_tar_members(out, shard, tmp, keep, part)
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        raise DatasetError(f"{out.url(shard)} is damaged ({exc}); the compaction stopped "
+                           "there, the output whole. To encode its clips again, remove its "
+                           f"record file under {PARTS_DIR}/ and run encode-dataset") from exc
+
+
+def _copy_tar_members(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]],
+                      part: str) -> None:
     wanted = {r["member"]: r for r in keep}
     seen: set[str] = set()
     with out.fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|") as old, \
@@ -261,19 +323,27 @@ def _copy_parquet(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]
     import pyarrow.parquet as pq
 
     data = out.fs.cat_file(shard)
-    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
-    rows = meta.row_group(0).num_rows if meta.num_row_groups else 64
     try:
+        meta = pq.ParquetFile(pa.BufferReader(data)).metadata
         table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True,
                               use_threads=False)
     except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"{out.url(shard)} is damaged: {exc}") from exc
+        raise DatasetError(f"{out.url(shard)} is damaged ({exc}); the compaction stopped "
+                           "there, the output whole") from exc
+    rows = meta.row_group(0).num_rows if meta.num_row_groups else 64
     wanted = [int(r["member"]) for r in keep]
     if max(wanted) >= table.num_rows:
         raise DatasetError(f"{out.url(shard)} has {table.num_rows} rows, and its records "
                            f"name row {max(wanted)}: the shard is cut short")
-    pq.write_table(table.take(wanted), tmp, row_group_size=max(1, rows),
-                   write_page_checksum=True)
+    taken = table.take(wanted)
+    # A row holds no latent file to hash: its source and clip key must be the record's.
+    for record, source, key in zip(keep, taken.column("source").to_pylist(),
+                                   taken.column("clip_key").to_pylist(), strict=True):
+        if (source, key) != (record["source"], record["key"]):
+            raise DatasetError(f"{out.url(shard)}: row {record['member']} holds {source!r}, "
+                               f"and its record names {record['source']!r}: the shard is "
+                               "not the one its records describe")
+    pq.write_table(taken, tmp, row_group_size=max(1, rows), write_page_checksum=True)
 
 
 def _unlink(path: str) -> None:

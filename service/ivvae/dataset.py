@@ -126,6 +126,8 @@ SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
 LOCK_NAME = "lock"
 REPLACES = "replaces"  # a record file's line naming a part that a compaction replaced
+COMPACTING_NAME = "compacting"  # OUT/.ivvae/compacting: a compaction runs (or was stopped)
+COMPACT_PREFIX = "compact"  # the part names a compaction publishes: compact-<run>-<seq>
 SHARD_CLIPS = 1000  # a shard's clips at most (--shard-clips)
 SHARD_MB = 1024.0  # and its MiB (--shard-mb)
 _T = TypeVar("_T")
@@ -983,7 +985,9 @@ def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None)
     doomed: list[str] = []
     if fmt != "files":
         for rel in sorted(set(state.outputs) - state.referenced):
-            if prefix is None or posixpath.basename(rel).startswith(prefix + "-"):
+            # Every worker sweeps a stopped compaction's shards too: none runs beside one.
+            if prefix is None or posixpath.basename(rel).startswith(
+                    (prefix + "-", COMPACT_PREFIX + "-")):
                 doomed.append(out.join(rel))
                 state.outputs.pop(rel, None)
     if out.local and fs.exists(out.path):
@@ -1090,8 +1094,8 @@ def _locked(out: Location, prefix: str | None) -> Iterator[None]:
         except BlockingIOError:
             raise DatasetError(
                 f"a compaction of {out.path} is running" if prefix else
-                f"an encode-dataset run is writing to {out.path}: compact when none is"
-            ) from None
+                f"an encode-dataset run or another compaction is using {out.path}: compact "
+                "when none is") from None
         if prefix:
             lock = held.enter_context(open(out.join(STATE_DIR, f"{LOCK_NAME}-{prefix}"), "a"))
             try:
@@ -1207,9 +1211,19 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     # Before the clean-up: a second run of the same worker must not remove the first
     # one's temporaries and unrecorded shards while it writes them.
     held.enter_context(_locked(out, job.prefix))
+    if not out.local and out.fs.exists(out.join(STATE_DIR, COMPACTING_NAME)):
+        # Object stores cannot lock: the compaction's marker is what keeps a worker from
+        # removing its new shards as orphans before their records are published.
+        raise DatasetError(f"{out.url()} is being compacted, or a compaction of it was "
+                           "stopped: wait for it, or run ivvae compact-dataset on it again "
+                           "to finish")
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
     state = load_state(out, job.format)
+    if state.replaced:
+        # A compaction stopped before its manifest: name its new parts before the shards
+        # they replace are removed as orphans, so readers never meet a missing shard.
+        write_manifest(out, sources, config)
     remove_orphans(out, job.format, state, None if n == 1 else job.prefix)
     todo = [s for s in mine if state.done(s, clip_key(s, config)) is None]
     return Plan(out, config, sources, mine, todo)
