@@ -173,6 +173,7 @@ async def serve(settings: Settings) -> None:
     grpc_server = None
 
     def on_signal() -> None:
+        service.stopping = True
         if not stop.is_set():
             stop.set()
             return
@@ -224,6 +225,7 @@ async def serve(settings: Settings) -> None:
         # use) or it failed. That is an exit with the reason, never a quiet exit 0.
         ended = next((t for t in tasks if t in done), None)
     finally:
+        service.stopping = True
         log.info("shutting down: in-flight requests get up to %gs",
                  settings.shutdown_grace_s)
         if http_server is not None:

@@ -39,6 +39,9 @@ class Service:
         self.cache = cache or create_cache(settings)
         self.pipeline = Pipeline(settings, self.backend, self.cache, self.metrics)
         self.started = False
+        # Set when the server is told to stop: what is cancelled after it is answered as
+        # "shutting down" (a 503 to retry), not as an error.
+        self.stopping = False
 
     async def start(self) -> None:
         await self.backend.start()

@@ -438,3 +438,24 @@ async def test_a_full_spool_disk_is_a_503_to_retry_not_a_500(
         assert "size the temporary folder" in caplog.text
         ok = await client.post("/encode", content=clip, headers={"content-type": "video/mp4"})
         assert ok.status_code == 200, ok.text
+
+
+async def test_a_cancelled_request_is_a_503_only_while_the_server_stops(
+        tiny_weights: Path) -> None:
+    # uvicorn cancels what still runs when the shutdown grace is over: that is a 503 to
+    # retry. A cancellation at any other time is not the server stopping: it goes on.
+    import asyncio
+
+    async def cancelled() -> None:
+        raise asyncio.CancelledError
+
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        app = client.app  # type: ignore[attr-defined]
+        app.add_api_route("/cancelled", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await client.get("/cancelled")
+        app.state.service.stopping = True
+        r = await client.get("/cancelled")
+        app.state.service.stopping = False
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"error": "overloaded", "detail": "the server is shutting down; retry"}

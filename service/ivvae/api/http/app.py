@@ -71,10 +71,12 @@ class _Contain:
         except asyncio.CancelledError:
             # The server is stopping and the grace for in-flight requests is over (uvicorn
             # cancels them): a 503 the client retries elsewhere, not uvicorn's text 500.
-            if started:
+            # Any other cancellation goes on as it came.
+            service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+            if started or not getattr(service, "stopping", False):
                 raise
             task = asyncio.current_task()
-            if task is not None:
+            if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
                 task.uncancel()
             log.warning("%s %s cancelled: the server is stopping", scope["method"],
                         scope["path"])
