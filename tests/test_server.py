@@ -73,7 +73,12 @@ def test_access_lines_are_limited_per_request_kind_and_answers_never() -> None:
             access.info(template, f"10.0.0.{i}:1", "GET", "/healthz", "1.1", 200)
         for i in range(10):
             access.info(template, "10.0.0.9:1", "POST", f"/encode?x={i}", "1.1", 401)
-        access.info(template, "10.0.0.9:1", "POST", "/decode", "1.1", 401)
+        access.info(template, "10.0.0.9:1", "POST", "/decode", "1.1", 403)
+        for i in range(10):  # a scanner: a new path each time, and junk methods
+            access.info(template, "10.0.0.7:1", "GET", f"/wp-admin/{i}.php", "1.1", 404)
+            access.info(template, "10.0.0.7:1", f"X{i}", "/", "1.1", 400)
+        for _ in range(200):  # served traffic flooding one route: a larger budget
+            access.info(template, "10.0.0.8:1", "GET", "/models", "1.1", 200)
         for i in range(10):
             refusals.info("%s %s -> %d %s: %s", "POST", "/encode", 413, "too_large", f"{i}")
         refusals.info("%s %s -> %d %s: %s", "POST", "/encode", 400, "invalid_input", "x")
@@ -83,6 +88,9 @@ def test_access_lines_are_limited_per_request_kind_and_answers_never() -> None:
             lg.propagate, lg.level = propagate, level
     assert sum("/healthz" in r for r in records) == 50  # answers: every one
     assert sum('"POST /encode' in r for r in records) == 3  # one bad request, hammered
-    assert sum('"POST /decode' in r for r in records) == 1  # another: its own budget
+    assert sum('"POST /decode' in r for r in records) == 1  # another status: its own budget
+    assert sum("/wp-admin/" in r for r in records) == 3  # paths of errors are no key
+    assert sum('" 400' in r and '"X' in r for r in records) == 3  # nor junk methods
+    assert sum("/models" in r for r in records) == 150  # 50 times the burst
     assert sum("-> 413" in r for r in records) == 3
     assert sum("-> 400" in r for r in records) == 1

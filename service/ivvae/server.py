@@ -29,21 +29,24 @@ LOG_BURST = 20
 LOG_WINDOW_S = 60.0
 
 
-# Records logged with one template for every request: keyed by what tells requests apart
-# (logger, template) -> indexes into the record's args, a path without its query string.
-# uvicorn's access line: (client, method, path, http version, status).
-_PER_REQUEST = {("uvicorn.access", '%s - "%s %s HTTP/%s" %d'): (1, 2, 4),
-                ("ivvae.http", "%s %s -> %d %s: %s"): (0, 1, 2, 3)}
+# The access line is one template for every request: keyed by what tells requests apart.
+# uvicorn's args: (client, method, path, http version, status).
+_ACCESS = ("uvicorn.access", '%s - "%s %s HTTP/%s" %d')
+# The refusal line of a routed request (its path is a route's): method, path, status, code.
+_REFUSAL = ("ivvae.http", "%s %s -> %d %s: %s")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+SERVED_BURST_FACTOR = 50  # answers below 400: 1,000 lines a minute per route and status
 
 
 class RateLimit(logging.Filter):
     """Lets through ``burst`` records per (logger, level, message template) per
     ``window_s``; the first record of the next window says how many were dropped.
 
-    A per-request template (the access line, the refusal line) is keyed by method, path
-    and status as well: one client hammering one bad request is cut, while the rest of
-    the traffic still shows. Access lines of answers below 400 are never cut: they are as
-    many as the requests served, and each is one."""
+    The access line is keyed by status too, and by method and path where the path is a
+    route's (answers below 400, which get ``SERVED_BURST_FACTOR`` times the burst: each is
+    a request served); an error's path is left out (a scanner asks for a new one each
+    time). The refusal line of a routed request is keyed by its method, path, status and
+    code. So one client hammering one bad request is cut, while other traffic shows."""
 
     def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -52,30 +55,34 @@ class RateLimit(logging.Filter):
         self._seen: dict[tuple[object, ...], list[float | int]] = {}  # start, passed, dropped
         self._lock = threading.Lock()
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def _key(self, record: logging.LogRecord) -> tuple[tuple[object, ...], int]:
         key: tuple[object, ...] = (record.name, record.levelno, str(record.msg))
-        fields = _PER_REQUEST.get((record.name, str(record.msg)))
-        if fields is not None and isinstance(record.args, tuple):
-            try:
-                parts = [record.args[i] for i in fields]
-            except IndexError:
-                parts = []
-            if record.name == "uvicorn.access" and parts and isinstance(parts[-1], int) \
-                    and parts[-1] < 400:
-                return True
-            key += tuple(str(p).split("?", 1)[0] for p in parts)
+        args = record.args if isinstance(record.args, tuple) else ()
+        if (record.name, str(record.msg)) == _ACCESS and len(args) == 5:
+            _, method, path, _, status = args
+            method = method if method in _METHODS else "other"
+            if isinstance(status, int) and status < 400:
+                return (*key, method, str(path).split("?", 1)[0], status), (
+                    self.burst * SERVED_BURST_FACTOR)
+            return (*key, method, status), self.burst
+        if (record.name, str(record.msg)) == _REFUSAL and len(args) == 5:
+            return key + tuple(str(a) for a in args[:4]), self.burst
+        return key, self.burst
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, burst = self._key(record)
         now = self._clock()
         with self._lock:
             state = self._seen.get(key)
             if state is None or now - state[0] >= self.window_s:
                 dropped = int(state[2]) if state is not None else 0
-                if len(self._seen) > 10_000:  # many distinct templates: forget old windows
+                if len(self._seen) > 10_000:  # many distinct keys: forget old windows
                     self._seen.clear()
                 self._seen[key] = [now, 1, 0]
                 if dropped:
                     record.msg = f"{record.msg} [{dropped} more like this were not logged]"
                 return True
-            if state[1] < self.burst:
+            if state[1] < burst:
                 state[1] += 1
                 return True
             state[2] += 1
