@@ -17,7 +17,6 @@ from .backends import Backend, create_backend
 from .cache import MemoryCache, ResultCache, create_cache
 from .config import Settings
 from .core.model_info import ModelInfo
-from .core.tasks import within
 from .metrics import Metrics
 from .pipeline import Pipeline
 
@@ -77,17 +76,12 @@ class Service:
         timeout (IVVAE_REDIS_TIMEOUT_S) could outlast the orchestrator's probe timeout and
         take every replica out of service for an optional cache."""
 
-        async def cache_ok() -> bool:
-            try:
-                return await within(self.cache.ping(), READINESS_CACHE_S)
-            except TimeoutError:
-                return False
-
-        (ok, reason), cache_ok_ = await asyncio.gather(
-            self.backend.ready() if self.started else _not_yet(), cache_ok())
+        (ok, reason), cache_ok = await asyncio.gather(
+            self.backend.ready() if self.started else _not_yet(),
+            self.cache.ping(timeout_s=READINESS_CACHE_S))
         return ok, {
             "status": "ready" if ok else "not_ready",
             "backend": {"name": self.backend.name, "ready": ok, "detail": reason},
-            "cache": {"name": self.cache.name, "status": "ok" if cache_ok_ else "degraded"},
+            "cache": {"name": self.cache.name, "status": "ok" if cache_ok else "degraded"},
             "models": sorted(self.backend.models) if ok else [],
         }

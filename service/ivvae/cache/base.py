@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
+from ..core.tasks import within
 from .codec import CachedMoments, CorruptEntry, Expected, check_secret, deserialize, serialize
 
 log = logging.getLogger("ivvae.cache")
@@ -213,14 +214,15 @@ class ResultCache(abc.ABC):
         self.stats.writes += 1
         return True
 
-    async def ping(self) -> bool:
-        """True when the backend answers. Never raises. While the circuit is open it answers
-        False without asking, except as the probe (so readiness checks also end an outage)."""
+    async def ping(self, timeout_s: float | None = None) -> bool:
+        """True when the backend answers (within ``timeout_s``, if given: a slower answer
+        counts as a failure). Never raises. While the circuit is open it answers False
+        without asking, except as the probe (so readiness checks also end an outage)."""
         if not self.breaker.allow():
             return False
         try:
-            await self._ping()
-        except Exception as exc:
+            await (self._ping() if timeout_s is None else within(self._ping(), timeout_s))
+        except Exception as exc:  # TimeoutError too
             self._backend_failed("ping", "", exc)
             return False
         except BaseException:
