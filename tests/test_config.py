@@ -117,3 +117,20 @@ def test_an_open_gateway_is_said_at_start_up() -> None:
         Settings(host="0.0.0.0"), {}))
     assert configuration_warnings(Settings(), {}) == []  # loopback, no keys: a dev box
     assert configuration_warnings(Settings(host="0.0.0.0", api_keys="k1"), {}) == []
+
+
+def test_a_variable_in_another_case_is_read_and_not_called_unknown() -> None:
+    from ivvae.config import unknown_variables
+
+    assert unknown_variables({"IVVAE_Port": "1", "ivvae_log_level": "info"}) == []
+
+
+def test_the_dataset_encoder_names_a_bad_setting_of_its_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # encode-dataset's in-process encoder reads IVVAE_* too (its limits apply): a bad one
+    # is the command's one-line error, not a pydantic traceback.
+    from ivvae.dataset import DatasetError, EncoderSpec
+
+    monkeypatch.setenv("IVVAE_LOG_LEVEL", "loud")
+    with pytest.raises(DatasetError, match="IVVAE_LOG_LEVEL: 'loud' is not a log level"):
+        EncoderSpec().build()

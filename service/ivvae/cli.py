@@ -134,7 +134,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     """Settings from IVVAE_* environment variables, overridden by explicit CLI options."""
     from pydantic import ValidationError
 
-    from .config import Settings
+    from .config import Settings, settings_problems
 
     values = {k: v for k, v in vars(args).items()
               if k in Settings.model_fields and v is not None}
@@ -142,18 +142,9 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
     try:
         return Settings(**values)
     except ValidationError as exc:  # a message, not a traceback
-        lines = [f"  {_variable(e['loc'], set(values))}: {e['msg'].removeprefix('Value error, ')}"
-                 for e in exc.errors()]
+        lines = [f"  {line}" for line in settings_problems(exc, set(values))]
         raise SystemExit("ivvae: invalid settings (IVVAE_* environment or options):\n"
                          + "\n".join(lines)) from None
-
-
-def _variable(loc: tuple[int | str, ...], options: set[str]) -> str:
-    """Where a settings error's value came from: its option, or its IVVAE_* variable."""
-    if not loc:
-        return "settings"
-    name = str(loc[0])
-    return f"--{name.replace('_', '-')}" if name in options else f"IVVAE_{name.upper()}"
 
 
 def _setup_logging(level: str) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import difflib
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import strict
@@ -290,6 +290,20 @@ class Settings(BaseSettings):
         return out
 
 
+def settings_problems(exc: ValidationError, options: Collection[str] = ()) -> list[str]:
+    """One line per problem of a ``Settings`` validation error, each named where its value
+    came from: ``--option`` for a field in ``options`` (given on a command line), else its
+    ``IVVAE_*`` variable."""
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        name = str(loc[0]) if loc else ""
+        where = ("settings" if not name else f"--{name.replace('_', '-')}" if name in options
+                 else f"IVVAE_{name.upper()}")
+        lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    return lines
+
+
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A line for each ``IVVAE_*`` variable in ``environ`` that nothing reads (a typo:
     settings ignore names they do not know), with the setting it most likely meant."""
@@ -297,10 +311,11 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     known = {f"IVVAE_{name.upper()}" for name in Settings.model_fields}
     lines = []
     for name in sorted(environ):
-        if (not name.startswith("IVVAE_") or name in known or name in TOOL_VARIABLES
-                or name in MODEL_SIDE_VARIABLES):
+        upper = name.upper()  # settings read names in any case
+        if (not upper.startswith("IVVAE_") or upper in known or upper in TOOL_VARIABLES
+                or upper in MODEL_SIDE_VARIABLES):
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
         hint = f" (did you mean {close[0]}?)" if close else ""
         lines.append(f"{name} is not an ivvae setting and is ignored{hint}")
     return lines

@@ -599,14 +599,21 @@ class EncoderSpec:
     def build(self) -> ClipEncoder:
         if self.server:
             return ServiceEncoder(self)
-        from .config import Settings
+        from pydantic import ValidationError
 
-        return LocalEncoder(Settings(
-            backend="local", redis_url="", weights=self.weights, device=self.device,
-            encode_precision=self.encode_precision,
-            torch_threads=self.torch_threads, cache_memory_max_bytes=0, enable_http=False,
-            enable_grpc=False, request_timeout_s=self.timeout,
-            batch_max_size=self.batch_max_size))
+        from .config import Settings, settings_problems
+
+        try:
+            settings = Settings(
+                backend="local", redis_url="", weights=self.weights, device=self.device,
+                encode_precision=self.encode_precision,
+                torch_threads=self.torch_threads, cache_memory_max_bytes=0,
+                enable_http=False, enable_grpc=False, request_timeout_s=self.timeout,
+                batch_max_size=self.batch_max_size)
+        except ValidationError as exc:  # the IVVAE_* environment (its limits apply here)
+            raise DatasetError("invalid settings for the in-process encoder: "
+                               + "; ".join(settings_problems(exc))) from None
+        return LocalEncoder(settings)
 
 
 class LocalEncoder:
