@@ -116,6 +116,7 @@ def make_video(
     pattern: Pattern = "shapes",
     timestamps: Sequence[int] | None = None,
     muxer_options: dict[str, str] | None = None,
+    sample_aspect_ratio: Fraction | None = None,
 ) -> bytes:
     """Encode ``make_frames(frames, width, height, pattern)``; return (and maybe write) the file.
 
@@ -125,7 +126,9 @@ def make_video(
     x264 gets ``yuv444p`` for odd sizes, as 4:2:0 H.264 cannot have them. ``timestamps``
     (increasing, in units of ``1 / fps``) make a variable-frame-rate video; the default is
     0, 1, 2, ... ``muxer_options`` go to FFmpeg's muxer (``{"movflags": "empty_moov",
-    "frag_duration": "250000"}``: a fragmented MP4).
+    "frag_duration": "250000"}``: a fragmented MP4). ``sample_aspect_ratio`` makes an
+    anamorphic clip (``Fraction(32, 27)``: a 720x480 picture shown 853x480): the encoder
+    writes it into the bitstream (H.264 VUI) and the muxer into the container.
     """
     if audio and container not in _AUDIO_CODECS:
         raise ValueError(f"no audio codec set up for {container}")
@@ -142,6 +145,8 @@ def make_video(
         if codec in ("mjpeg", "mpeg4"):
             video.codec_context.qscale = True  # constant quality, not a bit rate
             video.codec_context.global_quality = 3
+        if sample_aspect_ratio is not None:
+            video.codec_context.sample_aspect_ratio = sample_aspect_ratio
         if rotation or mirror:
             # PyAV takes a counter-clockwise angle; the mirroring comes after the turn.
             video.set_display_rotation(-rotation, hflip=mirror)

@@ -3,14 +3,19 @@ cache keys."""
 
 from __future__ import annotations
 
+import io
+from fractions import Fraction
+
+import av
 import numpy as np
 import pytest
 import pytest_asyncio
 
 from ivvae.latents import decode_latent_file
+from ivvae.outputs import collect, render
 from ivvae.pipeline import EncodeOptions, FramesUpload
 from ivvae.service import Service
-from ivvae.video import Preprocess
+from ivvae.video import Preprocess, open_video
 from tests.media import make_frames, make_video, sample_clip, trim_by_edit_list
 from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
 
@@ -51,8 +56,71 @@ async def test_options_are_part_of_the_cache_key(service: Service) -> None:
     d = await service.pipeline.encode(path, _options(resize="48", max_frames="5"))
     assert (a.cache_hit, b.cache_hit, c.cache_hit, d.cache_hit) == (False, True, False, False)
     assert a.data == b.data
-    assert a.latent_shape[2:] == (2, 8, 10) and c.latent_shape[2] == 3
+    # carphone's 176x144 pixels are shown 192.5x144 (SAR 128:117): 86x64, latent 11 wide.
+    assert a.latent_shape[2:] == (2, 8, 11) and c.latent_shape[2] == 3
     assert d.latent_shape[3:] == (6, 8)
+
+
+DVD = Fraction(32, 27)  # a DVD's SAR: its 720x480 pictures are shown 16:9 (853x480)
+
+
+@pytest.mark.asyncio
+async def test_an_anamorphic_clip_is_resized_by_its_displayed_shape(service: Service) -> None:
+    # 144x96 (3:2) shown 170.7x96 (16:9): a DVD picture, smaller (tests/video has 720x480).
+    dvd = make_video(None, frames=5, width=144, height=96, sample_aspect_ratio=DVD)
+    z = service.pipeline.model().z_dim
+    # The 16:9 bucket (read as 3:2 it took the 4:3 one, cropped and squeezed).
+    bucketed = await service.pipeline.encode(dvd, _options(bucket="96x54x5,64x48x5"))
+    assert bucketed.latent_shape == (1, z, 2, 7, 12)
+    meta = bucketed.info.to_metadata()
+    assert meta["preprocess_bucket"] == "96x54x5"
+    assert (meta["preprocess_source_width"], meta["preprocess_source_height"]) == ("144", "96")
+    assert meta["preprocess_source_sample_aspect_ratio"] == "32:27"
+    assert "sample_aspect_ratio" not in meta  # resampled: square pixels
+    # The short side 48 of 170.7x96: 85x48, latent 11 wide (the stored width gave 72: 9).
+    resized = await service.pipeline.encode(dvd, _options(resize="48"))
+    assert (resized.info.width, resized.info.height) == (85, 48)
+    assert resized.latent_shape[3:] == (6, 11)
+    assert resized.info.sample_aspect_ratio == 1
+
+
+@pytest.mark.asyncio
+async def test_an_anamorphic_clip_without_resize_keeps_its_pixels_and_says_their_shape(
+        service: Service) -> None:
+    dvd = make_video(None, frames=5, width=144, height=96, sample_aspect_ratio=DVD)
+    plain = await service.pipeline.encode(dvd)
+    assert (plain.info.width, plain.info.height) == (144, 96)
+    assert plain.info.to_metadata()["sample_aspect_ratio"] == "32:27"
+    assert plain.info.sample_aspect_ratio == DVD
+    # The stored pixels, as encoded before: the latent of those frames sent as a tensor.
+    with av.open(io.BytesIO(dvd)) as container:
+        stored = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    as_frames = await service.pipeline.encode(FramesUpload(stored, fps=24))
+    assert "sample_aspect_ratio" not in as_frames.info.to_metadata()
+    np.testing.assert_array_equal(decode_latent_file(plain.data)[0],
+                                  decode_latent_file(as_frames.data)[0])
+    # From the cache, the same bytes (the SAR is in the cached entry).
+    again = await service.pipeline.encode(dvd)
+    assert again.cache_hit and again.data == plain.data
+    # Other options that do not resample keep the pixels too, and say so.
+    window = await service.pipeline.encode(dvd, _options(num_frames="3"))
+    meta = window.info.to_metadata()
+    assert (meta["width"], meta["sample_aspect_ratio"]) == ("144", "32:27")
+    assert meta["preprocess_source_sample_aspect_ratio"] == "32:27"
+
+    # Decoded to MP4, the stream carries the SAR: players show it 16:9 (171x96) again.
+    info, frames = await service.pipeline.decode_frames(plain.data)
+    mp4 = await collect(render("mp4", info, frames))
+    with av.open(io.BytesIO(mp4)) as container:
+        assert container.streams.video[0].sample_aspect_ratio == DVD
+    with open_video(mp4) as reader:
+        assert (reader.info.display_width, reader.info.display_height) == (171, 96)
+        assert reader.read_all().shape == (5, 96, 144, 3)
+    # A square-pixel latent's MP4 says nothing, as before.
+    info, frames = await service.pipeline.decode_frames(as_frames.data)
+    mp4 = await collect(render("mp4", info, frames))
+    with av.open(io.BytesIO(mp4)) as container:
+        assert container.streams.video[0].sample_aspect_ratio is None
 
 
 @pytest.mark.asyncio

@@ -8,7 +8,9 @@ A ``.safetensors`` file holding
   training with fresh samples each epoch;
 
 and string metadata (``__metadata__``) recording everything needed to decode it and to
-train on it. ``META_KEYS`` is the one list of those keys.
+train on it. ``META_KEYS`` is the one list of those keys every file holds; optional keys
+(``preprocess*``, ``source_*``, ``SAR_KEY``) come beside them, which readers of this
+``FORMAT_VERSION`` that do not know them keep as ``LatentInfo.extra``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ META_KEYS = (
     "shift_factor", "z_dim", "num_frames", "height", "width", "fps", "padding_policy",
     "dtype", "content_sha256", "mode", "seed", "latent_shape", "ivvae_version",
 )
+# Optional: the frames' sample aspect ratio (``"32:27"``: a pixel is shown 32/27 as wide as
+# it is high), only where it is not 1:1, i.e. an anamorphic clip encoded at its stored
+# size. Decoding to MP4 writes it into the video stream, so players show the right shape.
+SAR_KEY = "sample_aspect_ratio"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,12 @@ class LatentInfo:
     @property
     def latent_shape(self) -> tuple[int, int, int, int, int]:
         return latent_shape(self.z_dim, self.num_frames, self.height, self.width)
+
+    @property
+    def sample_aspect_ratio(self) -> Fraction:
+        """How wide a pixel of the frames is shown for 1 high (``SAR_KEY``; 1 without)."""
+        text = self.extra.get(SAR_KEY)
+        return Fraction(1) if text is None else strict.sample_aspect_ratio(text)
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -147,6 +159,8 @@ class LatentInfo:
                                 f"{strict.shown(info.mode)}")
         if info.dtype not in DTYPE_NAMES:
             raise InvalidLatent(f"latent metadata has an unknown dtype {strict.shown(info.dtype)}")
+        if SAR_KEY in meta:
+            parsed(SAR_KEY, strict.sample_aspect_ratio)
         return info
 
 

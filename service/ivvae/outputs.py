@@ -105,7 +105,9 @@ async def mp4_file(info: LatentInfo, frames: AsyncIterator[np.ndarray], *,
     cancelled mid-write (the close queues behind the write)."""
     loop = asyncio.get_running_loop()
     sink = _Chunks()
-    writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps, crf=crf)
+    # An anamorphic latent's frames are shown as its metadata says (bare latents: square).
+    writer = Mp4Writer(sink, width=info.width, height=info.height, fps=info.fps, crf=crf,
+                       sample_aspect_ratio=info.sample_aspect_ratio)
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ivvae-mp4")
     try:
         async for part in frames:

@@ -31,6 +31,7 @@ import numpy as np
 from .backends.base import Backend, EncodeSession
 from .cache import CachedMoments, Expected, ResultCache, cache_key
 from .config import Settings
+from .core import strict
 from .core.geometry import (
     PADDING_POLICY,
     SPACE_COMPRESSION,
@@ -55,7 +56,13 @@ from .errors import (
     TooLarge,
     UnknownModel,
 )
-from .latents import LatentInfo, decode_latent_file, encode_latent_file, served_model_for
+from .latents import (
+    SAR_KEY,
+    LatentInfo,
+    decode_latent_file,
+    encode_latent_file,
+    served_model_for,
+)
 from .memory import MB, MemoryBudget, Plan, default_budget_mb, plan_steps
 from .metrics import Metrics
 from .video import (
@@ -71,7 +78,8 @@ from .wire import DecodeTarget
 
 log = logging.getLogger("ivvae.pipeline")
 
-MOMENTS_VERSION = "moments-v1"
+# v2: an anamorphic clip's entry holds its SAR, and a resized one is no longer squeezed.
+MOMENTS_VERSION = "moments-v2"
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,7 @@ class Pipeline:
             mode="sample" if options.sample else "mean", seed=seed,
             # Sorted: the cache may hand back its metadata in another order, and a hit must
             # give the same bytes as the miss.
-            extra={("" if k.startswith("preprocess") else "source_") + k: v
+            extra={("" if k.startswith("preprocess") or k == SAR_KEY else "source_") + k: v
                    for k, v in sorted(meta.items())
                    if k not in ("num_frames", "height", "width", "fps")},
         )
@@ -333,6 +341,9 @@ class Pipeline:
             "container": info.container,
             "rotation": str(info.rotation),
         }
+        if plan.sample_aspect_ratio != 1:
+            # Anamorphic frames kept at their stored size (a resize makes square pixels).
+            meta[SAR_KEY] = strict.sample_aspect_ratio_text(plan.sample_aspect_ratio)
         if not preprocess.is_identity:
             # A latent says exactly how it was made: what was done, to what.
             meta.update({
@@ -344,6 +355,10 @@ class Pipeline:
                 "preprocess_source_frames_declared": str(info.num_frames or ""),
                 "preprocess_source_frames_decoded": str(reader.source_frames_read),
             })
+            if info.sample_aspect_ratio != 1:
+                # The upright source's pixel shape; the size above is its stored one.
+                meta["preprocess_source_sample_aspect_ratio"] = (
+                    strict.sample_aspect_ratio_text(info.sample_aspect_ratio))
             if reader.first_used is not None and reader.last_used is not None:
                 # Which source frames the latent covers (index in presentation order, and
                 # seconds from the first frame): to line up captions or clips with it.

@@ -46,6 +46,20 @@ def test_frame_rate_refuses_out_of_range_and_malformed(text: str) -> None:
         strict.frame_rate(text)
 
 
+def test_sample_aspect_ratio_round_trip() -> None:
+    for sar in (Fraction(32, 27), Fraction(128, 117), Fraction(1, 4), Fraction(4)):
+        text = strict.sample_aspect_ratio_text(sar)
+        assert strict.sample_aspect_ratio(text) == sar
+    assert strict.sample_aspect_ratio_text(Fraction(64, 54)) == "32:27"
+
+
+@pytest.mark.parametrize("text", ["32/27", "0:1", "1:0", "5:1", "1:5", " 1:1", "1:1 ", "1.5:1",
+                                  "-1:1", "٢:١", ":", "1:", "9" * 40 + ":1"])
+def test_sample_aspect_ratio_refuses_out_of_range_and_malformed(text: str) -> None:
+    with pytest.raises(ValueError, match="sample aspect ratio"):
+        strict.sample_aspect_ratio(text)
+
+
 @pytest.mark.parametrize("name", ["ivvae-base", "a", "IV_VAE.dim64-z16", "x" * 64])
 def test_model_name_accepts_the_safe_charset(name: str) -> None:
     assert strict.model_name(name) == name

@@ -102,6 +102,27 @@ def test_bucket_choice() -> None:
     assert Preprocess().choose_bucket(8, 8, 1) is None
 
 
+def test_an_anamorphic_picture_is_planned_from_its_displayed_shape() -> None:
+    dvd = Fraction(32, 27)  # 720x480 shown 853.3x480 (16:9)
+    buckets = Preprocess.parse({"bucket": "480x272x5,320x240x5"})
+    assert buckets.choose_bucket(720, 480, 5) == Bucket(320, 240, 5)  # read as 3:2
+    assert buckets.choose_bucket(720, 480, 5, dvd) == Bucket(480, 272, 5)
+    plan = buckets.plan(720, 480, 5, 24.0, dvd)
+    assert plan.geometry == Geometry(484, 272, 2, 0, 480, 272)
+    assert plan.sample_aspect_ratio == 1  # resampled: square pixels
+    short = Preprocess.parse({"resize": "240"})
+    # Exactly 426.67 wide, not 853 (the rounded width) * 240 / 480 = 426.5 -> 426.
+    assert short.geometry(720, 480, None, dvd) == Geometry(427, 240, 0, 0, 427, 240)
+    assert short.geometry(480, 720, None, 1 / dvd) == Geometry(240, 427, 0, 0, 240, 427)
+    assert short.geometry(720, 480) == Geometry(360, 240, 0, 0, 360, 240)
+    # Without resize or bucket the stored pixels stay, and the plan says how they are shown.
+    assert Preprocess().geometry(720, 480, None, dvd) == Geometry(720, 480, 0, 0, 720, 480)
+    assert Preprocess.parse({"max_frames": "3"}).plan(720, 480, 5, 24.0, dvd) \
+        .sample_aspect_ratio == dvd
+    assert Preprocess.parse({"resize": "9x9"}).resamples
+    assert not Preprocess.parse({"fps": "12", "num_frames": "3"}).resamples
+
+
 def test_available_frames() -> None:
     assert Preprocess().available_frames(100, 25.0) == 100
     assert Preprocess.parse({"start_frame": "10", "stride": "3"}).available_frames(

@@ -19,6 +19,11 @@ from fractions import Fraction
 # is at most 1001, so anything below 1/1001 fps would round to 0).
 MIN_FPS = Fraction(1, 1001)
 MAX_FPS = 1000
+# Sample aspect ratios (a pixel's shown width over its height) the service believes: a
+# stream's outside this range has a broken header and is read as square pixels, and a
+# latent's must be within it. Real ones are near 1 (DVD 16:9 is 32:27, HDV 4:3).
+MIN_SAR = Fraction(1, 4)
+MAX_SAR = Fraction(4)
 # No count the service handles (frames, pixels, seeds < 2**63) needs more digits.
 MAX_DIGITS = 19
 # Model names go into response headers, file names and log lines: a conservative charset
@@ -35,6 +40,7 @@ _NUMBER = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(?:\.[0-9]{{1,{MAX_DIGITS}}})?"
                      r"(?:[eE][-+]?[0-9]{1,3})?|"
                      rf"[0-9]{{1,{MAX_DIGITS}}}/[0-9]{{1,{MAX_DIGITS}}}")
 _RATE = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}})(?:/([0-9]{{1,{MAX_DIGITS}}}))?")
+_SAR = re.compile(rf"([0-9]{{1,{MAX_DIGITS}}}):([0-9]{{1,{MAX_DIGITS}}})")
 
 
 def shown(text: str) -> str:
@@ -124,3 +130,24 @@ def sha256_hex(text: str) -> str:
 def is_api_key(text: str) -> bool:
     """Whether ``text`` can be sent as an API key over HTTP and gRPC alike."""
     return _API_KEY.fullmatch(text) is not None
+
+
+def sample_aspect_ratio_text(sar: Fraction) -> str:
+    """A sample aspect ratio as latent metadata writes it, ``"N:D"`` in lowest terms
+    (``"32:27"``), as FFmpeg prints one."""
+    return f"{sar.numerator}:{sar.denominator}"
+
+
+def sample_aspect_ratio(text: str) -> Fraction:
+    """``"N:D"`` in ASCII digits (``sample_aspect_ratio_text``), within [``MIN_SAR``,
+    ``MAX_SAR``]."""
+    match = _SAR.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"sample aspect ratio {shown(str(text))} is not N:D in ASCII digits")
+    numerator, denominator = int(match[1]), int(match[2])
+    if denominator == 0:
+        raise ValueError(f"sample aspect ratio {text!r} has a zero denominator")
+    sar = Fraction(numerator, denominator)
+    if not MIN_SAR <= sar <= MAX_SAR:
+        raise ValueError(f"sample aspect ratio {text} is outside [1:4, 4:1]")
+    return sar

@@ -18,6 +18,7 @@ comes from ``frame.rotation`` alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, cast
 
 import numpy as np
@@ -44,6 +45,11 @@ class Orientation:
 
     def display_size(self, width: int, height: int) -> tuple[int, int]:
         return (height, width) if self.clockwise % 180 else (width, height)
+
+    def sample_aspect_ratio(self, stored: Fraction) -> Fraction:
+        """The upright picture's sample aspect ratio (pixel width over height) for a
+        stored picture's: a quarter turn swaps the axes, so the ratio inverts."""
+        return 1 / stored if self.clockwise % 180 else stored
 
 
 # EXIF Orientation (1-8) -> the transform that shows the stored picture upright.

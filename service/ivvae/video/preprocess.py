@@ -37,6 +37,12 @@ The options (all optional; none given means "the video as it is"):
 Contradictions are refused, naming both options: ``start_frame`` with ``start_s``, ``stride``
 with ``fps``, ``bucket`` with ``resize``, ``num_frames`` or ``max_frames``, ``num_frames``
 with ``max_frames``, ``crop`` without an exact size.
+
+Sizes and aspect ratios are those of the picture as a player shows it. An anamorphic clip
+(a sample aspect ratio other than 1:1: a 720x480 DVD picture of SAR 32:27 is shown 853x480)
+is planned from its displayed shape when ``resize`` or ``bucket`` scale it anyway, and comes
+out square-pixel at the planned size; without them its stored pixels are kept as they are
+(the plan's ``sample_aspect_ratio`` then says how they are to be shown).
 """
 
 from __future__ import annotations
@@ -252,11 +258,19 @@ class Preprocess:
     def exact_size(self) -> bool:
         return bool(self.buckets) or (self.resize is not None and self.resize.short_side is None)
 
-    def choose_bucket(self, width: int, height: int, frames: int | None) -> Bucket | None:
-        """The bucket for an upright ``width`` x ``height`` clip with ``frames`` frames
-        available after the window and rate options (``None``: unknown, every bucket
-        counts as filled; the reader refuses a clip that ends short). ``None`` without
-        buckets. Raises ``InvalidInput`` when the clip fills no bucket."""
+    @property
+    def resamples(self) -> bool:
+        """Whether the options scale the picture (``resize`` or ``bucket``): then an
+        anamorphic clip comes out square-pixel, at a size planned from its displayed shape."""
+        return bool(self.buckets) or self.resize is not None
+
+    def choose_bucket(self, width: int, height: int, frames: int | None,
+                      sample_aspect_ratio: Fraction = Fraction(1)) -> Bucket | None:
+        """The bucket for an upright ``width`` x ``height`` clip (of pixels
+        ``sample_aspect_ratio`` wide for 1 high: its displayed aspect ratio decides) with
+        ``frames`` frames available after the window and rate options (``None``: unknown,
+        every bucket counts as filled; the reader refuses a clip that ends short). ``None``
+        without buckets. Raises ``InvalidInput`` when the clip fills no bucket."""
         if not self.buckets:
             return None
         fits = [b for b in self.buckets if frames is None or b.frames <= frames]
@@ -267,7 +281,7 @@ class Preprocess:
                 f"shortest bucket's {shortest} (buckets: "
                 f"{', '.join(str(b) for b in self.buckets)})"
             )
-        aspect = math.log(width / height)
+        aspect = math.log(_shown_width(width, sample_aspect_ratio) / height)
 
         def rank(b: Bucket) -> tuple[float, int, int]:
             return (round(abs(math.log(b.width / b.height) - aspect), 9), -b.frames,
@@ -275,22 +289,30 @@ class Preprocess:
 
         return min(fits, key=rank)
 
-    def geometry(self, width: int, height: int, bucket: Bucket | None = None) -> Geometry:
-        """How an upright ``width`` x ``height`` picture becomes the output picture."""
+    def geometry(self, width: int, height: int, bucket: Bucket | None = None,
+                 sample_aspect_ratio: Fraction = Fraction(1)) -> Geometry:
+        """How an upright ``width`` x ``height`` picture becomes the output picture.
+
+        ``sample_aspect_ratio``: how wide its pixels are shown (for 1 high). A resize or a
+        bucket is planned from the displayed shape (``width * sample_aspect_ratio`` x
+        ``height``, exactly) and its output is square-pixel; without them the stored
+        ``width`` x ``height`` is kept."""
         if bucket is not None:
-            return _exact(width, height, bucket.width, bucket.height, self.crop != "none")
+            return _exact(_shown_width(width, sample_aspect_ratio), height, bucket.width,
+                          bucket.height, self.crop != "none")
         r = self.resize
         if r is None:
             return Geometry(width, height, 0, 0, width, height)
+        shown = _shown_width(width, sample_aspect_ratio)
         if r.short_side is not None:
             n = r.short_side
-            if width <= height:
-                w, h = n, max(1, round(height * n / width))
+            if shown <= height:
+                w, h = n, max(1, round(height * n / shown))
             else:
-                w, h = max(1, round(width * n / height)), n
+                w, h = max(1, round(shown * n / height)), n
             return Geometry(w, h, 0, 0, w, h)
         assert r.width is not None and r.height is not None
-        return _exact(width, height, r.width, r.height, self.crop != "none")
+        return _exact(shown, height, r.width, r.height, self.crop != "none")
 
     def frame_limit(self, bucket: Bucket | None) -> tuple[int | None, bool]:
         """``(count, exact)``: how many output frames to take at most (``None``: all),
@@ -362,12 +384,14 @@ class Preprocess:
             return bool(self.buckets)
         return getattr(self, name) is not None
 
-    def plan(self, width: int, height: int, frames: int | None, fps: float) -> Plan:
+    def plan(self, width: int, height: int, frames: int | None, fps: float,
+             sample_aspect_ratio: Fraction = Fraction(1)) -> Plan:
         """What these options do to one upright ``width`` x ``height`` clip declaring
-        ``frames`` frames (``None``: unknown) at ``fps``. Raises ``InvalidInput`` when the
-        clip fills no bucket or is known to be shorter than ``num_frames``."""
+        ``frames`` frames (``None``: unknown) at ``fps``, whose pixels are shown
+        ``sample_aspect_ratio`` wide for 1 high (see ``geometry``). Raises ``InvalidInput``
+        when the clip fills no bucket or is known to be shorter than ``num_frames``."""
         available = self.available_frames(frames, fps)
-        bucket = self.choose_bucket(width, height, available)
+        bucket = self.choose_bucket(width, height, available, sample_aspect_ratio)
         limit, exact = self.frame_limit(bucket)
         if exact and limit is not None and available is not None and available < limit:
             raise InvalidInput(f"the clip has {available} frames after preprocessing; "
@@ -378,8 +402,9 @@ class Preprocess:
             if not strict.fps_in_range(out_fps):
                 raise InvalidInput(f"option 'stride' {self.stride} makes the {fps:g} fps clip "
                                    f"{float(out_fps):.3g} fps, outside {strict.FPS_RANGE}")
-        return Plan(self, self.geometry(width, height, bucket), bucket, limit, exact,
-                    out_fps.limit_denominator(1_000_000))
+        return Plan(self, self.geometry(width, height, bucket, sample_aspect_ratio), bucket,
+                    limit, exact, out_fps.limit_denominator(1_000_000),
+                    Fraction(1) if self.resamples else sample_aspect_ratio)
 
 
 def time_tolerance(source_fps: float, fps: Fraction | None) -> float:
@@ -396,7 +421,8 @@ def time_tolerance(source_fps: float, fps: Fraction | None) -> float:
 class Plan:
     """``Preprocess.plan``: the options as decided for one clip. ``frame_limit`` output
     frames at most (``None``: every frame); fewer is an error when ``exact``. ``fps`` is
-    the output rate."""
+    the output rate, ``sample_aspect_ratio`` the output's (1 once resized: only an
+    anamorphic clip kept at its stored size has another)."""
 
     options: Preprocess
     geometry: Geometry
@@ -404,6 +430,7 @@ class Plan:
     frame_limit: int | None
     exact: bool
     fps: Fraction
+    sample_aspect_ratio: Fraction = Fraction(1)
 
     @property
     def width(self) -> int:
@@ -485,7 +512,14 @@ class FrameSelector:
         return 1 if (i - self._start_index) % (o.stride or 1) == 0 else 0
 
 
-def _exact(width: int, height: int, out_w: int, out_h: int, cover: bool) -> Geometry:
+def _shown_width(width: int, sample_aspect_ratio: Fraction) -> int | Fraction:
+    """The displayed width of a picture ``width`` pixels wide, exactly (square pixels: the
+    int itself, so their sizes are computed as they always were)."""
+    return width if sample_aspect_ratio == 1 else width * sample_aspect_ratio
+
+
+def _exact(width: int | Fraction, height: int, out_w: int, out_h: int,
+           cover: bool) -> Geometry:
     if not cover:
         return Geometry(out_w, out_h, 0, 0, out_w, out_h)
     scale = max(out_w / width, out_h / height)

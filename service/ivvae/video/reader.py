@@ -58,7 +58,7 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from ivvae.core.strict import MAX_FPS, MIN_FPS
+from ivvae.core.strict import MAX_FPS, MAX_SAR, MIN_FPS, MIN_SAR
 from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ivvae.video import orientation, sniff
 from ivvae.video.orientation import Orientation
@@ -163,10 +163,16 @@ class VideoLimits:
 class VideoInfo:
     """What a video is, as a player shows it.
 
-    ``width`` and ``height`` are the displayed size: after ``rotation``, the clockwise
+    ``width`` and ``height`` are the size of the upright picture in pixels, the frames
+    that come out without resizing: after ``rotation``, the clockwise
     rotation in degrees (0, 90, 180 or 270) that was applied to the coded pictures, as
     the container's display matrix or a JPEG's EXIF orientation asks (a mirrored picture,
     rare, is also flipped left-right after the turn; see ``ivvae.video.orientation``).
+    ``sample_aspect_ratio`` is how wide a pixel of that upright picture is shown for 1
+    high: 1 for square pixels, 32/27 for a 16:9 DVD (for a quarter turn, the inverse of
+    the stream's). A player shows the picture ``display_width`` x ``display_height``
+    (the stored width scaled by the stream's SAR, rounded, then turned): that is the size
+    ``resize`` and ``bucket`` plan from (see ``ivvae.video.preprocess``).
     ``fps`` is the average frame rate, or
     ``DEFAULT_FPS`` for still images and streams that declare none. ``num_frames`` is the
     count the container declares (fewer than its samples where an edit list trims the
@@ -182,6 +188,19 @@ class VideoInfo:
     codec: str
     container: str
     rotation: int
+    sample_aspect_ratio: Fraction = Fraction(1)
+
+    @property
+    def display_width(self) -> int:
+        if self.rotation % 180:
+            return self.width
+        return max(1, round(self.width * self.sample_aspect_ratio))
+
+    @property
+    def display_height(self) -> int:
+        if self.rotation % 180:  # the stored width, shown SAR wider, became the height
+            return max(1, round(self.height / self.sample_aspect_ratio))
+        return self.height
 
 
 class _Source:
@@ -337,6 +356,20 @@ def _check_pixels(width: int, height: int, limits: VideoLimits) -> None:
     if width * height > limits.source_pixels:
         raise TooLarge(f"frames of {width}x{height} exceed the limit of "
                        f"{limits.source_pixels} pixels")
+
+
+def _sample_aspect_ratio(stream: VideoStream, still: bool) -> Fraction:
+    """How wide a stored (coded, unturned) pixel is shown for 1 high, as FFmpeg's players
+    decide (``av_guess_sample_aspect_ratio``: the container's, else the bitstream's), then
+    the decoder's; 1 when none is set, for still images (a JPEG's or PNG's pixel density
+    is no shape: image viewers and browsers show its pixels square), and for a value
+    outside [1/4, 4] (a broken header, not a picture anyone shows)."""
+    if still:
+        return Fraction(1)
+    for sar in (stream.sample_aspect_ratio, stream.codec_context.sample_aspect_ratio):
+        if sar is not None and sar > 0:
+            return Fraction(sar) if MIN_SAR <= sar <= MAX_SAR else Fraction(1)
+    return Fraction(1)
 
 
 def _declared_rate(stream: VideoStream, still: bool) -> float | None:
@@ -535,8 +568,9 @@ class VideoReader:
             codec=stream.codec_context.name,
             container=container.format.name,
             rotation=turn.clockwise,
+            sample_aspect_ratio=turn.sample_aspect_ratio(_sample_aspect_ratio(stream, still)),
         )
-        plan = preprocess.plan(width, height, info.num_frames, fps)
+        plan = preprocess.plan(width, height, info.num_frames, fps, info.sample_aspect_ratio)
         _check_plan(plan, limits)
         if plan.exact and plan.frame_limit is not None and plan.frame_limit > limits.max_frames:
             raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
@@ -551,7 +585,9 @@ class VideoReader:
 
         ``H, W`` are ``plan.height, plan.width`` (without preprocessing, ``info.height,
         info.width``): rotation and mirroring are applied (see
-        ``ivvae.video.orientation``), then the plan's swscale resize and crop. Frames whose
+        ``ivvae.video.orientation``), then the plan's swscale resize and crop (an
+        anamorphic picture is scaled straight to the plan's size, which was planned from
+        its displayed shape: the output is square-pixel). Frames whose
         coded size changes mid-stream are scaled like the first, as players do; alpha is
         composited over black. Frames are selected as ``plan`` says while they stream
         out; decoding stops once the plan's frame count is reached. Raises ``TooLarge`` as

@@ -23,6 +23,10 @@ Frame rate. The rate is a fraction, the closest one to ``fps`` with a denominato
 
 Colour. RGB is converted with the BT.709 matrix to limited-range YUV, and the stream is
 tagged BT.709, so decoders convert back with the same matrix.
+
+Shape. Pixels are square unless ``sample_aspect_ratio`` says otherwise (frames of an
+anamorphic clip kept at their stored size): then the H.264 VUI and the MP4 ``pasp`` box
+carry it, and players stretch the picture to its displayed shape.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from av.video.reformatter import ColorRange, Colorspace
 from av.video.stream import VideoStream
 
 from ivvae.core.names import DEFAULT_CRF
-from ivvae.core.strict import MAX_FPS
+from ivvae.core.strict import MAX_FPS, MAX_SAR, MIN_SAR
 from ivvae.video.reader import SWSCALE_THREADS
 
 X264_PRESETS = (
@@ -94,7 +98,8 @@ class Mp4Writer:
     playback) or a binary file object (index at the end when it is seekable, a fragmented
     MP4 when it is not; the caller keeps ownership and closes it). Any ``width, height >= 1``
     works; see the module docstring for odd sizes. ``crf`` (0-51, lower is better) and
-    ``preset`` are libx264's. Use as a context manager, or call ``close`` to flush.
+    ``preset`` are libx264's. ``sample_aspect_ratio``: how wide a pixel is shown for 1 high
+    (see the module docstring). Use as a context manager, or call ``close`` to flush.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Mp4Writer:
         fps: float | Fraction,
         crf: int = DEFAULT_CRF,
         preset: str = "medium",
+        sample_aspect_ratio: Fraction = Fraction(1),
     ) -> None:
         if width < 1 or height < 1:
             raise ValueError(f"width and height must be at least 1, got {width}x{height}")
@@ -113,6 +119,9 @@ class Mp4Writer:
             raise ValueError(f"crf must be in [0, 51], got {crf}")
         if preset not in X264_PRESETS:
             raise ValueError(f"preset must be one of {X264_PRESETS}, got {preset!r}")
+        if not MIN_SAR <= sample_aspect_ratio <= MAX_SAR:
+            raise ValueError(f"sample_aspect_ratio must be in [{MIN_SAR}, {MAX_SAR}], got "
+                             f"{sample_aspect_ratio}")
         rate = exact_rate(fps)
         self.width = width
         self.height = height
@@ -146,6 +155,8 @@ class Mp4Writer:
             codec_context.color_trc = _BT709
             codec_context.colorspace = _BT709
             codec_context.color_range = _LIMITED_RANGE
+            if sample_aspect_ratio != 1:  # square pixels: the stream says nothing, as before
+                codec_context.sample_aspect_ratio = Fraction(sample_aspect_ratio)
         except BaseException:
             self._container.close()
             raise

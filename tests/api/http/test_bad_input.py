@@ -171,6 +171,10 @@ async def test_bad_latents(tiny_weights: Path) -> None:
                                                   "model_name": "elsewhere"}), 400,
                               "unknown_model", "elsewhere"),
             "bad fps": (_tamper(good, meta={"fps": "0/0"}), 422, "invalid_latent", "fps"),
+            "bad sar": (_tamper(good, meta={"sample_aspect_ratio": "32/27"}), 422,
+                        "invalid_latent", "sample_aspect_ratio"),
+            "absurd sar": (_tamper(good, meta={"sample_aspect_ratio": "9:1"}), 422,
+                           "invalid_latent", "sample_aspect_ratio"),
             "absurd size": (_tamper(good, meta={"num_frames": "999999999"}), 422,
                             "invalid_latent", "shape"),
             **{f"malformed {name}": (data, 422, "invalid_latent", word)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ivvae.latents import META_KEYS, decode_latent_file
-from ivvae.safetensors_io import loads
+from ivvae.safetensors_io import dumps, loads
 from ivvae.video import open_video
 from tests import media
 from tests.scrape import errors, requests, samples
@@ -94,10 +94,41 @@ async def test_real_clip_round_trip_and_metadata(tiny_weights: Path) -> None:
     assert Fraction(meta["fps"]) == Fraction(30000, 1001)
     assert meta["mode"] == "mean" and meta["dtype"] == "float32"
     assert meta["padding_policy"].startswith("time:repeat-last")
+    # carphone's pixels are not square: the latent says so (its MP4 carries it back).
+    assert meta["sample_aspect_ratio"] == "128:117"
     import hashlib
 
     assert meta["content_sha256"] == hashlib.sha256(clip.read_bytes()).hexdigest()
     assert set(tensors) == {"latent"}
+
+
+async def test_an_anamorphic_clip_comes_back_anamorphic(tiny_weights: Path) -> None:
+    """No options: the stored pixels are encoded, the latent says their shape, and the MP4
+    /decode makes of it carries it back; a bare latent knows of none."""
+    sar = Fraction(2)  # 64x48 shown 128x48
+    clip = media.make_video(None, frames=5, width=64, height=48, container="mkv",
+                            sample_aspect_ratio=sar)
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        enc, frames, _ = await _round_trip(client, clip, "video/x-matroska")
+        dec = await client.post("/decode", content=enc.content)
+        raw = await client.post("/decode?format=frames", content=enc.content)
+        latent, info = decode_latent_file(enc.content)
+        bare = await client.post("/decode", content=dumps({"latent": latent}))
+        resized = await client.post("/encode", content=clip, params={"resize": "24"},
+                                    headers={"content-type": "video/x-matroska"})
+    assert frames.shape == (5, 48, 64, 3)
+    assert info.extra["sample_aspect_ratio"] == "2:1" and info.sample_aspect_ratio == sar
+    with open_video(dec.content) as reader:
+        assert reader.info.sample_aspect_ratio == sar
+        assert (reader.info.display_width, reader.info.display_height) == (128, 48)
+    assert loads(raw.content)[0]["frames"].array.shape == (5, 48, 64, 3)
+    assert bare.status_code == 200, bare.text
+    with open_video(bare.content) as reader:
+        assert reader.info.sample_aspect_ratio == 1
+    # Resized, it is planned from 128x48 (short side 24: 64x24) and comes out square.
+    assert resized.status_code == 200, resized.text
+    assert resized.headers["x-latent-shape"] == "1,4,2,3,8"
+    assert "sample_aspect_ratio" not in loads(resized.content)[1]
 
 
 async def test_raw_frames_output_and_raw_body_upload(tiny_weights: Path) -> None:
