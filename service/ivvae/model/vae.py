@@ -69,8 +69,8 @@ def _check_finite(x: Tensor, what: str) -> None:
     points: under ``torch.compile`` it would cut the graph in two (and fail
     ``fullgraph=True``).
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return
+    if x.is_meta or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return  # meta tensors (FLOP counting, shape inference) hold no values
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"the {what} holds NaN or infinite values")
 
