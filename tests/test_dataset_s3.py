@@ -9,6 +9,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -142,12 +143,18 @@ def test_dataloader_workers_read_their_own_shards(
     assert np.all([isinstance(x, str) for x in sources])
 
 
-def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
-    src = s3_server.make_bucket("replaced")
+def three_clips(s3_server: S3Server, bucket: str) -> tuple[str, Any]:  # noqa: F811
+    """A new bucket holding clip0..2.mp4 (distinct), and its filesystem."""
+    src = s3_server.make_bucket(bucket)
     fs = fsspec.filesystem("s3")
     for i in range(3):
-        fs.pipe_file(f"replaced/clip{i}.mp4",
+        fs.pipe_file(f"{bucket}/clip{i}.mp4",
                      media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
+    return src, fs
+
+
+def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -> None:  # noqa: F811
+    src, fs = three_clips(s3_server, "replaced")
     out = src + "/out"
     spec = in_process(tiny_weights)
     asyncio.run(encode_dataset(src + "/", out, encoder=spec))
@@ -300,11 +307,7 @@ def test_compaction_on_s3_leaves_one_sample_per_clip_for_the_webdataset_package(
 
     from ivvae.compact import compact
 
-    src = s3_server.make_bucket("recut")
-    fs = fsspec.filesystem("s3")
-    for i in range(3):
-        fs.pipe_file(f"recut/clip{i}.mp4",
-                     media.make_video(None, frames=5, width=16, height=16, fps=20 + i))
+    src, fs = three_clips(s3_server, "recut")
     out = src + "/out"
     spec = in_process(tiny_weights)
     asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))

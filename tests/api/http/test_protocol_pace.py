@@ -5,6 +5,7 @@ that is slow to read: time with reading paused by the server is not the client's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -50,11 +51,11 @@ class _SlowReader:
         await send({"type": "http.response.body", "body": body})
 
 
-@pytest.fixture
-def slow_server() -> Iterator[tuple[int, _SlowReader]]:
-    app = _SlowReader()
+@contextlib.contextmanager
+def _serving(app: Any, limits: ConnectionLimits) -> Iterator[int]:
+    """``app`` in a real uvicorn on asyncio's loop (as ``ivvae serve`` runs it), in a
+    thread, until the block ends; yields its port."""
     port = free_port()
-    limits = ConnectionLimits(body_timeout_s=1.0, body_min_rate=1_000_000, linger_s=5.0)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                             lifespan="off", http=bounded_protocol(limits), loop="asyncio")
     server = uvicorn.Server(config)
@@ -65,10 +66,18 @@ def slow_server() -> Iterator[tuple[int, _SlowReader]]:
         assert time.monotonic() < deadline and thread.is_alive()
         time.sleep(0.05)
     try:
-        yield port, app
+        yield port
     finally:
         server.should_exit = True
         thread.join(SLACK_S)
+
+
+@pytest.fixture
+def slow_server() -> Iterator[tuple[int, _SlowReader]]:
+    app = _SlowReader()
+    limits = ConnectionLimits(body_timeout_s=1.0, body_min_rate=1_000_000, linger_s=5.0)
+    with _serving(app, limits) as port:
+        yield port, app
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -153,18 +162,7 @@ def test_a_client_that_resets_after_an_early_answer_raises_nothing_into_the_app(
 
     monkeypatch.setattr(selector_events._SelectorSocketTransport, "write_eof", reset)
     app = _EarlyAnswer()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off", http=bounded_protocol(ConnectionLimits()),
-                            loop="asyncio")  # as ivvae serve runs it
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + SLACK_S
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    try:
+    with _serving(app, ConnectionLimits()) as port:
         sock = socket.create_connection(("127.0.0.1", port), timeout=SLACK_S)
         # Enough body that the server pauses reading (the app reads none): it does not
         # see the client's close before it writes again.
@@ -176,6 +174,3 @@ def test_a_client_that_resets_after_an_early_answer_raises_nothing_into_the_app(
         sock.close()
         assert app.done.wait(SLACK_S)
         assert app.raised == []
-    finally:
-        server.should_exit = True
-        thread.join(SLACK_S)
