@@ -262,6 +262,8 @@ async def test_a_cut_shard_stops_the_compaction_named_and_the_output_whole(
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(DatasetError, match=f"{shard.name} is damaged"):
         compact(str(out))
+    # Stopped, not killed: no marker keeps workers away (they must re-encode its clips).
+    assert not (out / ".ivvae" / "compacting").exists()
     # Stopped there: what readers read of the other clips is as before.
     others = {k: v for k, v in before.items() if k != "clip2.mp4"}
     assert {k: v for k, v in read_all_but(out, "clip2.mp4").items()} == others

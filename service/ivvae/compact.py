@@ -26,7 +26,8 @@ and an ``encode-dataset`` start rewrites the manifest first and removes the left
 It runs alone: locally it takes the job's lock, so it refuses while a worker writes and
 workers refuse while it runs; on object stores, which cannot lock, it leaves
 ``OUT/.ivvae/compacting`` while it works, and workers refuse to start while that is there
-(a compaction that was stopped leaves it: run it again to finish). It refuses a manifest
+(a compaction that was killed leaves it: run it again to finish; one that stopped on an
+error takes it away). It refuses a manifest
 older than the newest record file (a worker was stopped before it wrote the manifest): run
 ``encode-dataset`` once more, which only rewrites the manifest when all is done. A
 training job that holds the old manifest loses the shards it names: compact between jobs.
@@ -46,6 +47,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,29 +128,39 @@ def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
             return result
         marker = out.join(STATE_DIR, COMPACTING_NAME)
         publish_bytes(out, marker, b"")  # object stores: workers refuse to start meanwhile
-        if state.replaced:  # a stopped compaction's: name its new parts before any removal
-            publish_manifest(out, render)
-        result.leftovers_removed += remove_orphans(out, fmt, state, None)
-        if fmt == "files":
-            _remove_stale_files(out, state, current, result, dry_run=False)
-        else:
-            # Three phases, so that the published manifest names only shards that exist
-            # whenever the compaction stops: the new shards and their record files
-            # (which replace the old parts for every run from then on), the manifest that
-            # names them, and only then the removal of what they replace.
-            doomed: list[str] = []
-            try:
-                _rewrite_shards(out, fmt, state, current, result, False, spool, doomed)
-            finally:
-                publish_manifest(out, render)
-            # Record files first, in their own call (a bulk delete has no order): a shard
-            # without its records is an orphan, never a duplicate.
-            records = [p for p in doomed if p.endswith(".jsonl")]
-            for batch in (records, [p for p in doomed if p not in records]):
-                if batch:
-                    out.fs.rm(batch)
-        out.fs.rm(marker)
+        try:
+            _compact_locked(out, fmt, state, current, result, spool, render)
+        finally:
+            # Whatever stopped it short of a kill (a damaged shard, a storage error) left
+            # the output whole, and a worker's start finishes any removal: let them run.
+            out.fs.rm(marker)
     return result
+
+
+def _compact_locked(out: Location, fmt: Format, state: State, current: set[int],
+                    result: Compaction, spool: str, render: Callable[[], bytes]) -> None:
+    if state.replaced:  # a stopped compaction's: name its new parts before any removal
+        publish_manifest(out, render)
+    result.leftovers_removed += remove_orphans(out, fmt, state, None)
+    if fmt == "files":
+        _remove_stale_files(out, state, current, result, dry_run=False)
+        publish_manifest(out, render)
+        return
+    # Three phases, so that the published manifest names only shards that exist whenever
+    # the compaction stops: the new shards and their record files (which replace the old
+    # parts for every run from then on), the manifest that names them, and only then the
+    # removal of what they replace.
+    doomed: list[str] = []
+    try:
+        _rewrite_shards(out, fmt, state, current, result, False, spool, doomed)
+    finally:
+        publish_manifest(out, render)
+    # Record files first, in their own call (a bulk delete has no order): a shard without
+    # its records is an orphan, never a duplicate.
+    records = [p for p in doomed if p.endswith(".jsonl")]
+    for batch in (records, [p for p in doomed if p not in records]):
+        if batch:
+            out.fs.rm(batch)
 
 
 def _manifest(out: Location) -> list[dict[str, Any]]:
