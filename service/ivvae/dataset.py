@@ -1222,7 +1222,7 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
         # Object stores cannot lock: the compaction's marker is what keeps a worker from
         # removing its new shards as orphans before their records are published.
         raise DatasetError(f"{out.url()} is being compacted, or a compaction of it was "
-                           "stopped: wait for it, or run ivvae compact-dataset on it again "
+                           "killed: wait for it, or run ivvae compact-dataset on it again "
                            "to finish")
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
