@@ -105,13 +105,20 @@ async def test_webdataset_shards_hold_only_the_manifest_after_compaction(
     assert {k: len(v) for k, v in tar_samples(out).items()} == {
         "clip0_mp4": 2, "clip1_mp4": 2, "clip2_mp4": 1, "clip3_mp4": 1}
 
+    # A shard whose record file a killed run never published: an orphan the run removes.
+    orphan = out / "shards" / "w00000of00001-0000000000aaaaaa-00000.tar"
+    current = {line["source"]: line for line in manifest(out)}["clip0.mp4"]["part"]
+    orphan.write_bytes((out / current).read_bytes())  # a copy of clip0's current shard
     planned = compact(str(out), dry_run=True)
-    assert (planned.shards_rewritten, planned.shards_removed, planned.samples_dropped) == (
-        1, 1, 3)
-    assert {k: len(v) for k, v in tar_samples(out).items()}["clip0_mp4"] == 2  # untouched
+    assert (planned.shards_rewritten, planned.shards_removed, planned.samples_dropped,
+            planned.leftovers_removed) == (1, 1, 3, 1)
+    assert orphan.exists()  # a dry run changes nothing
+    assert {k: len(v) for k, v in tar_samples(out).items()}["clip0_mp4"] == 3  # untouched
 
     done = compact(str(out))
-    assert (done.shards_rewritten, done.shards_removed, done.samples_dropped) == (1, 1, 3)
+    assert (done.shards_rewritten, done.shards_removed, done.samples_dropped,
+            done.leftovers_removed) == (1, 1, 3, 1)
+    assert not orphan.exists()
     seen = tar_samples(out)
     assert {k: len(v) for k, v in seen.items()} == {"clip0_mp4": 1, "clip1_mp4": 1,
                                                     "clip2_mp4": 1}
@@ -163,10 +170,11 @@ async def test_files_of_clips_no_longer_named_are_removed(
     assert read_all(out) == before
 
 
+@pytest.mark.parametrize("then", ["compact", "encode"])
 @pytest.mark.parametrize("stop_at", ["shard", "records", "records, hard", "old records",
                                      "old shard"])
 async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
-        stop_at: str, tmp_path: Path, tiny_weights: Path,  # noqa: F811
+        stop_at: str, then: str, tmp_path: Path, tiny_weights: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
     src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
     before = read_all(out)
@@ -204,15 +212,21 @@ async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
     with pytest.raises(Killed):
         compact(str(out))
     monkeypatch.undo()
-    # Killed: readers through the manifest read what they read before, and a new run
-    # re-encodes nothing (and, after a compaction killed before its manifest, names the
-    # new parts before it removes the shards they replace).
+    # Killed: readers through the manifest read what they read before. Then either a
+    # second compaction finishes the work (its first one's record files are no sign of a
+    # stale manifest), or a new run re-encodes nothing (and, after a compaction killed
+    # before its manifest, names the new parts before it removes what they replace).
     assert read_all(out) == before
+    for written in (out / PARTS_DIR).glob("compact-*.jsonl"):  # the rerun, a minute later
+        os.utime(written, (written.stat().st_mtime + 60,) * 2)
+    if then == "compact":
+        compact(str(out))
+        assert read_all(out) == before
     rerun = await encode_dataset(src, out, encoder=_encoder(tiny_weights),
                                  format="webdataset", shard_clips=2)
     assert (rerun.encoded, rerun.skipped) == (0, 3)
     assert read_all(out) == before
-    # A second compaction finishes the work: one sample of each clip, no leftovers.
+    # A compaction finishes the work: one sample of each clip, no leftovers.
     compact(str(out))
     assert {k: len(v) for k, v in tar_samples(out).items()} == {
         "clip0_mp4": 1, "clip1_mp4": 1, "clip2_mp4": 1}
@@ -292,7 +306,12 @@ async def test_a_damaged_latent_stops_the_compaction_and_is_named(
             if m.name == "clip2_mp4" + LATENT_SUFFIX:
                 data = data[:-1] + bytes([data[-1] ^ 1])
             tar.addfile(m, io.BytesIO(data))
-    with pytest.raises(DatasetError, match=f"{shard.name}.*clip2.mp4.*damaged"):
+    planned = pytest.raises(DatasetError, match=f"{shard.name} is damaged: the latent of "
+                            "'clip2.mp4' is not the one its record names")
+    with planned:  # a dry run reads what it would copy: it says so too
+        compact(str(out), dry_run=True)
+    with pytest.raises(DatasetError, match=r"remove its record file .*\.jsonl and run "
+                       "encode-dataset"):
         compact(str(out))
 
 

@@ -120,7 +120,8 @@ def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
                 line["source"], str(line.get("identity", "")), line["key"]),
                 separators=(",", ":")) + "\n" for line in lines).encode()
 
-        if dry_run:
+        if dry_run:  # counts what the run would, and reads what it would copy
+            result.leftovers_removed += remove_orphans(out, fmt, state, None, dry_run=True)
             if fmt == "files":
                 _remove_stale_files(out, state, current, result, dry_run=True)
             else:
@@ -184,8 +185,11 @@ def _manifest(out: Location) -> list[dict[str, Any]]:
     written = _modified(out, path, out.fs.info(path))
     parts = out.join(PARTS_DIR)
     listed = out.fs.ls(parts, detail=True) if out.fs.exists(parts) else []
+    # A compaction's own record files hold copies of what a manifest named: not new work.
     newest = max((_modified(out, info["name"], info) for info in listed
-                  if info["name"].endswith(".jsonl")), default=0.0)
+                  if info["name"].endswith(".jsonl")
+                  and not posixpath.basename(info["name"]).startswith(COMPACT_PREFIX + "-")),
+                 default=0.0)
     if newest > written + CLOCK_SLACK_S:
         raise DatasetError(
             f"{out.url(path)} is older than the newest published part (a worker was stopped "
@@ -257,8 +261,6 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
             result.shards_rewritten += 1
         else:
             result.shards_removed += 1
-        if dry_run:
-            continue
         if keep:
             new_part = f"{COMPACT_PREFIX}-{run}-{seq:05d}"
             seq += 1
@@ -274,15 +276,29 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
                         _copy_tar(out, shard, tmp, keep_ok, rel)
                     else:
                         _copy_parquet(out, shard, tmp, keep_ok)
+                except _Damaged as exc:
+                    _unlink(tmp)
+                    record_file = out.url(out.join(PARTS_DIR, part + ".jsonl"))
+                    raise DatasetError(
+                        f"{out.url(shard)} is damaged: {exc}. The compaction stopped there, "
+                        "the output whole. To encode its clips again, remove its record "
+                        f"file {record_file} and run encode-dataset (it removes the shard), "
+                        "then compact") from exc
                 except BaseException:
                     _unlink(tmp)
                     raise
+                if dry_run:
+                    _unlink(tmp)
+                    continue
                 publish_file(out, tmp, new_shard)
+            if dry_run:
+                continue
             body = [{REPLACES: part}, *moved]
             publish_bytes(out, out.join(PARTS_DIR, new_part + ".jsonl"), "".join(
                 json.dumps(line, separators=(",", ":")) + "\n" for line in body).encode())
-        doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
-        doomed.append(shard)
+        if not dry_run:
+            doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
+            doomed.append(shard)
 
 
 def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:
@@ -290,14 +306,16 @@ def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:
     return record["member"] if fmt == "webdataset" else index
 
 
+class _Damaged(Exception):
+    """A shard is not what its records say (``_rewrite_shards`` names the remedy)."""
+
+
 def _copy_tar(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]],
               part: str) -> None:
     try:
         _copy_tar_members(out, shard, tmp, keep, part)
     except (tarfile.TarError, ValueError, EOFError) as exc:
-        raise DatasetError(f"{out.url(shard)} is damaged ({exc}); the compaction stopped "
-                           "there, the output whole. To encode its clips again, remove its "
-                           f"record file under {PARTS_DIR}/ and run encode-dataset") from exc
+        raise _Damaged(str(exc) or type(exc).__name__) from exc
 
 
 def _copy_tar_members(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]],
@@ -316,8 +334,8 @@ def _copy_tar_members(out: Location, shard: str, tmp: str, keep: list[dict[str, 
             data = reader.read()
             if "." + suffix == LATENT_SUFFIX:
                 if hashlib.sha256(data).hexdigest() != record.get("latent_sha256"):
-                    raise DatasetError(f"{out.url(shard)}: the latent of {record['source']!r} "
-                                       "is not the one its record names: the shard is damaged")
+                    raise _Damaged(f"the latent of {record['source']!r} is not the one its "
+                                   "record names")
                 seen.add(key)
             elif "." + suffix == RECORD_SUFFIX:  # it names its part: the new one now
                 data = json.dumps({**json.loads(data), "part": part}, sort_keys=True).encode()
@@ -326,8 +344,7 @@ def _copy_tar_members(out: Location, shard: str, tmp: str, keep: list[dict[str, 
             new.addfile(copy, io.BytesIO(data))
     missing = sorted(set(wanted) - seen)
     if missing:
-        raise DatasetError(f"{out.url(shard)} has no latent of sample {missing[0]!r}: the "
-                           "shard is cut short")
+        raise _Damaged(f"it has no latent of sample {missing[0]!r}: it is cut short")
 
 
 def _copy_parquet(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]]) -> None:
@@ -340,21 +357,19 @@ def _copy_parquet(out: Location, shard: str, tmp: str, keep: list[dict[str, Any]
         table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True,
                               use_threads=False)
     except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"{out.url(shard)} is damaged ({exc}); the compaction stopped "
-                           "there, the output whole") from exc
+        raise _Damaged(str(exc)) from exc
     rows = meta.row_group(0).num_rows if meta.num_row_groups else 64
     wanted = [int(r["member"]) for r in keep]
     if max(wanted) >= table.num_rows:
-        raise DatasetError(f"{out.url(shard)} has {table.num_rows} rows, and its records "
-                           f"name row {max(wanted)}: the shard is cut short")
+        raise _Damaged(f"it has {table.num_rows} rows, and its records name row "
+                       f"{max(wanted)}: it is cut short")
     taken = table.take(wanted)
     # A row holds no latent file to hash: its source and clip key must be the record's.
     for record, source, key in zip(keep, taken.column("source").to_pylist(),
                                    taken.column("clip_key").to_pylist(), strict=True):
         if (source, key) != (record["source"], record["key"]):
-            raise DatasetError(f"{out.url(shard)}: row {record['member']} holds {source!r}, "
-                               f"and its record names {record['source']!r}: the shard is "
-                               "not the one its records describe")
+            raise _Damaged(f"row {record['member']} holds {source!r}, and its record names "
+                           f"{record['source']!r}")
     pq.write_table(taken, tmp, row_group_size=max(1, rows), write_page_checksum=True)
 
 

@@ -985,9 +985,11 @@ def load_state(out: Location, fmt: Format) -> State:
     return state
 
 
-def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None) -> int:
+def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None, *,
+                   dry_run: bool = False) -> int:
     """Remove shards no record file names (a run killed between the two publishes) and
-    temporaries, of ``prefix``'s worker (None: of every worker)."""
+    temporaries, of ``prefix``'s worker (None: of every worker); ``dry_run``: only count
+    them."""
     fs = out.fs
     doomed: list[str] = []
     if fmt != "files":
@@ -996,15 +998,16 @@ def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None)
             if prefix is None or posixpath.basename(rel).startswith(
                     (prefix + "-", COMPACT_PREFIX + "-")):
                 doomed.append(out.join(rel))
-                state.outputs.pop(rel, None)
+                if not dry_run:
+                    state.outputs.pop(rel, None)
     if out.local and fs.exists(out.path):
         mark = TMP_MARK if prefix is None else f"{TMP_MARK}{prefix}-"
         versions = out.join(VERSIONS_DIR) + "/"  # other jobs' outputs
         doomed += [p for p in fs.find(out.path) if mark in posixpath.basename(p)
                    and not p.startswith(versions)]
-    if doomed:
+    if doomed and not dry_run:
         fs.rm(sorted(set(doomed)))
-    return len(doomed)
+    return len(set(doomed))
 
 
 def clip_key(source: Source, config: JobConfig) -> str:
