@@ -102,8 +102,10 @@ def load_settings_class(root: Path) -> type[Any]:
 
 
 def settings_variables(settings: type[Any]) -> dict[str, str]:
-    """``IVVAE_<FIELD>`` -> field name, for every field of Settings."""
-    return {f"IVVAE_{name.upper()}": name for name in settings.model_fields}
+    """``IVVAE_<FIELD>`` -> field name, for every field of Settings (named as its module,
+    ``ivvae.config``, names them)."""
+    variable = sys.modules[settings.__module__].variable
+    return {variable(name): name for name in settings.model_fields}
 
 
 def settings_default(settings: type[Any], variable: str) -> Any:

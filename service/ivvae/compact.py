@@ -69,11 +69,12 @@ from .dataset import (
     State,
     _locked,
     _read_job,
+    jsonl,
     load_state,
     publish_manifest,
     remove_orphans,
 )
-from .storage import Location, publish_file, storage_errors, temp_file_for
+from .storage import Location, modified_time, publish_file, storage_errors, temp_file_for
 from .storage import write_bytes as publish_bytes
 
 # The store's times, of the manifest and of the record files (S3: whole seconds).
@@ -111,14 +112,11 @@ def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
     with _locked(out, None):
         state = load_state(out, fmt)
         lines = _manifest(out)
-        current = {id(state.line_named(line["source"], str(line.get("identity", "")),
-                                       line["key"])) for line in lines}
+        current = {id(_current(state, line)) for line in lines}
 
         def render() -> bytes:
             now = load_state(out, fmt)
-            return "".join(json.dumps(now.line_named(
-                line["source"], str(line.get("identity", "")), line["key"]),
-                separators=(",", ":")) + "\n" for line in lines).encode()
+            return jsonl(_current(now, line) for line in lines)
 
         if dry_run:  # counts what the run would, and reads what it would copy
             result.leftovers_removed += remove_orphans(out, fmt, state, None, dry_run=True)
@@ -151,17 +149,21 @@ def _compact_locked(out: Location, fmt: Format, state: State, current: set[int],
     # the compaction stops: the new shards and their record files (which replace the old
     # parts for every run from then on), the manifest that names them, and only then the
     # removal of what they replace.
-    doomed: list[str] = []
     try:
-        _rewrite_shards(out, fmt, state, current, result, False, spool, doomed)
+        records, shards = _rewrite_shards(out, fmt, state, current, result, False, spool)
     finally:
         publish_manifest(out, render)
     # Record files first, in their own call (a bulk delete has no order): a shard without
     # its records is an orphan, never a duplicate.
-    records = [p for p in doomed if p.endswith(".jsonl")]
-    for batch in (records, [p for p in doomed if p not in records]):
+    for batch in (records, shards):
         if batch:
             out.fs.rm(batch)
+
+
+def _current(state: State, line: dict[str, Any]) -> dict[str, Any]:
+    """What ``state`` holds for a manifest ``line``'s clip at its key: its record, or a
+    pending line."""
+    return state.line_named(line["source"], str(line.get("identity", "")), line["key"])
 
 
 def _manifest(out: Location) -> list[dict[str, Any]]:
@@ -182,7 +184,7 @@ def _manifest(out: Location) -> list[dict[str, Any]]:
         except ValueError:
             pass
         raise DatasetError(f"{out.url(path)}: line {number} is not a manifest line")
-    written = _modified(out, path, out.fs.info(path))
+    written = _modified(out, path, out.fs.info(path))  # the store's clock, as for the parts
     parts = out.join(PARTS_DIR)
     listed = out.fs.ls(parts, detail=True) if out.fs.exists(parts) else []
     # A compaction's own record files hold copies of what a manifest named: not new work.
@@ -199,21 +201,11 @@ def _manifest(out: Location) -> list[dict[str, Any]]:
 
 
 def _modified(out: Location, path: str, info: dict[str, Any]) -> float:
-    """When the store last wrote ``path`` (its own clock, as for every file compared)."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "mtime_ns"):
-        value = info.get(key)
-        if isinstance(value, (int, float)):
-            return float(value) / (1e9 if key == "mtime_ns" else 1)
-        if value is not None and hasattr(value, "timestamp"):
-            return float(value.timestamp())
-    try:
-        stamp = out.fs.modified(path)
-    except NotImplementedError:
-        stamp = None
+    stamp = modified_time(out.fs, path, info)
     if stamp is None:
         raise DatasetError(f"{out.url(path)}: this store does not say when its files were "
                            "written, which compaction needs")
-    return float(stamp.timestamp())
+    return stamp
 
 
 def _remove_stale_files(out: Location, state: State, current: set[int], result: Compaction,
@@ -233,17 +225,17 @@ def _remove_stale_files(out: Location, state: State, current: set[int], result: 
 
 
 def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
-                    result: Compaction, dry_run: bool, spool: str,
-                    doomed: list[str] | None = None) -> None:
+                    result: Compaction, dry_run: bool, spool: str
+                    ) -> tuple[list[str], list[str]]:
     """Publish a shard and record file for the current samples of every part that holds
-    stale ones; what they replace is appended to ``doomed`` (record files, then shards),
-    for the caller to remove once the manifest names the new parts."""
-    doomed = [] if doomed is None else doomed
-    # First the record files of parts a killed compaction replaced (their shards went with
-    # the orphans): while the file replacing one exists, they are read as gone.
-    for part in sorted(state.replaced & set(state.files)):
-        result.leftovers_removed += 1
-        doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
+    stale ones; returns what they replace (record files, shards), for the caller to remove
+    once the manifest names the new parts."""
+    # The record files of parts a killed compaction replaced are among them (their shards
+    # went with the orphans): while the file replacing one exists, they are read as gone.
+    replaced = sorted(state.replaced & set(state.files))
+    result.leftovers_removed += len(replaced)
+    old_records = [out.join(PARTS_DIR, part + ".jsonl") for part in replaced]
+    old_shards: list[str] = []
     run = f"{int(time.time()):010x}{secrets.token_hex(3)}"
     seq = 0
     for part, records in sorted(state.files.items()):
@@ -293,12 +285,12 @@ def _rewrite_shards(out: Location, fmt: Format, state: State, current: set[int],
                 publish_file(out, tmp, new_shard)
             if dry_run:
                 continue
-            body = [{REPLACES: part}, *moved]
-            publish_bytes(out, out.join(PARTS_DIR, new_part + ".jsonl"), "".join(
-                json.dumps(line, separators=(",", ":")) + "\n" for line in body).encode())
+            publish_bytes(out, out.join(PARTS_DIR, new_part + ".jsonl"),
+                          jsonl([{REPLACES: part}, *moved]))
         if not dry_run:
-            doomed.insert(0, out.join(PARTS_DIR, part + ".jsonl"))
-            doomed.append(shard)
+            old_records.append(out.join(PARTS_DIR, part + ".jsonl"))
+            old_shards.append(shard)
+    return old_records, old_shards
 
 
 def _member(record: dict[str, Any], index: int, fmt: Format) -> Any:

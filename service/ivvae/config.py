@@ -34,6 +34,14 @@ LOCAL_TRITON_HTTP_PORT = 8100
 LOCAL_TRITON_GRPC_PORT = 8101
 LOCAL_TRITON_METRICS_PORT = 8102
 
+ENV_PREFIX = "IVVAE_"
+
+
+def variable(field: str) -> str:
+    """The environment variable of a settings field: ``IVVAE_`` + its name upper-cased."""
+    return ENV_PREFIX + field.upper()
+
+
 # IVVAE_* variables that are not gateway settings: the command-line tools' (docs/deploy.md
 # lists them), and the Triton python models' (model_repository/*/1/model.py, a fallback for
 # the ARTIFACT_DIR parameter). Any other IVVAE_* name is a typo the gateway warns about.
@@ -48,7 +56,7 @@ MAX_CACHE_TTL_S = 10 * 365 * 24 * 3600  # Redis takes larger, as milliseconds it
 class Settings(BaseSettings):
     """Gateway configuration. Every field maps to ``IVVAE_<FIELD_NAME_UPPER>``."""
 
-    model_config = SettingsConfigDict(env_prefix="IVVAE_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     # -- network ---------------------------------------------------------------------------
     host: str = Field("127.0.0.1", min_length=1)
@@ -239,7 +247,7 @@ class Settings(BaseSettings):
         for name in ("tls_cert", "tls_key"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
-                raise ValueError(f"IVVAE_{name.upper()}: no such file {path!r}")
+                raise ValueError(f"{variable(name)}: no such file {path!r}")
         if self.tls_cert:
             # Loaded now, as both listeners will: a key that is not the certificate's, a
             # file that is not PEM, or a key with a passphrase (which OpenSSL would ask
@@ -299,7 +307,7 @@ def settings_problems(exc: ValidationError, options: Collection[str] = ()) -> li
         loc = error["loc"]
         name = str(loc[0]) if loc else ""
         where = ("settings" if not name else f"--{name.replace('_', '-')}" if name in options
-                 else f"IVVAE_{name.upper()}")
+                 else variable(name))
         lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return lines
 
@@ -308,11 +316,11 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     """A line for each ``IVVAE_*`` variable in ``environ`` that nothing reads (a typo:
     settings ignore names they do not know), with the setting it most likely meant."""
     environ = os.environ if environ is None else environ
-    known = {f"IVVAE_{name.upper()}" for name in Settings.model_fields}
+    known = {variable(name) for name in Settings.model_fields}
     lines = []
     for name in sorted(environ):
         upper = name.upper()  # settings read names in any case
-        if (not upper.startswith("IVVAE_") or upper in known or upper in TOOL_VARIABLES
+        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in TOOL_VARIABLES
                 or upper in MODEL_SIDE_VARIABLES):
             continue
         close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)

@@ -87,7 +87,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -808,9 +808,8 @@ class PartWriter:
             tmp = temp_file_for(self.out, self.shard_path, self.spool, self.tag)
             _write_parquet(tmp, self.rows, self.row_group_clips)
             publish_file(self.out, tmp, self.shard_path)
-        lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
         publish_bytes(self.out, self.out.join(PARTS_DIR, self.part_name + ".jsonl"),
-                      lines.encode())
+                      jsonl(records))
         self.published.append(self.part_name)
         self.seq += 1
         self._reset()
@@ -1010,6 +1009,11 @@ def remove_orphans(out: Location, fmt: Format, state: State, prefix: str | None,
     return len(set(doomed))
 
 
+def jsonl(items: Iterable[Mapping[str, Any]]) -> bytes:
+    """JSON lines, compact, as record files and the manifest hold them."""
+    return "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in items).encode()
+
+
 def clip_key(source: Source, config: JobConfig) -> str:
     return source.key(config.key, sidecars=config.format != "files")
 
@@ -1024,8 +1028,7 @@ def write_manifest(out: Location, sources: Sequence[Source], config: JobConfig) 
 
     def render() -> bytes:
         state = load_state(out, config.format)
-        return "".join(json.dumps(state.line(s, clip_key(s, config)), separators=(",", ":"))
-                       + "\n" for s in sources).encode()
+        return jsonl(state.line(s, clip_key(s, config)) for s in sources)
 
     publish_manifest(out, render)
 
@@ -1097,22 +1100,22 @@ def _locked(out: Location, prefix: str | None) -> Iterator[None]:
     import fcntl
 
     os.makedirs(out.join(STATE_DIR), exist_ok=True)
-    with contextlib.ExitStack() as held:
-        job_lock = held.enter_context(open(out.join(STATE_DIR, LOCK_NAME), "a"))
+
+    def lock(name: str, mode: int, busy: str) -> None:
+        file = held.enter_context(open(out.join(STATE_DIR, name), "a"))  # noqa: SIM115
         try:
-            fcntl.flock(job_lock, (fcntl.LOCK_SH if prefix else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(file, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DatasetError(
-                f"a compaction of {out.path} is running" if prefix else
-                f"an encode-dataset run or another compaction is using {out.path}: compact "
-                "when none is") from None
+            raise DatasetError(busy) from None
+
+    with contextlib.ExitStack() as held:
         if prefix:
-            lock = held.enter_context(open(out.join(STATE_DIR, f"{LOCK_NAME}-{prefix}"), "a"))
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DatasetError(f"another encode-dataset run ({prefix}) is writing to "
-                                   f"{out.path}") from None
+            lock(LOCK_NAME, fcntl.LOCK_SH, f"a compaction of {out.path} is running")
+            lock(f"{LOCK_NAME}-{prefix}", fcntl.LOCK_EX,
+                 f"another encode-dataset run ({prefix}) is writing to {out.path}")
+        else:
+            lock(LOCK_NAME, fcntl.LOCK_EX, f"an encode-dataset run or another compaction "
+                 f"is using {out.path}: compact when none is")
         yield
 
 

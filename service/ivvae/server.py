@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .api.http.app import REFUSAL_LOG
 from .config import Settings, unknown_variables
 from .service import Service
 
@@ -33,7 +34,7 @@ LOG_WINDOW_S = 60.0
 # uvicorn's args: (client, method, path, http version, status).
 _ACCESS = ("uvicorn.access", '%s - "%s %s HTTP/%s" %d')
 # The refusal line of a routed request (its path is a route's): method, path, status, code.
-_REFUSAL = ("ivvae.http", "%s %s -> %d %s: %s")
+_REFUSAL = ("ivvae.http", REFUSAL_LOG)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 SERVED_BURST_FACTOR = 50  # answers below 400: 1,000 lines a minute per route and status
 

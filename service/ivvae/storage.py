@@ -102,6 +102,22 @@ def file_identity(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')}"
 
 
+def modified_time(fs: AbstractFileSystem, path: str, info: dict[str, Any]) -> float | None:
+    """When the store last wrote ``path``, by its own clock (seconds since the epoch), from
+    its listing ``info`` or else asked; None when the store does not say."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "mtime_ns"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value) / (1e9 if key == "mtime_ns" else 1)
+        if value is not None and hasattr(value, "timestamp"):
+            return float(value.timestamp())
+    try:
+        stamp = fs.modified(path)
+    except NotImplementedError:
+        return None
+    return None if stamp is None else float(stamp.timestamp())
+
+
 def content_sha256(fs: AbstractFileSystem, path: str) -> str:
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:

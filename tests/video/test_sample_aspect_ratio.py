@@ -14,6 +14,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
+from ivvae.outputs import _Chunks
 from ivvae.video import Bucket, Mp4Writer, Plan, Preprocess, open_video
 from tests.media import make_frames, make_video
 
@@ -148,29 +149,16 @@ def test_a_still_images_pixel_density_is_no_shape() -> None:
         assert reader.read_all().shape == (1, 48, 64, 3)
 
 
-class _Stream:
-    """A non-seekable sink: the fragmented MP4 the service streams."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.data += data
-        return len(data)
-
-    def seekable(self) -> bool:
-        return False
-
-
 @pytest.mark.parametrize("fragmented", [False, True])
 def test_the_mp4_writer_carries_a_sar(fragmented: bool) -> None:
     frames = make_frames(5, 64, 48)
     outputs = []
     for sar in (Fraction(1), Fraction(128, 117)):
-        sink: io.BytesIO | _Stream = _Stream() if fragmented else io.BytesIO()
+        # Non-seekable: the fragmented MP4 the service streams (outputs' own sink).
+        sink: io.BytesIO | _Chunks = _Chunks() if fragmented else io.BytesIO()
         with Mp4Writer(sink, width=64, height=48, fps=24, sample_aspect_ratio=sar) as writer:
             writer.write(frames)
-        outputs.append(bytes(sink.data) if isinstance(sink, _Stream) else sink.getvalue())
+        outputs.append(sink.take() if isinstance(sink, _Chunks) else sink.getvalue())
     plain, anamorphic = outputs
     assert _sar_of(plain) is None  # square pixels: the file says nothing, as before
     assert _sar_of(anamorphic) == Fraction(128, 117)

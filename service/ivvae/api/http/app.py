@@ -37,6 +37,11 @@ log = logging.getLogger("ivvae.http")
 
 
 
+# The log line of a request answered with an error: method, path, status, code, detail
+# (ivvae.server's log limit keys it by the first four).
+REFUSAL_LOG = "%s %s -> %d %s: %s"
+
+
 def error_response(exc: IVVAEError) -> JSONResponse:
     retry = retry_after(exc)
     return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc),
@@ -80,10 +85,9 @@ class _Contain:
                 task.uncancel()
             log.warning("%s %s cancelled: the server is stopping", scope["method"],
                         scope["path"])
-            error = Overloaded("the server is shutting down; retry", retry_after_s=1)
-            response = JSONResponse(
-                {"error": error.code, "detail": error.detail}, status_code=http_status(error),
-                headers={"Retry-After": retry_after(error) or "1", "Connection": "close"})
+            response = error_response(
+                Overloaded("the server is shutting down; retry", retry_after_s=1))
+            response.headers["Connection"] = "close"
             await response(scope, receive, send)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
@@ -129,7 +133,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IVVAEError)
     async def _service_error(request: Request, exc: IVVAEError) -> JSONResponse:
         status = http_status(exc)
-        (log.warning if status >= 500 else log.info)("%s %s -> %d %s: %s", request.method,
+        (log.warning if status >= 500 else log.info)(REFUSAL_LOG, request.method,
                                                      request.url.path, status, exc.code,
                                                      exc.detail)
         svc = getattr(request.app.state, "service", None)

@@ -268,14 +268,13 @@ class _BoundedH11(H11Protocol):
         self._lingering = 0
         self._unset_keepalive_if_required()
         self.flow.resume_reading()
+        self._disarm()
         if self.transport.can_write_eof():
             try:
                 self.transport.write_eof()
             except OSError:  # the client reset the connection already: nothing to drop
-                self._disarm()
                 self.transport.close()
                 return
-        self._disarm()
         self._deadline = self.loop.call_later(self.limits.linger_s, self.transport.close)
 
 
