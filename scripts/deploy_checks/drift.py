@@ -8,7 +8,6 @@ returns its problems in the order the files are read.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -86,19 +85,15 @@ def check_drift(layout: Layout) -> DriftReport:
 
 
 def load_settings_class(root: Path) -> type[Any]:
-    """``ivvae.config.Settings``, from the installed package or from ``service/``."""
+    """``ivvae.config.Settings``: the installed package's, else the checkout's (``root/service``
+    on the path; the module needs pydantic, not torch)."""
     try:
         from ivvae.config import Settings
     except ImportError:
-        path = root / "service" / "ivvae" / "config.py"
-        spec = importlib.util.spec_from_file_location("_ivvae_config_for_validation", path)
-        if spec is None or spec.loader is None:
-            raise
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        settings: type[Any] = module.Settings
-        return settings
-    return Settings
+        sys.path.insert(0, str(root / "service"))
+        from ivvae.config import Settings
+    settings: type[Any] = Settings
+    return settings
 
 
 def settings_variables(settings: type[Any]) -> dict[str, str]:

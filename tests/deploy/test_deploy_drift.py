@@ -10,6 +10,8 @@ import copy
 import dataclasses
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +252,25 @@ def test_drift_catches_a_shutdown_grace_the_orchestrator_cuts_short(deploy_copy:
         "after 30 s" in problems
     assert "gateway: IVVAE_SHUTDOWN_GRACE_S is 118 s and the orchestrator kills after 115 s" \
         in problems
+
+
+def test_settings_come_from_the_checkout_when_ivvae_is_not_installed() -> None:
+    """A job that lints the deployment files without installing the package still reads
+    Settings: from ``service/`` of the checkout it validates."""
+    service = str(ROOT / "service")
+    script = f"""
+import sys
+sys.path[:] = [p for p in sys.path if p != {service!r}]  # the editable install's entry
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from scripts.deploy_checks.drift import load_settings_class, settings_variables
+settings = load_settings_class(Path({str(ROOT)!r}))
+print(settings.__module__, sys.modules[settings.__module__].__file__)
+print(len(settings_variables(settings)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    module, count = done.stdout.split("\n")[:2]
+    assert module.split() == ["ivvae.config", str(ROOT / "service" / "ivvae" / "config.py")]
+    assert int(count) == len(settings_variables(Settings))
