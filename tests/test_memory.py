@@ -11,7 +11,7 @@ import pytest
 from ivvae import memory
 from ivvae.core.geometry import GROUP
 from ivvae.errors import Overloaded, TooLarge
-from ivvae.memory import MB, MemoryBudget, StepCost, plan_steps
+from ivvae.memory import MB, HeldBodies, MemoryBudget, StepCost, plan_steps
 from tests.service_fixtures import tiny_settings, tiny_weights, write_tiny_weights  # noqa: F401
 
 COST = StepCost(fixed=0, per_pixel_frame=700.0)  # about the bundled model's
@@ -114,6 +114,27 @@ async def test_a_cancelled_waiter_takes_nothing_and_blocks_no_one() -> None:
     hold.set()
     await first
     assert budget.reserved == 0
+
+
+def test_held_bodies_are_bounded_together_refused_at_once_and_given_back() -> None:
+    bodies = HeldBodies(100)
+    with bodies.hold() as first:
+        first(40)
+        first(30)
+        with bodies.hold() as second:
+            second(30)
+            with pytest.raises(Overloaded, match="retry later") as busy:
+                second(1)  # 101 together: refused now, not waited for
+            assert busy.value.retry_after_s is not None
+        assert bodies.held == 70  # the second's 30 given back
+        with pytest.raises(TooLarge, match="IVVAE_MEMORY_BUDGET_MB"):
+            with bodies.hold() as third:
+                third(101)  # could never fit, however idle: not worth a retry
+    assert bodies.held == 0
+    with pytest.raises(RuntimeError), bodies.hold() as failing:
+        failing(100)
+        raise RuntimeError
+    assert bodies.held == 0
 
 
 def test_a_budget_smaller_than_the_baseline_is_a_configuration_error() -> None:

@@ -16,6 +16,8 @@ budget bounds the whole process:
 * **Admission.** :class:`MemoryBudget` hands out reservations of a plan's bytes; requests
   that do not fit next to those running wait in order, and past ``timeout_s`` are refused
   as :class:`~ivvae.errors.Overloaded` (503 with ``Retry-After``).
+* **Bodies.** Request bodies held in memory take a share of the budget of their own
+  (:class:`HeldBodies`): counted as they arrive, refused at once past it.
 * **Give back.** After a large job, :func:`return_memory` asks the allocator to hand freed
   pages back to the OS (glibc keeps them otherwise: 2 GB after one 1080p job).
 * **Allocator.** :func:`tune_allocator` (the ``ivvae`` command calls it at start; the
@@ -39,7 +41,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,6 +73,9 @@ RETURN_AFTER_BYTES = 256 * MB
 UNMEASURED_PER_PIXEL_FRAME = 3000.0
 # Of the machine's (or the container's) memory, the default budget.
 DEFAULT_FRACTION = 0.75
+# Of the budget's share for requests, what request bodies held in memory may use together
+# (HeldBodies); model steps and held answers get the rest.
+BODY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,52 @@ class MemoryBudget:
             self._waiters.popleft()
             self.reserved += nbytes
             waiter.set_result(None)
+
+
+class HeldBodies:
+    """Request bodies held in memory (a ``/decode`` latent, a raw tensor, a ``/frames``
+    video, a gRPC upload), from their first byte until their request ends: together at
+    most ``capacity`` bytes, a share carved from the budget (:data:`BODY_SHARE`).
+
+    Why: each body may be ``IVVAE_MAX_UPLOAD_BYTES``, and connections (or RPCs) are
+    counted, not weighed: a thousand clients sending latents at once held a thousand
+    bodies before any of them reached admission. A body that would pass the share is
+    refused at once (:class:`~ivvae.errors.Overloaded`, 503 with ``Retry-After``) rather
+    than waiting, since a waiting body holds its connection and what has arrived; one that
+    could never fit is :class:`~ivvae.errors.TooLarge`. ``/encode`` file uploads are spooled
+    to disk and take none of it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Callable[[int], None]]:
+        """``with bodies.hold() as take:``, then ``take(n)`` for each ``n`` bytes that
+        arrive (raising when they do not fit); all are given back when the block ends."""
+        taken = 0
+
+        def take(nbytes: int) -> None:
+            nonlocal taken
+            if taken + nbytes > self.capacity:
+                raise TooLarge(
+                    f"the body is over {taken + nbytes:,} bytes, more than the "
+                    f"{self.capacity:,} bytes of memory that bodies may hold "
+                    f"({BODY_SHARE:.0%} of the budget's share for requests, "
+                    "IVVAE_MEMORY_BUDGET_MB): send less at once")
+            if self.held + nbytes > self.capacity:
+                raise Overloaded(
+                    f"request bodies already hold {self.held // MB:,} of the "
+                    f"{self.capacity // MB:,} MB of memory they may use; retry later",
+                    retry_after_s=1.0)
+            self.held += nbytes
+            taken += nbytes
+
+        try:
+            yield take
+        finally:
+            self.held -= taken
 
 
 # -- measuring a model's cost -----------------------------------------------------------------

@@ -63,7 +63,7 @@ from .latents import (
     encode_latent_file,
     served_model_for,
 )
-from .memory import MB, MemoryBudget, Plan, default_budget_mb, plan_steps
+from .memory import BODY_SHARE, MB, HeldBodies, MemoryBudget, Plan, default_budget_mb, plan_steps
 from .metrics import Metrics
 from .video import (
     DEFAULT_FPS,
@@ -149,6 +149,7 @@ class Pipeline:
         self._slots = asyncio.Semaphore(settings.max_concurrent_requests)
         self.budget_mb = settings.memory_budget_mb or default_budget_mb()
         self._budget: MemoryBudget | None = None
+        self._bodies: HeldBodies | None = None
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -171,12 +172,16 @@ class Pipeline:
 
     def start_budget(self, baseline_bytes: int) -> MemoryBudget:
         """Requests share the budget less ``baseline_bytes`` (the process at rest: weights,
-        runtime, the in-memory cache at its cap). ``Service.start`` measures it."""
-        self._budget = MemoryBudget(self.budget_mb * MB - baseline_bytes,
+        runtime, the in-memory cache at its cap): ``BODY_SHARE`` of it for bodies held in
+        memory (``bodies``), the rest for model steps and held answers. ``Service.start``
+        measures the baseline."""
+        share = self.budget_mb * MB - baseline_bytes
+        self._bodies = HeldBodies(int(share * BODY_SHARE))
+        self._budget = MemoryBudget(share - self._bodies.capacity,
                                     timeout_s=self.settings.admission_timeout_s,
                                     budget_mb=self.budget_mb)
-        log.info("memory budget %d MB: %d MB for requests", self.budget_mb,
-                 self._budget.capacity // MB)
+        log.info("memory budget %d MB: %d MB for requests, %d MB of it for request bodies",
+                 self.budget_mb, share // MB, self._bodies.capacity // MB)
         return self._budget
 
     @property
@@ -185,6 +190,14 @@ class Pipeline:
             self.start_budget(0)
         assert self._budget is not None
         return self._budget
+
+    @property
+    def bodies(self) -> HeldBodies:
+        """Request bodies held in memory (transports count them as they arrive)."""
+        if self._bodies is None:
+            self.start_budget(0)
+        assert self._bodies is not None
+        return self._bodies
 
     def plan(self, model: ModelInfo, direction: str, width: int, height: int, *,
              still: bool) -> Plan:

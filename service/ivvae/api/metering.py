@@ -3,7 +3,8 @@ the count of requests refused before they were served.
 
 Every request is counted in ``ivvae_requests_total`` under an ``op`` from a fixed set, never
 text from the wire: the operations (``encode``, ``decode``, ``frames``, ``models``),
-``OTHER`` (a gRPC method that is none of ivvae's: reflection, a made-up name) and
+``OTHER`` (a gRPC method, or an HTTP path or method, that is none of ivvae's: reflection, a
+made-up name, ``GET /encode``) and
 ``UNROUTED`` (an HTTP request refused by a connection bound before it was routed). Its
 ``outcome`` is ``ok`` or an error code of ``ivvae.errors``."""
 

@@ -291,3 +291,29 @@ async def test_a_message_that_does_not_parse_is_invalid_argument(server: ServerT
             got = await _status(stream, _messages(garbage))
     assert got == (INVALID, "invalid_input")
     await _good_encode_works(server.grpc_target)
+
+
+async def test_uploads_count_against_the_memory_for_bodies(server: ServerThread) -> None:
+    """An upload that would pass the share of memory for request bodies while others hold
+    theirs is UNAVAILABLE (retry), one that could never fit RESOURCE_EXHAUSTED; nothing
+    stays held after the RPC."""
+    bodies = server.service.pipeline.bodies
+    capacity = bodies.capacity
+    bodies.capacity = len(GOOD) + 1000
+    try:
+        async with grpc.aio.insecure_channel(server.grpc_target) as channel:
+            stub = pb_grpc.IVVAEStub(channel)
+            with bodies.hold() as other:
+                other(2000)  # another request's body, still arriving
+                assert await _status(stub.Encode, encode_requests(GOOD)) == (
+                    grpc.StatusCode.UNAVAILABLE, "overloaded")
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.EncodeUnary(pb.EncodeUnaryRequest(video=GOOD), metadata=AUTH)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert bodies.held == 0
+            await _good_encode_works(server.grpc_target)
+            assert await _status(stub.Encode, encode_requests(GOOD + bytes(2000))) == (
+                EXHAUSTED, "too_large")
+            assert bodies.held == 0
+    finally:
+        bodies.capacity = capacity

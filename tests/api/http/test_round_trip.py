@@ -201,6 +201,13 @@ async def test_service_endpoints(tiny_weights: Path) -> None:
         assert "ivvae_requests_total" in metrics or "ivvae_request_seconds" in metrics
         nothing = await client.get("/nope")
         assert nothing.status_code == 404 and nothing.json()["error"] == "not_found"
+        wrong = await client.get("/encode")
+        assert wrong.status_code == 405 and wrong.json()["error"] == "method_not_allowed"
+        # A client calling the wrong URL shows in the metrics, not only in the log.
+        counted = client.app.state.service.metrics  # type: ignore[attr-defined]
+        for code in ("not_found", "method_not_allowed"):
+            assert counted.requests.labels("other", "http", code)._value.get() == 1
+            assert counted.errors.labels(code)._value.get() == 1
 
 
 async def test_api_keys(tiny_weights: Path) -> None:

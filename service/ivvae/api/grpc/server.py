@@ -198,6 +198,7 @@ async def _stop(task: asyncio.Future[Any]) -> None:
 
 @dataclass
 class _Rpc:
+    take: Callable[[int], None]  # HeldBodies.hold's: the request's bytes held in memory
     admitted: bool = False  # counted in ivvae_in_flight_requests
 
 
@@ -222,36 +223,37 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         """One RPC: admission (unless the handler admits it later), metrics, and errors
         mapped to statuses."""
         m = self.service.metrics
-        rpc = _Rpc()
-        meter = RequestMeter(m, op, "grpc", in_flight=False)
-        meter.start()
-        failure: BaseException | None = None
-        try:
-            if admit:
-                self._admit(context, rpc)
-            yield rpc
-        except IVVAEError as exc:
-            failure = exc
-            status = grpc_status(exc)
-            m.errors.labels(exc.code).inc()
-            (log.warning if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
-             else log.info)("gRPC %s -> %s %s: %s", op, status.name, exc.code, exc.detail)
-            await context.abort(status, exc.detail,
-                                trailing_metadata=((ERROR_CODE_KEY, exc.code),))
-        except asyncio.CancelledError as exc:
-            failure = exc
-            raise
-        except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
+        with self.service.pipeline.bodies.hold() as take:
+            rpc = _Rpc(take)
+            meter = RequestMeter(m, op, "grpc", in_flight=False)
+            meter.start()
+            failure: BaseException | None = None
+            try:
+                if admit:
+                    self._admit(context, rpc)
+                yield rpc
+            except IVVAEError as exc:
+                failure = exc
+                status = grpc_status(exc)
+                m.errors.labels(exc.code).inc()
+                (log.warning if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+                 else log.info)("gRPC %s -> %s %s: %s", op, status.name, exc.code, exc.detail)
+                await context.abort(status, exc.detail,
+                                    trailing_metadata=((ERROR_CODE_KEY, exc.code),))
+            except asyncio.CancelledError as exc:
+                failure = exc
                 raise
-            failure = exc
-            log.exception("unhandled error in gRPC %s", op)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error",
-                                trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
-        finally:
-            if rpc.admitted:
-                m.in_flight.dec()
-            meter.finish(failure)
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                failure = exc
+                log.exception("unhandled error in gRPC %s", op)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error",
+                                    trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
+            finally:
+                if rpc.admitted:
+                    m.in_flight.dec()
+                meter.finish(failure)
 
     async def _receive(self, context: Context, rpc: _Rpc, requests: AsyncIterator[Any],
                        what: str, check: Callable[[Any], object]) -> tuple[Any, bytes]:
@@ -288,6 +290,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 if declared is not None and total > declared:  # no need to read the rest
                     raise InvalidInput(f"the stream carries more than the {declared} bytes "
                                        f"its options declared for the {what}")
+                rpc.take(len(request.chunk))
                 # Each gap is bounded by the read timeout; this bounds their sum.
                 late = asyncio.get_running_loop().time() - start - grace
                 if rate and late > total / rate:
@@ -347,12 +350,13 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 await context.write(pb.EncodeResponse(chunk=chunk))
 
     async def EncodeUnary(self, request: Any, context: Context) -> Any:
-        async with self._call(context, "encode"):
+        async with self._call(context, "encode") as rpc:
             limit = self.settings.max_upload_bytes
             if len(request.video) > limit:
                 raise TooLarge(f"the video is {len(request.video)} bytes; the limit is {limit}")
             if not request.video:
                 raise EmptyInput("the request carries no video bytes")
+            rpc.take(len(request.video))  # already in memory: a bound on how many are
             options = request.options if request.HasField("options") else None
             if options is not None and options.HasField("size_bytes") and (
                     options.size_bytes != len(request.video)):

@@ -29,6 +29,7 @@ from ...config import Settings
 from ...core.version import __version__
 from ...errors import ClientGone, IVVAEError, Overloaded
 from ...service import Service
+from ..metering import OTHER, count_refusal
 from . import ui
 from .errors import http_status, retry_after
 from .routes import decode, encode, frames, health, models
@@ -129,6 +130,15 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
     return app
 
 
+def _count_unserved(request: Request, code: str) -> None:
+    """A request no route served (a path or method that is none of ivvae's, a body FastAPI
+    refused): counted under op ``other``, so that a client calling the wrong URL shows in
+    the metrics, not only in the log."""
+    svc = getattr(request.app.state, "service", None)
+    if svc is not None:
+        count_refusal(svc.metrics, OTHER, "http", code)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IVVAEError)
     async def _service_error(request: Request, exc: IVVAEError) -> JSONResponse:
@@ -147,11 +157,13 @@ def _add_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
         )
+        _count_unserved(request, "invalid_input")
         return JSONResponse({"error": "invalid_input", "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        _count_unserved(request, code)
         return JSONResponse({"error": code, "detail": str(exc.detail)},
                             status_code=exc.status_code)
 

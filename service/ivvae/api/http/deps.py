@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -79,10 +79,13 @@ def _refuse_declared_size(request: Request, limit: int) -> None:
         raise TooLarge(f"the upload is {declared} bytes; the limit is {limit}")
 
 
-async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
+async def read_body(request: Request, limit: int, take: Callable[[int], None]
+                    ) -> tuple[bytes, str]:
     """The uploaded file's bytes and content type: multipart field ``file`` or raw body.
 
-    Reading stops as soon as the cap is passed (413), before any parsing.
+    Reading stops as soon as the cap is passed (413), before any parsing. ``take(n)`` is
+    called for each ``n`` bytes held in memory (``HeldBodies.hold``: it raises when they do
+    not fit), a multipart body's file once more.
     """
     _refuse_declared_size(request, limit)
     chunks, total = [], 0
@@ -91,10 +94,12 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
             total += len(chunk)
             if total > limit + MULTIPART_SLACK:
                 raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
+            take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise _gone(request) from None
     body = b"".join(chunks)
+    chunks.clear()
     ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data"):
         async def receive() -> dict[str, Any]:
@@ -109,6 +114,7 @@ async def read_body(request: Request, limit: int) -> tuple[bytes, str]:
         if not isinstance(upload, UploadFile):
             raise InvalidInput("the multipart body has no complete file field named 'file' (none "
                                "was sent, it has another name, or the body was cut short)")
+        take(upload.size or 0)
         data = await upload.read()
         await finish(form.close())  # its files on disk go even when the client left
         ctype = (upload.content_type or "application/octet-stream").lower()

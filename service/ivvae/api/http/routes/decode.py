@@ -54,30 +54,33 @@ async def decode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "decode", "http"):
         form = tensors.parse_decode(request.query_params.multi_items(),
                                     request.headers.get("accept", ""), CRF_RANGE, DEFAULT_CRF)
-        data, _ = await read_body(request, svc.settings.max_upload_bytes)
+        # The body counts against the memory for bodies until it has become a latent
+        # and the decode has started.
         items: list[AsyncIterator[np.ndarray]]
-        if form.tensor_shape is not None:
-            raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
-            latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
-            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
-                latent, form.tensor_dtype, DecodeTarget.parse(form.target_params),
-                form.frames_dtype))
-        elif (problem := safetensors_problem(data)) is not None:
-            raise InvalidLatent(f"not a readable latent file ({problem}); a raw tensor body "
-                                "needs its ?shape=...&dtype=... as query parameters")
-        elif is_ivvae_latent_file(data):
-            if form.target_params:
-                raise InvalidInput(
-                    f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
-                    "file from /encode records its own model, size and fps")
-            info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(
-                data, form.frames_dtype))
-            items = [frames]
-        else:
-            latent, dtype = read_bare_latent(data)
-            info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
-                latent, dtype, DecodeTarget.parse(form.target_params), form.frames_dtype))
-        del data
+        with svc.pipeline.bodies.hold() as take:
+            data, _ = await read_body(request, svc.settings.max_upload_bytes, take)
+            if form.tensor_shape is not None:
+                raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
+                latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)
+                info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                    latent, form.tensor_dtype, DecodeTarget.parse(form.target_params),
+                    form.frames_dtype))
+            elif (problem := safetensors_problem(data)) is not None:
+                raise InvalidLatent(f"not a readable latent file ({problem}); a raw tensor body "
+                                    "needs its ?shape=...&dtype=... as query parameters")
+            elif is_ivvae_latent_file(data):
+                if form.target_params:
+                    raise InvalidInput(
+                        f"parameter {form.target_params[0][0]!r} is for bare latents: a latent "
+                        "file from /encode records its own model, size and fps")
+                info, frames = await unless_disconnected(request, svc.pipeline.decode_frames(
+                    data, form.frames_dtype))
+                items = [frames]
+            else:
+                latent, dtype = read_bare_latent(data)
+                info, items = await unless_disconnected(request, svc.pipeline.decode_bare(
+                    latent, dtype, DecodeTarget.parse(form.target_params), form.frames_dtype))
+            del data
         headers = {"X-Model": info.model_name, "X-Frames": str(info.num_frames),
                    "X-Width": str(info.width), "X-Height": str(info.height),
                    "X-Batch": str(len(items))}

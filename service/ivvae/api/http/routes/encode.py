@@ -43,15 +43,17 @@ async def encode(request: Request, svc: Svc) -> Response:
         form = tensors.parse_encode(request.query_params.multi_items())
         limit = svc.settings.max_upload_bytes
         if form.tensor_shape is not None:
-            data, _ = await read_body(request, limit)
-            sources = [FramesUpload(f, fps=form.fps)
-                       for f in tensors.frames_of_tensor(data, form, limit)]
-            del data
-            if form.output == "file" and len(sources) > 1:
-                raise InvalidInput(f"a latent file holds one video; this tensor has a batch "
-                                   f"of {len(sources)}: ask for output_type=pt")
-            results = [await unless_disconnected(request, svc.pipeline.encode(
-                src, form.options)) for src in sources]
+            with svc.pipeline.bodies.hold() as take:
+                data, _ = await read_body(request, limit, take)
+                sources = [FramesUpload(f, fps=form.fps)
+                           for f in tensors.frames_of_tensor(data, form, limit)]
+                del data
+                if form.output == "file" and len(sources) > 1:
+                    raise InvalidInput(f"a latent file holds one video; this tensor has a "
+                                       f"batch of {len(sources)}: ask for output_type=pt")
+                # Held while the frames are encoded: they are the body's bytes, converted.
+                results = [await unless_disconnected(request, svc.pipeline.encode(
+                    src, form.options)) for src in sources]
         else:
             # A file upload goes to disk as it arrives, not into memory.
             async with spooled_upload(request, limit) as (path, ctype):

@@ -72,19 +72,21 @@ async def frames(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "frames", "http"):
         s = svc.settings
         refuse_parameters(request.query_params.multi_items(), "/frames")
-        data, ctype = await read_body(request, s.max_upload_bytes)
-        require_video_type(ctype)
-        limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
-        # Up to 1.5 GB for one answer: within the memory budget like every other request,
-        # and held until the client has it (a 2 MB upload makes a 500 MB answer).
-        release = await svc.pipeline.budget.acquire(
-            await asyncio.to_thread(_answer_bytes, data, limits))
-        try:
-            body, meta = await asyncio.to_thread(_frames_file, data, limits)
-        except BaseException:
-            release()
-            raise
-        del data
+        with svc.pipeline.bodies.hold() as take:
+            data, ctype = await read_body(request, s.max_upload_bytes, take)
+            require_video_type(ctype)
+            limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
+            # Up to 1.5 GB for one answer: within the memory budget like every other
+            # request, and held until the client has it (a 2 MB upload makes a 500 MB
+            # answer).
+            release = await svc.pipeline.budget.acquire(
+                await asyncio.to_thread(_answer_bytes, data, limits))
+            try:
+                body, meta = await asyncio.to_thread(_frames_file, data, limits)
+            except BaseException:
+                release()
+                raise
+            del data
         return HeldResponse(body, release=release, seconds=s.request_timeout_s,
                             media_type=MEDIA_TYPES["frames"], headers={
                                 "X-Frames": meta["num_frames"], "X-Width": meta["width"],
