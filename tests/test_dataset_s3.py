@@ -171,6 +171,30 @@ def test_replaced_object_is_reencoded(s3_server: S3Server, tiny_weights: Path) -
         k: before[k] for k in ("clip0.mp4", "clip2.mp4")}
 
 
+def test_a_key_that_names_a_parent_folder_stays_under_out(
+        s3_server: S3Server, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    """S3 takes "clips/../../../x.mp4" as a plain key; its latent was written three
+    folders above OUT (anyone who can add objects to the source bucket chose where)."""
+    bucket = s3_server.make_bucket("dotted")
+    fs = fsspec.filesystem("s3")
+    clip = media.make_video(None, frames=5, width=16, height=16)
+    fs.pipe_file("dotted/clips/ok.mp4", clip)
+    fs.pipe_file("dotted/clips/../../../escaped.mp4", clip)
+    out = tmp_path / "a" / "b" / "out"
+    summary = asyncio.run(encode_dataset(bucket + "/clips/", out, format="files",
+                                         encoder=in_process(tiny_weights)))
+    assert (summary.encoded, summary.failed) == (2, 0)
+    written = sorted(p.relative_to(tmp_path).as_posix()
+                     for p in tmp_path.rglob("*.latent.safetensors"))
+    assert written == ["a/b/out/%2E%2E/%2E%2E/%2E%2E/escaped.mp4.latent.safetensors",
+                       "a/b/out/ok.mp4.latent.safetensors"]
+    records = LatentDataset(str(out)).records
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    again = asyncio.run(encode_dataset(bucket + "/clips/", out, format="files",
+                                       encoder=in_process(tiny_weights)))
+    assert (again.encoded, again.skipped) == (0, 2)
+
+
 def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
     import functools
     import http.server

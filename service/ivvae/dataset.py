@@ -226,6 +226,11 @@ class Source:
     sidecars: tuple[tuple[str, str, str], ...] = ()
     given: tuple[tuple[str, bytes], ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.output != _contained(self.output):
+            raise ValueError(f"output {self.output!r} of {self.name!r} would not stay under "
+                             "OUT")
+
     def key(self, job_key: str, *, sidecars: bool = True) -> str:
         """The clip key: the job key, the name, the source's identity and (for formats that
         carry them) the sidecars' identities."""
@@ -270,6 +275,15 @@ def _mirrored(url: str) -> str:
     """A path for a source outside the base folder: its whole URL, without the protocol."""
     path = url.split("://", 1)[-1]
     return path.lstrip("/")
+
+
+def _contained(path: str) -> str:
+    """``path`` (a source's, relative to OUT) as a path that stays under OUT: empty and
+    ``.`` segments dropped, a ``..`` segment kept as the name ``%2E%2E``. An object key or
+    a URL may hold ``..`` as a plain name (S3 takes ``clips/../../x.mp4`` as one key);
+    joined as it is, it wrote the latent above OUT."""
+    parts = ("%2E%2E" if part == ".." else part for part in path.split("/"))
+    return "/".join(part for part in parts if part not in ("", "."))
 
 
 def _followed(loc: Location, entries: Sequence[dict[str, Any]], *, descend: bool = True
@@ -337,7 +351,9 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
     for m in media:
         name = names[m] if names is not None else loc.relative(m)
         inside = m.startswith(loc.path.rstrip("/") + "/")
-        output = (loc.relative(m) if inside else _mirrored(fs.unstrip_protocol(m)))
+        # Cut, not relpath: relpath reads "a/../b" in an object key as "b".
+        output = _contained(m[len(loc.path.rstrip("/")) + 1:] if inside
+                            else _mirrored(fs.unstrip_protocol(m)))
         sidecars = tuple(sorted(
             (_suffix(s), fs.unstrip_protocol(s), ids[s])
             for s in siblings.get(_stem(m), []) if _suffix(s) not in MEDIA_SUFFIXES))
@@ -546,8 +562,8 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
 
 def _output_for(base: Location, fs: Any, path: str) -> str:
     if fs is base.fs and path.startswith(base.path.rstrip("/") + "/"):
-        return base.relative(path) + LATENT_SUFFIX
-    return _mirrored(fs.unstrip_protocol(path)) + LATENT_SUFFIX
+        return _contained(base.relative(path)) + LATENT_SUFFIX
+    return _contained(_mirrored(fs.unstrip_protocol(path))) + LATENT_SUFFIX
 
 
 def _check_unique(sources: Sequence[Source], attrs: Sequence[str] = ("output",)) -> None:
