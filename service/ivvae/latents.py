@@ -210,10 +210,26 @@ def decode_latent_file(data: bytes) -> tuple[np.ndarray, LatentInfo]:
             f"{info.latent_shape}"
         )
     latent = t.as_float32()
-    if not np.isfinite(latent).all():
-        bad = int((~np.isfinite(latent)).sum())
-        raise InvalidLatent(f"latent has {bad} non-finite values (NaN or inf)")
+    check_values(latent)
     return np.ascontiguousarray(latent), info
+
+
+# Far past anything an encoder makes or a sampler should (scaled latents have about unit
+# variance): the decoder's normalisations make larger values decode as these do, until
+# float32 overflows inside it (about 1e19) into NaN or black frames, answered 200.
+MAX_MAGNITUDE = 1e4
+
+
+def check_values(latent: np.ndarray) -> None:
+    """Refuse (``InvalidLatent``) a latent with non-finite values or values past
+    ``MAX_MAGNITUDE``; every latent a client sends passes here."""
+    finite = np.isfinite(latent)
+    if not finite.all():
+        raise InvalidLatent(f"latent has {int((~finite).sum())} non-finite values (NaN or inf)")
+    peak = float(np.abs(latent).max(initial=0.0))
+    if peak > MAX_MAGNITUDE:
+        raise InvalidLatent(f"latent values reach {peak:.3g}, past the {MAX_MAGNITUDE:g} no "
+                            "encoder makes (a diverged sampler, or a latent in another scale?)")
 
 
 def served_model_for(info: LatentInfo, models: Mapping[str, ModelInfo]) -> ModelInfo:

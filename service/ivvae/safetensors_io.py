@@ -27,6 +27,9 @@ MAX_HEADER_BYTES = 1 << 20
 # 5,000-digit number is quadratic, and refused past 4,300 digits).
 MAX_DEPTH = 3
 MAX_INT_DIGITS = 20
+# Any one dimension: past it no real tensor goes, and next to a zero dimension (no bytes to
+# check) numpy's reshape refuses (2**62 x 2**62 x 0 is "too big").
+MAX_DIM = 2**31 - 1
 
 # safetensors dtype name -> numpy dtype used to hold it
 DTYPES: dict[str, np.dtype] = {
@@ -155,7 +158,7 @@ def loads(data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_H
         if dtype not in DTYPES:
             raise SafetensorsError(f"tensor {name!r} has unsupported dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM
                            for s in shape)):
             raise SafetensorsError(f"tensor {name!r} has an invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2

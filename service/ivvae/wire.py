@@ -29,6 +29,7 @@ import numpy as np
 from .core import strict
 from .core.names import PRECISIONS
 from .errors import InvalidInput, InvalidLatent
+from .latents import check_values
 from .safetensors_io import SafetensorsError, Tensor, bf16_bits_to_float32, loads
 
 # Wire dtype name -> safetensors dtype name (``ivvae.safetensors_io.DTYPES`` holds the bits).
@@ -37,6 +38,7 @@ _ST_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
 _ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 LATENT_DTYPES = PRECISIONS  # a latent is stored in one of the precisions
 MAX_RANK = 5
+MAX_SHAPE_TEXT = 256
 # The fps a decoded bare latent gets when the request names none.
 DEFAULT_DECODE_FPS = Fraction(24)
 LATENT_SPACES = ("scaled", "raw")
@@ -52,6 +54,9 @@ def parse_shape(values: Sequence[str]) -> tuple[int, ...]:
     if len(values) == 1:
         text = values[0].strip()
         if text.startswith("["):
+            if len(text) > MAX_SHAPE_TEXT:  # json.loads recurses: "[" * 20000 overflowed it
+                raise InvalidInput(f"parameter 'shape' is {len(text):,} characters long; a "
+                                   f"shape of {MAX_RANK} dimensions takes far fewer")
             try:
                 parsed = json.loads(text)
             except json.JSONDecodeError:
@@ -125,7 +130,8 @@ def tensor_to_float32(tensor: Tensor) -> np.ndarray:
 
 
 def check_latent_values(latent: np.ndarray, dtype: str) -> np.ndarray:
-    """``latent`` float32 ``(B, z, t, h, w)`` (or rank 4, given a batch of 1), finite."""
+    """``latent`` float32 ``(B, z, t, h, w)`` (or rank 4, given a batch of 1), its values
+    finite and in range (``ivvae.latents.check_values``)."""
     if latent.ndim == 4:
         latent = latent[None]
     if latent.ndim != 5:
@@ -133,9 +139,7 @@ def check_latent_values(latent: np.ndarray, dtype: str) -> np.ndarray:
                             f"{list(latent.shape)}")
     if dtype not in LATENT_DTYPES:
         raise InvalidLatent(f"latent dtype {dtype} is not float32, bfloat16 or float16")
-    if not np.isfinite(latent).all():
-        bad = int((~np.isfinite(latent)).sum())
-        raise InvalidLatent(f"latent has {bad} non-finite values (NaN or inf)")
+    check_values(latent)
     return np.ascontiguousarray(latent, dtype=np.float32)
 
 

@@ -265,6 +265,20 @@ ODD_REQUESTS: dict[str, tuple[str, dict[str, str], bytes, int, str]] = {
                               dumps({"latent": np.ones((1, 4, 2, 2, 2), np.float32)}, {}),
                               422, "scaling_factor"),
     "empty batch": ("/decode", {}, _bare((0, 4, 1, 2, 2)), 422, "empty"),
+    # json.loads recursed past Python's limit: RecursionError, a 500.
+    "shape of 20000 brackets": ("/decode", {"shape": "[" * 20_000, "dtype": "float32"},
+                                _bare((1, 4, 2, 2, 2)), 400, "shape"),
+    "tensor shape of 20000 brackets": ("/encode", {"shape": "[" * 20_000, "dtype": "uint8"},
+                                       bytes(48), 400, "shape"),
+    # No bytes to check next to a zero dimension; numpy's reshape then raised a 500.
+    "zero dimension beside 2**62": ("/decode", {}, _raw_header(
+        _bare((1, 4, 2, 2, 2)),
+        b'{"latent":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],'
+        b'"data_offsets":[0,0]}}'), 422, "shape"),
+    # Finite, but the decoder overflowed on it: NaN tensors and black frames, answered 200.
+    "latent of 3e38": ("/decode", {"format": "frames"},
+                       dumps({"latent": np.full((1, 4, 2, 2, 2), 3e38, np.float32)}, {}),
+                       422, "reach"),
 }
 
 
