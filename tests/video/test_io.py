@@ -400,6 +400,30 @@ def test_garbled_data_in_a_valid_container() -> None:
         drain(_garble(mp4, mdat, 600))
 
 
+def _streams(count: int) -> bytes:
+    """An MP4 of ``count`` copies of one one-frame 16x16 H.264 stream."""
+    with av.open(io.BytesIO(media.make_video(None, frames=1, width=16, height=16))) as one:
+        template = one.streams.video[0]
+        packets = [p for p in one.demux(template) if p.size]
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mp4") as out:
+            for stream in [out.add_stream_from_template(template) for _ in range(count)]:
+                for packet in packets:
+                    packet.stream = stream
+                    out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_container_of_too_many_streams_is_refused_before_they_are_probed() -> None:
+    """1000 streams (FFmpeg's own cap) took 760 MB to open; past MAX_STREAMS none is."""
+    from ivvae.video.reader import MAX_STREAMS
+
+    with open_video(_streams(MAX_STREAMS)) as reader:  # the first video stream is read
+        assert sum(len(chunk) for chunk in reader.iter_frames(8)) == 1
+    with pytest.raises(CorruptMedia, match=f"more than {MAX_STREAMS} streams"):
+        drain(_streams(MAX_STREAMS + 1))
+
+
 def test_writer_given_no_frames_writes_nothing() -> None:
     sink = io.BytesIO()
     with Mp4Writer(sink, width=32, height=24, fps=24):
