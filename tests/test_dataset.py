@@ -785,6 +785,9 @@ def test_jsonl_and_json_tables_and_their_columns(tmp_path: Path) -> None:
     (src / "torn.json").write_text('[{"path": "a/clip01.mp4"')
     with pytest.raises(DatasetError, match="not a readable json table"):
         collect(src / "torn.json")
+    (src / "deep.jsonl").write_text('{"path": ' + "[" * 100_000 + "\n")  # RecursionError
+    with pytest.raises(DatasetError, match="not a readable jsonl table"):
+        collect(src / "deep.jsonl")
     with pytest.raises(DatasetError, match=r"apply to a \.csv/\.jsonl/\.json list"):
         collect(src, columns=Columns(caption="text"))
 

@@ -446,7 +446,7 @@ def _table(text: str, suffix: str, where: str, columns: Columns
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             rows = json.loads(text)
-    except (ValueError, csv.Error) as exc:
+    except (ValueError, csv.Error, RecursionError) as exc:  # json recurses on nesting
         raise DatasetError(f"{where} is not a readable {suffix[1:]} table: {exc}") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise DatasetError(f"{where}: a {suffix[1:]} list of clips is objects (rows), one per "
