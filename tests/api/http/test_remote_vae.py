@@ -316,3 +316,19 @@ async def test_encode_options_over_http(tiny_weights: Path) -> None:  # noqa: F8
     with open_video(d.content) as reader:
         assert reader.read_all().shape == (17, 272, 480, 3)
     assert info.extra["preprocess"] == "bucket=480x272x17"
+
+
+async def test_tensor_frames_take_a_fractional_rate_as_grpc_does(
+        tiny_weights: Path) -> None:  # noqa: F811
+    """fps=30000/1001 was a 400 ("must be a number") here, while gRPC's TensorSpec.fps and
+    the fps option took it."""
+    frames = make_frames(5, 16, 16)
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        r = await client.post("/encode", content=frames.tobytes(), params={
+            "shape": "5,16,16,3", "dtype": "uint8", "fps": "30000/1001",
+            "output_type": "file"})
+        assert r.status_code == 200, r.text
+        assert loads(r.content)[1]["fps"] == "30000/1001"
+        r = await client.post("/encode", content=frames.tobytes(), params={
+            "shape": "5,16,16,3", "dtype": "uint8", "fps": "30000/0"})
+        assert r.status_code == 400 and "fps" in r.json()["detail"], r.text

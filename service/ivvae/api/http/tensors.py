@@ -153,10 +153,13 @@ def parse_encode(params: Params) -> EncodeForm:
         stored = parse_wire_dtype(dtype, allowed=LATENT_DTYPES)
     fps = 24.0
     if tensor and fps_value is not None:
-        rate = _float("fps", fps_value)
-        if rate is None or not strict.fps_in_range(rate):
+        try:  # as gRPC's TensorSpec.fps and the fps option read it: 30000/1001 too
+            rate = strict.number(fps_value.strip())
+        except ValueError as exc:
+            raise InvalidInput(f"parameter 'fps': {exc}") from None
+        if not strict.fps_in_range(rate):
             raise InvalidInput(f"parameter 'fps' must be in {strict.FPS_RANGE}")
-        fps = rate
+        fps = float(rate)
     options = EncodeOptions(
         model=_single(params, "model") or "",
         sample=_bool("sample", _single(params, "sample")),
