@@ -127,9 +127,8 @@ def test_held_bodies_are_bounded_together_refused_at_once_and_given_back() -> No
                 second(1)  # 101 together: refused now, not waited for
             assert busy.value.retry_after_s is not None
         assert bodies.held == 70  # the second's 30 given back
-        with pytest.raises(TooLarge, match="IVVAE_MEMORY_BUDGET_MB"):
-            with bodies.hold() as third:
-                third(101)  # could never fit, however idle: not worth a retry
+        with pytest.raises(TooLarge, match="IVVAE_MEMORY_BUDGET_MB"), bodies.hold() as third:
+            third(101)  # could never fit, however idle: not worth a retry
     assert bodies.held == 0
     with pytest.raises(RuntimeError), bodies.hold() as failing:
         failing(100)

@@ -163,14 +163,15 @@ def _decode_options(msg: pb.DecodeOptions | None
 
 
 async def _deadlined(stream: AsyncIterator[Any], seconds: float) -> AsyncIterator[Any]:
-    """``stream``, failing with InvalidInput when the next message takes over ``seconds``
-    (a stream that sends its options and then nothing must not hold its RPC slot)."""
+    """``stream``, failing with DeadlineExceeded (as HTTP's 408 for a body gap) when the
+    next message takes over ``seconds`` (a stream that sends its options and then nothing
+    must not hold its RPC slot)."""
     while True:
         try:
             item = await within(anext(stream, _END), seconds)
         except TimeoutError:
-            raise InvalidInput(f"no request message for {seconds:g} s: the stream was "
-                               "dropped") from None
+            raise DeadlineExceeded(f"no request message for {seconds:g} s: the stream was "
+                                   "dropped") from None
         if item is _END:
             return
         if isinstance(item, Malformed):
