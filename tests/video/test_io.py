@@ -609,6 +609,31 @@ def test_matroska_cut_between_clusters_or_in_its_index() -> None:
     assert _count(data[: index + 16]) == 96
 
 
+def test_a_jpeg_cut_in_its_scan_is_corrupt_not_grey(tmp_path: Path) -> None:
+    from ivvae.video import sniff
+
+    # FFmpeg's decoder filled the missing part in grey and answered a whole picture.
+    jpeg = media.make_image("jpeg", 256, 192)
+    scan = sniff._jpeg_scan_start(jpeg)
+    assert scan is not None
+    for cut in (scan - 5, scan + 200, len(jpeg) // 2, len(jpeg) - 2):
+        with pytest.raises(CorruptMedia, match="no JPEG end-of-image marker"):
+            drain(jpeg[:cut])
+        (tmp_path / "cut.jpg").write_bytes(jpeg[:cut])
+        with (pytest.raises(CorruptMedia, match="no JPEG end-of-image marker"),
+              open_video(tmp_path / "cut.jpg") as reader):
+            reader.read_all()
+    assert _count(jpeg) == 1 and _count(jpeg + bytes(100)) == 1  # padding after the marker
+
+
+def test_a_gif_cut_after_or_inside_a_frame_is_corrupt_not_short() -> None:
+    gif = media.make_video(None, frames=9, width=32, height=24, codec="gif", container="gif")
+    assert _count(gif) == 9 and _count(gif + bytes(16)) == 9
+    for cut in (len(gif) - 1, len(gif) // 2):
+        with pytest.raises(CorruptMedia, match="no GIF trailer"):
+            drain(gif[:cut])
+
+
 def test_live_matroska_without_sizes_is_left_to_its_duration_tag() -> None:
     # A live recording (a browser's MediaRecorder) leaves the Segment's size unknown.
     data = media.make_video(None, frames=40, width=64, height=48, container="webm",

@@ -42,7 +42,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
@@ -300,12 +300,21 @@ def _declared_size(source: _Source) -> tuple[int, int] | None:
     return sniff.image_size(source.head)
 
 
+_END_MARKERS = {"jpeg_pipe": (sniff.cut_jpeg, "JPEG end-of-image marker after its scan"),
+                "gif": (sniff.cut_gif, "GIF trailer")}
+
+
 def _check_not_cut(source: _Source, demuxer: str) -> None:
-    """Refuse an MP4/MOV, AVI or Matroska/WebM file cut inside its media data. FFmpeg
-    would not: a cut between two MP4 samples ends its demuxer's packets cleanly, an AVI
-    that lost its trailing index is read until the data stops, and a Matroska demuxer
-    stops quietly anywhere; the clip decodes shorter."""
-    if demuxer.startswith("mov"):
+    """Refuse an MP4/MOV, AVI, Matroska/WebM, JPEG or GIF file cut inside its media data.
+    FFmpeg would not: a cut between two MP4 samples ends its demuxer's packets cleanly, an
+    AVI that lost its trailing index is read until the data stops, a Matroska demuxer stops
+    quietly anywhere, and a GIF's at its last whole frame; the clip decodes shorter. A cut
+    JPEG decodes grey where its data stopped. (MPEG-TS and raw H.264 streams have nothing
+    that says where they end: a cut one decodes shorter.)"""
+    walk: Callable[[BinaryIO, int], Any]
+    if demuxer in _END_MARKERS:
+        walk, marker = _END_MARKERS[demuxer]
+    elif demuxer.startswith("mov"):
         walk, kind = sniff.cut_isobmff_box, "MP4/MOV box"
     elif demuxer == "avi":
         walk, kind = sniff.cut_avi_movi, "AVI chunk"
@@ -321,7 +330,9 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
         raise InvalidInput(f"the upload could not be read: {exc.strerror or exc}") from exc
     finally:
         file.close()
-    if cut is not None:
+    if cut is True:
+        raise CorruptMedia(f"the upload is truncated: it has no {marker}")
+    if cut:
         box, end = cut
         raise CorruptMedia(f"the upload is truncated: its {kind} {box!r} runs to byte "
                            f"{end}, but the file ends at byte {size}")

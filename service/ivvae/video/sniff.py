@@ -9,11 +9,13 @@ Questions FFmpeg leaves open:
 * How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
   ``open_video`` does not let them decode a picture over the pixel limit, so the size of
   an oversized PNG or JPEG is read from its header here.
-* Was an MP4, AVI or Matroska file cut short? With an MP4's index (``moov``) in front, a
+* Was an MP4, AVI, Matroska, JPEG or GIF file cut short? With an MP4's index (``moov``) in front, a
   cut that lands between two samples of the media data (``mdat``) is a clean end of file
   to FFmpeg's demuxer; an AVI without its trailing index is read chunk by chunk until the
   data stops; a Matroska file ends quietly at any cut. The clip just decodes shorter. The
-  declared size of the box, chunk or element the cut went through says otherwise.
+  declared size of the box, chunk or element the cut went through says otherwise. A
+  JPEG's decoder fills a cut scan in grey and a GIF's demuxer ends at the last whole
+  frame; their end markers (EOI, the trailer) say otherwise.
 * Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
   it (see ``orientation``), so it is read here too.
 
@@ -113,6 +115,44 @@ def cut_isobmff_box(file: BinaryIO, size: int) -> tuple[str, int] | None:
             return (name, offset + box_size) if kind in _ISOBMFF_MEDIA_BOXES else None
         offset += box_size
     return None
+
+
+_SEARCH_CHUNK = 1 << 20
+
+
+def cut_jpeg(file: BinaryIO, size: int) -> bool:
+    """Whether a JPEG file of ``size`` bytes lacks the end-of-image marker after its first
+    scan (or that has no scan): cut inside its data, which FFmpeg's decoder fills in grey.
+    What follows the marker is left to FFmpeg. In the scan a 0xFF byte is stuffed
+    (``FF 00``) or a restart marker, so ``FF D9`` ends it."""
+    file.seek(0)
+    head = file.read(HEAD_BYTES)
+    scan = _jpeg_scan_start(head)
+    if scan is None:  # no scan at all is a cut too; one past the head is left to FFmpeg
+        return size <= len(head)
+    file.seek(scan)
+    carry = b""
+    while chunk := file.read(_SEARCH_CHUNK):
+        if b"\xff\xd9" in carry + chunk:
+            return False
+        carry = chunk[-1:]
+    return True
+
+
+def _jpeg_scan_start(data: bytes) -> int | None:
+    """Where the first scan's entropy-coded data starts in ``data``, if it does there."""
+    for marker, _, end in _jpeg_segments(data):
+        if marker == _JPEG_SOS:
+            return end if end <= len(data) else None
+    return None
+
+
+def cut_gif(file: BinaryIO, size: int) -> bool:
+    """Whether a GIF file of ``size`` bytes lacks its trailer (``0x3B``, its last byte;
+    zero padding after it is allowed): cut after one of its frames, or inside one, which
+    FFmpeg reads as a shorter animation."""
+    file.seek(max(0, size - 4096))
+    return not file.read().rstrip(b"\x00").endswith(b"\x3b")
 
 
 def cut_avi_movi(file: BinaryIO, size: int) -> tuple[str, int] | None:
@@ -262,7 +302,7 @@ def jpeg_exif_orientation(head: bytes) -> int | None:
     """The EXIF Orientation tag (1-8) of a JPEG, else ``None``."""
     if not head.startswith(b"\xff\xd8"):
         return None
-    for marker, payload in _jpeg_segments(head):
+    for marker, payload, _ in _jpeg_segments(head):
         if marker in _JPEG_SOF:
             break  # EXIF comes before the frame header
         if marker == 0xE1 and payload.startswith(b"Exif\x00\x00"):
@@ -271,15 +311,16 @@ def jpeg_exif_orientation(head: bytes) -> int | None:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    for marker, payload in _jpeg_segments(data):
+    for marker, payload, _ in _jpeg_segments(data):
         if marker in _JPEG_SOF and len(payload) >= 5:
             height, width = struct.unpack(">HH", payload[1:5])
             return int(width), int(height)
     return None
 
 
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """``(marker, payload)`` of each JPEG segment up to the end of ``data`` or the scan."""
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """``(marker, payload, where it ends)`` of each JPEG segment up to the end of ``data``
+    or the scan."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
@@ -292,7 +333,7 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes]]:
             pos += 2
             continue
         (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        yield marker, data[pos + 4 : pos + 2 + length]
+        yield marker, data[pos + 4 : pos + 2 + length], pos + 2 + length
         if marker == _JPEG_SOS:
             return
         pos += 2 + length
