@@ -402,9 +402,16 @@ def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
 def _eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .model.precision import cpu_bfloat16_is_emulated
     from .train import evaluate
     from .weights import load_weights
 
+    emulated = cpu_bfloat16_is_emulated()
+    if args.precision is None:  # bfloat16 beside float32 only where it is not emulated
+        args.precision = ["float32"] if emulated else ["float32", "bfloat16"]
+    elif "bfloat16" in args.precision and emulated:
+        print("ivvae eval: bfloat16 is emulated on this CPU (no AVX512-BF16 or AMX): each "
+              "bfloat16 pass takes tens of times a float32 one", file=sys.stderr)
     model, info = load_weights(args.weights or None)
     steps = len(args.videos) * (len(args.precision) + 2)  # decode, each precision, baseline
     with tqdm(total=steps, desc="eval", unit="step", disable=args.no_progress,
@@ -484,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "same-size baseline; table, PNG plot and HTML report")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files to evaluate")
     p.add_argument("--weights", default="", help="weights file; default: the bundled model")
-    p.add_argument("--precision", nargs="+", default=list(PRECISIONS[:2]),
-                   choices=PRECISIONS, help="compute precisions to compare "
-                   "(default: float32 bfloat16)")
+    p.add_argument("--precision", nargs="+", default=None,
+                   choices=PRECISIONS, help="compute precisions to compare (default: "
+                   "float32 bfloat16, or float32 alone where this CPU emulates bfloat16)")
     p.add_argument("--max-frames", type=int, default=None, help="evaluate the first N frames")
     p.add_argument("--out", default="", help="folder for eval.md, eval.json, eval.png and "
                    "eval.html")
