@@ -183,6 +183,10 @@ def test_without_diffusers_the_same_surface(monkeypatch: pytest.MonkeyPatch,
     again = plain.IVVAEAutoencoder.from_pretrained(tmp_path / "plain", subfolder="vae")
     with torch.no_grad():
         torch.testing.assert_close(again.encode(x).latent_dist.mode(), mu, rtol=0, atol=0)
+    from ivvae.model.checkpoint import official_state_dict, weights_sha256
+
+    assert again.model.weights_sha256 == weights_sha256(official_state_dict(make_model()))
+    assert again.model.name == "ivvae_z4_dim4"  # unnamed: named by its size, as a file is
     with pytest.raises(OSError, match=r"holds no config\.json"):
         plain.IVVAEAutoencoder.from_pretrained(tmp_path / "nothing")
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):  # for diffusers below
@@ -300,3 +304,34 @@ def test_from_pretrained_refuses_a_folder_that_lacks_or_adds_a_weight(
     assert isinstance(model, IVVAEAutoencoder)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert isinstance(IVVAEAutoencoder.from_pretrained(tmp_path / "whole"), IVVAEAutoencoder)
+
+
+def test_a_saved_folder_keeps_its_name_and_hash_and_can_be_served(tmp_path: Path) -> None:
+    """from_pretrained gave a model with no name and no weights hash, and IVVAE_WEIGHTS
+    (or --weights) refused the folder: a model fine-tuned through diffusers had no way
+    back to the service, and its latents no identity."""
+    from ivvae.model.checkpoint import official_state_dict, weights_sha256
+    from ivvae.weights import load_weights
+
+    model = make_model()
+    model.name, model.weights_sha256 = "tiny_finetuned", "0" * 64
+    vae = IVVAEAutoencoder.from_ivvae(model)
+    vae.save_pretrained(tmp_path / "vae")
+    again = IVVAEAutoencoder.from_pretrained(tmp_path / "vae")
+    content = weights_sha256(official_state_dict(model))
+    assert (again.model.name, again.model.weights_sha256) == ("tiny_finetuned", content)
+    served, info = load_weights(tmp_path / "vae")  # as IVVAE_WEIGHTS=folder loads it
+    assert (info.name, info.weights_sha256) == ("tiny_finetuned", content)
+    assert (info.scale_factor, info.shift_factor) == (TINY.scale_factor, TINY.shift_factor)
+    x = rand_video(5, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(served.encode_moments(x)[0],
+                                   again.encode(x).latent_dist.mode(), rtol=0, atol=0)
+    # A folder whose weights are not its config's is refused naming them.
+    IVVAEAutoencoder(z_dim=4, dim=8).save_pretrained(tmp_path / "other")
+    (tmp_path / "vae" / "config.json").write_text(
+        (tmp_path / "other" / "config.json").read_text())
+    from ivvae.model import CheckpointError
+
+    with pytest.raises(CheckpointError, match="does not hold the weights its config"):
+        load_weights(tmp_path / "vae")

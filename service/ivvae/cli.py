@@ -385,8 +385,8 @@ def _add_console_options(p: argparse.ArgumentParser) -> None:
 
 def _add_service_options(p: argparse.ArgumentParser, *, encode: bool = True,
                          decode: bool = True) -> None:
-    p.add_argument("--weights", help="weights file (.pth/.safetensors); default: the bundled "
-                   "model (env IVVAE_WEIGHTS)")
+    p.add_argument("--weights", help="weights file (.pth/.safetensors) or a folder "
+                   "save_pretrained wrote; default: the bundled model (env IVVAE_WEIGHTS)")
     p.add_argument("--device", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     if encode:
         p.add_argument("--encode-precision", choices=PRECISIONS,

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     enable_grpc: bool = True
 
     # -- models ----------------------------------------------------------------------------
-    # Path of the default model's weights (.pth or .safetensors). Empty: the bundled model.
+    # Path of the default model's weights (.pth, .safetensors, or a folder that
+    # IVVAEAutoencoder.save_pretrained wrote). Empty: the bundled model.
     weights: str = ""
     # Extra models, "name=path,name2=path2". The default model is also listed under its name.
     extra_weights: str = ""

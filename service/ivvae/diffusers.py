@@ -40,12 +40,20 @@ import torch
 from torch import Tensor, nn
 
 from .core.geometry import SPACE_COMPRESSION, TIME_COMPRESSION
-from .model.checkpoint import CheckpointError, load_model
+from .model.checkpoint import (
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_NAME_KEY,
+    DIFFUSERS_WEIGHTS,
+    CheckpointError,
+    load_model,
+    official_state_dict,
+    weights_sha256,
+)
 from .model.config import IVVAEConfig
 from .model.vae import IVVAE
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = DIFFUSERS_CONFIG
+WEIGHTS_NAME = DIFFUSERS_WEIGHTS
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -213,6 +221,18 @@ _CONFIG_NAMES = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
                  "spatial_compression_ratio")
 
 
+def _take_identity(vae: IVVAEAutoencoder, folder: Path | None) -> None:
+    """Name the model as its folder's config does (else as its size does) and hash its
+    weights as ``ivvae.model`` hashes a file's: a folder served with ``IVVAE_WEIGHTS`` and
+    the same folder loaded here agree on which weights made a latent."""
+    name = ""
+    if folder is not None and (folder / CONFIG_NAME).is_file():
+        name = json.loads((folder / CONFIG_NAME).read_text()).get(DIFFUSERS_NAME_KEY) or ""
+    c = vae.model.cfg
+    vae.model.name = name or f"ivvae_z{c.z_dim}_dim{c.dim}"
+    vae.model.weights_sha256 = weights_sha256(official_state_dict(vae.model))
+
+
 class IVVAEAutoencoder(_Base, _ConfigBase):
     """IV-VAE behind diffusers' autoencoder API; see the module docstring.
 
@@ -369,28 +389,40 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
             wants_info = bool(kwargs.pop("output_loading_info", False))
             model, info = super().from_pretrained(  # type: ignore[misc]
                 *args, output_loading_info=True, **kwargs)
-            _check_loading_info(args[0] if args else kwargs.get(
-                "pretrained_model_name_or_path"), info)
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            _check_loading_info(source, info)
+            folder = Path(str(source)) / kwargs.get("subfolder", "")
+            _take_identity(model, folder if folder.is_dir() else None)
             return (model, info) if wants_info else model
+
+        def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any,
+                            **kwargs: Any) -> None:
+            """diffusers' ``save_pretrained``, with the model's name in ``config.json``
+            (``_ivvae_model_name``): the folder served (``IVVAE_WEIGHTS=folder``) or loaded
+            again keeps it."""
+            register: Callable[..., None] = getattr(self, "register_to_config")  # noqa: B009
+            register(**{DIFFUSERS_NAME_KEY: self.model.name or None})
+            super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
 
     # -- saving without diffusers ------------------------------------------------------
 
     if not HAVE_DIFFUSERS:
 
-        def save_pretrained(self, save_directory: str | os.PathLike[str], *,
-                            safe_serialization: bool = True, **_: Any) -> None:
+        def save_pretrained(self, save_directory: str | os.PathLike[str], *args: Any,
+                            **kwargs: Any) -> None:
             """``config.json`` + ``diffusion_pytorch_model.safetensors``, as diffusers
             writes them (so diffusers' ``from_pretrained`` reads the folder too). Always
             safetensors; diffusers' other keywords (hub pushing, sharding) do nothing
             here."""
-            if not safe_serialization:
+            if not kwargs.get("safe_serialization", True):
                 raise ValueError("without diffusers only safetensors is written "
                                  "(safe_serialization=True)")
             from safetensors.torch import save_file
 
             folder = Path(save_directory)
             folder.mkdir(parents=True, exist_ok=True)
-            config = {"_class_name": type(self).__name__, **dict(self._internal_dict)}
+            config = {"_class_name": type(self).__name__, **dict(self._internal_dict),
+                      DIFFUSERS_NAME_KEY: self.model.name or None}
             config["dim_mult"] = list(config["dim_mult"])
             (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -417,6 +449,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
             vae.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)
             if torch_dtype is not None:
                 vae.to(dtype=torch_dtype)
+            _take_identity(vae, path)
             return vae.eval()
 
         @property

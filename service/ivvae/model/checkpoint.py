@@ -12,6 +12,7 @@ an error naming every missing, unexpected or mis-shaped key.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -176,12 +177,32 @@ def weights_sha256(sd: StateDict) -> str:
     return h.hexdigest()
 
 
-def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a ``.pth``/``.pt`` or ``.safetensors`` file: (state dict, string metadata)."""
+# The folder ``IVVAEAutoencoder.save_pretrained`` writes (``ivvae.diffusers``), laid out as
+# diffusers lays out a model: its config (the constructor's arguments) and its weights,
+# keyed by the wrapper's child ``model.`` and this package's own parameter names.
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_PREFIX = "model."
+# The model's name in that config; diffusers keeps a key with a leading "_" out of the
+# constructor's arguments, and a folder served (IVVAE_WEIGHTS=folder) keeps its name.
+DIFFUSERS_NAME_KEY = "_ivvae_model_name"
+
+
+def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
+    return (p / DIFFUSERS_CONFIG).is_file() and (p / DIFFUSERS_WEIGHTS).is_file()
+
+
+def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a ``.pth``/``.pt`` or ``.safetensors`` file, or a folder ``save_pretrained``
+    wrote: (state dict under official names, string metadata)."""
+    p = Path(path)
+    if is_diffusers_folder(p):
+        return _read_diffusers_folder(p)
     if p.is_dir():
         raise CheckpointError(f"weights path is a directory, not a .pth or .safetensors "
-                              f"file: {p}")
+                              f"file nor a folder that save_pretrained wrote (with "
+                              f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}): {p}")
     if not p.is_file():
         raise CheckpointError(f"weights file not found: {p}")
     meta: dict[str, str] = {}
@@ -215,6 +236,38 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
             str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise CheckpointError(f"cannot read weights {p}: {reason}") from exc
     return sd, meta
+
+
+def _read_diffusers_folder(folder: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        config = json.loads((folder / DIFFUSERS_CONFIG).read_text())
+        cfg = IVVAEConfig(z_dim=int(config["z_dim"]), dim=int(config["dim"]),
+                          dim_mult=tuple(int(m) for m in config["dim_mult"]),
+                          num_res_blocks=int(config["num_res_blocks"]))
+        factors = {"scale_factor": str(float(config["scaling_factor"])),
+                   "shift_factor": str(float(config["shift_factor"]))}
+        name = config.get(DIFFUSERS_NAME_KEY)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{folder / DIFFUSERS_CONFIG} is not an IV-VAE autoencoder's "
+                              f"config: {exc!r}") from exc
+    sd, _ = read_weights(folder / DIFFUSERS_WEIGHTS)
+    with torch.device("meta"):
+        names = official_names(IVVAE(cfg))
+    internal = {k.removeprefix(DIFFUSERS_PREFIX): v for k, v in sd.items()
+                if k.startswith(DIFFUSERS_PREFIX)}
+    if len(internal) != len(sd) or set(internal) != set(names):
+        odd = sorted(set(sd) ^ {DIFFUSERS_PREFIX + k for k in names})
+        raise CheckpointError(f"{folder / DIFFUSERS_WEIGHTS} does not hold the weights its "
+                              f"config describes: {', '.join(odd[:5])}"
+                              f"{' ...' if len(odd) > 5 else ''}")
+    official = {names[k]: v for k, v in internal.items()}
+    try:
+        check_state_dict(cfg, official)  # the config's size, not only what shapes imply
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder / DIFFUSERS_WEIGHTS} does not hold the weights its "
+                              f"config describes: {exc}") from None
+    meta = {**factors, **({"model_name": name} if isinstance(name, str) and name else {})}
+    return official, meta
 
 
 def load_model(
