@@ -163,3 +163,40 @@ def test_resampling_a_millisecond_timestamped_clip_at_its_own_rate_keeps_every_f
     resampled, _ = _read(data, {"fps": rate})
     assert resampled.shape == plain.shape == (24, 32, 32, 3)
     np.testing.assert_array_equal(resampled, plain)
+
+
+
+def _gap_ts(gap_s: int) -> bytes:
+    """An MPEG-TS of 10 small frames, the last ``gap_s`` seconds after the others."""
+    import io
+    from fractions import Fraction
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 24)
+        for i, pts in enumerate([*range(9), 9 + gap_s * 24]):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 20 * i, np.uint8),
+                                               format="rgb24")
+            frame.pts = pts
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_timestamp_gap_resampled_past_max_frames_is_refused_before_its_copies() -> None:
+    # 10 minutes between two frames of a 3 KB file, at fps=24: 14,400 copies of one frame.
+    # The cap fired only after 2048 had come out (and been encoded: 74 s of CPU for a
+    # 17 KB upload with a 3-hour gap).
+    data = _gap_ts(600)
+    out = 0
+    with pytest.raises(TooLarge, match="more than 2048 frames after preprocessing"), \
+            open_video(data, preprocess=Preprocess.parse({"fps": "24"})) as reader:
+        for chunk in reader.iter_frames(8):
+            out += len(chunk)
+    assert out <= 16  # the frames before the gap, at most
+    with open_video(data) as reader:  # as it is: its ten frames
+        assert len(reader.read_all()) == 10

@@ -679,6 +679,11 @@ class VideoReader:
                 origin = time if time is not None else 0.0
             seconds = (time - origin) if time is not None else index / self.info.fps
             copies = selector.push(seconds)
+            if produced + (copies if limit is None else min(copies, limit - produced)) > (
+                    self._limits.max_frames):
+                # A timestamp gap (hours in a 17 KB MPEG-TS) resampled to a rate asks for
+                # thousands of copies at once: refused now, not after encoding 2048 of them.
+                raise self._too_many()
             while copies:
                 copies -= 1
                 assert previous is not None
@@ -709,14 +714,17 @@ class VideoReader:
             self.first_used = at
         self.last_used = at
         if produced >= self._limits.max_frames:
-            raise TooLarge(f"the video has more than {self._limits.max_frames} frames"
-                           + ("" if self.plan.options.is_identity
-                              else " after preprocessing") + "; max_frames takes fewer")
+            raise self._too_many()
         g = self.plan.geometry
         rgb = self._to_rgb(frame)
         if g.crops:
             rgb = rgb[g.top : g.top + g.height, g.left : g.left + g.width]
         yield rgb
+
+    def _too_many(self) -> TooLarge:
+        return TooLarge(f"the video has more than {self._limits.max_frames} frames"
+                        + ("" if self.plan.options.is_identity else " after preprocessing")
+                        + "; max_frames takes fewer")
 
     def _all_frames(self) -> Iterator[VideoFrame]:
         first, self._first = self._first, None
