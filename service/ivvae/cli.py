@@ -24,6 +24,7 @@ from .core.version import __version__
 
 if TYPE_CHECKING:
     from .config import Settings
+    from .train.config import TrainConfig
     from .train.trainer import Trainer
 
 Handler = Callable[[argparse.Namespace], int]
@@ -58,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from .train.config import TrainConfig
-    from .train.trainer import Trainer, newest_checkpoint
+    from .train.trainer import newest_checkpoint, run_lock
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -83,6 +84,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Rank 0 alone writes the folder (log, checkpoints), so it alone owns it; it takes the
+    # lock before joining the process group: refused, it exits, and torchrun stops the
+    # other workers. An export only reads, beside the run that owns the folder.
+    owner = not args.export_only and int(os.environ.get("RANK", "0")) == 0
+    with run_lock(Path(cfg.out)) if owner else contextlib.nullcontext():
+        return _run_training(args, cfg, distributed)
+
+
+def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool) -> int:
+    import torch
+
+    from .train.trainer import Trainer
+
     if distributed:
         import torch.distributed as dist
 

@@ -471,3 +471,24 @@ def test_the_newest_whole_checkpoint_wins_and_an_export_moves_nothing(
                     dataset=clips)
     assert again.resume() and again.step == 6 and not tmp.exists()
     assert json.loads((ckpt / "state.json").read_text())["step"] == 6
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from ivvae.cli import main
+    from ivvae.train.trainer import run_lock
+
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--data", str(tmp_path / "none.mp4"), "--no-progress"]
+    with run_lock(out):  # a run holds the folder (a lock is per open file, even in-process)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another ivvae train run (pid {os.getpid()})" in err, err
+        with pytest.raises(ValueError, match="in use"), run_lock(out):
+            pass
+    with run_lock(out):  # released with its run
+        pass
+    # --export-only reads beside the run that owns the folder: never refused for the lock
+    with run_lock(out):
+        assert main([*args, "--export-only", "--export", str(tmp_path / "m.safetensors")]) == 2
+        assert "no checkpoint in" in capsys.readouterr().err

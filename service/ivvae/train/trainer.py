@@ -15,13 +15,14 @@ step s reproduces the uninterrupted run's loss at step s bit for bit (same threa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,35 @@ def recover_checkpoint(out: Path) -> dict[str, Any] | None:
         shutil.rmtree(ckpt, ignore_errors=True)
         folder.rename(ckpt)
     return state
+
+
+# The lock file inside a run folder, held by the one run that writes there.
+LOCK_NAME = "lock"
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Own the run folder ``out`` while the block runs: a second run into it would interleave
+    its step log with this one's and save its checkpoints over them. The lock goes with the
+    process (a killed run leaves none behind); the file holds the owner's pid for the
+    message."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            by = f" (pid {pid})" if pid.isdigit() else ""
+            raise ValueError(f"{out} is in use by another ivvae train run{by}: wait for it "
+                             "to end, or give this one another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Diverged(ValueError):
