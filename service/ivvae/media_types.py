@@ -5,8 +5,10 @@ accepted, is decided from its content by ``ivvae.video``. No imports: the light 
 it too.
 """
 
+# Only suffixes of what ivvae.video opens (its demuxer list): MXF and DV files are not
+# among them, and a folder's count of files left out names them instead.
 MEDIA_SUFFIXES = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
-    ".flv", ".wmv", ".ogv", ".3gp", ".gif", ".png", ".jpg", ".jpeg", ".webp", ".bmp",
-    ".tif", ".tiff",
+    ".m2ts", ".y4m", ".flv", ".wmv", ".ogv", ".3gp", ".gif", ".png", ".jpg", ".jpeg",
+    ".webp", ".bmp", ".tif", ".tiff",
 })

@@ -70,3 +70,19 @@ def test_folders_give_videos_and_images_and_images_become_clips(tmp_path: Path) 
     assert shapes[5] == (6, 48, 64, 3)
     batch = ds.batch(seed=0, rank=0, step=0, batch_size=4, frames=5, crop=24)
     assert batch.shape == (4, 3, 5, 24, 24) and batch.min() >= -1 and batch.max() <= 1
+
+
+def test_a_missing_source_is_an_error_and_other_files_are_counted(tmp_path: Path) -> None:
+    import pytest
+
+    media.make_video(tmp_path / "a.mp4", frames=3, width=16, height=16)
+    for name in ("b.m2ts", "b.y4m", "c.mxf", "d.mxf", "notes.md", "README"):
+        (tmp_path / name).write_bytes(b"x")
+    skipped: list[str] = []
+    paths = expand_sources([tmp_path], skipped)
+    # camera MPEG-TS and raw Y4M are video ivvae.video opens; MXF is not
+    assert [p.name for p in paths] == ["a.mp4", "b.m2ts", "b.y4m"]
+    assert skipped == [f"4 file(s) in {tmp_path} without a media suffix ((none), .mxf, "
+                       ".md); a .txt list of paths names files of any suffix"]
+    with pytest.raises(ValueError, match=r"--data .*my_footgae: there is no such file"):
+        expand_sources([tmp_path / "a.mp4", tmp_path / "my_footgae"])

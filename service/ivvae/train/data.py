@@ -45,14 +45,29 @@ def default_train_clips() -> list[Path]:
     return [clips["bikes"], clips["bigbuckbunny"]]
 
 
-def expand_sources(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
+def expand_sources(sources: Sequence[str | os.PathLike[str]],
+                   skipped: list[str] | None = None) -> list[Path]:
     """Files as given; folders searched recursively for videos and still images; ``.txt``
-    files as lists (a path a line, relative to the list's folder; ``#`` comments)."""
+    files as lists (a path a line, relative to the list's folder; ``#`` comments).
+
+    A source that does not exist is an error naming it (a mistyped folder would otherwise
+    train on the rest, saying only that it was left out). Each folder's files without a
+    media suffix get one line in ``skipped``: how many, and some of their suffixes."""
     out: list[Path] = []
     for src in sources:
         p = Path(src)
+        if not p.exists():
+            raise ValueError(f"--data {src}: there is no such file or folder")
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in MEDIA_SUFFIXES)
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            out += [f for f in files if f.suffix.lower() in MEDIA_SUFFIXES]
+            other = [f.suffix.lower() or "(none)" for f in files
+                     if f.suffix.lower() not in MEDIA_SUFFIXES]
+            if other and skipped is not None:
+                kinds = sorted(set(other), key=other.index)
+                shown = ", ".join(kinds[:5]) + (", ..." if len(kinds) > 5 else "")
+                skipped.append(f"{len(other)} file(s) in {p} without a media suffix ({shown}); "
+                               "a .txt list of paths names files of any suffix")
         elif p.suffix == ".txt":  # relative entries are relative to the list's folder
             out += [p.parent / line.strip() for line in p.read_text().splitlines()
                     if line.strip() and not line.lstrip().startswith("#")]

@@ -215,7 +215,8 @@ class Trainer:
         # step whose batch first draws it.
         self.skipped: list[str] = []
         if dataset is None:
-            paths = expand_sources(cfg.data) if cfg.data else default_train_clips()
+            paths = (expand_sources(cfg.data, self.skipped) if cfg.data
+                     else default_train_clips())
             dataset = ClipDataset.from_paths(paths, max_side=cfg.max_side,
                                              max_frames=cfg.max_clip_frames,
                                              extra_scales=cfg.extra_scales,
