@@ -74,6 +74,8 @@ def _train(args: argparse.Namespace) -> int:
                            "(is --out the folder of the run?)")
         values = {**{k: v for k, v in newest[1]["config"].items() if k in fields},
                   **{k: values[k] for k in ("out", "device") if k in values}}
+    if args.export:
+        _check_export_path(args.export)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     # The run remembers which files it trained on, not how they were spelled from here.
     values["data"] = tuple(os.path.abspath(d) for d in values.get("data", ()))
@@ -90,6 +92,19 @@ def _train(args: argparse.Namespace) -> int:
     owner = not args.export_only and int(os.environ.get("RANK", "0")) == 0
     with run_lock(Path(cfg.out)) if owner else contextlib.nullcontext():
         return _run_training(args, cfg, distributed)
+
+
+def _check_export_path(path: str) -> None:
+    """Refuse an ``--export`` file that cannot be written now, not after the whole run."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        raise CLIError(f"--export {path} is a folder: name the weights file to write")
+    if not folder.is_dir():
+        raise CLIError(f"--export {path}: its folder {folder} does not exist (create it, "
+                       "or name another file)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"--export {path}: its folder {folder} is not writable")
 
 
 def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool) -> int:

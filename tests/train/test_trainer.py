@@ -492,3 +492,25 @@ def test_a_second_run_into_a_busy_folder_is_refused(tmp_path: Path,
     with run_lock(out):
         assert main([*args, "--export-only", "--export", str(tmp_path / "m.safetensors")]) == 2
         assert "no checkpoint in" in capsys.readouterr().err
+
+
+def test_an_export_path_that_cannot_be_written_is_refused_before_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ivvae.cli import main
+
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=9, width=32, height=32)
+    base = ["train", "--out", str(tmp_path / "run"), "--data", str(clip), "--no-progress",
+            "--z-dim", "4", "--dim", "4", "--image-steps", "0", "--video-crop", "16"]
+    missing = tmp_path / "no_such_dir" / "m.safetensors"
+    assert main([*base, "--export", str(missing)]) == 2
+    assert f"--export {missing}: its folder {missing.parent} does not exist" in (
+        capsys.readouterr().err)
+    assert main([*base, "--export", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # not a step was trained
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "ro"
+        locked.mkdir(mode=0o500)
+        assert main([*base, "--export", str(locked / "m.safetensors")]) == 2
+        assert "is not writable" in capsys.readouterr().err
