@@ -514,3 +514,29 @@ def test_an_export_path_that_cannot_be_written_is_refused_before_training(
         locked.mkdir(mode=0o500)
         assert main([*base, "--export", str(locked / "m.safetensors")]) == 2
         assert "is not writable" in capsys.readouterr().err
+
+
+def test_a_resume_on_other_data_is_refused_saying_what_changed(tmp_path: Path,
+                                                              clips: ClipDataset) -> None:
+    cfg = tiny_cfg(tmp_path, image_steps=2, video_steps=2, save_every=2)
+    Trainer(cfg, dataset=clips).fit(progress=False, max_steps=2)
+    assert Trainer(cfg, dataset=clips).resume()  # the same data resume
+    fewer = ClipDataset(clips.clips[:2], clips.names[:2])
+    with pytest.raises(ValueError, match=r"1 clip\(s\) removed \(synthetic_2\); 3 clips then, "
+                                         r"2 now\. .*another --out \(--init-weights "):
+        Trainer(cfg, dataset=fewer).resume()
+    other = synthetic_clips(4, 20, 32, seed=1)  # same names, one more, shorter clips
+    with pytest.raises(ValueError, match=r"1 clip\(s\) added \(synthetic_3\); 3 clip\(s\) "
+                                         r"changed \(synthetic_0, synthetic_1, synthetic_2\)"):
+        Trainer(cfg, dataset=other).resume()
+    # An export reads the checkpoint and fits its factors on the data as they are now.
+    assert Trainer(cfg, dataset=fewer).resume(recover=False)
+
+
+def test_a_replaced_file_of_the_same_shape_changes_the_listing(tmp_path: Path) -> None:
+    clip = tmp_path / "clip.mp4"
+    media.make_video(clip, frames=6, width=32, height=32)
+    before = ClipDataset.from_paths([clip]).listing()
+    media.make_video(clip, frames=6, width=32, height=32, pattern="gradient")
+    after = ClipDataset.from_paths([clip]).listing()
+    assert before[str(clip)].startswith("6 frames of 32x32, ") and before != after

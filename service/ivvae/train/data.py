@@ -12,6 +12,7 @@ content (faces, text, textures, saturated colours) that a handful of clips lacks
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import zlib
@@ -170,6 +171,19 @@ class ClipDataset:
             else:
                 keep.append((clip, name))
         return ClipDataset([c for c, _ in keep], [n for _, n in keep])
+
+    def listing(self) -> dict[str, str]:
+        """What a resume checks the data against, by clip name: its frames and size, and
+        its file's length in bytes where the name is a file (one replaced by another of the
+        same shape)."""
+        out = {}
+        for name, clip in zip(self.names, self.clips, strict=True):
+            t, h, w, _ = clip.shape
+            entry = f"{t} frames of {w}x{h}"
+            with contextlib.suppress(OSError):
+                entry += f", {os.path.getsize(name)} bytes"
+            out[name] = entry
+        return out
 
     @property
     def num_frames(self) -> int:

@@ -9,8 +9,9 @@ Loss: L1 (or Charbonnier) + ``kl_weight`` * KL (mean-reduced over latent element
 3-D patch discriminator trained from scratch; no pretrained perceptual network is used).
 
 Determinism and exact resume: each step's batch and reparameterisation noise are pure
-functions of (seed, rank, step); checkpoints hold model, optimizer and step. Resuming from
-step s reproduces the uninterrupted run's loss at step s bit for bit (same thread count).
+functions of (seed, rank, step); checkpoints hold model, optimizer, step and a listing of
+the clips (a resume on other data is refused). Resuming from step s reproduces the
+uninterrupted run's loss at step s bit for bit (same thread count).
 """
 
 from __future__ import annotations
@@ -179,6 +180,22 @@ class Diverged(ValueError):
     """The loss stopped being a finite number: the weights are lost, the checkpoint is not."""
 
 
+def _data_changed(folder: Path, step: int, was: dict[str, str], now: dict[str, str]) -> str:
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+    kinds = {"added": [n for n in now if n not in was],
+             "removed": [n for n in was if n not in now],
+             "changed": [n for n in now if n in was and was[n] != now[n]]}
+    what = "; ".join(f"{len(names)} clip(s) {kind} ({some(names)})"
+                     for kind, names in kinds.items() if names) or "the clips' order changed"
+    return (f"the training data are not those of the checkpoint in {folder} (step {step}): "
+            f"{what}; {len(was)} clips then, {len(now)} now. Resuming would not continue "
+            "that run: put the data back as they were, or start a new run with another "
+            f"--out (--init-weights {folder / 'model.safetensors'} starts it from these "
+            "weights)")
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
     sd = opt.state_dict()
     tensors = {}
@@ -235,6 +252,7 @@ class Trainer:
         keep = [i for i, name in enumerate(dataset.names) if name in used]
         self.data = ClipDataset([dataset.clips[i] for i in keep],
                                 [dataset.names[i] for i in keep])  # every clip some stage uses
+        self.listing = self.data.listing()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
         if cfg.init_weights:
@@ -307,7 +325,8 @@ class Trainer:
         opt_tensors, groups = _optimizer_tensors(self.opt)
         save_tensors(opt_tensors, tmp / "optim.safetensors")
         state: dict[str, Any] = {"step": self.step, "stage": self._stage,
-                                 "config": dataclasses.asdict(self.cfg), "param_groups": groups}
+                                 "config": dataclasses.asdict(self.cfg), "param_groups": groups,
+                                 "data_listing": self.listing}
         if self.disc is not None and self.disc_opt is not None:
             save_tensors({k: v.detach().cpu().contiguous()
                           for k, v in self.disc.state_dict().items()},
@@ -360,6 +379,12 @@ class Trainer:
                                for k in changed)
             raise ValueError(f"the checkpoint in {folder} was made with other "
                              f"settings ({detail}): use them, or another --out")
+        # Batches are drawn by index from the clips: other clips under the same --data make
+        # another run. (An export only fits its factors on the data as they are now.)
+        listing = state.get("data_listing")  # None: a checkpoint from before it was kept
+        if recover and listing is not None and list(listing.items()) != list(
+                self.listing.items()):
+            raise ValueError(_data_changed(folder, int(state["step"]), listing, self.listing))
         loaded = load_model(folder / "model.safetensors", scale_factor=1.0,
                             shift_factor=0.0)
         with torch.no_grad():
