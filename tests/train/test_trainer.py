@@ -540,3 +540,21 @@ def test_a_replaced_file_of_the_same_shape_changes_the_listing(tmp_path: Path) -
     media.make_video(clip, frames=6, width=32, height=32, pattern="gradient")
     after = ClipDataset.from_paths([clip]).listing()
     assert before[str(clip)].startswith("6 frames of 32x32, ") and before != after
+
+
+def test_init_weights_of_another_model_are_refused_with_both_sizes(
+        tmp_path: Path, clips: ClipDataset) -> None:
+    from ivvae.model import IVVAE, IVVAEConfig
+    from ivvae.model.checkpoint import save_safetensors
+
+    weights = tmp_path / "w.safetensors"
+    save_safetensors(IVVAE(IVVAEConfig(z_dim=4, dim=4, num_res_blocks=2)), weights)
+    Trainer(tiny_cfg(tmp_path / "a", init_weights=str(weights)), dataset=clips)  # a match
+    # num_res_blocks: the 2-block model trained while the run recorded 3
+    for other in ({"num_res_blocks": 3}, {"dim": 8}):
+        with pytest.raises(ValueError, match=(
+                rf"--init-weights {weights} is a model of z_dim 4, dim 4, num_res_blocks 2; "
+                r"this run is set for z_dim 4, dim \d, num_res_blocks \d: pass --z-dim 4 "
+                r"--dim 4 --num-res-blocks 2")):
+            Trainer(tiny_cfg(tmp_path / "b", init_weights=str(weights), **other),
+                    dataset=clips)

@@ -180,6 +180,23 @@ class Diverged(ValueError):
     """The loss stopped being a finite number: the weights are lost, the checkpoint is not."""
 
 
+def _check_init_weights(path: str, found: IVVAEConfig, wanted: IVVAEConfig) -> None:
+    names = ("z_dim", "dim", "num_res_blocks", "dim_mult")
+    differ = [n for n in names if getattr(found, n) != getattr(wanted, n)]
+    if not differ:
+        return
+
+    def sizes(cfg: IVVAEConfig) -> str:
+        return ", ".join(f"{n} {getattr(cfg, n)}" for n in names[:3])
+
+    fix = ("ivvae train builds only dim_mult (1, 2, 4, 4)" if differ == ["dim_mult"]
+           else f"pass --z-dim {found.z_dim} --dim {found.dim} --num-res-blocks "
+                f"{found.num_res_blocks}, or other weights")
+    raise ValueError(f"--init-weights {path} is a model of {sizes(found)}"
+                     f"{f', dim_mult {found.dim_mult}' if 'dim_mult' in differ else ''}; "
+                     f"this run is set for {sizes(wanted)}: {fix}")
+
+
 def _data_changed(folder: Path, step: int, was: dict[str, str], now: dict[str, str]) -> str:
     def some(names: list[str]) -> str:
         return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
@@ -257,8 +274,9 @@ class Trainer:
         model_cfg = IVVAEConfig(z_dim=cfg.z_dim, dim=cfg.dim, num_res_blocks=cfg.num_res_blocks)
         if cfg.init_weights:
             self.vae = load_model(cfg.init_weights, scale_factor=1.0, shift_factor=0.0)
-            if (self.vae.cfg.z_dim, self.vae.cfg.dim) != (cfg.z_dim, cfg.dim):
-                raise ValueError("init_weights do not match z_dim/dim")
+            # The run's config is what the checkpoint records and a resume compares: the
+            # weights must be of that model, not silently of the file's.
+            _check_init_weights(cfg.init_weights, self.vae.cfg, model_cfg)
         else:
             self.vae = IVVAE(model_cfg)
             k = model_cfg.half_z
