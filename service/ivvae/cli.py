@@ -128,7 +128,12 @@ def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool)
             print(f"training {where}; {cfg.total_steps} steps in all; out={cfg.out}",
                   file=sys.stderr)
         if not args.export_only:
-            trainer.fit(progress=not args.no_progress, max_steps=args.max_steps)
+            try:
+                trainer.fit(progress=not args.no_progress, max_steps=args.max_steps)
+            except KeyboardInterrupt as exc:
+                if trainer.rank == 0:
+                    _say_interrupted(trainer, exc)
+                raise
         if args.export and trainer.rank == 0:
             model_cfg = trainer.export_model(args.export)
             print(f"wrote {args.export} (scale {model_cfg.scale_factor}, "
@@ -139,6 +144,22 @@ def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool)
 
             dist.destroy_process_group()
     return 0
+
+
+def _say_interrupted(trainer: Trainer, exc: KeyboardInterrupt) -> None:
+    from .train.trainer import Interrupted, newest_checkpoint
+
+    if isinstance(exc, Interrupted):
+        saved = f"saved the checkpoint of step {exc.step}"
+    else:
+        newest = newest_checkpoint(trainer.out)
+        if newest is None:
+            print("ivvae train: no checkpoint was saved yet; the same command starts over",
+                  file=sys.stderr)
+            return
+        saved = f"the newest checkpoint kept is of step {newest[1]['step']}"
+    print(f"ivvae train: {saved} in {trainer.out}; the same command resumes there",
+          file=sys.stderr)
 
 
 def _resume(trainer: Trainer, *, read_only: bool) -> bool:

@@ -558,3 +558,41 @@ def test_init_weights_of_another_model_are_refused_with_both_sizes(
                 r"--dim 4 --num-res-blocks 2")):
             Trainer(tiny_cfg(tmp_path / "b", init_weights=str(weights), **other),
                     dataset=clips)
+
+
+def test_an_interrupt_saves_the_step_it_ends_and_resumes_from_it_bit_for_bit(
+        tmp_path: Path, clips: ClipDataset) -> None:
+    from ivvae.train.trainer import Interrupted, StepLog
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path / "a", image_steps=2, video_steps=6, save_every=100)
+    reference = Trainer(cfg, dataset=clips)
+    losses = [reference.train_step().loss for _ in range(6)]
+
+    def ctrl_c(log: StepLog) -> None:
+        if log.step == 2:  # as a signal comes: in the middle of a step's work
+            os.kill(os.getpid(), signal.SIGINT)
+
+    a = Trainer(cfg, dataset=clips, on_log=ctrl_c)
+    with pytest.raises(Interrupted) as stopped:
+        a.fit(progress=False)
+    assert stopped.value.step == 3  # step 2 was finished, and saved after it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert json.loads((tmp_path / "a" / "checkpoint" / "state.json").read_text())["step"] == 3
+    b = Trainer(cfg, dataset=clips)
+    assert b.resume() and b.step == 3
+    assert [b.train_step().loss for _ in range(3)] == losses[3:]  # bit for bit
+
+
+def test_a_resume_drops_the_log_lines_past_its_checkpoint(tmp_path: Path,
+                                                         clips: ClipDataset) -> None:
+    _trained(tmp_path, clips, 2)  # checkpoint of step 2, log lines of steps 0, 1
+    log = tmp_path / "log.jsonl"
+    # then it logged step 2 and was killed while writing step 3's line
+    log.write_text(log.read_text() + '{"step": 2, "loss": 0.5}\n{"step": 3, "lo')
+    again = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=6, save_every=2),
+                    dataset=clips)
+    assert again.resume() and again.step == 2
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
+    again.fit(progress=False, max_steps=2)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]

@@ -22,6 +22,9 @@ import json
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..core.files import atomic_write
 from ..core.geometry import latent_shape
 from ..model.checkpoint import (
     load_model,
@@ -174,6 +178,15 @@ def run_lock(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM through the CLI) stopped ``fit`` after a whole step, whose
+    checkpoint it saved: resuming from it is as exact as from a periodic one."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"interrupted; the checkpoint of step {step} is saved")
+        self.step = step
 
 
 class Diverged(ValueError):
@@ -374,6 +387,8 @@ class Trainer:
                 dist.barrier()
         newest = newest_checkpoint(self.out)
         if newest is None:
+            if recover and self.rank == 0:
+                self._trim_log(0)
             return False
         folder, state = newest
         # Anything but these changes the run; video_steps may grow to train longer, and the
@@ -409,6 +424,8 @@ class Trainer:
             for p, q in zip(self.vae.parameters(), loaded.parameters(), strict=True):
                 p.copy_(q)
         self.step = int(state["step"])
+        if recover and self.rank == 0:
+            self._trim_log(self.step)
         if self.cfg.ema_decay > 0 and (folder / "ema.safetensors").exists():
             ema = load_model(folder / "ema.safetensors", scale_factor=1.0,
                              shift_factor=0.0)
@@ -424,6 +441,25 @@ class Trainer:
                                load_file(str(folder / "disc_optim.safetensors")),
                                state["disc_param_groups"])
         return True
+
+    def _trim_log(self, step: int) -> None:
+        """Drop the step log's lines of steps from ``step`` on (and a line cut by a kill):
+        the resumed run logs them again."""
+        path = self.out / "log.jsonl"
+        try:
+            lines = path.read_text().splitlines(keepends=True)
+        except FileNotFoundError:
+            return
+        keep = []
+        for line in lines:
+            try:
+                logged = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if logged < step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        if keep != lines:
+            atomic_write(path, "".join(keep))
 
     # -- one step --------------------------------------------------------------------------
 
@@ -540,7 +576,7 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, disable=not progress or self.rank != 0,
                    unit="step", dynamic_ncols=True)
         log_path = self.out / "log.jsonl"
-        with bar:
+        with bar, self._deferred_interrupt() as asked:
             while self.step < end:
                 log = self.train_step()
                 bar.update(1)
@@ -551,10 +587,41 @@ class Trainer:
                         f.write(json.dumps(dataclasses.asdict(log)) + "\n")
                 if self.on_log is not None:
                     self.on_log(log)
-                if self.step % cfg.save_every == 0 or self.step == end:
+                saved = self.step % cfg.save_every == 0 or self.step == end
+                if saved:
                     self.save()
                     if self.world > 1:
                         dist.barrier()
+                if asked:
+                    if not saved:
+                        self.save()
+                    raise Interrupted(self.step)
+
+    @contextlib.contextmanager
+    def _deferred_interrupt(self) -> Iterator[list[int]]:
+        """While training, a first Ctrl-C asks to stop after the running step (the list it
+        yields is then not empty), and a second stops at once. A step cut midway leaves the
+        weights updated and the optimizer not, or some parameters and not others: only
+        between steps is the state one a checkpoint can hold. Under DDP every rank would have
+        to stop after the same step: there Ctrl-C stops at once, as before."""
+        asked: list[int] = []
+        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+            yield asked
+            return
+
+        def interrupt(signum: int, frame: Any) -> None:
+            if asked:
+                raise KeyboardInterrupt
+            asked.append(signum)
+            print("\nivvae train: stopping after the running step, to save a checkpoint "
+                  "there (interrupt again to stop at once, keeping the last one)",
+                  file=sys.stderr)
+
+        before = signal.signal(signal.SIGINT, interrupt)
+        try:
+            yield asked
+        finally:
+            signal.signal(signal.SIGINT, before)
 
     def export_model(self, path: str | os.PathLike[str], *, calibration_batches: int = 8,
                      name: str = "") -> IVVAEConfig:
