@@ -83,6 +83,10 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in cfg.warnings():
             print(f"ivvae train: warning: {warning}", file=sys.stderr)
+    if args.threads < 0:
+        raise CLIError(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise CLIError(f"--max-steps must be 0 or more, got {args.max_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -123,10 +127,15 @@ def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool)
                 print(f"ivvae train: warning: left out {line}", file=sys.stderr)
         resumed = _resume(trainer, read_only=args.export_only)
         if trainer.rank == 0:
-            where = (f"resumed at step {trainer.step}" if resumed
-                     else f"from {cfg.init_weights}" if cfg.init_weights else "from scratch")
-            print(f"training {where}; {cfg.total_steps} steps in all; out={cfg.out}",
-                  file=sys.stderr)
+            if args.export_only:
+                print(f"exporting the checkpoint of step {trainer.step} of {cfg.total_steps} "
+                      f"in {cfg.out}", file=sys.stderr)
+            else:
+                where = (f"resumed at step {trainer.step}" if resumed
+                         else f"from {cfg.init_weights}" if cfg.init_weights
+                         else "from scratch")
+                print(f"training {where}; {cfg.total_steps} steps in all; out={cfg.out}",
+                      file=sys.stderr)
         if not args.export_only:
             try:
                 trainer.fit(progress=not args.no_progress, max_steps=args.max_steps)
@@ -629,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_dataclass_options(p, TrainConfig, FIELD_HELP)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (0: load the data and checkpoint, and "
+                   "train nothing)")
     p.add_argument("--export", default="", help="write inference weights here at the end")
     p.add_argument("--export-only", action="store_true",
                    help="only --export the checkpoint in --out, with the run's own settings "

@@ -446,6 +446,8 @@ def test_cli_export_only_needs_a_checkpoint_and_data_paths_are_remembered_as_fil
          "--export", str(tmp_path / "m.safetensors"), "--threads", "1"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path / "x")
     assert export.returncode == 0, export.stderr
+    assert "exporting the checkpoint of step 2 of 2 in" in export.stderr, export.stderr
+    assert "training" not in export.stderr
     assert load_model(tmp_path / "m.safetensors").cfg.z_dim == 4
 
 
@@ -596,3 +598,27 @@ def test_a_resume_drops_the_log_lines_past_its_checkpoint(tmp_path: Path,
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1]
     again.fit(progress=False, max_steps=2)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_negative_threads_and_max_steps_are_refused_by_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ivvae.cli import main
+
+    base = ["train", "--out", str(tmp_path / "run"), "--data", str(tmp_path), "--no-progress"]
+    assert main([*base, "--threads", "-3"]) == 2
+    assert "--threads must be 0 (torch's default) or more, got -3" in capsys.readouterr().err
+    assert main([*base, "--max-steps", "-1"]) == 2
+    assert "--max-steps must be 0 or more, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_optimizer_file_is_named_with_what_to_do(tmp_path: Path,
+                                                           clips: ClipDataset) -> None:
+    _trained(tmp_path, clips, 2)
+    optim = tmp_path / "checkpoint" / "optim.safetensors"
+    optim.write_bytes(optim.read_bytes()[:100])
+    again = Trainer(tiny_cfg(tmp_path, image_steps=2, video_steps=6, save_every=2),
+                    dataset=clips)
+    with pytest.raises(ValueError, match=rf"{optim} is damaged \(.*\): .*--init-weights "
+                                         rf"{optim.parent / 'model.safetensors'}"):
+        again.resume()

@@ -226,6 +226,18 @@ def _data_changed(folder: Path, step: int, was: dict[str, str], now: dict[str, s
             "weights)")
 
 
+def _checkpoint_tensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors' own SafetensorError is no ValueError
+        raise ValueError(
+            f"{path} is damaged ({' '.join(str(exc).split())}): the run cannot go on exactly "
+            f"from it. Start a new run with another --out and --init-weights "
+            f"{path.parent / 'model.safetensors'} (its weights, a fresh optimizer)") from exc
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[Any]]:
     sd = opt.state_dict()
     tensors = {}
@@ -432,13 +444,13 @@ class Trainer:
             self.ema = {k: v.float().to(self.device) for k, v in ema.state_dict().items()}
         self._enter_stage(state["stage"])
         assert self.opt is not None
-        _restore_optimizer(self.opt, load_file(str(folder / "optim.safetensors")),
+        _restore_optimizer(self.opt, _checkpoint_tensors(folder / "optim.safetensors"),
                            state["param_groups"])
         if self.disc is not None and self.disc_opt is not None:
-            self.disc.load_state_dict(load_file(str(folder / "disc.safetensors"),
-                                                device=str(self.device)))
+            self.disc.load_state_dict(_checkpoint_tensors(folder / "disc.safetensors",
+                                                          str(self.device)))
             _restore_optimizer(self.disc_opt,
-                               load_file(str(folder / "disc_optim.safetensors")),
+                               _checkpoint_tensors(folder / "disc_optim.safetensors"),
                                state["disc_param_groups"])
         return True
 
