@@ -121,7 +121,8 @@ def _run_training(args: argparse.Namespace, cfg: TrainConfig, distributed: bool)
 
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, say=lambda line: print(f"ivvae train: {line}",
+                                                      file=sys.stderr))
         if trainer.rank == 0:
             for line in trainer.skipped:
                 print(f"ivvae train: warning: left out {line}", file=sys.stderr)

@@ -447,7 +447,7 @@ def test_cli_export_only_needs_a_checkpoint_and_data_paths_are_remembered_as_fil
         capture_output=True, text=True, timeout=300, cwd=tmp_path / "x")
     assert export.returncode == 0, export.stderr
     assert "exporting the checkpoint of step 2 of 2 in" in export.stderr, export.stderr
-    assert "training" not in export.stderr
+    assert "training resumed" not in export.stderr
     assert load_model(tmp_path / "m.safetensors").cfg.z_dim == 4
 
 
@@ -622,3 +622,31 @@ def test_a_damaged_optimizer_file_is_named_with_what_to_do(tmp_path: Path,
     with pytest.raises(ValueError, match=rf"{optim} is damaged \(.*\): .*--init-weights "
                                          rf"{optim.parent / 'model.safetensors'}"):
         again.resume()
+
+
+def test_the_decoded_size_is_estimated_said_and_refused_past_the_machines_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ivvae.memory
+    from ivvae.train.data import estimate_bytes
+
+    clip, still = tmp_path / "clip.mp4", tmp_path / "still.png"
+    media.make_video(clip, frames=12, width=64, height=48)
+    still.write_bytes(media.make_image("png", 80, 64))
+    paths = [clip, still]
+    for max_side, scales in ((256, ()), (32, (16,))):
+        loaded = ClipDataset.from_paths(paths, max_side=max_side, extra_scales=scales)
+        need, unknown = estimate_bytes(paths, max_side=max_side, max_frames=600,
+                                       extra_scales=scales)
+        assert unknown == 0
+        assert need == pytest.approx(sum(c.nbytes for c in loaded.clips), rel=0.1)
+    lines: list[str] = []
+    cfg = tiny_cfg(tmp_path / "run", data=(str(clip), str(still)))
+    Trainer(cfg, say=lines.append)
+    assert lines[0].startswith("loading training data: 2 files, about 0 MB decoded")
+    assert lines[-1] == "loaded 2 clips from 2 files: 44 frames, 0 MB in memory"
+    monkeypatch.setattr(ivvae.memory, "machine_memory_bytes", lambda: 100_000)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"about 0\.0 GB decoded in memory in each of the 2 "
+                                         r"ranks here \(2 files; .*more than this machine's "
+                                         r"0\.0 GB: train on fewer clips, or lower "):
+        Trainer(cfg)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,51 @@ def expand_sources(sources: Sequence[str | os.PathLike[str]],
     return out
 
 
+# How often the loader says how far it is (seconds).
+LOAD_REPORT_S = 5.0
+
+
+def _scaled(h: int, w: int, side: int) -> tuple[int, int]:
+    """``(h, w)`` with the short side brought down to ``side`` (as ``_downscale``)."""
+    short = min(h, w)
+    if short <= side:
+        return h, w
+    return round(h * side / short), round(w * side / short)
+
+
+def estimate_bytes(paths: Sequence[Path], *, max_side: int, max_frames: int,
+                   extra_scales: Sequence[int] = ()) -> tuple[int, int]:
+    """What ``ClipDataset.from_paths`` would hold decoded, from the containers' declared
+    sizes and frame counts (opening each file, decoding its first frame): ``(bytes, the
+    number of files that declare no frame count or do not open)``, those counted as 0."""
+    from ..video import VideoLimits, open_video
+
+    total, unknown = 0, 0
+    for path in paths:
+        try:
+            with open_video(path, limits=VideoLimits(max_frames=1 << 30,
+                                                     max_pixels=1 << 26)) as r:
+                h, w, n = r.info.height, r.info.width, r.info.num_frames
+                if r.info.container.endswith("_pipe"):  # FFmpeg's still-image demuxers
+                    n = 1
+        except (IVVAEError, OSError, ValueError):
+            unknown += 1
+            continue
+        if n is None:
+            unknown += 1
+            continue
+        h, w = _scaled(h, w, max_side)
+        if n <= 1:  # a still: a camera clip of a 3/4 view
+            n, h, w = min(STILL_CLIP_FRAMES, max_frames), 3 * h // 4, 3 * w // 4
+        n = min(n, max_frames)
+        total += n * h * w * 3
+        for side in extra_scales:
+            if side < min(h, w):
+                sh, sw = _scaled(h, w, side)
+                total += n * sh * sw * 3
+    return total, unknown
+
+
 def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
     """``(T, H, W, 3)`` uint8; a file of one picture (any format) becomes a camera clip."""
     from ..video import VideoLimits, open_video
@@ -100,12 +146,11 @@ def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
 
 def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
     _, h, w, _ = frames.shape
-    short = min(h, w)
-    if short <= max_side:
+    size = _scaled(h, w, max_side)
+    if size == (h, w):
         return frames
-    scale = max_side / short
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(round(h * scale), round(w * scale)), mode="area")
+    x = F.interpolate(x, size=size, mode="area")
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -137,11 +182,24 @@ class ClipDataset:
     @classmethod
     def from_paths(cls, paths: Sequence[Path], *, max_side: int = 256,
                    max_frames: int = 600, extra_scales: Sequence[int] = (),
-                   skipped: list[str] | None = None) -> ClipDataset:
+                   skipped: list[str] | None = None,
+                   say: Callable[[str], None] | None = None) -> ClipDataset:
         """The clips of ``paths``. A file that cannot be read is an error naming it, or,
-        when a ``skipped`` list is given, is left out with a line there saying why."""
-        clips, names = [], []
-        for p in paths:
+        when a ``skipped`` list is given, is left out with a line there saying why.
+        ``say`` hears how far the loading is, every ``LOAD_REPORT_S``, and what it holds at
+        the end: everything is decoded into memory before a step runs."""
+        clips: list[np.ndarray] = []
+        names: list[str] = []
+
+        def held() -> str:
+            frames = sum(len(c) for c in clips)
+            return f"{frames} frames, {sum(c.nbytes for c in clips) / 1e6:.0f} MB in memory"
+
+        last = time.monotonic()
+        for i, p in enumerate(paths):
+            if say is not None and time.monotonic() - last > LOAD_REPORT_S:
+                last = time.monotonic()
+                say(f"loading training data: {i}/{len(paths)} files, {held()}")
             try:
                 clip = _load_clip(p, max_side, max_frames)
             except (IVVAEError, OSError, ValueError) as exc:
@@ -155,6 +213,8 @@ class ClipDataset:
                 if side < min(clip.shape[1:3]):
                     clips.append(_downscale(clip, side))
                     names.append(f"{p}@{side}")
+        if say is not None:
+            say(f"loaded {len(clips)} clips from {len(paths)} files: {held()}")
         return cls(clips, names)
 
     def fitting(self, frames: int, crop: int, skipped: list[str], *,

@@ -49,7 +49,7 @@ from ..model.config import IVVAEConfig
 from ..model.device import parse_device, torch_device
 from ..model.vae import IVVAE
 from .config import TrainConfig
-from .data import ClipDataset, default_train_clips, expand_sources
+from .data import ClipDataset, default_train_clips, estimate_bytes, expand_sources
 from .ktc import KeyframeMask
 from .metrics import charbonnier, kl_divergence, psnr_per_frame, ssim_per_frame
 
@@ -193,6 +193,31 @@ class Diverged(ValueError):
     """The loss stopped being a finite number: the weights are lost, the checkpoint is not."""
 
 
+def _check_memory(paths: list[Path], cfg: TrainConfig,
+                  say: Callable[[str], None] | None) -> None:
+    """Refuse data whose decoded frames would not fit in this machine's memory, before
+    decoding them for minutes and then being killed (every rank on it holds them all)."""
+    from ..memory import machine_memory_bytes
+
+    need, unknown = estimate_bytes(paths, max_side=cfg.max_side,
+                                   max_frames=cfg.max_clip_frames,
+                                   extra_scales=cfg.extra_scales)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    have = machine_memory_bytes()
+    unsure = f", not counting {unknown} that declare no frame count" if unknown else ""
+    if say is not None:
+        say(f"loading training data: {len(paths)} files, about {need / 1e6:.0f} MB decoded"
+            f"{f' in each of {ranks} ranks' if ranks > 1 else ''}{unsure}")
+    if need * ranks > have:
+        each = f" in each of the {ranks} ranks here" if ranks > 1 else ""
+        raise ValueError(
+            f"the training data would take about {need / 1e9:.1f} GB decoded in memory"
+            f"{each} ({len(paths)} files{unsure}; every frame is held, at most --max-side "
+            f"{cfg.max_side} px on its short side), more than this machine's "
+            f"{have / 1e9:.1f} GB: train on fewer clips, or lower --max-clip-frames "
+            f"({cfg.max_clip_frames}) or --max-side, or drop --extra-scales")
+
+
 def _check_init_weights(path: str, found: IVVAEConfig, wanted: IVVAEConfig) -> None:
     names = ("z_dim", "dim", "num_res_blocks", "dim_mult")
     differ = [n for n in names if getattr(found, n) != getattr(wanted, n)]
@@ -259,7 +284,8 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, dataset: ClipDataset | None = None,
-                 on_log: Callable[[StepLog], None] | None = None) -> None:
+                 on_log: Callable[[StepLog], None] | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.rank, self.world = _dist_info()
@@ -276,10 +302,12 @@ class Trainer:
         if dataset is None:
             paths = (expand_sources(cfg.data, self.skipped) if cfg.data
                      else default_train_clips())
+            say = say if self.rank == 0 else None
+            _check_memory(paths, cfg, say)
             dataset = ClipDataset.from_paths(paths, max_side=cfg.max_side,
                                              max_frames=cfg.max_clip_frames,
                                              extra_scales=cfg.extra_scales,
-                                             skipped=self.skipped)
+                                             skipped=self.skipped, say=say)
         # Each stage draws from the clips that hold its window: a clip too short for the
         # video stage's frames still serves the image stage.
         windows = {"image": (cfg.image_steps, 1, cfg.image_crop),
