@@ -121,6 +121,29 @@ def test_export_writes_loadable_weights_with_fitted_factors(
     assert cfg.scale_factor > 0 and cfg.scale_factor != 1.0
     x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
     assert model.decode(model.encode(x)).shape == x.shape
+    # Named as its file (two runs' exports shared ivvae_z4_dim4_trained), unless the file's
+    # name is none a model may have.
+    assert model.name == "model"
+    tr.export_model(tmp_path / "faces v2.safetensors", calibration_batches=1)
+    assert load_model(tmp_path / "faces v2.safetensors").name == "ivvae_z4_dim4_trained"
+
+
+def test_a_fine_tune_is_not_labelled_as_the_model_it_started_from(
+        tmp_path: Path, clips: ClipDataset) -> None:
+    # Its checkpoints carried the init weights' model_name: eval, and latents encoded with
+    # them, said "ivvae_z16_dim16_bundled" of a half fine-tuned model.
+    from ivvae.model import IVVAE, IVVAEConfig
+    from ivvae.model.checkpoint import save_safetensors
+
+    start = IVVAE(IVVAEConfig(z_dim=4, dim=4))
+    start.name = "tiny_bundled"
+    save_safetensors(start, tmp_path / "start.safetensors")
+    tr = Trainer(tiny_cfg(tmp_path / "run", init_weights=str(tmp_path / "start.safetensors")),
+                 dataset=clips)
+    tr.train_step()
+    tr.save()
+    name = load_model(tmp_path / "run" / "checkpoint" / "model.safetensors").name
+    assert name == "ivvae_z4_dim4"
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..core import strict
 from ..core.files import atomic_write
 from ..core.geometry import latent_shape
 from ..model.checkpoint import (
@@ -218,6 +219,17 @@ def _check_memory(paths: list[Path], cfg: TrainConfig,
             f"({cfg.max_clip_frames}) or --max-side, or drop --extra-scales")
 
 
+def _export_name(path: str | os.PathLike[str], cfg: TrainConfig) -> str:
+    """The export's file name when it is a model name (``--export ivvae_faces_v2.safetensors``
+    serves as ``ivvae_faces_v2``): every run's export was ``ivvae_z16_dim16_trained``, and
+    two served side by side shared it."""
+    stem = Path(path).name.removesuffix(".safetensors")
+    try:
+        return strict.model_name(stem)
+    except ValueError:
+        return f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
+
+
 def _check_init_weights(path: str, found: IVVAEConfig, wanted: IVVAEConfig) -> None:
     names = ("z_dim", "dim", "num_res_blocks", "dim_mult")
     differ = [n for n in names if getattr(found, n) != getattr(wanted, n)]
@@ -330,6 +342,10 @@ class Trainer:
             # The run's config is what the checkpoint records and a resume compares: the
             # weights must be of that model, not silently of the file's.
             _check_init_weights(cfg.init_weights, self.vae.cfg, model_cfg)
+            # Its name is not this run's: the checkpoints were labelled as the bundled model
+            # (eval said so, and so did latents encoded with them). Unnamed, they are named
+            # by their size, as a run from scratch's are.
+            self.vae.name = ""
         else:
             self.vae = IVVAE(model_cfg)
             k = model_cfg.half_z
@@ -695,7 +711,7 @@ class Trainer:
                            "worth exporting (train again with a lower --lr)")
         model_cfg = self.vae.cfg.with_factors(round(scale, 6), round(shift, 6))
         frozen = self._model_of(weights, model_cfg)
-        frozen.name = name or f"ivvae_z{cfg.z_dim}_dim{cfg.dim}_trained"
+        frozen.name = name or _export_name(path, cfg)
         save_safetensors(frozen, path, {"training_steps": str(self.step),
                                         "training_config": json.dumps(dataclasses.asdict(cfg))})
         return model_cfg
