@@ -244,8 +244,8 @@ def served_model_for(info: LatentInfo, models: Mapping[str, ModelInfo]) -> Model
         if not same:
             raise UnknownModel(
                 f"the latent was made by model {info.model_name!r} (weights "
-                f"{info.weights_sha256[:12]}), which this server does not serve; "
-                f"served: {sorted(models)}"
+                f"{info.weights_sha256[:12]}), which is not loaded here (a server's "
+                f"models, or the CLI's --weights); loaded: {sorted(models)}"
             )
         model = same[0]
     if model.weights_sha256 != info.weights_sha256:
