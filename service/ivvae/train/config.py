@@ -158,7 +158,8 @@ FIELD_HELP: dict[str, str] = {
     "max_clip_frames": "read at most this many frames of each video",
     "save_every": "write a checkpoint every N steps",
     "log_every": "append to the step log every N steps",
-    "bf16": "bfloat16 autocast (CPU or CUDA)",
+    "bf16": "bfloat16 autocast (CUDA; on a CPU without AVX512-BF16 or AMX it is emulated "
+            "and several times slower)",
     "device": "'auto' (this process's GPU, else the CPU) or a torch device",
     "init_weights": "start from these weights (official layout) instead of random",
 }
