@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -624,6 +624,34 @@ def test_an_interrupt_saves_the_step_it_ends_and_resumes_from_it_bit_for_bit(
     b = Trainer(cfg, dataset=clips)
     assert b.resume() and b.step == 3
     assert [b.train_step().loss for _ in range(3)] == losses[3:]  # bit for bit
+
+
+def test_an_interrupt_in_the_last_step_ends_the_run_and_an_ignored_one_stays_ignored(
+        tmp_path: Path, clips: ClipDataset) -> None:
+    from ivvae.train.trainer import StepLog
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path / "a", image_steps=2, video_steps=2, save_every=100)
+
+    def ctrl_c_at(step: int) -> Callable[[StepLog], None]:
+        def on_log(log: StepLog) -> None:
+            if log.step == step:
+                os.kill(os.getpid(), signal.SIGINT)
+        return on_log
+
+    # In the last step: the run is whole, and the export that follows it must not be lost.
+    last = Trainer(cfg, dataset=clips, on_log=ctrl_c_at(3))
+    last.fit(progress=False)
+    assert last.step == 4
+    # Where SIGINT is ignored (nohup, a script's background job), it stays ignored.
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ignored = Trainer(tiny_cfg(tmp_path / "b", image_steps=2, video_steps=2,
+                                   save_every=100), dataset=clips, on_log=ctrl_c_at(1))
+        ignored.fit(progress=False)
+        assert ignored.step == 4 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_resume_drops_the_log_lines_past_its_checkpoint(tmp_path: Path,

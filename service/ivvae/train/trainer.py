@@ -648,7 +648,7 @@ class Trainer:
                     self.save()
                     if self.world > 1:
                         dist.barrier()
-                if asked:
+                if asked and self.step < end:  # after the last step: the run is done
                     if not saved:
                         self.save()
                     raise Interrupted(self.step)
@@ -661,7 +661,10 @@ class Trainer:
         between steps is the state one a checkpoint can hold. Under DDP every rank would have
         to stop after the same step: there Ctrl-C stops at once, as before."""
         asked: list[int] = []
-        if self.world > 1 or threading.current_thread() is not threading.main_thread():
+        if (self.world > 1 or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            # Also where SIGINT is ignored (nohup, a script's background job) or handled by
+            # the program that runs this: its choice stands.
             yield asked
             return
 
