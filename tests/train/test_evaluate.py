@@ -139,3 +139,19 @@ def test_plot_shows_every_line_ssim_and_bars_from_zero() -> None:
                 assert not box.overlaps(other.get_window_extent(renderer))
     finally:
         plt.close(fig)
+
+
+def test_bfloat16_counts_as_native_only_with_avx512_bf16_or_amx(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # oneDNN's own check says yes on any AVX512 CPU (Skylake), which emulates bfloat16.
+    import torch
+
+    from ivvae.model.precision import cpu_bfloat16_is_emulated
+
+    for avx512_bf16, amx, emulated in [(False, False, True), (True, False, False),
+                                       (False, True, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True,
+                            raising=False)
+        assert cpu_bfloat16_is_emulated() is emulated
