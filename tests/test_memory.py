@@ -127,6 +127,10 @@ def test_held_bodies_are_bounded_together_refused_at_once_and_given_back() -> No
                 second(1)  # 101 together: refused now, not waited for
             assert busy.value.retry_after_s is not None
         assert bodies.held == 70  # the second's 30 given back
+        first(-50)  # a copy let go before the end: given back at once, never below zero
+        first(-50)
+        assert bodies.held == 0
+        first(70)
         with pytest.raises(TooLarge, match="IVVAE_MEMORY_BUDGET_MB"), bodies.hold() as third:
             third(101)  # could never fit, however idle: not worth a retry
     assert bodies.held == 0

@@ -269,11 +269,18 @@ class HeldBodies:
     @contextlib.contextmanager
     def hold(self) -> Iterator[Callable[[int], None]]:
         """``with bodies.hold() as take:``, then ``take(n)`` for each ``n`` bytes that
-        arrive (raising when they do not fit); all are given back when the block ends."""
+        arrive (raising when they do not fit), ``take(-n)`` for ``n`` bytes let go before
+        the end (a copy dropped; all of them once the request no longer needs its body);
+        what is still held is given back when the block ends."""
         taken = 0
 
         def take(nbytes: int) -> None:
             nonlocal taken
+            if nbytes < 0:
+                given = min(-nbytes, taken)
+                taken -= given
+                self.held -= given
+                return
             if taken + nbytes > self.capacity:
                 raise TooLarge(
                     f"the body is over {taken + nbytes:,} bytes, more than the "

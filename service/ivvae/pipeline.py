@@ -182,6 +182,12 @@ class Pipeline:
                                     budget_mb=self.budget_mb)
         log.info("memory budget %d MB: %d MB for requests, %d MB of it for request bodies",
                  self.budget_mb, share // MB, self._bodies.capacity // MB)
+        if self._bodies.capacity < self.settings.max_upload_bytes:
+            log.warning("request bodies held in memory may take %d MB together, less than "
+                        "one upload of IVVAE_MAX_UPLOAD_BYTES (%d MB): a /decode, /frames, "
+                        "raw tensor or gRPC upload larger than that is refused (413); raise "
+                        "IVVAE_MEMORY_BUDGET_MB or lower IVVAE_MAX_UPLOAD_BYTES",
+                        self._bodies.capacity // MB, self.settings.max_upload_bytes // MB)
         return self._budget
 
     @property

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.service_fixtures import running_app, tiny_settings, tiny_weights  # noqa: F401
 
@@ -19,12 +20,18 @@ PARAMS = {"shape": ",".join(map(str, SHAPE)), "dtype": "float32", "format": "fra
 
 
 async def test_bodies_past_their_share_wait_for_no_one_and_are_given_back(
-        tiny_weights: Path) -> None:  # noqa: F811
+        tiny_weights: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     async with running_app(tiny_settings(tiny_weights, memory_budget_mb=4000)) as client:
         pipeline = client.app.state.service.pipeline  # type: ignore[attr-defined]
         bodies = pipeline.bodies
         share = bodies.capacity + pipeline.budget.capacity  # carved from the budget
         assert bodies.capacity == int(share * 0.25) and share <= 4000 * 2**20
+        assert "less than one upload" not in caplog.text
+        # A share below one upload of IVVAE_MAX_UPLOAD_BYTES is said at start-up.
+        pipeline.settings = pipeline.settings.model_copy(update={"max_upload_bytes": 2**40})
+        pipeline.start_budget(0)
+        assert "less than one upload of IVVAE_MAX_UPLOAD_BYTES" in caplog.text
+        bodies = pipeline.bodies
         bodies.capacity = 64 * 1024
         go_on = asyncio.Event()
 
@@ -52,6 +59,12 @@ async def test_bodies_past_their_share_wait_for_no_one_and_are_given_back(
         assert (await slow).status_code == 200
         assert bodies.held == 0
         r = await client.post("/decode", content=LATENT, params=PARAMS)
+        assert r.status_code == 200, r.text
+        assert bodies.held == 0
+        # Multipart: the raw body is let go once parsed, before its file is read back; it
+        # was counted twice (a 413 at half the size).
+        bodies.capacity = 60_000
+        r = await client.post("/decode", files={"file": ("l.bin", LATENT)}, params=PARAMS)
         assert r.status_code == 200, r.text
         assert bodies.held == 0
         # A body larger than the whole share could never be held: 413, not a retry.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -202,6 +203,12 @@ class _Rpc:
     take: Callable[[int], None]  # HeldBodies.hold's: the request's bytes held in memory
     admitted: bool = False  # counted in ivvae_in_flight_requests
 
+    def let_go(self) -> None:
+        """The RPC no longer holds its upload (a decode has started, an encode is done):
+        its share is given back now, not after the answer's last write, which a slow
+        reader can hold for the whole request timeout."""
+        self.take(-sys.maxsize)
+
 
 class IVVAEServicer(pb_grpc.IVVAEServicer):
     """``ivvae.v1.IVVAE`` over one ``Service``."""
@@ -342,6 +349,8 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                         await context.write(pb.EncodeResponse(
                             progress=pb.EncodeProgress(frames_done=frames_done)))
                 result = work.result()
+                del source
+                rpc.let_go()
             finally:
                 await _stop(work)
             await context.write(pb.EncodeResponse(result=pb.EncodeResult(
@@ -397,7 +406,8 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             else:
                 info, items = await pipeline.decode_bare(*bare, DecodeTarget.parse(target),
                                                          frames_dtype)
-            del data
+            del data, bare
+            rpc.let_go()
             message = latent_info_message(info)
             message.batch = len(items)
             if len(items) > 1:

@@ -110,14 +110,21 @@ async def read_body(request: Request, limit: int, take: Callable[[int], None]
             form = await sub.form(max_files=1, max_fields=16)
         except Exception as exc:  # the multipart parser raises several types
             raise InvalidInput(f"malformed multipart body: {exc}") from exc
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput("the multipart body has no complete file field named 'file' (none "
-                               "was sent, it has another name, or the body was cut short)")
-        take(upload.size or 0)
-        data = await upload.read()
-        await finish(form.close())  # its files on disk go even when the client left
-        ctype = (upload.content_type or "application/octet-stream").lower()
+        # The parser has the file (spooled to disk past 1 MB): the raw body can go before
+        # the file is read back, so that a body is held once, not twice.
+        del body, receive, sub
+        take(-total)
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise InvalidInput("the multipart body has no complete file field named "
+                                   "'file' (none was sent, it has another name, or the body "
+                                   "was cut short)")
+            take(upload.size or 0)
+            data = await upload.read()
+            ctype = (upload.content_type or "application/octet-stream").lower()
+        finally:
+            await finish(form.close())  # its files on disk go even when the client left
     else:
         data = body
     if len(data) > limit:
