@@ -103,9 +103,12 @@ ALLOWED_DEMUXERS = (
 _STILL_IMAGE_SUFFIX = "_pipe"
 
 # FFmpeg's default is 1000, and opening probes every stream: a 1.2 MB MP4 of 1000 one-frame
-# streams took 760 MB before a frame was read. Real files (a video, audio tracks, subtitles)
-# hold a few; a container with more fails to open (as ENOMEM).
-MAX_STREAMS = 64
+# streams took 760 MB before a frame was read (0.76 MB a stream). Real files hold a video,
+# audio tracks and subtitles, a broadcast capture a few programs of them, a Blu-ray's .m2ts
+# some tens; past this a stream fails as ENOMEM (MP4 when opened, MPEG-TS and Matroska while
+# read).
+MAX_STREAMS = 256
+_TOO_MANY_STREAMS = f"the container holds more than {MAX_STREAMS} streams, or is damaged"
 _CONTAINER_OPTIONS = {
     "format_whitelist": ",".join(ALLOWED_DEMUXERS),
     # No protocol has this name, so nothing can be opened from inside the upload.
@@ -262,8 +265,7 @@ def _open_container(
         raise CorruptMedia("the container could not be read in time") from exc
     except av.error.MemoryError as exc:  # what a stream past max_streams fails as
         file.close()
-        raise CorruptMedia(f"the container holds more than {MAX_STREAMS} streams, or is "
-                           "damaged") from exc
+        raise CorruptMedia(_TOO_MANY_STREAMS) from exc
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
         file.close()
         # Not media, a format off the whitelist (EINVAL), or a damaged container.
@@ -756,6 +758,9 @@ class VideoReader:
         frame_s = 1.0 / self.info.fps
         end = last_time + frame_s
         if end < declared - max(2 * frame_s, 0.01 * declared):
+            # (A Matroska demuxer also stops quietly at the stream cap.)
+            if self._container is not None and len(self._container.streams) >= MAX_STREAMS:
+                raise CorruptMedia(_TOO_MANY_STREAMS)
             raise CorruptMedia(f"truncated {self.info.container} data: the file declares "
                                f"{declared:.3f} s of video, only {end:.3f} s decode")
 
@@ -847,6 +852,12 @@ def _decode(container: InputContainer, stream: VideoStream, decoder: VideoCodecC
             yield from decoder.decode(packet)
     except av.error.ExitError as exc:
         raise CorruptMedia("reading the video timed out") from exc
+    except av.error.MemoryError as exc:
+        # MPEG-TS and Matroska add streams as they find them while reading: the stream cap
+        # fails there, not when the file is opened.
+        if len(container.streams) >= MAX_STREAMS:
+            raise CorruptMedia(_TOO_MANY_STREAMS) from exc
+        raise CorruptMedia(f"the video stream does not decode: {_describe(exc)}") from exc
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
         raise CorruptMedia(f"the video stream does not decode: {_describe(exc)}") from exc
 

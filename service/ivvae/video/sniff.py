@@ -128,8 +128,8 @@ def cut_jpeg(file: BinaryIO, size: int) -> bool:
     file.seek(0)
     head = file.read(HEAD_BYTES)
     scan = _jpeg_scan_start(head)
-    if scan is None:  # no scan at all is a cut too; one past the head is left to FFmpeg
-        return size <= len(head)
+    if scan is None:  # no scan and no end is a cut; a scan past the head is left to FFmpeg
+        return size <= len(head) and b"\xff\xd9" not in head
     file.seek(scan)
     carry = b""
     while chunk := file.read(_SEARCH_CHUNK):
@@ -148,11 +148,60 @@ def _jpeg_scan_start(data: bytes) -> int | None:
 
 
 def cut_gif(file: BinaryIO, size: int) -> bool:
-    """Whether a GIF file of ``size`` bytes lacks its trailer (``0x3B``, its last byte;
-    zero padding after it is allowed): cut after one of its frames, or inside one, which
-    FFmpeg reads as a shorter animation."""
-    file.seek(max(0, size - 4096))
-    return not file.read().rstrip(b"\x00").endswith(b"\x3b")
+    """Whether a GIF file of ``size`` bytes ends before its trailer (``0x3B``): cut after
+    one of its frames, or inside one, which FFmpeg reads as a shorter animation. Its blocks
+    are walked from the header (extensions and images are runs of sub-blocks of at most 255
+    bytes); what follows the trailer is left to FFmpeg, and so is a block no GIF has."""
+    ahead = _Ahead(file)
+    screen = ahead.take(13)  # signature, version, logical screen descriptor
+    if len(screen) < 13:
+        return True
+    if screen[10] & 0x80 and not ahead.skip(3 << ((screen[10] & 7) + 1)):
+        return True
+    while kind := ahead.take(1):
+        if kind == b"\x3b":
+            return False
+        if kind == b"\x21":  # an extension: its label, then sub-blocks
+            if not ahead.skip(1):
+                return True
+        elif kind == b"\x2c":  # an image: its descriptor, colour table, LZW code size
+            descriptor = ahead.take(9)
+            if len(descriptor) < 9:
+                return True
+            table = 3 << ((descriptor[8] & 7) + 1) if descriptor[8] & 0x80 else 0
+            if not ahead.skip(table + 1):
+                return True
+        else:
+            return False
+        while (length := ahead.take(1)) and length[0]:
+            if not ahead.skip(length[0]):
+                return True
+        if not length:
+            return True
+    return True
+
+
+class _Ahead:
+    """Sequential reads through a file, a chunk at a time (a GIF's blocks are small)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        file.seek(0)
+        self._file, self._buffer, self._at = file, b"", 0
+
+    def take(self, n: int) -> bytes:
+        """The next ``n`` bytes, fewer at the end of the file."""
+        while len(self._buffer) - self._at < n:
+            more = self._file.read(_SEARCH_CHUNK)
+            if not more:
+                break
+            self._buffer, self._at = self._buffer[self._at:] + more, 0
+        out = self._buffer[self._at : self._at + n]
+        self._at += len(out)
+        return out
+
+    def skip(self, n: int) -> bool:
+        """Past the next ``n`` bytes; ``False`` when the file ends first."""
+        return len(self.take(n)) == n
 
 
 def cut_avi_movi(file: BinaryIO, size: int) -> tuple[str, int] | None:
@@ -323,8 +372,11 @@ def _jpeg_segments(data: bytes) -> Iterator[tuple[int, bytes, int]]:
     or the scan."""
     pos = 2
     while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return
+        if data[pos] != 0xFF:  # stray bytes before a marker: skipped, as libjpeg does
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return
+            continue
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
