@@ -322,6 +322,10 @@ def test_a_saved_folder_keeps_its_name_and_hash_and_can_be_served(tmp_path: Path
     assert (again.model.name, again.model.weights_sha256) == ("tiny_finetuned", content)
     served, info = load_weights(tmp_path / "vae")  # as IVVAE_WEIGHTS=folder loads it
     assert (info.name, info.weights_sha256) == ("tiny_finetuned", content)
+    # Loaded in another dtype, it is still the file the service serves.
+    half = IVVAEAutoencoder.from_pretrained(tmp_path / "vae", torch_dtype=torch.float16,
+                                            subfolder=None)
+    assert (half.model.name, half.model.weights_sha256) == ("tiny_finetuned", content)
     assert (info.scale_factor, info.shift_factor) == (TINY.scale_factor, TINY.shift_factor)
     x = rand_video(5, 8, 8)
     with torch.no_grad():

@@ -45,8 +45,10 @@ from .model.checkpoint import (
     DIFFUSERS_NAME_KEY,
     DIFFUSERS_WEIGHTS,
     CheckpointError,
+    is_diffusers_folder,
     load_model,
     official_state_dict,
+    read_weights,
     weights_sha256,
 )
 from .model.config import IVVAEConfig
@@ -222,15 +224,20 @@ _CONFIG_NAMES = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
 
 
 def _take_identity(vae: IVVAEAutoencoder, folder: Path | None) -> None:
-    """Name the model as its folder's config does (else as its size does) and hash its
-    weights as ``ivvae.model`` hashes a file's: a folder served with ``IVVAE_WEIGHTS`` and
-    the same folder loaded here agree on which weights made a latent."""
-    name = ""
-    if folder is not None and (folder / CONFIG_NAME).is_file():
+    """Name the model as its config does (else as its size does) and hash the weights as
+    ``ivvae.model`` hashes them when it serves the folder (its file's tensors, whatever
+    dtype they are loaded in here): a folder served with ``IVVAE_WEIGHTS`` and the same
+    folder loaded here agree on which weights made a latent."""
+    name = vae.config.get(DIFFUSERS_NAME_KEY) or ""
+    if not name and folder is not None and (folder / CONFIG_NAME).is_file():
         name = json.loads((folder / CONFIG_NAME).read_text()).get(DIFFUSERS_NAME_KEY) or ""
     c = vae.model.cfg
     vae.model.name = name or f"ivvae_z{c.z_dim}_dim{c.dim}"
-    vae.model.weights_sha256 = weights_sha256(official_state_dict(vae.model))
+    if folder is not None and is_diffusers_folder(folder):
+        stored, _ = read_weights(folder)
+    else:  # a Hub repository: only what was loaded
+        stored = official_state_dict(vae.model)
+    vae.model.weights_sha256 = weights_sha256(stored)
 
 
 class IVVAEAutoencoder(_Base, _ConfigBase):
@@ -391,7 +398,7 @@ class IVVAEAutoencoder(_Base, _ConfigBase):
                 *args, output_loading_info=True, **kwargs)
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             _check_loading_info(source, info)
-            folder = Path(str(source)) / kwargs.get("subfolder", "")
+            folder = Path(str(source)) / (kwargs.get("subfolder") or "")
             _take_identity(model, folder if folder.is_dir() else None)
             return (model, info) if wants_info else model
 
