@@ -180,19 +180,23 @@ def test_a_key_that_names_a_parent_folder_stays_under_out(
     clip = media.make_video(None, frames=5, width=16, height=16)
     fs.pipe_file("dotted/clips/ok.mp4", clip)
     fs.pipe_file("dotted/clips/../../../escaped.mp4", clip)
+    fs.pipe_file("dotted/clips/a/../ok.mp4", clip)  # another key than clips/ok.mp4
     out = tmp_path / "a" / "b" / "out"
     summary = asyncio.run(encode_dataset(bucket + "/clips/", out, format="files",
                                          encoder=in_process(tiny_weights)))
-    assert (summary.encoded, summary.failed) == (2, 0)
+    assert (summary.encoded, summary.failed) == (3, 0)
     written = sorted(p.relative_to(tmp_path).as_posix()
                      for p in tmp_path.rglob("*.latent.safetensors"))
     assert written == ["a/b/out/%2E%2E/%2E%2E/%2E%2E/escaped.mp4.latent.safetensors",
+                       "a/b/out/a/%2E%2E/ok.mp4.latent.safetensors",
                        "a/b/out/ok.mp4.latent.safetensors"]
     records = LatentDataset(str(out)).records
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records)
+    assert sorted(r["source"] for r in records) == [
+        "../../../escaped.mp4", "a/../ok.mp4", "ok.mp4"]
     again = asyncio.run(encode_dataset(bucket + "/clips/", out, format="files",
                                        encoder=in_process(tiny_weights)))
-    assert (again.encoded, again.skipped) == (0, 2)
+    assert (again.encoded, again.skipped) == (0, 3)
 
 
 def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811

@@ -349,11 +349,11 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
         ids = dict(zip(sorted(paths), pool.map(ident, sorted(paths)), strict=True))
     sources = []
     for m in media:
-        name = names[m] if names is not None else loc.relative(m)
         inside = m.startswith(loc.path.rstrip("/") + "/")
-        # Cut, not relpath: relpath reads "a/../b" in an object key as "b".
-        output = _contained(m[len(loc.path.rstrip("/")) + 1:] if inside
-                            else _mirrored(fs.unstrip_protocol(m)))
+        # Cut, not relpath: relpath reads "a/../b" in an object key as "b", another key.
+        relative = m[len(loc.path.rstrip("/")) + 1:] if inside else loc.relative(m)
+        name = names[m] if names is not None else relative
+        output = _contained(relative if inside else _mirrored(fs.unstrip_protocol(m)))
         sidecars = tuple(sorted(
             (_suffix(s), fs.unstrip_protocol(s), ids[s])
             for s in siblings.get(_stem(m), []) if _suffix(s) not in MEDIA_SUFFIXES))
