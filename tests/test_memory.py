@@ -119,23 +119,23 @@ async def test_a_cancelled_waiter_takes_nothing_and_blocks_no_one() -> None:
 def test_held_bodies_are_bounded_together_refused_at_once_and_given_back() -> None:
     bodies = HeldBodies(100)
     with bodies.hold() as first:
-        first(40)
-        first(30)
+        first.take(40)
+        first.take(30)
         with bodies.hold() as second:
-            second(30)
+            second.take(30)
             with pytest.raises(Overloaded, match="retry later") as busy:
-                second(1)  # 101 together: refused now, not waited for
+                second.take(1)  # 101 together: refused now, not waited for
             assert busy.value.retry_after_s is not None
         assert bodies.held == 70  # the second's 30 given back
-        first(-50)  # a copy let go before the end: given back at once, never below zero
-        first(-50)
+        first.give(50)  # a copy let go before the end: given back at once, never below zero
+        first.give(50)
         assert bodies.held == 0
-        first(70)
+        first.take(70)
         with pytest.raises(TooLarge, match="IVVAE_MEMORY_BUDGET_MB"), bodies.hold() as third:
-            third(101)  # could never fit, however idle: not worth a retry
+            third.take(101)  # could never fit, however idle: not worth a retry
     assert bodies.held == 0
     with pytest.raises(RuntimeError), bodies.hold() as failing:
-        failing(100)
+        failing.take(100)
         raise RuntimeError
     assert bodies.held == 0
 

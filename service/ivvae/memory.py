@@ -250,8 +250,8 @@ class MemoryBudget:
 
 class HeldBodies:
     """Request bodies held in memory (a ``/decode`` latent, a raw tensor, a ``/frames``
-    video, a gRPC upload), from their first byte until their request ends: together at
-    most ``capacity`` bytes, a share carved from the budget (:data:`BODY_SHARE`).
+    video, a gRPC upload), from their first byte until their request lets them go: together
+    at most ``capacity`` bytes, a share carved from the budget (:data:`BODY_SHARE`).
 
     Why: each body may be ``IVVAE_MAX_UPLOAD_BYTES``, and connections (or RPCs) are
     counted, not weighed: a thousand clients sending latents at once held a thousand
@@ -267,38 +267,50 @@ class HeldBodies:
         self.held = 0
 
     @contextlib.contextmanager
-    def hold(self) -> Iterator[Callable[[int], None]]:
-        """``with bodies.hold() as take:``, then ``take(n)`` for each ``n`` bytes that
-        arrive (raising when they do not fit), ``take(-n)`` for ``n`` bytes let go before
-        the end (a copy dropped; all of them once the request no longer needs its body);
-        what is still held is given back when the block ends."""
-        taken = 0
-
-        def take(nbytes: int) -> None:
-            nonlocal taken
-            if nbytes < 0:
-                given = min(-nbytes, taken)
-                taken -= given
-                self.held -= given
-                return
-            if taken + nbytes > self.capacity:
-                raise TooLarge(
-                    f"the body is over {taken + nbytes:,} bytes, more than the "
-                    f"{self.capacity:,} bytes of memory that bodies may hold "
-                    f"({BODY_SHARE:.0%} of the budget's share for requests, "
-                    "IVVAE_MEMORY_BUDGET_MB): send less at once")
-            if self.held + nbytes > self.capacity:
-                raise Overloaded(
-                    f"request bodies already hold {self.held // MB:,} of the "
-                    f"{self.capacity // MB:,} MB of memory they may use; retry later",
-                    retry_after_s=1.0)
-            self.held += nbytes
-            taken += nbytes
-
+    def hold(self) -> Iterator[BodyHold]:
+        """``with bodies.hold() as body:`` one request's part, given back when the block
+        ends (whatever it has not let go before)."""
+        body = BodyHold(self)
         try:
-            yield take
+            yield body
         finally:
-            self.held -= taken
+            body.let_go()
+
+
+class BodyHold:
+    """One request's part of :class:`HeldBodies`."""
+
+    def __init__(self, bodies: HeldBodies) -> None:
+        self._bodies = bodies
+        self.taken = 0
+
+    def take(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as they arrive, or raise when they do not fit."""
+        bodies = self._bodies
+        if self.taken + nbytes > bodies.capacity:
+            raise TooLarge(
+                f"the body is over {self.taken + nbytes:,} bytes, more than the "
+                f"{bodies.capacity:,} bytes of memory that bodies may hold "
+                f"({BODY_SHARE:.0%} of the budget's share for requests, "
+                "IVVAE_MEMORY_BUDGET_MB): send less at once")
+        if bodies.held + nbytes > bodies.capacity:
+            raise Overloaded(
+                f"request bodies already hold {bodies.held // MB:,} of the "
+                f"{bodies.capacity // MB:,} MB of memory they may use; retry later",
+                retry_after_s=1.0)
+        bodies.held += nbytes
+        self.taken += nbytes
+
+    def give(self, nbytes: int) -> None:
+        """Give back ``nbytes`` let go before the request ends (a copy dropped); never
+        more than were taken."""
+        given = min(nbytes, self.taken)
+        self.taken -= given
+        self._bodies.held -= given
+
+    def let_go(self) -> None:
+        """Give back all: the request no longer needs its body."""
+        self.give(self.taken)
 
 
 # -- measuring a model's cost -----------------------------------------------------------------

@@ -199,9 +199,9 @@ class Pipeline:
 
     @property
     def bodies(self) -> HeldBodies:
-        """Request bodies held in memory (transports count them as they arrive)."""
-        if self._bodies is None:
-            self.start_budget(0)
+        """Request bodies held in memory (transports count them as they arrive); started
+        with the budget."""
+        _ = self.budget
         assert self._bodies is not None
         return self._bodies
 

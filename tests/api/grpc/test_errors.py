@@ -304,7 +304,7 @@ async def test_uploads_count_against_the_memory_for_bodies(server: ServerThread)
         async with grpc.aio.insecure_channel(server.grpc_target) as channel:
             stub = pb_grpc.IVVAEStub(channel)
             with bodies.hold() as other:
-                other(2000)  # another request's body, still arriving
+                other.take(2000)  # another request's body, still arriving
                 assert await _status(stub.Encode, encode_requests(GOOD)) == (
                     grpc.StatusCode.UNAVAILABLE, "overloaded")
                 with pytest.raises(grpc.aio.AioRpcError) as info:

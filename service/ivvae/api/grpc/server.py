@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -35,6 +34,7 @@ from ...core.steps import FramesDtype
 from ...core.tasks import aclose_all, finish, in_time, within
 from ...errors import DeadlineExceeded, EmptyInput, InvalidInput, IVVAEError, TooLarge
 from ...latents import LatentInfo
+from ...memory import BodyHold
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
 from ...pipeline import EncodeOptions, FramesUpload
 from ...service import Service
@@ -200,14 +200,11 @@ async def _stop(task: asyncio.Future[Any]) -> None:
 
 @dataclass
 class _Rpc:
-    take: Callable[[int], None]  # HeldBodies.hold's: the request's bytes held in memory
+    # The upload's bytes held in memory; let go once a decode has started or an encode is
+    # done, not after the answer's last write, which a slow reader can hold for the whole
+    # request timeout.
+    body: BodyHold
     admitted: bool = False  # counted in ivvae_in_flight_requests
-
-    def let_go(self) -> None:
-        """The RPC no longer holds its upload (a decode has started, an encode is done):
-        its share is given back now, not after the answer's last write, which a slow
-        reader can hold for the whole request timeout."""
-        self.take(-sys.maxsize)
 
 
 class IVVAEServicer(pb_grpc.IVVAEServicer):
@@ -231,8 +228,8 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
         """One RPC: admission (unless the handler admits it later), metrics, and errors
         mapped to statuses."""
         m = self.service.metrics
-        with self.service.pipeline.bodies.hold() as take:
-            rpc = _Rpc(take)
+        with self.service.pipeline.bodies.hold() as body:
+            rpc = _Rpc(body)
             meter = RequestMeter(m, op, "grpc", in_flight=False)
             meter.start()
             failure: BaseException | None = None
@@ -298,7 +295,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 if declared is not None and total > declared:  # no need to read the rest
                     raise InvalidInput(f"the stream carries more than the {declared} bytes "
                                        f"its options declared for the {what}")
-                rpc.take(len(request.chunk))
+                rpc.body.take(len(request.chunk))
                 # Each gap is bounded by the read timeout; this bounds their sum.
                 late = asyncio.get_running_loop().time() - start - grace
                 if rate and late > total / rate:
@@ -350,7 +347,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                             progress=pb.EncodeProgress(frames_done=frames_done)))
                 result = work.result()
                 del source
-                rpc.let_go()
+                rpc.body.let_go()
             finally:
                 await _stop(work)
             await context.write(pb.EncodeResponse(result=pb.EncodeResult(
@@ -366,7 +363,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 raise TooLarge(f"the video is {len(request.video)} bytes; the limit is {limit}")
             if not request.video:
                 raise EmptyInput("the request carries no video bytes")
-            rpc.take(len(request.video))  # already in memory: a bound on how many are
+            rpc.body.take(len(request.video))  # already in memory: a bound on how many are
             options = request.options if request.HasField("options") else None
             if options is not None and options.HasField("size_bytes") and (
                     options.size_bytes != len(request.video)):
@@ -407,7 +404,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 info, items = await pipeline.decode_bare(*bare, DecodeTarget.parse(target),
                                                          frames_dtype)
             del data, bare
-            rpc.let_go()
+            rpc.body.let_go()
             message = latent_info_message(info)
             message.batch = len(items)
             if len(items) > 1:

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -31,6 +31,7 @@ from ...errors import (
     Unauthorized,
     UnsupportedMedia,
 )
+from ...memory import BodyHold
 from ...service import Service
 from ..auth import check_bearer
 from ..metering import count_outcome
@@ -79,13 +80,11 @@ def _refuse_declared_size(request: Request, limit: int) -> None:
         raise TooLarge(f"the upload is {declared} bytes; the limit is {limit}")
 
 
-async def read_body(request: Request, limit: int, take: Callable[[int], None]
-                    ) -> tuple[bytes, str]:
+async def read_body(request: Request, limit: int, held: BodyHold) -> tuple[bytes, str]:
     """The uploaded file's bytes and content type: multipart field ``file`` or raw body.
 
-    Reading stops as soon as the cap is passed (413), before any parsing. ``take(n)`` is
-    called for each ``n`` bytes held in memory (``HeldBodies.hold``: it raises when they do
-    not fit), a multipart body's file once more.
+    Reading stops as soon as the cap is passed (413), before any parsing. The bytes held in
+    memory are counted in ``held`` as they arrive (it raises when they do not fit).
     """
     _refuse_declared_size(request, limit)
     chunks, total = [], 0
@@ -94,7 +93,7 @@ async def read_body(request: Request, limit: int, take: Callable[[int], None]
             total += len(chunk)
             if total > limit + MULTIPART_SLACK:
                 raise TooLarge(f"the upload exceeds the limit of {limit} bytes")
-            take(len(chunk))
+            held.take(len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise _gone(request) from None
@@ -113,14 +112,14 @@ async def read_body(request: Request, limit: int, take: Callable[[int], None]
         # The parser has the file (spooled to disk past 1 MB): the raw body can go before
         # the file is read back, so that a body is held once, not twice.
         del body, receive, sub
-        take(-total)
+        held.give(total)
         try:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
                 raise InvalidInput("the multipart body has no complete file field named "
                                    "'file' (none was sent, it has another name, or the body "
                                    "was cut short)")
-            take(upload.size or 0)
+            held.take(upload.size or 0)
             data = await upload.read()
             ctype = (upload.content_type or "application/octet-stream").lower()
         finally:

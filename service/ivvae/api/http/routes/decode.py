@@ -57,8 +57,8 @@ async def decode(request: Request, svc: Svc) -> Response:
         # The body counts against the memory for bodies until it has become a latent
         # and the decode has started.
         items: list[AsyncIterator[np.ndarray]]
-        with svc.pipeline.bodies.hold() as take:
-            data, _ = await read_body(request, svc.settings.max_upload_bytes, take)
+        with svc.pipeline.bodies.hold() as held:
+            data, _ = await read_body(request, svc.settings.max_upload_bytes, held)
             if form.tensor_shape is not None:
                 raw = read_raw_tensor(data, form.tensor_shape, form.tensor_dtype)
                 latent = check_latent_values(tensor_to_float32(raw), form.tensor_dtype)

@@ -43,8 +43,8 @@ async def encode(request: Request, svc: Svc) -> Response:
         form = tensors.parse_encode(request.query_params.multi_items())
         limit = svc.settings.max_upload_bytes
         if form.tensor_shape is not None:
-            with svc.pipeline.bodies.hold() as take:
-                data, _ = await read_body(request, limit, take)
+            with svc.pipeline.bodies.hold() as held:
+                data, _ = await read_body(request, limit, held)
                 sources = [FramesUpload(f, fps=form.fps)
                            for f in tensors.frames_of_tensor(data, form, limit)]
                 del data

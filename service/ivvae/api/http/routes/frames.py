@@ -72,8 +72,8 @@ async def frames(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "frames", "http"):
         s = svc.settings
         refuse_parameters(request.query_params.multi_items(), "/frames")
-        with svc.pipeline.bodies.hold() as take:
-            data, ctype = await read_body(request, s.max_upload_bytes, take)
+        with svc.pipeline.bodies.hold() as held:
+            data, ctype = await read_body(request, s.max_upload_bytes, held)
             require_video_type(ctype)
             limits = VideoLimits(max_frames=s.max_frames, max_pixels=s.max_pixels)
             # Up to 1.5 GB for one answer: within the memory budget like every other
