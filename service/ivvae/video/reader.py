@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import av
 import av.error
@@ -313,10 +313,12 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
     quietly anywhere, and a GIF's at its last whole frame; the clip decodes shorter. A cut
     JPEG decodes grey where its data stopped. (MPEG-TS and raw H.264 streams have nothing
     that says where they end: a cut one decodes shorter.)"""
-    walk: Callable[[BinaryIO, int], Any]
     if demuxer in _END_MARKERS:
-        walk, marker = _END_MARKERS[demuxer]
-    elif demuxer.startswith("mov"):
+        lacks, marker = _END_MARKERS[demuxer]
+        if _walked(source, lacks)[0]:
+            raise CorruptMedia(f"the upload is truncated: it has no {marker}")
+        return
+    if demuxer.startswith("mov"):
         walk, kind = sniff.cut_isobmff_box, "MP4/MOV box"
     elif demuxer == "avi":
         walk, kind = sniff.cut_avi_movi, "AVI chunk"
@@ -324,20 +326,26 @@ def _check_not_cut(source: _Source, demuxer: str) -> None:
         walk, kind = sniff.cut_matroska_cluster, "Matroska/WebM element"
     else:
         return
+    cut, size = _walked(source, walk)
+    if cut is not None:
+        box, end = cut
+        raise CorruptMedia(f"the upload is truncated: its {kind} {box!r} runs to byte "
+                           f"{end}, but the file ends at byte {size}")
+
+
+_W = TypeVar("_W")
+
+
+def _walked(source: _Source, walk: Callable[[BinaryIO, int], _W]) -> tuple[_W, int]:
+    """``walk(file, size)`` over the upload, and its size."""
     file = source.open()
     try:
         size = file.seek(0, io.SEEK_END)
-        cut = walk(file, size)
+        return walk(file, size), size
     except OSError as exc:
         raise InvalidInput(f"the upload could not be read: {exc.strerror or exc}") from exc
     finally:
         file.close()
-    if cut is True:
-        raise CorruptMedia(f"the upload is truncated: it has no {marker}")
-    if cut:
-        box, end = cut
-        raise CorruptMedia(f"the upload is truncated: its {kind} {box!r} runs to byte "
-                           f"{end}, but the file ends at byte {size}")
 
 
 def _check_plan(plan: Plan, limits: VideoLimits) -> None:
@@ -852,13 +860,11 @@ def _decode(container: InputContainer, stream: VideoStream, decoder: VideoCodecC
             yield from decoder.decode(packet)
     except av.error.ExitError as exc:
         raise CorruptMedia("reading the video timed out") from exc
-    except av.error.MemoryError as exc:
-        # MPEG-TS and Matroska add streams as they find them while reading: the stream cap
-        # fails there, not when the file is opened.
-        if len(container.streams) >= MAX_STREAMS:
-            raise CorruptMedia(_TOO_MANY_STREAMS) from exc
-        raise CorruptMedia(f"the video stream does not decode: {_describe(exc)}") from exc
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
+        # MPEG-TS and Matroska add streams as they find them while reading: the stream cap
+        # fails there (ENOMEM), not when the file is opened.
+        if isinstance(exc, av.error.MemoryError) and len(container.streams) >= MAX_STREAMS:
+            raise CorruptMedia(_TOO_MANY_STREAMS) from exc
         raise CorruptMedia(f"the video stream does not decode: {_describe(exc)}") from exc
 
 

@@ -9,13 +9,13 @@ Questions FFmpeg leaves open:
 * How big is a still image? FFmpeg's image demuxers learn the size only by decoding, and
   ``open_video`` does not let them decode a picture over the pixel limit, so the size of
   an oversized PNG or JPEG is read from its header here.
-* Was an MP4, AVI, Matroska, JPEG or GIF file cut short? With an MP4's index (``moov``) in front, a
-  cut that lands between two samples of the media data (``mdat``) is a clean end of file
-  to FFmpeg's demuxer; an AVI without its trailing index is read chunk by chunk until the
-  data stops; a Matroska file ends quietly at any cut. The clip just decodes shorter. The
-  declared size of the box, chunk or element the cut went through says otherwise. A
-  JPEG's decoder fills a cut scan in grey and a GIF's demuxer ends at the last whole
-  frame; their end markers (EOI, the trailer) say otherwise.
+* Was an MP4, AVI, Matroska, JPEG or GIF file cut short? With an MP4's index (``moov``)
+  in front, a cut that lands between two samples of the media data (``mdat``) is a clean
+  end of file to FFmpeg's demuxer; an AVI without its trailing index is read chunk by
+  chunk until the data stops; a Matroska file ends quietly at any cut. The clip just
+  decodes shorter. The declared size of the box, chunk or element the cut went through
+  says otherwise. A JPEG's decoder fills a cut scan in grey and a GIF's demuxer ends at
+  the last whole frame; their end markers (EOI, the trailer) say otherwise.
 * Which way up is a JPEG? FFmpeg reads the EXIF orientation, but PyAV cannot always show
   it (see ``orientation``), so it is read here too.
 
