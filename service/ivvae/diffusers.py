@@ -45,6 +45,7 @@ from .model.checkpoint import (
     DIFFUSERS_NAME_KEY,
     DIFFUSERS_WEIGHTS,
     CheckpointError,
+    default_name,
     is_diffusers_folder,
     load_model,
     official_state_dict,
@@ -224,19 +225,17 @@ _CONFIG_NAMES = ("z_dim", "dim", "dim_mult", "num_res_blocks", "scaling_factor",
 
 
 def _take_identity(vae: IVVAEAutoencoder, folder: Path | None) -> None:
-    """Name the model as its config does (else as its size does) and hash the weights as
-    ``ivvae.model`` hashes them when it serves the folder (its file's tensors, whatever
-    dtype they are loaded in here): a folder served with ``IVVAE_WEIGHTS`` and the same
-    folder loaded here agree on which weights made a latent."""
-    name = vae.config.get(DIFFUSERS_NAME_KEY) or ""
-    if not name and folder is not None and (folder / CONFIG_NAME).is_file():
-        name = json.loads((folder / CONFIG_NAME).read_text()).get(DIFFUSERS_NAME_KEY) or ""
-    c = vae.model.cfg
-    vae.model.name = name or f"ivvae_z{c.z_dim}_dim{c.dim}"
+    """Name the model and hash its weights as ``ivvae.model`` does when it serves the
+    folder (its file's tensors, whatever dtype they are loaded in here): a folder served
+    with ``IVVAE_WEIGHTS`` and the same folder loaded here agree on which weights made a
+    latent. A Hub repository has no local folder: its loaded weights, and its config's
+    name."""
     if folder is not None and is_diffusers_folder(folder):
-        stored, _ = read_weights(folder)
-    else:  # a Hub repository: only what was loaded
-        stored = official_state_dict(vae.model)
+        stored, meta = read_weights(folder)
+    else:
+        stored, meta = official_state_dict(vae.model), {}
+    vae.model.name = (vae.config.get(DIFFUSERS_NAME_KEY) or meta.get("model_name")
+                      or default_name(vae.model.cfg))
     vae.model.weights_sha256 = weights_sha256(stored)
 
 

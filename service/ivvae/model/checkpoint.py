@@ -294,13 +294,13 @@ def load_model(
         sd, meta = read_weights(weights)
     cfg = infer_config(sd)
     if (scale_factor is None or shift_factor is None) and "scale_factor" not in meta \
-            and _default_name(cfg) not in PRESETS:
+            and default_name(cfg) not in PRESETS:
         # A .pth (or a bare state dict) of a non-official size: its factors are nowhere.
         log.warning("%s holds no scale/shift factors and no official preset is %s: using "
                     "scale %g, shift %g; the latents of these weights from their .safetensors "
                     "(as ivvae writes them) differ. Pass scale_factor= / shift_factor=",
                     "the state dict" if isinstance(weights, Mapping) else weights,
-                    _default_name(cfg), cfg.scale_factor, cfg.shift_factor)
+                    default_name(cfg), cfg.scale_factor, cfg.shift_factor)
     scale = scale_factor if scale_factor is not None else float(
         meta.get("scale_factor", cfg.scale_factor))
     shift = shift_factor if shift_factor is not None else float(
@@ -315,11 +315,12 @@ def load_model(
     model = model.to(device=target, dtype=dtype or torch.float32)
     model.eval().requires_grad_(False)
     model.weights_sha256 = weights_sha256(sd)
-    model.name = meta.get("model_name") or _default_name(cfg)
+    model.name = meta.get("model_name") or default_name(cfg)
     return model
 
 
-def _default_name(cfg: IVVAEConfig) -> str:
+def default_name(cfg: IVVAEConfig) -> str:
+    """The name of weights that carry none: their official preset's, else their size."""
     preset = preset_for(cfg.z_dim, cfg.dim)
     if preset and PRESETS[preset[0]].dim_mult == cfg.dim_mult:
         return preset[0]
@@ -341,7 +342,7 @@ def save_safetensors(model: IVVAE, path: str | os.PathLike[str],
                      extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write the model under official names with its config as metadata."""
     meta = model.cfg.to_metadata()
-    meta["model_name"] = getattr(model, "name", _default_name(model.cfg))
+    meta["model_name"] = getattr(model, "name", default_name(model.cfg))
     meta.update(extra_metadata or {})
     sd = {k: v.cpu().contiguous() for k, v in official_state_dict(model).items()}
     save_tensors(sd, path, meta)
