@@ -349,15 +349,11 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
         ids = dict(zip(sorted(paths), pool.map(ident, sorted(paths)), strict=True))
     sources = []
     for m in media:
-        inside = m.startswith(loc.path.rstrip("/") + "/")
-        # Cut, not relpath: relpath reads "a/../b" in an object key as "b", another key.
-        relative = m[len(loc.path.rstrip("/")) + 1:] if inside else loc.relative(m)
-        name = names[m] if names is not None else relative
-        output = _contained(relative if inside else _mirrored(fs.unstrip_protocol(m)))
+        name = names[m] if names is not None else _under(loc, fs, m) or loc.relative(m)
         sidecars = tuple(sorted(
             (_suffix(s), fs.unstrip_protocol(s), ids[s])
             for s in siblings.get(_stem(m), []) if _suffix(s) not in MEDIA_SUFFIXES))
-        sources.append(Source(name, fs.unstrip_protocol(m), ids[m], output + LATENT_SUFFIX,
+        sources.append(Source(name, fs.unstrip_protocol(m), ids[m], _output_for(loc, fs, m),
                               sidecars))
     sources.sort(key=lambda s: s.name)
     _check_unique(sources)
@@ -560,10 +556,19 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
     return sources
 
 
+def _under(base: Location, fs: Any, path: str) -> str | None:
+    """``path`` below ``base``, cut from it (relpath would read "a/../b" in an object key
+    as "b", another key); None when it is elsewhere."""
+    folder = base.path.rstrip("/") + "/"
+    return path[len(folder):] if fs is base.fs and path.startswith(folder) else None
+
+
 def _output_for(base: Location, fs: Any, path: str) -> str:
-    if fs is base.fs and path.startswith(base.path.rstrip("/") + "/"):
-        return _contained(base.relative(path)) + LATENT_SUFFIX
-    return _contained(_mirrored(fs.unstrip_protocol(path))) + LATENT_SUFFIX
+    """A source's latent file under OUT: its path below the base folder, else its whole
+    URL (``_mirrored``), kept under OUT (``_contained``)."""
+    below = _under(base, fs, path)
+    return _contained(below if below is not None else _mirrored(fs.unstrip_protocol(path))
+                      ) + LATENT_SUFFIX
 
 
 def _check_unique(sources: Sequence[Source], attrs: Sequence[str] = ("output",)) -> None:
