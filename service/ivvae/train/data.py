@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ import torch.nn.functional as F
 
 from ..errors import IVVAEError
 from ..media_types import MEDIA_SUFFIXES
+
+if TYPE_CHECKING:
+    from ..video import VideoReader
 
 # Frames of the virtual-camera clip made from each still image.
 STILL_CLIP_FRAMES = 32
@@ -97,16 +101,11 @@ def estimate_bytes(paths: Sequence[Path], *, max_side: int, max_frames: int,
     """What ``ClipDataset.from_paths`` would hold decoded, from the containers' declared
     sizes and frame counts (opening each file, decoding its first frame): ``(bytes, the
     number of files that declare no frame count or do not open)``, those counted as 0."""
-    from ..video import VideoLimits, open_video
-
     total, unknown = 0, 0
     for path in paths:
         try:
-            with open_video(path, limits=VideoLimits(max_frames=1 << 30,
-                                                     max_pixels=1 << 26)) as r:
-                h, w, n = r.info.height, r.info.width, r.info.num_frames
-                if r.info.container.endswith("_pipe"):  # FFmpeg's still-image demuxers
-                    n = 1
+            with _open(path) as r:
+                h, w, n = r.info.height, r.info.width, 1 if r.info.still else r.info.num_frames
         except (IVVAEError, OSError, ValueError):
             unknown += 1
             continue
@@ -114,8 +113,8 @@ def estimate_bytes(paths: Sequence[Path], *, max_side: int, max_frames: int,
             unknown += 1
             continue
         h, w = _scaled(h, w, max_side)
-        if n <= 1:  # a still: a camera clip of a 3/4 view
-            n, h, w = min(STILL_CLIP_FRAMES, max_frames), 3 * h // 4, 3 * w // 4
+        if n <= 1:  # a still: a camera clip
+            n, (h, w) = min(STILL_CLIP_FRAMES, max_frames), _camera_view(h, w)
         n = min(n, max_frames)
         total += n * h * w * 3
         for side in extra_scales:
@@ -125,11 +124,16 @@ def estimate_bytes(paths: Sequence[Path], *, max_side: int, max_frames: int,
     return total, unknown
 
 
-def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
-    """``(T, H, W, 3)`` uint8; a file of one picture (any format) becomes a camera clip."""
+def _open(path: Path) -> VideoReader:
+    """``path`` opened as training reads it: frame and pixel limits far past any clip's."""
     from ..video import VideoLimits, open_video
 
-    with open_video(path, limits=VideoLimits(max_frames=1 << 30, max_pixels=1 << 26)) as r:
+    return open_video(path, limits=VideoLimits(max_frames=1 << 30, max_pixels=1 << 26))
+
+
+def _load_clip(path: Path, max_side: int, max_frames: int) -> np.ndarray:
+    """``(T, H, W, 3)`` uint8; a file of one picture (any format) becomes a camera clip."""
+    with _open(path) as r:
         chunks = []
         total = 0
         for chunk in r.iter_frames(32):
@@ -154,6 +158,13 @@ def _downscale(frames: np.ndarray, max_side: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def _camera_view(h: int, w: int) -> tuple[int, int]:
+    """The view ``camera_clip`` takes of an ``h x w`` picture: 3/4 of each side, even, and
+    at least 8 pixels where the picture has them."""
+    oh, ow = (min(n, max(8, (3 * n // 4) // 2 * 2)) for n in (h, w))
+    return oh, ow
+
+
 def camera_clip(image: np.ndarray, frames: int, *, seed: int) -> np.ndarray:
     """A virtual camera panning across a still ``(H, W, 3)`` uint8 image: ``(frames, h, w, 3)``.
 
@@ -163,7 +174,7 @@ def camera_clip(image: np.ndarray, frames: int, *, seed: int) -> np.ndarray:
     function of ``(image, frames, seed)``.
     """
     h, w, _ = image.shape
-    oh, ow = (min(n, max(8, (3 * n // 4) // 2 * 2)) for n in (h, w))  # >= 8 px where it can
+    oh, ow = _camera_view(h, w)
     g = np.random.default_rng(seed)
     (y0, x0), (y1, x1) = g.uniform(0, 1, (2, 2)) * [h - oh, w - ow]
     out = np.empty((frames, oh, ow, 3), np.uint8)

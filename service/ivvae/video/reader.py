@@ -199,6 +199,11 @@ class VideoInfo:
     sample_aspect_ratio: Fraction = Fraction(1)
 
     @property
+    def still(self) -> bool:
+        """A still image (FFmpeg's image demuxers), not a video."""
+        return self.container.endswith(_STILL_IMAGE_SUFFIX)
+
+    @property
     def display_width(self) -> int:
         if self.rotation % 180:
             return self.width
