@@ -218,15 +218,26 @@ class ClipDataset:
                     raise ValueError(f"{p}: {exc}") from exc
                 skipped.append(f"{p}: {exc}")
                 continue
-            clips.append(clip)
-            names.append(str(p))
-            for side in extra_scales:
-                if side < min(clip.shape[1:3]):
-                    clips.append(_downscale(clip, side))
-                    names.append(f"{p}@{side}")
+            scaled = cls([clip], [str(p)]).with_scales(extra_scales)
+            clips += scaled.clips
+            names += scaled.names
         if say is not None:
             say(f"loaded {len(clips)} clips from {len(paths)} files: {held()}")
         return cls(clips, names)
+
+    def with_scales(self, sides: Sequence[int]) -> ClipDataset:
+        """Each clip, followed by a copy downscaled to each short side of ``sides`` that is
+        smaller than its own (named ``NAME@SIDE``)."""
+        clips: list[np.ndarray] = []
+        names: list[str] = []
+        for clip, name in zip(self.clips, self.names, strict=True):
+            clips.append(clip)
+            names.append(name)
+            for side in sides:
+                if side < min(clip.shape[1:3]):
+                    clips.append(_downscale(clip, side))
+                    names.append(f"{name}@{side}")
+        return ClipDataset(clips, names)
 
     def fitting(self, frames: int, crop: int, skipped: list[str], *,
                 stage: str = "") -> ClipDataset:
