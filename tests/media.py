@@ -272,6 +272,15 @@ def make_audio_only(seconds: float = 1.0) -> bytes:
     return buffer.getvalue()
 
 
+def make_y4m(width: int, height: int, frames: int = 2, *, payload: int | None = None) -> bytes:
+    """A YUV4MPEG2 stream of black 4:2:0 frames, written by hand: its header may claim any
+    size, and ``payload`` (bytes a frame, default what the size needs) need not hold it."""
+    size = width * height * 3 // 2 if payload is None else payload
+    header = f"YUV4MPEG2 W{width} H{height} F25:1 Ip A1:1 C420jpeg\n".encode()
+    frame = b"FRAME\n" + bytes([16]) * (size * 2 // 3) + bytes([128]) * (size - size * 2 // 3)
+    return header + frame * frames
+
+
 def make_huge_png(width: int, height: int) -> bytes:
     """A valid black greyscale PNG of ``width x height``, small however large it claims.
 

@@ -680,13 +680,22 @@ def test_live_matroska_without_sizes_is_left_to_its_duration_tag() -> None:
         lambda: media.make_lying_jpeg(8192, 8192),
         lambda: media.make_blank_video(3840, 2160, "libx264"),
         lambda: media.make_blank_video(4096, 4096, "gif"),
+        # FFmpeg will not open a header of this size: too large, not damaged
+        lambda: media.make_y4m(60000, 60000, payload=1000),
+        lambda: media.make_y4m(2048, 2048),
     ],
-    ids=["png", "jpeg", "h264", "gif"],
+    ids=["png", "jpeg", "h264", "gif", "y4m-unopenable", "y4m"],
 )
 def test_oversized_frames_are_refused_at_open(make: object) -> None:
     assert callable(make)
     with pytest.raises(TooLarge, match="exceed"):
         open_video(make())
+
+
+def test_a_y4m_stream_reads_at_its_declared_size() -> None:
+    with open_video(media.make_y4m(64, 48, frames=3)) as r:
+        assert (r.info.width, r.info.height) == (64, 48)
+        assert sum(len(c) for c in r.iter_frames(8)) == 3
 
 
 def test_oversized_png_is_refused_without_decoding_it(tmp_path: Path) -> None:

@@ -28,8 +28,8 @@ runs with the decoder option ``max_pixels`` set to (a little over, see
 ``_DECODER_CAP_FACTOR``) the limit. A decoder then refuses, before allocating, any picture
 over it, and the stream comes back with a size of 0x0. Only then is the declared size
 looked up, in a second open with every decoder disabled (the size from the container
-header) or, for still images, from the PNG/JPEG header itself; it picks ``TooLarge`` over
-``CorruptMedia``. The decoder used for the frames gets the same ``max_pixels``, and the
+header) or, for still images and Y4M, from the PNG/JPEG/Y4M header itself; it picks
+``TooLarge`` over ``CorruptMedia``, also where FFmpeg refuses to open a header of such a size. The decoder used for the frames gets the same ``max_pixels``, and the
 limit proper is checked against the real size of the first frame.
 
 Security: only the demuxers in ``ALLOWED_DEMUXERS`` may open an upload, and no protocol may
@@ -487,7 +487,15 @@ def open_video(
     src = _Source(source)
     decoder_cap = _DECODER_CAP_FACTOR * limits.source_pixels + _DECODER_CAP_SLACK
     pixel_cap = {"max_pixels": str(decoder_cap)}
-    container, file = _open_container(src, options=pixel_cap, container_options={})
+    try:
+        container, file = _open_container(src, options=pixel_cap, container_options={})
+    except CorruptMedia:
+        # A header declaring a size FFmpeg will not even open (a Y4M of 60000x60000) is
+        # too large before it is damaged.
+        declared = sniff.image_size(src.head)
+        if declared is not None:
+            _check_pixels(*declared, limits)
+        raise
     try:
         _check_not_cut(src, container.format.name)
         stream = _video_stream(container)

@@ -34,6 +34,7 @@ from typing import BinaryIO
 HEAD_BYTES = 1 << 20
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_Y4M_SIGNATURE = b"YUV4MPEG2 "
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0-7, SOI.
@@ -338,13 +339,28 @@ def _vint_length(first: int) -> int:
 
 
 def image_size(head: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` declared by a PNG or JPEG header, else ``None``."""
+    """``(width, height)`` declared by a PNG, JPEG or Y4M header, else ``None``."""
     if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 24:
         width, height = struct.unpack(">II", head[16:24])
         return int(width), int(height)
     if head.startswith(b"\xff\xd8"):
         return _jpeg_size(head)
+    if head.startswith(_Y4M_SIGNATURE):
+        return _y4m_size(head)
     return None
+
+
+def _y4m_size(head: bytes) -> tuple[int, int] | None:
+    """The ``W`` and ``H`` parameters of a YUV4MPEG2 stream header (one line of
+    space-separated parameters, each a letter and its value)."""
+    line, newline, _ = head[len(_Y4M_SIGNATURE):].partition(b"\n")
+    if not newline:
+        return None
+    params = {p[:1]: p[1:] for p in line.split(b" ") if p}
+    width, height = params.get(b"W", b""), params.get(b"H", b"")
+    if not (width.isdigit() and height.isdigit()):
+        return None
+    return int(width), int(height)
 
 
 def jpeg_exif_orientation(head: bytes) -> int | None:

@@ -49,6 +49,8 @@ UPLOADS: dict[str, tuple[Callable[[], dict[str, object]], int, str]] = {
                    "unsupported_media"),
     "8192x8192": (lambda: {"files": _mp4_upload(media.make_huge_png(8192, 8192), "image/png")},
                   413, "too_large"),
+    "y4m 60000x60000": (lambda: {"files": _mp4_upload(media.make_y4m(60000, 60000, payload=64),
+                                                      "video/x-yuv4mpeg")}, 413, "too_large"),
     "too many frames": (lambda: {"files": _mp4_upload(
         media.make_video(None, frames=40, width=8, height=8))}, 413, "too_large"),
     "oversized payload": (lambda: {"files": _mp4_upload(b"\0" * 300_000)}, 413, "too_large"),
