@@ -121,6 +121,26 @@ async def test_a_full_redis_refusing_writes_still_serves_its_entries(
         plain.config_set("maxmemory", "0")
 
 
+async def test_a_refused_write_as_the_probe_closes_the_circuit(
+        cache: RedisCache, plain: redis.Redis, redis_server: RedisServer) -> None:
+    # After an outage the first call is the half-open probe; a full Redis refusing it
+    # still answered. The probe was left claimed: every call after it skipped the cache
+    # until the process restarted, though Redis had room again.
+    redis_server.kill()
+    assert await cache.get("k") is None  # the outage opens the circuit
+    redis_server.start()
+    fresh = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    fresh.config_set("maxmemory-policy", "noeviction")
+    fresh.config_set("maxmemory", "1")
+    await asyncio.sleep(RETRY_S)
+    assert await cache.put("k", moments(5)) is False  # the probe, refused
+    fresh.config_set("maxmemory", "0")
+    fresh.close()
+    assert cache.breaker.closed
+    assert await cache.put("k", moments(5)) is True
+    assert_same(await cache.get("k"), moments(5))
+
+
 async def test_forged_entries_are_ignored_and_deleted(
     cache: RedisCache, plain: redis.Redis
 ) -> None:

@@ -201,6 +201,9 @@ class ResultCache(abc.ABC):
         try:
             await self._store(key, blob)
         except Refused as exc:
+            # An answer: the backend is up. As the half-open probe, it closes the circuit
+            # (left claimed, the probe stopped every later call until a restart).
+            self._backend_ok()
             self.stats.errors += 1
             log.warning("%s cache: not storing %s: %s", self.name, key, exc)
             return False
