@@ -197,23 +197,25 @@ class _Sequence:
         self.key: Key = (model, direction)
         self.frames_dtype = frames_dtype
         self.corrid = next(backend._ids)
-        self.started = False
+        self.sent = False  # a step was submitted: the table may hold state for it
         self.closed = False
 
     async def step(self, array: np.ndarray, *, first: bool) -> list[np.ndarray]:
+        # Set before the wait: a caller cancelled while its batch runs on the model thread
+        # never sees the result, but the table keeps the state that batch made.
+        self.sent = True
         result = await self.backend._batcher.submit(
             self.key, StepRequest(self.corrid, start=first, array=array,
                                   frames_dtype=self.frames_dtype))
         if result.kind is not None:
             raise step_error(result, self.key[1])
-        self.started = True
         return result.outputs
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.started:
+        if self.sent:
             table = self.backend._get(self.key[0]).tables[self.key[1]]
             # behind any batch still running on the model thread, never blocking the loop
             await asyncio.get_running_loop().run_in_executor(
