@@ -4,6 +4,7 @@ gRPC call."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_a_client_that_stops_reading_is_cut_at_the_request_timeout(
             assert time.monotonic() < deadline, "the stalled decode was never cut"
             time.sleep(0.5)
         assert _gauge(url, "ivvae_open_sequences", 'direction="decoder"') == 0
+        # and the connection is reset, not kept for the client with what was queued for it
+        while sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.ECONNRESET:
+            assert time.monotonic() < deadline, "the connection was kept for the client"
+            time.sleep(0.5)
 
 
 async def test_a_streamed_answer_not_taken_in_time_ends_and_closes_its_source() -> None:
@@ -182,3 +187,30 @@ def test_a_client_that_goes_away_before_a_tensor_answer_cancels_its_decode(
                 if line.startswith("ivvae_requests_total{") and 'op="decode"' in line]
     assert outcomes == ['ivvae_requests_total{op="decode",outcome="cancelled",'
                         'transport="http"} 1.0'], outcomes
+
+
+def test_a_whole_answer_not_taken_in_time_resets_the_connection(
+        tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
+    # A whole answer (/frames, /decode as one file) went to the socket in one write that
+    # returned at once: its budget share was given back while all of it (up to 512 MB)
+    # sat in the connection's buffer, and the connection's graceful close waited for a
+    # client that read nothing, for as long as it stayed connected.
+    from tests import media
+
+    clip = media.make_video(None, frames=48, width=320, height=240)  # 11 MB of frames
+    head = (f"POST /frames HTTP/1.1\r\nHost: ivvae\r\nContent-Type: video/mp4\r\n"
+            f"Content-Length: {len(clip)}\r\n\r\n").encode()
+    log = tmp_path / "serve.log"
+    with serve_process(tiny_weights, log=log, IVVAE_REQUEST_TIMEOUT_S="4",
+                       IVVAE_LOG_LEVEL="info") as url, _connect(url) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(head + clip)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more
+        deadline = time.monotonic() + 60
+        while sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.ECONNRESET:
+            assert time.monotonic() < deadline, "the connection was kept for the client"
+            time.sleep(0.5)
+        assert httpx.post(url + "/frames", content=clip, timeout=60,
+                          headers={"content-type": "video/mp4"}).status_code == 200
+    text = log.read_text()
+    assert "Traceback" not in text and " ERROR " not in text, text

@@ -32,14 +32,32 @@ class StreamedInTime(StreamingResponse):
             raise
 
 
+def not_taken_in_time(exc: BaseException) -> bool:
+    """Whether ``exc``, leaving the app, is an answer's ``DeadlineExceeded`` from its
+    ``send``: the client's doing, not a server error. Starlette raises it again, once the
+    response has started, as a RuntimeError caused by it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DeadlineExceeded):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 # What building a whole answer holds at most, in copies of its frames: the frames decoded,
 # joined into one array, and the body.
 HELD_COPIES = 3
 
 
+# The pieces a whole answer is sent in. The server writes a piece only once the client has
+# taken what came before (a send returns at once, however large): one piece of a 500 MB
+# answer would sit in the connection's buffer, outside the budget, long after release.
+HELD_CHUNK = 1 << 20
+
+
 class HeldResponse(Response):
     """A whole answer that holds ``release``'s reservation until it is sent (or the client
-    took too long: ``seconds``)."""
+    took too long: ``seconds``), in pieces of ``HELD_CHUNK`` bytes."""
 
     def __init__(self, content: bytes, *, release: Callable[[], None], seconds: float,
                  **kwargs: Any) -> None:
@@ -47,8 +65,20 @@ class HeldResponse(Response):
         self.release, self.seconds = release, seconds
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        send = in_time(send, self.seconds)
+        body = memoryview(self.body)
         try:
-            await super().__call__(scope, receive, in_time(send, self.seconds))
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            at = 0
+            while True:
+                piece = bytes(body[at : at + HELD_CHUNK])
+                at += len(piece)
+                await send({"type": "http.response.body", "body": piece,
+                            "more_body": at < len(body)})
+                if at >= len(body):
+                    break
         finally:
+            body.release()
             self.body = b""
             self.release()

@@ -31,6 +31,7 @@ from ...errors import ClientGone, IVVAEError, Overloaded
 from ...service import Service
 from ..metering import OTHER, count_refusal
 from . import ui
+from .answers import not_taken_in_time
 from .errors import http_status, retry_after
 from .routes import decode, encode, frames, health, models
 
@@ -90,7 +91,11 @@ class _Contain:
                 Overloaded("the server is shutting down; retry", retry_after_s=1))
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
-        except Exception:
+        except Exception as exc:
+            if started and not_taken_in_time(exc):
+                log.info("%s %s: %s; resetting the connection", scope["method"],
+                         scope["path"], exc.__cause__ or exc)
+                raise  # the connection (ivvae.api.http.protocol) resets it
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise  # half a response is out: only closing the connection can say so

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ...metrics import Metrics
 from ..metering import UNROUTED, count_refusal
+from .answers import not_taken_in_time
 
 
 def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
@@ -117,7 +120,7 @@ class _BoundedH11(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.app = _head_guard(self.app, self.limits, lambda: self._probe_only,
-                               self._refused)
+                               self._refused, self._abandon)
         self._probe_only = False  # past max_connections: health paths only
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
@@ -218,6 +221,18 @@ class _BoundedH11(H11Protocol):
     def _refused(self, code: str) -> None:
         count_refusal(self.metrics, UNROUTED, "http", code)
 
+    def _abandon(self) -> None:
+        """The client stopped reading an answer already begun: reset the connection. A
+        graceful close would wait, for as long as the client stays connected, to hand it
+        what is queued (up to a chunk of the answer, and the socket)."""
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app's end is not an unfinished response
+        self._disarm()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # a reset (RST): the kernel drops what is queued, too
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
     def timeout_keep_alive_handler(self) -> None:
         self._disarm()
         super().timeout_keep_alive_handler()
@@ -280,12 +295,14 @@ class _BoundedH11(H11Protocol):
 
 def _head_guard(app: Any, limits: ConnectionLimits,
                 probe_only: Callable[[], bool] = lambda: False,
-                refused: Callable[[str], None] = lambda code: None) -> Any:
+                refused: Callable[[str], None] = lambda code: None,
+                abandon: Callable[[], None] = lambda: None) -> Any:
     """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
     over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
     that comes in a single read is parsed whole, whatever its size. While ``probe_only()``
     (the connection is in the probe reserve) anything but a liveness check gets 503.
-    ``refused(code)`` counts each refusal."""
+    ``refused(code)`` counts each refusal. An answer the client did not take in time
+    (``ivvae.api.http.answers``) ends with ``abandon()``, not as a server error."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -308,9 +325,15 @@ def _head_guard(app: Any, limits: ConnectionLimits,
             refused("invalid_input")
             await _respond(send, 431, b'{"error": "invalid_input", "detail": "%s"}' % detail)
             return
-        await app(scope, receive, send)
+        try:
+            await app(scope, receive, send)
+        except Exception as exc:
+            if not not_taken_in_time(exc):
+                raise
+            abandon()
 
     return guarded
+
 
 
 def _origin_form(scope: Any) -> Any:
