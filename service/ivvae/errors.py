@@ -90,6 +90,11 @@ class DeadlineExceeded(IVVAEError):
     code = "deadline_exceeded"
 
 
+class NotTakenInTime(DeadlineExceeded):
+    """The client did not read an answer already begun in time. It cannot be told so:
+    the transport ends the connection or the stream instead of answering."""
+
+
 class ClientGone(IVVAEError):
     """The client disconnected; its work was cancelled. Nobody reads the answer."""
 

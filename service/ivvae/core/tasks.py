@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import DeadlineExceeded
+from ..errors import NotTakenInTime
 
 _T = TypeVar("_T")
 
@@ -85,7 +85,7 @@ async def within(awaitable: Awaitable[_T], seconds: float) -> _T:
 def in_time(send: Callable[[_T], Awaitable[Any]], seconds: float
             ) -> Callable[[_T], Awaitable[None]]:
     """``send`` (an ASGI ``send``, a gRPC ``context.write``), all of whose calls together
-    must end within ``seconds`` of now, else ``DeadlineExceeded``: a client that stops
+    must end within ``seconds`` of now, else ``NotTakenInTime``: a client that stops
     reading an answer holds what the answer holds (a decode session, a share of the memory
     budget) until its connection dies, and nothing else bounds that wait."""
     deadline = time.monotonic() + seconds
@@ -94,7 +94,7 @@ def in_time(send: Callable[[_T], Awaitable[Any]], seconds: float
         try:
             await within(send(message), max(deadline - time.monotonic(), 0.001))
         except TimeoutError:
-            raise DeadlineExceeded(f"the client did not read the answer within "
-                                   f"{seconds:g} s") from None
+            raise NotTakenInTime(f"the client did not read the answer within "
+                                 f"{seconds:g} s") from None
 
     return send_in_time

@@ -29,8 +29,9 @@ runs with the decoder option ``max_pixels`` set to (a little over, see
 over it, and the stream comes back with a size of 0x0. Only then is the declared size
 looked up, in a second open with every decoder disabled (the size from the container
 header) or, for still images and Y4M, from the PNG/JPEG/Y4M header itself; it picks
-``TooLarge`` over ``CorruptMedia``, also where FFmpeg refuses to open a header of such a size. The decoder used for the frames gets the same ``max_pixels``, and the
-limit proper is checked against the real size of the first frame.
+``TooLarge`` over ``CorruptMedia``, also where FFmpeg refuses to open a header of such a
+size. The decoder used for the frames gets the same ``max_pixels``, and the limit proper
+is checked against the real size of the first frame.
 
 Security: only the demuxers in ``ALLOWED_DEMUXERS`` may open an upload, and no protocol may
 be opened from inside one, so a playlist (HLS, concat, ...) cannot make FFmpeg fetch URLs or

@@ -32,7 +32,14 @@ from ...core import strict
 from ...core.names import CRF_RANGE, DEFAULT_CRF
 from ...core.steps import FramesDtype
 from ...core.tasks import aclose_all, finish, in_time, within
-from ...errors import DeadlineExceeded, EmptyInput, InvalidInput, IVVAEError, TooLarge
+from ...errors import (
+    DeadlineExceeded,
+    EmptyInput,
+    InvalidInput,
+    IVVAEError,
+    NotTakenInTime,
+    TooLarge,
+)
 from ...latents import LatentInfo
 from ...memory import BodyHold
 from ...outputs import OutputFormat, frames_dtype_for, render, render_batch
@@ -237,6 +244,14 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 if admit:
                     self._admit(context, rpc)
                 yield rpc
+            except NotTakenInTime as exc:
+                # A status would wait behind the write the client is not taking, for as long
+                # as it stays connected. A handler that ends cancelled sends none: grpc
+                # resets the stream (RST_STREAM) when it lets the unfinished call go.
+                failure = exc
+                m.errors.labels(exc.code).inc()
+                log.info("gRPC %s: %s; resetting the stream", op, exc.detail)
+                raise asyncio.CancelledError(exc.detail) from exc
             except IVVAEError as exc:
                 failure = exc
                 status = grpc_status(exc)
@@ -322,6 +337,9 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             options, data = await self._receive(context, rpc, request_iterator, "video",
                                                 _encode_options)
             opts = _encode_options(options)
+            # The client must take the answer (progress, then the latent) within the
+            # request timeout: a write it does not take would otherwise wait for ever.
+            write = in_time(context.write, self.settings.request_timeout_s)
             frames_done = 0
             moved = asyncio.Event()
 
@@ -343,18 +361,18 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                         tick.cancel()
                     if moved.is_set() and not work.done():
                         moved.clear()
-                        await context.write(pb.EncodeResponse(
+                        await write(pb.EncodeResponse(
                             progress=pb.EncodeProgress(frames_done=frames_done)))
                 result = work.result()
                 del source
                 rpc.body.let_go()
             finally:
                 await _stop(work)
-            await context.write(pb.EncodeResponse(result=pb.EncodeResult(
+            await write(pb.EncodeResponse(result=pb.EncodeResult(
                 info=latent_info_message(result.info), cache_hit=result.cache_hit,
                 size_bytes=len(result.data))))
             for chunk in _chunks(result.data):
-                await context.write(pb.EncodeResponse(chunk=chunk))
+                await write(pb.EncodeResponse(chunk=chunk))
 
     async def EncodeUnary(self, request: Any, context: Context) -> Any:
         async with self._call(context, "encode") as rpc:
@@ -407,17 +425,19 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
             rpc.body.let_go()
             message = latent_info_message(info)
             message.batch = len(items)
+            # The client must take the answer within the request timeout, from when it is
+            # ready (a batch's whole file) or begins (a stream: between decoder steps nothing
+            # else waits on the clock).
             if len(items) > 1:
                 body, _ = await render_batch(fmt, info, items, crf=crf,
                                              frames_dtype=frames_dtype)
-                await context.write(pb.DecodeResponse(info=message))
+                write = in_time(context.write, self.settings.request_timeout_s)
+                await write(pb.DecodeResponse(info=message))
                 for chunk in _chunks(body):
-                    await context.write(pb.DecodeResponse(chunk=chunk))
+                    await write(pb.DecodeResponse(chunk=chunk))
                 return
             output = render(fmt, info, items[0], crf=crf, frames_dtype=frames_dtype)
-            # The client must take the stream within the request timeout: between decoder
-            # steps nothing else waits on the clock.
-            write = in_time(context.write, self.service.settings.request_timeout_s)
+            write = in_time(context.write, self.settings.request_timeout_s)
             try:
                 await write(pb.DecodeResponse(info=message))
                 async for piece in output:

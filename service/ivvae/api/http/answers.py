@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from ...core.tasks import aclose_all, finish, in_time
-from ...errors import DeadlineExceeded
+from ...errors import DeadlineExceeded, NotTakenInTime
 
 
 class StreamedInTime(StreamingResponse):
@@ -33,12 +33,12 @@ class StreamedInTime(StreamingResponse):
 
 
 def not_taken_in_time(exc: BaseException) -> bool:
-    """Whether ``exc``, leaving the app, is an answer's ``DeadlineExceeded`` from its
+    """Whether ``exc``, leaving the app, is an answer's ``NotTakenInTime`` from its
     ``send``: the client's doing, not a server error. Starlette raises it again, once the
     response has started, as a RuntimeError caused by it."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, DeadlineExceeded):
+        if isinstance(seen, NotTakenInTime):
             return True
         seen = seen.__cause__
     return False
