@@ -246,8 +246,9 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 yield rpc
             except NotTakenInTime as exc:
                 # A status would wait behind the write the client is not taking, for as long
-                # as it stays connected. A handler that ends cancelled sends none: grpc
-                # resets the stream (RST_STREAM) when it lets the unfinished call go.
+                # as it stays connected. A handler that ends cancelled sends none, and what
+                # the RPC holds here goes now; gRPC keeps the stream and its one pending
+                # message until the client reads or goes.
                 failure = exc
                 m.errors.labels(exc.code).inc()
                 log.info("gRPC %s: %s; resetting the stream", op, exc.detail)

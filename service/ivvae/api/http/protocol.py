@@ -22,6 +22,7 @@ sees it (``BODY_TIMED_OUT``) and its meter counts it as ``deadline_exceeded`` of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -230,7 +231,8 @@ class _BoundedH11(H11Protocol):
         self._disarm()
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a reset (RST): the kernel drops what is queued, too
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with contextlib.suppress(OSError):  # the client reset it first
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def timeout_keep_alive_handler(self) -> None:
