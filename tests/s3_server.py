@@ -28,6 +28,7 @@ START_TIMEOUT_S = 30.0
 class S3Server:
     endpoint: str
     env: dict[str, str]
+    pid: int  # SIGSTOP it for a store that stops answering (SIGCONT after)
 
     def make_bucket(self, name: str) -> str:
         import fsspec
@@ -66,7 +67,7 @@ def s3_server() -> Iterator[S3Server]:
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
-        yield S3Server(endpoint, env)
+        yield S3Server(endpoint, env, proc.pid)
     finally:
         for k, v in saved.items():
             if v is None:

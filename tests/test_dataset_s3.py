@@ -380,3 +380,45 @@ def test_a_worker_refuses_an_s3_output_while_it_is_compacted(
     assert not fs.exists("marked/out/.ivvae/compacting")
     summary = asyncio.run(encode_dataset(src + "/", out, encoder=spec, format="webdataset"))
     assert (summary.encoded, summary.skipped) == (0, 1)
+
+
+def test_a_store_that_stops_answering_fails_a_call_in_bounded_time(
+        s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # botocore's 60 s timeouts and its and s3fs's retries held encode-dataset about 7
+    # minutes a call on a store that was stopped (SIGSTOP: it keeps its socket, answers
+    # nothing), saying nothing. Here the bounds are shrunk to keep the test short.
+    import os
+    import signal
+    import time
+
+    import s3fs
+
+    from ivvae import storage
+
+    bucket = s3_server.make_bucket("stops-answering")
+    monkeypatch.setattr(storage, "S3_CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "S3_READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "S3_RETRIES", 2)
+    s3fs.S3FileSystem.clear_instance_cache()
+    loc = storage.Location.of(bucket)
+    assert loc.fs.retries == 2
+    os.kill(s3_server.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(storage.storage_errors()):
+            loc.fs.ls(loc.path, refresh=True)
+        assert time.monotonic() - start < 20  # 2 tries of 1 s, and the backoff
+    finally:
+        os.kill(s3_server.pid, signal.SIGCONT)
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert loc.fs.ls(loc.path, refresh=True) == []  # and it answers again
+
+
+def test_the_user_s_own_s3_configuration_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivvae import storage
+
+    assert storage._s3_options()["config_kwargs"]["read_timeout"] == storage.S3_READ_TIMEOUT_S
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    assert "retries" not in storage._s3_options()["config_kwargs"]
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 300}})
+    assert storage._s3_options() == {}

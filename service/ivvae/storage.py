@@ -25,6 +25,16 @@ from fsspec import AbstractFileSystem
 
 TMP_MARK = ".tmp-"  # in the name of a file being written; never in a published one
 
+# botocore waits 60 s to connect and 60 s between bytes, and retries, and s3fs retries on
+# top: an S3 store that stopped answering held a job for about 7 minutes a call, saying
+# nothing. A call now fails once the store has sent nothing for S3_READ_TIMEOUT_S, after
+# S3_RETRIES tries (s3fs's, with its backoff; botocore's own are off) - 1.5 minutes at
+# most. A user's own fsspec configuration for s3 (``FSSPEC_S3_CONFIG_KWARGS``, fsspec's
+# config file) or ``AWS_MAX_ATTEMPTS`` wins.
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_READ_TIMEOUT_S = 30.0
+S3_RETRIES = 3
+
 
 class StorageError(Exception):
     """A URL that no installed filesystem can open."""
@@ -53,10 +63,13 @@ class Location:
     @classmethod
     def of(cls, url: str) -> Location:
         """Raises ``StorageError`` for an unknown protocol or one whose driver is missing."""
+        s3 = url.startswith(("s3://", "s3a://"))
         try:
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = fsspec.core.url_to_fs(url, **(_s3_options() if s3 else {}))
         except (ValueError, ImportError) as exc:
             raise StorageError(f"{url}: {exc}") from None
+        if s3 and "AWS_MAX_ATTEMPTS" not in os.environ:
+            fs.retries = min(fs.retries, S3_RETRIES)
         return cls(fs, path.rstrip("/") if len(path) > 1 else path)
 
     @property
@@ -71,6 +84,18 @@ class Location:
 
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.path)
+
+
+def _s3_options() -> dict[str, Any]:
+    """s3fs options bounding a call to a store that stopped answering (see S3_READ_TIMEOUT_S),
+    unless the user configured them."""
+    if "config_kwargs" in fsspec.config.conf.get("s3", {}):
+        return {}
+    config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S,
+                              "read_timeout": S3_READ_TIMEOUT_S}
+    if "AWS_MAX_ATTEMPTS" not in os.environ:
+        config["retries"] = {"max_attempts": 1}
+    return {"config_kwargs": config}
 
 
 def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
