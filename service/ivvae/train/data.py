@@ -202,7 +202,7 @@ class ClipDataset:
         clips: list[np.ndarray] = []
         names: list[str] = []
 
-        def held() -> str:
+        def held(clips: list[np.ndarray]) -> str:
             frames = sum(len(c) for c in clips)
             return f"{frames} frames, {sum(c.nbytes for c in clips) / 1e6:.0f} MB in memory"
 
@@ -210,7 +210,7 @@ class ClipDataset:
         for i, p in enumerate(paths):
             if say is not None and time.monotonic() - last > LOAD_REPORT_S:
                 last = time.monotonic()
-                say(f"loading training data: {i}/{len(paths)} files, {held()}")
+                say(f"loading training data: {i}/{len(paths)} files, {held(clips)}")
             try:
                 clip = _load_clip(p, max_side, max_frames)
             except (IVVAEError, OSError, ValueError) as exc:
@@ -218,12 +218,13 @@ class ClipDataset:
                     raise ValueError(f"{p}: {exc}") from exc
                 skipped.append(f"{p}: {exc}")
                 continue
-            scaled = cls([clip], [str(p)]).with_scales(extra_scales)
-            clips += scaled.clips
-            names += scaled.names
+            clips.append(clip)
+            names.append(str(p))
+        loaded = cls(clips, names).with_scales(extra_scales)
         if say is not None:
-            say(f"loaded {len(clips)} clips from {len(paths)} files: {held()}")
-        return cls(clips, names)
+            say(f"loaded {len(loaded.clips)} clips from {len(paths)} files: "
+                f"{held(loaded.clips)}")
+        return loaded
 
     def with_scales(self, sides: Sequence[int]) -> ClipDataset:
         """Each clip, followed by a copy downscaled to each short side of ``sides`` that is

@@ -34,7 +34,7 @@ from typing import BinaryIO
 HEAD_BYTES = 1 << 20
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_Y4M_SIGNATURE = b"YUV4MPEG2 "
+_Y4M_SIGNATURE = b"YUV4MPEG2"
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers without a length field: TEM, RST0-7, SOI.
@@ -77,7 +77,7 @@ def container_signature(head: bytes) -> str | None:
         (b"FLV\x01", "flv"),
         (b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", "asf"),
         (b"DKIF", "ivf"),
-        (b"YUV4MPEG2", "y4m"),
+        (_Y4M_SIGNATURE, "y4m"),
         (b"\x00\x00\x01\xba", "mpeg"),
         (b"fLaC", "flac"),
         (b"ID3", "mp3"),
@@ -345,7 +345,7 @@ def image_size(head: bytes) -> tuple[int, int] | None:
         return int(width), int(height)
     if head.startswith(b"\xff\xd8"):
         return _jpeg_size(head)
-    if head.startswith(_Y4M_SIGNATURE):
+    if head.startswith(_Y4M_SIGNATURE + b" "):
         return _y4m_size(head)
     return None
 
