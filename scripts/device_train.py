@@ -198,14 +198,15 @@ def _seconds_per_step(cfg: Any, dataset: Any, *, warm: int, timed: int) -> float
         return (time.perf_counter() - start) / timed
 
 
-def split(path: Path, out: Path) -> list[dict[str, Any]]:
-    data = path.read_bytes()
+def split(data: bytes, name: str, out: Path) -> list[dict[str, Any]]:
+    """``data`` written to ``out`` as ``NAME.part0``, ``NAME.part1``, ... of at most
+    ``PART_BYTES``."""
     parts = []
     for i in range(0, max(1, math.ceil(len(data) / PART_BYTES))):
         chunk = data[i * PART_BYTES:(i + 1) * PART_BYTES]
-        name = f"{path.name}.part{i}"
-        (out / name).write_bytes(chunk)
-        parts.append({"file": name, "bytes": len(chunk)})
+        part = f"{name}.part{i}"
+        (out / part).write_bytes(chunk)
+        parts.append({"file": part, "bytes": len(chunk)})
     return parts
 
 
@@ -234,20 +235,21 @@ def run(kit: Path, out: Path, *, seconds: float, sets: dict[str, Any], warm: int
     print(f"run: {check}; {dataset.num_frames} frames in {len(dataset.clips)} clips; "
           f"{per_step:.3f} s a step; {steps} steps", flush=True)
     trainer = Trainer(cfg, dataset=dataset)
-    trained = time.monotonic()
+    train_start = time.monotonic()
     trainer.fit(progress=False)
-    trained = time.monotonic() - trained
+    trained = time.monotonic() - train_start
     exported = work / WEIGHTS
-    trainer.export_model(exported, name="ivvae_z16_dim16_bundled")
+    trainer.export_model(exported, name=BUNDLED_FILE.stem)  # it replaces that file
+    weights = exported.read_bytes()
     out.mkdir(parents=True, exist_ok=True)
-    parts = split(exported, out)
+    parts = split(weights, WEIGHTS, out)
     shutil.copy(work / "run" / "log.jsonl", out / "log.jsonl")
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "decoder_check": check, "steps": steps,
                "seconds_per_step_timed": per_step, "seconds_loading": loaded,
                "seconds_training": trained, "seconds_all": time.monotonic() - began,
                "config": dataclasses.asdict(cfg), "weights": WEIGHTS,
-               "weights_sha256": hashlib.sha256(exported.read_bytes()).hexdigest(),
+               "weights_sha256": hashlib.sha256(weights).hexdigest(),
                "parts": parts}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(work, ignore_errors=True)
