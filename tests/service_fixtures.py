@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +75,18 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
+@dataclass(frozen=True)
+class Served:
+    url: str  # HTTP base URL
+    grpc_url: str
+    pid: int  # SIGSTOP it for a service that keeps its sockets but answers nothing
+
+
 @contextmanager
-def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> Iterator[str]:
+def serve_child(weights: str | Path, log: Path | None = None, **env: str) -> Iterator[Served]:
     """``ivvae serve`` in a child process (HTTP and gRPC on free loopback ports) until the
-    block ends; yields its base URL once ``/readyz`` answers 200. ``log``: its stdout and
-    stderr go to this file (else they are inherited)."""
+    block ends, once ``/readyz`` answers 200. ``log``: its stdout and stderr go to this file
+    (else they are inherited)."""
     port, grpc_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     full = {**os.environ, "IVVAE_LOG_LEVEL": "warning", **env, "IVVAE_WEIGHTS": str(weights),
@@ -97,8 +107,10 @@ def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> I
             if time.monotonic() > deadline:
                 raise RuntimeError("ivvae serve was not ready within 120 s")
             time.sleep(0.2)
-        yield url
+        yield Served(url, f"grpc://127.0.0.1:{grpc_port}", proc.pid)
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)  # a stopped process would ignore SIGTERM
         proc.terminate()
         try:
             proc.wait(30)
@@ -107,6 +119,13 @@ def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> I
             proc.wait()
         if out:
             out.close()
+
+
+@contextmanager
+def serve_process(weights: str | Path, log: Path | None = None, **env: str) -> Iterator[str]:
+    """``serve_child``'s HTTP base URL."""
+    with serve_child(weights, log, **env) as served:
+        yield served.url
 
 
 @pytest_asyncio.fixture

@@ -38,7 +38,7 @@ from ivvae.dataset import (
 from ivvae.storage import TMP_MARK, Location
 from tests import media
 from tests.grpc_fixtures import ServerThread, server_thread
-from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+from tests.service_fixtures import serve_child, tiny_settings, tiny_weights  # noqa: F401
 
 CLIPS = 12
 
@@ -819,3 +819,38 @@ def test_a_torn_job_file_is_named_not_a_json_error(tmp_path: Path) -> None:
     config = JobConfig("parquet", ClipOptions(), ModelIdentity("tiny", "0" * 64, "float32"))
     with pytest.raises(DatasetError, match=r"not a whole job file.*remove it"):
         open_output(str(out), config)
+
+
+async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_not(
+        clips: Path, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+
+    # Every encode runs out of the service's own time (504 / DEADLINE_EXCEEDED) while the
+    # service stays healthy: each clip's failure, the run goes on.
+    with serve_child(tiny_weights, IVVAE_REQUEST_TIMEOUT_S="0.001") as served:
+        for url in (served.url, served.grpc_url):
+            out = tmp_path / f"slow-{url.split(':')[0]}"
+            summary = await encode_dataset(clips, out, server=url, concurrency=2)
+            assert (summary.encoded, summary.failed) == (0, CLIPS)
+            assert summary.errors == {"deadline_exceeded": CLIPS}
+
+        class StoppedAfterStart(ServiceEncoder):
+            async def start(self, model: str = "") -> Any:
+                identity = await super().start(model)
+                os.kill(served.pid, signal.SIGSTOP)  # keeps its sockets, answers nothing
+                return identity
+
+        for url in (served.url, served.grpc_url):
+            os.kill(served.pid, signal.SIGCONT)
+            encoder = StoppedAfterStart(EncoderSpec(server=url, timeout=2.0, retries=0))
+            summary = Summary()
+            with pytest.raises(DatasetError, match="fails its health check: giving up the run"):
+                await run_job(Job(str(clips), str(tmp_path / "hung"), concurrency=2), encoder,
+                              summary=summary)
+            # given up at the first clip out of time, not recorded as a failure clip by clip
+            assert summary.interrupted and summary.failed == 0
+            # A service stopped before the run is refused at the start, not clip by clip.
+            with pytest.raises(DatasetError, match="unavailable"):
+                await encode_dataset(clips, tmp_path / "hung2", server=url,
+                                     encoder=EncoderSpec(timeout=2.0),
+                                     retry=RetryPolicy(attempts=1))

@@ -64,7 +64,9 @@ anywhere and in any order, together cover the dataset exactly once.
 
 Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
 manifest), 2 when the run could not start, or could not go on (its output failed: a full
-disk; the summary is printed if it had started), 130 when interrupted.
+disk; with ``--server``, the service is down, or a clip ran out of time and the service
+fails its health check too; the summary is printed if it had started), 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from .core import strict
 from .core.names import PRECISIONS
-from .errors import BackendUnavailable, IVVAEError, Overloaded
+from .errors import BackendUnavailable, DeadlineExceeded, IVVAEError, Overloaded
 from .latents import LatentInfo
 from .media_types import MEDIA_SUFFIXES
 from .storage import (
@@ -682,7 +684,7 @@ class ServiceEncoder:
     async def start(self, model: str = "") -> ModelIdentity:
         try:
             models = await self.client.models()
-        except (BackendUnavailable, Overloaded, OSError) as exc:
+        except (BackendUnavailable, Overloaded, DeadlineExceeded, OSError) as exc:
             raise DatasetError(f"the service at {self.client.url} is unavailable: "
                                f"{getattr(exc, 'detail', exc)}") from exc
         name = model or models.default
@@ -702,6 +704,16 @@ class ServiceEncoder:
         except (BackendUnavailable, Overloaded) as exc:  # already retried: give up the run
             raise DatasetError(
                 f"the service at {self.client.url} is unavailable: {exc.detail}") from exc
+        except DeadlineExceeded as exc:
+            # A slow clip is the clip's failure; a service that answers nothing at all (a
+            # stopped or wedged process keeps its socket) would fail every clip after the
+            # whole timeout, so its health check decides which this was.
+            if not await self.client.healthy():
+                raise DatasetError(
+                    f"the service at {self.client.url} gave no answer for {name} "
+                    f"({exc.detail}) and fails its health check: giving up the run "
+                    "(what is encoded is kept; rerun to go on)") from exc
+            raise
         return Encoded(result.data, result.info)
 
     async def close(self) -> None:

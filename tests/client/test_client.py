@@ -123,6 +123,24 @@ def test_no_server(url: str) -> None:
             client.encode(VIDEO)
 
 
+@pytest.mark.parametrize("scheme", ["grpc", "http"])
+async def test_a_health_check_of_a_silent_server_is_bounded_not_the_call_timeout(
+        scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import socket
+
+    from ivvae.client import _grpc, _http
+
+    for module in (_grpc, _http):
+        monkeypatch.setattr(module, "HEALTH_TIMEOUT_S", 0.5)
+    # A listening socket nobody accepts from: the kernel completes the handshake and then
+    # nothing answers, as with a stopped process.
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:
+        port = silent.getsockname()[1]
+        async with AsyncClient(f"{scheme}://127.0.0.1:{port}", timeout=600) as client:
+            assert not await asyncio.wait_for(client.healthy(), 60)
+
+
 def test_bad_urls() -> None:
     for url in ("ftp://x", "grpc://", "grpc://host:1/path"):
         with pytest.raises(ValueError):

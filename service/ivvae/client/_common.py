@@ -20,6 +20,9 @@ from ..safetensors_io import SafetensorsError, Tensor, dumps, loads
 T = TypeVar("T")
 VideoSource = str | os.PathLike[str] | bytes
 CHUNK_BYTES = 1 << 20  # request chunks; the server answers in chunks of at most this size
+# A health check answers from the event loop, not the model: a service that needs longer
+# is stopped or wedged, whatever the caller's timeout for real work.
+HEALTH_TIMEOUT_S = 10.0
 
 
 def _error_classes(base: type[IVVAEError]) -> dict[str, type[IVVAEError]]:

@@ -23,6 +23,7 @@ from ..api.grpc.gen import ivvae_pb2_grpc as pb_grpc
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, InvalidInput, IVVAEError
 from ._common import (
+    HEALTH_TIMEOUT_S,
     VideoSource,
     error_from_code,
     frames_from_file,
@@ -158,7 +159,7 @@ class GrpcTransport:
     async def healthy(self) -> bool:
         try:
             reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
-                                             timeout=min(self.timeout, 10.0))
+                                             timeout=min(self.timeout, HEALTH_TIMEOUT_S))
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -14,6 +14,7 @@ import numpy as np
 from ..core.model_info import ModelInfo
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
 from ._common import (
+    HEALTH_TIMEOUT_S,
     VideoSource,
     error_from_code,
     frames_from_file,
@@ -42,6 +43,7 @@ class HttpTransport:
     def __init__(self, base_url: str, *, api_key: str | None, timeout: float,
                  ca_cert: str | os.PathLike[str] | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # https://: the system's roots, or the given CA bundle (PEM)
         verify: ssl.SSLContext | bool = (ssl.create_default_context(cafile=os.fspath(ca_cert))
@@ -111,7 +113,8 @@ class HttpTransport:
 
     async def healthy(self) -> bool:
         try:
-            response = await self._client.get("/readyz")
+            response = await self._client.get(
+                "/readyz", timeout=httpx.Timeout(min(self.timeout, HEALTH_TIMEOUT_S)))
         except httpx.HTTPError:
             return False
         return response.status_code == 200
