@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from types import TracebackType
 
 from starlette.requests import ClientDisconnect
@@ -53,6 +54,7 @@ class RequestMeter:
         self.metrics, self.op, self.transport = metrics, op, transport
         self._in_flight = in_flight
         self._start = 0.0
+        self._handed = self._finished = False
 
     def start(self) -> None:
         self._start = time.perf_counter()
@@ -61,6 +63,9 @@ class RequestMeter:
 
     def finish(self, exc: BaseException | None) -> None:
         """Count the request, failed with ``exc`` or (``None``) answered."""
+        if self._finished:
+            return
+        self._finished = True
         if exc is None:
             outcome = "ok"
         elif isinstance(exc, IVVAEError):
@@ -79,6 +84,22 @@ class RequestMeter:
         self.start()
         return self
 
+    def hand_over(self) -> Callable[[BaseException | None], None]:
+        """For an answer that goes on after the block (HTTP's streamed and whole answers,
+        sent once the route has returned): the request is counted when the answer calls
+        what this returns, with what ended it (``None``: all sent), not when the block
+        ends. An error then is one no error handler saw, so it is counted here too."""
+        self._handed = True
+
+        def answered(exc: BaseException | None) -> None:
+            if isinstance(exc, IVVAEError) and not self._finished:
+                self.metrics.errors.labels(exc.code).inc()
+            self.finish(exc)
+
+        return answered
+
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None and self._handed:
+            return
         self.finish(exc)

@@ -5,43 +5,83 @@ wait."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Send
 
 from ...core.tasks import aclose_all, finish, in_time
-from ...errors import DeadlineExceeded, NotTakenInTime
+from ...errors import DeadlineExceeded, IVVAEError
+
+Counted = Callable[[BaseException | None], None]  # ``RequestMeter.hand_over``
 
 
-class StreamedInTime(StreamingResponse):
+class _Counting:
+    """An answer that counts its request: once sent, failed or left (``_counted``), or
+    when it is collected unsent (the client went before Starlette could send it)."""
+
+    counted: Counted | None
+
+    def __del__(self) -> None:
+        if self.counted is not None:
+            self.counted(ClientDisconnect())  # a no-op once counted
+
+
+async def _counted(answer: Callable[[Send], Awaitable[None]], send: Send,
+                   counted: Counted | None) -> None:
+    """Send ``answer`` and count its request by how it ended: all sent, failed (the
+    exception), or left unfinished without one (Starlette ends a stream quietly when the
+    client goes)."""
+    complete = False
+
+    async def watched(message: Message) -> None:
+        nonlocal complete
+        await send(message)
+        complete = message["type"] == "http.response.body" and not message.get("more_body")
+
+    try:
+        await answer(watched)
+    except BaseException as exc:
+        if counted is not None:
+            counted(exc)
+        raise
+    if counted is not None:
+        counted(None if complete else ClientDisconnect())
+
+
+class StreamedInTime(_Counting, StreamingResponse):
     """A streamed answer the client must take within ``seconds`` of its start. Between
     decoder steps nothing else waits on the clock."""
 
     def __init__(self, content: AsyncIterator[bytes], *, seconds: float,
-                 **kwargs: Any) -> None:
+                 counted: Counted | None = None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.content = content
-        self.seconds = seconds
+        self.seconds, self.counted = seconds, counted
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().__call__(scope, receive, in_time(send, self.seconds))
+            await _counted(lambda sending: super(StreamedInTime, self).__call__(
+                scope, receive, in_time(sending, self.seconds)), send, self.counted)
         except DeadlineExceeded:
             await finish(aclose_all(self.content))  # the session goes now, not at GC
             raise
 
 
-def not_taken_in_time(exc: BaseException) -> bool:
-    """Whether ``exc``, leaving the app, is an answer's ``NotTakenInTime`` from its
-    ``send``: the client's doing, not a server error. Starlette raises it again, once the
-    response has started, as a RuntimeError caused by it."""
+def cut_off_by(exc: BaseException) -> IVVAEError | None:
+    """The service's error that ended an answer already begun, if ``exc`` (leaving the app
+    once the response has started) is one: the backend gone mid-decode, or the client not
+    taking the answer in time (``NotTakenInTime``). Nothing can tell the client any more but
+    the connection's end; it is no bug of the server's. Starlette raises it again as a
+    RuntimeError caused by it."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, NotTakenInTime):
-            return True
+        if isinstance(seen, IVVAEError):
+            return seen
         seen = seen.__cause__
-    return False
+    return None
 
 
 # What building a whole answer holds at most, in copies of its frames: the frames decoded,
@@ -55,16 +95,19 @@ HELD_COPIES = 3
 HELD_CHUNK = 1 << 20
 
 
-class HeldResponse(Response):
+class HeldResponse(_Counting, Response):
     """A whole answer that holds ``release``'s reservation until it is sent (or the client
     took too long: ``seconds``), in pieces of ``HELD_CHUNK`` bytes."""
 
     def __init__(self, content: bytes, *, release: Callable[[], None], seconds: float,
-                 **kwargs: Any) -> None:
+                 counted: Counted | None = None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
-        self.release, self.seconds = release, seconds
+        self.release, self.seconds, self.counted = release, seconds, counted
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await _counted(self._send, send, self.counted)
+
+    async def _send(self, send: Send) -> None:
         send = in_time(send, self.seconds)
         body = memoryview(self.body)
         try:

@@ -27,11 +27,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import ClientGone, IVVAEError, Overloaded
+from ...errors import ClientGone, IVVAEError, NotTakenInTime, Overloaded
 from ...service import Service
 from ..metering import OTHER, count_refusal
 from . import ui
-from .answers import not_taken_in_time
+from .answers import cut_off_by
 from .errors import http_status, retry_after
 from .routes import decode, encode, frames, health, models
 
@@ -54,7 +54,9 @@ class _Contain:
     """ASGI middleware: an exception the routes did not turn into a response becomes a
     JSON 500 here, inside Starlette's outermost error middleware, which would re-raise it
     to uvicorn, and uvicorn closes the connection after a 500 (so the client's next good
-    request on it would fail). A client that went away is not an error."""
+    request on it would fail). A client that went away is not an error, nor is an answer
+    cut off after it began by the service's own error (logged as what it is, then the
+    connection ends it)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -92,10 +94,15 @@ class _Contain:
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
         except Exception as exc:
-            if started and not_taken_in_time(exc):
+            error = cut_off_by(exc) if started else None
+            if isinstance(error, NotTakenInTime):
                 log.info("%s %s: %s; resetting the connection", scope["method"],
-                         scope["path"], exc.__cause__ or exc)
+                         scope["path"], error)
                 raise  # the connection (ivvae.api.http.protocol) resets it
+            if error is not None:
+                log.warning("%s %s: the answer was cut off after it began: %s: %s",
+                            scope["method"], scope["path"], error.code, error.detail)
+                raise  # the connection (ivvae.api.http.protocol) closes it
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise  # half a response is out: only closing the connection can say so

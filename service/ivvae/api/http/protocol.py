@@ -34,9 +34,10 @@ from urllib.parse import unquote
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from ...errors import NotTakenInTime
 from ...metrics import Metrics
 from ..metering import UNROUTED, count_refusal
-from .answers import not_taken_in_time
+from .answers import cut_off_by
 
 
 def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
@@ -121,7 +122,7 @@ class _BoundedH11(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.app = _head_guard(self.app, self.limits, lambda: self._probe_only,
-                               self._refused, self._abandon)
+                               self._refused, self._abandon, self._cut)
         self._probe_only = False  # past max_connections: health paths only
         self._deadline: asyncio.TimerHandle | None = None
         self._lingering = -1  # bytes dropped since an early response; -1: not lingering
@@ -229,11 +230,26 @@ class _BoundedH11(H11Protocol):
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's end is not an unfinished response
         self._disarm()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._deadline = None
         sock = self.transport.get_extra_info("socket")
         if sock is not None:  # a reset (RST): the kernel drops what is queued, too
             with contextlib.suppress(OSError):  # the client reset it first
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+    def _cut(self) -> None:
+        """An answer already begun failed on the server's side (its backend went away):
+        close the connection, so the client sees a body that never ended (the app logged
+        why). A client that reads nothing more would keep what is queued: a reset after
+        the linger."""
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app's end is not an unfinished response
+        self._disarm()
+        self.transport.close()
+        self._deadline = self.loop.call_later(self.limits.linger_s, self._reset)
 
     def timeout_keep_alive_handler(self) -> None:
         self._disarm()
@@ -298,13 +314,15 @@ class _BoundedH11(H11Protocol):
 def _head_guard(app: Any, limits: ConnectionLimits,
                 probe_only: Callable[[], bool] = lambda: False,
                 refused: Callable[[str], None] = lambda code: None,
-                abandon: Callable[[], None] = lambda: None) -> Any:
+                abandon: Callable[[], None] = lambda: None,
+                cut: Callable[[], None] = lambda: None) -> Any:
     """The ASGI app, refusing requests with more than ``max_headers`` headers, or a head
     over ``max_header_bytes`` (431). h11 bounds only a head that arrives in pieces: one
     that comes in a single read is parsed whole, whatever its size. While ``probe_only()``
     (the connection is in the probe reserve) anything but a liveness check gets 503.
     ``refused(code)`` counts each refusal. An answer the client did not take in time
-    (``ivvae.api.http.answers``) ends with ``abandon()``, not as a server error."""
+    (``ivvae.api.http.answers``) ends with ``abandon()``, one the service's own error cut
+    off after it began with ``cut()``: neither as a server error."""
 
     async def guarded(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -330,9 +348,10 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         try:
             await app(scope, receive, send)
         except Exception as exc:
-            if not not_taken_in_time(exc):
+            error = cut_off_by(exc)
+            if error is None:
                 raise
-            abandon()
+            (abandon if isinstance(error, NotTakenInTime) else cut)()
 
     return guarded
 

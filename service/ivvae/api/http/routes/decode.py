@@ -51,7 +51,7 @@ router = APIRouter(tags=["decode"], dependencies=[authorized("decode")])
             "schema": {"type": "string", "format": "binary"}}}}},
 )
 async def decode(request: Request, svc: Svc) -> Response:
-    async with RequestMeter(svc.metrics, "decode", "http"):
+    async with RequestMeter(svc.metrics, "decode", "http") as meter:
         form = tensors.parse_decode(request.query_params.multi_items(),
                                     request.headers.get("accept", ""), CRF_RANGE, DEFAULT_CRF)
         # The body counts against the memory for bodies until it has become a latent
@@ -98,7 +98,8 @@ async def decode(request: Request, svc: Svc) -> Response:
                 raise
             return StreamedInTime(_stream(first, chunks, items[0]),
                                   seconds=svc.settings.request_timeout_s,
-                               media_type=MEDIA_TYPES[form.output], headers=headers)
+                                  counted=meter.hand_over(),
+                                  media_type=MEDIA_TYPES[form.output], headers=headers)
         # The rest is answered whole: a tensor, or a batch's file. It is decoded only while
         # the client waits for it (a client gone cancels it, and closing the items gives
         # the budget back at once), and is in the budget until the client has it; a batch's
@@ -117,7 +118,7 @@ async def decode(request: Request, svc: Svc) -> Response:
             await finish(aclose_all(*items))
         release = await svc.pipeline.budget.acquire(need)
         return HeldResponse(body, release=release, seconds=svc.settings.request_timeout_s,
-                            media_type=media, headers=headers)
+                            counted=meter.hand_over(), media_type=media, headers=headers)
 
 
 def _held_bytes(svc: Svc, info: LatentInfo, count: int, frames_dtype: str) -> int:

@@ -69,7 +69,7 @@ def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str
                              "raw body with its content type"),
 )
 async def frames(request: Request, svc: Svc) -> Response:
-    async with RequestMeter(svc.metrics, "frames", "http"):
+    async with RequestMeter(svc.metrics, "frames", "http") as meter:
         s = svc.settings
         refuse_parameters(request.query_params.multi_items(), "/frames")
         with svc.pipeline.bodies.hold() as held:
@@ -88,6 +88,7 @@ async def frames(request: Request, svc: Svc) -> Response:
                 raise
             del data
         return HeldResponse(body, release=release, seconds=s.request_timeout_s,
+                            counted=meter.hand_over(),
                             media_type=MEDIA_TYPES["frames"], headers={
                                 "X-Frames": meta["num_frames"], "X-Width": meta["width"],
                                 "X-Height": meta["height"]})
