@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ivvae.client import LatentResult, RetryPolicy
+from ivvae.client import AsyncClient, LatentResult, RetryPolicy
 from ivvae.data import LatentDataset
 from ivvae.dataset import (
     LATENT_SUFFIX,
@@ -854,3 +854,38 @@ async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_
                 await encode_dataset(clips, tmp_path / "hung2", server=url,
                                      encoder=EncoderSpec(timeout=2.0),
                                      retry=RetryPolicy(attempts=1))
+
+
+async def test_a_service_that_changes_model_under_the_run_gives_it_up_unmixed(
+        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+    from tests.service_fixtures import write_tiny_weights
+
+    other = write_tiny_weights(tmp_path / "other.safetensors", seed=1)  # the same name
+    with server_thread(tiny_settings(other, encode_precision="bfloat16")) as changed:
+
+        class Restarted(ServiceEncoder):
+            """The job's model at the start, then the address serves other weights (a
+            restart with a fine-tuned file, replicas mid-rollout)."""
+
+            async def start(self, model: str = "") -> Any:
+                identity = await super().start(model)
+                await self.client.close()
+                self.client = AsyncClient(changed.grpc_url)
+                return identity
+
+        out = tmp_path / "out"
+        summary = Summary()
+        with pytest.raises(DatasetError, match=r"not the job's 'tiny_z4_dim4' \(weights"):
+            await run_job(Job(str(clips), str(out)),
+                          Restarted(EncoderSpec(server=server.grpc_url)), summary=summary)
+        assert summary.encoded == 0 and not latents(out)
+
+        # Its encode precision keys the job too (it decides the latents' last bits).
+        job = await encode_dataset(clips, tmp_path / "a", server=server.grpc_url)
+        assert job.encoded == CLIPS
+        config = json.loads((tmp_path / "a" / ".ivvae" / "job.json").read_text())["config"]
+        assert config["model"]["encode_precision"] == "float32"
+        with pytest.raises(DatasetError, match="holds another job") as refused:
+            await encode_dataset(clips, tmp_path / "a", server=changed.grpc_url)
+        assert "encode_precision: 'float32' -> 'bfloat16'" in str(refused.value)

@@ -177,7 +177,7 @@ class ClipOptions:
 class ModelIdentity:
     name: str
     weights_sha256: str
-    encode_precision: str  # "server" when a service encodes (it does not say)
+    encode_precision: str  # "server": a service that does not say (older than 0.x)
 
 
 @dataclass(frozen=True)
@@ -680,6 +680,7 @@ class ServiceEncoder:
         self.client = AsyncClient(spec.server, api_key=spec.api_key, timeout=spec.timeout,
                                   retry=RetryPolicy(attempts=spec.retries + 1),
                                   ca_cert=spec.ca_cert)
+        self.identity: ModelIdentity | None = None  # the job's model, from start()
 
     async def start(self, model: str = "") -> ModelIdentity:
         try:
@@ -690,7 +691,9 @@ class ServiceEncoder:
         name = model or models.default
         for m in models.models:
             if m.name == name:
-                return ModelIdentity(m.name, m.weights_sha256, "server")
+                self.identity = ModelIdentity(m.name, m.weights_sha256,
+                                              models.encode_precision or "server")
+                return self.identity
         raise DatasetError(f"the service serves no model {name!r} (it serves {models.names()})")
 
     async def encode(self, source: bytes | Path, options: ClipOptions, name: str) -> Encoded:
@@ -714,6 +717,18 @@ class ServiceEncoder:
                     f"({exc.detail}) and fails its health check: giving up the run "
                     "(what is encoded is kept; rerun to go on)") from exc
             raise
+        made, job = result.info, self.identity
+        if job is not None and (made.model_name, made.weights_sha256) != (
+                job.name, job.weights_sha256):
+            # The service changed under the run (restarted with other weights, or replicas
+            # behind one address that differ): one dataset must never mix two models.
+            raise DatasetError(
+                f"the service at {self.client.url} encoded {name} with model "
+                f"{made.model_name!r} (weights {made.weights_sha256[:12]}), not the job's "
+                f"{job.name!r} (weights {job.weights_sha256[:12]}) it served at the start: "
+                "giving up the run (nothing of this clip was written). Rerun once the "
+                "service serves the job's model again (to the new one, a rerun is another "
+                "job: --new-version)")
         return Encoded(result.data, result.info)
 
     async def close(self) -> None:

@@ -44,6 +44,7 @@ def test_encode_decode_models(url: str, server: ServerThread, tmp_path: Path) ->
         frames = client.decode(from_path, format="frames")
         mp4 = client.decode(from_path)
         models = client.models()
+        assert models.encode_precision == "float32"
         assert client.healthy()
     assert from_path.latent_shape == (1, 4, 3, 2, 3)
     assert from_path.numpy().shape == from_path.latent_shape

@@ -151,10 +151,10 @@ class GrpcTransport:
                                                 timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             raise _rpc_error(exc, self.target) from exc
-        return Models(default=reply.default_model, models=[
-            ModelInfo.from_dict({f.name: getattr(m, f.name) for f in dataclasses.fields(ModelInfo)})
-            for m in reply.models
-        ])
+        fields = [f.name for f in dataclasses.fields(ModelInfo)]
+        return Models(default=reply.default_model, encode_precision=reply.encode_precision,
+                      models=[ModelInfo.from_dict({f: getattr(m, f) for f in fields})
+                              for m in reply.models])
 
     async def healthy(self) -> bool:
         try:

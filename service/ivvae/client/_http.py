@@ -109,6 +109,7 @@ class HttpTransport:
     async def models(self) -> Models:
         body = (await self._request("GET", "/models")).json()
         return Models(default=body["default"],
+                      encode_precision=str(body.get("encode_precision", "")),
                       models=[ModelInfo.from_dict(m) for m in body["models"]])
 
     async def healthy(self) -> bool:

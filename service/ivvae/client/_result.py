@@ -88,10 +88,12 @@ class LatentResult:
 
 @dataclass(frozen=True)
 class Models:
-    """The served models; ``default`` is used when a request names none."""
+    """The served models; ``default`` is used when a request names none.
+    ``encode_precision``: what the server encodes in (empty: an older server did not say)."""
 
     default: str
     models: list[ModelInfo]
+    encode_precision: str = ""
 
     def names(self) -> list[str]:
         return [m.name for m in self.models]

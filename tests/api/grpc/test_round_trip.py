@@ -129,5 +129,6 @@ async def test_list_models(server: ServerThread) -> None:
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         expected = (await http.get("/models")).json()
     assert reply.default_model == expected["default"]
+    assert reply.encode_precision == expected["encode_precision"] == "float32"
     assert [m.name for m in reply.models] == [m["name"] for m in expected["models"]]
     assert reply.models[0].weights_sha256 == expected["models"][0]["weights_sha256"]

@@ -450,8 +450,10 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
     async def ListModels(self, request: Any, context: Context) -> Any:
         async with self._call(context, "models"):
             service = self.service
-            return pb.ListModelsResponse(default_model=service.default_model, models=[
-                pb.ModelInfo(**m.as_dict()) for m in service.models.values()])
+            return pb.ListModelsResponse(
+                default_model=service.default_model,
+                encode_precision=service.settings.encode_precision,
+                models=[pb.ModelInfo(**m.as_dict()) for m in service.models.values()])
         raise AssertionError("unreachable: _call aborts the RPC on every error")
 
 

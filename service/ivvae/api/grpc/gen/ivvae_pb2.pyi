@@ -216,9 +216,11 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., z_dim: _Optional[int] = ..., dim: _Optional[int] = ..., scale_factor: _Optional[float] = ..., shift_factor: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., trained: _Optional[bool] = ..., source: _Optional[str] = ..., num_params: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("default_model", "models")
+    __slots__ = ("default_model", "models", "encode_precision")
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_PRECISION_FIELD_NUMBER: _ClassVar[int]
     default_model: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    encode_precision: str
+    def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., encode_precision: _Optional[str] = ...) -> None: ...

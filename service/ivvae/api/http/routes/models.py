@@ -17,4 +17,5 @@ router = APIRouter(tags=["models"], dependencies=[authorized("models")])
 async def models(svc: Svc) -> dict[str, Any]:
     async with RequestMeter(svc.metrics, "models", "http"):
         return {"default": svc.default_model,
+                "encode_precision": svc.settings.encode_precision,
                 "models": [m.as_dict() for m in svc.models.values()]}
