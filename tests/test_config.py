@@ -50,6 +50,8 @@ def test_grpc_stream_window_is_off_or_usable(window: int) -> None:
     ("host", "", "at least 1 character"),  # a failed bind after the model loaded
     ("redis_url", "redis://cache:6379/latents", "the database is a number"),  # db 0 used
     ("redis_url", "http://cache:6379/0", "redis://, rediss:// or unix://"),
+    # redis-py would answer text: every read of a binary entry failed, readiness said ok
+    ("redis_url", "redis://cache:6379/0?decode_responses=true", "remove decode_responses"),
     ("extra_weights", "alt=/a.pth,alt=/b.pth", "names 'alt' twice"),
 ])
 def test_values_that_would_fail_late_or_be_ignored_are_refused(

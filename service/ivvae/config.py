@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -194,6 +194,10 @@ class Settings(BaseSettings):
         # redis-py drops a db path that is not a number and uses db 0: another gateway's.
         if db and not db.isdigit():
             raise ValueError(f"the database is a number (redis://host:port/0), got {db!r}")
+        # redis-py takes it from the URL over the client's own setting: every entry would
+        # come back as text, and every read fail.
+        if "decode_responses" in parse_qs(url.query):
+            raise ValueError("remove decode_responses from the URL: cache entries are binary")
         return value
 
     @field_validator("extra_weights")

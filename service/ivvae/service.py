@@ -36,6 +36,7 @@ class Service:
         self.metrics = Metrics()
         self.backend = backend or create_backend(settings, self.metrics)
         self.cache = cache or create_cache(settings)
+        self.metrics.watch_cache(lambda: self.cache.stats.as_dict())
         self.pipeline = Pipeline(settings, self.backend, self.cache, self.metrics)
         self.started = False
         # Set when the server is told to stop: what is cancelled after it is answered as
@@ -79,9 +80,14 @@ class Service:
         (ok, reason), cache_ok = await asyncio.gather(
             self.backend.ready() if self.started else _not_yet(),
             self.cache.ping(timeout_s=READINESS_CACHE_S))
+        trouble = self.cache.trouble() if cache_ok else "it does not answer"
+        cache: dict[str, Any] = {"name": self.cache.name,
+                                 "status": "degraded" if trouble else "ok"}
+        if trouble:
+            cache["detail"] = trouble
         return ok, {
             "status": "ready" if ok else "not_ready",
             "backend": {"name": self.backend.name, "ready": ok, "detail": reason},
-            "cache": {"name": self.cache.name, "status": "ok" if cache_ok else "degraded"},
+            "cache": cache,
             "models": sorted(self.backend.models) if ok else [],
         }

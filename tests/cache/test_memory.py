@@ -40,6 +40,7 @@ async def test_miss_then_hit_with_identical_arrays() -> None:
         "misses": 1,
         "corrupt": 0,
         "errors": 0,
+        "refused": 0,
         "skipped_too_large": 0,
         "skipped_open": 0,
         "writes": 1,

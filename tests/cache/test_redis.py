@@ -116,7 +116,8 @@ async def test_a_full_redis_refusing_writes_still_serves_its_entries(
     try:
         assert await cache.put("new", moments(2)) is False
         assert_same(await cache.get("old"), moments(1))
-        assert cache.stats.errors == 1 and cache.breaker.allow()
+        assert cache.stats.refused == 1 and cache.stats.errors == 0 and cache.breaker.allow()
+        assert "writes are refused" in (cache.trouble() or "")
     finally:
         plain.config_set("maxmemory", "0")
 
@@ -138,6 +139,7 @@ async def test_a_refused_write_as_the_probe_closes_the_circuit(
     fresh.close()
     assert cache.breaker.closed
     assert await cache.put("k", moments(5)) is True
+    assert cache.trouble() is None  # a stored write ends the refusal
     assert_same(await cache.get("k"), moments(5))
 
 

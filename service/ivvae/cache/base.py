@@ -33,24 +33,32 @@ log = logging.getLogger("ivvae.cache")
 # runs on a worker thread (hashlib and numpy release the GIL for large buffers).
 OFFLOAD_BYTES = 1 << 20
 
+# How long readiness reports entries that failed their check: long enough for a probe to
+# see writers that disagree (they meet each other's entries now and then), short enough
+# that an upgrade's old entries, replaced as they are read, stop being news.
+CORRUPT_RECENT_S = 300.0
+
 _T = TypeVar("_T")
 _A = TypeVar("_A")
 
 
 @dataclass
 class CacheStats:
-    """Monotonic counters of one cache instance, for tests and debugging. Prometheus gets
-    the pipeline's view of the same events (``ivvae_cache_total`` by outcome), not these.
+    """Monotonic counters of one cache instance. Prometheus gets the pipeline's view of
+    lookups and writes (``ivvae_cache_total`` by outcome), and the reasons below
+    (``ivvae_cache_problems_total`` by kind).
 
     Every ``get`` counts one hit or one miss; ``corrupt`` and ``errors`` say why some misses
     (and failed puts) happened. ``errors``: backend failures (connection, timeout, any client
-    error) and values that could not be encoded (non-finite arrays).
+    error) and values that could not be encoded (non-finite arrays). ``refused``: writes the
+    backend answered with a refusal (a full Redis with ``noeviction``, a read-only replica).
     """
 
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
     errors: int = 0
+    refused: int = 0
     skipped_too_large: int = 0
     skipped_open: int = 0  # operations not tried because the circuit was open
     writes: int = 0
@@ -129,6 +137,10 @@ class ResultCache(abc.ABC):
         self.breaker = CircuitBreaker(retry_after_s)
         self.stats = CacheStats()
         self._failing = False  # logs a backend outage once, and its end once
+        # What readiness reports besides an outage: the last write's refusal (until a write
+        # succeeds), and the last entry that failed its check (for CORRUPT_RECENT_S).
+        self._refusal: str | None = None
+        self._corrupt: tuple[float, str] | None = None
 
     async def get(self, key: str, expected: Expected | None = None) -> CachedMoments | None:
         """The entry under ``key``, or None (absent, corrupt, backend trouble). Never raises.
@@ -160,6 +172,7 @@ class ResultCache(abc.ABC):
         except CorruptEntry as exc:
             self.stats.corrupt += 1
             self.stats.misses += 1
+            self._corrupt = (time.monotonic(), str(exc))
             log.warning("%s cache: dropping corrupt entry %s: %s", self.name, key, exc)
             if self.breaker.allow():
                 try:
@@ -204,7 +217,8 @@ class ResultCache(abc.ABC):
             # An answer: the backend is up. As the half-open probe, it closes the circuit
             # (left claimed, the probe stopped every later call until a restart).
             self._backend_ok()
-            self.stats.errors += 1
+            self.stats.refused += 1
+            self._refusal = str(exc)
             log.warning("%s cache: not storing %s: %s", self.name, key, exc)
             return False
         except Exception as exc:
@@ -215,7 +229,21 @@ class ResultCache(abc.ABC):
             raise
         self._backend_ok()
         self.stats.writes += 1
+        self._refusal = None
         return True
+
+    def trouble(self) -> str | None:
+        """What keeps the cache from working while its backend answers, or None: writes
+        refused (nothing new is stored), or entries failing their check lately (writers
+        with another ``secret``, which each delete the other's entries, or tampering)."""
+        if self._refusal is not None:
+            return f"writes are refused: {self._refusal}"
+        if self._corrupt is not None:
+            at, why = self._corrupt
+            if time.monotonic() - at < CORRUPT_RECENT_S:
+                return (f"entries failed their check lately ({self.stats.corrupt} so far; "
+                        f"the last: {why})")
+        return None
 
     async def ping(self, timeout_s: float | None = None) -> bool:
         """True when the backend answers (within ``timeout_s``, if given: a slower answer

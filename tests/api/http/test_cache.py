@@ -162,3 +162,45 @@ async def test_forged_entries_are_not_served_but_deleted_and_replaced(
     assert replaced == genuine  # the forgery was deleted and the real entry written again
     assert outcomes == [(200, "miss", True, True)] * 2
     assert last.headers["x-cache"] == "hit" and last.content == first.content
+
+
+def _problems(metrics: str) -> dict[str, float]:
+    return {line.split('kind="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("ivvae_cache_problems_total{")}
+
+
+async def test_a_cache_that_answers_but_stores_or_serves_nothing_is_not_ok(
+        tiny_weights: Path, redis_server: RedisServer) -> None:
+    # A full Redis (noeviction) refused every write, and entries of a gateway with another
+    # secret were dropped on every read: /readyz said "ok" and /metrics only counted
+    # misses, the same as a cache that was merely cold.
+    settings = tiny_settings(tiny_weights, redis_url=redis_server.url)
+    raw = redis.Redis(port=redis_server.port)
+    async with running_app(settings) as client:
+        raw.config_set("maxmemory-policy", "noeviction")
+        raw.config_set("maxmemory", "1")  # below what it uses: every write refused
+        try:
+            refused = await client.post("/encode", **_post())  # type: ignore[arg-type]
+            ready = (await client.get("/readyz")).json()
+            metrics = (await client.get("/metrics")).text
+        finally:
+            raw.config_set("maxmemory", "0")
+        assert refused.status_code == 200 and refused.headers["x-cache"] == "miss"
+        assert ready["cache"]["status"] == "degraded", ready
+        assert "writes are refused" in ready["cache"]["detail"]
+        assert "maxmemory" in ready["cache"]["detail"]
+        assert _problems(metrics)["refused"] == 1
+        stored = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        assert stored.headers["x-cache"] == "miss"
+        assert (await client.get("/readyz")).json()["cache"] == {"name": "redis",
+                                                                "status": "ok"}
+    other = tiny_settings(tiny_weights, redis_url=redis_server.url,
+                          cache_secret="another gateway's secret, 32 bytes or more")
+    async with running_app(other) as client:
+        forged = await client.post("/encode", **_post())  # type: ignore[arg-type]
+        assert forged.headers["x-cache"] == "miss" and forged.content == stored.content
+        ready = (await client.get("/readyz")).json()
+        assert ready["cache"]["status"] == "degraded", ready
+        assert "MAC mismatch" in ready["cache"]["detail"]
+        assert _problems((await client.get("/metrics")).text)["corrupt"] == 1
