@@ -422,3 +422,42 @@ def test_the_user_s_own_s3_configuration_wins(monkeypatch: pytest.MonkeyPatch) -
     assert "retries" not in storage._s3_options()["config_kwargs"]
     monkeypatch.setitem(fsspec.config.conf, "s3", {"config_kwargs": {"read_timeout": 300}})
     assert storage._s3_options() == {}
+
+
+def test_a_store_that_stops_answering_mid_run_gives_the_run_up(
+        s3_server: S3Server, bucket_clips: tuple[str, dict[str, bytes]],  # noqa: F811
+        tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    # Each clip failed after the whole bounded wait, one by one, for as long as the job
+    # lasted (at a million clips, days), recorded as the clip's io_error.
+    import os
+    import signal
+
+    import s3fs
+
+    from ivvae import storage
+    from ivvae.dataset import DatasetError, Job, LocalEncoder, Summary, run_job
+
+    monkeypatch.setattr(storage, "S3_CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "S3_READ_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(storage, "S3_RETRIES", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    src, _ = bucket_clips
+
+    class StopsTheStoreAfterOneClip(LocalEncoder):
+        async def encode(self, source: Any, options: ClipOptions, name: str) -> Any:
+            encoded = await super().encode(source, options, name)
+            os.kill(s3_server.pid, signal.SIGSTOP)  # keeps its socket, answers nothing
+            return encoded
+
+    out, summary = tmp_path / "out", Summary()
+    encoder = StopsTheStoreAfterOneClip(in_process(tiny_weights).build().service.settings)
+    try:
+        with pytest.raises(DatasetError, match="its store does not answer either"):
+            asyncio.run(run_job(Job(src + "/", str(out), concurrency=1), encoder,
+                                summary=summary))
+    finally:
+        os.kill(s3_server.pid, signal.SIGCONT)
+        s3fs.S3FileSystem.clear_instance_cache()
+    # the clip encoded before is kept; the run did not go on failing clip after clip
+    assert (summary.encoded, summary.failed) == (1, 0) and summary.interrupted
+    assert len(list(out.rglob("*.latent.safetensors"))) == 1

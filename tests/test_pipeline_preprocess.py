@@ -166,3 +166,22 @@ async def test_an_edit_list_trimmed_clip_records_the_frames_it_shows(service: Se
     assert meta["preprocess_bucket"] == "64x48x9"
     assert meta["preprocess_source_frames_declared"] == "13"
     assert meta["num_frames"] == "9"
+
+
+@pytest.mark.asyncio
+async def test_a_tensor_s_rate_is_one_for_its_frames_key_and_latent(service: Service) -> None:
+    # fps=24.0004 keyed and recorded as 24/1 (the rate its MP4 and latent carry), but the
+    # frames were picked at 24.0004: at 50.0403 s that is frame 1201, at 24 frame 1200.
+    # The second request was answered from the cache with the first one's frame.
+    frames = np.random.default_rng(0).integers(0, 256, (1300, 16, 16, 3), dtype=np.uint8)
+    window = _options(start_s="50.0403", num_frames="1")
+    at_24_0004 = await service.pipeline.encode(FramesUpload(frames, fps=24.0004), window)
+    assert not at_24_0004.cache_hit
+    at_24 = await service.pipeline.encode(FramesUpload(frames, fps=24), window)
+    assert at_24.cache_hit  # the same rate (24/1): the same frames and latent
+    alone = await service.pipeline.encode(FramesUpload(frames[1200:1201], fps=24))
+    for result in (at_24, at_24_0004):
+        assert result.info.to_metadata()["fps"] == "24/1"
+        np.testing.assert_array_equal(decode_latent_file(result.data)[0],
+                                      decode_latent_file(alone.data)[0])
+    assert at_24.info.to_metadata()["preprocess_source_first_frame"] == "1200"

@@ -1355,9 +1355,14 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     options, sidecars = config.options, config.format != "files"
     copy: Path | None = None
     try:
-        path, temporary = await asyncio.to_thread(fetch_clip, source)
-        copy = path if temporary else None
-        extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
+        try:
+            path, temporary = await asyncio.to_thread(fetch_clip, source)
+            copy = path if temporary else None
+            extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
+        except OSError as exc:
+            if not isinstance(exc, _THE_CLIPS_OWN):
+                await asyncio.to_thread(_check_store, source, exc)
+            raise
         encoded = await encoder.encode(path, options, source.name)
     except IVVAEError as exc:
         return error_record(source, key, exc.code, _named(exc.detail, copy, source)), None, {}
@@ -1367,6 +1372,29 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
         if copy is not None:
             copy.unlink(missing_ok=True)
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
+
+
+# Read failures that are the clip's, not its store's: the store answered.
+_THE_CLIPS_OWN = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _check_store(source: Source, failure: OSError) -> None:
+    """After reading ``source`` failed: a DatasetError (giving up the run) if its store does
+    not answer either. A store that has stopped answering would fail every clip after the
+    whole bounded wait (``ivvae.storage``), one by one, for as long as the job lasts."""
+    loc = Location.of(source.url)
+    if loc.local:
+        return
+    try:
+        loc.fs.invalidate_cache(loc.path)  # an answer from fsspec's listing cache is none
+        loc.fs.info(loc.path)
+    except _THE_CLIPS_OWN:
+        return
+    except storage_errors() as exc:
+        raise DatasetError(
+            f"reading {source.url} failed ({failure}), and its store does not answer "
+            f"either ({exc}): giving up the run (what is encoded is kept; rerun to go "
+            "on)") from exc
 
 
 class Progress:

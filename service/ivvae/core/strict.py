@@ -19,6 +19,7 @@ from fractions import Fraction
 # is at most 1001, so anything below 1/1001 fps would round to 0).
 MIN_FPS = Fraction(1, 1001)
 MAX_FPS = 1000
+_MAX_RATE_DENOMINATOR = 1001
 # Sample aspect ratios (a pixel's shown width over its height) the service believes: a
 # stream's outside this range has a broken header and is read as square pixels, and a
 # latent's must be within it. Real ones are near 1 (DVD 16:9 is 32:27, HDV 4:3).
@@ -151,3 +152,19 @@ def sample_aspect_ratio(text: str) -> Fraction:
     if not MIN_SAR <= sar <= MAX_SAR:
         raise ValueError(f"sample aspect ratio {text} is outside [1:4, 4:1]")
     return sar
+
+
+def exact_rate(fps: float | Fraction) -> Fraction:
+    """The frame rate a float ``fps`` stands for: the closest fraction with a denominator of
+    at most 1001. The one rate of a frames tensor: which frames a time selects, the key of
+    its cached result, what its latent and its MP4 record.
+
+    29.97 -> 2997/100, 23.976 -> 2997/125, 30000/1001 (as a float or a ``Fraction``) ->
+    30000/1001. Raises ``ValueError`` outside (0, ``MAX_FPS``].
+    """
+    if not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
+        raise ValueError(f"fps must be in (0, {MAX_FPS}], got {fps}")
+    rate = Fraction(fps).limit_denominator(_MAX_RATE_DENOMINATOR)
+    if rate <= 0:
+        raise ValueError(f"fps {fps} is too small to encode")
+    return rate

@@ -13,7 +13,8 @@ from ivvae.video.reader import (
     open_frames,
     open_video,
 )
-from ivvae.video.writer import Mp4Writer, encode_mp4_bytes, exact_rate
+from ivvae.core.strict import exact_rate
+from ivvae.video.writer import Mp4Writer, encode_mp4_bytes
 
 __all__ = [
     "DEFAULT_FPS",

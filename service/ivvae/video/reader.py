@@ -59,7 +59,7 @@ from av.video.codeccontext import VideoCodecContext
 from av.video.frame import VideoFrame
 from av.video.stream import VideoStream
 
-from ivvae.core.strict import MAX_FPS, MAX_SAR, MIN_FPS, MIN_SAR
+from ivvae.core.strict import MAX_FPS, MAX_SAR, MIN_FPS, MIN_SAR, exact_rate
 from ivvae.errors import CorruptMedia, EmptyInput, InvalidInput, TooLarge, UnsupportedMedia
 from ivvae.video import orientation, sniff
 from ivvae.video.orientation import Orientation
@@ -823,7 +823,10 @@ def open_frames(frames: Frames, *, fps: float = DEFAULT_FPS,
                            f"{list(frames.shape)} {frames.dtype}")
     t, height, width, _ = frames.shape
     _check_pixels(width, height, limits)
-    rate = Fraction(fps).limit_denominator(1_000_000)
+    try:
+        rate = exact_rate(fps)  # as its cache key and latent have it
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
     def video_frames() -> Iterator[VideoFrame]:
         for index in range(t):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 from fractions import Fraction
 from types import TracebackType
@@ -48,7 +47,7 @@ from av.video.reformatter import ColorRange, Colorspace
 from av.video.stream import VideoStream
 
 from ivvae.core.names import DEFAULT_CRF
-from ivvae.core.strict import MAX_FPS, MAX_SAR, MIN_SAR
+from ivvae.core.strict import MAX_SAR, MIN_SAR, exact_rate
 from ivvae.video.reader import SWSCALE_THREADS
 
 X264_PRESETS = (
@@ -63,26 +62,11 @@ X264_PRESETS = (
     "veryslow",
     "placebo",
 )
-_MAX_RATE_DENOMINATOR = 1001
 _ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 _BT709 = 1  # AVCOL_PRI_BT709 == AVCOL_TRC_BT709 == AVCOL_SPC_BT709
 _LIMITED_RANGE = 1  # AVCOL_RANGE_MPEG
 # A sink we cannot seek gets a fragmented MP4: the index comes first, then fragments.
 _FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
-
-
-def exact_rate(fps: float | Fraction) -> Fraction:
-    """The frame rate as the closest fraction with a denominator of at most 1001.
-
-    29.97 -> 2997/100, 23.976 -> 2997/125, 30000/1001 (as a float or a ``Fraction``) ->
-    30000/1001. Raises ``ValueError`` outside (0, ``MAX_FPS``].
-    """
-    if not math.isfinite(fps) or not 0 < fps <= MAX_FPS:
-        raise ValueError(f"fps must be in (0, {MAX_FPS}], got {fps}")
-    rate = Fraction(fps).limit_denominator(_MAX_RATE_DENOMINATOR)
-    if rate <= 0:
-        raise ValueError(f"fps {fps} is too small to encode")
-    return rate
 
 
 class ByteSink(Protocol):
