@@ -99,6 +99,16 @@ class EncodeOptions:
         if self.seed is not None and not self.sample:
             raise InvalidInput("seed is only meaningful with sample=true")
 
+    def for_item(self, index: int) -> EncodeOptions:
+        """The options of item ``index`` of a batch sent in one request: a seeded sample
+        draws its own noise for each item (one seed for all would add the same noise to
+        every video, as no generator over a batch does). Item 0 keeps the seed, so a batch
+        of one is the request alone; every latent records the seed it was drawn with."""
+        if index == 0 or self.seed is None:
+            return self
+        digest = hashlib.sha256(f"{self.seed}|batch item {index}".encode()).digest()
+        return replace(self, seed=int.from_bytes(digest[:8], "big") >> 1)
+
 
 @dataclass(frozen=True)
 class EncodeResult:

@@ -142,6 +142,20 @@ async def test_a_health_check_of_a_silent_server_is_bounded_not_the_call_timeout
             assert not await asyncio.wait_for(client.healthy(), 60)
 
 
+def test_a_server_deadline_is_a_plain_deadline_exceeded() -> None:
+    # NotTakenInTime shares DeadlineExceeded's code and, found later, took its place: every
+    # server deadline reached the caller as "the client did not take the answer in time".
+    from ivvae.client._common import error_from_code
+    from ivvae.errors import DeadlineExceeded, IVVAEError
+
+    assert type(error_from_code("deadline_exceeded", "x")) is DeadlineExceeded
+    classes = [IVVAEError]
+    for cls in classes:
+        classes += cls.__subclasses__()
+        if cls.code not in {c.code for c in cls.__mro__[1:] if issubclass(c, IVVAEError)}:
+            assert type(error_from_code(cls.code, "x")) is cls
+
+
 def test_bad_urls() -> None:
     for url in ("ftp://x", "grpc://", "grpc://host:1/path"):
         with pytest.raises(ValueError):

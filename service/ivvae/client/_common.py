@@ -28,7 +28,10 @@ HEALTH_TIMEOUT_S = 10.0
 def _error_classes(base: type[IVVAEError]) -> dict[str, type[IVVAEError]]:
     out = {base.code: base}
     for sub in base.__subclasses__():
-        out.update(_error_classes(sub))
+        for code, cls in _error_classes(sub).items():
+            # A subclass sharing its parent's code is a refinement the wire cannot carry
+            # (NotTakenInTime: a server's client was too slow): the code names the parent.
+            out.setdefault(code, cls)
     return out
 
 

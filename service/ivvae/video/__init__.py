@@ -4,6 +4,7 @@ Frames at this boundary are ``(T, H, W, 3)`` uint8 RGB in [0, 255], upright as a
 shows them. Nothing here imports torch.
 """
 
+from ivvae.core.strict import exact_rate
 from ivvae.video.preprocess import Bucket, Plan, Preprocess
 from ivvae.video.reader import (
     DEFAULT_FPS,
@@ -13,7 +14,6 @@ from ivvae.video.reader import (
     open_frames,
     open_video,
 )
-from ivvae.core.strict import exact_rate
 from ivvae.video.writer import Mp4Writer, encode_mp4_bytes
 
 __all__ = [

@@ -332,3 +332,23 @@ async def test_tensor_frames_take_a_fractional_rate_as_grpc_does(
         r = await client.post("/encode", content=frames.tobytes(), params={
             "shape": "5,16,16,3", "dtype": "uint8", "fps": "30000/0"})
         assert r.status_code == 400 and "fps" in r.json()["detail"], r.text
+
+
+async def test_a_seeded_sample_of_a_batch_draws_each_item_s_own_noise(
+        tiny_weights: Path) -> None:  # noqa: F811
+    # One seed for every item added the same noise to every video of the batch: two copies
+    # of one video came back as the same sample, which no generator over a batch does.
+    one = make_frames(5, 16, 16).transpose(3, 0, 1, 2)[None].astype(np.float32) / 127.5 - 1
+    both = np.concatenate([one, one])
+
+    async def sample(video: np.ndarray) -> np.ndarray:
+        r = await client.post("/encode", content=video.tobytes(), params={
+            "shape": ",".join(map(str, video.shape)), "dtype": "float32",
+            "sample": "true", "seed": "7", "output_type": "pt"})
+        assert r.status_code == 200, r.text
+        return np.frombuffer(r.content, np.float32).reshape(json.loads(r.headers["shape"]))
+
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        alone, batch = await sample(one), await sample(both)
+    np.testing.assert_array_equal(batch[0], alone[0])  # item 0 keeps the seed
+    assert np.abs(batch[1] - batch[0]).max() > 1e-3  # item 1 its own noise

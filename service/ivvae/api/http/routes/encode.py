@@ -53,7 +53,7 @@ async def encode(request: Request, svc: Svc) -> Response:
                                        f"batch of {len(sources)}: ask for output_type=pt")
                 # Held while the frames are encoded: they are the body's bytes, converted.
                 results = [await unless_disconnected(request, svc.pipeline.encode(
-                    src, form.options)) for src in sources]
+                    src, form.options.for_item(i))) for i, src in enumerate(sources)]
         else:
             # A file upload goes to disk as it arrives, not into memory.
             async with spooled_upload(request, limit) as (path, ctype):
