@@ -844,7 +844,7 @@ async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_
             os.kill(served.pid, signal.SIGCONT)
             encoder = StoppedAfterStart(EncoderSpec(server=url, timeout=2.0, retries=0))
             summary = Summary()
-            with pytest.raises(DatasetError, match="fails its health check: giving up the run"):
+            with pytest.raises(DatasetError, match="does not answer a liveness check either"):
                 await run_job(Job(str(clips), str(tmp_path / "hung"), concurrency=2), encoder,
                               summary=summary)
             # given up at the first clip out of time, not recorded as a failure clip by clip
@@ -857,35 +857,60 @@ async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_
 
 
 async def test_a_service_that_changes_model_under_the_run_gives_it_up_unmixed(
-        server: ServerThread, clips: Path, tmp_path: Path) -> None:
+        server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
+        tmp_path: Path) -> None:
     from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
     from tests.service_fixtures import write_tiny_weights
 
     other = write_tiny_weights(tmp_path / "other.safetensors", seed=1)  # the same name
-    with server_thread(tiny_settings(other, encode_precision="bfloat16")) as changed:
+    # other weights; the same weights computed in another precision
+    for weights, precision, change in ((other, "float32", r"weights \w+, float32\), not"),
+                                       (tiny_weights, "bfloat16", r", bfloat16\), not")):
+        with server_thread(tiny_settings(weights, encode_precision=precision)) as changed:
 
-        class Restarted(ServiceEncoder):
-            """The job's model at the start, then the address serves other weights (a
-            restart with a fine-tuned file, replicas mid-rollout)."""
+            class Restarted(ServiceEncoder):
+                """The job's model at the start, then the address serves another (a restart
+                with a fine-tuned file or another precision, replicas mid-rollout)."""
 
-            async def start(self, model: str = "") -> Any:
-                identity = await super().start(model)
-                await self.client.close()
-                self.client = AsyncClient(changed.grpc_url)
-                return identity
+                async def start(self, model: str = "") -> Any:
+                    identity = await super().start(model)
+                    await self.client.close()
+                    self.client = AsyncClient(changed.grpc_url)
+                    return identity
 
-        out = tmp_path / "out"
-        summary = Summary()
-        with pytest.raises(DatasetError, match=r"not the job's 'tiny_z4_dim4' \(weights"):
-            await run_job(Job(str(clips), str(out)),
-                          Restarted(EncoderSpec(server=server.grpc_url)), summary=summary)
-        assert summary.encoded == 0 and not latents(out)
+            out = tmp_path / f"out-{precision}"
+            summary = Summary()
+            with pytest.raises(DatasetError, match=change):
+                await run_job(Job(str(clips), str(out)),
+                              Restarted(EncoderSpec(server=server.grpc_url)), summary=summary)
+            assert summary.encoded == 0 and not latents(out)
 
-        # Its encode precision keys the job too (it decides the latents' last bits).
-        job = await encode_dataset(clips, tmp_path / "a", server=server.grpc_url)
-        assert job.encoded == CLIPS
-        config = json.loads((tmp_path / "a" / ".ivvae" / "job.json").read_text())["config"]
-        assert config["model"]["encode_precision"] == "float32"
-        with pytest.raises(DatasetError, match="holds another job") as refused:
-            await encode_dataset(clips, tmp_path / "a", server=changed.grpc_url)
-        assert "encode_precision: 'float32' -> 'bfloat16'" in str(refused.value)
+            if precision == "bfloat16":
+                # Its encode precision keys the job too (it decides the latents' last bits).
+                job = await encode_dataset(clips, tmp_path / "a", server=server.grpc_url)
+                assert job.encoded == CLIPS
+                config = json.loads((tmp_path / "a" / ".ivvae" / "job.json").read_text())
+                assert config["config"]["model"]["encode_precision"] == "float32"
+                with pytest.raises(DatasetError, match="holds another job") as refused:
+                    await encode_dataset(clips, tmp_path / "a", server=changed.grpc_url)
+                assert "encode_precision: 'float32' -> 'bfloat16'" in str(refused.value)
+
+
+def test_only_a_store_that_gives_no_answer_gives_the_run_up() -> None:
+    # A 503 SlowDown after the retries is an answer: a long job must not end for it.
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+
+    from ivvae.dataset import _no_answer
+
+    def caused(exc: BaseException) -> OSError:
+        wrapped = OSError("s3fs: the call failed")
+        wrapped.__cause__ = exc
+        return wrapped
+
+    for silent in (TimeoutError(), ConnectionResetError(), caused(TimeoutError()),
+                   caused(ReadTimeoutError(endpoint_url="http://s3")),
+                   EndpointConnectionError(endpoint_url="http://s3")):
+        assert _no_answer(silent), silent
+    for answered in (OSError("503 SlowDown"), PermissionError("403"), FileNotFoundError(),
+                     caused(ValueError("500 InternalError"))):
+        assert not _no_answer(answered), answered

@@ -452,7 +452,7 @@ def test_a_store_that_stops_answering_mid_run_gives_the_run_up(
     out, summary = tmp_path / "out", Summary()
     encoder = StopsTheStoreAfterOneClip(in_process(tiny_weights).build().service.settings)
     try:
-        with pytest.raises(DatasetError, match="its store does not answer either"):
+        with pytest.raises(DatasetError, match="its store does not answer a check either"):
             asyncio.run(run_job(Job(src + "/", str(out), concurrency=1), encoder,
                                 summary=summary))
     finally:

@@ -64,9 +64,10 @@ anywhere and in any order, together cover the dataset exactly once.
 
 Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
 manifest), 2 when the run could not start, or could not go on (its output failed: a full
-disk; with ``--server``, the service is down, or a clip ran out of time and the service
-fails its health check too; the summary is printed if it had started), 130 when
-interrupted.
+disk; a clip's read got no answer and its store none to a check either; with
+``--server``, the service is down, a clip ran out of time and the service does not answer
+a liveness check either, or it served another model, weights or precision than at the
+start; the summary is printed if it had started), 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 from .core import strict
 from .core.names import PRECISIONS
 from .errors import BackendUnavailable, DeadlineExceeded, IVVAEError, Overloaded
-from .latents import LatentInfo
+from .latents import ENCODE_PRECISION_KEY, LatentInfo
 from .media_types import MEDIA_SUFFIXES
 from .storage import (
     TMP_MARK,
@@ -177,7 +178,8 @@ class ClipOptions:
 class ModelIdentity:
     name: str
     weights_sha256: str
-    encode_precision: str  # "server": a service that does not say (older than 0.x)
+    # "server": a service whose /models (ListModels) does not say
+    encode_precision: str
 
 
 @dataclass(frozen=True)
@@ -711,24 +713,29 @@ class ServiceEncoder:
             # A slow clip is the clip's failure; a service that answers nothing at all (a
             # stopped or wedged process keeps its socket) would fail every clip after the
             # whole timeout, so its health check decides which this was.
-            if not await self.client.healthy():
+            if not await self.client.answers():
                 raise DatasetError(
                     f"the service at {self.client.url} gave no answer for {name} "
-                    f"({exc.detail}) and fails its health check: giving up the run "
+                    f"({exc.detail}) and does not answer a liveness check either: giving up "
+                    "the run "
                     "(what is encoded is kept; rerun to go on)") from exc
             raise
         made, job = result.info, self.identity
-        if job is not None and (made.model_name, made.weights_sha256) != (
-                job.name, job.weights_sha256):
-            # The service changed under the run (restarted with other weights, or replicas
-            # behind one address that differ): one dataset must never mix two models.
-            raise DatasetError(
-                f"the service at {self.client.url} encoded {name} with model "
-                f"{made.model_name!r} (weights {made.weights_sha256[:12]}), not the job's "
-                f"{job.name!r} (weights {job.weights_sha256[:12]}) it served at the start: "
-                "giving up the run (nothing of this clip was written). Rerun once the "
-                "service serves the job's model again (to the new one, a rerun is another "
-                "job: --new-version)")
+        if job is not None:
+            precision = made.extra.get(ENCODE_PRECISION_KEY, job.encode_precision)
+            if (made.model_name, made.weights_sha256, precision) != (
+                    job.name, job.weights_sha256, job.encode_precision):
+                # The service changed under the run (restarted with other weights or
+                # precision, or replicas behind one address that differ): one dataset
+                # must never mix two models.
+                raise DatasetError(
+                    f"the service at {self.client.url} encoded {name} with model "
+                    f"{made.model_name!r} (weights {made.weights_sha256[:12]}, "
+                    f"{precision}), not the job's {job.name!r} (weights "
+                    f"{job.weights_sha256[:12]}, {job.encode_precision}) it served at the "
+                    "start: giving up the run (nothing of this clip was written). Rerun "
+                    "once the service serves the job's model again (to the new one, a "
+                    "rerun is another job: --new-version)")
         return Encoded(result.data, result.info)
 
     async def close(self) -> None:
@@ -1360,8 +1367,7 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
             copy = path if temporary else None
             extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
         except OSError as exc:
-            if not isinstance(exc, _THE_CLIPS_OWN):
-                await asyncio.to_thread(_check_store, source, exc)
+            await asyncio.to_thread(_check_store, source.url, exc)
             raise
         encoded = await encoder.encode(path, options, source.name)
     except IVVAEError as exc:
@@ -1374,27 +1380,37 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
 
 
-# Read failures that are the clip's, not its store's: the store answered.
-_THE_CLIPS_OWN = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+def _no_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the store gave no answer at all: a timeout
+    or a connection that failed. An error the store answered with (a 503 SlowDown after the
+    retries, a 500) is no reason to give a long job up."""
+    names = {"ConnectTimeoutError", "ReadTimeoutError", "EndpointConnectionError",
+             "ConnectionClosedError"}  # botocore's, which are not all OSErrors
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (TimeoutError, ConnectionError)) or type(seen).__name__ in names:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
-def _check_store(source: Source, failure: OSError) -> None:
-    """After reading ``source`` failed: a DatasetError (giving up the run) if its store does
-    not answer either. A store that has stopped answering would fail every clip after the
-    whole bounded wait (``ivvae.storage``), one by one, for as long as the job lasts."""
-    loc = Location.of(source.url)
-    if loc.local:
+def _check_store(url: str, failure: BaseException) -> None:
+    """After reading ``url`` failed with no answer: a DatasetError (giving up the run) if
+    its store does not answer a check either. A store that has stopped answering would fail
+    every clip after the whole bounded wait (``ivvae.storage``), one by one, for as long as
+    the job lasts."""
+    loc = Location.of(url)
+    if loc.local or not _no_answer(failure):
         return
     try:
         loc.fs.invalidate_cache(loc.path)  # an answer from fsspec's listing cache is none
         loc.fs.info(loc.path)
-    except _THE_CLIPS_OWN:
-        return
-    except storage_errors() as exc:
-        raise DatasetError(
-            f"reading {source.url} failed ({failure}), and its store does not answer "
-            f"either ({exc}): giving up the run (what is encoded is kept; rerun to go "
-            "on)") from exc
+    except Exception as exc:
+        if _no_answer(exc):
+            raise DatasetError(
+                f"reading {url} failed ({failure}), and its store does not answer a check "
+                f"either ({exc}): giving up the run (what is encoded is kept; rerun to go "
+                "on)") from exc
 
 
 class Progress:
@@ -1628,7 +1644,7 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
         asyncio.run(run())
     except DatasetError as exc:
         print(f"encode-dataset: {exc}", file=sys.stderr)
-        return 2
+        return report(2) if summary.output else 2  # given up mid-run: what it had done
     except storage_errors() as exc:  # the output failed mid-run (a full disk, no endpoint)
         print(f"encode-dataset: stopped: {exc}; what was published is kept: run it again "
               "to finish", file=sys.stderr)

@@ -49,6 +49,9 @@ META_KEYS = (
 # it is high), only where it is not 1:1, i.e. an anamorphic clip encoded at its stored
 # size. Decoding to MP4 writes it into the video stream, so players show the right shape.
 SAR_KEY = "sample_aspect_ratio"
+# Optional: the precision the encoder computed in (``float32``, ``bfloat16``...), which
+# decides the latent's last bits. Files from before it was recorded lack it.
+ENCODE_PRECISION_KEY = "encode_precision"
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ from .errors import (
     UnknownModel,
 )
 from .latents import (
+    ENCODE_PRECISION_KEY,
     SAR_KEY,
     LatentInfo,
     decode_latent_file,
@@ -286,9 +287,10 @@ class Pipeline:
             mode="sample" if options.sample else "mean", seed=seed,
             # Sorted: the cache may hand back its metadata in another order, and a hit must
             # give the same bytes as the miss.
-            extra={("" if k.startswith("preprocess") or k == SAR_KEY else "source_") + k: v
-                   for k, v in sorted(meta.items())
-                   if k not in ("num_frames", "height", "width", "fps")},
+            extra={ENCODE_PRECISION_KEY: self.settings.encode_precision} | {
+                ("" if k.startswith("preprocess") or k == SAR_KEY else "source_") + k: v
+                for k, v in sorted(meta.items())
+                if k not in ("num_frames", "height", "width", "fps")},
         )
         data = encode_latent_file(latent, info, mu=mu if options.include_moments else None,
                                   logvar=logvar if options.include_moments else None)

@@ -45,7 +45,7 @@ def test_encode_decode_models(url: str, server: ServerThread, tmp_path: Path) ->
         mp4 = client.decode(from_path)
         models = client.models()
         assert models.encode_precision == "float32"
-        assert client.healthy()
+        assert client.healthy() and client.answers()
     assert from_path.latent_shape == (1, 4, 3, 2, 3)
     assert from_path.numpy().shape == from_path.latent_shape
     assert from_path.numpy().dtype == np.float32
@@ -140,6 +140,7 @@ async def test_a_health_check_of_a_silent_server_is_bounded_not_the_call_timeout
         port = silent.getsockname()[1]
         async with AsyncClient(f"{scheme}://127.0.0.1:{port}", timeout=600) as client:
             assert not await asyncio.wait_for(client.healthy(), 60)
+            assert not await asyncio.wait_for(client.answers(), 60)
 
 
 def test_a_server_deadline_is_a_plain_deadline_exceeded() -> None:

@@ -72,6 +72,7 @@ class _Transport(Protocol):
                      frames_dtype: str = "uint8") -> bytes | np.ndarray: ...
     async def models(self) -> Models: ...
     async def healthy(self) -> bool: ...
+    async def answers(self) -> bool: ...
     async def close(self) -> None: ...
 
 
@@ -243,6 +244,11 @@ class AsyncClient:
         """Whether the service answers and is ready (no retries)."""
         return await self._t.healthy()
 
+    async def answers(self) -> bool:
+        """Whether the service answers at all, ready or not (liveness, no retries): a
+        process stopped or wedged does not, one that is busy, full or stopping does."""
+        return await self._t.answers()
+
     async def close(self) -> None:
         if self._impl is not None:
             impl, self._impl = self._impl, None
@@ -317,6 +323,9 @@ class Client:
 
     def healthy(self) -> bool:
         return self._run(self._async.healthy())
+
+    def answers(self) -> bool:
+        return self._run(self._async.answers())
 
     def close(self) -> None:
         with self._lock:

@@ -164,6 +164,16 @@ class GrpcTransport:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
+    async def answers(self) -> bool:
+        try:
+            await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                     timeout=min(self.timeout, HEALTH_TIMEOUT_S))
+        except grpc.aio.AioRpcError as exc:
+            # NOT_SERVING and refusals are answers; no connection or no reply are not.
+            return exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.UNAVAILABLE)
+        return True
+
     async def close(self) -> None:
         await self._channel.close()
 

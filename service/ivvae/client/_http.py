@@ -120,6 +120,14 @@ class HttpTransport:
             return False
         return response.status_code == 200
 
+    async def answers(self) -> bool:
+        try:
+            await self._client.get(
+                "/healthz", timeout=httpx.Timeout(min(self.timeout, HEALTH_TIMEOUT_S)))
+        except httpx.HTTPError:
+            return False
+        return True  # any status: something answered
+
     async def close(self) -> None:
         await self._client.aclose()
 

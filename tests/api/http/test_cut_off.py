@@ -1,7 +1,8 @@
-"""A streamed answer whose backend fails after its status went out (Triton gone mid-decode)
-can only be cut off: the client sees a body that never ends properly, and the log says why
-in one warning line, with no ERROR and no traceback (the failure is the backend's, already
-reported as such by /readyz and the metrics, not a bug in the server)."""
+"""Answers that end before they are whole, after their status went out. One whose backend
+fails (Triton gone mid-decode) can only be cut off: the client sees a body that never ends
+properly, and the log says why in one warning line, with no ERROR and no traceback (the
+failure is the backend's, not a bug in the server). Either way the request is counted as
+what ended it, not as the "ok" its status line said."""
 
 from __future__ import annotations
 
@@ -23,9 +24,6 @@ from ivvae.errors import BackendUnavailable
 from tests import media
 from tests.redis_server import free_port
 from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
-
-FAIL_AT_STEP = 30  # of 39 steps after the first: after the answer began (x264 holds
-# some 20 frames before its first packet)
 
 
 @pytest.fixture
@@ -49,24 +47,26 @@ def server(tiny_weights: Path) -> Iterator[str]:  # noqa: F811
         thread.join(30)
 
 
-@pytest.mark.parametrize("output", ["mp4", "frames"])
+# (output, steps after the first, the one that fails): after the answer began (x264 holds
+# some 20 frames before its first packet)
+@pytest.mark.parametrize(("output", "steps", "fail_at"), [("mp4", 39, 30), ("frames", 11, 6)])
 def test_a_backend_failure_mid_stream_cuts_the_answer_with_one_warning(
-        server: str, output: str, monkeypatch: pytest.MonkeyPatch,
+        server: str, output: str, steps: int, fail_at: int, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    video = media.make_video(None, frames=1 + 4 * 39, width=32, height=32)
+    video = media.make_video(None, frames=1 + 4 * steps, width=32, height=32)
     with httpx.Client(base_url=server, timeout=60) as http:
         latent = http.post("/encode", content=video, headers={"content-type": "video/mp4"})
         assert latent.status_code == 200, latent.text
         whole = http.post("/decode", content=latent.content, params={"format": output})
         assert whole.status_code == 200
 
-        steps = 0
+        called = 0
         real_next = SequenceDecode.next
 
         async def failing_next(self: SequenceDecode, z: np.ndarray) -> np.ndarray:
-            nonlocal steps
-            steps += 1
-            if steps == FAIL_AT_STEP:
+            nonlocal called
+            called += 1
+            if called == fail_at:
                 raise BackendUnavailable("the backend went away (test)")
             return await real_next(self, z)
 
@@ -79,7 +79,7 @@ def test_a_backend_failure_mid_stream_cuts_the_answer_with_one_warning(
             assert cut.status_code == 200
             for chunk in cut.iter_raw():
                 got += chunk
-        assert steps == FAIL_AT_STEP and len(got) < len(whole.content)
+        assert called == fail_at and len(got) < len(whole.content)
         # The connection was closed, not left half-used: the next request is answered.
         assert http.get("/healthz").status_code == 200
         # Counted as what ended it, not as the "ok" its status line said.
@@ -97,3 +97,38 @@ def test_a_backend_failure_mid_stream_cuts_the_answer_with_one_warning(
     assert "backend_unavailable" in records[0].getMessage()
     assert "the backend went away (test)" in records[0].getMessage()
     assert not any(r.exc_info for r in caplog.records), caplog.text
+
+
+def _requests(metrics: str, op: str) -> dict[str, float]:
+    return {line.split('outcome="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("ivvae_requests_total{") and f'op="{op}"' in line}
+
+
+@pytest.mark.parametrize("op", ["frames", "decode"])
+def test_a_client_gone_mid_answer_is_counted_cancelled(server: str, op: str) -> None:
+    # uvicorn drops what is sent to a client that went away, at once: the rest of a whole
+    # answer "went" nowhere in no time and the request was counted ok.
+    import socket
+    from urllib.parse import urlparse
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        video = media.make_video(None, frames=1 + 4 * 39, width=128, height=128)
+        path, body = "/frames", video  # 7.7 MB of uint8 frames
+        if op == "decode":  # a tensor answer: 15 MB of float32 frames
+            path = "/decode?shape=1,4,20,16,16&dtype=float32&output_type=pt"
+            body = np.random.default_rng(0).standard_normal((1, 4, 20, 16, 16),
+                                                           np.float32).tobytes()
+        url = urlparse(server)
+        with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         f"application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+                         .encode() + body)
+            head = sock.recv(100)
+            assert head.startswith(b"HTTP/1.1 200"), head
+        deadline = time.monotonic() + 60
+        while not _requests(http.get("/metrics").text, op).get("cancelled"):
+            assert time.monotonic() < deadline, http.get("/metrics").text
+            time.sleep(0.2)
+        assert _requests(http.get("/metrics").text, op) == {"cancelled": 1.0}

@@ -5,6 +5,8 @@ wait."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,9 +22,10 @@ Counted = Callable[[BaseException | None], None]  # ``RequestMeter.hand_over``
 
 class _Counting:
     """An answer that counts its request: once sent, failed or left (``_counted``), or
-    when it is collected unsent (the client went before Starlette could send it)."""
+    when it is collected without having been called (the request's task was cancelled in
+    between, as at shutdown)."""
 
-    counted: Counted | None
+    counted: Counted | None = None
 
     def __del__(self) -> None:
         if self.counted is not None:
@@ -105,9 +108,24 @@ class HeldResponse(_Counting, Response):
         self.release, self.seconds, self.counted = release, seconds, counted
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await _counted(self._send, send, self.counted)
+        # A send to a client that went away returns at once (uvicorn drops it), so only
+        # receive() tells: without it the rest of the answer went nowhere and was counted
+        # as sent.
+        gone = asyncio.Event()
 
-    async def _send(self, send: Send) -> None:
+        async def listen() -> None:
+            with contextlib.suppress(Exception):  # a receive that fails tells nothing
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+        listener = asyncio.ensure_future(listen())
+        try:
+            await _counted(lambda sending: self._send(sending, gone), send, self.counted)
+        finally:
+            listener.cancel()
+
+    async def _send(self, send: Send, gone: asyncio.Event) -> None:
         send = in_time(send, self.seconds)
         body = memoryview(self.body)
         try:
@@ -115,6 +133,9 @@ class HeldResponse(_Counting, Response):
                         "headers": self.raw_headers})
             at = 0
             while True:
+                await asyncio.sleep(0)  # the listener's turn to see a disconnect
+                if gone.is_set():
+                    raise ClientDisconnect()
                 piece = bytes(body[at : at + HELD_CHUNK])
                 at += len(piece)
                 await send({"type": "http.response.body", "body": piece,
