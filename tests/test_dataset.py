@@ -914,3 +914,34 @@ def test_only_a_store_that_gives_no_answer_gives_the_run_up() -> None:
     for answered in (OSError("503 SlowDown"), PermissionError("403"), FileNotFoundError(),
                      caused(ValueError("500 InternalError"))):
         assert not _no_answer(answered), answered
+
+
+async def test_a_source_changed_while_read_is_retried_not_kept_under_its_listing(
+        server: ServerThread, tmp_path: Path) -> None:
+    # Overwritten after the listing and put back after the run: its record held the listed
+    # identity with the other bytes' latent, and every rerun skipped it for good.
+    import shutil
+
+    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+
+    src = make_clips(tmp_path / "clips", count=4)
+    victim, other = src / "b" / "clip02.mp4", src / "a" / "clip01.mp4"
+    listed = victim.read_bytes()
+
+    class OverwritesOneClip(ServiceEncoder):
+        async def encode(self, source: Any, options: ClipOptions, name: str) -> Any:
+            if name == "b/clip02.mp4":
+                shutil.copy(other, victim)  # after the listing, before the read
+            return await super().encode(source, options, name)
+
+    out, summary = tmp_path / "out", Summary()
+    await run_job(Job(str(src), str(out), format="webdataset"),
+                  OverwritesOneClip(EncoderSpec(server=server.grpc_url)), summary=summary)
+    assert (summary.encoded, summary.errors) == (3, {"source_changed": 1})
+    victim.write_bytes(listed)  # back as it was listed
+    again = await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    assert (again.skipped, again.encoded) == (3, 1)
+    clean = await encode_dataset(src, tmp_path / "clean", server=server.grpc_url,
+                                 format="webdataset")
+    assert clean.encoded == 4
+    assert latents(out) == latents(tmp_path / "clean")

@@ -461,3 +461,36 @@ def test_a_store_that_stops_answering_mid_run_gives_the_run_up(
     # the clip encoded before is kept; the run did not go on failing clip after clip
     assert (summary.encoded, summary.failed) == (1, 0) and summary.interrupted
     assert len(list(out.rglob("*.latent.safetensors"))) == 1
+
+
+def test_an_object_overwritten_while_read_is_retried(
+        s3_server: S3Server, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    # The listing's ETag went into the record with the other bytes' latent: every rerun
+    # skipped the clip, also once the object was back as listed.
+    from ivvae.dataset import Job, LocalEncoder, Summary, run_job
+
+    src = s3_server.make_bucket("overwritten-mid-read")
+    fs = fsspec.filesystem("s3")
+    one, two = (media.make_video(None, frames=5, width=16, height=16, fps=f) for f in (9, 11))
+    fs.pipe_file("overwritten-mid-read/one.mp4", one)
+    fs.pipe_file("overwritten-mid-read/two.mp4", two)
+
+    class OverwritesAfterItsRead(LocalEncoder):
+        async def encode(self, source: Any, options: ClipOptions, name: str) -> Any:
+            if name == "one.mp4":
+                fs.pipe_file("overwritten-mid-read/one.mp4", two)
+            return await super().encode(source, options, name)
+
+    out, summary = tmp_path / "out", Summary()
+    encoder = OverwritesAfterItsRead(in_process(tiny_weights).build().service.settings)
+    asyncio.run(run_job(Job(src + "/", str(out), format="parquet"), encoder, summary=summary))
+    assert (summary.encoded, summary.errors) == (1, {"source_changed": 1})
+    fs.pipe_file("overwritten-mid-read/one.mp4", one)  # back as listed: the same ETag
+    again = asyncio.run(encode_dataset(src + "/", str(out), encoder=in_process(tiny_weights),
+                                       format="parquet"))
+    assert (again.skipped, again.encoded) == (1, 1)
+    alone = encode_alone(tiny_weights, {"one.mp4": one}, "float32")
+    ds = LatentDataset(str(out))
+    got = {meta["source"]: latent.numpy().tobytes() for latent, meta in
+           (ds[i] for i in range(len(ds)))}
+    assert got["one.mp4"] == alone["one.mp4"]

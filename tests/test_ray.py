@@ -73,3 +73,25 @@ def test_cli_engine_ray(local_ray: None, tiny_weights: Path, tmp_path: Path,  # 
     assert main(args) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (again["encoded"], again["skipped"]) == (0, 2)
+
+
+@pytest.mark.slow
+def test_a_run_an_actor_gives_up_ends_as_given_up(local_ray: None,
+                                                  tiny_weights: Path,  # noqa: F811
+                                                  tmp_path: Path) -> None:
+    # Ray handed the driver the actor's DatasetError as text in a UserCodeException: the
+    # CLI said "internal error" and exited 1 ("some clips failed", none had).
+    from ivvae.dataset import DatasetError
+    from ivvae.errors import BackendUnavailable
+    from ivvae.ray import run_on_ray
+    from tests.grpc_fixtures import server_thread
+    from tests.service_fixtures import tiny_settings
+
+    with server_thread(tiny_settings(tiny_weights)) as server:
+        async def down(*args: object, **kw: object) -> None:
+            raise BackendUnavailable("the backend went away (test)")
+
+        server.service.pipeline.encode = down  # type: ignore[method-assign]
+        job = Job(str(make_clips(tmp_path / "src", count=2)), str(tmp_path / "out"))
+        with pytest.raises(DatasetError, match="unavailable: the backend went away"):
+            run_on_ray(job, EncoderSpec(server=server.grpc_url, retries=0), workers=1)

@@ -1370,6 +1370,14 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
             await asyncio.to_thread(_check_store, source.url, exc)
             raise
         encoded = await encoder.encode(path, options, source.name)
+        changed = await asyncio.to_thread(_changed_since_listed, source,
+                                          encoded.info.content_sha256, extra)
+        if changed is not None:
+            # Recorded under the listed identity, these bytes' latent would be skipped by
+            # every rerun, also once the source is back as listed: a failure is retried.
+            return error_record(source, key, SOURCE_CHANGED,
+                                f"{source.url} changed while it was read ({changed}); a "
+                                "rerun encodes it as it is then"), None, {}
     except IVVAEError as exc:
         return error_record(source, key, exc.code, _named(exc.detail, copy, source)), None, {}
     except OSError as exc:
@@ -1378,6 +1386,34 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
         if copy is not None:
             copy.unlink(missing_ok=True)
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
+
+
+SOURCE_CHANGED = "source_changed"  # the error code of a clip whose source changed mid-read
+
+
+def _changed_since_listed(source: Source, content: str, sidecars: Mapping[str, bytes]
+                          ) -> str | None:
+    """How the clip (or a sidecar) read differs from its listing, or None: by its content
+    hash where that is its identity, else by asking the store again (after the read)."""
+
+    def differs(url: str, listed: str, data_sha256: str | None) -> str | None:
+        if listed.startswith("sha256:"):
+            if data_sha256 is None or data_sha256 == listed.removeprefix("sha256:"):
+                return None
+            return "its content is not the one listed"
+        loc = Location.of(url)
+        loc.fs.invalidate_cache(loc.path)
+        now = identity(loc.fs.info(loc.path))
+        return None if now == listed else f"listed as {listed}, now {now}"
+
+    if (why := differs(source.url, source.identity, content)) is not None:
+        return why
+    for suffix, url, listed in source.sidecars:
+        if suffix in sidecars and suffix not in dict(source.given):
+            data = hashlib.sha256(sidecars[suffix]).hexdigest()
+            if (why := differs(url, listed, data)) is not None:
+                return f"its {suffix}: {why}"
+    return None
 
 
 def _no_answer(exc: BaseException) -> bool:

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import signal
 import threading
 import time
@@ -131,6 +132,14 @@ class EncodeClips:
             pass
 
 
+def _given_up(exc: BaseException) -> str | None:
+    """The message of the ``DatasetError`` an actor gave the run up with (the service gone,
+    a store that does not answer), if ``exc`` is Ray's report of one. Ray hands the driver
+    the actor's traceback as text in a ``UserCodeException``, not the exception."""
+    found = re.findall(r"(?m)^\S*DatasetError: (.+)$", str(exc))
+    return found[-1] if found else None
+
+
 def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                workers: int = 1, cpus_per_worker: float = 1.0,
                gpus_per_worker: float = 0.0, summary: Summary | None = None) -> Summary:
@@ -178,11 +187,17 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
                     num_gpus=gpus_per_worker or None, batch_format="numpy")
                 parts: set[str] = set()
-                for row in ds.iter_rows():
-                    record = json.loads(row["record"])
-                    summary.count(record)
-                    parts.add(str(record.get("part")))
-                    summary.parts = len(parts)
+                try:
+                    for row in ds.iter_rows():
+                        record = json.loads(row["record"])
+                        summary.count(record)
+                        parts.add(str(record.get("part")))
+                        summary.parts = len(parts)
+                except Exception as exc:
+                    given_up = _given_up(exc)
+                    if given_up is None:
+                        raise
+                    raise DatasetError(given_up) from exc
         finally:
             summary.seconds = time.perf_counter() - start
             write_manifest(p.out, p.sources, p.config)
