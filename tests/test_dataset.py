@@ -945,3 +945,33 @@ async def test_a_source_changed_while_read_is_retried_not_kept_under_its_listing
                                  format="webdataset")
     assert clean.encoded == 4
     assert latents(out) == latents(tmp_path / "clean")
+
+
+async def test_a_clip_being_added_when_the_run_gives_up_is_published_whole(
+        server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The give-up cancelled the worker awaiting its writer.add thread, and the run
+    # published the writer while that thread still wrote the clip into it.
+    from ivvae.dataset import Job, PartWriter, ServiceEncoder, Summary, run_job
+
+    src = make_clips(tmp_path / "clips", count=2)
+    real_add = PartWriter.add
+
+    def slow_add(self: PartWriter, *args: Any) -> None:
+        time.sleep(1.5)
+        real_add(self, *args)
+
+    monkeypatch.setattr(PartWriter, "add", slow_add)
+
+    class GivesUpOnOne(ServiceEncoder):
+        async def encode(self, source: Any, options: ClipOptions, name: str) -> Any:
+            if name == "a/clip01.mp4":
+                await asyncio.sleep(0.5)  # while b/clip00 is being added
+                raise DatasetError("the service went away (test)")
+            return await super().encode(source, options, name)
+
+    out, summary = tmp_path / "out", Summary()
+    with pytest.raises(DatasetError, match="went away"):
+        await run_job(Job(str(src), str(out), format="webdataset", concurrency=2),
+                      GivesUpOnOne(EncoderSpec(server=server.grpc_url)), summary=summary)
+    assert summary.encoded == 1
+    assert list(latents(out)) == ["b/clip00.mp4"]

@@ -1370,8 +1370,12 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
             await asyncio.to_thread(_check_store, source.url, exc)
             raise
         encoded = await encoder.encode(path, options, source.name)
-        changed = await asyncio.to_thread(_changed_since_listed, source,
-                                          encoded.info.content_sha256, extra)
+        try:
+            changed = await asyncio.to_thread(_changed_since_listed, source,
+                                              encoded.info.content_sha256, extra)
+        except OSError as exc:
+            await asyncio.to_thread(_check_store, source.url, exc)
+            raise
         if changed is not None:
             # Recorded under the listed identity, these bytes' latent would be skipped by
             # every rerun, also once the source is back as listed: a failure is retried.
@@ -1514,20 +1518,31 @@ async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWrite
     for s in p.todo:
         queue.put_nowait(s)
     lock = asyncio.Lock()
+    settling: set[asyncio.Future[None]] = set()
+
+    async def settle(source: Source, record: dict[str, Any], encoded: Encoded | None,
+                     extra: dict[str, bytes]) -> None:
+        if encoded is None:
+            writer.add_error(record)
+        else:
+            await asyncio.to_thread(writer.add, source, record, encoded, extra)
+        summary.count(record)
+        if writer.full:
+            await asyncio.to_thread(writer.publish)
+            summary.parts += 1
 
     async def worker() -> None:
         while not queue.empty():
             source = queue.get_nowait()
             record, encoded, extra = await encode_clip(encoder, source, p.config)
             async with lock:
-                if encoded is None:
-                    writer.add_error(record)
-                else:
-                    await asyncio.to_thread(writer.add, source, record, encoded, extra)
-                summary.count(record)
-                if writer.full:
-                    await asyncio.to_thread(writer.publish)
-                    summary.parts += 1
+                # To its end even when the run is given up or interrupted meanwhile: the
+                # caller then publishes the writer, which must not hold half a clip (a
+                # cancelled await leaves its thread running).
+                done = asyncio.ensure_future(settle(source, record, encoded, extra))
+                settling.add(done)
+                done.add_done_callback(settling.discard)
+                await asyncio.shield(done)
             bar.advance()
 
     workers = [asyncio.create_task(worker())
@@ -1538,6 +1553,11 @@ async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWrite
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        if settling:
+            ended, _ = await asyncio.wait(set(settling))
+            for done in ended:  # the caller publishes again; nobody else is left to ask
+                if not done.cancelled():
+                    done.exception()
 
 
 async def encode_dataset(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
