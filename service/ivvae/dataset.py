@@ -712,13 +712,12 @@ class ServiceEncoder:
         except DeadlineExceeded as exc:
             # A slow clip is the clip's failure; a service that answers nothing at all (a
             # stopped or wedged process keeps its socket) would fail every clip after the
-            # whole timeout, so its health check decides which this was.
+            # whole timeout, so a liveness check decides which this was.
             if not await self.client.answers():
                 raise DatasetError(
                     f"the service at {self.client.url} gave no answer for {name} "
                     f"({exc.detail}) and does not answer a liveness check either: giving up "
-                    "the run "
-                    "(what is encoded is kept; rerun to go on)") from exc
+                    "the run (what is encoded is kept; rerun to go on)") from exc
             raise
         made, job = result.info, self.identity
         if job is not None:
