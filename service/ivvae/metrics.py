@@ -8,10 +8,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-# Why a cache lookup missed or a write did not store, beyond an absent entry
-# (``ivvae.cache.CacheStats``): ``ivvae_cache_problems_total`` by kind.
-CACHE_PROBLEMS = ("corrupt", "errors", "refused", "skipped_open", "skipped_too_large")
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -48,25 +44,24 @@ class Metrics:
                                        "step (local backend)", ["model", "direction"],
                                        registry=r)
 
-    def watch_cache(self, stats: Callable[[], Mapping[str, int]]) -> None:
-        """Export the cache's own counters (``CACHE_PROBLEMS`` of ``stats()``), read at
-        each scrape: a cache that misses for a reason says which."""
-        self.registry.register(_CacheProblems(stats))
+    def watch_cache(self, problems: Callable[[], Mapping[str, int]]) -> None:
+        """Export the cache's own problem counters (``CacheStats.problems``: kind -> count),
+        read at each scrape: a cache that misses for a reason says which."""
+        self.registry.register(_CacheProblems(problems))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _CacheProblems(Collector):
-    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
-        self.stats = stats
+    def __init__(self, problems: Callable[[], Mapping[str, int]]) -> None:
+        self.problems = problems
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(
             "ivvae_cache_problems", "Cache misses and unstored writes by reason: corrupt "
             "entries (dropped), backend errors, writes refused, skipped while the backend "
             "was down, entries too large", labels=["kind"])
-        counts = self.stats()
-        for kind in CACHE_PROBLEMS:
-            family.add_metric([kind], counts.get(kind, 0))
+        for kind, count in self.problems().items():
+            family.add_metric([kind], count)
         yield family

@@ -36,7 +36,7 @@ class Service:
         self.metrics = Metrics()
         self.backend = backend or create_backend(settings, self.metrics)
         self.cache = cache or create_cache(settings)
-        self.metrics.watch_cache(lambda: self.cache.stats.as_dict())
+        self.metrics.watch_cache(lambda: self.cache.stats.problems())
         self.pipeline = Pipeline(settings, self.backend, self.cache, self.metrics)
         self.started = False
         # Set when the server is told to stop: what is cancelled after it is answered as

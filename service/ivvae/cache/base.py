@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from ..core.tasks import within
 from .codec import CachedMoments, CorruptEntry, Expected, check_secret, deserialize, serialize
@@ -63,8 +63,16 @@ class CacheStats:
     skipped_open: int = 0  # operations not tried because the circuit was open
     writes: int = 0
 
+    # Why a lookup missed or a write stored nothing, beyond an absent entry.
+    PROBLEMS: ClassVar[tuple[str, ...]] = (
+        "corrupt", "errors", "refused", "skipped_open", "skipped_too_large")
+
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def problems(self) -> dict[str, int]:
+        """The ``PROBLEMS`` counters, by name (``ivvae_cache_problems_total`` by kind)."""
+        return {name: getattr(self, name) for name in self.PROBLEMS}
 
 
 class CircuitBreaker:
