@@ -1404,19 +1404,26 @@ def _changed_since_listed(source: Source, content: str, sidecars: Mapping[str, b
             if data_sha256 is None or data_sha256 == listed.removeprefix("sha256:"):
                 return None
             return "its content is not the one listed"
-        loc = Location.of(url)
-        loc.fs.invalidate_cache(loc.path)
-        now = identity(loc.fs.info(loc.path))
+        now = identity(_asked_again(Location.of(url)))
         return None if now == listed else f"listed as {listed}, now {now}"
 
     if (why := differs(source.url, source.identity, content)) is not None:
         return why
+    given = dict(source.given)
     for suffix, url, listed in source.sidecars:
-        if suffix in sidecars and suffix not in dict(source.given):
+        if suffix in sidecars and suffix not in given:
             data = hashlib.sha256(sidecars[suffix]).hexdigest()
             if (why := differs(url, listed, data)) is not None:
                 return f"its {suffix}: {why}"
     return None
+
+
+def _asked_again(loc: Location) -> dict[str, Any]:
+    """``loc``'s info from the store itself: an answer from fsspec's listing cache is
+    none."""
+    loc.fs.invalidate_cache(loc.path)
+    info: dict[str, Any] = loc.fs.info(loc.path)
+    return info
 
 
 def _no_answer(exc: BaseException) -> bool:
@@ -1442,8 +1449,7 @@ def _check_store(url: str, failure: BaseException) -> None:
     if loc.local or not _no_answer(failure):
         return
     try:
-        loc.fs.invalidate_cache(loc.path)  # an answer from fsspec's listing cache is none
-        loc.fs.info(loc.path)
+        _asked_again(loc)
     except Exception as exc:
         if _no_answer(exc):
             raise DatasetError(
