@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -17,8 +18,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+import uvicorn
 
 from ivvae.api.http import create_app
+from ivvae.api.http.protocol import ConnectionLimits, bounded_protocol
 from ivvae.config import Settings
 from ivvae.service import Service
 from tests.redis_server import free_port
@@ -73,6 +76,29 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
                                      timeout=120) as client:
             client.app = app  # type: ignore[attr-defined]
             yield client
+
+
+@contextmanager
+def uvicorn_thread(app: Any, limits: ConnectionLimits, *, lifespan: str = "off",
+                   slack_s: float = 60.0) -> Iterator[int]:
+    """``app`` in a real uvicorn with ivvae's connection protocol, on asyncio's loop (as
+    ``ivvae serve`` runs it), in a thread, until the block ends; yields its port.
+    ``slack_s``: how long it may take to start, and to stop."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan=lifespan, http=bounded_protocol(limits), loop="asyncio")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + slack_s
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(slack_s)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ what ended it, not as the "ok" its status line said."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,36 +14,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from ivvae.api.http import create_app
-from ivvae.api.http.protocol import ConnectionLimits, bounded_protocol
+from ivvae.api.http.protocol import ConnectionLimits
 from ivvae.backends.base import SequenceDecode
 from ivvae.errors import BackendUnavailable
 from tests import media
-from tests.redis_server import free_port
-from tests.service_fixtures import tiny_settings, tiny_weights  # noqa: F401
+from tests.service_fixtures import tiny_settings, tiny_weights, uvicorn_thread  # noqa: F401
 
 
 @pytest.fixture
 def server(tiny_weights: Path) -> Iterator[str]:  # noqa: F811
-    port = free_port()
     app = create_app(tiny_settings(tiny_weights, groups_per_step=1))
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", http=bounded_protocol(ConnectionLimits()),
-                            loop="asyncio")
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    try:
+    with uvicorn_thread(app, ConnectionLimits(), lifespan="on") as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
 
 # (output, steps after the first, the one that fails): after the answer began (x264 holds

@@ -5,7 +5,6 @@ that is slow to read: time with reading paused by the server is not the client's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import threading
 import time
@@ -13,10 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 
-from ivvae.api.http.protocol import ConnectionLimits, bounded_protocol
-from tests.redis_server import free_port
+from ivvae.api.http.protocol import ConnectionLimits
+from tests.service_fixtures import uvicorn_thread
 
 APP_DELAY_S = 2.5  # before the app's first receive()
 SLACK_S = 20.0
@@ -51,32 +49,11 @@ class _SlowReader:
         await send({"type": "http.response.body", "body": body})
 
 
-@contextlib.contextmanager
-def _serving(app: Any, limits: ConnectionLimits) -> Iterator[int]:
-    """``app`` in a real uvicorn on asyncio's loop (as ``ivvae serve`` runs it), in a
-    thread, until the block ends; yields its port."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off", http=bounded_protocol(limits), loop="asyncio")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + SLACK_S
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(SLACK_S)
-
-
 @pytest.fixture
 def slow_server() -> Iterator[tuple[int, _SlowReader]]:
     app = _SlowReader()
     limits = ConnectionLimits(body_timeout_s=1.0, body_min_rate=1_000_000, linger_s=5.0)
-    with _serving(app, limits) as port:
+    with uvicorn_thread(app, limits, slack_s=SLACK_S) as port:
         yield port, app
 
 
@@ -162,7 +139,7 @@ def test_a_client_that_resets_after_an_early_answer_raises_nothing_into_the_app(
 
     monkeypatch.setattr(selector_events._SelectorSocketTransport, "write_eof", reset)
     app = _EarlyAnswer()
-    with _serving(app, ConnectionLimits()) as port:
+    with uvicorn_thread(app, ConnectionLimits(), slack_s=SLACK_S) as port:
         sock = socket.create_connection(("127.0.0.1", port), timeout=SLACK_S)
         # Enough body that the server pauses reading (the app reads none): it does not
         # see the client's close before it writes again.
