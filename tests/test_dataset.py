@@ -509,14 +509,14 @@ def test_an_output_that_fails_mid_run_exits_2_with_the_summary(
 
     from ivvae import dataset
 
-    published = [0]
+    records = [0]
     real = dataset.publish_bytes
 
-    def filling(*args: Any, **kw: Any) -> None:
-        if published[0] == 6:  # job.json, a part of 4 latent files and its record file
+    def filling(loc: Any, path: str, *args: Any, **kw: Any) -> None:
+        if records[0] and path.endswith(LATENT_SUFFIX):  # full after a part of 4 clips
             raise OSError(28, "No space left on device")
-        published[0] += 1
-        real(*args, **kw)
+        real(loc, path, *args, **kw)
+        records[0] += f"/{PARTS_DIR}/" in path
 
     monkeypatch.setattr(dataset, "publish_bytes", filling)
     parser = argparse.ArgumentParser()
@@ -975,3 +975,128 @@ async def test_a_clip_being_added_when_the_run_gives_up_is_published_whole(
                       GivesUpOnOne(EncoderSpec(server=server.grpc_url)), summary=summary)
     assert summary.encoded == 1
     assert list(latents(out)) == ["b/clip00.mp4"]
+
+
+class _Gated:
+    """An encoder that holds its first clip until ``gate`` is set; ``listed`` is set when
+    that clip is asked for, so the worker has listed the sources and planned by then."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.gate, self.listed = inner, asyncio.Event(), asyncio.Event()
+
+    async def start(self, model: str = "") -> Any:
+        return await self.inner.start(model)
+
+    async def encode(self, source: Any, options: ClipOptions, name: str) -> Any:
+        self.listed.set()
+        await self.gate.wait()
+        return await self.inner.encode(source, options, name)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_the_last_worker_to_stop_names_a_clip_as_the_newest_listing_saw_it(
+        server: ServerThread, tmp_path: Path) -> None:
+    # Worker 0 listed the sources, then a clip of worker 1 changed, and worker 1 encoded
+    # the new version; worker 0, stopping last, wrote the manifest from its older listing:
+    # the clip's old latent, which compaction then kept and the new one's shard lost.
+    from ivvae.compact import compact
+    from ivvae.dataset import Job, run_job
+
+    src = make_clips(tmp_path / "src", count=6)
+    out = tmp_path / "out"
+    await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    sources = collect(src)
+    theirs = next(s for s in sources if s.worker(2) == 1)
+    ours = next(s for s in sources if s.worker(2) == 0)
+    media.make_video(src / ours.name, frames=9, width=24, height=16, fps=5)  # work for 0
+    first = _Gated(EncoderSpec(server=server.grpc_url).build())
+    running = asyncio.create_task(run_job(Job(str(src), str(out), format="webdataset",
+                                              shard=(0, 2)), first))
+    await asyncio.wait_for(first.listed.wait(), 60)
+    media.make_video(src / theirs.name, frames=9, width=16, height=24, fps=6)
+    second = await encode_dataset(src, out, server=server.grpc_url, format="webdataset",
+                                  shard=(1, 2))
+    assert (second.encoded, second.failed) == (1, 0)
+    first.gate.set()
+    assert (await running).encoded == 1  # and it wrote the manifest last
+
+    fresh = await encode_dataset(src, tmp_path / "fresh", server=server.grpc_url,
+                                 format="webdataset")
+    assert fresh.encoded == 6
+    assert {r["source"]: r["key"] for r in manifest(out)} == {
+        r["source"]: r["key"] for r in manifest(tmp_path / "fresh")}
+    assert all(r["status"] == "ok" for r in manifest(out))
+    assert latents(out) == latents(tmp_path / "fresh")
+    compact(str(out))
+    assert latents(out) == latents(tmp_path / "fresh")
+    assert set(shard_samples(out).values()) == {1}
+
+
+class _Skewed:
+    """The ``time`` module of a machine whose clock is ``by`` seconds behind."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def time(self) -> float:
+        return time.time() - self.by
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_a_rerun_on_a_machine_whose_clock_is_behind_still_lists_newest(
+        server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listings are ordered by the store's clock: taken by the machine's, this rerun's fresh
+    # listing counted as an hour older than the first run's, which then named the clip.
+    import ivvae.dataset
+
+    src = make_clips(tmp_path / "src", count=3)
+    out = tmp_path / "out"
+    await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    changed = collect(src)[0]
+    media.make_video(src / changed.name, frames=9, width=24, height=16, fps=5)
+    monkeypatch.setattr(ivvae.dataset, "time", _Skewed(3600))
+    again = await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    assert (again.encoded, again.skipped) == (1, 2)
+    monkeypatch.undo()
+    fresh = await encode_dataset(src, tmp_path / "fresh", server=server.grpc_url,
+                                 format="webdataset")
+    assert fresh.encoded == 3
+    assert {r["source"]: r["key"] for r in manifest(out)} == {
+        r["source"]: r["key"] for r in manifest(tmp_path / "fresh")}
+    assert latents(out) == latents(tmp_path / "fresh")
+
+
+def test_a_run_given_up_mid_way_exits_2_with_the_summary(
+        server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A give-up (here: the service changed its model under the run) printed only the
+    # error, so a script could not tell what had been done before it.
+    import argparse
+
+    from ivvae import dataset
+
+    src = make_clips(tmp_path / "src", count=4)
+    real = dataset.ServiceEncoder.encode
+    calls = [0]
+
+    async def changes_after_two(self: Any, *args: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > 2:
+            raise DatasetError("the service now serves another model (test)")
+        return await real(self, *args)
+
+    monkeypatch.setattr(dataset.ServiceEncoder, "encode", changes_after_two)
+    parser = argparse.ArgumentParser()
+    dataset.add_arguments(parser)
+    args = parser.parse_args([str(src), str(tmp_path / "out"), "--server", server.grpc_url,
+                              "--no-progress", "--concurrency", "1"])
+    assert dataset.main(args) == 2
+    captured = capsys.readouterr()
+    assert "another model (test)" in captured.err
+    summary = json.loads(captured.out)
+    assert (summary["total"], summary["encoded"]) == (4, 2)
+    assert summary["output"].endswith(str(tmp_path / "out"))

@@ -60,7 +60,9 @@ one ``--shard`` from writing into one local ``OUT`` at once (object stores canno
 run each shard once, as a Kubernetes Indexed Job does).
 
 ``--shard i/N`` takes the clips whose name hashes to ``i`` modulo ``N``: N workers, started
-anywhere and in any order, together cover the dataset exactly once.
+anywhere and in any order, together cover the dataset exactly once. Each lists every clip
+and publishes its listing (``OUT/.ivvae/listing.jsonl``) unless a newer one is there; the
+manifest is always written from the newest (``write_manifest``).
 
 Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
 manifest), 2 when the run could not start, or could not go on (its output failed: a full
@@ -107,6 +109,7 @@ from .storage import (
     content_sha256,
     file_identity,
     identity,
+    modified_time,
     publish_file,
     storage_errors,
     temp_file_for,
@@ -124,6 +127,7 @@ RECORD_SUFFIX = ".ivvae.json"
 MANIFEST_NAME = "manifest.jsonl"
 STATE_DIR = ".ivvae"
 JOB_NAME = "job.json"
+LISTING_NAME = "listing.jsonl"  # OUT/.ivvae/listing.jsonl: the newest listing of the sources
 PARTS_DIR = f"{STATE_DIR}/parts"
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
@@ -1072,17 +1076,96 @@ def clip_key(source: Source, config: JobConfig) -> str:
     return source.key(config.key, sidecars=config.format != "files")
 
 
-def write_manifest(out: Location, sources: Sequence[Source], config: JobConfig) -> None:
-    """``OUT/manifest.jsonl``: one line per clip, from what is published right now.
+@dataclass(frozen=True)
+class Listing:
+    """The clips of a job as one worker listed them: ``(name, identity, key)`` each, the
+    listing begun at ``at`` (seconds since the epoch, the worker's clock) by ``by``."""
 
-    Workers of one job each write it when they stop. One that read the parts just before
-    another published its last could overwrite the other's newer manifest, so it reads
-    them again after writing, and writes again until nothing changed in between.
+    at: float
+    by: str
+    clips: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def of(cls, sources: Sequence[Source], config: JobConfig, at: float, by: str) -> Listing:
+        return cls(at, by, tuple((s.name, s.identity, clip_key(s, config)) for s in sources))
+
+    def render(self) -> bytes:
+        return jsonl([{"listed_at": self.at, "by": self.by, "clips": len(self.clips)},
+                      *({"source": n, "identity": i, "key": k} for n, i, k in self.clips)])
+
+    @classmethod
+    def parse(cls, blob: bytes) -> Listing | None:
+        """The listing in ``blob``, None for anything else (not one this version wrote)."""
+        try:
+            head, *rows = (json.loads(line) for line in blob.decode("utf-8").splitlines())
+            clips = tuple((str(r["source"]), str(r["identity"]), str(r["key"])) for r in rows)
+            if head["clips"] != len(clips):
+                return None
+            return cls(float(head["listed_at"]), str(head["by"]), clips)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+
+def _published_listing(out: Location) -> Listing | None:
+    try:
+        return Listing.parse(out.fs.cat_file(out.join(STATE_DIR, LISTING_NAME)))
+    except FileNotFoundError:
+        return None
+
+
+def newest_listing(out: Location, own: Listing) -> Listing:
+    """The newest listing of the job's sources: ``own``, or a newer one another worker
+    published (``publish_listing``)."""
+    held = _published_listing(out)
+    return held if held is not None and held.at > own.at else own
+
+
+def store_clock_offset(out: Location, tag: str) -> float:
+    """How far the clock of ``out``'s store is ahead of this machine's, in seconds (0 where
+    the store does not say when it wrote a file). Listings of workers on several machines
+    are ordered by the store's clock, which they share: a machine whose clock is behind
+    (a laptop rerunning a cluster's job) must not take its fresh listing for an old one."""
+    path = out.join(STATE_DIR, f"clock-{tag}-{secrets.token_hex(4)}")
+    before = time.time()
+    publish_bytes(out, path, b"")
+    after = time.time()
+    try:
+        stamp = modified_time(out.fs, path, out.fs.info(path))
+    finally:
+        with contextlib.suppress(*storage_errors()):
+            out.fs.rm(path)
+    return 0.0 if stamp is None else stamp - (before + after) / 2
+
+
+def publish_listing(out: Location, listing: Listing) -> None:
+    """Publish ``listing`` as the job's newest unless a newer one is there. Two workers
+    that publish at once both write; each reads back, and the one whose newer listing was
+    written over writes again, so the newest stays."""
+    for _ in range(10):
+        held = _published_listing(out)
+        if held is not None and held.at >= listing.at:
+            return
+        publish_bytes(out, out.join(STATE_DIR, LISTING_NAME), listing.render())
+    log.warning("could not publish this worker's listing of the sources: other workers "
+                "kept writing theirs")
+
+
+def write_manifest(out: Location, listing: Listing, config: JobConfig) -> None:
+    """``OUT/manifest.jsonl``: one line per clip of the newest listing any worker of the job
+    published, from what is published right now.
+
+    Workers list the sources at different times, and each writes the manifest when it
+    stops: whoever writes last, a clip that changed (or came or went) between two listings
+    is named as the newest listing saw it, never as an older version an earlier listing
+    saw. One that read the parts just before another published its last could overwrite
+    the other's newer manifest, so it reads them again after writing, and writes again
+    until nothing changed in between.
     """
 
     def render() -> bytes:
         state = load_state(out, config.format)
-        return jsonl(state.line(s, clip_key(s, config)) for s in sources)
+        newest = newest_listing(out, listing)
+        return jsonl(state.line_named(n, i, k) for n, i, k in newest.clips)
 
     publish_manifest(out, render)
 
@@ -1253,6 +1336,7 @@ class Plan:
     out: Location
     config: JobConfig
     sources: list[Source]
+    listing: Listing  # of ``sources``, as published
     mine: list[Source]
     todo: list[Source]
 
@@ -1268,6 +1352,7 @@ def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
 
 def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     config = JobConfig(job.format, job.options, model)
+    listed_at = time.time()
     sources = collect(job.src, columns=job.columns)
     if not sources:
         raise DatasetError(f"{job.src} holds no video or image files (suffixes: "
@@ -1286,14 +1371,17 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
                            "to finish")
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
+    listed_at += store_clock_offset(out, job.prefix)
+    listing = Listing.of(sources, config, listed_at, job.prefix)
+    publish_listing(out, listing)
     state = load_state(out, job.format)
     if state.replaced:
         # A compaction stopped before its manifest: name its new parts before the shards
         # they replace are removed as orphans, so readers never meet a missing shard.
-        write_manifest(out, sources, config)
+        write_manifest(out, listing, config)
     remove_orphans(out, job.format, state, None if n == 1 else job.prefix)
     todo = [s for s in mine if state.done(s, clip_key(s, config)) is None]
-    return Plan(out, config, sources, mine, todo)
+    return Plan(out, config, sources, listing, mine, todo)
 
 
 def _named(detail: str, copy: Path | None, source: Source) -> str:
@@ -1511,7 +1599,7 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
                 bar.close()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.to_thread(
-                        write_manifest, p.out, p.sources, p.config))
+                        write_manifest, p.out, p.listing, p.config))
     finally:
         await encoder.close()
     return summary

@@ -200,5 +200,5 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                     raise DatasetError(given_up) from exc
         finally:
             summary.seconds = time.perf_counter() - start
-            write_manifest(p.out, p.sources, p.config)
+            write_manifest(p.out, p.listing, p.config)
     return summary

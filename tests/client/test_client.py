@@ -235,3 +235,24 @@ def test_a_ca_cert_needs_a_tls_url_and_a_file(tmp_path: Path) -> None:
             Client(url, ca_cert=cert)
     with pytest.raises(FileNotFoundError, match=r"nope\.pem"):
         Client("grpcs://127.0.0.1:1", ca_cert=tmp_path / "nope.pem")
+
+
+async def test_a_service_that_is_up_but_not_ready_answers(server: ServerThread, url: str,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    # encode-dataset asks answers() after a deadline to tell a wedged service from a busy
+    # one: a service whose backend is down still answers (/healthz, or NOT_SERVING), and a
+    # run must not be given up for it (its clips fail and are retried instead).
+    import asyncio
+
+    async def down() -> tuple[bool, str]:
+        return False, "down (test)"
+
+    monkeypatch.setattr(server.service.backend, "ready", down)
+    async with AsyncClient(url, api_key=KEY, timeout=30) as client:
+        for _ in range(300):  # the gRPC health status follows readiness by polling
+            if not await client.healthy():
+                break
+            await asyncio.sleep(0.1)
+        assert not await client.healthy()
+        assert await client.answers()
