@@ -57,7 +57,9 @@ clips count as done. A shard published by a run killed before its record file is
 at the next start of the same ``--shard`` (or of any unsharded run), so no clip is ever in
 two shards; temporary files of killed runs are removed too. A lock file keeps two runs of
 one ``--shard`` from writing into one local ``OUT`` at once (object stores cannot lock:
-run each shard once, as a Kubernetes Indexed Job does).
+run each shard once, as a Kubernetes Indexed Job with ``podReplacementPolicy: Failed``
+does; two at once each remove the other's shard whose record is not yet published as a
+killed run's leftover, and its clips are encoded again by the next run).
 
 ``--shard i/N`` takes the clips whose name hashes to ``i`` modulo ``N``: N workers, started
 anywhere and in any order, together cover the dataset exactly once. Each lists every clip
