@@ -95,3 +95,50 @@ def test_a_run_an_actor_gives_up_ends_as_given_up(local_ray: None,
         job = Job(str(make_clips(tmp_path / "src", count=2)), str(tmp_path / "out"))
         with pytest.raises(DatasetError, match="unavailable: the backend went away"):
             run_on_ray(job, EncoderSpec(server=server.grpc_url, retries=0), workers=1)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_stops_its_actors_before_it_writes_the_manifest(
+        local_ray: None, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+    # The driver wrote the manifest on Ctrl-C or SIGTERM while the pool's actors went on
+    # publishing the batches they held: the manifest and the summary ("encoded": only the
+    # batches whose rows had come back) missed clips that were done.
+    import _thread
+    import threading
+    import time
+
+    from ivvae.dataset import Summary, load_state
+    from ivvae.ray import run_on_ray
+    from ivvae.storage import Location
+    from tests.grpc_fixtures import server_thread
+    from tests.service_fixtures import tiny_settings
+    from tests.test_dataset import manifest
+
+    with server_thread(tiny_settings(tiny_weights)) as server:
+        real = server.service.pipeline.encode
+
+        async def slow(*args: object, **kw: object) -> object:
+            await asyncio.sleep(1.0)
+            return await real(*args, **kw)
+
+        server.service.pipeline.encode = slow  # type: ignore[method-assign]
+        out = tmp_path / "out"
+        job = Job(str(make_clips(tmp_path / "src", count=8)), str(out), format="webdataset",
+                  shard_clips=1, concurrency=1)
+        summary = Summary()
+
+        def interrupt_after_the_first_clip() -> None:
+            while summary.encoded < 1:
+                time.sleep(0.05)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_after_the_first_clip, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_on_ray(job, EncoderSpec(server=server.grpc_url), workers=2, summary=summary)
+        time.sleep(5)  # what an actor that was not stopped publishes meanwhile
+    state = load_state(Location.of(str(out)), "webdataset")
+    done = {name for name, records in state.records.items()
+            if any(r["status"] == "ok" for r in records)}
+    assert 1 <= len(done) < 8
+    assert {r["source"] for r in manifest(out) if r["status"] == "ok"} == done
+    assert summary.encoded == len(done)

@@ -44,9 +44,12 @@ from .dataset import (
     Job,
     JobConfig,
     PartWriter,
+    Plan,
     Source,
     Summary,
+    clip_key,
     encode_clip,
+    load_state,
     plan,
     write_manifest,
 )
@@ -176,7 +179,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
         p = plan(job, asyncio.run(identify()), held)
         summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
         summary.output = p.out.url()
-        start = time.perf_counter()
+        start, started = time.perf_counter(), time.time()
         try:
             if p.todo:
                 ds = source_dataset(p.todo).map_batches(
@@ -198,7 +201,31 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
                     if given_up is None:
                         raise
                     raise DatasetError(given_up) from exc
+        except BaseException:
+            # Interrupted or given up: the rows of the batches the actors held never came
+            # back, though the actors may have published them before they were stopped.
+            with contextlib.suppress(Exception):
+                _recount(p, summary, started)
+            raise
         finally:
             summary.seconds = time.perf_counter() - start
             write_manifest(p.out, p.listing, p.config)
     return summary
+
+
+def _recount(p: Plan, summary: Summary, since: float) -> None:
+    """Count into ``summary`` what the run published, from the records: the clips of
+    ``p.todo`` now done, and those that failed since ``since`` (the store's records carry
+    the actors' clocks)."""
+    state = load_state(p.out, p.config.format)
+    counted = Summary()
+    parts = set()
+    for source in p.todo:
+        line = state.line(source, clip_key(source, p.config))
+        if line["status"] == "ok" or (line["status"] == "error"
+                                      and line.get("at", 0) >= since):
+            counted.count(line)
+            parts.add(line.get("part"))
+    summary.encoded, summary.failed = counted.encoded, counted.failed
+    summary.frames, summary.bytes, summary.errors = counted.frames, counted.bytes, counted.errors
+    summary.parts = len(parts - {None})
