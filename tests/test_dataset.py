@@ -1100,3 +1100,115 @@ def test_a_run_given_up_mid_way_exits_2_with_the_summary(
     summary = json.loads(captured.out)
     assert (summary["total"], summary["encoded"]) == (4, 2)
     assert summary["output"].endswith(str(tmp_path / "out"))
+
+
+async def test_rows_that_set_their_own_window_make_a_clip_each(tmp_path: Path,
+                                                                tiny_weights: Path  # noqa: F811
+                                                                ) -> None:
+    # Scene-cut or captioned-span tables (one long video, a row per span with its own
+    # caption): --option-column takes each row's start and length, and every row is its
+    # own clip, encoded exactly as that window alone.
+    import csv
+
+    from ivvae.video.preprocess import Preprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    media.make_video(src / "long.mp4", frames=30, width=16, height=16, fps=10)
+    media.make_video(src / "short.mp4", frames=5, width=16, height=16, fps=10)
+    rows = [{"path": "long.mp4", "caption": "the start", "begin": "0", "n": "5"},
+            {"path": "long.mp4", "caption": "later", "begin": "1.2", "n": "9"},
+            {"path": "long.mp4", "caption": "the end", "begin": "2.5", "n": ""},
+            {"path": "short.mp4", "caption": "whole", "begin": "", "n": ""}]
+    table = src / "spans.csv"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = Columns(options=Columns.parse_options(["start_s=begin", "num_frames=n"]))
+    options = ClipOptions(preprocess=Preprocess.parse({"max_frames": "17"}).canonical())
+    out = tmp_path / "out"
+    summary = await encode_dataset(table, out, encoder=_encoder(tiny_weights),
+                                   format="webdataset", columns=columns, options=options)
+    assert (summary.total, summary.encoded, summary.failed) == (4, 4, 0)
+    got = {meta["source"]: (latent, meta) for latent, meta in LatentDataset(str(out))}
+    windows = {"long.mp4#start_s=0,num_frames=5": ({"start_s": "0", "num_frames": "5"}, 5),
+               "long.mp4#start_s=6%2F5,num_frames=9": ({"start_s": "1.2", "num_frames": "9"}, 9),
+               "long.mp4#start_s=5%2F2": ({"start_s": "2.5", "max_frames": "17"}, 5),
+               "short.mp4": ({"max_frames": "17"}, 5)}
+    assert set(got) == set(windows)  # a rate's "/" would make a folder of a files output
+    for name, (window, frames) in windows.items():
+        latent, meta = got[name]
+        assert meta["sidecars"][".txt"].decode() == next(
+            r["caption"] for r in rows if name.startswith(r["path"]) and (
+                r["begin"] == window.get("start_s", "")))
+        alone = tmp_path / "alone" / name.replace("#", "_")
+        (src / "one.txt").write_text(name.split("#")[0] + "\n")
+        one = await encode_dataset(
+            src / "one.txt", alone, encoder=_encoder(tiny_weights),
+            options=ClipOptions(preprocess=Preprocess.parse(window).canonical()))
+        assert one.encoded == 1
+        [(alone_latent, _)] = list(LatentDataset(str(alone)))
+        assert latent.numpy().tobytes() == alone_latent.numpy().tobytes(), name
+        assert int(meta["num_frames"]) == frames
+    # A rerun skips every window; a row's new window is a new clip, the others stay.
+    rows[1]["begin"] = "1.5"
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    again = await encode_dataset(table, out, encoder=_encoder(tiny_weights),
+                                 format="webdataset", columns=columns, options=options)
+    assert (again.encoded, again.skipped) == (1, 3)
+    assert "long.mp4#start_s=3%2F2,num_frames=9" in {r["source"] for r in manifest(out)}
+    assert len(manifest(out)) == 4
+
+
+def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) -> None:
+    from ivvae.dataset import Job, ModelIdentity, plan
+
+    src = make_clips(tmp_path / "src", count=2)
+    by = Columns(options=Columns.parse_options(["start_s", "num_frames=frames"]))
+    for text, message in [
+            ("path,start_s,frames\na/clip01.mp4,-1,5\n", "row 1: option 'start_s'"),
+            ("path,start_s,frames\na/clip01.mp4,0,five\n", "row 1: option 'num_frames'"),
+            ("path,start_s\na/clip01.mp4,0\n", "no column 'frames'"),
+            ("path,start_s,frames\na/clip01.mp4,0,5\na/clip01.mp4,0,5\n",
+             "listed twice with the options start_s=0;num_frames=5")]:
+        (src / "t.csv").write_text(text)
+        with pytest.raises(DatasetError, match=re.escape(message)):
+            collect(src / "t.csv", columns=by)
+    with pytest.raises(DatasetError, match="not a preprocessing option"):
+        Columns(options=(("begin", "begin"),))
+    # A row's start_s takes the place of the job's start_frame, but a row's num_frames
+    # cannot undo the job's bucket: refused at the start, naming the clip.
+    from ivvae.dataset import with_row_options
+
+    assert with_row_options("start_frame=2;max_frames=9;stride=2", "start_s=1/2;fps=5") == (
+        "start_s=1/2;max_frames=9;fps=5")
+    (src / "t.csv").write_text("path,start_s,frames\na/clip01.mp4,0.5,5\n")
+    job = Job(str(src / "t.csv"), str(tmp_path / "out"), columns=by,
+              options=ClipOptions(preprocess="bucket=16x16x5"))
+    import contextlib
+
+    with contextlib.ExitStack() as held, pytest.raises(
+            DatasetError, match=r"a/clip01.mp4#start_s=1%2F2,num_frames=5: .*'bucket' "
+                                r"and 'num_frames' contradict"):
+        plan(job, ModelIdentity("m", "0" * 64, "float32"), held)
+    assert not (tmp_path / "out").exists()
+    # The command line's spelling.
+    import argparse
+
+    from ivvae.dataset import add_arguments, job_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    job, _ = job_from_args(parser.parse_args(
+        [str(src / "t.csv"), "out", "--option-column", "start_s", "--option-column",
+         "num_frames=frames"]))
+    assert job.columns == by
+    # Ray's rows carry them.
+    from ivvae.dataset import Source
+
+    [source] = collect(src / "t.csv", columns=by)
+    assert Source.from_row(source.as_row()) == source and source.options

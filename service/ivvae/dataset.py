@@ -14,10 +14,17 @@ per clip. Its clip column is ``--path-column`` or the first of ``PATH_COLUMNS``
 (``media_path``, ``video_path``, ``video``, ``path``, ...); its caption, ``--caption-column``
 or the first of ``CAPTION_COLUMNS`` (``caption``, ``text``, ``prompt``, ``cap``), becomes the
 clip's ``.txt`` sidecar and the whole row its ``.json`` sidecar (in place of files beside
-the clip with those suffixes). A source that holds no clip at all is refused (exit 2): it
-is a mistyped prefix, not a job. Files next to a clip with its stem and another suffix
-(``clip.txt``, ``clip.json``) are its sidecars: they go into webdataset and parquet samples
-as they are. A changed sidecar or caption makes its clip's sample new.
+the clip with those suffixes). ``--option-column OPTION[=COLUMN]`` lets each row set a
+preprocessing option for its clip (a window: ``start_s`` or ``start_frame``, ``num_frames``
+or ``max_frames``; or any other), over the job's option of that name and its alternative
+(``start_s`` for ``start_frame``, ``num_frames`` for ``max_frames``, ``fps`` for
+``stride``); an empty cell sets none. Such a clip is named ``<path>#<its options>``
+(``long.mp4#start_s=12,num_frames=49``), so one file in several rows (the spans of a
+scene-cut or captioned long video) is a clip per row; each reads the file. A source
+that holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files
+next to a clip with its stem and another suffix (``clip.txt``, ``clip.json``) are its
+sidecars: they go into webdataset and parquet samples as they are. A changed sidecar or
+caption makes its clip's sample new.
 
 Outputs (``OUT``, a folder or URL prefix), ``--format``:
 
@@ -235,6 +242,9 @@ class Source:
     output: str
     sidecars: tuple[tuple[str, str, str], ...] = ()
     given: tuple[tuple[str, bytes], ...] = ()
+    # A table row's own preprocessing (``--option-column``), canonical; applied on top of
+    # the job's (``with_row_options``).
+    options: str = ""
 
     def __post_init__(self) -> None:
         if self.output != _contained(self.output):
@@ -245,6 +255,8 @@ class Source:
         """The clip key: the job key, the name, the source's identity and (for formats that
         carry them) the sidecars' identities."""
         parts = [job_key, self.name, self.identity]
+        if self.options:
+            parts.append(f"options={self.options}")
         if sidecars:
             parts += [f"{s}={i}" for s, _, i in self.sidecars]
             parts += [f"{s}=sha256:{hashlib.sha256(data).hexdigest()}" for s, data in self.given]
@@ -255,14 +267,16 @@ class Source:
         return {"name": self.name, "url": self.url, "identity": self.identity,
                 "output": self.output, "sidecars": json.dumps([list(x) for x in self.sidecars]),
                 "given": json.dumps([[s, base64.b64encode(data).decode()]
-                                     for s, data in self.given])}
+                                     for s, data in self.given]),
+                "options": self.options}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Source:
         return cls(str(row["name"]), str(row["url"]), str(row["identity"]), str(row["output"]),
                    tuple((str(a), str(b), str(c)) for a, b, c in json.loads(str(row["sidecars"]))),
                    tuple((str(s), base64.b64decode(str(data)))
-                         for s, data in json.loads(str(row.get("given") or "[]"))))
+                         for s, data in json.loads(str(row.get("given") or "[]"))),
+                   str(row.get("options") or ""))
 
     @property
     def sample_key(self) -> str:
@@ -389,7 +403,7 @@ def collect(src: str | os.PathLike[str], *, hash_threads: int = 4,
     and its caption; by default the first of ``PATH_COLUMNS`` and ``CAPTION_COLUMNS``)."""
     src = str(src)
     if columns is not None and columns.given and _suffix(src) not in TABLE_SUFFIXES:
-        raise DatasetError(f"--path-column and --caption-column apply to a "
+        raise DatasetError(f"--path-column, --caption-column and --option-column apply to a "
                            f"{'/'.join(TABLE_SUFFIXES)} list of clips, not to {src}")
     if any(c in src for c in "*?["):
         loc = Location.of(src[: min(src.index(c) for c in "*?[" if c in src)].rsplit("/", 1)[0])
@@ -414,14 +428,35 @@ def collect(src: str | os.PathLike[str], *, hash_threads: int = 4,
 class Columns:
     """Which columns of a table list file (CSV, JSON Lines, a JSON array of objects) name a
     clip and its caption: ``""`` for the first of ``PATH_COLUMNS`` / ``CAPTION_COLUMNS``
-    the table has."""
+    the table has; and ``options``, ``(option, column)`` pairs: the columns that hold a
+    row's own preprocessing (``start_s``, ``num_frames``, ...; see ``with_row_options``)."""
 
     path: str = ""
     caption: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        from .video.preprocess import PREPROCESS_KEYS
+
+        options = [o for o, _ in self.options]
+        for option in options:
+            if option not in PREPROCESS_KEYS:
+                raise DatasetError(f"--option-column {option!r}: not a preprocessing option "
+                                   f"(they are {', '.join(PREPROCESS_KEYS)})")
+            if options.count(option) > 1:
+                raise DatasetError(f"--option-column {option!r} is given twice")
+        if any(not column for _, column in self.options):
+            raise DatasetError("--option-column OPTION=COLUMN: the column is empty")
 
     @property
     def given(self) -> bool:
-        return bool(self.path or self.caption)
+        return bool(self.path or self.caption or self.options)
+
+    @classmethod
+    def parse_options(cls, items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        """``--option-column`` values, ``OPTION`` or ``OPTION=COLUMN``."""
+        return tuple((o.strip(), (c if sep else o).strip())
+                     for o, sep, c in (item.partition("=") for item in items))
 
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".json")
@@ -432,9 +467,10 @@ CAPTION_COLUMNS = ("caption", "text", "prompt", "cap")
 
 
 def _table(text: str, suffix: str, where: str, columns: Columns
-           ) -> list[tuple[str, tuple[tuple[str, bytes], ...]]]:
-    """A table list file's clips, each with the sidecars its row gives: ``.txt`` its
-    caption (when a string), ``.json`` the whole row."""
+           ) -> list[tuple[str, tuple[tuple[str, bytes], ...], str]]:
+    """A table list file's clips, each with the sidecars its row gives (``.txt`` its
+    caption, when a string; ``.json`` the whole row) and its own preprocessing
+    (canonical, from ``columns.options``)."""
     rows: list[Any]
     try:
         if suffix == ".csv":
@@ -479,6 +515,8 @@ def _table(text: str, suffix: str, where: str, columns: Columns
 
     path_col = pick(columns.path, PATH_COLUMNS, "path")
     caption_col = pick(columns.caption, CAPTION_COLUMNS, "caption")
+    for _, column in columns.options:
+        pick(column, (), "option")
     out = []
     for number, row in enumerate(rows, 1):
         path = row.get(path_col)
@@ -492,8 +530,61 @@ def _table(text: str, suffix: str, where: str, columns: Columns
         if isinstance(caption, str):
             given.append((".txt", caption.encode()))
         given.append((".json", json.dumps(row, ensure_ascii=False, sort_keys=True).encode()))
-        out.append((path, tuple(given)))
+        out.append((path, tuple(given), _row_options(row, columns, f"{where}: row {number}")))
     return out
+
+
+def _row_options(row: Mapping[str, Any], columns: Columns, where: str) -> str:
+    """A row's own preprocessing, canonical: each option's column, where the row has a
+    value (an empty or null cell gives none)."""
+    from .video.preprocess import Preprocess
+
+    pairs = []
+    for option, column in columns.options:
+        value = row.get(column)
+        if value is None or value == "":
+            continue
+        if isinstance(value, list) and option == "bucket":
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DatasetError(f"{where}: {column!r} is not a value for {option!r}: "
+                               f"{value!r}")
+        pairs.append((option, str(value)))
+    try:
+        return Preprocess.parse(pairs).canonical()
+    except IVVAEError as exc:
+        raise DatasetError(f"{where}: {exc.detail}") from None
+
+
+# Options that say one thing two ways: a row's takes the place of the job's other one.
+_ALTERNATIVES = ({"start_frame", "start_s"}, {"num_frames", "max_frames"}, {"stride", "fps"})
+
+
+def with_row_options(job: str, row: str) -> str:
+    """The job's preprocessing (canonical) with a table row's: a row's option takes the
+    place of the job's of the same name and of its alternative (a row's ``start_s`` of the
+    job's ``start_frame``, its ``num_frames`` of the job's ``max_frames``, its ``fps`` of
+    the job's ``stride``); any other contradiction (a row's ``num_frames`` with the job's
+    ``bucket``, which sets the frames too) is refused, naming both."""
+    from .video.preprocess import Preprocess
+
+    if not row:
+        return job
+    own = Preprocess.from_canonical(row).to_params()
+    replaced = set(own).union(*(group for group in _ALTERNATIVES if group & set(own)))
+    merged = {**{k: v for k, v in Preprocess.from_canonical(job).to_params().items()
+                 if k not in replaced}, **own}
+    try:
+        return Preprocess.parse(merged).canonical()
+    except IVVAEError as exc:
+        raise DatasetError(f"the row's options ({row}) with the job's ({job}): "
+                           f"{exc.detail}") from None
+
+
+def _row_suffix(options: str) -> str:
+    """What a clip name gets from its row's options (``#start_s=5,num_frames=49``): one
+    file may be several clips, a window each. A ``/`` (of a rate) would make a folder."""
+    return "#" + options.replace(";", ",").replace("/", "%2F") if options else ""
 
 
 def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[Source]:
@@ -503,30 +594,32 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
         text = fs.cat_file(listing.path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise DatasetError(f"{listing.url()} is not a list file (not UTF-8 text)") from None
+    table: list[tuple[str, tuple[tuple[str, bytes], ...], str]]
     if _suffix(listing.path) in TABLE_SUFFIXES:
         table = _table(text, _suffix(listing.path), listing.url(), columns)
     else:
         # Taken as written, spaces included (names may begin or end with one, as GNU tar's
         # -T reads them); blank lines and lines starting with # are skipped.
-        table = [(line, ()) for line in text.splitlines()
+        table = [(line, (), "") for line in text.splitlines()
                  if line.strip() and not line.startswith("#")]
-    given = dict(table)
     entries: list[tuple[str, Location]] = []
-    for entry, _ in table:
+    for entry in dict.fromkeys(entry for entry, _, _ in table):
         if "://" in entry:
             entries.append((entry, Location.of(entry)))
         elif listing.local and os.path.isabs(entry):
             entries.append((entry, Location(fs, os.path.normpath(entry))))
         else:
             entries.append((entry, Location(fs, posixpath.normpath(base.join(entry)))))
-    # One clip under two spellings (a.mp4, ./a.mp4, its absolute path) is listed twice too.
-    seen: dict[str, str] = {}
-    for entry, loc in entries:
-        where = loc.fs.unstrip_protocol(loc.path)
+    # One clip under two spellings (a.mp4, ./a.mp4, its absolute path) is listed twice too;
+    # one file in rows with other options is several clips.
+    located = {entry: loc.fs.unstrip_protocol(loc.path) for entry, loc in entries}
+    seen: dict[tuple[str, str], str] = {}
+    for entry, _, options in table:
+        where = (located[entry], options)
         if where in seen:
             twice = (f"{entry!r} is listed twice" if seen[where] == entry
                      else f"{seen[where]!r} and {entry!r} are one file, listed twice")
-            raise DatasetError(twice)
+            raise DatasetError(twice + (f" with the options {options}" if options else ""))
         seen[where] = entry
     # One listing per folder gives sizes, ETags and sidecars; missing files stay missing
     # (they fail as clips, with an io_error, rather than stopping the job).
@@ -560,7 +653,14 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
         sources += [Source(entry, gfs.unstrip_protocol(loc.path), "missing",
                            _output_for(base, gfs, loc.path))
                     for entry, loc in group if loc.path not in infos]
-    sources = [replace(s, given=given[s.name]) if given.get(s.name) else s for s in sources]
+    by_entry = {s.name: s for s in sources}
+    sources = []
+    for entry, given, options in table:
+        s = by_entry[entry]
+        suffix = _row_suffix(options)
+        sources.append(replace(s, name=s.name + suffix, given=given or s.given,
+                               options=options,
+                               output=s.output[:-len(LATENT_SUFFIX)] + suffix + LATENT_SUFFIX))
     sources.sort(key=lambda s: s.name)
     _check_unique(sources)
     return sources
@@ -1361,6 +1461,12 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
                            f"{', '.join(sorted(MEDIA_SUFFIXES))})")
     if job.format != "files":
         _check_unique(sources, ("sample_key",))
+    for s in sources:  # a contradiction is the whole job's mistake: before any work
+        if s.options:
+            try:
+                with_row_options(job.options.preprocess, s.options)
+            except DatasetError as exc:
+                raise DatasetError(f"{s.name}: {exc}") from None
     out = open_output(job.out, config, new_version=job.new_version)
     # Before the clean-up: a second run of the same worker must not remove the first
     # one's temporaries and unrecorded shards while it writes them.
@@ -1449,6 +1555,9 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     start = time.perf_counter()
     key = clip_key(source, config)
     options, sidecars = config.options, config.format != "files"
+    if source.options:
+        options = replace(options, preprocess=with_row_options(options.preprocess,
+                                                               source.options))
     copy: Path | None = None
     try:
         try:
@@ -1746,7 +1855,8 @@ def job_from_args(args: argparse.Namespace) -> tuple[Job, EncoderSpec]:
               shard_clips=_given(args.shard_clips, SHARD_CLIPS),
               shard_bytes=int(_given(args.shard_mb, SHARD_MB) * 2**20),
               new_version=args.new_version,
-              columns=Columns(args.path_column or "", args.caption_column or ""))
+              columns=Columns(args.path_column or "", args.caption_column or "",
+                              Columns.parse_options(args.option_column or [])))
     spec = EncoderSpec(server=args.server or "", weights=args.weights or "",
                        device=args.device or "cpu",
                        encode_precision=args.encode_precision or PRECISIONS[0],
@@ -1817,6 +1927,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    f"(default: the first of {', '.join(PATH_COLUMNS)})")
     p.add_argument("--caption-column", help="its column of captions, stored as the .txt "
                    f"sidecar (default: the first of {', '.join(CAPTION_COLUMNS)})")
+    p.add_argument("--option-column", action="append", metavar="OPTION[=COLUMN]",
+                   help="a preprocessing option each row of a .csv/.jsonl/.json list sets "
+                   "for its clip, from its column COLUMN (default: the column named OPTION); "
+                   "repeatable. One file in rows with other options is a clip per row: "
+                   "windows of a long video (--option-column start_s --option-column "
+                   "num_frames)")
     p.add_argument("--format", choices=FORMATS, default="files",
                    help="files: one latent file per video; webdataset: tar shards; parquet: "
                    "parquet shards (default: files)")
