@@ -105,7 +105,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 from .core import strict
 from .core.names import PRECISIONS
@@ -1215,11 +1215,37 @@ def _published_listing(out: Location) -> Listing | None:
         return None
 
 
-def newest_listing(out: Location, own: Listing) -> Listing:
+def _published_head(out: Location) -> tuple[float, str, int] | None:
+    """The published listing's first line (when, by whom, how many clips), read alone: a
+    listing of millions of clips is read whole only when it is newer than one's own."""
+    try:
+        with out.fs.open(out.join(STATE_DIR, LISTING_NAME), "rb") as f:
+            line = f.readline()
+    except FileNotFoundError:
+        return None
+    try:
+        head = json.loads(line)
+        return float(head["listed_at"]), str(head["by"]), int(head["clips"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def newest_listing(out: Location, own: Listing,
+                   seen: dict[str, Any] | None = None) -> Listing:
     """The newest listing of the job's sources: ``own``, or a newer one another worker
-    published (``publish_listing``)."""
+    published (``publish_listing``). ``seen``: the last one read, kept there, so a caller
+    that asks again reads it again only when another was published meanwhile."""
+    head = _published_head(out)
+    if head is None or head[0] <= own.at:
+        return own
+    if seen is not None and seen.get("head") == head:
+        return cast(Listing, seen["listing"])
     held = _published_listing(out)
-    return held if held is not None and held.at > own.at else own
+    if held is None or held.at <= own.at:
+        return own
+    if seen is not None:
+        seen.update(head=(held.at, held.by, len(held.clips)), listing=held)
+    return held
 
 
 def store_clock_offset(out: Location, tag: str) -> float:
@@ -1244,8 +1270,8 @@ def publish_listing(out: Location, listing: Listing) -> None:
     that publish at once both write; each reads back, and the one whose newer listing was
     written over writes again, so the newest stays."""
     for _ in range(10):
-        held = _published_listing(out)
-        if held is not None and held.at >= listing.at:
+        head = _published_head(out)
+        if head is not None and head[0] >= listing.at:
             return
         publish_bytes(out, out.join(STATE_DIR, LISTING_NAME), listing.render())
     log.warning("could not publish this worker's listing of the sources: other workers "
@@ -1264,9 +1290,11 @@ def write_manifest(out: Location, listing: Listing, config: JobConfig) -> None:
     until nothing changed in between.
     """
 
+    seen: dict[str, Any] = {}
+
     def render() -> bytes:
         state = load_state(out, config.format)
-        newest = newest_listing(out, listing)
+        newest = newest_listing(out, listing, seen)
         return jsonl(state.line_named(n, i, k) for n, i, k in newest.clips)
 
     publish_manifest(out, render)
