@@ -996,7 +996,7 @@ class _Gated:
         await self.inner.close()
 
 
-async def test_the_last_worker_to_stop_names_a_clip_as_the_newest_listing_saw_it(
+async def test_the_last_worker_to_stop_names_a_clip_as_its_own_worker_listed_it(
         server: ServerThread, tmp_path: Path) -> None:
     # Worker 0 listed the sources, then a clip of worker 1 changed, and worker 1 encoded
     # the new version; worker 0, stopping last, wrote the manifest from its older listing:
@@ -1034,40 +1034,65 @@ async def test_the_last_worker_to_stop_names_a_clip_as_the_newest_listing_saw_it
     assert set(shard_samples(out).values()) == {1}
 
 
-class _Skewed:
-    """The ``time`` module of a machine whose clock is ``by`` seconds behind."""
-
-    def __init__(self, by: float) -> None:
-        self.by = by
-
-    def time(self) -> float:
-        return time.time() - self.by
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-async def test_a_rerun_on_a_machine_whose_clock_is_behind_still_lists_newest(
+async def test_a_worker_whose_listing_began_first_but_saw_a_change_is_not_overruled(
         server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Listings are ordered by the store's clock: taken by the machine's, this rerun's fresh
-    # listing counted as an hour older than the first run's, which then named the clip.
-    import ivvae.dataset
+    # Listings overlap: worker 0 began listing first but reached its clip X after X
+    # changed; worker 1 began later, saw X before the change, and stopped. Ordered by when
+    # they began, worker 1's listing was "newest" and the manifest named X's old latent,
+    # which worker 0 had just replaced.
+    from ivvae import dataset
 
-    src = make_clips(tmp_path / "src", count=3)
+    src = make_clips(tmp_path / "src", count=6)
     out = tmp_path / "out"
     await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
-    changed = collect(src)[0]
-    media.make_video(src / changed.name, frames=9, width=24, height=16, fps=5)
-    monkeypatch.setattr(ivvae.dataset, "time", _Skewed(3600))
-    again = await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
-    assert (again.encoded, again.skipped) == (1, 2)
+    ours = next(s for s in collect(src) if s.worker(2) == 0)
+    real, calls = dataset.collect, [0]
+
+    def slow_listing(*args: Any, **kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:  # worker 0's listing has begun; worker 1 runs whole meanwhile
+            other = asyncio.run(encode_dataset(src, out, server=server.grpc_url,
+                                               format="webdataset", shard=(1, 2)))
+            assert other.encoded == 0
+            media.make_video(src / ours.name, frames=9, width=24, height=16, fps=5)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dataset, "collect", slow_listing)
+    first = await encode_dataset(src, out, server=server.grpc_url, format="webdataset",
+                                 shard=(0, 2))
     monkeypatch.undo()
+    assert first.encoded == 1
     fresh = await encode_dataset(src, tmp_path / "fresh", server=server.grpc_url,
                                  format="webdataset")
-    assert fresh.encoded == 3
+    assert fresh.encoded == 6
     assert {r["source"]: r["key"] for r in manifest(out)} == {
         r["source"]: r["key"] for r in manifest(tmp_path / "fresh")}
     assert latents(out) == latents(tmp_path / "fresh")
+
+
+async def test_a_rerun_with_another_worker_count_is_not_overruled_by_the_old_split(
+        server: ServerThread, tmp_path: Path) -> None:
+    # Two workers, then a change and one unsharded rerun, then worker 0 of 2 again: the
+    # old worker 1's listing of its share (before the change) must not name the clip.
+    src = make_clips(tmp_path / "src", count=6)
+    out = tmp_path / "out"
+    for i in (0, 1):
+        await encode_dataset(src, out, server=server.grpc_url, format="webdataset",
+                             shard=(i, 2))
+    theirs = next(s for s in collect(src) if s.worker(2) == 1)
+    media.make_video(src / theirs.name, frames=9, width=24, height=16, fps=5)
+    whole = await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
+    assert whole.encoded == 1
+    again = await encode_dataset(src, out, server=server.grpc_url, format="webdataset",
+                                 shard=(0, 2))
+    assert (again.encoded, again.skipped) == (0, again.total)
+    fresh = await encode_dataset(src, tmp_path / "fresh", server=server.grpc_url,
+                                 format="webdataset")
+    assert fresh.encoded == 6
+    assert {r["source"]: r["key"] for r in manifest(out)} == {
+        r["source"]: r["key"] for r in manifest(tmp_path / "fresh")}
+    assert sorted(p.name for p in (out / ".ivvae" / "listings").iterdir()) == [
+        "w00000of00002.jsonl"]
 
 
 def test_a_run_given_up_mid_way_exits_2_with_the_summary(

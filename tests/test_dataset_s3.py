@@ -499,34 +499,18 @@ def test_an_object_overwritten_while_read_is_retried(
     assert got["one.mp4"] == alone["one.mp4"]
 
 
-def test_listings_are_ordered_by_the_store_s_clock(s3_server: S3Server,  # noqa: F811
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # moto stamps objects with this machine's clock, as S3 with its own: a worker whose
-    # clock is an hour behind measures the hour, and its listing is dated by the store.
-    import time
-
-    import ivvae.dataset
-    from ivvae.dataset import Listing, newest_listing, publish_listing, store_clock_offset
+def test_share_listings_on_s3(s3_server: S3Server) -> None:  # noqa: F811
+    # Each worker's share, read back as one; a run with another worker count replaces them.
+    from ivvae.dataset import Listing, _shares, publish_share
     from ivvae.storage import Location
 
-    out = Location.of(s3_server.make_bucket("clock") + "/out")
-    assert abs(store_clock_offset(out, "w0")) < 3  # S3 stamps whole seconds
-
-    class Behind:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-        def time(self) -> float:
-            return time.time() - 3600
-
-    monkeypatch.setattr(ivvae.dataset, "time", Behind())
-    assert abs(store_clock_offset(out, "w1") - 3600) < 3
-    monkeypatch.undo()
-    out.fs.invalidate_cache()
-    assert out.fs.find(out.path) == []  # the clock probes are gone
-    old = Listing(1000.0, "w0", (("a.mp4", "etag:1", "k1"),))
-    new = Listing(2000.0, "w1", (("a.mp4", "etag:2", "k2"), ("b.mp4", "etag:3", "k3")))
-    publish_listing(out, new)
-    publish_listing(out, old)  # older than what is there: left
-    assert newest_listing(out, old) == new
-    assert newest_listing(out, Listing(3000.0, "w2", ())) == Listing(3000.0, "w2", ())
+    out = Location.of(s3_server.make_bucket("shares") + "/out")
+    publish_share(out, Listing("w00000of00002", (("a.mp4", "etag:1", "k1"),)), 2)
+    publish_share(out, Listing("w00001of00002", (("b.mp4", "etag:2", "k2"),)), 2)
+    seen: dict[str, Any] = {}
+    assert _shares(out, 2, seen) == {"a.mp4": ("etag:1", "k1"), "b.mp4": ("etag:2", "k2")}
+    publish_share(out, Listing("w00001of00002", (("b.mp4", "etag:3", "k3"),)), 2)
+    assert _shares(out, 2, seen)["b.mp4"] == ("etag:3", "k3")  # read again: it changed
+    publish_share(out, Listing("w00000of00001", (("a.mp4", "etag:4", "k4"),)), 1)
+    assert _shares(out, 2, {}) == {}
+    assert _shares(out, 1, {}) == {"a.mp4": ("etag:4", "k4")}

@@ -142,3 +142,43 @@ def test_an_interrupted_run_stops_its_actors_before_it_writes_the_manifest(
     assert 1 <= len(done) < 8
     assert {r["source"] for r in manifest(out) if r["status"] == "ok"} == done
     assert summary.encoded == len(done)
+
+
+def test_a_recount_counts_this_run_s_record_files_whatever_the_clocks() -> None:
+    # It kept the failures recorded after the driver's start time: an actor whose clock
+    # was behind had its failure taken for an earlier run's and the count went to 0.
+    import os
+    import tempfile
+
+    from ivvae.dataset import (
+        PARTS_DIR,
+        ClipOptions,
+        JobConfig,
+        Listing,
+        ModelIdentity,
+        Plan,
+        Source,
+        Summary,
+        clip_key,
+        error_record,
+        jsonl,
+    )
+    from ivvae.ray import _recount
+    from ivvae.storage import Location
+
+    folder = tempfile.mkdtemp()
+    out = Location.of(folder)
+    config = JobConfig("webdataset", ClipOptions(), ModelIdentity("m", "0" * 64, "float32"))
+    a, b = (Source(n, f"file:///{n}", "sha256:1", n) for n in ("a.mp4", "b.mp4"))
+    earlier = {**error_record(a, clip_key(a, config), "decode_error", "old"), "at": 1.0}
+    now = {**error_record(a, clip_key(a, config), "decode_error", "bad"), "at": 2.0}
+    os.makedirs(os.path.join(folder, PARTS_DIR))
+    for part, records in (("w-old-00000", [earlier]), ("w-new-00000", [now])):
+        with open(os.path.join(folder, PARTS_DIR, part + ".jsonl"), "wb") as f:
+            f.write(jsonl(records))
+    plan = Plan(out, config, [a, b], Listing.of([a, b], config, "w"), [a, b], [a, b],
+                frozenset({"w-old-00000"}))
+    summary = Summary()
+    _recount(plan, summary)
+    assert (summary.encoded, summary.failed, summary.errors) == (0, 1, {"decode_error": 1})
+    assert summary.parts == 1

@@ -69,9 +69,9 @@ does; two at once each remove the other's shard whose record is not yet publishe
 killed run's leftover, and its clips are encoded again by the next run).
 
 ``--shard i/N`` takes the clips whose name hashes to ``i`` modulo ``N``: N workers, started
-anywhere and in any order, together cover the dataset exactly once. Each lists every clip
-and publishes its listing (``OUT/.ivvae/listing.jsonl``) unless a newer one is there; the
-manifest is always written from the newest (``write_manifest``).
+anywhere and in any order, together cover the dataset exactly once. Each publishes its
+listing of its share (``OUT/.ivvae/listings/``); the manifest, whoever writes it, names each
+clip as its worker listed it (``write_manifest``).
 
 Exit status: 0 when every clip of this worker is done, 1 when some failed (see the
 manifest), 2 when the run could not start, or could not go on (its output failed: a full
@@ -105,7 +105,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from .core import strict
 from .core.names import PRECISIONS
@@ -136,8 +136,8 @@ RECORD_SUFFIX = ".ivvae.json"
 MANIFEST_NAME = "manifest.jsonl"
 STATE_DIR = ".ivvae"
 JOB_NAME = "job.json"
-LISTING_NAME = "listing.jsonl"  # OUT/.ivvae/listing.jsonl: the newest listing of the sources
 PARTS_DIR = f"{STATE_DIR}/parts"
+LISTINGS_DIR = f"{STATE_DIR}/listings"  # each worker's listing of its share
 SHARDS_DIR = "shards"
 VERSIONS_DIR = "versions"
 LOCK_NAME = "lock"
@@ -1180,122 +1180,98 @@ def clip_key(source: Source, config: JobConfig) -> str:
 
 @dataclass(frozen=True)
 class Listing:
-    """The clips of a job as one worker listed them: ``(name, identity, key)`` each, the
-    listing begun at ``at`` (seconds since the epoch, the worker's clock) by ``by``."""
+    """Clips as one worker listed them, ``(name, identity, key)`` each: all of the job's
+    (the worker's own view), or its share's as it published it (``publish_share``)."""
 
-    at: float
-    by: str
+    by: str  # the worker's prefix, ``Job.prefix``
     clips: tuple[tuple[str, str, str], ...]
 
     @classmethod
-    def of(cls, sources: Sequence[Source], config: JobConfig, at: float, by: str) -> Listing:
-        return cls(at, by, tuple((s.name, s.identity, clip_key(s, config)) for s in sources))
+    def of(cls, sources: Sequence[Source], config: JobConfig, by: str) -> Listing:
+        return cls(by, tuple((s.name, s.identity, clip_key(s, config)) for s in sources))
 
     def render(self) -> bytes:
-        return jsonl([{"listed_at": self.at, "by": self.by, "clips": len(self.clips)},
+        return jsonl([{"by": self.by, "clips": len(self.clips)},
                       *({"source": n, "identity": i, "key": k} for n, i, k in self.clips)])
 
     @classmethod
     def parse(cls, blob: bytes) -> Listing | None:
-        """The listing in ``blob``, None for anything else (not one this version wrote)."""
+        """The listing in ``blob``, None for anything else (a file this version did not
+        write whole)."""
         try:
             head, *rows = (json.loads(line) for line in blob.decode("utf-8").splitlines())
             clips = tuple((str(r["source"]), str(r["identity"]), str(r["key"])) for r in rows)
             if head["clips"] != len(clips):
                 return None
-            return cls(float(head["listed_at"]), str(head["by"]), clips)
+            return cls(str(head["by"]), clips)
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
 
-def _published_listing(out: Location) -> Listing | None:
-    try:
-        return Listing.parse(out.fs.cat_file(out.join(STATE_DIR, LISTING_NAME)))
-    except FileNotFoundError:
-        return None
+def _shares_suffix(count: int) -> str:
+    return f"of{count:05d}.jsonl"  # ``Job.prefix`` ends so
 
 
-def _published_head(out: Location) -> tuple[float, str, int] | None:
-    """The published listing's first line (when, by whom, how many clips), read alone: a
-    listing of millions of clips is read whole only when it is newer than one's own."""
-    try:
-        with out.fs.open(out.join(STATE_DIR, LISTING_NAME), "rb") as f:
-            line = f.readline()
-    except FileNotFoundError:
-        return None
-    try:
-        head = json.loads(line)
-        return float(head["listed_at"]), str(head["by"]), int(head["clips"])
-    except (ValueError, TypeError, KeyError):
-        return None
+def publish_share(out: Location, share: Listing, count: int) -> None:
+    """Publish the listing of one worker's share (``OUT/.ivvae/listings/<prefix>.jsonl``),
+    and remove those of other worker counts: the job's earlier runs, whose shares are
+    another split of the clips. (Runs with two worker counts at once are not supported.)"""
+    folder = out.join(LISTINGS_DIR)
+    out.fs.invalidate_cache()
+    if out.fs.exists(folder):
+        stale = [p for p in out.fs.ls(folder, detail=False)
+                 if p.endswith(".jsonl") and not p.endswith(_shares_suffix(count))]
+        if stale:
+            out.fs.rm(stale)
+    publish_bytes(out, out.join(LISTINGS_DIR, share.by + ".jsonl"), share.render())
 
 
-def newest_listing(out: Location, own: Listing,
-                   seen: dict[str, Any] | None = None) -> Listing:
-    """The newest listing of the job's sources: ``own``, or a newer one another worker
-    published (``publish_listing``). ``seen``: the last one read, kept there, so a caller
-    that asks again reads it again only when another was published meanwhile."""
-    head = _published_head(out)
-    if head is None or head[0] <= own.at:
-        return own
-    if seen is not None and seen.get("head") == head:
-        return cast(Listing, seen["listing"])
-    held = _published_listing(out)
-    if held is None or held.at <= own.at:
-        return own
-    if seen is not None:
-        seen.update(head=(held.at, held.by, len(held.clips)), listing=held)
-    return held
+def _shares(out: Location, count: int, seen: dict[str, tuple[Any, Listing | None]]
+            ) -> dict[str, tuple[str, str]]:
+    """Every clip of the published share listings of ``count`` workers: its identity and
+    key as the worker that encodes it listed it. ``seen`` keeps each file read (by its
+    size and time), so a caller that asks again reads only those written meanwhile."""
+    out.fs.invalidate_cache()
+    folder = out.join(LISTINGS_DIR)
+    listed = out.fs.ls(folder, detail=True) if out.fs.exists(folder) else []
+    clips: dict[str, tuple[str, str]] = {}
+    for info in listed:
+        path = info["name"]
+        if not path.endswith(_shares_suffix(count)) or TMP_MARK in path:
+            continue
+        stamp = (info.get("size"), modified_time(out.fs, path, info), info.get("ETag"))
+        if path not in seen or seen[path][0] != stamp:
+            try:
+                seen[path] = (stamp, Listing.parse(out.fs.cat_file(path)))
+            except FileNotFoundError:  # replaced meanwhile: read at the next render
+                continue
+        share = seen[path][1]
+        for name, ident, key in share.clips if share is not None else ():
+            clips[name] = (ident, key)
+    return clips
 
 
-def store_clock_offset(out: Location, tag: str) -> float:
-    """How far the clock of ``out``'s store is ahead of this machine's, in seconds (0 where
-    the store does not say when it wrote a file). Listings of workers on several machines
-    are ordered by the store's clock, which they share: a machine whose clock is behind
-    (a laptop rerunning a cluster's job) must not take its fresh listing for an old one."""
-    path = out.join(STATE_DIR, f"clock-{tag}-{secrets.token_hex(4)}")
-    before = time.time()
-    publish_bytes(out, path, b"")
-    after = time.time()
-    try:
-        stamp = modified_time(out.fs, path, out.fs.info(path))
-    finally:
-        with contextlib.suppress(*storage_errors()):
-            out.fs.rm(path)
-    return 0.0 if stamp is None else stamp - (before + after) / 2
+def write_manifest(out: Location, listing: Listing, count: int, config: JobConfig) -> None:
+    """``OUT/manifest.jsonl``: one line per clip, from what is published right now.
 
-
-def publish_listing(out: Location, listing: Listing) -> None:
-    """Publish ``listing`` as the job's newest unless a newer one is there. Two workers
-    that publish at once both write; each reads back, and the one whose newer listing was
-    written over writes again, so the newest stays."""
-    for _ in range(10):
-        head = _published_head(out)
-        if head is not None and head[0] >= listing.at:
-            return
-        publish_bytes(out, out.join(STATE_DIR, LISTING_NAME), listing.render())
-    log.warning("could not publish this worker's listing of the sources: other workers "
-                "kept writing theirs")
-
-
-def write_manifest(out: Location, listing: Listing, config: JobConfig) -> None:
-    """``OUT/manifest.jsonl``: one line per clip of the newest listing any worker of the job
-    published, from what is published right now.
-
-    Workers list the sources at different times, and each writes the manifest when it
-    stops: whoever writes last, a clip that changed (or came or went) between two listings
-    is named as the newest listing saw it, never as an older version an earlier listing
-    saw. One that read the parts just before another published its last could overwrite
-    the other's newer manifest, so it reads them again after writing, and writes again
-    until nothing changed in between.
+    Workers list the sources at different times, and a clip may change between two
+    listings: each clip is named as the worker that encodes it listed it (its share's
+    published listing, of this run's ``count`` workers), whoever writes the manifest
+    last, so the manifest never names a version of a clip other than the one its worker
+    encoded; clips whose worker has not published yet are named as ``listing`` (this
+    worker's view of all) has them. A change after a worker's listing is the next run's
+    work, as on one machine. One that read the parts just before another published its
+    last could overwrite the other's newer manifest, so it reads them again after
+    writing, and writes again until nothing changed in between.
     """
 
-    seen: dict[str, Any] = {}
+    seen: dict[str, tuple[Any, Listing | None]] = {}
 
     def render() -> bytes:
         state = load_state(out, config.format)
-        newest = newest_listing(out, listing, seen)
-        return jsonl(state.line_named(n, i, k) for n, i, k in newest.clips)
+        clips = {name: (ident, key) for name, ident, key in listing.clips}
+        clips.update(_shares(out, count, seen))
+        return jsonl(state.line_named(name, *clips[name]) for name in sorted(clips))
 
     publish_manifest(out, render)
 
@@ -1466,9 +1442,10 @@ class Plan:
     out: Location
     config: JobConfig
     sources: list[Source]
-    listing: Listing  # of ``sources``, as published
+    listing: Listing  # of ``sources``
     mine: list[Source]
     todo: list[Source]
+    parts: frozenset[str] = frozenset()  # the record files published before this run
 
 
 def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
@@ -1482,7 +1459,6 @@ def plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
 
 def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     config = JobConfig(job.format, job.options, model)
-    listed_at = time.time()
     sources = collect(job.src, columns=job.columns)
     if not sources:
         raise DatasetError(f"{job.src} holds no video or image files (suffixes: "
@@ -1507,17 +1483,16 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
                            "to finish")
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
-    listed_at += store_clock_offset(out, job.prefix)
-    listing = Listing.of(sources, config, listed_at, job.prefix)
-    publish_listing(out, listing)
+    listing = Listing.of(sources, config, job.prefix)
+    publish_share(out, Listing.of(mine, config, job.prefix), n)
     state = load_state(out, job.format)
     if state.replaced:
         # A compaction stopped before its manifest: name its new parts before the shards
         # they replace are removed as orphans, so readers never meet a missing shard.
-        write_manifest(out, listing, config)
+        write_manifest(out, listing, n, config)
     remove_orphans(out, job.format, state, None if n == 1 else job.prefix)
     todo = [s for s in mine if state.done(s, clip_key(s, config)) is None]
-    return Plan(out, config, sources, listing, mine, todo)
+    return Plan(out, config, sources, listing, mine, todo, frozenset(state.files))
 
 
 def _named(detail: str, copy: Path | None, source: Source) -> str:
@@ -1738,7 +1713,7 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
                 bar.close()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(asyncio.to_thread(
-                        write_manifest, p.out, p.listing, p.config))
+                        write_manifest, p.out, p.listing, job.shard[1], p.config))
     finally:
         await encoder.close()
     return summary

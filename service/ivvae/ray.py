@@ -47,7 +47,6 @@ from .dataset import (
     Plan,
     Source,
     Summary,
-    clip_key,
     encode_clip,
     load_state,
     plan,
@@ -179,7 +178,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
         p = plan(job, asyncio.run(identify()), held)
         summary.total, summary.skipped = len(p.mine), len(p.mine) - len(p.todo)
         summary.output = p.out.url()
-        start, started = time.perf_counter(), time.time()
+        start = time.perf_counter()
         try:
             if p.todo:
                 ds = source_dataset(p.todo).map_batches(
@@ -205,27 +204,32 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
             # Interrupted or given up: the rows of the batches the actors held never came
             # back, though the actors may have published them before they were stopped.
             with contextlib.suppress(Exception):
-                _recount(p, summary, started)
+                _recount(p, summary)
             raise
         finally:
             summary.seconds = time.perf_counter() - start
-            write_manifest(p.out, p.listing, p.config)
+            write_manifest(p.out, p.listing, job.shard[1], p.config)
     return summary
 
 
-def _recount(p: Plan, summary: Summary, since: float) -> None:
-    """Count into ``summary`` what the run published, from the records: the clips of
-    ``p.todo`` now done, and those that failed since ``since`` (the store's records carry
-    the actors' clocks)."""
+def _recount(p: Plan, summary: Summary) -> None:
+    """Count into ``summary`` what the run published, from the record files it wrote
+    (those not there at its start): a clip's latest record in them, for each of its
+    clips (Ray may have run a batch twice)."""
     state = load_state(p.out, p.config.format)
+    todo = {s.name for s in p.todo}
+    latest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for part, records in state.files.items():
+        if part in p.parts:
+            continue
+        for record in records:
+            name = record["source"]
+            if name in todo and record.get("at", 0) >= latest.get(name, ("", {}))[1].get(
+                    "at", -1):
+                latest[name] = (part, record)
     counted = Summary()
-    parts = set()
-    for source in p.todo:
-        line = state.line(source, clip_key(source, p.config))
-        if line["status"] == "ok" or (line["status"] == "error"
-                                      and line.get("at", 0) >= since):
-            counted.count(line)
-            parts.add(line.get("part"))
+    for _, record in latest.values():
+        counted.count(record)
     summary.encoded, summary.failed = counted.encoded, counted.failed
     summary.frames, summary.bytes, summary.errors = counted.frames, counted.bytes, counted.errors
-    summary.parts = len(parts - {None})
+    summary.parts = len({part for part, _ in latest.values()})
