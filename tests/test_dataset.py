@@ -1221,6 +1221,13 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
                                 r"and 'num_frames' contradict"):
         plan(job, ModelIdentity("m", "0" * 64, "float32"), held)
     assert not (tmp_path / "out").exists()
+    # A row's crop under the job's exact size; pandas' "9.0" counts, blank cells and a
+    # header with a space after the comma, as tables come.
+    assert with_row_options("resize=16x16", "crop=none") == "resize=16x16;crop=none"
+    (src / "p.csv").write_text("path, crop,frames\na/clip01.mp4,none,9.0\nb/clip00.mp4, ,\n")
+    spaced = Columns(options=Columns.parse_options(["crop= crop", "num_frames=frames"]))
+    assert {s.name: s.options for s in collect(src / "p.csv", columns=spaced)} == {
+        "a/clip01.mp4#crop=none,num_frames=9": "crop=none;num_frames=9", "b/clip00.mp4": ""}
     # The command line's spelling.
     import argparse
 

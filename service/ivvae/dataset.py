@@ -455,7 +455,8 @@ class Columns:
     @classmethod
     def parse_options(cls, items: Sequence[str]) -> tuple[tuple[str, str], ...]:
         """``--option-column`` values, ``OPTION`` or ``OPTION=COLUMN``."""
-        return tuple((o.strip(), (c if sep else o).strip())
+        # A column is named as the table spells it: " begin" in "path, begin".
+        return tuple((o.strip(), c if sep else o.strip())
                      for o, sep, c in (item.partition("=") for item in items))
 
 
@@ -534,26 +535,43 @@ def _table(text: str, suffix: str, where: str, columns: Columns
     return out
 
 
+_COUNTS = ("start_frame", "num_frames", "max_frames", "stride")
+
+
 def _row_options(row: Mapping[str, Any], columns: Columns, where: str) -> str:
     """A row's own preprocessing, canonical: each option's column, where the row has a
-    value (an empty or null cell gives none)."""
-    from .video.preprocess import Preprocess
+    value (an empty, blank or null cell gives none). Each value is checked alone here;
+    together with the job's options in ``with_row_options`` (a row's ``crop`` needs the
+    job's exact size)."""
+    from .video.preprocess import PREPROCESS_KEYS, Preprocess
 
-    pairs = []
+    params: dict[str, str] = {}
     for option, column in columns.options:
         value = row.get(column)
-        if value is None or value == "":
-            continue
         if isinstance(value, list) and option == "bucket":
             value = ",".join(str(v) for v in value)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, type(None))):
             raise DatasetError(f"{where}: {column!r} is not a value for {option!r}: "
                                f"{value!r}")
-        pairs.append((option, str(value)))
-    try:
-        return Preprocess.parse(pairs).canonical()
-    except IVVAEError as exc:
-        raise DatasetError(f"{where}: {exc.detail}") from None
+        text = "" if value is None else str(value).strip()
+        if not text:
+            continue
+        if option in _COUNTS:
+            # A count column with a gap is float to pandas, which writes 9 as "9.0".
+            with contextlib.suppress(ValueError, OverflowError):
+                number = float(text)
+                if number.is_integer():
+                    text = str(int(number))
+        alone = [(option, text)] + ([("resize", "1x1")] if option == "crop" else [])
+        try:
+            params[option] = Preprocess.parse(alone).to_params()[option]
+        except IVVAEError as exc:
+            raise DatasetError(f"{where}: {exc.detail}") from None
+    return ";".join(f"{k}={params[k]}" for k in PREPROCESS_KEYS if k in params)
+
+
+def _params(canonical: str) -> dict[str, str]:
+    return dict(part.partition("=")[::2] for part in canonical.split(";")) if canonical else {}
 
 
 # Options that say one thing two ways: a row's takes the place of the job's other one.
@@ -570,10 +588,9 @@ def with_row_options(job: str, row: str) -> str:
 
     if not row:
         return job
-    own = Preprocess.from_canonical(row).to_params()
+    own = _params(row)
     replaced = set(own).union(*(group for group in _ALTERNATIVES if group & set(own)))
-    merged = {**{k: v for k, v in Preprocess.from_canonical(job).to_params().items()
-                 if k not in replaced}, **own}
+    merged = {**{k: v for k, v in _params(job).items() if k not in replaced}, **own}
     try:
         return Preprocess.parse(merged).canonical()
     except IVVAEError as exc:
