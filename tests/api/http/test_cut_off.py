@@ -115,3 +115,32 @@ def test_a_client_gone_mid_answer_is_counted_cancelled(server: str, op: str) -> 
             assert time.monotonic() < deadline, http.get("/metrics").text
             time.sleep(0.2)
         assert _requests(http.get("/metrics").text, op) == {"cancelled": 1.0}
+
+
+def test_an_answer_collected_before_it_was_whole_counts_once_and_quietly() -> None:
+    # An answer dropped before its __init__ ended (its own arguments refused) had no
+    # ``counted`` for __del__ to read: an "Exception ignored" AttributeError at every such
+    # collection. One collected unsent counts its request as the client gone, once.
+    import gc
+    import sys
+
+    from starlette.requests import ClientDisconnect
+
+    from ivvae.api.http.answers import HeldResponse, StreamedInTime
+
+    problems: list[object] = []
+    counts: list[BaseException] = []
+    before = sys.unraisablehook
+    sys.unraisablehook = problems.append
+    try:
+        for cls in (HeldResponse, StreamedInTime):
+            half = cls.__new__(cls)
+            del half
+        unsent = HeldResponse(b"x", release=lambda: None, seconds=1.0,
+                              counted=counts.append)
+        del unsent
+        gc.collect()
+    finally:
+        sys.unraisablehook = before
+    assert problems == []
+    assert len(counts) == 1 and isinstance(counts[0], ClientDisconnect)
