@@ -1244,3 +1244,39 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
 
     [source] = collect(src / "t.csv", columns=by)
     assert Source.from_row(source.as_row()) == source and source.options
+
+
+async def test_a_shared_copy_is_fetched_again_after_a_failure_and_removed_at_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ivvae import dataset
+    from ivvae.dataset import Copies, Source
+
+    calls: list[str] = []
+
+    def fetch(source: Source, spool: str | None = None) -> tuple[Path, bool]:
+        calls.append(source.name)
+        if len(calls) == 1:
+            raise OSError("the store hung up (test)")
+        copy = tmp_path / f"copy{len(calls)}"
+        copy.write_bytes(b"clip")
+        return copy, True
+
+    monkeypatch.setattr(dataset, "fetch_clip", fetch)
+    windows = [Source(f"v.mp4#start_s={i}", "s3://b/v.mp4", "etag:1", f"v{i}") for i in range(3)]
+    copies = Copies(windows)
+    assert all(copies.shares(w) for w in windows)
+    with pytest.raises(OSError, match="hung up"):
+        await copies.fetch(windows[0])
+    copies.done(windows[0])
+    (first, temporary), (again, _) = await asyncio.gather(copies.fetch(windows[1]),
+                                                          copies.fetch(windows[2]))
+    assert first == again and temporary and len(calls) == 2  # the two waited for one fetch
+    copies.done(windows[1])
+    assert first.exists()
+    copies.done(windows[2])  # the last reader
+    assert not first.exists()
+    # Stopped before every reader was done: close removes what is held.
+    copies = Copies(windows)
+    held, _ = await copies.fetch(windows[0])
+    copies.close()
+    assert not held.exists()

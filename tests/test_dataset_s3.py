@@ -514,3 +514,56 @@ def test_share_listings_on_s3(s3_server: S3Server) -> None:  # noqa: F811
     publish_share(out, Listing("w00000of00001", (("a.mp4", "etag:4", "k4"),)), 1)
     assert _shares(out, 2, {}) == {}
     assert _shares(out, 1, {}) == {"a.mp4": ("etag:4", "k4")}
+
+
+def test_windows_of_one_object_fetch_it_once(s3_server: S3Server, tiny_weights: Path,  # noqa: F811
+                                             tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The captioned spans of one long video (--option-column): every window downloaded the
+    # whole object again. Each latent is still that window alone.
+    import os
+    import tempfile
+
+    import s3fs
+
+    from ivvae.dataset import SPOOL_PREFIX, Columns
+
+    src = s3_server.make_bucket("spans")
+    fs = fsspec.filesystem("s3")
+    long = media.make_video(None, frames=30, width=16, height=16, fps=10)
+    fs.pipe_file("spans/v/long.mp4", long)
+    fs.pipe_file("spans/v/other.mp4", media.make_video(None, frames=5, width=16, height=16))
+    rows = [{"path": "v/long.mp4", "caption": f"span {i}", "start_s": i, "num_frames": 5}
+            for i in range(3)] + [{"path": "v/other.mp4", "caption": "whole"}]
+    fs.pipe_file("spans/spans.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "long.mp4").write_bytes(long)
+    fs.get_file("spans/v/other.mp4", str(tmp_path / "v" / "other.mp4"))
+    (tmp_path / "spans.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    fetched: list[str] = []
+    real = s3fs.S3FileSystem._get_file
+
+    async def counted(self: Any, rpath: str, lpath: str, **kw: Any) -> Any:
+        fetched.append(rpath)
+        return await real(self, rpath, lpath, **kw)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", counted)
+    by = Columns(options=Columns.parse_options(["start_s", "num_frames"]))
+    spec = in_process(tiny_weights)
+    remote = asyncio.run(encode_dataset(f"{src}/spans.jsonl", tmp_path / "remote",
+                                        encoder=spec, format="webdataset", columns=by,
+                                        concurrency=3))
+    assert (remote.encoded, remote.failed) == (4, 0)
+    assert sorted(fetched) == ["spans/v/long.mp4", "spans/v/other.mp4"]
+    assert not [f for f in os.listdir(tempfile.gettempdir())
+                if f.startswith(f"{SPOOL_PREFIX}{os.getpid()}-")]
+    local = asyncio.run(encode_dataset(tmp_path / "spans.jsonl", tmp_path / "local",
+                                       encoder=spec, format="webdataset", columns=by))
+    assert local.encoded == 4
+
+    def read(out: Path) -> dict[str, tuple[bytes, bytes]]:
+        return {meta["source"]: (latent.numpy().tobytes(), meta["sidecars"][".txt"])
+                for latent, meta in LatentDataset(str(out))}
+
+    assert read(tmp_path / "remote") == read(tmp_path / "local")

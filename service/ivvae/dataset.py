@@ -20,11 +20,11 @@ or ``max_frames``; or any other), over the job's option of that name and its alt
 (``start_s`` for ``start_frame``, ``num_frames`` for ``max_frames``, ``fps`` for
 ``stride``); an empty cell sets none. Such a clip is named ``<path>#<its options>``
 (``long.mp4#start_s=12,num_frames=49``), so one file in several rows (the spans of a
-scene-cut or captioned long video) is a clip per row; each reads the file. A source
-that holds no clip at all is refused (exit 2): it is a mistyped prefix, not a job. Files
-next to a clip with its stem and another suffix (``clip.txt``, ``clip.json``) are its
-sidecars: they go into webdataset and parquet samples as they are. A changed sidecar or
-caption makes its clip's sample new.
+scene-cut or captioned long video) is a clip per row (a remote file that several clips
+of a run read is fetched once: ``Copies``). A source that holds no clip at all is
+refused (exit 2): it is a mistyped prefix, not a job. Files next to a clip with its stem
+and another suffix (``clip.txt``, ``clip.json``) are its sidecars: they go into webdataset
+and parquet samples as they are. A changed sidecar or caption makes its clip's sample new.
 
 Outputs (``OUT``, a folder or URL prefix), ``--format``:
 
@@ -1538,6 +1538,64 @@ def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
     return Path(tmp), True
 
 
+class Copies:
+    """Local copies of remote files that several clips of a run read (the windows of one
+    long video, ``--option-column``): fetched once, by the first of them to ask, and
+    removed after the last is done with it, not downloaded again for every window. A
+    fetch that failed is tried again by the next clip that asks."""
+
+    def __init__(self, sources: Iterable[Source]) -> None:
+        uses: dict[str, int] = {}
+        for s in sources:
+            uses[s.url] = uses.get(s.url, 0) + 1
+        self._left = {url: n for url, n in uses.items()
+                      if n > 1 and not Location.of(url).local}
+        self._held: dict[str, asyncio.Future[tuple[Path, bool]]] = {}
+
+    def shares(self, source: Source) -> bool:
+        """Whether ``source``'s copy is shared: removed by ``done``, not by its reader."""
+        return source.url in self._left
+
+    async def fetch(self, source: Source) -> tuple[Path, bool]:
+        """``fetch_clip``'s answer, once per shared file."""
+        if not self.shares(source):
+            return await asyncio.to_thread(fetch_clip, source)
+        held = self._held.get(source.url)
+        if held is None or (held.done() and held.exception() is not None):
+            held = self._held[source.url] = asyncio.ensure_future(
+                asyncio.to_thread(fetch_clip, source))
+        return await asyncio.shield(held)
+
+    def done(self, source: Source) -> None:
+        """``source`` no longer reads its file: the last to read a shared copy removes it."""
+        if not self.shares(source):
+            return
+        self._left[source.url] -= 1
+        if self._left[source.url] == 0:
+            self._remove(source.url)
+
+    def close(self) -> None:
+        """Remove every copy still held (a run stopped before all of its clips read it)."""
+        for url in list(self._held):
+            self._remove(url)
+
+    def _remove(self, url: str) -> None:
+        held = self._held.pop(url, None)
+        if held is None:
+            return
+        if not held.done():  # its thread still downloads: removed when it is done
+            held.add_done_callback(lambda f: self._unlink(f))
+        else:
+            self._unlink(held)
+
+    @staticmethod
+    def _unlink(held: asyncio.Future[tuple[Path, bool]]) -> None:
+        if not held.cancelled() and held.exception() is None:
+            path, temporary = held.result()
+            if temporary:
+                path.unlink(missing_ok=True)
+
+
 _swept: set[str] = set()
 
 
@@ -1569,9 +1627,11 @@ def read_sidecars(source: Source) -> dict[str, bytes]:
     return {**out, **given}
 
 
-async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
+async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
+                      copies: Copies | None = None
                       ) -> tuple[dict[str, Any], Encoded | None, dict[str, bytes]]:
-    """Encode one clip: (its record, the latent file or None on failure, its sidecars)."""
+    """Encode one clip: (its record, the latent file or None on failure, its sidecars).
+    ``copies``: where a file that several clips read is fetched once."""
     start = time.perf_counter()
     key = clip_key(source, config)
     options, sidecars = config.options, config.format != "files"
@@ -1581,7 +1641,10 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     copy: Path | None = None
     try:
         try:
-            path, temporary = await asyncio.to_thread(fetch_clip, source)
+            if copies is not None:
+                path, temporary = await copies.fetch(source)
+            else:
+                path, temporary = await asyncio.to_thread(fetch_clip, source)
             copy = path if temporary else None
             extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
         except OSError as exc:
@@ -1605,7 +1668,9 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig
     except OSError as exc:
         return error_record(source, key, "io_error", _named(str(exc), copy, source)), None, {}
     finally:
-        if copy is not None:
+        if copies is not None and copies.shares(source):
+            copies.done(source)
+        elif copy is not None:
             copy.unlink(missing_ok=True)
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
 
@@ -1741,6 +1806,7 @@ async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWrite
     queue: asyncio.Queue[Source] = asyncio.Queue()
     for s in p.todo:
         queue.put_nowait(s)
+    copies = Copies(p.todo)
     lock = asyncio.Lock()
     settling: set[asyncio.Future[None]] = set()
 
@@ -1758,7 +1824,7 @@ async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWrite
     async def worker() -> None:
         while not queue.empty():
             source = queue.get_nowait()
-            record, encoded, extra = await encode_clip(encoder, source, p.config)
+            record, encoded, extra = await encode_clip(encoder, source, p.config, copies)
             async with lock:
                 # To its end even when the run is given up or interrupted meanwhile: the
                 # caller then publishes the writer, which must not hold half a clip (a
@@ -1777,6 +1843,7 @@ async def _encode_all(p: Plan, job: Job, encoder: ClipEncoder, writer: PartWrite
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
+        copies.close()
         if settling:
             ended, _ = await asyncio.wait(set(settling))
             for done in ended:  # the caller publishes again; nobody else is left to ask

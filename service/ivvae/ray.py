@@ -38,6 +38,7 @@ import numpy as np
 import ray
 
 from .dataset import (
+    Copies,
     DatasetError,
     Encoded,
     EncoderSpec,
@@ -107,15 +108,21 @@ class EncodeClips:
         self.out = Location.of(out) if out else None
         self.slots = asyncio.Semaphore(concurrency)
 
-    async def _one(self, source: Source) -> tuple[Source, dict[str, Any], Encoded | None,
-                                                  dict[str, bytes]]:
+    async def _one(self, source: Source, copies: Copies
+                   ) -> tuple[Source, dict[str, Any], Encoded | None, dict[str, bytes]]:
         async with self.slots:
-            record, encoded, sidecars = await encode_clip(self.encoder, source, self.config)
+            record, encoded, sidecars = await encode_clip(self.encoder, source, self.config,
+                                                          copies)
         return source, record, encoded, sidecars
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         async def run() -> list[Any]:
-            return await asyncio.gather(*(self._one(s) for s in _sources(batch)))
+            sources = _sources(batch)
+            copies = Copies(sources)
+            try:
+                return await asyncio.gather(*(self._one(s, copies) for s in sources))
+            finally:
+                copies.close()
 
         done = self.loop.run_until_complete(run())
         if self.out is not None:
