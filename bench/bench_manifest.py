@@ -4,9 +4,10 @@ to every worker's published (each clip is named as its own worker listed it, so 
 listings are read too), and what publishing a share's listing costs at the start.
 
 Run: ``python bench/bench_manifest.py`` (``--clips``, default 100,000; ``--workers``,
-default 8). Synthetic: no model, no video; one record file names every clip (a failure
-each, as small as records come), so the rest of the cost is reading the records and
-writing the manifest, which both sides share. Prints seconds (best of 3) and the ratio.
+default 8; one worker publishes none). Synthetic: no model, no video; one record file names
+every clip (a failure each, as small as records come), so the rest of the cost is reading
+the records and writing the manifest, which both sides share. Prints seconds (best of 3)
+and the ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> int:
     parser.add_argument("--clips", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=8)
     args = parser.parse_args()
+    if args.workers < 2:
+        parser.error("--workers must be at least 2 (one worker publishes no share listing)")
 
     from ivvae.dataset import (
         LISTINGS_DIR,

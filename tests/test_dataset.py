@@ -1280,3 +1280,63 @@ async def test_a_shared_copy_is_fetched_again_after_a_failure_and_removed_at_the
     held, _ = await copies.fetch(windows[0])
     copies.close()
     assert not held.exists()
+
+
+def test_a_clip_its_worker_no_longer_lists_is_not_named_by_another_s_older_view(
+        tmp_path: Path) -> None:
+    # Worker 1 listed everything, then a clip of worker 0's share was deleted and worker 0
+    # ran again; worker 1, stopping last, named the deleted clip from its own older view
+    # (and compaction kept its sample).
+    from ivvae.dataset import (
+        ClipOptions,
+        JobConfig,
+        Listing,
+        ModelIdentity,
+        _worker_of,
+        publish_share,
+        write_manifest,
+    )
+
+    config = JobConfig("webdataset", ClipOptions(), ModelIdentity("m", "0" * 64, "float32"))
+    everything = tuple((f"c{i}.mp4", f"sha256:{i}", f"k{i}") for i in range(8))
+    gone = next(c for c in everything if _worker_of(c[0], 2) == 0)
+    out = Location.of(str(tmp_path / "out"))
+    publish_share(out, Listing("w00000of00002", tuple(
+        c for c in everything if _worker_of(c[0], 2) == 0 and c != gone)), 2)
+    write_manifest(out, Listing("w00001of00002", everything), 2, config)
+    named = {r["source"] for r in manifest(tmp_path / "out")}
+    assert named == {c[0] for c in everything} - {gone[0]}
+    # Until worker 1 publishes its share, its clips are named from the writer's view.
+    assert all(r["status"] == "pending" for r in manifest(tmp_path / "out"))
+
+
+def test_one_file_under_two_spellings_with_other_options_is_two_clips(tmp_path: Path) -> None:
+    src = make_clips(tmp_path / "src", count=2)
+    (src / "t.csv").write_text("path,start_s\na/clip01.mp4,0\n./a/clip01.mp4,0.2\n")
+    by = Columns(options=Columns.parse_options(["start_s"]))
+    sources = collect(src / "t.csv", columns=by)
+    assert [s.name for s in sources] == ["./a/clip01.mp4#start_s=1%2F5",
+                                         "a/clip01.mp4#start_s=0"]
+    assert len({s.url for s in sources}) == 1 and len({s.output for s in sources}) == 2
+
+
+def test_a_run_that_cannot_write_its_manifest_at_the_end_exits_2(
+        server: ServerThread, clips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Its failure was swallowed: exit 0, and no manifest naming what it had done.
+    import argparse
+
+    from ivvae import dataset
+
+    def no_manifest(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset, "write_manifest", no_manifest)
+    parser = argparse.ArgumentParser()
+    dataset.add_arguments(parser)
+    args = parser.parse_args([str(clips), str(tmp_path / "out"), "--server", server.grpc_url,
+                              "--no-progress"])
+    assert dataset.main(args) == 2
+    captured = capsys.readouterr()
+    assert "No space left on device" in captured.err and "run it again" in captured.err
+    assert json.loads(captured.out)["encoded"] == CLIPS

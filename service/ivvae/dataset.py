@@ -284,7 +284,12 @@ class Source:
         return self.name.replace(".", "_")
 
     def worker(self, count: int) -> int:
-        return int.from_bytes(hashlib.sha256(self.name.encode()).digest()[:8], "big") % count
+        return _worker_of(self.name, count)
+
+
+def _worker_of(name: str, count: int) -> int:
+    """Which of ``count`` workers (``--shard i/N``) encodes the clip ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") % count
 
 
 def _suffix(path: str) -> str:
@@ -670,12 +675,14 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
         sources += [Source(entry, gfs.unstrip_protocol(loc.path), "missing",
                            _output_for(base, gfs, loc.path))
                     for entry, loc in group if loc.path not in infos]
-    by_entry = {s.name: s for s in sources}
+    # One source per file; each row is a clip of it under the row's own spelling (one file
+    # under two spellings is two rows only with other options: refused above otherwise).
+    by_file = {s.url: s for s in sources}
     sources = []
     for entry, given, options in table:
-        s = by_entry[entry]
+        s = by_file[located[entry]]
         suffix = _row_suffix(options)
-        sources.append(replace(s, name=s.name + suffix, given=given or s.given,
+        sources.append(replace(s, name=entry + suffix, given=given or s.given,
                                options=options,
                                output=s.output[:-len(LATENT_SUFFIX)] + suffix + LATENT_SUFFIX))
     sources.sort(key=lambda s: s.name)
@@ -1240,17 +1247,20 @@ def publish_share(out: Location, share: Listing, count: int) -> None:
                  if p.endswith(".jsonl") and not p.endswith(_shares_suffix(count))]
         if stale:
             out.fs.rm(stale)
-    publish_bytes(out, out.join(LISTINGS_DIR, share.by + ".jsonl"), share.render())
+    if count > 1:  # one worker's own listing is its share's: nobody else reads it
+        publish_bytes(out, out.join(LISTINGS_DIR, share.by + ".jsonl"), share.render())
 
 
 def _shares(out: Location, count: int, seen: dict[str, tuple[Any, Listing | None]]
-            ) -> dict[str, tuple[str, str]]:
-    """Every clip of the published share listings of ``count`` workers: its identity and
-    key as the worker that encodes it listed it. ``seen`` keeps each file read (by its
-    size and time), so a caller that asks again reads only those written meanwhile."""
+            ) -> tuple[set[int], dict[str, tuple[str, str]]]:
+    """Which of ``count`` workers published the listing of their share, and every clip of
+    those: its identity and key as the worker that encodes it listed it. ``seen`` keeps
+    each file read (by its size and time), so a caller that asks again reads only those
+    written meanwhile."""
     out.fs.invalidate_cache()
     folder = out.join(LISTINGS_DIR)
     listed = out.fs.ls(folder, detail=True) if out.fs.exists(folder) else []
+    published: set[int] = set()
     clips: dict[str, tuple[str, str]] = {}
     for info in listed:
         path = info["name"]
@@ -1263,9 +1273,13 @@ def _shares(out: Location, count: int, seen: dict[str, tuple[Any, Listing | None
             except FileNotFoundError:  # replaced meanwhile: read at the next render
                 continue
         share = seen[path][1]
-        for name, ident, key in share.clips if share is not None else ():
+        if share is None:
+            continue
+        with contextlib.suppress(ValueError):
+            published.add(int(share.by[1:6]))
+        for name, ident, key in share.clips:
             clips[name] = (ident, key)
-    return clips
+    return published, clips
 
 
 def write_manifest(out: Location, listing: Listing, count: int, config: JobConfig) -> None:
@@ -1275,8 +1289,9 @@ def write_manifest(out: Location, listing: Listing, count: int, config: JobConfi
     listings: each clip is named as the worker that encodes it listed it (its share's
     published listing, of this run's ``count`` workers), whoever writes the manifest
     last, so the manifest never names a version of a clip other than the one its worker
-    encoded; clips whose worker has not published yet are named as ``listing`` (this
-    worker's view of all) has them. A change after a worker's listing is the next run's
+    encoded (a clip its worker no longer lists is not named); clips whose worker has not
+    published yet are named as ``listing`` (this worker's view of all) has them. One
+    worker publishes no share: its own listing is all. A change after a worker's listing is the next run's
     work, as on one machine. One that read the parts just before another published its
     last could overwrite the other's newer manifest, so it reads them again after
     writing, and writes again until nothing changed in between.
@@ -1286,8 +1301,11 @@ def write_manifest(out: Location, listing: Listing, count: int, config: JobConfi
 
     def render() -> bytes:
         state = load_state(out, config.format)
-        clips = {name: (ident, key) for name, ident, key in listing.clips}
-        clips.update(_shares(out, count, seen))
+        published, clips = _shares(out, count, seen) if count > 1 else (set(), {})
+        # A clip of a published share is named by it alone: one its worker no longer
+        # lists (deleted from the source) is not named from this worker's older view.
+        clips.update((name, (ident, key)) for name, ident, key in listing.clips
+                     if _worker_of(name, count) not in published and name not in clips)
         return jsonl(state.line_named(name, *clips[name]) for name in sorted(clips))
 
     publish_manifest(out, render)
@@ -1779,10 +1797,12 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
                                 row_group_clips=job.row_group_clips)
             bar = Progress(len(p.todo), progress, summary)
             start = time.perf_counter()
+            finished = False
             try:
                 await _encode_all(p, job, encoder, writer, summary, bar)
                 if await asyncio.to_thread(writer.publish):
                     summary.parts += 1
+                finished = True
             except BaseException:
                 summary.interrupted = True
                 # What is staged is whole: publish it, so a Ctrl-C keeps finished work.
@@ -1793,7 +1813,9 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
                 writer.abandon()
                 summary.seconds = time.perf_counter() - start
                 bar.close()
-                with contextlib.suppress(Exception):
+                # A run that ends well and cannot write its manifest has failed (exit 2:
+                # run it again); one that is already failing reports its own failure.
+                with contextlib.suppress(*(() if finished else (Exception,))):
                     await asyncio.shield(asyncio.to_thread(
                         write_manifest, p.out, p.listing, job.shard[1], p.config))
     finally:
