@@ -1291,10 +1291,10 @@ def write_manifest(out: Location, listing: Listing, count: int, config: JobConfi
     last, so the manifest never names a version of a clip other than the one its worker
     encoded (a clip its worker no longer lists is not named); clips whose worker has not
     published yet are named as ``listing`` (this worker's view of all) has them. One
-    worker publishes no share: its own listing is all. A change after a worker's listing is the next run's
-    work, as on one machine. One that read the parts just before another published its
-    last could overwrite the other's newer manifest, so it reads them again after
-    writing, and writes again until nothing changed in between.
+    worker publishes no share: its own listing is all. A change after a worker's listing
+    is the next run's work, as on one machine. One that read the parts just before
+    another published its last could overwrite the other's newer manifest, so it reads
+    them again after writing, and writes again until nothing changed in between.
     """
 
     seen: dict[str, tuple[Any, Listing | None]] = {}
