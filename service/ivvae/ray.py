@@ -230,9 +230,9 @@ def _recount(p: Plan, summary: Summary) -> None:
         if part in p.parts:
             continue
         for record in records:
-            name = record["source"]
-            if name in todo and record.get("at", 0) >= latest.get(name, ("", {}))[1].get(
-                    "at", -1):
+            name, earlier = record["source"], latest.get(record["source"])
+            if name in todo and (earlier is None
+                                 or record.get("at", 0) >= earlier[1].get("at", 0)):
                 latest[name] = (part, record)
     counted = Summary()
     for _, record in latest.values():
