@@ -1199,7 +1199,7 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
             ("path,start_s,frames\na/clip01.mp4,0,five\n", "row 1: option 'num_frames'"),
             ("path,start_s\na/clip01.mp4,0\n", "no column 'frames'"),
             ("path,start_s,frames\na/clip01.mp4,0,5\na/clip01.mp4,0,5\n",
-             "listed twice with the options start_s=0;num_frames=5")]:
+             "listed twice with the options start_s=0,num_frames=5")]:
         (src / "t.csv").write_text(text)
         with pytest.raises(DatasetError, match=re.escape(message)):
             collect(src / "t.csv", columns=by)
@@ -1340,3 +1340,36 @@ def test_a_run_that_cannot_write_its_manifest_at_the_end_exits_2(
     captured = capsys.readouterr()
     assert "No space left on device" in captured.err and "run it again" in captured.err
     assert json.loads(captured.out)["encoded"] == CLIPS
+
+
+async def test_a_copy_still_downloading_when_the_run_stops_is_removed_once_it_lands(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C mid-download: the thread finished the copy after the clip was given up, and
+    # nobody removed it (one file in the spool folder per interrupted run).
+    import threading
+
+    from ivvae import dataset
+    from ivvae.dataset import Copies, Source
+
+    landed, returned = tmp_path / "copy.mp4", threading.Event()
+
+    def slow_fetch(source: Source, spool: str | None = None) -> tuple[Path, bool]:
+        time.sleep(0.5)
+        landed.write_bytes(b"clip")
+        returned.set()
+        return landed, True
+
+    monkeypatch.setattr(dataset, "fetch_clip", slow_fetch)
+    one = Source("v.mp4", "s3://b/v.mp4", "etag:1", "v")  # read by one clip only
+    copies = Copies([one])
+    reading = asyncio.ensure_future(copies.fetch(one))
+    await asyncio.sleep(0.1)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    copies.done(one)
+    copies.close()
+    assert await asyncio.to_thread(returned.wait, 30)
+    for _ in range(3):  # the thread's result, then its done callback
+        await asyncio.sleep(0.05)
+    assert not landed.exists()

@@ -573,3 +573,47 @@ def test_windows_of_one_object_fetch_it_once(s3_server: S3Server, tiny_weights: 
                 for latent, meta in LatentDataset(str(out))}
 
     assert read(tmp_path / "remote") == read(tmp_path / "local")
+
+
+@pytest.mark.parametrize("status", [403, 503])
+def test_an_https_source_that_answers_an_error_fails_alone(tiny_weights: Path,  # noqa: F811
+                                                           tmp_path: Path, status: int) -> None:
+    # fsspec's HTTP filesystem raises the status as aiohttp's ClientResponseError, no
+    # OSError: the whole run stopped as "internal error", every clip left pending.
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    for name in ("ok.mp4", "broken.mp4"):
+        media.make_video(served / name, frames=5, width=16, height=16)
+
+    class Failing(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/broken.mp4" and "Range" not in self.headers:
+                self.send_error(status)
+                return
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Failing, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{base}/ok.mp4\n{base}/broken.mp4\n")
+        out = tmp_path / "out"
+        summary = asyncio.run(encode_dataset(listing, out, encoder=in_process(tiny_weights)))
+        assert (summary.encoded, summary.failed, summary.errors) == (1, 1, {"io_error": 1})
+        lines = {json.loads(x)["source"]: json.loads(x)
+                 for x in (out / MANIFEST_NAME).read_text().splitlines()}
+        assert lines[f"{base}/broken.mp4"]["status"] == "error"
+        assert str(status) in lines[f"{base}/broken.mp4"]["detail"]
+    finally:
+        httpd.shutdown()
+        thread.join()

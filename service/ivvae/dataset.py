@@ -120,6 +120,7 @@ from .storage import (
     identity,
     modified_time,
     publish_file,
+    read_errors,
     storage_errors,
     temp_file_for,
 )
@@ -641,7 +642,8 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
         if where in seen:
             twice = (f"{entry!r} is listed twice" if seen[where] == entry
                      else f"{seen[where]!r} and {entry!r} are one file, listed twice")
-            raise DatasetError(twice + (f" with the options {options}" if options else ""))
+            raise DatasetError(twice + (f" with the options {options.replace(';', ',')}"
+                                        if options else ""))
         seen[where] = entry
     # One listing per folder gives sizes, ETags and sidecars; missing files stay missing
     # (they fail as clips, with an io_error, rather than stopping the job).
@@ -1557,17 +1559,19 @@ def fetch_clip(source: Source, spool: str | None = None) -> tuple[Path, bool]:
 
 
 class Copies:
-    """Local copies of remote files that several clips of a run read (the windows of one
-    long video, ``--option-column``): fetched once, by the first of them to ask, and
-    removed after the last is done with it, not downloaded again for every window. A
-    fetch that failed is tried again by the next clip that asks."""
+    """Local copies of the remote files a run reads: one that several clips read (the
+    windows of one long video, ``--option-column``) is fetched once, by the first of them
+    to ask, and removed after the last is done with it, not downloaded again for every
+    window; one still downloading when the run stops is removed when it lands. A fetch
+    that failed is tried again by the next clip that asks."""
 
     def __init__(self, sources: Iterable[Source]) -> None:
         uses: dict[str, int] = {}
         for s in sources:
             uses[s.url] = uses.get(s.url, 0) + 1
-        self._left = {url: n for url, n in uses.items()
-                      if n > 1 and not Location.of(url).local}
+        # Every remote file, read once or more: a copy still downloading when the run
+        # stops is removed when its thread is done, not left in the spool folder.
+        self._left = {url: n for url, n in uses.items() if not Location.of(url).local}
         self._held: dict[str, asyncio.Future[tuple[Path, bool]]] = {}
 
     def shares(self, source: Source) -> bool:
@@ -1657,6 +1661,7 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
         options = replace(options, preprocess=with_row_options(options.preprocess,
                                                                source.options))
     copy: Path | None = None
+    unreadable = read_errors()
     try:
         try:
             if copies is not None:
@@ -1665,14 +1670,14 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
                 path, temporary = await asyncio.to_thread(fetch_clip, source)
             copy = path if temporary else None
             extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
-        except OSError as exc:
+        except unreadable as exc:
             await asyncio.to_thread(_check_store, source.url, exc)
             raise
         encoded = await encoder.encode(path, options, source.name)
         try:
             changed = await asyncio.to_thread(_changed_since_listed, source,
                                               encoded.info.content_sha256, extra)
-        except OSError as exc:
+        except unreadable as exc:
             await asyncio.to_thread(_check_store, source.url, exc)
             raise
         if changed is not None:
@@ -1683,7 +1688,7 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
                                 "rerun encodes it as it is then"), None, {}
     except IVVAEError as exc:
         return error_record(source, key, exc.code, _named(exc.detail, copy, source)), None, {}
-    except OSError as exc:
+    except unreadable as exc:
         return error_record(source, key, "io_error", _named(str(exc), copy, source)), None, {}
     finally:
         if copies is not None and copies.shares(source):

@@ -43,14 +43,30 @@ class StorageError(Exception):
 @functools.cache
 def storage_errors() -> tuple[type[BaseException], ...]:
     """What storage raises when it fails: ``OSError`` (s3fs and gcsfs turn most service
-    errors into one), ``StorageError``, and botocore's own errors that s3fs lets through
-    (no credentials, the endpoint unreachable) when botocore is installed."""
-    errors: tuple[type[BaseException], ...] = (OSError, StorageError)
+    errors into one), ``StorageError``, botocore's own errors that s3fs lets through (no
+    credentials, the endpoint unreachable) when botocore is installed, and aiohttp's (an
+    HTTP(S) source that answers 500) when it is."""
+    errors: tuple[type[BaseException], ...] = (OSError, StorageError, *_http_errors())
     try:
         from botocore.exceptions import BotoCoreError
     except ImportError:
         return errors
     return (*errors, BotoCoreError)
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading one file raises when that file cannot be read: ``OSError``, and
+    aiohttp's errors (fsspec's HTTP filesystem raises a 403 or a 503 as aiohttp's
+    ``ClientResponseError``, no ``OSError``)."""
+    return (OSError, *_http_errors())
+
+
+def _http_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from aiohttp import ClientError
+    except ImportError:
+        return ()
+    return (ClientError,)
 
 
 @dataclass(frozen=True)
