@@ -4,6 +4,7 @@ formats, read back with ``ivvae.data`` byte for byte as each clip encoded alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import tarfile
@@ -199,21 +200,32 @@ def test_a_key_that_names_a_parent_folder_stays_under_out(
     assert (again.encoded, again.skipped) == (0, 3)
 
 
-def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
+@contextlib.contextmanager
+def http_folder(folder: Path, handler: Any = None) -> Iterator[str]:
+    """``folder`` served over HTTP on a free loopback port (``handler``: a subclass of
+    ``SimpleHTTPRequestHandler``) until the block ends; its base URL."""
     import functools
     import http.server
     import threading
 
+    cls = handler or http.server.SimpleHTTPRequestHandler
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(cls, directory=str(folder)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        thread.join()
+
+
+def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
     served = tmp_path / "www"
     served.mkdir()
     for i in range(2):
         media.make_video(served / f"c{i}.mp4", frames=5, width=16, height=16, fps=30 + i)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with http_folder(served) as base:
         listing = tmp_path / "list.txt"
         listing.write_text(f"{base}/c0.mp4\n{base}/c1.mp4\n{base}/gone.mp4\n")
         out = tmp_path / "out"
@@ -223,9 +235,6 @@ def test_https_sources_from_a_list_file(tiny_weights: Path, tmp_path: Path) -> N
         records = {r["source"]: r for r in LatentDataset(str(out)).records}
         assert sorted(records) == [f"{base}/c0.mp4", f"{base}/c1.mp4"]
         assert records[f"{base}/c0.mp4"]["part"].startswith("127.0.0.1:")
-    finally:
-        httpd.shutdown()
-        thread.join()
 
 
 def test_parts_published_by_another_process_are_seen(
@@ -580,9 +589,7 @@ def test_an_https_source_that_answers_an_error_fails_alone(tiny_weights: Path,  
                                                            tmp_path: Path, status: int) -> None:
     # fsspec's HTTP filesystem raises the status as aiohttp's ClientResponseError, no
     # OSError: the whole run stopped as "internal error", every clip left pending.
-    import functools
     import http.server
-    import threading
 
     served = tmp_path / "www"
     served.mkdir()
@@ -599,12 +606,7 @@ def test_an_https_source_that_answers_an_error_fails_alone(tiny_weights: Path,  
         def log_message(self, *args: Any) -> None:
             pass
 
-    handler = functools.partial(Failing, directory=str(served))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    with http_folder(served, Failing) as base:
         listing = tmp_path / "list.txt"
         listing.write_text(f"{base}/ok.mp4\n{base}/broken.mp4\n")
         out = tmp_path / "out"
@@ -614,6 +616,3 @@ def test_an_https_source_that_answers_an_error_fails_alone(tiny_weights: Path,  
                  for x in (out / MANIFEST_NAME).read_text().splitlines()}
         assert lines[f"{base}/broken.mp4"]["status"] == "error"
         assert str(status) in lines[f"{base}/broken.mp4"]["detail"]
-    finally:
-        httpd.shutdown()
-        thread.join()
