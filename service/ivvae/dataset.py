@@ -1579,7 +1579,7 @@ class Copies:
         return source.url in self._left
 
     async def fetch(self, source: Source) -> tuple[Path, bool]:
-        """``fetch_clip``'s answer, once per shared file."""
+        """``fetch_clip``'s answer, fetched once per remote file."""
         if not self.shares(source):
             return await asyncio.to_thread(fetch_clip, source)
         held = self._held.get(source.url)
@@ -1606,7 +1606,7 @@ class Copies:
         if held is None:
             return
         if not held.done():  # its thread still downloads: removed when it is done
-            held.add_done_callback(lambda f: self._unlink(f))
+            held.add_done_callback(self._unlink)
         else:
             self._unlink(held)
 
@@ -1653,7 +1653,8 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
                       copies: Copies | None = None
                       ) -> tuple[dict[str, Any], Encoded | None, dict[str, bytes]]:
     """Encode one clip: (its record, the latent file or None on failure, its sidecars).
-    ``copies``: where a file that several clips read is fetched once."""
+    ``copies``: where remote files are fetched (once for the clips that share one) and
+    removed when their readers are done."""
     start = time.perf_counter()
     key = clip_key(source, config)
     options, sidecars = config.options, config.format != "files"
