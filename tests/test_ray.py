@@ -176,7 +176,7 @@ def test_a_recount_counts_this_run_s_record_files_whatever_the_clocks() -> None:
     for part, records in (("w-old-00000", [earlier]), ("w-new-00000", [now])):
         with open(os.path.join(folder, PARTS_DIR, part + ".jsonl"), "wb") as f:
             f.write(jsonl(records))
-    plan = Plan(out, config, [a, b], Listing.of([a, b], config, "w"), [a, b], [a, b],
+    plan = Plan(out, config, Listing.of([a, b], config, "w"), [a, b], [a, b],
                 frozenset({"w-old-00000"}))
     summary = Summary()
     _recount(plan, summary)

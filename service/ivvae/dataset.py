@@ -549,7 +549,7 @@ def _row_options(row: Mapping[str, Any], columns: Columns, where: str) -> str:
     value (an empty, blank or null cell gives none). Each value is checked alone here;
     together with the job's options in ``with_row_options`` (a row's ``crop`` needs the
     job's exact size)."""
-    from .video.preprocess import PREPROCESS_KEYS, Preprocess
+    from .video.preprocess import Preprocess, canonical_text
 
     params: dict[str, str] = {}
     for option, column in columns.options:
@@ -573,11 +573,7 @@ def _row_options(row: Mapping[str, Any], columns: Columns, where: str) -> str:
             params[option] = Preprocess.parse(alone).to_params()[option]
         except IVVAEError as exc:
             raise DatasetError(f"{where}: {exc.detail}") from None
-    return ";".join(f"{k}={params[k]}" for k in PREPROCESS_KEYS if k in params)
-
-
-def _params(canonical: str) -> dict[str, str]:
-    return dict(part.partition("=")[::2] for part in canonical.split(";")) if canonical else {}
+    return canonical_text(params)
 
 
 # Options that say one thing two ways: a row's takes the place of the job's other one.
@@ -590,13 +586,13 @@ def with_row_options(job: str, row: str) -> str:
     job's ``start_frame``, its ``num_frames`` of the job's ``max_frames``, its ``fps`` of
     the job's ``stride``); any other contradiction (a row's ``num_frames`` with the job's
     ``bucket``, which sets the frames too) is refused, naming both."""
-    from .video.preprocess import Preprocess
+    from .video.preprocess import Preprocess, canonical_pairs
 
     if not row:
         return job
-    own = _params(row)
+    own = dict(canonical_pairs(row))
     replaced = set(own).union(*(group for group in _ALTERNATIVES if group & set(own)))
-    merged = {**{k: v for k, v in _params(job).items() if k not in replaced}, **own}
+    merged = {**{k: v for k, v in canonical_pairs(job) if k not in replaced}, **own}
     try:
         return Preprocess.parse(merged).canonical()
     except IVVAEError as exc:
@@ -1300,14 +1296,16 @@ def write_manifest(out: Location, listing: Listing, count: int, config: JobConfi
     """
 
     seen: dict[str, tuple[Any, Listing | None]] = {}
+    workers = [_worker_of(name, count) for name, _, _ in listing.clips]
 
     def render() -> bytes:
         state = load_state(out, config.format)
         published, clips = _shares(out, count, seen) if count > 1 else (set(), {})
         # A clip of a published share is named by it alone: one its worker no longer
         # lists (deleted from the source) is not named from this worker's older view.
-        clips.update((name, (ident, key)) for name, ident, key in listing.clips
-                     if _worker_of(name, count) not in published and name not in clips)
+        clips.update((name, (ident, key)) for (name, ident, key), worker
+                     in zip(listing.clips, workers, strict=True)
+                     if worker not in published and name not in clips)
         return jsonl(state.line_named(name, *clips[name]) for name in sorted(clips))
 
     publish_manifest(out, render)
@@ -1474,12 +1472,12 @@ class Job:
 
 @dataclass
 class Plan:
-    """What a worker will do: its output, key, all clips of the job, and its own to do."""
+    """What a worker will do: its output, key, all clips of the job (as it listed them),
+    and its own to do."""
 
     out: Location
     config: JobConfig
-    sources: list[Source]
-    listing: Listing  # of ``sources``
+    listing: Listing
     mine: list[Source]
     todo: list[Source]
     parts: frozenset[str] = frozenset()  # the record files published before this run
@@ -1521,15 +1519,17 @@ def _plan(job: Job, model: ModelIdentity, held: contextlib.ExitStack) -> Plan:
     i, n = job.shard
     mine = [s for s in sources if s.worker(n) == i]
     listing = Listing.of(sources, config, job.prefix)
-    publish_share(out, Listing.of(mine, config, job.prefix), n)
+    keys = {name: key for name, _, key in listing.clips}
+    own = {s.name for s in mine}
+    publish_share(out, Listing(job.prefix, tuple(c for c in listing.clips if c[0] in own)), n)
     state = load_state(out, job.format)
     if state.replaced:
         # A compaction stopped before its manifest: name its new parts before the shards
         # they replace are removed as orphans, so readers never meet a missing shard.
         write_manifest(out, listing, n, config)
     remove_orphans(out, job.format, state, None if n == 1 else job.prefix)
-    todo = [s for s in mine if state.done(s, clip_key(s, config)) is None]
-    return Plan(out, config, sources, listing, mine, todo, frozenset(state.files))
+    todo = [s for s in mine if state.done(s, keys[s.name]) is None]
+    return Plan(out, config, listing, mine, todo, frozenset(state.files))
 
 
 def _named(detail: str, copy: Path | None, source: Source) -> str:
@@ -1575,7 +1575,8 @@ class Copies:
         self._held: dict[str, asyncio.Future[tuple[Path, bool]]] = {}
 
     def shares(self, source: Source) -> bool:
-        """Whether ``source``'s copy is shared: removed by ``done``, not by its reader."""
+        """Whether ``source``'s copy is held here (every remote file's): removed by
+        ``done`` after its last reader, not by the reader itself."""
         return source.url in self._left
 
     async def fetch(self, source: Source) -> tuple[Path, bool]:
@@ -1654,7 +1655,7 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
                       ) -> tuple[dict[str, Any], Encoded | None, dict[str, bytes]]:
     """Encode one clip: (its record, the latent file or None on failure, its sidecars).
     ``copies``: where remote files are fetched (once for the clips that share one) and
-    removed when their readers are done."""
+    removed when their readers are done; by default this clip's own."""
     start = time.perf_counter()
     key = clip_key(source, config)
     options, sidecars = config.options, config.format != "files"
@@ -1663,12 +1664,10 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
                                                                source.options))
     copy: Path | None = None
     unreadable = read_errors()
+    copies = copies if copies is not None else Copies([source])
     try:
         try:
-            if copies is not None:
-                path, temporary = await copies.fetch(source)
-            else:
-                path, temporary = await asyncio.to_thread(fetch_clip, source)
+            path, temporary = await copies.fetch(source)
             copy = path if temporary else None
             extra = await asyncio.to_thread(read_sidecars, source) if sidecars else {}
         except unreadable as exc:
@@ -1692,10 +1691,7 @@ async def encode_clip(encoder: ClipEncoder, source: Source, config: JobConfig,
     except unreadable as exc:
         return error_record(source, key, "io_error", _named(str(exc), copy, source)), None, {}
     finally:
-        if copies is not None and copies.shares(source):
-            copies.done(source)
-        elif copy is not None:
-            copy.unlink(missing_ok=True)
+        copies.done(source)
     return ok_record(source, key, encoded, time.perf_counter() - start), encoded, extra
 
 

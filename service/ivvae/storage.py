@@ -46,7 +46,7 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     errors into one), ``StorageError``, botocore's own errors that s3fs lets through (no
     credentials, the endpoint unreachable) when botocore is installed, and aiohttp's (an
     HTTP(S) source that answers 500) when it is."""
-    errors: tuple[type[BaseException], ...] = (OSError, StorageError, *_http_errors())
+    errors: tuple[type[BaseException], ...] = (*read_errors(), StorageError)
     try:
         from botocore.exceptions import BotoCoreError
     except ImportError:

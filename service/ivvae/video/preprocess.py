@@ -213,13 +213,7 @@ class Preprocess:
     @classmethod
     def from_canonical(cls, text: str) -> Preprocess:
         """The inverse of ``canonical`` (``""`` is no preprocessing)."""
-        pairs = []
-        for part in text.split(";") if text else []:
-            name, sep, value = part.partition("=")
-            if not sep:
-                raise InvalidInput(f"malformed preprocessing string {text!r}")
-            pairs.append((name, value))
-        return cls.parse(pairs)
+        return cls.parse(canonical_pairs(text))
 
     # -- canonical forms -------------------------------------------------------------------
 
@@ -250,7 +244,7 @@ class Preprocess:
         """One string per distinct set of options (cache keys, latent metadata):
         ``name=value`` pairs in ``PREPROCESS_KEYS`` order joined by ``;``, ``""`` for none.
         Equal options give equal strings whatever spelling they were parsed from."""
-        return ";".join(f"{k}={v}" for k, v in self.to_params().items())
+        return canonical_text(self.to_params())
 
     # -- what the options mean for one clip ------------------------------------------------
 
@@ -405,6 +399,24 @@ class Preprocess:
         return Plan(self, self.geometry(width, height, bucket, sample_aspect_ratio), bucket,
                     limit, exact, out_fps.limit_denominator(1_000_000),
                     Fraction(1) if self.resamples else sample_aspect_ratio)
+
+
+def canonical_text(params: Mapping[str, str]) -> str:
+    """Option strings (``to_params``' values) as ``canonical`` writes them: ``name=value``
+    in ``PREPROCESS_KEYS`` order, joined by ``;``."""
+    return ";".join(f"{k}={params[k]}" for k in PREPROCESS_KEYS if k in params)
+
+
+def canonical_pairs(text: str) -> list[tuple[str, str]]:
+    """``canonical_text``'s ``(name, value)`` pairs, unchecked (``from_canonical`` checks
+    them as options)."""
+    pairs = []
+    for part in text.split(";") if text else []:
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise InvalidInput(f"malformed preprocessing string {text!r}")
+        pairs.append((name, value))
+    return pairs
 
 
 def time_tolerance(source_fps: float, fps: Fraction | None) -> float:
