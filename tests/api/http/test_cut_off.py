@@ -144,3 +144,39 @@ def test_an_answer_collected_before_it_was_whole_counts_once_and_quietly() -> No
         sys.unraisablehook = before
     assert problems == []
     assert len(counts) == 1 and isinstance(counts[0], ClientDisconnect)
+
+
+def test_an_answer_cut_while_the_client_reads_nothing_resets_its_connection(
+        server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cut closed the connection gracefully. With all that was sent already in the
+    # kernel's buffer (13 small frames, 39 kB: more than the client's, less than the
+    # server's), the socket closed at once and its reset, meant for a client that reads
+    # nothing, went with it: the kernel held what was queued for that client instead.
+    import errno
+    import socket
+    from urllib.parse import urlparse
+
+    latent = np.random.default_rng(0).standard_normal((1, 4, 12, 4, 4), np.float32)
+    real_next = SequenceDecode.next
+    called, fail_at = 0, 4
+
+    async def failing_next(self: SequenceDecode, z: np.ndarray) -> np.ndarray:
+        nonlocal called
+        called += 1
+        if called == fail_at:
+            raise BackendUnavailable("the backend went away (test)")
+        return await real_next(self, z)
+
+    monkeypatch.setattr(SequenceDecode, "next", failing_next)
+    url = urlparse(server)
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"POST /decode?shape=1,4,12,4,4&dtype=float32&format=frames HTTP/1.1\r\n"
+                     b"Host: x\r\nContent-Length: %d\r\n\r\n" % latent.nbytes
+                     + latent.tobytes())
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more
+        deadline = time.monotonic() + 30
+        while sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != errno.ECONNRESET:
+            assert time.monotonic() < deadline, "the connection was kept for the client"
+            time.sleep(0.2)
+    assert called == fail_at

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,9 +89,10 @@ class ConnectionLimits:
     that serve only ``GET``/``HEAD`` of the liveness path (a liveness probe that failed
     whenever the service is busiest would have the orchestrator restart it exactly then,
     dropping every request in flight); any other request on them gets the same 503.
-    ``linger_s`` / ``linger_bytes``: after an early response, how long and how much of the
-    rest of the body is read and dropped before closing (closing at once would reset the
-    connection under the client's feet, and it might never read the response)."""
+    ``linger_s`` / ``linger_bytes``: after an early response (or one cut off), how long and
+    how much of what the client still sends is read and dropped before closing (closing at
+    once would reset the connection under the client's feet, and it might never read the
+    response); what the client has not taken by then is dropped with a reset."""
 
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
@@ -170,7 +173,8 @@ class _BoundedH11(H11Protocol):
         if self._lingering >= 0:
             self._lingering += len(data)
             if self._lingering > self.limits.linger_bytes:
-                self.transport.close()
+                self._disarm()
+                self._end_linger()
             return
         pace = self._body
         if pace is not None:
@@ -242,14 +246,12 @@ class _BoundedH11(H11Protocol):
 
     def _cut(self) -> None:
         """An answer already begun failed on the server's side (its backend went away):
-        close the connection, so the client sees a body that never ended (the app logged
-        why). A client that reads nothing more would keep what is queued: a reset after
-        the linger."""
+        end the connection after what was sent, so the client sees a body that never
+        ended (the app logged why); what it has not taken by the end of the linger is
+        dropped with a reset."""
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's end is not an unfinished response
-        self._disarm()
-        self.transport.close()
-        self._deadline = self.loop.call_later(self.limits.linger_s, self._reset)
+        self._linger()
 
     def timeout_keep_alive_handler(self) -> None:
         self._disarm()
@@ -297,7 +299,9 @@ class _BoundedH11(H11Protocol):
         self.transport.close()
 
     def _linger(self) -> None:
-        """Answered before the request was all in: drop the rest for a while, then close."""
+        """End the connection after what was sent (an answer given before the request was
+        all in, or one cut off): drop what the client still sends for a while, then
+        close."""
         self._lingering = 0
         self._unset_keepalive_if_required()
         self.flow.resume_reading()
@@ -308,7 +312,30 @@ class _BoundedH11(H11Protocol):
             except OSError:  # the client reset the connection already: nothing to drop
                 self.transport.close()
                 return
-        self._deadline = self.loop.call_later(self.limits.linger_s, self.transport.close)
+        self._deadline = self.loop.call_later(self.limits.linger_s, self._end_linger)
+
+    def _end_linger(self) -> None:
+        """Close, or reset if the client has not taken all that was sent: a close would
+        hand the socket, and what is queued in it, to the kernel, which keeps it for a
+        client that reads nothing for as long as that client stays connected."""
+        self._deadline = None
+        if self._unsent():
+            self._reset()
+        else:
+            self.transport.close()
+
+    def _unsent(self) -> bool:
+        """Whether bytes sent on the connection have not reached the client: in the
+        transport's buffer, or in the socket's send queue (not yet acknowledged; Linux's
+        SIOCOUTQ). Where the queue cannot be read, assume they have not."""
+        if self.transport.get_write_buffer_size():
+            return True
+        sock = self.transport.get_extra_info("socket")
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (AttributeError, OSError):  # no socket (closed), or not Linux
+            return sock is not None
+        return struct.unpack("i", queued)[0] > 0
 
 
 def _head_guard(app: Any, limits: ConnectionLimits,
