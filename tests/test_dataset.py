@@ -275,6 +275,8 @@ async def test_two_shards_concurrently_equal_one_unsharded_run(
     s0, s1 = (json.loads(stdout) for stdout, _ in outs)
     assert s0["total"] + s1["total"] == CLIPS and s0["total"] and s1["total"]
     assert s0["encoded"] + s1["encoded"] == CLIPS
+    named = str(tmp_path / "sharded" / MANIFEST_NAME)
+    assert s0["manifest"].endswith(named) and s1["manifest"].endswith(named)
     assert latents(tmp_path / "sharded") == latents(tmp_path / "plain")
     lines = manifest(tmp_path / "sharded")
     assert len(lines) == CLIPS and all(r["status"] == "ok" for r in lines)
@@ -305,8 +307,8 @@ async def test_list_file_and_failed_items(server: ServerThread, clips: Path,
 
     # One file under two spellings was merged into one clip named after the last one.
     for second in ("bad.mp4", "./bad.mp4", str(tmp_path / "bad.mp4"), "sub/../bad.mp4"):
-        listing.write_text(f"bad.mp4\n{second}\n")
-        with pytest.raises(DatasetError, match="listed twice"):
+        listing.write_text(f"bad.mp4\n# a comment\n\n{second}\n")
+        with pytest.raises(DatasetError, match=r"listed twice \(.*, lines 1 and 4\)"):
             collect(listing)
 
 
@@ -1198,8 +1200,10 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
             ("path,start_s,frames\na/clip01.mp4,-1,5\n", "row 1: option 'start_s'"),
             ("path,start_s,frames\na/clip01.mp4,0,five\n", "row 1: option 'num_frames'"),
             ("path,start_s\na/clip01.mp4,0\n", "no column 'frames'"),
-            ("path,start_s,frames\na/clip01.mp4,0,5\na/clip01.mp4,0,5\n",
-             "listed twice with the options start_s=0,num_frames=5")]:
+            ("path,start_s,frames\na/clip01.mp4,0,5\nb/clip00.mp4,0,5\na/clip01.mp4,0,5\n",
+             "listed twice with the options start_s=0,num_frames=5 ("),
+            ("path,start_s,frames\na/clip01.mp4,0,5\nb/clip00.mp4,0,5\na/clip01.mp4,0,5\n",
+             "t.csv, rows 1 and 3)")]:
         (src / "t.csv").write_text(text)
         with pytest.raises(DatasetError, match=re.escape(message)):
             collect(src / "t.csv", columns=by)
@@ -1339,7 +1343,9 @@ def test_a_run_that_cannot_write_its_manifest_at_the_end_exits_2(
     assert dataset.main(args) == 2
     captured = capsys.readouterr()
     assert "No space left on device" in captured.err and "run it again" in captured.err
-    assert json.loads(captured.out)["encoded"] == CLIPS
+    summary = json.loads(captured.out)
+    # The summary named a manifest that was never written.
+    assert summary["encoded"] == CLIPS and summary["manifest"] is None
 
 
 async def test_a_copy_still_downloading_when_the_run_stops_is_removed_once_it_lands(

@@ -67,6 +67,7 @@ def test_cli_engine_ray(local_ray: None, tiny_weights: Path, tmp_path: Path,  # 
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["total"], summary["encoded"]) == (2, 2)
+    assert summary["manifest"].endswith(str(tmp_path / "out" / "manifest.jsonl"))
     captions = {meta["source"]: meta["sidecars"][".txt"]
                 for _, meta in LatentDataset(str(tmp_path / "out"))}
     assert captions == {"b/clip00.mp4": b"zero", "a/clip01.mp4": b"one"}

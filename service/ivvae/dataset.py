@@ -616,11 +616,14 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
     table: list[tuple[str, tuple[tuple[str, bytes], ...], str]]
     if _suffix(listing.path) in TABLE_SUFFIXES:
         table = _table(text, _suffix(listing.path), listing.url(), columns)
+        unit, numbers = "rows", list(range(1, len(table) + 1))
     else:
         # Taken as written, spaces included (names may begin or end with one, as GNU tar's
         # -T reads them); blank lines and lines starting with # are skipped.
-        table = [(line, (), "") for line in text.splitlines()
-                 if line.strip() and not line.startswith("#")]
+        kept = [(number, line) for number, line in enumerate(text.splitlines(), 1)
+                if line.strip() and not line.startswith("#")]
+        table = [(line, (), "") for _, line in kept]
+        unit, numbers = "lines", [number for number, _ in kept]
     entries: list[tuple[str, Location]] = []
     for entry in dict.fromkeys(entry for entry, _, _ in table):
         if "://" in entry:
@@ -632,15 +635,17 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
     # One clip under two spellings (a.mp4, ./a.mp4, its absolute path) is listed twice too;
     # one file in rows with other options is several clips.
     located = {entry: loc.fs.unstrip_protocol(loc.path) for entry, loc in entries}
-    seen: dict[tuple[str, str], str] = {}
-    for entry, _, options in table:
+    seen: dict[tuple[str, str], tuple[str, int]] = {}
+    for (entry, _, options), number in zip(table, numbers, strict=True):
         where = (located[entry], options)
         if where in seen:
-            twice = (f"{entry!r} is listed twice" if seen[where] == entry
-                     else f"{seen[where]!r} and {entry!r} are one file, listed twice")
+            first, at = seen[where]
+            twice = (f"{entry!r} is listed twice" if first == entry
+                     else f"{first!r} and {entry!r} are one file, listed twice")
             raise DatasetError(twice + (f" with the options {options.replace(';', ',')}"
-                                        if options else ""))
-        seen[where] = entry
+                                        if options else "")
+                               + f" ({listing.url()}, {unit} {at} and {number})")
+        seen[where] = (entry, number)
     # One listing per folder gives sizes, ETags and sidecars; missing files stay missing
     # (they fail as clips, with an io_error, rather than stopping the job).
     sources: list[Source] = []
@@ -1280,8 +1285,9 @@ def _shares(out: Location, count: int, seen: dict[str, tuple[Any, Listing | None
     return published, clips
 
 
-def write_manifest(out: Location, listing: Listing, count: int, config: JobConfig) -> None:
-    """``OUT/manifest.jsonl``: one line per clip, from what is published right now.
+def write_manifest(out: Location, listing: Listing, count: int, config: JobConfig) -> str:
+    """``OUT/manifest.jsonl``, written: one line per clip, from what is published right now.
+    Returns its URL.
 
     Workers list the sources at different times, and a clip may change between two
     listings: each clip is named as the worker that encodes it listed it (its share's
@@ -1309,6 +1315,7 @@ def write_manifest(out: Location, listing: Listing, count: int, config: JobConfi
         return jsonl(state.line_named(name, *clips[name]) for name in sorted(clips))
 
     publish_manifest(out, render)
+    return out.url(out.join(MANIFEST_NAME))
 
 
 def publish_manifest(out: Location, render: Callable[[], bytes]) -> None:
@@ -1412,6 +1419,7 @@ class Summary:
     errors: dict[str, int] = field(default_factory=dict)
     parts: int = 0
     output: str = ""
+    manifest: str = ""  # OUT/manifest.jsonl once written; empty when it could not be
     interrupted: bool = False
 
     @property
@@ -1425,7 +1433,7 @@ class Summary:
                 "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0,
                 "bytes_per_clip": round(self.bytes / self.encoded) if self.encoded else 0,
                 "errors": self.errors, "parts": self.parts, "output": self.output,
-                "interrupted": self.interrupted}
+                "manifest": self.manifest or None, "interrupted": self.interrupted}
 
     def count(self, record: dict[str, Any]) -> None:
         if record["status"] == "ok":
@@ -1818,7 +1826,7 @@ async def run_job(job: Job, encoder: ClipEncoder, *, progress: bool = False,
                 # A run that ends well and cannot write its manifest has failed (exit 2:
                 # run it again); one that is already failing reports its own failure.
                 with contextlib.suppress(*(() if finished else (Exception,))):
-                    await asyncio.shield(asyncio.to_thread(
+                    summary.manifest = await asyncio.shield(asyncio.to_thread(
                         write_manifest, p.out, p.listing, job.shard[1], p.config))
     finally:
         await encoder.close()
@@ -1991,8 +1999,7 @@ def main(args: argparse.Namespace, engine: Engine | None = None) -> int:
     summary = Summary()
 
     def report(code: int) -> int:
-        print(json.dumps({**summary.as_dict(), "manifest": posixpath.join(
-            summary.output or args.out, MANIFEST_NAME)}))
+        print(json.dumps(summary.as_dict()))
         return code
 
     try:

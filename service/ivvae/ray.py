@@ -215,7 +215,7 @@ def run_on_ray(job: Job, spec: EncoderSpec, *, address: str | None = "auto",
             raise
         finally:
             summary.seconds = time.perf_counter() - start
-            write_manifest(p.out, p.listing, job.shard[1], p.config)
+            summary.manifest = write_manifest(p.out, p.listing, job.shard[1], p.config)
     return summary
 
 
