@@ -405,6 +405,28 @@ async def test_an_unknown_model_is_refused_before_anything_is_written(
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+async def test_a_files_reader_open_across_a_finished_rerun_says_to_open_it_again(
+        server: ServerThread, tmp_path: Path) -> None:
+    # It said the later run "did not finish" and to run the job again, which skipped
+    # everything: only a new reader helps.
+    from ivvae.data import LatentDataset
+
+    src = make_clips(tmp_path / "src", count=2)
+    out = tmp_path / "out"
+    await encode_dataset(src, out, server=server.grpc_url)
+    held = LatentDataset(out)  # a path, as the encoder takes one
+    media.make_video(src / "b" / "clip00.mp4", frames=9, width=24, height=16, fps=7)
+    summary = await encode_dataset(src, out, server=server.grpc_url)
+    assert (summary.encoded, summary.skipped) == (1, 1)
+    changed = next(i for i, r in enumerate(held.records) if r["source"] == "b/clip00.mp4")
+    with pytest.raises(ValueError, match="the manifest now names the new latent: open the "
+                                         "dataset again"):
+        held[changed]
+    fresh = LatentDataset(str(out))
+    assert [fresh[i][1]["source"] for i in range(len(fresh))] == [
+        r["source"] for r in fresh.records]
+
+
 async def test_a_latent_file_rewritten_since_its_record_is_not_reused(
         server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A latent file is rewritten in place when its clip changes. After a change and a change
@@ -429,7 +451,7 @@ async def test_a_latent_file_rewritten_since_its_record_is_not_reused(
     written = out / ("b/clip00.mp4" + LATENT_SUFFIX)
     other = out / ("a/clip01.mp4" + LATENT_SUFFIX)
     written.write_bytes(other.read_bytes())
-    with pytest.raises(ValueError, match="no longer holds the latent"):
+    with pytest.raises(ValueError, match=r"no longer holds the latent.*did not finish"):
         latents(out)
     summary = await encode_dataset(src, out, server=server.grpc_url)
     assert (summary.encoded, summary.skipped, count[0]) == (1, 1, 5)

@@ -92,6 +92,7 @@ def test_decode_target() -> None:
     assert DecodeTarget.parse({"output_type": "pt"}, other_keys={"output_type"}) == (
         DecodeTarget())
     for params, named in [({"fps": "0"}, "'fps'"), ({"num_frames": "x"}, "'num_frames'"),
+                          ({"fps": "-1"}, r"'fps' must be in \[1/1001, 1000\]"),
                           ({"latent_space": "weird"}, "'latent_space'"),
                           ({"latent_space": "raw", "scaling_factor": "2"}, "contradict"),
                           ({"scaling_factor": "0"}, "'scaling_factor'"),

@@ -26,6 +26,7 @@ shuffled the same way.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -130,11 +131,11 @@ def _matches(data: bytes, record: dict[str, Any]) -> bool:
 class _Shards:
     """The clips of an output grouped by part (a latent file, or a shard)."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._loc = Location.of(url)
+    def __init__(self, url: str | os.PathLike[str]) -> None:
+        self.url = os.fspath(url)
+        self._loc = Location.of(self.url)
         self._pid = os.getpid()
-        self.records = read_manifest(url)
+        self.records = read_manifest(self.url)
         self.parts: dict[str, list[int]] = {}
         for i, r in enumerate(self.records):
             self.parts.setdefault(r["part"], []).append(i)
@@ -146,6 +147,17 @@ class _Shards:
         if self._pid != os.getpid():
             self._loc, self._pid = Location.of(self.url), os.getpid()
         return self._loc
+
+    def _rewritten(self, record: dict[str, Any], data: bytes) -> str:
+        """Why a latent file differs from this reader's manifest, and what to do."""
+        with contextlib.suppress(Exception):  # no better reason to give: the general one
+            now = {r["source"]: r for r in read_manifest(self.url)}.get(record["source"])
+            if now is not None and now != record and _matches(data, now):
+                return ("a later encode-dataset run rewrote it, and the manifest now names "
+                        "the new latent: open the dataset again (a files output changes "
+                        "under its readers; webdataset and parquet outputs do not)")
+        return ("a later encode-dataset run rewrote it and did not finish: run the job "
+                "again")
 
     def read_part(self, part: str) -> dict[str, Sample]:
         """Every current clip of ``part``, by source name. A part that is missing or
@@ -161,8 +173,7 @@ class _Shards:
                 # before its manifest leaves the new file under the old line.
                 if not _matches(data, record):
                     raise DamagedPart(f"{path} no longer holds the latent the manifest names "
-                                     f"for {record['source']!r} (a later encode-dataset run "
-                                     "rewrote it and did not finish): run the job again")
+                                     f"for {record['source']!r}: {self._rewritten(record, data)}")
                 latent, meta = _from_latent_file(data)
                 return {record["source"]: (latent, {**meta, "source": record["source"]})}
             if part.endswith(".tar"):
@@ -243,7 +254,7 @@ class LatentDataset(_Dataset):
     reading in manifest order (or by shard) reads each shard once.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str | os.PathLike[str]) -> None:
         self._shards = _Shards(url)
         self._cached: tuple[str, dict[str, Sample]] | None = None
 
@@ -265,7 +276,7 @@ class LatentDataset(_Dataset):
 class IterableLatentDataset(_IterableDataset):
     """Streams ``(latent, metadata)`` shard by shard; see the module docstring."""
 
-    def __init__(self, url: str, *, shuffle: bool = False, seed: int = 0,
+    def __init__(self, url: str | os.PathLike[str], *, shuffle: bool = False, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None) -> None:
         """``rank`` / ``world_size`` default to torch.distributed's when it is initialised
         (else 0 / 1)."""

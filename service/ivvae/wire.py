@@ -302,7 +302,11 @@ def _float(seen: Mapping[str, str], name: str) -> float | None:
 
 
 def _fraction(seen: Mapping[str, str], name: str) -> Fraction:
+    """A number, negative ones too: the caller's range check names what is wanted (a
+    negative frame rate was "not a number")."""
+    text = seen[name]
+    sign = -1 if text.startswith("-") else 1
     try:
-        return strict.number(seen[name]).limit_denominator(1_000_000)
+        return sign * strict.number(text[1:] if sign < 0 else text).limit_denominator(1_000_000)
     except ValueError:
         raise InvalidInput(f"parameter {name!r} must be a number, got {seen[name]!r}") from None

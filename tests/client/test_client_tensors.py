@@ -3,7 +3,9 @@ over gRPC and HTTP, equal to the same work in-process; preprocessing options; bf
 
 from __future__ import annotations
 
+import contextlib
 import io
+import signal
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,6 +85,66 @@ def test_array_inputs_encode_like_the_frames(url: str, server: ServerThread) -> 
                              preprocess={"resize": "16", "max_frames": "1"})
         assert bf16.torch().dtype == torch.bfloat16
         assert torch.equal(bf16.torch().float(), torch.from_numpy(bf16.numpy()))
+
+
+def test_arrays_the_service_would_refuse_are_refused_alike(url: str) -> None:
+    # The client rounded float frames to uint8 itself: a [0, 255] float video (no
+    # "/ 127.5 - 1") became a thresholded one, encoded without a word, where the service
+    # answers the same tensor with a 400; a NaN video was a plain ValueError.
+    video = torch.from_numpy(FRAMES).permute(3, 0, 1, 2)[None].float()
+    with Client(url) as client:
+        with pytest.raises(InvalidInput, match=r"values span \[0, 255\].*x / 127.5 - 1"):
+            client.encode(video)
+        with pytest.raises(InvalidInput, match="non-finite"):
+            client.encode(torch.full((1, 3, 2, 8, 8), float("nan")))
+        for empty in (np.zeros((0, 16, 16, 3), np.uint8), np.zeros((1, 3, 0, 8, 8))):
+            with pytest.raises(InvalidInput, match="no frames or no pixels"):
+                client.encode(empty)
+        # A decoder's own output overshoots [-1, 1] a little: clipped, as the service does.
+        exact = video / 127.5 - 1
+        over = torch.where(exact.abs() > 0.999, exact * 1.2, exact)
+        assert (over != exact).any()
+        assert client.encode(over).data == client.encode(exact).data
+        # An integer tensor is no latent (it was cast to float and decoded).
+        with pytest.raises(ValueError, match="a latent is a float tensor; got int64"):
+            client.decode(torch.ones(1, 4, 1, 2, 2, dtype=torch.int64), format="frames")
+        # The result's arrays are its own: an edit in place changed what it gave next.
+        result = client.encode(FRAMES)
+        z = result.numpy()
+        z /= 0.8
+        assert np.array_equal(result.numpy(), result.torch().numpy())
+
+
+def test_a_client_used_before_a_fork_is_refused_in_the_child_not_a_hang(url: str) -> None:
+    # A DataLoader worker forked after the parent used the client sent its calls to the
+    # parent's loop thread, which the child does not have: it waited for ever (its timeout
+    # runs on that loop too).
+    import os
+    import select
+
+    with Client(url, timeout=5) as client:
+        client.encode(FRAMES)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover (the child's outcome goes through the pipe)
+            try:
+                client.encode(FRAMES)
+                said = "answered"
+            except RuntimeError as exc:
+                said = str(exc)
+            os.write(write, said.encode()[:4000])
+            os._exit(0)
+        os.close(write)
+        try:
+            assert select.select([read], [], [], 30)[0], "the child's call hung"
+            said = os.read(read, 4000).decode()
+        finally:
+            os.close(read)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        assert f"used in process {os.getpid()}, and {child} is a fork of it" in said, said
+        assert client.encode(FRAMES).info.num_frames == 5  # the parent's is untouched
 
 
 def test_bare_latents_decode_like_in_process(url: str, server: ServerThread) -> None:

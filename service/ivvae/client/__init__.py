@@ -266,7 +266,9 @@ class Client:
     """The blocking client: ``AsyncClient`` run on a private event loop thread (started on
     first use), so it also works where an event loop is already running (notebooks).
 
-    Make one per process (e.g. per DataLoader worker, after the fork).
+    Make one per process (e.g. per DataLoader worker, after the fork): one used before a
+    fork is refused in the child (its loop thread stayed in the parent: every call would
+    wait for ever).
     """
 
     def __init__(self, url: str, *, api_key: str | None = None,
@@ -277,14 +279,23 @@ class Client:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pid = 0  # of the process whose thread runs the loop
 
     @property
     def url(self) -> str:
         return self._async.url
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._loop is not None and self._pid != os.getpid():
+            coro.close()
+            raise RuntimeError(
+                f"this Client was used in process {self._pid}, and {os.getpid()} is a fork of "
+                "it (a DataLoader worker?): its connection and event loop stayed in the "
+                "parent. Make a Client in each process that uses one (e.g. on first use in "
+                "__getitem__, or in worker_init_fn)")
         with self._lock:
             if self._loop is None:
+                self._pid = os.getpid()
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever,
                                                 name="ivvae-client", daemon=True)

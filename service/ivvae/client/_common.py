@@ -14,7 +14,14 @@ from typing import TypeVar
 import numpy as np
 
 from ..core import strict
-from ..errors import BackendUnavailable, IVVAEError, Overloaded, UntrustedCertificate
+from ..core.frames import uint8_frames
+from ..errors import (
+    BackendUnavailable,
+    InvalidInput,
+    IVVAEError,
+    Overloaded,
+    UntrustedCertificate,
+)
 from ..safetensors_io import SafetensorsError, Tensor, dumps, loads
 
 T = TypeVar("T")
@@ -152,11 +159,14 @@ def is_array(x: object) -> bool:
 def frames_of_array(x: object) -> np.ndarray:
     """Video given as an array -> ``(T, H, W, 3)`` uint8 RGB: ``(T, H, W, 3)`` or
     ``(H, W, 3)`` uint8, or ``(1, 3, T, H, W)`` / ``(3, T, H, W)`` float in [-1, 1]
-    (rounded to uint8 as the server reads frames)."""
+    (checked and rounded to uint8 as the server does a float tensor body: values past
+    +-1.25, NaN and empty videos are the service's ``InvalidInput``)."""
     a = _as_numpy(x)
     if a.dtype == np.uint8:
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"uint8 frames are (T, H, W, 3) or (H, W, 3); got {a.shape}")
+        if a.size == 0:
+            raise InvalidInput(f"the video has no frames or no pixels: shape {list(a.shape)}")
         return np.ascontiguousarray(a[None] if a.ndim == 3 else a)
     if a.ndim == 5:
         if a.shape[0] != 1:
@@ -165,10 +175,7 @@ def frames_of_array(x: object) -> np.ndarray:
     if a.ndim != 4 or a.shape[0] != 3 or not np.issubdtype(a.dtype, np.floating):
         raise ValueError(f"float video is (1, 3, T, H, W) or (3, T, H, W) in [-1, 1]; got "
                          f"{a.shape} {a.dtype}")
-    if not np.isfinite(a).all():
-        raise ValueError("the video has non-finite values (NaN or inf)")
-    frames = np.rint((np.clip(a.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-    return np.ascontiguousarray(frames.transpose(1, 2, 3, 0))
+    return uint8_frames(a)
 
 
 def bare_latent_file(x: object) -> bytes:
@@ -183,6 +190,8 @@ def bare_latent_file(x: object) -> bytes:
             bits = t.view(torch.int16).numpy().view(np.uint16)
             return dumps({"latent": Tensor("BF16", bits)})
     a = _as_numpy(x)
+    if not np.issubdtype(a.dtype, np.floating):  # an index or a mask passed by mistake
+        raise ValueError(f"a latent is a float tensor; got {a.dtype}")
     if a.dtype != np.float16:
         a = a.astype(np.float32)
     return dumps({"latent": np.ascontiguousarray(a)})

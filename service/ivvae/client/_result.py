@@ -52,7 +52,8 @@ class LatentResult:
 
     def numpy(self, name: str = "latent") -> np.ndarray:
         """A stored tensor as float32: ``latent`` (``latent_shape``, the diffusion latent
-        ``scale * (s - shift)``), or ``mu`` / ``logvar`` (encoded with ``moments=True``)."""
+        ``scale * (s - shift)``), or ``mu`` / ``logvar`` (encoded with ``moments=True``).
+        A new array at each call: editing one in place changes nothing else."""
         if name not in self._arrays:
             try:
                 tensors, _ = loads(self.data)
@@ -61,7 +62,7 @@ class LatentResult:
             if name not in tensors:
                 raise KeyError(f"the latent file has no tensor {name!r} (has {sorted(tensors)})")
             self._arrays[name] = tensors[name].as_float32()
-        return self._arrays[name]
+        return self._arrays[name].copy()
 
     def torch(self, name: str = "latent") -> torch.Tensor:
         """A stored tensor as a CPU tensor in its stored dtype (bfloat16 stays bfloat16,

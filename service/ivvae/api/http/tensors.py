@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 
 from ...core import strict
+from ...core.frames import uint8_frames
 from ...core.steps import FramesDtype
 from ...errors import InvalidInput
 from ...outputs import frames_dtype_for
@@ -173,11 +174,6 @@ def parse_encode(params: Params) -> EncodeForm:
                       scaling, shift)
 
 
-# Float frames past this are another scale, not [-1, 1]; up to it they are clipped (a
-# decoder's output, not clamped, overshoots [-1, 1] a little).
-FLOAT_FRAME_BOUND = 1.25
-
-
 def frames_of_tensor(data: bytes, form: EncodeForm, max_bytes: int) -> list[np.ndarray]:
     """A raw tensor body as frames, ``(T, H, W, 3)`` uint8 per batch item."""
     assert form.tensor_shape is not None
@@ -191,19 +187,7 @@ def frames_of_tensor(data: bytes, form: EncodeForm, max_bytes: int) -> list[np.n
         raise InvalidInput(f"float video is (B, 3, T, H, W) or images (B, 3, H, W); got "
                            f"shape {list(shape)}")
     x = tensor_to_float32(t)
-    if len(shape) == 4:
-        x = x[:, :, None]
-    if not np.isfinite(x).all():
-        raise InvalidInput("the video tensor has non-finite values (NaN or inf)")
-    low, high = float(x.min()), float(x.max())
-    if low < -FLOAT_FRAME_BOUND or high > FLOAT_FRAME_BOUND:
-        # A [0, 255] tensor was clipped to a white video, with a 200.
-        raise InvalidInput(
-            f"the video tensor's values span [{low:.4g}, {high:.4g}]; float frames are in "
-            "[-1, 1] (from [0, 255]: x / 127.5 - 1; from [0, 1]: x * 2 - 1)")
-    # (B, 3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8 per item, rounded as the decoder does.
-    frames = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return [np.ascontiguousarray(item.transpose(1, 2, 3, 0)) for item in frames]
+    return list(uint8_frames(x[:, :, None] if len(shape) == 4 else x))
 
 
 def latent_answer(latents: list[np.ndarray], form: EncodeForm, scale: float,

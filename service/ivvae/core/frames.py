@@ -1,0 +1,31 @@
+"""Float video in [-1, 1] as the 8-bit frames the model reads: one check and one rounding
+for every door that takes float frames (an HTTP tensor body, the Python client)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidInput
+
+# Float frames past this are another scale, not [-1, 1]; up to it they are clipped (a
+# decoder's output, not clamped, overshoots [-1, 1] a little).
+FLOAT_FRAME_BOUND = 1.25
+
+
+def uint8_frames(x: np.ndarray) -> np.ndarray:
+    """``(..., 3, T, H, W)`` float in [-1, 1] -> ``(..., T, H, W, 3)`` uint8, rounded as the
+    decoder's frames are (``round((x + 1) * 127.5)``). Refused (``InvalidInput``): no
+    values, non-finite values, and values past ``FLOAT_FRAME_BOUND`` (a [0, 255] or
+    [0, 1] video clipped to [-1, 1] would be encoded as a washed-out one, silently)."""
+    if x.size == 0:
+        raise InvalidInput(f"the video has no frames or no pixels: shape {list(x.shape)}")
+    x = x.astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        raise InvalidInput("the video has non-finite values (NaN or inf)")
+    low, high = float(x.min()), float(x.max())
+    if low < -FLOAT_FRAME_BOUND or high > FLOAT_FRAME_BOUND:
+        raise InvalidInput(
+            f"the video's values span [{low:.4g}, {high:.4g}]; float frames are in [-1, 1] "
+            "(from [0, 255]: x / 127.5 - 1; from [0, 1]: x * 2 - 1)")
+    frames = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(frames, -4, -1))
