@@ -3,6 +3,7 @@ service's errors, retries with backoff, and no torch unless asked for."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -141,6 +142,39 @@ async def test_a_health_check_of_a_silent_server_is_bounded_not_the_call_timeout
         async with AsyncClient(f"{scheme}://127.0.0.1:{port}", timeout=600) as client:
             assert not await asyncio.wait_for(client.healthy(), 60)
             assert not await asyncio.wait_for(client.answers(), 60)
+
+
+async def test_an_answer_that_trickles_in_ends_at_the_call_timeout_over_http() -> None:
+    # httpx bounds each read: an answer sent a byte a gap held the call past its timeout
+    # for as long as the server kept trickling.
+    import asyncio
+    import time
+
+    from ivvae.errors import DeadlineExceeded
+
+    stop = asyncio.Event()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                writer.write(b"x")
+                await writer.drain()
+                await asyncio.sleep(0.2)
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with AsyncClient(f"http://127.0.0.1:{port}", timeout=1.0) as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="within 1 s"):
+                await asyncio.wait_for(client.models(), 60)
+            assert time.monotonic() - started < 30  # not 200 s: 1000 bytes at 5 a second
+    finally:
+        stop.set()
+        server.close()
 
 
 def test_a_server_deadline_is_a_plain_deadline_exceeded() -> None:

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 
 from ..core.model_info import ModelInfo
+from ..core.tasks import within
 from ..errors import BackendUnavailable, DeadlineExceeded, IVVAEError
 from ._common import (
     HEALTH_TIMEOUT_S,
@@ -54,7 +55,12 @@ class HttpTransport:
 
     async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            response = await self._client.request(method, path, **kw)
+            # httpx's timeouts bound each read and write: an answer that trickles in
+            # would keep a call going past its timeout for ever.
+            response = await within(self._client.request(method, path, **kw), self.timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer from {self.base_url} within {self.timeout:g} s"
+                                   ) from None
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout):
                 raise BackendUnavailable(f"cannot connect to {self.base_url}: {exc}") from exc
