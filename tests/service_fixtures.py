@@ -80,14 +80,16 @@ async def running_app(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 @contextmanager
 def uvicorn_thread(app: Any, limits: ConnectionLimits, *, lifespan: str = "off",
-                   slack_s: float = 60.0) -> Iterator[int]:
+                   slack_s: float = 60.0, **config: Any) -> Iterator[int]:
     """``app`` in a real uvicorn with ivvae's connection protocol, on asyncio's loop (as
     ``ivvae serve`` runs it), in a thread, until the block ends; yields its port.
-    ``slack_s``: how long it may take to start, and to stop."""
+    ``slack_s``: how long it may take to start, and to stop; ``config``: more
+    ``uvicorn.Config`` arguments (``ssl_certfile``, ...)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan=lifespan, http=bounded_protocol(limits), loop="asyncio")
-    server = uvicorn.Server(config)
+    settings = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                              lifespan=lifespan, http=bounded_protocol(limits),
+                              loop="asyncio", **config)
+    server = uvicorn.Server(settings)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + slack_s

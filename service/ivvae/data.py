@@ -57,8 +57,9 @@ except ImportError:  # pragma: no cover - a training script has torch
 Sample = tuple["torch.Tensor", dict[str, Any]]
 
 
-def read_manifest(url: str) -> list[dict[str, Any]]:
+def read_manifest(url: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The ``ok`` lines of ``url/manifest.jsonl``, in order."""
+    url = os.fspath(url)
     loc = Location.of(url)
     try:
         text = loc.fs.cat_file(loc.join(MANIFEST_NAME)).decode("utf-8")

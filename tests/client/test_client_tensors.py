@@ -132,6 +132,7 @@ def test_a_client_used_before_a_fork_is_refused_in_the_child_not_a_hang(url: str
                 said = "answered"
             except RuntimeError as exc:
                 said = str(exc)
+            client.close()  # lets go of the parent's (it waited on its loop for ever)
             os.write(write, said.encode()[:4000])
             os._exit(0)
         os.close(write)

@@ -268,7 +268,7 @@ class Client:
 
     Make one per process (e.g. per DataLoader worker, after the fork): one used before a
     fork is refused in the child (its loop thread stayed in the parent: every call would
-    wait for ever).
+    wait for ever); ``close()`` there only lets go of the parent's.
     """
 
     def __init__(self, url: str, *, api_key: str | None = None,
@@ -339,6 +339,10 @@ class Client:
         return self._run(self._async.answers())
 
     def close(self) -> None:
+        if self._loop is not None and self._pid != os.getpid():
+            # A fork's copy: the loop, its thread and the connection are the parent's.
+            self._loop = self._thread = None
+            return
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None

@@ -19,7 +19,7 @@ def uint8_frames(x: np.ndarray) -> np.ndarray:
     [0, 1] video clipped to [-1, 1] would be encoded as a washed-out one, silently)."""
     if x.size == 0:
         raise InvalidInput(f"the video has no frames or no pixels: shape {list(x.shape)}")
-    x = x.astype(np.float32, copy=False)
+    # Checked in the caller's dtype: a float64 past float32's range is out of range, not inf.
     if not np.isfinite(x).all():
         raise InvalidInput("the video has non-finite values (NaN or inf)")
     low, high = float(x.min()), float(x.max())
@@ -27,5 +27,10 @@ def uint8_frames(x: np.ndarray) -> np.ndarray:
         raise InvalidInput(
             f"the video's values span [{low:.4g}, {high:.4g}]; float frames are in [-1, 1] "
             "(from [0, 255]: x / 127.5 - 1; from [0, 1]: x * 2 - 1)")
-    frames = np.rint((np.clip(x, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
-    return np.ascontiguousarray(np.moveaxis(frames, -4, -1))
+    # One float32 working copy, changed in place (the caller's array is left as it is).
+    work = x.astype(np.float32, copy=True)
+    np.clip(work, -1.0, 1.0, out=work)
+    work += 1.0
+    work *= 127.5
+    np.rint(work, out=work)
+    return np.ascontiguousarray(np.moveaxis(work.astype(np.uint8), -4, -1))

@@ -6,10 +6,12 @@ what ended it, not as the "ok" its status line said."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -180,3 +182,62 @@ def test_an_answer_cut_while_the_client_reads_nothing_resets_its_connection(
             assert time.monotonic() < deadline, "the connection was kept for the client"
             time.sleep(0.2)
     assert called == fail_at
+
+
+def _cut_app(after_client_left: bool) -> Any:
+    """An answer that begins, then fails on the server's side: at once, or once its client
+    has gone."""
+    import asyncio
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+        if after_client_left:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            await asyncio.sleep(0.2)  # its connection_lost has run
+        raise BackendUnavailable("the backend went away (test)")
+
+    return app
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_cut_answer_ends_at_once_for_a_client_that_reads_it(
+        tls: bool, tmp_path: Path) -> None:
+    # Over TLS there is no half-close: the connection stayed open, silent, for the whole
+    # linger after the cut.
+    import socket
+    import ssl
+
+    from tests.tls import self_signed
+
+    config: dict[str, Any] = {}
+    if tls:
+        cert, key = self_signed(tmp_path)
+        config = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    with uvicorn_thread(_cut_app(False), ConnectionLimits(linger_s=60), **config) as port:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        if tls:
+            context = ssl.create_default_context(cafile=str(cert))
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        with sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+                while chunk := sock.recv(65536):  # a timeout (30 s) fails the test
+                    got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and b"x" * 100 in got
+
+
+def test_a_cut_after_the_client_left_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    # The linger's end then asked a closed socket (fd -1) for its unsent bytes: an
+    # "Exception in callback" traceback at ERROR for every such cut.
+    import socket
+
+    with caplog.at_level(logging.WARNING), uvicorn_thread(
+            _cut_app(True), ConnectionLimits(linger_s=0.3)) as port:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        time.sleep(2)  # past the cut (0.2 s after the client left) and its linger
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

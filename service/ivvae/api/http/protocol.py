@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import socket
 import struct
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +38,12 @@ from ...errors import NotTakenInTime
 from ...metrics import Metrics
 from ..metering import UNROUTED, count_refusal
 from .answers import cut_off_by
+
+try:  # the unsent bytes of a socket (SIOCOUTQ): Linux
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover - not a POSIX system
+    fcntl = termios = None  # type: ignore[assignment]
 
 
 def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
@@ -251,6 +255,14 @@ class _BoundedH11(H11Protocol):
         dropped with a reset."""
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's end is not an unfinished response
+        if self.transport.is_closing():
+            return  # the client went first
+        if not self.transport.can_write_eof():
+            # TLS: no half-close; a close is how the client learns the answer ended.
+            self._disarm()
+            self.transport.close()
+            self._deadline = self.loop.call_later(self.limits.linger_s, self._end_linger)
+            return
         self._linger()
 
     def timeout_keep_alive_handler(self) -> None:
@@ -331,10 +343,14 @@ class _BoundedH11(H11Protocol):
         if self.transport.get_write_buffer_size():
             return True
         sock = self.transport.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0:
+            return False  # closed: nothing of ours is left to send
+        if fcntl is None or termios is None:
+            return True
         try:
             queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        except (AttributeError, OSError):  # no socket (closed), or not Linux
-            return sock is not None
+        except OSError:  # not Linux
+            return True
         return struct.unpack("i", queued)[0] > 0
 
 
