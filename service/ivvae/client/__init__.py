@@ -285,8 +285,14 @@ class Client:
     def url(self) -> str:
         return self._async.url
 
+    @property
+    def _forked(self) -> bool:
+        """Whether this is a fork's copy of a client its parent used: the loop, its thread
+        and the connection are the parent's."""
+        return self._loop is not None and self._pid != os.getpid()
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self._loop is not None and self._pid != os.getpid():
+        if self._forked:
             coro.close()
             raise RuntimeError(
                 f"this Client was used in process {self._pid}, and {os.getpid()} is a fork of "
@@ -339,8 +345,7 @@ class Client:
         return self._run(self._async.answers())
 
     def close(self) -> None:
-        if self._loop is not None and self._pid != os.getpid():
-            # A fork's copy: the loop, its thread and the connection are the parent's.
+        if self._forked:  # let go of the parent's without waiting on its loop
             self._loop = self._thread = None
             return
         with self._lock:

@@ -14,14 +14,8 @@ from typing import TypeVar
 import numpy as np
 
 from ..core import strict
-from ..core.frames import uint8_frames
-from ..errors import (
-    BackendUnavailable,
-    InvalidInput,
-    IVVAEError,
-    Overloaded,
-    UntrustedCertificate,
-)
+from ..core.frames import refuse_empty, uint8_frames
+from ..errors import BackendUnavailable, IVVAEError, Overloaded, UntrustedCertificate
 from ..safetensors_io import SafetensorsError, Tensor, dumps, loads
 
 T = TypeVar("T")
@@ -165,8 +159,7 @@ def frames_of_array(x: object) -> np.ndarray:
     if a.dtype == np.uint8:
         if a.ndim not in (3, 4) or a.shape[-1] != 3:
             raise ValueError(f"uint8 frames are (T, H, W, 3) or (H, W, 3); got {a.shape}")
-        if a.size == 0:
-            raise InvalidInput(f"the video has no frames or no pixels: shape {list(a.shape)}")
+        refuse_empty(a)
         return np.ascontiguousarray(a[None] if a.ndim == 3 else a)
     if a.ndim == 5:
         if a.shape[0] != 1:

@@ -17,8 +17,7 @@ def uint8_frames(x: np.ndarray) -> np.ndarray:
     decoder's frames are (``round((x + 1) * 127.5)``). Refused (``InvalidInput``): no
     values, non-finite values, and values past ``FLOAT_FRAME_BOUND`` (a [0, 255] or
     [0, 1] video clipped to [-1, 1] would be encoded as a washed-out one, silently)."""
-    if x.size == 0:
-        raise InvalidInput(f"the video has no frames or no pixels: shape {list(x.shape)}")
+    refuse_empty(x)
     # Checked in the caller's dtype: a float64 past float32's range is out of range, not inf.
     if not np.isfinite(x).all():
         raise InvalidInput("the video has non-finite values (NaN or inf)")
@@ -33,4 +32,10 @@ def uint8_frames(x: np.ndarray) -> np.ndarray:
     work += 1.0
     work *= 127.5
     np.rint(work, out=work)
-    return np.ascontiguousarray(np.moveaxis(work.astype(np.uint8), -4, -1))
+    return np.ascontiguousarray(np.moveaxis(work, -4, -1), dtype=np.uint8)
+
+
+def refuse_empty(video: np.ndarray) -> None:
+    """``InvalidInput`` for a video of any layout with no frames or no pixels."""
+    if video.size == 0:
+        raise InvalidInput(f"the video has no frames or no pixels: shape {list(video.shape)}")
