@@ -36,7 +36,8 @@ def make_clips(folder: Path, count: int, frames: int, size: int, first_fps: int)
 
 
 def output_bytes(out: Path) -> int:
-    from ivvae.dataset import LATENT_SUFFIX, SHARDS_DIR
+    from ivvae.dataset import LATENT_SUFFIX
+    from ivvae.dataset.job import SHARDS_DIR
 
     shards = out / SHARDS_DIR
     files = shards.glob("*") if shards.is_dir() else out.rglob(f"*{LATENT_SUFFIX}")

@@ -41,17 +41,9 @@ def main() -> int:
     if args.workers < 2:
         parser.error("--workers must be at least 2 (one worker publishes no share listing)")
 
-    from ivvae.dataset import (
-        LISTINGS_DIR,
-        PARTS_DIR,
-        ClipOptions,
-        JobConfig,
-        Listing,
-        ModelIdentity,
-        jsonl,
-        publish_share,
-        write_manifest,
-    )
+    from ivvae.dataset import ClipOptions
+    from ivvae.dataset.job import LISTINGS_DIR, PARTS_DIR, JobConfig, ModelIdentity, jsonl
+    from ivvae.dataset.state import Listing, publish_share, write_manifest
     from ivvae.storage import Location
 
     n = args.workers

@@ -17,7 +17,9 @@ def _init(barrier: multiprocessing.synchronize.Barrier) -> None:
 
 
 def _open(out_url: str, resize: int) -> str:
-    from ivvae.dataset import ClipOptions, DatasetError, JobConfig, ModelIdentity, open_output
+    from ivvae.dataset import ClipOptions, DatasetError
+    from ivvae.dataset.job import JobConfig, ModelIdentity
+    from ivvae.dataset.state import open_output
 
     config = JobConfig("parquet", ClipOptions(preprocess=f"resize={resize}"),
                        ModelIdentity("tiny", "0" * 64, "float32"))

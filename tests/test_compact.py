@@ -23,13 +23,13 @@ from ivvae.data import LatentDataset
 from ivvae.dataset import (
     LATENT_SUFFIX,
     MANIFEST_NAME,
-    PARTS_DIR,
     RECORD_SUFFIX,
     DatasetError,
     EncoderSpec,
-    _locked,
     encode_dataset,
 )
+from ivvae.dataset.job import PARTS_DIR
+from ivvae.dataset.state import output_locks
 from ivvae.storage import Location
 from tests import media
 from tests.service_fixtures import tiny_weights  # noqa: F401
@@ -239,10 +239,10 @@ async def test_a_compaction_killed_anywhere_leaves_a_whole_output(
 async def test_refused_while_a_worker_runs_over_a_stale_manifest_or_not_an_output(
         tmp_path: Path, tiny_weights: Path) -> None:  # noqa: F811
     src, out = await _stale_output(tmp_path, tiny_weights, "webdataset")
-    with _locked(Location.of(str(out)), "w00000of00001"), \
+    with output_locks(Location.of(str(out)), "w00000of00001"), \
             pytest.raises(DatasetError, match="encode-dataset run or another compaction"):
         compact(str(out))
-    with _locked(Location.of(str(out)), None), \
+    with output_locks(Location.of(str(out)), None), \
             pytest.raises(DatasetError, match=r"compaction .* is running"):
         await encode_dataset(src, out, encoder=_encoder(tiny_weights), format="webdataset")
     # A part published after the manifest (a worker killed before writing it).

@@ -26,15 +26,15 @@ from ivvae.data import LatentDataset
 from ivvae.dataset import (
     LATENT_SUFFIX,
     MANIFEST_NAME,
-    PARTS_DIR,
     ClipOptions,
     Columns,
     DatasetError,
     EncoderSpec,
-    _locked,
     collect,
     encode_dataset,
 )
+from ivvae.dataset.job import PARTS_DIR
+from ivvae.dataset.state import output_locks
 from ivvae.storage import TMP_MARK, Location
 from tests import media
 from tests.grpc_fixtures import ServerThread, server_thread
@@ -316,7 +316,7 @@ async def test_lock_unavailable_service_and_cli_exit_codes(
         server: ServerThread, clips: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    with _locked(Location.of(str(out)), "w00000of00001"), \
+    with output_locks(Location.of(str(out)), "w00000of00001"), \
             pytest.raises(DatasetError, match="another encode-dataset"):
         await encode_dataset(clips, out, server=server.grpc_url)
     with pytest.raises(DatasetError, match="unavailable"):
@@ -501,7 +501,7 @@ async def test_a_second_run_leaves_the_first_ones_files_alone(
     await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
     staged = out / "shards" / f"w00000of00001-run-00001.tar{TMP_MARK}w00000of00001-live"
     staged.write_bytes(b"a shard being written")
-    with _locked(Location.of(str(out)), "w00000of00001"), \
+    with output_locks(Location.of(str(out)), "w00000of00001"), \
             pytest.raises(DatasetError, match="another encode-dataset"):
         await encode_dataset(clips, out, server=server.grpc_url, format="webdataset")
     assert staged.exists()
@@ -531,10 +531,10 @@ def test_an_output_that_fails_mid_run_exits_2_with_the_summary(
         capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from ivvae import dataset
+    from ivvae.dataset import command, parts
 
     records = [0]
-    real = dataset.publish_bytes
+    real = parts.publish_bytes
 
     def filling(loc: Any, path: str, *args: Any, **kw: Any) -> None:
         if records[0] and path.endswith(LATENT_SUFFIX):  # full after a part of 4 clips
@@ -542,19 +542,19 @@ def test_an_output_that_fails_mid_run_exits_2_with_the_summary(
         real(loc, path, *args, **kw)
         records[0] += f"/{PARTS_DIR}/" in path
 
-    monkeypatch.setattr(dataset, "publish_bytes", filling)
+    monkeypatch.setattr(parts, "publish_bytes", filling)
     parser = argparse.ArgumentParser()
-    dataset.add_arguments(parser)
+    command.add_arguments(parser)
     out = tmp_path / "out"
     args = parser.parse_args([str(clips), str(out), "--server", server.grpc_url,
                               "--no-progress", "--concurrency", "1", "--shard-clips", "4"])
-    assert dataset.main(args) == 2
+    assert command.main(args) == 2
     captured = capsys.readouterr()
     assert "No space left on device" in captured.err and "run it again" in captured.err
     summary = json.loads(captured.out)
     assert summary["total"] == CLIPS and summary["output"]
-    monkeypatch.setattr(dataset, "publish_bytes", real)
-    assert dataset.main(args) == 0
+    monkeypatch.setattr(parts, "publish_bytes", real)
+    assert command.main(args) == 0
     # The first part was kept.
     assert json.loads(capsys.readouterr().out)["encoded"] == CLIPS - 4
 
@@ -618,8 +618,9 @@ def test_an_engine_stopped_mid_run_reports_what_it_did(tmp_path: Path,
     # engine now fills the caller's (the real Ray runs are in tests/test_ray.py).
     import argparse
 
-    from ivvae.dataset import Summary, add_arguments
-    from ivvae.dataset import main as dataset_main
+    from ivvae.dataset import Summary
+    from ivvae.dataset.command import add_arguments
+    from ivvae.dataset.command import main as dataset_main
 
     def engine(job: Any, spec: Any, *, summary: Summary, **kw: Any) -> Summary:
         summary.total, summary.encoded, summary.parts = 6, 4, 2
@@ -637,7 +638,7 @@ def test_an_engine_stopped_mid_run_reports_what_it_did(tmp_path: Path,
 
 
 def test_copies_of_clips_left_by_killed_runs_are_removed(tmp_path: Path) -> None:
-    from ivvae.dataset import SPOOL_PREFIX, _remove_orphaned_copies
+    from ivvae.dataset.clips import SPOOL_PREFIX, _remove_orphaned_copies
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
@@ -673,8 +674,8 @@ def test_options_that_would_be_ignored_are_refused_by_name(
     # word, and the run recorded the server's weights as if that had been asked for.
     import argparse
 
-    from ivvae.dataset import add_arguments
-    from ivvae.dataset import main as dataset_main
+    from ivvae.dataset.command import add_arguments
+    from ivvae.dataset.command import main as dataset_main
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -835,7 +836,8 @@ def test_a_job_file_is_created_once_where_the_filesystem_has_no_hard_links(
 
 
 def test_a_torn_job_file_is_named_not_a_json_error(tmp_path: Path) -> None:
-    from ivvae.dataset import JOB_NAME, STATE_DIR, JobConfig, ModelIdentity, open_output
+    from ivvae.dataset.job import JOB_NAME, STATE_DIR, JobConfig, ModelIdentity
+    from ivvae.dataset.state import open_output
 
     out = tmp_path / "out"
     (out / STATE_DIR).mkdir(parents=True)
@@ -847,7 +849,8 @@ def test_a_torn_job_file_is_named_not_a_json_error(tmp_path: Path) -> None:
 
 async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_not(
         clips: Path, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
-    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+    from ivvae.dataset import Job, Summary, run_job
+    from ivvae.dataset.encoders import ServiceEncoder
 
     # Every encode runs out of the service's own time (504 / DEADLINE_EXCEEDED) while the
     # service stays healthy: each clip's failure, the run goes on.
@@ -883,7 +886,8 @@ async def test_a_service_that_stops_answering_gives_up_the_run_a_slow_clip_does_
 async def test_a_service_that_changes_model_under_the_run_gives_it_up_unmixed(
         server: ServerThread, clips: Path, tiny_weights: Path,  # noqa: F811
         tmp_path: Path) -> None:
-    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+    from ivvae.dataset import Job, Summary, run_job
+    from ivvae.dataset.encoders import ServiceEncoder
     from tests.service_fixtures import write_tiny_weights
 
     other = write_tiny_weights(tmp_path / "other.safetensors", seed=1)  # the same name
@@ -924,7 +928,7 @@ def test_only_a_store_that_gives_no_answer_gives_the_run_up() -> None:
     # A 503 SlowDown after the retries is an answer: a long job must not end for it.
     from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 
-    from ivvae.dataset import _no_answer
+    from ivvae.dataset.clips import _no_answer
 
     def caused(exc: BaseException) -> OSError:
         wrapped = OSError("s3fs: the call failed")
@@ -946,7 +950,8 @@ async def test_a_source_changed_while_read_is_retried_not_kept_under_its_listing
     # identity with the other bytes' latent, and every rerun skipped it for good.
     import shutil
 
-    from ivvae.dataset import Job, ServiceEncoder, Summary, run_job
+    from ivvae.dataset import Job, Summary, run_job
+    from ivvae.dataset.encoders import ServiceEncoder
 
     src = make_clips(tmp_path / "clips", count=4)
     victim, other = src / "b" / "clip02.mp4", src / "a" / "clip01.mp4"
@@ -975,7 +980,9 @@ async def test_a_clip_being_added_when_the_run_gives_up_is_published_whole(
         server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The give-up cancelled the worker awaiting its writer.add thread, and the run
     # published the writer while that thread still wrote the clip into it.
-    from ivvae.dataset import Job, PartWriter, ServiceEncoder, Summary, run_job
+    from ivvae.dataset import Job, Summary, run_job
+    from ivvae.dataset.encoders import ServiceEncoder
+    from ivvae.dataset.parts import PartWriter
 
     src = make_clips(tmp_path / "clips", count=2)
     real_add = PartWriter.add
@@ -1064,13 +1071,13 @@ async def test_a_worker_whose_listing_began_first_but_saw_a_change_is_not_overru
     # changed; worker 1 began later, saw X before the change, and stopped. Ordered by when
     # they began, worker 1's listing was "newest" and the manifest named X's old latent,
     # which worker 0 had just replaced.
-    from ivvae import dataset
+    from ivvae.dataset import run
 
     src = make_clips(tmp_path / "src", count=6)
     out = tmp_path / "out"
     await encode_dataset(src, out, server=server.grpc_url, format="webdataset")
     ours = next(s for s in collect(src) if s.worker(2) == 0)
-    real, calls = dataset.collect, [0]
+    real, calls = run.collect, [0]
 
     def slow_listing(*args: Any, **kw: Any) -> Any:
         calls[0] += 1
@@ -1081,7 +1088,7 @@ async def test_a_worker_whose_listing_began_first_but_saw_a_change_is_not_overru
             media.make_video(src / ours.name, frames=9, width=24, height=16, fps=5)
         return real(*args, **kw)
 
-    monkeypatch.setattr(dataset, "collect", slow_listing)
+    monkeypatch.setattr(run, "collect", slow_listing)
     first = await encode_dataset(src, out, server=server.grpc_url, format="webdataset",
                                  shard=(0, 2))
     monkeypatch.undo()
@@ -1126,10 +1133,10 @@ def test_a_run_given_up_mid_way_exits_2_with_the_summary(
     # error, so a script could not tell what had been done before it.
     import argparse
 
-    from ivvae import dataset
+    from ivvae.dataset import command, encoders
 
     src = make_clips(tmp_path / "src", count=4)
-    real = dataset.ServiceEncoder.encode
+    real = encoders.ServiceEncoder.encode
     calls = [0]
 
     async def changes_after_two(self: Any, *args: Any) -> Any:
@@ -1138,12 +1145,12 @@ def test_a_run_given_up_mid_way_exits_2_with_the_summary(
             raise DatasetError("the service now serves another model (test)")
         return await real(self, *args)
 
-    monkeypatch.setattr(dataset.ServiceEncoder, "encode", changes_after_two)
+    monkeypatch.setattr(encoders.ServiceEncoder, "encode", changes_after_two)
     parser = argparse.ArgumentParser()
-    dataset.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args([str(src), str(tmp_path / "out"), "--server", server.grpc_url,
                               "--no-progress", "--concurrency", "1"])
-    assert dataset.main(args) == 2
+    assert command.main(args) == 2
     captured = capsys.readouterr()
     assert "another model (test)" in captured.err
     summary = json.loads(captured.out)
@@ -1214,7 +1221,9 @@ async def test_rows_that_set_their_own_window_make_a_clip_each(tmp_path: Path,
 
 
 def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) -> None:
-    from ivvae.dataset import Job, ModelIdentity, plan
+    from ivvae.dataset import Job
+    from ivvae.dataset.job import ModelIdentity
+    from ivvae.dataset.run import plan
 
     src = make_clips(tmp_path / "src", count=2)
     by = Columns(options=Columns.parse_options(["start_s", "num_frames=frames"]))
@@ -1233,7 +1242,7 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
         Columns(options=(("begin", "begin"),))
     # A row's start_s takes the place of the job's start_frame, but a row's num_frames
     # cannot undo the job's bucket: refused at the start, naming the clip.
-    from ivvae.dataset import with_row_options
+    from ivvae.dataset.sources import with_row_options
 
     assert with_row_options("start_frame=2;max_frames=9;stride=2", "start_s=1/2;fps=5") == (
         "start_s=1/2;max_frames=9;fps=5")
@@ -1257,7 +1266,7 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
     # The command line's spelling.
     import argparse
 
-    from ivvae.dataset import add_arguments, job_from_args
+    from ivvae.dataset.command import add_arguments, job_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -1274,8 +1283,8 @@ def test_row_options_that_are_wrong_are_named_before_any_work(tmp_path: Path) ->
 
 async def test_a_shared_copy_is_fetched_again_after_a_failure_and_removed_at_the_end(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ivvae import dataset
-    from ivvae.dataset import Copies, Source
+    from ivvae.dataset import Source, clips
+    from ivvae.dataset.clips import Copies
 
     calls: list[str] = []
 
@@ -1287,7 +1296,7 @@ async def test_a_shared_copy_is_fetched_again_after_a_failure_and_removed_at_the
         copy.write_bytes(b"clip")
         return copy, True
 
-    monkeypatch.setattr(dataset, "fetch_clip", fetch)
+    monkeypatch.setattr(clips, "fetch_clip", fetch)
     windows = [Source(f"v.mp4#start_s={i}", "s3://b/v.mp4", "etag:1", f"v{i}") for i in range(3)]
     copies = Copies(windows)
     assert all(copies.shares(w) for w in windows)
@@ -1313,22 +1322,17 @@ def test_a_clip_its_worker_no_longer_lists_is_not_named_by_another_s_older_view(
     # Worker 1 listed everything, then a clip of worker 0's share was deleted and worker 0
     # ran again; worker 1, stopping last, named the deleted clip from its own older view
     # (and compaction kept its sample).
-    from ivvae.dataset import (
-        ClipOptions,
-        JobConfig,
-        Listing,
-        ModelIdentity,
-        _worker_of,
-        publish_share,
-        write_manifest,
-    )
+    from ivvae.dataset import ClipOptions
+    from ivvae.dataset.job import JobConfig, ModelIdentity
+    from ivvae.dataset.sources import worker_of
+    from ivvae.dataset.state import Listing, publish_share, write_manifest
 
     config = JobConfig("webdataset", ClipOptions(), ModelIdentity("m", "0" * 64, "float32"))
     everything = tuple((f"c{i}.mp4", f"sha256:{i}", f"k{i}") for i in range(8))
-    gone = next(c for c in everything if _worker_of(c[0], 2) == 0)
+    gone = next(c for c in everything if worker_of(c[0], 2) == 0)
     out = Location.of(str(tmp_path / "out"))
     publish_share(out, Listing("w00000of00002", tuple(
-        c for c in everything if _worker_of(c[0], 2) == 0 and c != gone)), 2)
+        c for c in everything if worker_of(c[0], 2) == 0 and c != gone)), 2)
     write_manifest(out, Listing("w00001of00002", everything), 2, config)
     named = {r["source"] for r in manifest(tmp_path / "out")}
     assert named == {c[0] for c in everything} - {gone[0]}
@@ -1352,17 +1356,17 @@ def test_a_run_that_cannot_write_its_manifest_at_the_end_exits_2(
     # Its failure was swallowed: exit 0, and no manifest naming what it had done.
     import argparse
 
-    from ivvae import dataset
+    from ivvae.dataset import command, run
 
     def no_manifest(*args: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dataset, "write_manifest", no_manifest)
+    monkeypatch.setattr(run, "write_manifest", no_manifest)
     parser = argparse.ArgumentParser()
-    dataset.add_arguments(parser)
+    command.add_arguments(parser)
     args = parser.parse_args([str(clips), str(tmp_path / "out"), "--server", server.grpc_url,
                               "--no-progress"])
-    assert dataset.main(args) == 2
+    assert command.main(args) == 2
     captured = capsys.readouterr()
     assert "No space left on device" in captured.err and "run it again" in captured.err
     summary = json.loads(captured.out)
@@ -1376,8 +1380,8 @@ async def test_a_copy_still_downloading_when_the_run_stops_is_removed_once_it_la
     # nobody removed it (one file in the spool folder per interrupted run).
     import threading
 
-    from ivvae import dataset
-    from ivvae.dataset import Copies, Source
+    from ivvae.dataset import Source, clips
+    from ivvae.dataset.clips import Copies
 
     landed, returned = tmp_path / "copy.mp4", threading.Event()
 
@@ -1387,7 +1391,7 @@ async def test_a_copy_still_downloading_when_the_run_stops_is_removed_once_it_la
         returned.set()
         return landed, True
 
-    monkeypatch.setattr(dataset, "fetch_clip", slow_fetch)
+    monkeypatch.setattr(clips, "fetch_clip", slow_fetch)
     one = Source("v.mp4", "s3://b/v.mp4", "etag:1", "v")  # read by one clip only
     copies = Copies([one])
     reading = asyncio.ensure_future(copies.fetch(one))

@@ -242,7 +242,8 @@ def test_parts_published_by_another_process_are_seen(
         tiny_weights: Path) -> None:  # noqa: F811
     import s3fs
 
-    from ivvae.dataset import PARTS_DIR, load_state
+    from ivvae.dataset.job import PARTS_DIR
+    from ivvae.dataset.state import load_state
     from ivvae.storage import Location
 
     src, _ = bucket_clips
@@ -444,7 +445,8 @@ def test_a_store_that_stops_answering_mid_run_gives_the_run_up(
     import s3fs
 
     from ivvae import storage
-    from ivvae.dataset import DatasetError, Job, LocalEncoder, Summary, run_job
+    from ivvae.dataset import DatasetError, Job, Summary, run_job
+    from ivvae.dataset.encoders import LocalEncoder
 
     monkeypatch.setattr(storage, "S3_CONNECT_TIMEOUT_S", 1.0)
     monkeypatch.setattr(storage, "S3_READ_TIMEOUT_S", 1.0)
@@ -479,7 +481,8 @@ def test_an_object_overwritten_while_read_is_retried(
         s3_server: S3Server, tiny_weights: Path, tmp_path: Path) -> None:  # noqa: F811
     # The listing's ETag went into the record with the other bytes' latent: every rerun
     # skipped the clip, also once the object was back as listed.
-    from ivvae.dataset import Job, LocalEncoder, Summary, run_job
+    from ivvae.dataset import Job, Summary, run_job
+    from ivvae.dataset.encoders import LocalEncoder
 
     src = s3_server.make_bucket("overwritten-mid-read")
     fs = fsspec.filesystem("s3")
@@ -510,7 +513,7 @@ def test_an_object_overwritten_while_read_is_retried(
 
 def test_share_listings_on_s3(s3_server: S3Server) -> None:  # noqa: F811
     # Each worker's share, read back as one; a run with another worker count replaces them.
-    from ivvae.dataset import Listing, _shares, publish_share
+    from ivvae.dataset.state import Listing, _shares, publish_share
     from ivvae.storage import Location
 
     out = Location.of(s3_server.make_bucket("shares") + "/out")
@@ -539,7 +542,8 @@ def test_windows_of_one_object_fetch_it_once(s3_server: S3Server, tiny_weights: 
 
     import s3fs
 
-    from ivvae.dataset import SPOOL_PREFIX, Columns
+    from ivvae.dataset import Columns
+    from ivvae.dataset.clips import SPOOL_PREFIX
 
     src = s3_server.make_bucket("spans")
     fs = fsspec.filesystem("s3")

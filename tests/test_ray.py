@@ -108,7 +108,8 @@ def test_an_interrupted_run_stops_its_actors_before_it_writes_the_manifest(
     import threading
     import time
 
-    from ivvae.dataset import Summary, load_state
+    from ivvae.dataset import Summary
+    from ivvae.dataset.state import load_state
     from ivvae.ray import run_on_ray
     from ivvae.storage import Location
     from tests.grpc_fixtures import server_thread
@@ -151,19 +152,12 @@ def test_a_recount_counts_this_run_s_record_files_whatever_the_clocks() -> None:
     import os
     import tempfile
 
-    from ivvae.dataset import (
-        PARTS_DIR,
-        ClipOptions,
-        JobConfig,
-        Listing,
-        ModelIdentity,
-        Plan,
-        Source,
-        Summary,
-        clip_key,
-        error_record,
-        jsonl,
-    )
+    from ivvae.dataset import ClipOptions, Source, Summary
+    from ivvae.dataset.job import PARTS_DIR, JobConfig, ModelIdentity, jsonl
+    from ivvae.dataset.parts import error_record
+    from ivvae.dataset.run import Plan
+    from ivvae.dataset.sources import clip_key
+    from ivvae.dataset.state import Listing
     from ivvae.ray import _recount
     from ivvae.storage import Location
 

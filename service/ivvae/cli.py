@@ -238,7 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _encode_dataset(args: argparse.Namespace) -> int:
-    from .dataset import main as encode_dataset
+    from .dataset.command import main as encode_dataset
 
     if args.engine != "ray":
         return encode_dataset(args)
@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_options(p, encode=False)
     p.set_defaults(handler=_decode)
 
-    from .dataset import add_arguments as _dataset_arguments
+    from .dataset.command import add_arguments as _dataset_arguments
 
     p = sub.add_parser("encode-dataset", help="encode a dataset (folder, prefix, glob or "
                        "list; local or object storage) to latent files, webdataset or parquet "
@@ -686,7 +686,7 @@ def _one_line(exc: BaseException) -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's mistake raises: bad paths and ports (OSError), bad values and files
     (ValueError: weights, checkpoints, artifacts, safetensors), the service's own errors."""
-    from .dataset import DatasetError
+    from .dataset.job import DatasetError
     from .errors import IVVAEError
     from .stack import StackError
 

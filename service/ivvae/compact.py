@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .dataset import (
+from .dataset.job import (
     COMPACT_PREFIX,
     COMPACTING_NAME,
     JOB_NAME,
@@ -66,12 +66,14 @@ from .dataset import (
     VERSIONS_DIR,
     DatasetError,
     Format,
-    State,
-    _locked,
-    _read_job,
     jsonl,
+)
+from .dataset.state import (
+    State,
     load_state,
+    output_locks,
     publish_manifest,
+    read_job,
     remove_orphans,
 )
 from .storage import Location, modified_time, publish_file, storage_errors, temp_file_for
@@ -107,9 +109,9 @@ def _compact(url: str, dry_run: bool, spool: str) -> Compaction:
     job_path = out.join(STATE_DIR, JOB_NAME)
     if not out.fs.exists(job_path):
         raise DatasetError(f"{url} is not an encode-dataset output (no {STATE_DIR}/{JOB_NAME})")
-    fmt: Format = _read_job(out, job_path).get("config", {}).get("format", "files")
+    fmt: Format = read_job(out, job_path).get("config", {}).get("format", "files")
     result = Compaction(output=out.url(), format=fmt, dry_run=dry_run)
-    with _locked(out, None):
+    with output_locks(out, None):
         state = load_state(out, fmt)
         lines = _manifest(out)
         current = {id(_current(state, line)) for line in lines}

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dataset import LATENT_SUFFIX, MANIFEST_NAME, RECORD_SUFFIX
+from .dataset.job import LATENT_SUFFIX, MANIFEST_NAME, RECORD_SUFFIX
 from .latents import DTYPE_NAMES
 from .safetensors_io import DTYPES, Tensor, loads
 from .storage import Location

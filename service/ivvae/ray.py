@@ -37,22 +37,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from .dataset import (
-    Copies,
-    DatasetError,
-    Encoded,
-    EncoderSpec,
-    Job,
-    JobConfig,
-    PartWriter,
-    Plan,
-    Source,
-    Summary,
-    encode_clip,
-    load_state,
-    plan,
-    write_manifest,
-)
+from .dataset.clips import Copies, encode_clip
+from .dataset.encoders import Encoded, EncoderSpec
+from .dataset.job import DatasetError, JobConfig
+from .dataset.parts import PartWriter
+from .dataset.run import Job, Plan, Summary, plan
+from .dataset.sources import Source
+from .dataset.state import load_state, write_manifest
 from .storage import Location
 
 

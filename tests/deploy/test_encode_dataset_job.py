@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ivvae.cli import build_parser
-from ivvae.dataset import _index_shard
+from ivvae.dataset.command import _index_shard
 
 JOB = Path(__file__).resolve().parents[2] / "k8s" / "examples" / "encode-dataset-job.yaml"
 

@@ -190,7 +190,7 @@ def test_plan() -> None:
 def test_every_option_has_its_one_line_of_help_and_the_dataset_cli_shows_it() -> None:
     import argparse
 
-    from ivvae.dataset import add_arguments
+    from ivvae.dataset.command import add_arguments
     from ivvae.video.preprocess import OPTION_HELP, PREPROCESS_KEYS
 
     assert set(OPTION_HELP) == set(PREPROCESS_KEYS)
