@@ -237,6 +237,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _windows(args: argparse.Namespace) -> int:
+    from .dataset.windows import main
+
+    return main(args)
+
+
 def _encode_dataset(args: argparse.Namespace) -> int:
     from .dataset.command import main as encode_dataset
 
@@ -628,6 +634,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "shards; exact resume, --shard I/N, Ray")
     _dataset_arguments(p)
     p.set_defaults(handler=_encode_dataset)
+
+    from .dataset.windows import add_arguments as _windows_arguments
+
+    p = sub.add_parser("windows", help="count each clip's frames and write a table of "
+                       "fixed-length windows (chunk, slide or spread) for encode-dataset")
+    _windows_arguments(p)
+    p.set_defaults(handler=_windows)
 
     from .compact import add_arguments as _compact_arguments
 

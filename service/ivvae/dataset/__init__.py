@@ -94,6 +94,8 @@ The package, one module per part of that story, each importing only those above 
   store from a bad clip;
 * ``run``: one worker's run, start to manifest;
 * ``command``: the ``encode-dataset`` command line.
+* ``windows``: ``ivvae windows``, long clips cut into fixed-length windows, a table of them
+  that ``encode-dataset`` reads.
 
 The compaction (``ivvae.compact``) and the Ray engine (``ivvae.ray``) build on these.
 """

@@ -653,6 +653,14 @@ class VideoReader:
         """Every frame as one ``(T, H, W, 3)`` uint8 RGB array; see ``iter_frames``."""
         return np.concatenate(list(self.iter_frames(64)), axis=0)
 
+    def count_frames(self) -> int:
+        """How many output frames the plan selects, as ``iter_frames`` would give them
+        (its checks and errors included), decoding each source frame but converting none:
+        the length a clip's windows are cut from (``ivvae.dataset.windows``). Runs once,
+        in place of ``iter_frames``."""
+        self.iter_frames(1)  # its checks; the generator it returns is never started
+        return sum(1 for _ in self._selected())
+
     def close(self) -> None:
         if self._closed:
             return
@@ -678,10 +686,10 @@ class VideoReader:
         height, width = self.plan.height, self.plan.width
         buffer: Frames | None = None
         filled = 0
-        for rgb in self._selected():
+        for frame in self._selected():
             if buffer is None:
                 buffer = np.empty((chunk, height, width, 3), dtype=np.uint8)
-            buffer[filled] = rgb
+            buffer[filled] = self._picture(frame)
             filled += 1
             if filled == chunk:
                 yield buffer
@@ -689,8 +697,9 @@ class VideoReader:
         if buffer is not None:
             yield buffer[:filled]
 
-    def _selected(self) -> Iterator[npt.NDArray[np.uint8]]:
-        """Output frames, ``(H, W, 3)`` uint8, as the plan selects them by timestamp."""
+    def _selected(self) -> Iterator[VideoFrame]:
+        """The source frame of each output frame, as the plan selects them by timestamp
+        (a frame repeated by ``fps`` comes once per output frame)."""
         plan, limit = self.plan, self.plan.frame_limit
         selector: FrameSelector = plan.selector(self.info.fps)
         produced = 0
@@ -733,17 +742,21 @@ class VideoReader:
                                f"({plan.bucket or 'num_frames'})")
 
     def _emit(self, frame: VideoFrame, produced: int,
-              at: tuple[int, float]) -> Iterator[npt.NDArray[np.uint8]]:
+              at: tuple[int, float]) -> Iterator[VideoFrame]:
         if self.first_used is None:
             self.first_used = at
         self.last_used = at
         if produced >= self._limits.max_frames:
             raise self._too_many()
+        yield frame
+
+    def _picture(self, frame: VideoFrame) -> npt.NDArray[np.uint8]:
+        """An output frame's picture: ``_to_rgb``, then the plan's crop."""
         g = self.plan.geometry
         rgb = self._to_rgb(frame)
         if g.crops:
             rgb = rgb[g.top : g.top + g.height, g.left : g.left + g.width]
-        yield rgb
+        return rgb
 
     def _too_many(self) -> TooLarge:
         return TooLarge(f"the video has more than {self._limits.max_frames} frames"
