@@ -146,6 +146,11 @@ ONE_HOME = {
     "ModelInfo class": (r"^class ModelInfo\b", "core/model_info.py"),
     "default crf": (r"(DEFAULT_CRF\s*=|crf\b[^=\n]*=\s*18\b)", "core/names.py"),
     "package version": (r"^__version__\s*=", "core/version.py"),
+    "Triton model names": (r"""["']ivvae_(en|de)coder["']""", "triton/contract.py"),
+    "Triton models' gauges": (r"""["']ivvae_(open|evicted)_sequences["']""",
+                              "triton/contract.py"),
+    "error codes": (r"""["'](internal_error|invalid_input|overloaded|deadline_exceeded|"""
+                    r"""backend_unavailable|too_large|cancelled)["']""", "errors.py"),
 }
 
 

@@ -359,3 +359,26 @@ def test_outputs_that_would_lose_data_or_cannot_be_written_are_named(
         assert says in _one_error_line(capsys.readouterr().err), argv
     assert clip.read_bytes() == original
     assert not frames.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_serve_help_states_the_settings_defaults() -> None:
+    # The service options pass None so that Settings decides; their help says the default,
+    # which must be Settings' own (the CLI does not import pydantic to build its parser).
+    import re
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.choices["serve"]
+    said = {a.dest: re.search(r"\(default: ([^,)]+)", a.help or "")
+            for a in serve._actions}
+    fields = Settings.model_fields
+    checked = 0
+    for dest, field in (("host", "host"), ("port", "port"), ("grpc_port", "grpc_port"),
+                        ("device", "device"), ("encode_precision", "encode_precision"),
+                        ("decode_precision", "decode_precision"),
+                        ("groups_per_step", "groups_per_step"), ("triton_url", "triton_url")):
+        match = said[dest]
+        assert match is not None, f"--{dest} states no default"
+        assert match.group(1) == str(fields[field].default), dest
+        checked += 1
+    assert checked == 8

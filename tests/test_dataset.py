@@ -820,7 +820,7 @@ def test_jsonl_and_json_tables_and_their_columns(tmp_path: Path) -> None:
 def test_a_job_file_is_created_once_where_the_filesystem_has_no_hard_links(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Some FUSE and SMB mounts refuse link(); the exclusive create then opens with O_EXCL.
-    from ivvae.storage import write_bytes
+    from ivvae.storage import publish_bytes
 
     def no_links(src: str, dst: str) -> None:
         raise PermissionError(1, "Operation not permitted")
@@ -828,9 +828,9 @@ def test_a_job_file_is_created_once_where_the_filesystem_has_no_hard_links(
     monkeypatch.setattr(os, "link", no_links)
     out = Location.of(str(tmp_path / "out"))
     path = out.join("job.json")
-    write_bytes(out, path, b"first", create=True)
+    publish_bytes(out, path, b"first", create=True)
     with pytest.raises(FileExistsError):
-        write_bytes(out, path, b"second", create=True)
+        publish_bytes(out, path, b"second", create=True)
     assert Path(path).read_bytes() == b"first"
     assert [p.name for p in Path(out.path).iterdir()] == ["job.json"]  # no temporaries left
 

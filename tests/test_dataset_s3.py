@@ -327,15 +327,15 @@ def test_a_job_file_is_created_on_s3_only_where_none_is(s3_server: S3Server) -> 
     # Two jobs racing into one new OUT (tests/test_dataset.py races them locally): the job
     # file is created with a conditional put (If-None-Match: *), which moto checks as S3
     # does, so the second creation fails instead of replacing the first.
-    from ivvae.storage import Location, write_bytes
+    from ivvae.storage import Location, publish_bytes
 
     out = Location.of(s3_server.make_bucket("race") + "/out")
     path = out.join("job.json")
-    write_bytes(out, path, b"first", create=True)
+    publish_bytes(out, path, b"first", create=True)
     with pytest.raises(FileExistsError):
-        write_bytes(out, path, b"second", create=True)
+        publish_bytes(out, path, b"second", create=True)
     assert out.fs.cat_file(path) == b"first"
-    write_bytes(out, path, b"third")  # an ordinary publish replaces
+    publish_bytes(out, path, b"third")  # an ordinary publish replaces
     assert out.fs.cat_file(path) == b"third"
 
 

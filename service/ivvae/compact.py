@@ -76,8 +76,14 @@ from .dataset.state import (
     read_job,
     remove_orphans,
 )
-from .storage import Location, modified_time, publish_file, storage_errors, temp_file_for
-from .storage import write_bytes as publish_bytes
+from .storage import (
+    Location,
+    modified_time,
+    publish_bytes,
+    publish_file,
+    storage_errors,
+    temp_file_for,
+)
 
 # The store's times, of the manifest and of the record files (S3: whole seconds).
 CLOCK_SLACK_S = 2.0

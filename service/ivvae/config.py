@@ -4,8 +4,7 @@ This is the single source of truth for every knob the gateway has. Deployment fi
 (docker-compose.yml, k8s/) are checked against the field names here by a test, so a
 variable renamed here and not there fails CI.
 
-Nothing is read at import time: call ``Settings()`` (or ``Settings.from_env()``) where the
-application is built.
+Nothing is read at import time: call ``Settings()`` where the application is built.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .core import strict
 from .core.names import Precision
+from .triton import contract
 
 BackendName = Literal["local", "triton"]
 
@@ -84,8 +84,8 @@ class Settings(BaseSettings):
     # Triton's gRPC endpoint: host:port, a comma-separated list, or dns:///name:port (one
     # endpoint per address, resolved per video). Each video stays on one endpoint.
     triton_url: str = f"127.0.0.1:{LOCAL_TRITON_GRPC_PORT}"
-    triton_encoder_model: str = "ivvae_encoder"
-    triton_decoder_model: str = "ivvae_decoder"
+    triton_encoder_model: str = contract.ENCODER_MODEL
+    triton_decoder_model: str = contract.DECODER_MODEL
     triton_timeout_s: float = Field(60.0, gt=0)
     triton_connect_retries: int = Field(3, ge=0)
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .core.artifacts import FORMATS
+from .core.artifacts import DEFAULT_FORMAT, FORMATS
 
 if TYPE_CHECKING:
     from .core.artifacts import ExportManifest
@@ -64,7 +64,7 @@ def add_parser(sub: Any) -> None:
     """Register ``export`` on the ``ivvae`` subcommand parsers."""
     p = sub.add_parser("export", help="export the encoder/decoder steps as TorchScript or ONNX "
                        "artifacts for Triton, verified against the eager model")
-    p.add_argument("--format", choices=FORMATS, default="torchscript",
+    p.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
                    help="artifact format (default: torchscript)")
     p.add_argument("--weights", default="", help="weights file (.pth/.safetensors); "
                    "default: the bundled model")

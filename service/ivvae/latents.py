@@ -70,7 +70,9 @@ class LatentInfo:
     padding_policy: str
     dtype: str  # one of PRECISIONS
     content_sha256: str
-    mode: str  # mean | sample
+    # mean | sample; "external" only in memory, for a bare latent a request sent (never in a
+    # file: from_metadata refuses it)
+    mode: str
     seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 

@@ -1,8 +1,8 @@
 """File suffixes of the media that folders are searched for (encode-dataset, training data).
 
 Only a convenience for picking files out of a folder: what a file is, and whether it is
-accepted, is decided from its content by ``ivvae.video``. No imports: the light clients use
-it too.
+accepted, is decided from its content by ``ivvae.video``. No imports: a leaf that
+training and dataset listing share without pulling in the video stack.
 """
 
 # Only suffixes of what ivvae.video opens (its demuxer list): MXF and DV files are not

@@ -8,6 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from .triton import contract
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -36,10 +38,10 @@ class Metrics:
                                      ["kind"], registry=r)
         # A session that is not closed leaves its feature cache here until its time-to-live.
         # The same names as the Triton models' own (on Triton's metrics port).
-        self.open_sequences = Gauge("ivvae_open_sequences",
+        self.open_sequences = Gauge(contract.OPEN_SEQUENCES_METRIC,
                                     "Feature caches held in this process (local backend)",
                                     ["model", "direction"], registry=r)
-        self.evicted_sequences = Gauge("ivvae_evicted_sequences",
+        self.evicted_sequences = Gauge(contract.EVICTED_SEQUENCES_METRIC,
                                        "Sequences dropped after their time-to-live without a "
                                        "step (local backend)", ["model", "direction"],
                                        registry=r)

@@ -360,45 +360,7 @@ class Pipeline:
             if not closes_reader:  # cancelled while waiting for the budget
                 await finish(asyncio.to_thread(reader.close))
             raise
-        count = stepper.count
-        info, plan = reader.info, reader.plan
-        # Without preprocessing the output is the source as it is; the keys stay as before.
-        meta = {
-            "num_frames": str(count),
-            "height": str(plan.height),
-            "width": str(plan.width),
-            "fps": _fps_string(float(plan.fps)),
-            "codec": info.codec,
-            "container": info.container,
-            "rotation": str(info.rotation),
-        }
-        if plan.sample_aspect_ratio != 1:
-            # Anamorphic frames kept at their stored size (a resize makes square pixels).
-            meta[SAR_KEY] = strict.sample_aspect_ratio_text(plan.sample_aspect_ratio)
-        if not preprocess.is_identity:
-            # A latent says exactly how it was made: what was done, to what.
-            meta.update({
-                "preprocess": preprocess.canonical(),
-                "preprocess_bucket": str(plan.bucket or ""),
-                "preprocess_source_width": str(info.width),
-                "preprocess_source_height": str(info.height),
-                "preprocess_source_fps": _fps_string(info.fps),
-                "preprocess_source_frames_declared": str(info.num_frames or ""),
-                "preprocess_source_frames_decoded": str(reader.source_frames_read),
-            })
-            if info.sample_aspect_ratio != 1:
-                # The upright source's pixel shape; the size above is its stored one.
-                meta["preprocess_source_sample_aspect_ratio"] = (
-                    strict.sample_aspect_ratio_text(info.sample_aspect_ratio))
-            if reader.first_used is not None and reader.last_used is not None:
-                # Which source frames the latent covers (index in presentation order, and
-                # seconds from the first frame): to line up captions or clips with it.
-                meta.update({
-                    "preprocess_source_first_frame": str(reader.first_used[0]),
-                    "preprocess_source_last_frame": str(reader.last_used[0]),
-                    "preprocess_source_first_s": f"{reader.first_used[1]:.6f}",
-                    "preprocess_source_last_s": f"{reader.last_used[1]:.6f}",
-                })
+        meta = _latent_meta(reader, stepper.count, preprocess)
         return np.concatenate(mus, axis=2), np.concatenate(logvars, axis=2), meta
 
     def _encode_plan(self, model: ModelInfo, width: int, height: int,
@@ -453,12 +415,13 @@ class Pipeline:
         width = target.width or w * SPACE_COMPRESSION
         if latent_frames(num_frames) != t:
             raise InvalidInput(f"num_frames={num_frames} does not come from {t} latent frames "
-                               f"(it must be in [{1 + 4 * (t - 2) + 1 if t > 1 else 1}, "
-                               f"{1 + 4 * (t - 1)}])")
+                               f"(it must be in [{TIME_COMPRESSION * (t - 2) + 2 if t > 1 else 1}"
+                               f", {1 + TIME_COMPRESSION * (t - 1)}])")
         if latent_size(height) != h or latent_size(width) != w:
             raise InvalidInput(f"a {width}x{height} frame does not come from a {w}x{h} latent "
-                               f"(width in [{8 * w - 7}, {8 * w}], height in "
-                               f"[{8 * h - 7}, {8 * h}])")
+                               f"(width in [{SPACE_COMPRESSION * (w - 1) + 1}, "
+                               f"{SPACE_COMPRESSION * w}], height in "
+                               f"[{SPACE_COMPRESSION * (h - 1) + 1}, {SPACE_COMPRESSION * h}])")
         s = self.settings
         if height * width > s.max_pixels:
             raise TooLarge(f"a {width}x{height} frame exceeds max_pixels ({s.max_pixels})")
@@ -607,6 +570,51 @@ async def _close_both(session: EncodeSession, reader: VideoReader,
 
 def _next_chunk(chunks: Iterator[np.ndarray]) -> np.ndarray | None:
     return next(chunks, None)
+
+
+def _latent_meta(reader: VideoReader, count: int,
+                 preprocess: Preprocess) -> dict[str, str]:
+    """What an encoded video's latent file says of it: the frames the model saw (``count``
+    of them, after preprocessing), the source's codec and orientation; with preprocessing,
+    what was done to what, and which source frames the latent covers."""
+    info, plan = reader.info, reader.plan
+    meta = {
+        "num_frames": str(count),
+        "height": str(plan.height),
+        "width": str(plan.width),
+        "fps": _fps_string(float(plan.fps)),
+        "codec": info.codec,
+        "container": info.container,
+        "rotation": str(info.rotation),
+    }
+    if plan.sample_aspect_ratio != 1:
+        # Anamorphic frames kept at their stored size (a resize makes square pixels).
+        meta[SAR_KEY] = strict.sample_aspect_ratio_text(plan.sample_aspect_ratio)
+    if not preprocess.is_identity:
+        # A latent says exactly how it was made: what was done, to what.
+        meta.update({
+            "preprocess": preprocess.canonical(),
+            "preprocess_bucket": str(plan.bucket or ""),
+            "preprocess_source_width": str(info.width),
+            "preprocess_source_height": str(info.height),
+            "preprocess_source_fps": _fps_string(info.fps),
+            "preprocess_source_frames_declared": str(info.num_frames or ""),
+            "preprocess_source_frames_decoded": str(reader.source_frames_read),
+        })
+        if info.sample_aspect_ratio != 1:
+            # The upright source's pixel shape; the size above is its stored one.
+            meta["preprocess_source_sample_aspect_ratio"] = (
+                strict.sample_aspect_ratio_text(info.sample_aspect_ratio))
+        if reader.first_used is not None and reader.last_used is not None:
+            # Which source frames the latent covers (index in presentation order, and
+            # seconds from the first frame): to line up captions or clips with it.
+            meta.update({
+                "preprocess_source_first_frame": str(reader.first_used[0]),
+                "preprocess_source_last_frame": str(reader.last_used[0]),
+                "preprocess_source_first_s": f"{reader.first_used[1]:.6f}",
+                "preprocess_source_last_s": f"{reader.last_used[1]:.6f}",
+            })
+    return meta
 
 
 def _fps_string(fps: float) -> str:

@@ -46,7 +46,7 @@ from .config import (
     LOCAL_TRITON_HTTP_PORT,
     LOCAL_TRITON_METRICS_PORT,
 )
-from .core.artifacts import FORMATS
+from .core.artifacts import DEFAULT_FORMAT, FORMATS
 from .core.ports import ensure_free
 
 STATE_FILE = "stack.json"
@@ -63,7 +63,7 @@ class StackError(RuntimeError):
 class StackConfig:
     workdir: Path
     weights: str = ""
-    format: str = "torchscript"
+    format: str = DEFAULT_FORMAT
     http_port: int = DEFAULT_HTTP_PORT
     grpc_port: int = DEFAULT_GRPC_PORT
     redis_port: int = DEFAULT_REDIS_PORT
@@ -446,8 +446,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--workdir", default=".ivvae/stack",
                    help="logs, exports and the record of the started processes")
     p.add_argument("--weights", default="", help="default: the bundled model")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                   help=f"artifact format Triton serves (default: {FORMATS[0]})")
+    p.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                   help=f"artifact format Triton serves (default: {DEFAULT_FORMAT})")
     defaults = StackConfig(Path())
     for name, default, what in (
             ("http-port", defaults.http_port, "the gateway's HTTP"),

@@ -167,7 +167,7 @@ def content_sha256(fs: AbstractFileSystem, path: str) -> str:
     return h.hexdigest()
 
 
-def write_bytes(loc: Location, path: str, data: bytes, tag: str = "", *,
+def publish_bytes(loc: Location, path: str, data: bytes, tag: str = "", *,
                 create: bool = False) -> None:
     """Publish ``data`` at ``path`` whole or not at all (``tag``: in the temporary's name,
     so that its writer can tell its own leftovers apart; ``ivvae.core.files`` names its

@@ -29,13 +29,13 @@ import numpy as np
 from .core import strict
 from .core.names import PRECISIONS
 from .errors import InvalidInput, InvalidLatent
-from .latents import check_values
-from .safetensors_io import SafetensorsError, Tensor, bf16_bits_to_float32, loads
+from .latents import DTYPE_NAMES, check_values
+from .safetensors_io import DTYPES, SafetensorsError, Tensor, bf16_bits_to_float32, loads
 
-# Wire dtype name -> safetensors dtype name (``ivvae.safetensors_io.DTYPES`` holds the bits).
-WIRE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8"}
+# Wire dtype name -> safetensors dtype name (``ivvae.safetensors_io.DTYPES`` holds the bits):
+# a latent's precisions, and uint8 frames.
+WIRE_DTYPES = {**DTYPE_NAMES, "uint8": "U8"}
 _ST_TO_WIRE = {v: k for k, v in WIRE_DTYPES.items()}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}
 LATENT_DTYPES = PRECISIONS  # a latent is stored in one of the precisions
 MAX_RANK = 5
 MAX_SHAPE_TEXT = 256
@@ -95,7 +95,7 @@ def read_raw_tensor(data: bytes, shape: tuple[int, ...], dtype: str, *,
     """The raw body as a ``Tensor`` (a read-only view of ``data``); ``dtype`` a wire name.
     Raises ``InvalidInput`` when the byte count does not match ``shape`` and ``dtype``."""
     st = WIRE_DTYPES[dtype]
-    expected = math.prod(shape) * _ITEMSIZE[st]
+    expected = math.prod(shape) * DTYPES[st].itemsize
     if max_bytes is not None and expected > max_bytes:
         raise InvalidInput(f"a {dtype} tensor of shape {list(shape)} is {expected} bytes, "
                            f"over the limit of {max_bytes}")

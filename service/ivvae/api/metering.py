@@ -17,7 +17,7 @@ from types import TracebackType
 
 from starlette.requests import ClientDisconnect
 
-from ..errors import IVVAEError
+from ..errors import ClientGone, IVVAEError
 from ..metrics import Metrics
 
 OTHER = "other"
@@ -46,7 +46,7 @@ class RequestMeter:
 
     The outcome is ``ok``, the error's code, ``cancelled`` (the client went away: a
     cancelled RPC, or an HTTP client that disconnected mid-upload) or
-    ``internal_error``. ``in_flight`` counts the request in ``ivvae_in_flight`` for its
+    ``internal_error``. ``in_flight`` counts the request in ``ivvae_in_flight_requests`` for its
     whole life (gRPC counts only admitted RPCs, so it says when)."""
 
     def __init__(self, metrics: Metrics, op: str, transport: str, *,
@@ -71,9 +71,9 @@ class RequestMeter:
         elif isinstance(exc, IVVAEError):
             outcome = exc.code
         elif isinstance(exc, (asyncio.CancelledError, ClientDisconnect)):
-            outcome = "cancelled"
+            outcome = ClientGone.code
         else:
-            outcome = "internal_error"
+            outcome = IVVAEError.code
         if self._in_flight:
             self.metrics.in_flight.dec()
         self.metrics.requests.labels(self.op, self.transport, outcome).inc()

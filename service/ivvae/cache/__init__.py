@@ -2,7 +2,7 @@
 
 A repeated upload (same bytes, same weights, same encode precision) is answered from here
 without running the model. The pipeline keys entries with
-``cache_key(content_sha256, model_name, weights_sha256, encode_precision, "moments-v2",
+``cache_key(content_sha256, model_name, weights_sha256, encode_precision, MOMENTS_VERSION,
 preprocess)`` (``ivvae.pipeline.MOMENTS_VERSION``; the canonical preprocessing options).
 
 Not to be confused with ``ivvae.model.cache.FeatureCache``, the model's temporal state.

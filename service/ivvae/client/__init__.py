@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..core.names import CRF_RANGE, DEFAULT_CRF
-from ..core.steps import FRAMES_DTYPES
+from ..core.steps import FRAMES_DTYPES, FramesDtype
 from ..errors import InvalidInput
 from ..video.preprocess import Preprocess
 from ._common import (
@@ -196,7 +196,7 @@ class AsyncClient:
                      num_frames: int | None = None, height: int | None = None,
                      width: int | None = None,
                      latent_space: Literal["scaled", "raw"] = "scaled",
-                     frames_dtype: Literal["uint8", "float32"] = "uint8",
+                     frames_dtype: FramesDtype = "uint8",
                      ) -> bytes | np.ndarray:
         """Decode to video: a latent file (a path, its bytes, or a ``LatentResult``), or a
         bare latent a sampler made, as a numpy array or torch tensor ``(B, z, t, h, w)`` or
@@ -328,7 +328,7 @@ class Client:
                num_frames: int | None = None, height: int | None = None,
                width: int | None = None,
                latent_space: Literal["scaled", "raw"] = "scaled",
-               frames_dtype: Literal["uint8", "float32"] = "uint8") -> bytes | np.ndarray:
+               frames_dtype: FramesDtype = "uint8") -> bytes | np.ndarray:
         """See ``AsyncClient.decode``."""
         return self._run(self._async.decode(latent, format=format, crf=crf, model=model,
                                             fps=fps, num_frames=num_frames, height=height,

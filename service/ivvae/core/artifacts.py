@@ -36,6 +36,7 @@ MANIFEST_NAME = "export_manifest.json"
 EXPORT_VERSION = 2  # 2: the decoder also returns its float video
 ArtifactFormat = Literal["torchscript", "onnx"]
 FORMATS: tuple[ArtifactFormat, ...] = get_args(ArtifactFormat)
+DEFAULT_FORMAT: ArtifactFormat = FORMATS[0]
 Direction = Literal["encoder", "decoder"]
 DIRECTIONS: tuple[Direction, ...] = ("encoder", "decoder")
 STEPS = ("first", "next")

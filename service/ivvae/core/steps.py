@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -46,7 +46,7 @@ log = logging.getLogger("ivvae.steps")
 Direction = Literal["encoder", "decoder"]
 Cache = list[Any]  # per slot: a torch tensor or a numpy array, batch first
 FramesDtype = Literal["uint8", "float32"]
-FRAMES_DTYPES: tuple[FramesDtype, ...] = ("uint8", "float32")
+FRAMES_DTYPES: tuple[FramesDtype, ...] = get_args(FramesDtype)
 
 
 class Steps(abc.ABC):

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from ..storage import (
     Location,
     file_identity,
+    publish_bytes,
     publish_file,
     temp_file_for,
 )
-from ..storage import write_bytes as publish_bytes
 from .encoders import Encoded
 from .job import (
     LATENT_SUFFIX,

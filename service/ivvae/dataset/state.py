@@ -19,8 +19,8 @@ from ..storage import (
     Location,
     file_identity,
     modified_time,
+    publish_bytes,
 )
-from ..storage import write_bytes as publish_bytes
 from .job import (
     COMPACT_PREFIX,
     JOB_NAME,

@@ -45,8 +45,7 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import IVVAEError
-from ..storage import Location, read_errors, storage_errors
-from ..storage import write_bytes as publish_bytes
+from ..storage import Location, publish_bytes, read_errors, storage_errors
 from .clips import fetch_clip
 from .job import DatasetError
 from .sources import PATH_COLUMNS, TABLE_SUFFIXES, Columns, Source, collect, suffix_of

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from ..config import LOCAL_TRITON_GRPC_PORT, LOCAL_TRITON_HTTP_PORT, LOCAL_TRITON_METRICS_PORT
 from .repository import prepare_repository
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,6 @@ def start_triton(
     metrics_port: int = 0,
     log_path: Path | None = None,
     ready_timeout: float = 60,
-    extra_args: Sequence[str] = (),
     models: Sequence[str] | None = None,
 ) -> TritonServer:
     """Start tritonserver on a prepared repository and wait until it is ready.
@@ -345,7 +345,6 @@ def start_triton(
     if models is not None:
         args.append("--model-control-mode=explicit")
         args += [f"--load-model={model}" for model in models]
-    args += extra_args
 
     log.info("starting %s", " ".join(args))
     with open(log_path, "wb") as log_file:
@@ -383,7 +382,7 @@ def start_triton(
     return server
 
 
-# -- python -m ivvae.triton.launcher -------------------------------------------------------
+# -- python -m ivvae.devtools.triton_launcher ----------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -395,9 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workdir", type=Path, required=True, help="where the prepared copy and the log go"
     )
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
+    # Beside a gateway on its default port, as ``ivvae triton-serve`` starts it.
+    parser.add_argument("--http-port", type=int, default=LOCAL_TRITON_HTTP_PORT)
+    parser.add_argument("--grpc-port", type=int, default=LOCAL_TRITON_GRPC_PORT)
+    parser.add_argument("--metrics-port", type=int, default=LOCAL_TRITON_METRICS_PORT)
     parser.add_argument(
         "--env-path", type=Path, default=None, help="venv the stubs activate (default: this one)"
     )

@@ -14,8 +14,9 @@
 3. ``tritonserver`` from the ``nvidia-pytriton`` wheel starts on 127.0.0.1 and serves until
    SIGTERM or SIGINT.
 
-:func:`start` does all three and returns the running server: tests and the local stack use
-it. The container image does the same with ``docker/triton-entrypoint.sh``.
+:func:`start` does all three and returns the running server: ``ivvae triton-serve`` (which
+the local stack runs as a process) and ``bench/bench_triton.py`` use it. The container image
+does the same with ``docker/triton-entrypoint.sh``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LOCAL_TRITON_GRPC_PORT, LOCAL_TRITON_HTTP_PORT, LOCAL_TRITON_METRICS_PORT
-from ..core.artifacts import EXPORT_VERSION, FORMATS, ArtifactError, read_manifest
+from ..core.artifacts import (
+    DEFAULT_FORMAT,
+    EXPORT_VERSION,
+    FORMATS,
+    ArtifactError,
+    read_manifest,
+)
 from ..core.names import PRECISIONS
 from ..core.version import __version__
 from ..triton import contract as c
@@ -98,7 +105,7 @@ def ensure_artifacts(weights: str, fmt: str, root: Path, *, name: str = "") -> P
     return target
 
 
-def model_parameters(artifact_dir: Path, *, precision: str = "float32",
+def model_parameters(artifact_dir: Path, *, precision: str = PRECISIONS[0],
                      sequence_ttl_s: float | None = None,
                      num_threads: int | None = None) -> dict[str, str]:
     """The model-config parameters for serving ``artifact_dir`` (both models)."""
@@ -131,9 +138,9 @@ def prepare(artifact_dir: Path, workdir: Path, *, repository: Path | None = None
 @dataclass(frozen=True)
 class ServeOptions:
     weights: str = ""
-    format: str = "torchscript"
+    format: str = DEFAULT_FORMAT
     name: str = ""
-    precision: str = "float32"
+    precision: str = PRECISIONS[0]
     sequence_ttl_s: float | None = None
     num_threads: int | None = None
     http_port: int = 0
@@ -187,8 +194,8 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("triton-serve", help="export (if needed) and serve the ivvae models "
                        "with the tritonserver of the nvidia-pytriton wheel, on 127.0.0.1")
     p.add_argument("--weights", default="", help="weights file; default: the bundled model")
-    p.add_argument("--format", choices=FORMATS, default=FORMATS[0],
-                   help=f"artifact format (default: {FORMATS[0]})")
+    p.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                   help=f"artifact format (default: {DEFAULT_FORMAT})")
     p.add_argument("--name", default="", help="model name (default: from the weights)")
     p.add_argument("--workdir", default=".ivvae/triton",
                    help="artifacts, the prepared repository and the server log go here")

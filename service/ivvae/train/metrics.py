@@ -5,8 +5,6 @@ All functions take ``(B, 3, T, H, W)`` float videos in ``[-1, 1]``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,6 +56,3 @@ def psnr_per_frame(x: Tensor, y: Tensor) -> Tensor:
     mse = (((x - y) / 2) ** 2).float().mean(dim=(1, 3, 4))  # (B, T)
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-12))
 
-
-def psnr_from_mse(mse: float) -> float:
-    return 10 * math.log10(1.0 / max(mse, 1e-12))

@@ -57,6 +57,10 @@ from typing import Any
 ENCODER_MODEL = "ivvae_encoder"
 DECODER_MODEL = "ivvae_decoder"
 
+# The models' gauges, on Triton's metrics port; the local backend exports the same names.
+OPEN_SEQUENCES_METRIC = "ivvae_open_sequences"
+EVICTED_SEQUENCES_METRIC = "ivvae_evicted_sequences"
+
 # -- tensors -----------------------------------------------------------------------------------
 FRAMES = "FRAMES"
 FRAMES_FP32 = "FRAMES_FP32"  # the decoder's float frames, when a request asks for them
@@ -75,7 +79,6 @@ TENSORS: dict[str, tuple[str, tuple[str, ...]]] = {
     "encoder": (FRAMES, (MU, LOGVAR)),
     "decoder": (LATENT, (FRAMES,)),
 }
-MODEL_NAMES = {"encoder": ENCODER_MODEL, "decoder": DECODER_MODEL}
 # the decoder's output per frames dtype (ivvae.core.steps.FRAMES_DTYPES)
 DECODER_FRAMES = {"uint8": FRAMES, "float32": FRAMES_FP32}
 

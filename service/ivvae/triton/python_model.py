@@ -175,11 +175,11 @@ class StepModel:
             return {}
         labels = {"model": self.name, "instance": self.instance}
         open_family = pb.MetricFamily(
-            name="ivvae_open_sequences",
+            name=c.OPEN_SEQUENCES_METRIC,
             description="Sequences (videos) whose feature cache this model instance holds",
             kind=pb.MetricFamily.GAUGE)
         evicted_family = pb.MetricFamily(
-            name="ivvae_evicted_sequences",
+            name=c.EVICTED_SEQUENCES_METRIC,
             description="Sequences dropped after their time-to-live without a step",
             kind=pb.MetricFamily.GAUGE)
         return {"open": open_family.Metric(labels=labels),

@@ -270,7 +270,7 @@ class IVVAEServicer(pb_grpc.IVVAEServicer):
                 failure = exc
                 log.exception("unhandled error in gRPC %s", op)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error",
-                                    trailing_metadata=((ERROR_CODE_KEY, "internal_error"),))
+                                    trailing_metadata=((ERROR_CODE_KEY, IVVAEError.code),))
             finally:
                 if rpc.admitted:
                     m.in_flight.dec()

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import ClientGone, IVVAEError, NotTakenInTime, Overloaded
+from ...errors import ClientGone, InvalidInput, IVVAEError, NotTakenInTime, Overloaded
 from ...service import Service
 from ..metering import OTHER, count_refusal
 from . import ui
@@ -106,7 +106,7 @@ class _Contain:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:
                 raise  # half a response is out: only closing the connection can say so
-            response = JSONResponse({"error": "internal_error", "detail": "internal error"},
+            response = JSONResponse({"error": IVVAEError.code, "detail": "internal error"},
                                     status_code=500)
             await response(scope, receive, send)
 
@@ -169,8 +169,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
             for e in exc.errors()
         )
-        _count_unserved(request, "invalid_input")
-        return JSONResponse({"error": "invalid_input", "detail": detail}, status_code=422)
+        _count_unserved(request, InvalidInput.code)
+        return JSONResponse({"error": InvalidInput.code, "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

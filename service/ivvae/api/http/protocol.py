@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ...errors import NotTakenInTime
+from ...errors import DeadlineExceeded, InvalidInput, NotTakenInTime, Overloaded
 from ...metrics import Metrics
 from ..metering import UNROUTED, count_refusal
 from .answers import cut_off_by
@@ -52,7 +52,8 @@ def _raw_response(status: bytes, body: bytes, *headers: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-_OVERLOADED = b'{"error": "overloaded", "detail": "too many open connections; retry later"}'
+_OVERLOADED = json.dumps({"error": Overloaded.code,
+                          "detail": "too many open connections; retry later"}).encode()
 _TOO_MANY_CONNECTIONS = _raw_response(b"503 Service Unavailable", _OVERLOADED, b"retry-after: 1")
 
 # The liveness check: what a connection past ``max_connections`` (in the probe reserve)
@@ -66,8 +67,9 @@ LIVENESS_PATH = "/healthz"
 # then sees a disconnect, and says in its log and metrics why.
 BODY_TIMED_OUT = "ivvae.body_timed_out"
 
-_BODY_TOO_SLOW = (b'{"error": "deadline_exceeded", "detail": "the request body came too slowly '
-                  b'(a gap past the body timeout, or under the minimum rate)"}')
+_BODY_TOO_SLOW = json.dumps({"error": DeadlineExceeded.code,
+                             "detail": "the request body came too slowly (a gap past the body "
+                                       "timeout, or under the minimum rate)"}).encode()
 
 
 @dataclass
@@ -162,7 +164,7 @@ class _BoundedH11(H11Protocol):
         self.flow.resume_reading = resume_reading  # type: ignore[method-assign]
         over = len(self.connections) - self.limits.max_connections
         if over > self.limits.probe_reserve:
-            self._refused("overloaded")
+            self._refused(Overloaded.code)
             transport.write(_TOO_MANY_CONNECTIONS)
             transport.close()
             return
@@ -221,10 +223,10 @@ class _BoundedH11(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         # h11 refused the request (malformed, or a head past max_header_bytes): answer, then
         # linger like after any early response instead of resetting the connection.
-        detail = json.dumps({"error": "invalid_input", "detail": msg}).encode()
+        detail = json.dumps({"error": InvalidInput.code, "detail": msg}).encode()
         if self.cycle is None or self.cycle.response_complete:
             # A request head (mid-body, the app's request sees the connection end instead).
-            self._refused("invalid_input")
+            self._refused(InvalidInput.code)
         self.transport.write(_raw_response(b"400 Bad Request", detail))
         self._linger()
 
@@ -374,19 +376,20 @@ def _head_guard(app: Any, limits: ConnectionLimits,
         scope = _origin_form(scope)
         if probe_only() and not (scope["method"] in ("GET", "HEAD")
                                  and scope["path"] == LIVENESS_PATH):
-            refused("overloaded")
+            refused(Overloaded.code)
             await _respond(send, 503, _OVERLOADED, (b"retry-after", b"1"))
             return
         size = len(scope["raw_path"] or b"") + len(scope["query_string"]) + sum(
             len(name) + len(value) + 4 for name, value in scope["headers"])
-        detail = None
+        detail: str | None = None
         if len(scope["headers"]) > limits.max_headers:
-            detail = b"more than %d request headers" % limits.max_headers
+            detail = f"more than {limits.max_headers} request headers"
         elif size > limits.max_header_bytes:
-            detail = b"the request head is over %d bytes" % limits.max_header_bytes
+            detail = f"the request head is over {limits.max_header_bytes} bytes"
         if detail is not None:
-            refused("invalid_input")
-            await _respond(send, 431, b'{"error": "invalid_input", "detail": "%s"}' % detail)
+            refused(InvalidInput.code)
+            await _respond(send, 431, json.dumps({"error": InvalidInput.code,
+                                                  "detail": detail}).encode())
             return
         try:
             await app(scope, receive, send)
