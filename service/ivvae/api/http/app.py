@@ -27,7 +27,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Settings
 from ...core.version import __version__
-from ...errors import ClientGone, InvalidInput, IVVAEError, NotTakenInTime, Overloaded
+from ...errors import (
+    ClientGone,
+    InvalidInput,
+    IVVAEError,
+    NotTakenInTime,
+    Overloaded,
+    Unauthorized,
+)
 from ...service import Service
 from ..metering import OTHER, count_refusal
 from . import ui
@@ -45,9 +52,13 @@ REFUSAL_LOG = "%s %s -> %d %s: %s"
 
 
 def error_response(exc: IVVAEError) -> JSONResponse:
-    retry = retry_after(exc)
+    headers = {}
+    if (retry := retry_after(exc)) is not None:
+        headers["Retry-After"] = retry
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"  # RFC 9110: a 401 says how to authenticate
     return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=http_status(exc),
-                        headers={"Retry-After": retry} if retry else None)
+                        headers=headers or None)
 
 
 class _Contain:

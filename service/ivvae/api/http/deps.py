@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
-from starlette.datastructures import UploadFile
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import FormData, UploadFile
 from starlette.requests import ClientDisconnect
 
 from ...core import strict
@@ -56,12 +57,20 @@ def authorize(request: Request, svc: Svc) -> None:
                  how="'Authorization: Bearer <key>'")
 
 
+# Only what /openapi.json says (a bearer scheme on the routes that check a key, so that
+# /docs can send one and generated clients know to): ``authorize`` decides, with or
+# without keys configured.
+_BEARER = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                     description="an API key, when the server has IVVAE_API_KEYS")
+
+
 def authorized(op: str) -> Any:
     """The key check of the routes of ``op`` (their label in the request meter), as a
     router dependency. It runs before the route's meter, so a refusal is counted here as a
     request of ``op`` (its error by the error handler, as every error's)."""
 
-    def check(request: Request, svc: Svc) -> None:
+    def check(request: Request, svc: Svc,
+              _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)]) -> None:
         try:
             authorize(request, svc)
         except Unauthorized as exc:
@@ -114,11 +123,7 @@ async def read_body(request: Request, limit: int, held: BodyHold) -> tuple[bytes
         del body, receive, sub
         held.give(total)
         try:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise InvalidInput("the multipart body has no complete file field named "
-                                   "'file' (none was sent, it has another name, or the body "
-                                   "was cut short)")
+            upload = _the_file(form)
             held.take(upload.size or 0)
             data = await upload.read()
             ctype = (upload.content_type or "application/octet-stream").lower()
@@ -247,15 +252,26 @@ async def _multipart_to(request: Request, limit: int, out: Any) -> str:
     except Exception as exc:  # the multipart parser raises several types
         raise InvalidInput(f"malformed multipart body: {exc}") from exc
     try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput("the multipart body has no complete file field named 'file' (none "
-                               "was sent, it has another name, or the body was cut short)")
+        upload = _the_file(form)
         upload.file.seek(0)
         await asyncio.to_thread(shutil.copyfileobj, upload.file, out, SPOOL_CHUNK)
         return (upload.content_type or "application/octet-stream").lower()
     finally:
         await finish(form.close())  # its files on disk go even when the client left
+
+
+def _the_file(form: FormData) -> UploadFile:
+    """A multipart body's field ``file``; any other field is refused, naming it: options
+    are query parameters, and a form field would be ignored without a word."""
+    for name, _ in form.multi_items():
+        if name != "file":
+            raise InvalidInput(f"multipart field {name!r} is not read: the upload is field "
+                               f"'file', and options are query parameters (?{name}=...)")
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidInput("the multipart body has no complete file field named 'file' (none "
+                           "was sent, it has another name, or the body was cut short)")
+    return upload
 
 
 async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:

@@ -71,7 +71,8 @@ DECODE_OUTPUT_KEYS = ("format", "crf", "output_type", "partial_postprocess", "im
 TENSOR_MEDIA_TYPE = "application/octet-stream"
 # Only the frames file's own type picks it: a generic octet-stream Accept is not a request
 # for raw frames.
-FRAMES_ACCEPT = ("application/x-safetensors",)
+FRAMES_ACCEPT = "application/x-safetensors"
+MP4_ACCEPT = "video/mp4"
 
 Params = Sequence[tuple[str, str]]
 
@@ -132,7 +133,8 @@ def parse_encode(params: Params) -> EncodeForm:
         other_keys=(*ENCODE_KEYS, "fps") if tensor else ENCODE_KEYS)
     seed_value = _single(params, "seed")
     if seed_value is not None and not strict.is_count(seed_value.strip()):
-        raise InvalidInput(f"parameter 'seed' must be a non-negative integer, got {seed_value!r}")
+        raise InvalidInput(f"parameter 'seed' must be an integer in [0, 2**63), got "
+                           f"{strict.shown(seed_value)}")
     scaling = _float("scaling_factor", _single(params, "scaling_factor"))
     shift = _float("shift_factor", _single(params, "shift_factor"))
     # A raw tensor body answers a raw tensor, as does a factor (diffusers' remote_encode
@@ -141,6 +143,11 @@ def parse_encode(params: Params) -> EncodeForm:
     output = _single(params, "output_type") or ("pt" if wire else "file")
     if output not in ("file", "pt"):
         raise InvalidInput(f"parameter 'output_type' must be file or pt, got {output!r}")
+    include_moments = _bool("moments", _single(params, "moments"))
+    if output == "pt" and include_moments:
+        raise InvalidInput("parameters 'moments' and 'output_type=pt' contradict each other: "
+                           "a raw tensor answer holds the latent only; the latent file "
+                           "(output_type=file) holds mu and logvar too")
     if output == "file" and (scaling is not None or shift is not None):
         raise InvalidInput("parameters 'scaling_factor' / 'shift_factor' apply to "
                            "output_type=pt only: a latent file is in the model's own scale")
@@ -166,7 +173,7 @@ def parse_encode(params: Params) -> EncodeForm:
         sample=_bool("sample", _single(params, "sample")),
         seed=int(seed_value) if seed_value is not None else None,
         dtype=stored,
-        include_moments=_bool("moments", _single(params, "moments")),
+        include_moments=include_moments,
         preprocess=preprocess,
     )
     return EncodeForm(options, "pt" if output == "pt" else "file",
@@ -229,6 +236,39 @@ def _from_remote_decode(params: Params) -> bool:
     return "image_format" in names and "partial_postprocess" in names
 
 
+def _quality(accept: str, media_type: str) -> tuple[int, float]:
+    """How an ``Accept`` header wants ``media_type`` (RFC 9110 12.5.1): its most specific
+    matching range (2 ``type/sub``, 1 ``type/*``, 0 ``*/*``; -1 none) and that range's
+    ``q`` (0 when none matches). A malformed ``q`` counts as 1, as most servers read it."""
+    kind = media_type.split("/")[0]
+    best: tuple[int, float] = (-1, 0.0)
+    for item in accept.split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        name = name.lower()
+        rank = (2 if name == media_type else 1 if name == f"{kind}/*" else
+                0 if name == "*/*" else -1)
+        if rank <= best[0]:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 1.0
+        best = (rank, q)
+    return best
+
+
+def prefers_frames(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for the frames file over the MP4 (the default): it
+    must name the frames file's type and want it more than an MP4. A client that lists
+    every type of the operation at once (a generated one) gets the default."""
+    rank, frames = _quality(accept, FRAMES_ACCEPT)
+    return rank == 2 and frames > _quality(accept, MP4_ACCEPT)[1]
+
+
 def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
                  default_crf: int) -> DecodeForm:
     known = (*DECODE_OUTPUT_KEYS, *DECODE_KEYS)
@@ -249,8 +289,7 @@ def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],
     output: Literal["mp4", "frames", "pt"] = "mp4"
     if output_type == "pt":
         output = "pt"
-    elif fmt == "frames" or (fmt is None and output_type is None and any(
-            a in accept for a in FRAMES_ACCEPT)):
+    elif fmt == "frames" or (fmt is None and output_type is None and prefers_frames(accept)):
         output = "frames"
     image_format = _single(params, "image_format")
     if image_format is not None and image_format not in ("jpg", "png"):

@@ -26,29 +26,44 @@ from ...metering import RequestMeter
 from .. import tensors
 from ..answers import HELD_COPIES, HeldResponse, StreamedInTime
 from ..deps import Svc, authorized, read_body, unless_disconnected
-from ..errors import error_responses
+from ..openapi import binary_answer, decode_parameters, error_responses
 
 router = APIRouter(tags=["decode"], dependencies=[authorized("decode")])
+
+
+DESCRIPTION = """\
+The body is a latent file from /encode, a bare latent (a safetensors file holding only
+`latent`, `(B, z, t, h, w)` or one video `(z, t, h, w)`), or the same as a raw tensor body
+with `shape` and `dtype` (Hugging Face's remote-VAE form: a raw body from diffusers'
+`remote_decode` with no scaling parameter is decoded as raw, as Hugging Face's endpoints
+do). A bare latent is in the model's scaled space unless `latent_space` (or
+`scaling_factor` / `shift_factor` / `do_scaling`) says otherwise. The answer: an MP4 (a zip
+of `0.mp4`, `1.mp4`, ... for a batch), a frames file (`format=frames`, or an `Accept` that
+prefers `application/x-safetensors` to `video/mp4`), or with `output_type=pt` a raw tensor
+body. One MP4 or frames file streams as it is decoded. An unknown or repeated parameter is a
+400 naming it."""
 
 
 @router.post(
     "/decode",
     summary="Decode a latent (file, bare latent or raw tensor) to video/mp4, frames or a "
             "tensor",
-    description=tensors.__doc__ or "",
+    description=DESCRIPTION,
     response_class=Response,
-    responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()},
-                                 **{t: {} for t in BATCH_MEDIA_TYPES.values()},
-                                 tensors.TENSOR_MEDIA_TYPE: {}},
-                     "description": "the output; one mp4 or frames file is streamed as it is "
-                                    "decoded"},
+    responses={200: binary_answer(
+                   dict.fromkeys([*MEDIA_TYPES.values(), *BATCH_MEDIA_TYPES.values(),
+                                  tensors.TENSOR_MEDIA_TYPE]),
+                   "the output; one mp4 or frames file is streamed as it is decoded",
+                   ["X-Model", "X-Frames", "X-Width", "X-Height", "X-Batch", "shape",
+                    "dtype"]),
                **error_responses(400, 401, 413, 422, 500, 503, 504)},
     openapi_extra={"requestBody": {
         "required": True,
         "description": "a latent file (.safetensors) made by /encode, a bare latent, or a "
                        "raw tensor body (with shape and dtype parameters)",
         "content": {"application/octet-stream": {
-            "schema": {"type": "string", "format": "binary"}}}}},
+            "schema": {"type": "string", "format": "binary"}}}},
+        "parameters": decode_parameters()},
 )
 async def decode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "decode", "http") as meter:

@@ -18,25 +18,39 @@ from ..deps import (
     spooled_upload,
     unless_disconnected,
 )
-from ..errors import error_responses, video_body
+from ..openapi import binary_answer, encode_parameters, error_responses, video_body
 
 router = APIRouter(tags=["encode"], dependencies=[authorized("encode")])
 
 LATENT_MEDIA_TYPE = "application/octet-stream"
 
 
+DESCRIPTION = """\
+The body is a video or image file (multipart field `file`, or the raw file with its content
+type), or frames as a raw tensor body with `shape` and `dtype`: `(T, H, W, 3)` uint8, or a
+float video `(B, 3, T, H, W)` / images `(B, 3, H, W)` in [-1, 1] (rounded to 8-bit frames,
+as every video is read). The preprocessing options resize, crop, bucket and cut the clip as
+it is decoded. The answer is the latent `.safetensors` file (its metadata: the model, the
+size, the fps, the preprocessing), or with `output_type=pt` the latent `(B, z, t, h, w)` as
+a raw tensor body in the model's scaled space. An unknown or repeated parameter is a 400
+naming it."""
+
+
 @router.post(
     "/encode",
     summary="Encode a video (or image, or frames as a tensor) to an IV-VAE latent",
-    description=tensors.__doc__ or "",
+    description=DESCRIPTION,
     response_class=Response,
-    responses={200: {"content": {LATENT_MEDIA_TYPE: {}},
-                     "description": "the latent file (headers X-Cache, X-Latent-Shape), or a "
-                     "raw tensor body (headers shape, dtype)"},
+    responses={200: binary_answer(
+                   [LATENT_MEDIA_TYPE], "the latent file, or with output_type=pt the latent "
+                   "as a raw tensor body (headers shape, dtype)",
+                   ["X-Cache", "X-Latent-Shape", "X-Model", "Content-Disposition", "shape",
+                    "dtype"]),
                **error_responses(400, 401, 413, 415, 422, 500, 503, 504)},
-    openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
-                             "raw body with its content type; or frames as a raw tensor body "
-                             "(with shape and dtype parameters)"),
+    openapi_extra={**video_body("the video or image file: as multipart field 'file', or as "
+                                "the raw body with its content type; or frames as a raw "
+                                "tensor body (with shape and dtype parameters)"),
+                   "parameters": encode_parameters()},
 )
 async def encode(request: Request, svc: Svc) -> Response:
     async with RequestMeter(svc.metrics, "encode", "http"):

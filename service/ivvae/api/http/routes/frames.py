@@ -20,7 +20,7 @@ from ....video import VideoLimits, exact_rate, open_video
 from ...metering import RequestMeter
 from ..answers import HELD_COPIES, HeldResponse
 from ..deps import Svc, authorized, read_body, refuse_parameters, require_video_type
-from ..errors import error_responses, video_body
+from ..openapi import binary_answer, error_responses, video_body
 
 router = APIRouter(tags=["frames"], dependencies=[authorized("frames")])
 
@@ -61,9 +61,13 @@ def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str
     "/frames",
     summary="Decode a video (or image) into the uint8 RGB frames the model sees",
     response_class=Response,
-    responses={200: {"content": {MEDIA_TYPES["frames"]: {}},
-                     "description": "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
-                     "num_frames, height, width, fps"},
+    description="The frames the service decodes of an upload (orientation applied, the "
+                "exact frame count and size), as /decode?format=frames returns them for a "
+                "latent: to score a reconstruction against. It takes no parameters.",
+    responses={200: binary_answer([MEDIA_TYPES["frames"]],
+                                  "safetensors: `frames` (T, H, W, 3) uint8 RGB; metadata "
+                                  "num_frames, height, width, fps",
+                                  ["X-Frames", "X-Width", "X-Height"]),
                **error_responses(400, 401, 413, 415, 422, 500, 503)},
     openapi_extra=video_body("the video or image file: as multipart field 'file', or as the "
                              "raw body with its content type"),

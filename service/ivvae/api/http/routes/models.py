@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from ...metering import RequestMeter
 from ..deps import Svc, authorized
-from ..errors import error_responses
+from ..openapi import error_responses
 
 router = APIRouter(tags=["models"], dependencies=[authorized("models")])
 
