@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from openapi_spec_validator import validate
 
@@ -36,6 +37,7 @@ async def test_the_spec_lists_what_the_routes_read_and_the_key_they_need(
                                              "authorization": "Bearer k1"})
         refused = await client.post("/encode", content=video,
                                     headers={"content-type": "video/mp4"})
+        models = (await client.get("/models", headers={"authorization": "Bearer k1"})).json()
     validate(spec)
     paths = spec["paths"]
     encode, decode = paths["/encode"]["post"], paths["/decode"]["post"]
@@ -69,6 +71,11 @@ async def test_the_spec_lists_what_the_routes_read_and_the_key_they_need(
     # What the connection answers before any route: a slow body, a huge head.
     assert {"408", "431"} <= set(encode["responses"]) & set(decode["responses"])
     assert encode["description"] != decode["description"]
+    # /models: typed (ModelInfo's fields), and the real answer is what it says.
+    schema = paths["/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    jsonschema.validate(models, schema)
+    assert {"name", "z_dim", "scale_factor", "shift_factor", "weights_sha256"} <= set(
+        schema["properties"]["models"]["items"]["required"])
 
 
 def test_the_error_codes_are_every_error_s() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ...core.model_info import ModelInfo
 from ...core.names import CRF_RANGE, DEFAULT_CRF, PRECISIONS
 from ...core.steps import FRAMES_DTYPES
 from ...errors import IVVAEError, UntrustedCertificate
@@ -118,6 +119,25 @@ def binary_answer(media_types: Iterable[str], description: str,
     return {"description": description,
             "content": {media: {"schema": _BINARY} for media in media_types},
             "headers": _headers({name: HEADERS[name] for name in headers})}
+
+
+def _model_info_schema() -> Schema:
+    from pydantic import TypeAdapter
+
+    schema: Schema = TypeAdapter(ModelInfo).json_schema()
+    return schema
+
+
+# GET /models: what a gateway knows of each model (``ModelInfo``'s own fields).
+MODELS_SCHEMA: Schema = {
+    "type": "object", "required": ["default", "encode_precision", "models"],
+    "properties": {
+        "default": {"type": "string", "description": "the model a request without one gets"},
+        "encode_precision": {"type": "string", "enum": list(PRECISIONS),
+                             "description": "what the encoders compute in"},
+        "models": {"type": "array", "items": _model_info_schema()},
+    },
+}
 
 
 # -- query parameters -------------------------------------------------------------------------

@@ -8,12 +8,15 @@ from fastapi import APIRouter
 
 from ...metering import RequestMeter
 from ..deps import Svc, authorized
-from ..openapi import error_responses
+from ..openapi import MODELS_SCHEMA, error_responses
 
 router = APIRouter(tags=["models"], dependencies=[authorized("models")])
 
 
-@router.get("/models", summary="Served models", responses=error_responses(401, 503))
+@router.get("/models", summary="Served models", response_model=None,
+            responses={200: {"description": "the served models",
+                             "content": {"application/json": {"schema": MODELS_SCHEMA}}},
+                       **error_responses(401, 503)})
 async def models(svc: Svc) -> dict[str, Any]:
     async with RequestMeter(svc.metrics, "models", "http"):
         return {"default": svc.default_model,
