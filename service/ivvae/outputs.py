@@ -9,7 +9,8 @@ decoder, so memory stays bounded by one decoder step:
   the index first, then one fragment per keyframe), which players and PyAV read like any
   MP4, and which can be sent before the whole video is encoded.
 * ``frames``: a safetensors file holding ``frames`` ``(T, H, W, 3)`` RGB and metadata
-  ``FRAMES_METADATA_KEYS``; its header is known from the latent before decoding. uint8 by
+  ``FRAMES_METADATA_KEYS`` (and ``sample_aspect_ratio`` for frames of non-square pixels, as
+  the latent and its MP4 say); its header is known from the latent before decoding. uint8 by
   default; float32 when asked (``frames_dtype``): the decoder's own values, about [-1, 1]
   and not clamped, the ones the uint8 frames are rounded from. An MP4 is always uint8.
 """
@@ -25,10 +26,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .core import strict
 from .core.names import DEFAULT_CRF
 from .core.steps import FRAMES_DTYPES, FramesDtype
 from .errors import InvalidInput
-from .latents import LatentInfo
+from .latents import SAR_KEY, LatentInfo
 from .safetensors_io import dumps, header_bytes
 from .video import Mp4Writer
 from .wire import raw_tensor_body
@@ -57,10 +59,14 @@ def frames_dtype_for(fmt: OutputFormat, value: str | None) -> FramesDtype:
 
 
 def frames_metadata(info: LatentInfo, frames_dtype: FramesDtype = "uint8") -> dict[str, str]:
-    return {"num_frames": str(info.num_frames), "height": str(info.height),
+    meta = {"num_frames": str(info.num_frames), "height": str(info.height),
             "width": str(info.width), "fps": f"{info.fps.numerator}/{info.fps.denominator}",
             "model_name": info.model_name,
             "layout": FRAMES_LAYOUT if frames_dtype == "uint8" else FLOAT_FRAMES_LAYOUT}
+    if info.sample_aspect_ratio != 1:
+        # Frames of an anamorphic clip kept at their stored size: how wide a pixel is shown.
+        meta[SAR_KEY] = strict.sample_aspect_ratio_text(info.sample_aspect_ratio)
+    return meta
 
 
 async def frames_file(info: LatentInfo, frames: AsyncIterator[np.ndarray],

@@ -112,6 +112,8 @@ async def test_an_anamorphic_clip_comes_back_anamorphic(tiny_weights: Path) -> N
         enc, frames, _ = await _round_trip(client, clip, "video/x-matroska")
         dec = await client.post("/decode", content=enc.content)
         raw = await client.post("/decode?format=frames", content=enc.content)
+        source_frames = await client.post("/frames", content=clip,
+                                          headers={"content-type": "video/x-matroska"})
         latent, info = decode_latent_file(enc.content)
         bare = await client.post("/decode", content=dumps({"latent": latent}))
         resized = await client.post("/encode", content=clip, params={"resize": "24"},
@@ -122,6 +124,9 @@ async def test_an_anamorphic_clip_comes_back_anamorphic(tiny_weights: Path) -> N
         assert reader.info.sample_aspect_ratio == sar
         assert (reader.info.display_width, reader.info.display_height) == (128, 48)
     assert loads(raw.content)[0]["frames"].array.shape == (5, 48, 64, 3)
+    # Frames files say it too: the stored pixels, shown twice as wide.
+    assert loads(raw.content)[1]["sample_aspect_ratio"] == "2:1"
+    assert loads(source_frames.content)[1]["sample_aspect_ratio"] == "2:1"
     assert bare.status_code == 200, bare.text
     with open_video(bare.content) as reader:
         assert reader.info.sample_aspect_ratio == 1

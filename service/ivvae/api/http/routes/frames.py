@@ -13,7 +13,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ....core import strict
 from ....errors import TooLarge
+from ....latents import SAR_KEY
 from ....outputs import FRAMES_LAYOUT, MEDIA_TYPES
 from ....safetensors_io import dumps
 from ....video import VideoLimits, exact_rate, open_video
@@ -54,6 +56,8 @@ def _frames_file(data: bytes, limits: VideoLimits) -> tuple[bytes, dict[str, str
     meta = {"num_frames": str(len(frames)), "height": str(info.height),
             "width": str(info.width), "fps": f"{rate.numerator}/{rate.denominator}",
             "layout": FRAMES_LAYOUT}
+    if info.sample_aspect_ratio != 1:  # stored pixels, shown wider or narrower
+        meta[SAR_KEY] = strict.sample_aspect_ratio_text(info.sample_aspect_ratio)
     return dumps({"frames": frames}, meta), meta
 
 
