@@ -3,6 +3,7 @@ over gRPC and HTTP, equal to the same work in-process; preprocessing options; bf
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import signal
@@ -210,3 +211,50 @@ def test_float_frames_equal_the_in_process_model(url: str, server: ServerThread,
         np.testing.assert_allclose(got, expected[0].transpose(1, 2, 3, 0), rtol=0, atol=1e-4)
         with pytest.raises(ValueError, match="uint8"):
             client.decode(latent, frames_dtype="float32")
+
+
+def test_an_async_client_used_before_a_fork_is_refused_in_the_child(url: str) -> None:
+    # Its gRPC channel or HTTP pool is the parent's: used from the child, two processes
+    # would share one connection's state.
+    import os
+    import select
+
+    from ivvae.client import AsyncClient
+
+    async def parent_side() -> AsyncClient:
+        client = AsyncClient(url, timeout=5)
+        await client.encode(FRAMES)
+        return client
+
+    loop = asyncio.new_event_loop()
+    client = loop.run_until_complete(parent_side())
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's outcome goes through the pipe)
+        async def child_side() -> str:
+            try:
+                await client.models()
+                said = "answered"
+            except RuntimeError as exc:
+                said = str(exc)
+            await client.close()  # lets go of the parent's connection
+            return said
+
+        said = asyncio.new_event_loop().run_until_complete(child_side())
+        os.write(write, said.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 30)[0], "the child's call hung"
+        said = os.read(read, 4000).decode()
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    try:
+        assert f"AsyncClient was used in process {os.getpid()}, and {child} is a fork" in said, said
+        assert loop.run_until_complete(client.encode(FRAMES)).info.num_frames == 5
+    finally:
+        loop.run_until_complete(client.close())
+        loop.close()

@@ -119,12 +119,21 @@ def _option_strings(options: Mapping[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _used_before_fork(kind: str, pid: int) -> str:
+    """Why a client copied into a fork refuses to work there."""
+    return (f"this {kind} was used in process {pid}, and {os.getpid()} is a fork of it (a "
+            "DataLoader worker?): its connection (and a Client's event loop) stayed in the "
+            f"parent. Make a {kind} in each process that uses one (e.g. on first use in "
+            "__getitem__, or in worker_init_fn)")
+
+
 class AsyncClient:
     """An asyncio client; see the module docstring. Use ``async with`` or ``await close()``.
 
     ``timeout`` bounds each call (seconds, each attempt); ``retry`` says how UNAVAILABLE
     and connection failures are retried. The connection is made on first use, in the
-    running event loop.
+    running event loop. One used before a fork is refused in the child, as ``Client`` is
+    (its connection belongs to the parent); ``close()`` there only lets go of it.
     """
 
     def __init__(self, url: str, *, api_key: str | None = None,
@@ -145,10 +154,20 @@ class AsyncClient:
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self._impl: _Transport | None = None
+        self._pid = 0  # of the process that made the connection
+
+    @property
+    def _forked(self) -> bool:
+        """Whether this is a fork's copy of a client its parent connected: a gRPC channel
+        or an HTTP connection pool is not safe to use from two processes."""
+        return self._impl is not None and self._pid != os.getpid()
 
     @property
     def _t(self) -> _Transport:
+        if self._forked:
+            raise RuntimeError(_used_before_fork("AsyncClient", self._pid))
         if self._impl is None:
+            self._pid = os.getpid()
             self._impl = _transport(self.url, self.api_key, self.timeout, self.ca_cert)
         return self._impl
 
@@ -250,6 +269,9 @@ class AsyncClient:
         return await self._t.answers()
 
     async def close(self) -> None:
+        if self._forked:  # the parent's: let go of it, it is not this process's to close
+            self._impl = None
+            return
         if self._impl is not None:
             impl, self._impl = self._impl, None
             await impl.close()
@@ -294,11 +316,7 @@ class Client:
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._forked:
             coro.close()
-            raise RuntimeError(
-                f"this Client was used in process {self._pid}, and {os.getpid()} is a fork of "
-                "it (a DataLoader worker?): its connection and event loop stayed in the "
-                "parent. Make a Client in each process that uses one (e.g. on first use in "
-                "__getitem__, or in worker_init_fn)")
+            raise RuntimeError(_used_before_fork("Client", self._pid))
         with self._lock:
             if self._loop is None:
                 self._pid = os.getpid()
