@@ -41,20 +41,41 @@ def test_window_starts_back_to_back_sliding_and_spread() -> None:
     assert window_start(24, None, Fraction(24)) == ("start_s", "1")
 
 
-@pytest.mark.parametrize(("stride", "fps"), [(None, Fraction(12)), (2, None), (None, None),
-                                             (None, Fraction(30000, 1001))])
-def test_each_window_is_its_span_of_the_whole_clip(stride: int | None,
-                                                   fps: Fraction | None) -> None:
-    # A real 25 fps camera clip, read whole under the job's time options, and each window
-    # read as encode-dataset will read its row: the same frames, bit for bit.
-    clip = media.sample_clip("bikes")
+@pytest.fixture(scope="module")
+def odd_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("odd")
+    # Matroska timestamps are in milliseconds: an output time can land exactly on a
+    # frame's rounded end. And a phone-style variable-rate MP4 (frames 1 to 3 ticks apart
+    # at 60 ticks a second): its average rate does not place a time start exactly.
+    media.make_video(folder / "ntsc.webm", frames=60, width=32, height=32, fps=29.97,
+                     codec="libvpx-vp9", container="webm")
+    ticks = [0]
+    for i in range(79):
+        ticks.append(ticks[-1] + (1, 1, 2, 3)[(i * 7) % 4])
+    media.make_video(folder / "vfr.mp4", frames=80, width=32, height=32, fps=60,
+                     timestamps=ticks)
+    return {name: folder / name for name in ("ntsc.webm", "vfr.mp4")}
+
+
+@pytest.mark.parametrize(("name", "stride", "fps", "step"), [
+    ("bikes", None, Fraction(12), 23), ("bikes", 2, None, 23), ("bikes", None, None, 23),
+    ("bikes", None, Fraction(30000, 1001), 23),
+    ("ntsc.webm", None, Fraction(24), 1), ("vfr.mp4", None, Fraction(24), 1),
+    ("vfr.mp4", None, Fraction(60), 7)])
+def test_each_window_is_its_span_of_the_whole_clip(
+        name: str, stride: int | None, fps: Fraction | None, step: int,
+        odd_clips: dict[str, Path]) -> None:
+    # A clip read whole under the job's time options, and each window read as
+    # encode-dataset will read its row: the same frames, bit for bit (a real 25 fps camera
+    # clip, and the odd ones above; each window of those at every start).
+    clip = odd_clips.get(name) or media.sample_clip(name)
     job = [(k, str(v)) for k, v in (("stride", stride), ("fps", fps)) if v is not None]
     with open_video(clip, limits=LIMITS, preprocess=Preprocess.parse(job)) as reader:
         whole = reader.read_all()
     total = count_frames(clip, stride, fps)
-    assert total == len(whole) > 50
-    starts = window_starts(total, 9, step=23)
-    assert len(starts) >= 3 and starts[-1] + 9 > total - 23
+    assert total == len(whole) > 30
+    starts = window_starts(total, 9, step=step)
+    assert len(starts) >= 3 and starts[-1] + 9 > total - step
     for first in starts:
         option = window_start(first, stride, fps)
         window = Preprocess.parse([*job, option, ("num_frames", "9")])

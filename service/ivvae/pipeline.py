@@ -80,7 +80,8 @@ from .wire import DecodeTarget
 log = logging.getLogger("ivvae.pipeline")
 
 # v2: an anamorphic clip's entry holds its SAR, and a resized one is no longer squeezed.
-MOMENTS_VERSION = "moments-v2"
+# v3: start_frame with fps starts there (it was ignored), and fps windows round as the clip.
+MOMENTS_VERSION = "moments-v3"
 
 
 @dataclass(frozen=True)

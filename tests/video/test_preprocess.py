@@ -156,6 +156,34 @@ def test_selector_by_index_and_time() -> None:
     assert _select({"fps": "4", "start_s": "0.1"}, times, 10) == [1, 3, 6, 8]
     # Variable frame rate: a frame held for a long time is repeated.
     assert _select({"fps": "10"}, [0.0, 0.1, 0.5], 10) == [0, 1, 1, 1, 1, 2]
+    # start_frame with fps: the targets run from that frame's time (it was ignored).
+    assert _select({"fps": "5", "start_frame": "3"}, times, 10) == [3, 5, 7, 9]
+    assert _select({"fps": "5", "start_frame": "3"}, times, 10) == _select(
+        {"fps": "5", "start_s": "0.3"}, times, 10)
+
+
+def test_a_start_at_an_output_time_rounds_as_the_whole_clip() -> None:
+    # Matroska's millisecond timestamps: 29.97 fps frames end at 0.501 s, 0.534 s, ...; at
+    # 24 fps the output time 0.5 s is within the millisecond tolerance of frame 14's start
+    # (0.501 - 0.001). Read from the start or from output frame 12 (start_s = 12/24), the
+    # frames from there on are the same ones.
+    times = [round(i / 29.97, 3) for i in range(60)]
+    whole = _select({"fps": "24"}, times, 29.97)
+    for first in range(len(whole) - 5):
+        window = _select({"fps": "24", "start_s": f"{first}/24"}, times, 29.97)
+        assert window[:5] == whole[first:first + 5], first
+
+
+def test_a_variable_rate_clip_is_not_refused_early_for_a_rough_count() -> None:
+    # Its average rate places a time start only roughly: a few frames short is not known to
+    # be short before decoding (the reader refuses one that ends short).
+    options = Preprocess.parse({"fps": "24", "start_s": "55/24", "num_frames": "5"})
+    with pytest.raises(InvalidInput, match="num_frames asks for 5"):
+        options.plan(8, 8, 80, 960 / 29)
+    assert options.plan(8, 8, 80, 960 / 29, variable_rate=True).frame_limit == 5
+    with pytest.raises(InvalidInput, match="num_frames asks for 5"):  # far short: refused
+        Preprocess.parse({"fps": "24", "start_s": "70/24", "num_frames": "5"}).plan(
+            8, 8, 80, 960 / 29, variable_rate=True)
 
 
 def test_the_last_frame_lasts_until_the_declared_end_unless_that_is_rounding() -> None:

@@ -379,14 +379,23 @@ class Preprocess:
         return getattr(self, name) is not None
 
     def plan(self, width: int, height: int, frames: int | None, fps: float,
-             sample_aspect_ratio: Fraction = Fraction(1)) -> Plan:
+             sample_aspect_ratio: Fraction = Fraction(1), *,
+             variable_rate: bool = False) -> Plan:
         """What these options do to one upright ``width`` x ``height`` clip declaring
-        ``frames`` frames (``None``: unknown) at ``fps``, whose pixels are shown
+        ``frames`` frames (``None``: unknown) at ``fps`` (its average rate;
+        ``variable_rate``: its frames are not evenly spaced), whose pixels are shown
         ``sample_aspect_ratio`` wide for 1 high (see ``geometry``). Raises ``InvalidInput``
         when the clip fills no bucket or is known to be shorter than ``num_frames``."""
         available = self.available_frames(frames, fps)
         bucket = self.choose_bucket(width, height, available, sample_aspect_ratio)
         limit, exact = self.frame_limit(bucket)
+        if (variable_rate and (self.start_s is not None or self.fps is not None)
+                and available is not None and limit is not None):
+            # Through the average rate, a time start or a resample of a variable-rate clip
+            # is counted only roughly: short by a few frames is not known to be short (a
+            # window ``ivvae windows`` counted frame by frame ends there); the reader
+            # refuses a clip that does end short.
+            available += max(1, limit // 10)
         if exact and limit is not None and available is not None and available < limit:
             raise InvalidInput(f"the clip has {available} frames after preprocessing; "
                                f"num_frames asks for {limit}")
@@ -462,8 +471,9 @@ class FrameSelector:
     A source frame shown from ``t_i`` to ``t_{i+1}`` (seconds from the first frame; the
     last one until the stream's declared end, else for ``1 / source_fps``) is emitted once
     for every output time that falls in that interval: with ``fps``, the times
-    ``start + k / fps`` (so frames are dropped or repeated); otherwise the frame on screen
-    at ``start_s`` (or frame ``start_frame``) and every ``stride``-th frame after it. The
+    ``start + k / fps`` (so frames are dropped or repeated; ``start`` is ``start_s``, or the
+    time of frame ``start_frame``); otherwise the frame on screen at ``start_s`` (or frame
+    ``start_frame``) and every ``stride``-th frame after it. The
     interval of a frame is known only when the next one arrives, so ``push`` answers for
     the previous frame.
     """
@@ -473,6 +483,10 @@ class FrameSelector:
         self._frame_s = 1.0 / source_fps
         self._eps = time_tolerance(source_fps, options.fps)
         self._start = float(options.start_s or 0)
+        # With fps: the start as output frames of the clip, exactly (whole and fraction).
+        offset = Fraction(options.start_s or 0) * (options.fps or 0)
+        self._offset_frames = math.floor(offset)
+        self._offset_rest = float(offset - self._offset_frames)
         self._start_index: int | None = options.start_frame or 0
         if options.start_s is not None:
             self._start_index = None  # found by time
@@ -509,8 +523,20 @@ class FrameSelector:
     def _copies(self, begin: float, end: float) -> int:
         o = self._o
         if o.fps is not None:
-            # Targets start + k / fps with k >= emitted so far, before ``end``.
-            upto = math.ceil((end - self._eps - self._start) * float(o.fps))
+            if self._start_index:  # start_frame: the targets run from that frame's time
+                if self._index < self._start_index:
+                    return 0
+                offset = begin * float(o.fps)
+                self._offset_frames = math.floor(offset)
+                self._offset_rest = offset - self._offset_frames
+                self._start_index = None
+            # Targets start + k / fps with k >= emitted so far, before ``end``: the clip's
+            # own targets k / fps, offset by start * fps. Counted so, a start at one of the
+            # clip's output times (a window ``ivvae windows`` cut) rounds exactly as reading
+            # the whole clip does: in seconds, a millisecond timestamp that lands on an
+            # output time went one way for one and the other way for the other.
+            upto = math.ceil((end - self._eps) * float(o.fps) - self._offset_rest
+                             ) - self._offset_frames
             copies = max(0, upto - self._emitted_targets)
             self._emitted_targets += copies
             return copies

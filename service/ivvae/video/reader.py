@@ -419,6 +419,14 @@ def _declared_rate(stream: VideoStream, still: bool) -> float | None:
     return None
 
 
+def _variable_rate(stream: VideoStream) -> bool:
+    """Whether the stream's frames are unevenly spaced: its average rate is not the rate
+    its timestamps run at (a phone's variable-rate MP4). Matroska does not say (FFmpeg
+    guesses one rate for both)."""
+    average, base = stream.average_rate, stream.base_rate
+    return average is not None and base is not None and average != base
+
+
 def _declared_seconds(stream: VideoStream, container: InputContainer) -> float | None:
     seconds: float | None = None
     if stream.duration is not None and stream.time_base is not None:
@@ -614,7 +622,8 @@ class VideoReader:
             rotation=turn.clockwise,
             sample_aspect_ratio=turn.sample_aspect_ratio(_sample_aspect_ratio(stream, still)),
         )
-        plan = preprocess.plan(width, height, info.num_frames, fps, info.sample_aspect_ratio)
+        plan = preprocess.plan(width, height, info.num_frames, fps, info.sample_aspect_ratio,
+                               variable_rate=_variable_rate(stream))
         _check_plan(plan, limits)
         if plan.exact and plan.frame_limit is not None and plan.frame_limit > limits.max_frames:
             raise TooLarge(f"{plan.frame_limit} frames exceed the limit of "
