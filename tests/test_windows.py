@@ -35,8 +35,8 @@ def test_window_starts_back_to_back_sliding_and_spread() -> None:
     assert window_starts(16, 17) == [] and window_starts(17, 17, count=4) == [0]
     assert window_starts(100, 10, count=3) == [0, 45, 90]
     assert window_starts(12, 10, count=5) == [0, 1, 2]  # only three distinct ones
-    assert window_start(5, None, None) == ("start_frame", "5")
-    assert window_start(5, 3, None) == ("start_frame", "15")
+    assert window_start(5, None, None) == ("start_frame", 5)
+    assert window_start(5, 3, None) == ("start_frame", 15)
     assert window_start(17, None, Fraction(12)) == ("start_s", "17/12")
     assert window_start(24, None, Fraction(24)) == ("start_s", "1")
 
@@ -77,17 +77,18 @@ def test_each_window_is_its_span_of_the_whole_clip(
     starts = window_starts(total, 9, step=step)
     assert len(starts) >= 3 and starts[-1] + 9 > total - step
     for first in starts:
-        option = window_start(first, stride, fps)
-        window = Preprocess.parse([*job, option, ("num_frames", "9")])
+        option, value = window_start(first, stride, fps)
+        window = Preprocess.parse([*job, (option, str(value)), ("num_frames", "9")])
         with open_video(clip, limits=LIMITS, preprocess=window) as reader:
             frames = reader.read_all()
-        np.testing.assert_array_equal(frames, whole[first:first + 9], err_msg=str(option))
+        np.testing.assert_array_equal(frames, whole[first:first + 9], err_msg=f"{option}={value}")
 
 
 def _clips(folder: Path) -> None:
     folder.mkdir()
     media.make_video(folder / "long.mp4", frames=30, width=32, height=32, fps=10)
     (folder / "long.txt").write_text("a long caption")
+    (folder / "long.json").write_text('{"scene": 3, "tags": ["a", "b"]}')
     media.make_video(folder / "short.mp4", frames=5, width=32, height=32, fps=10)
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + b"\x01" * 500)
 
@@ -106,8 +107,9 @@ def test_a_folder_to_windows_to_latents(tmp_path: Path, tiny_weights: Path,  # n
         == (3, 3, 1, 1)
     assert "--fps 5 --option-column start_s --option-column num_frames" in summary["encode"]
     rows = list(csv.DictReader(io.StringIO(table.read_text())))
-    assert rows == [{"path": "long.mp4", "start_s": s, "num_frames": "5"}
-                    for s in ("0", "4/5", "8/5")]
+    # The clip, its .json object's columns (a list as JSON), the window.
+    assert rows == [{"path": "long.mp4", "scene": "3", "tags": '["a", "b"]', "start_s": s,
+                     "num_frames": "5"} for s in ("0", "4/5", "8/5")]
 
     out_dir = tmp_path / "latents"
     result = asyncio.run(encode_dataset(
@@ -124,6 +126,10 @@ def test_a_folder_to_windows_to_latents(tmp_path: Path, tiny_weights: Path,  # n
         == [0, 8, 16]
     assert [m["num_frames"] for m in samples] == ["5"] * 3
     assert all(m["sidecars"][".txt"] == b"a long caption" for m in samples)
+    # Its .json is the window's row: the clip's own object, and where the window is.
+    assert [json.loads(m["sidecars"][".json"]) for m in samples][1] == {
+        "path": "long.mp4", "scene": "3", "tags": '["a", "b"]', "start_s": "4/5",
+        "num_frames": "5"}
 
 
 def _fps(value: int) -> object:
@@ -145,12 +151,41 @@ def test_a_table_keeps_its_rows_and_refuses_a_column_it_would_write(
     whole = str(tmp_path / "clips" / "long.mp4")  # not below the table's folder: whole
     # 30 frames at stride 2: 15; three windows of 10 spread over them: 0, 2 (round 2.5), 5.
     assert rows == [{"video_path": whole, "caption": "a dog", "score": 4.5,
-                     "start_frame": str(2 * first), "num_frames": 10} for first in (0, 2, 5)]
+                     "start_frame": 2 * first, "num_frames": 10} for first in (0, 2, 5)]
+    assert list(rows[0]) == ["video_path", "caption", "score", "start_frame", "num_frames"]
     capsys.readouterr()
+    # The command that reads it names what encode-dataset cannot guess, quoted.
+    spaced = tmp_path / "with space" / "w.csv"
+    source.write_text(json.dumps({"clip": "long.mp4"}) + "\n")
+    assert main(["windows", str(source), str(spaced), "--num-frames", "10",
+                 "--path-column", "clip"]) == 0
+    encode = json.loads(capsys.readouterr().out)["encode"]
+    assert f"encode-dataset '{spaced}' OUT --path-column clip --option-column start_frame" \
+        in encode
+    # The source table is not written over, however it is spelled.
+    again = tmp_path / "clips" / ".." / "clips" / "list.jsonl"
+    assert main(["windows", str(source), str(again), "--num-frames", "10",
+                 "--path-column", "clip"]) == 2
+    assert "is the source table" in capsys.readouterr().err
+    assert json.loads(source.read_text()) == {"clip": "long.mp4"}
 
     source.write_text(json.dumps({"video_path": "long.mp4", "num_frames": 30}) + "\n")
     assert main(["windows", str(source), str(table), "--num-frames", "10"]) == 2
     assert "column 'num_frames'" in capsys.readouterr().err
+
+
+def test_a_clip_past_the_encoder_s_source_limits_is_named_not_windowed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every window of it would be refused by encode-dataset's encoder, as the service's:
+    # the limit is the clip's declared length, not the window's.
+    _clips(tmp_path / "clips")
+    monkeypatch.setenv("IVVAE_MAX_SOURCE_SECONDS", "2")
+    assert main(["windows", str(tmp_path / "clips"), str(tmp_path / "w.csv"),
+                 "--num-frames", "3"]) == 1  # short.mp4 (0.5 s) has one window
+    out, err = capsys.readouterr()
+    assert json.loads(out)["windows"] == 1
+    assert "long.mp4: not read" in err and "IVVAE_MAX_SOURCE_SECONDS" in err
 
 
 @pytest.mark.parametrize(("args", "message"), [

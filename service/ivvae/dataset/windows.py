@@ -19,9 +19,13 @@ other options (``--resize``, ``--crop``; a job ``--bucket`` of the same frame co
 
 A table ``SRC`` keeps its rows (captions and every other column) in each of its windows,
 its path column rewritten; a clip in a folder keeps its sidecars, which ``encode-dataset``
-finds beside it. Paths are written relative to ``TABLE``'s folder when the clip lies below
-it, else whole. A clip shorter than one window has none (counted, not an error); one that
-cannot be read is named on stderr and left out (exit 1).
+finds beside it, except its ``.json``: a table's row is the ``.json`` of what it encodes, so
+the clip's ``.json`` object becomes columns of its windows' rows. Paths are written relative
+to ``TABLE``'s folder when the clip lies below it, else whole. A clip shorter than one
+window has none (counted, not an error); one that cannot be read, or is past the encoder's
+source limits (``IVVAE_MAX_SOURCE_SECONDS``, ``IVVAE_MAX_SOURCE_PIXELS``), is named on
+stderr and left out (exit 1). The summary on stdout ends with the ``encode-dataset``
+command that reads the table.
 
 Counting is its own step so that a dataset is read for it once, not by every worker of a
 sharded job at every start, and so the windows are a file to check, edit and keep beside the
@@ -37,6 +41,7 @@ import io
 import json
 import os
 import posixpath
+import shlex
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +49,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-from ..errors import IVVAEError
+from ..errors import IVVAEError, TooLarge
 from ..storage import Location, publish_bytes, read_errors, storage_errors
 from .clips import fetch_clip
 from .job import DatasetError
@@ -74,27 +79,33 @@ def window_starts(frames: int, length: int, *, step: int | None = None,
     return list(range(0, last + 1, step or length))
 
 
-def window_start(first: int, stride: int | None, fps: Fraction | None) -> tuple[str, str]:
+def window_start(first: int, stride: int | None, fps: Fraction | None
+                 ) -> tuple[str, str | int]:
     """The row option that makes a window begin at output frame ``first`` of the clip read
     with the job's ``stride`` or ``fps``: with ``fps``, ``start_s`` at that frame's time
     (``first / fps``, exact, so the window's frames are the clip's from ``first`` on);
     else ``start_frame`` at its source frame (``first * stride``)."""
     if fps is not None:
         return "start_s", _fraction(Fraction(first) / fps)
-    return "start_frame", str(first * (stride or 1))
+    return "start_frame", first * (stride or 1)
 
 
 def _fraction(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else str(value)
 
 
-def count_frames(path: str | os.PathLike[str], stride: int | None,
-                 fps: Fraction | None) -> int:
-    """The output frames of the clip at ``path`` under ``stride`` or ``fps``."""
+def count_frames(path: str | os.PathLike[str], stride: int | None, fps: Fraction | None, *,
+                 max_source_pixels: int | None = None,
+                 max_source_seconds: float | None = None) -> int:
+    """The output frames of the clip at ``path`` under ``stride`` or ``fps``; a clip past
+    the source limits (the encoder's, ``IVVAE_MAX_SOURCE_*``) is ``TooLarge``, as encoding
+    any window of it would be."""
     from ..video.preprocess import Preprocess
     from ..video.reader import VideoLimits, open_video
 
-    limits = VideoLimits(max_frames=_MAX_FRAMES, max_pixels=_MAX_PIXELS)
+    limits = VideoLimits(max_frames=_MAX_FRAMES, max_pixels=_MAX_PIXELS,
+                         max_source_pixels=max_source_pixels,
+                         max_source_seconds=max_source_seconds)
     with open_video(path, limits=limits, preprocess=Preprocess(stride=stride, fps=fps)) as r:
         return r.count_frames()
 
@@ -104,15 +115,36 @@ class Counted:
     source: Source
     frames: int | None  # None: unreadable
     error: str = ""
+    # A folder clip's .json sidecar, parsed: its window rows carry it, since a table row
+    # becomes the .json of what encode-dataset makes of it (in place of the file beside).
+    sidecar: dict[str, Any] | None = None
 
 
-def _count(source: Source, stride: int | None, fps: Fraction | None) -> Counted:
+@dataclass(frozen=True)
+class Reading:
+    """How clips are counted: the job's time options and the encoder's source limits."""
+
+    stride: int | None = None
+    fps: Fraction | None = None
+    max_source_pixels: int | None = None
+    max_source_seconds: float | None = None
+
+
+def _count(source: Source, how: Reading) -> Counted:
     unreadable = read_errors()
     copy = None
     try:
+        sidecar = _json_sidecar(source)
         path, temporary = fetch_clip(source)
         copy = path if temporary else None
-        return Counted(source, count_frames(path, stride, fps))
+        return Counted(source, count_frames(path, how.stride, how.fps,
+                                            max_source_pixels=how.max_source_pixels,
+                                            max_source_seconds=how.max_source_seconds),
+                       sidecar=sidecar)
+    except TooLarge as exc:
+        return Counted(source, None, f"{exc.detail} (the encoder's limit, "
+                                     "IVVAE_MAX_SOURCE_SECONDS / IVVAE_MAX_SOURCE_PIXELS: "
+                                     "raise it here and for encode-dataset)")
     except IVVAEError as exc:
         return Counted(source, None, exc.detail)
     except unreadable as exc:
@@ -120,6 +152,23 @@ def _count(source: Source, stride: int | None, fps: Fraction | None) -> Counted:
     finally:
         if copy is not None:
             copy.unlink(missing_ok=True)
+
+
+def _json_sidecar(source: Source) -> dict[str, Any] | None:
+    """The clip's own ``.json`` file beside it, as an object (anything else as ``{"json":
+    its text}``); None without one, or for a table's row (already the row)."""
+    if ".json" in dict(source.given):
+        return None
+    url = next((u for suffix, u, _ in source.sidecars if suffix == ".json"), None)
+    if url is None:
+        return None
+    loc = Location.of(url)
+    text = loc.fs.cat_file(loc.path).decode("utf-8", errors="replace")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"json": text}
 
 
 def _path_column(row: dict[str, Any], source: Source, given: str) -> str:
@@ -148,16 +197,20 @@ def window_rows(counted: Sequence[Counted], table: Location, length: int, *,
         if c.frames is None:
             continue
         given = dict(c.source.given)
-        own = json.loads(given[".json"]) if ".json" in given else {}
-        clash = sorted(set(own) & set(WINDOW_COLUMNS))
-        if clash:
-            raise DatasetError(f"{c.source.name}: its row has a column {clash[0]!r}, which "
-                               "the windows write: rename it in the table")
+        own = json.loads(given[".json"]) if ".json" in given else dict(c.sidecar or {})
         column = _path_column(own, c.source, path_column)
+        clash = sorted(set(own) & {*WINDOW_COLUMNS, *([] if ".json" in given else [column])})
+        if clash:
+            where = "row" if ".json" in given else ".json sidecar"
+            raise DatasetError(f"{c.source.name}: its {where} has a column {clash[0]!r}, "
+                               "which the windows write: rename it")
+        # The clip first, its own columns, then the window's (a table's row comes with its
+        # columns sorted: that is how encode-dataset keeps it).
+        rest = {k: v for k, v in own.items() if k != column}
         path = _written_path(c.source, table)
         for first in window_starts(c.frames, length, step=step, count=count):
             name, value = window_start(first, stride, fps)
-            rows.append({**own, column: path, name: value, "num_frames": length})
+            rows.append({column: path, **rest, name: value, "num_frames": length})
     return rows
 
 
@@ -174,8 +227,12 @@ def render(rows: Sequence[dict[str, Any]], suffix: str) -> bytes:
 
 
 def _cell(value: Any) -> Any:
-    """A table cell in a CSV: JSON for what is not a plain value (a row's list or object)."""
-    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+    """A table cell in a CSV: JSON for what is not text or a number (a row's list, object
+    or boolean; null is an empty cell, as encode-dataset reads one)."""
+    if value is None or isinstance(value, str) or (
+            isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    return json.dumps(value, ensure_ascii=False)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -208,13 +265,14 @@ def _main(args: argparse.Namespace) -> int:
         time = Preprocess.parse(params)
     except IVVAEError as exc:
         raise DatasetError(exc.detail) from None
+    how = Reading(time.stride, time.fps, *_source_limits())
     table = Location.of(args.table)
+    if suffix_of(args.src) in TABLE_SUFFIXES and _same_file(Location.of(args.src), table):
+        raise DatasetError(f"{args.table} is the source table: write the windows elsewhere")
     columns = Columns(args.path_column or "")
     sources = collect(args.src, columns=columns if columns.given else None)
-    if suffix_of(args.src) in TABLE_SUFFIXES and Location.of(args.src).url() == table.url():
-        raise DatasetError(f"{args.table} is the source table: write the windows elsewhere")
     with ThreadPoolExecutor(args.threads or 4) as pool:
-        counted = list(pool.map(lambda s: _count(s, time.stride, time.fps), sources))
+        counted = list(pool.map(lambda s: _count(s, how), sources))
     for c in counted:
         if c.frames is None:
             print(f"windows: {c.source.name}: not read: {c.error}", file=sys.stderr)
@@ -228,14 +286,38 @@ def _main(args: argparse.Namespace) -> int:
                            + ": no table written")
     publish_bytes(table, table.path, render(rows, suffix))
     start = "start_s" if time.fps is not None else "start_frame"
-    job = " ".join(f"--{n} {v}" for n, v in params)
+    encode = ["ivvae", "encode-dataset", args.table, "OUT"]
+    for name, value in params:
+        encode += [f"--{name}", value]
+    if args.path_column:
+        encode += ["--path-column", args.path_column]
+    encode += ["--option-column", start, "--option-column", "num_frames"]
     print(json.dumps({
         "clips": len(sources), "windows": len(rows), "too_short": short, "failed": failed,
-        "table": table.url(),
-        "encode": f"ivvae encode-dataset {args.table} OUT {job + ' ' if job else ''}"
-                  f"--option-column {start} --option-column num_frames",
+        "table": table.url(), "encode": shlex.join(encode),
     }))
     return 1 if failed else 0
+
+
+def _source_limits() -> tuple[int, float]:
+    """The source limits the in-process encoder applies (``IVVAE_MAX_SOURCE_PIXELS``,
+    ``IVVAE_MAX_SOURCE_SECONDS``): a clip past them has no window it could encode."""
+    from pydantic import ValidationError
+
+    from ..config import Settings, settings_problems
+
+    try:
+        settings = Settings(enable_http=False, enable_grpc=False)
+    except ValidationError as exc:
+        raise DatasetError("invalid settings: " + "; ".join(settings_problems(exc))) from None
+    return settings.max_source_pixels, settings.max_source_seconds
+
+
+def _same_file(a: Location, b: Location) -> bool:
+    """Whether two spellings name one file (``t/../t/x.csv``, a link to it)."""
+    if a.local and b.local:
+        return os.path.realpath(a.path) == os.path.realpath(b.path)
+    return type(a.fs) is type(b.fs) and posixpath.normpath(a.path) == posixpath.normpath(b.path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
