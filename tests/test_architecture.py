@@ -160,3 +160,22 @@ def test_each_fact_is_defined_once(fact: str) -> None:
     where = [str(p.relative_to(PACKAGE)) for p in sources()
              if re.search(pattern, p.read_text(), re.M)]
     assert where == [home], f"{fact} is defined in {where}; its one home is {home}"
+
+
+def test_the_dataset_package_offers_what_its_one_module_did() -> None:
+    # ivvae.dataset was one module: its parts' public names stay importable from it.
+    import importlib
+
+    import ivvae.dataset as package
+
+    for part in ("job", "sources", "encoders", "parts", "state", "clips", "run", "command"):
+        module = importlib.import_module(f"ivvae.dataset.{part}")
+        tree = ast.parse(Path(module.__file__ or "").read_text())
+        defined = {n.name for n in tree.body
+                   if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        defined |= {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    if isinstance(t, ast.Name)}
+        missing = {name for name in defined if not name.startswith("_") and name != "log"
+                   } - set(package.__all__)
+        assert not missing, f"ivvae.dataset.{part}: {sorted(missing)} not in ivvae.dataset"

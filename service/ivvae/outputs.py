@@ -54,7 +54,7 @@ def frames_dtype_for(fmt: OutputFormat, value: str | None) -> FramesDtype:
                            f"{', '.join(FRAMES_DTYPES)}, got {value!r}")
     if fmt == "mp4" and dtype != "uint8":
         raise InvalidInput("parameter 'frames_dtype=float32' needs the frames output "
-                           "(format=frames, or output_type=pt): an MP4 holds uint8 frames")
+                           "(format=frames): an MP4 holds uint8 frames")
     return dtype
 
 

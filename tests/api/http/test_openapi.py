@@ -61,6 +61,12 @@ async def test_the_spec_lists_what_the_routes_read_and_the_key_they_need(
         assert "security" not in paths[path]["get"], path
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
     assert "WWW-Authenticate" in encode["responses"]["401"]["headers"]
+    # Without keys the key may be left out (a generated client must not demand one).
+    async with running_app(tiny_settings(tiny_weights)) as client:
+        open_spec = (await client.get("/openapi.json")).json()
+    validate(open_spec)
+    assert open_spec["paths"]["/encode"]["post"]["security"] == [{}, {name: []}]
+    assert "security" not in open_spec["paths"]["/healthz"]["get"]
 
     # The answers: binary, with the headers the routes set.
     ok = encode["responses"]["200"]
@@ -94,6 +100,8 @@ def test_the_error_codes_are_every_error_s() -> None:
     ("application/x-safetensors;q=0", False),
     ("video/*;q=0.2, application/x-safetensors", True),
     ("*/*", False),
+    ("application/x-safetensors, */*", True),  # named beats a wildcard at equal q
+    ("application/x-safetensors;q=0.5, */*", False),
 ])
 async def test_accept_picks_frames_only_when_preferred(tiny_weights: Path, accept: str,
                                                       frames: bool) -> None:

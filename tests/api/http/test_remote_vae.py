@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -57,6 +57,16 @@ async def _sampler_latent(svc: Service, batch: int = 1) -> np.ndarray:
     return np.concatenate(out)
 
 
+def _equal_but_rounding(served: np.ndarray, local: np.ndarray) -> None:
+    """uint8 frames from the served process against this process's own: equal but where a
+    value sat on a rounding step. The two processes may sum a convolution in another order
+    (another thread count, or kernels chosen when an earlier test in this one ran), which
+    moves the float frames by ~1e-6: within 1e-4 of each other, as checked elsewhere."""
+    differ = served.astype(int) - local.astype(int)
+    assert int(np.abs(differ).max()) <= 1
+    assert np.count_nonzero(differ) <= served.size // 1000
+
+
 async def _local_frames(svc: Service, latent: np.ndarray) -> np.ndarray:
     """In-process decode of a bare latent: ``(B, T, H, W, 3)`` uint8."""
     _, items = await svc.pipeline.decode_bare(latent, "float32", DecodeTarget())
@@ -82,13 +92,13 @@ async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
     frames = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
                                         return_type="pt", partial_postprocess=True, **factors)
     assert frames.dtype == torch.uint8
-    np.testing.assert_array_equal(frames.numpy(), expected[0])
+    _equal_but_rounding(frames.numpy(), expected[0])
     # diffusers' default return_type (pil) makes them a list of PIL frames; it failed on
     # (1, T, H, W, 3).
     pictures = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
                                           partial_postprocess=True, **factors)
     assert len(pictures) == 5
-    np.testing.assert_array_equal(np.stack([np.asarray(p) for p in pictures]), expected[0])
+    _equal_but_rounding(np.stack([np.asarray(p) for p in pictures]), expected[0])
 
     # partial_postprocess=False: the decoder's own float video, as vae.decode(z).sample
     video = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="pt",
@@ -99,8 +109,13 @@ async def test_remote_decode_mp4_and_pt_equal_in_process(server: ServeProcess,
 
     mp4 = remote_utils.remote_decode(endpoint=endpoint, tensor=tensor, output_type="mp4",
                                      return_type="mp4", **factors)
-    info, items = await local.pipeline.decode_bare(latent, "float32", DecodeTarget())
-    assert mp4 == await collect(render("mp4", info, items[0]))
+    info, _ = await local.pipeline.decode_bare(latent, "float32", DecodeTarget())
+
+    async def served_frames() -> AsyncIterator[np.ndarray]:
+        yield frames.numpy()
+
+    # The MP4 of those frames, byte for byte (the frames themselves are checked above).
+    assert mp4 == await collect(render("mp4", info, served_frames()))
     with open_video(mp4) as reader:
         assert reader.read_all().shape == (5, 64, 64, 3)
 

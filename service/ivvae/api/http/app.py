@@ -40,6 +40,7 @@ from ..metering import OTHER, count_refusal
 from . import ui
 from .answers import cut_off_by
 from .errors import http_status, retry_after
+from .openapi import key_optional
 from .routes import decode, encode, frames, health, models
 
 log = logging.getLogger("ivvae.http")
@@ -150,6 +151,8 @@ def create_app(settings: Settings | None = None, *, service: Service | None = No
         app.include_router(module.router)
     _add_error_handlers(app)
     app.add_middleware(_Contain)
+    if not settings.api_key_set:
+        key_optional(app)
     return app
 
 

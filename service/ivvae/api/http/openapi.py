@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fastapi import FastAPI
+
 from ...core.model_info import ModelInfo
 from ...core.names import CRF_RANGE, DEFAULT_CRF, PRECISIONS
 from ...core.steps import FRAMES_DTYPES
@@ -21,6 +23,23 @@ from ...wire import DECODE_KEYS, LATENT_SPACES, WIRE_DTYPES
 from .tensors import DECODE_OUTPUT_KEYS, ENCODE_KEYS
 
 Schema = dict[str, Any]
+
+def key_optional(app: FastAPI) -> None:
+    """``/openapi.json`` of a server without API keys: the routes that check one say it may
+    be left out (``security: [{}, {apiKey: []}]``), so a generated client does not demand
+    a token it will never need."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for path in build().get("paths", {}).values():
+                for operation in path.values():
+                    if isinstance(operation, dict) and operation.get("security"):
+                        operation["security"] = [{}, *operation["security"]]
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's way to extend it
+
 
 # -- errors ----------------------------------------------------------------------------------
 

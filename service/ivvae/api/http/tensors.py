@@ -263,10 +263,13 @@ def _quality(accept: str, media_type: str) -> tuple[int, float]:
 
 def prefers_frames(accept: str) -> bool:
     """Whether an ``Accept`` header asks for the frames file over the MP4 (the default): it
-    must name the frames file's type and want it more than an MP4. A client that lists
-    every type of the operation at once (a generated one) gets the default."""
+    must name the frames file's type and want it more than an MP4, by ``q`` and then by
+    how specifically (``application/x-safetensors, */*`` asks for frames, as most servers'
+    negotiation reads it). A client that lists every type of the operation at once (a
+    generated one) gets the default."""
     rank, frames = _quality(accept, FRAMES_ACCEPT)
-    return rank == 2 and frames > _quality(accept, MP4_ACCEPT)[1]
+    mp4_rank, mp4 = _quality(accept, MP4_ACCEPT)
+    return rank == 2 and frames > 0 and (frames, rank) > (mp4, mp4_rank)
 
 
 def parse_decode(params: Params, accept: str, crf_range: tuple[int, int],

@@ -40,8 +40,8 @@ do). A bare latent is in the model's scaled space unless `latent_space` (or
 `scaling_factor` / `shift_factor` / `do_scaling`) says otherwise. The answer: an MP4 (a zip
 of `0.mp4`, `1.mp4`, ... for a batch), a frames file (`format=frames`, or an `Accept` that
 prefers `application/x-safetensors` to `video/mp4`), or with `output_type=pt` a raw tensor
-body. One MP4 or frames file streams as it is decoded. An unknown or repeated parameter is a
-400 naming it."""
+body. One MP4 or frames file streams as it is decoded. An unknown parameter, or one that takes
+one value given twice, is a 400 naming it."""
 
 
 @router.post(

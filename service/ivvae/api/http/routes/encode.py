@@ -32,8 +32,8 @@ float video `(B, 3, T, H, W)` / images `(B, 3, H, W)` in [-1, 1] (rounded to 8-b
 as every video is read). The preprocessing options resize, crop, bucket and cut the clip as
 it is decoded. The answer is the latent `.safetensors` file (its metadata: the model, the
 size, the fps, the preprocessing), or with `output_type=pt` the latent `(B, z, t, h, w)` as
-a raw tensor body in the model's scaled space. An unknown or repeated parameter is a 400
-naming it."""
+a raw tensor body in the model's scaled space. An unknown parameter, or one that takes one value
+given twice, is a 400 naming it."""
 
 
 @router.post(
