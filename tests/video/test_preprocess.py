@@ -172,17 +172,26 @@ def test_a_start_at_an_output_time_rounds_as_the_whole_clip() -> None:
     for first in range(len(whole) - 5):
         window = _select({"fps": "24", "start_s": f"{first}/24"}, times, 29.97)
         assert window[:5] == whole[first:first + 5], first
+    # A start frame starts at its time, as start_s at that time (its millisecond fraction)
+    # does, on the tolerance's edge too (23.976 fps read at 12).
+    times = [round(i / (24000 / 1001), 3) for i in range(60)]
+    for first in range(50):
+        by_frame = _select({"fps": "12", "start_frame": str(first)}, times, 24000 / 1001)
+        by_time = _select({"fps": "12", "start_s": f"{round(times[first] * 1000)}/1000"},
+                          times, 24000 / 1001)
+        assert by_frame == by_time and by_frame[0] == first, first
 
 
 def test_a_variable_rate_clip_is_not_refused_early_for_a_rough_count() -> None:
     # Its average rate places a time start only roughly: a few frames short is not known to
     # be short before decoding (the reader refuses one that ends short).
     options = Preprocess.parse({"fps": "24", "start_s": "55/24", "num_frames": "5"})
-    with pytest.raises(InvalidInput, match="num_frames asks for 5"):
+    with pytest.raises(InvalidInput, match=r"the clip has 4 frames .* asks for 5"):
         options.plan(8, 8, 80, 960 / 29)
     assert options.plan(8, 8, 80, 960 / 29, variable_rate=True).frame_limit == 5
-    with pytest.raises(InvalidInput, match="num_frames asks for 5"):  # far short: refused
-        Preprocess.parse({"fps": "24", "start_s": "70/24", "num_frames": "5"}).plan(
+    # Far short: refused, saying the count it has (not the count plus the slack).
+    with pytest.raises(InvalidInput, match=r"the clip has 0 frames .* asks for 5"):
+        Preprocess.parse({"fps": "24", "start_s": "80/24", "num_frames": "5"}).plan(
             8, 8, 80, 960 / 29, variable_rate=True)
 
 

@@ -389,14 +389,15 @@ class Preprocess:
         available = self.available_frames(frames, fps)
         bucket = self.choose_bucket(width, height, available, sample_aspect_ratio)
         limit, exact = self.frame_limit(bucket)
-        if (variable_rate and (self.start_s is not None or self.fps is not None)
-                and available is not None and limit is not None):
+        slack = 0
+        if variable_rate and (self.start_s is not None or self.fps is not None):
             # Through the average rate, a time start or a resample of a variable-rate clip
             # is counted only roughly: short by a few frames is not known to be short (a
             # window ``ivvae windows`` counted frame by frame ends there); the reader
             # refuses a clip that does end short.
-            available += max(1, limit // 10)
-        if exact and limit is not None and available is not None and available < limit:
+            slack = max(1, (limit or 0) // 10)
+        if (exact and limit is not None and available is not None
+                and available + slack < limit):
             raise InvalidInput(f"the clip has {available} frames after preprocessing; "
                                f"num_frames asks for {limit}")
         out_fps = Fraction(fps) if self.fps is None else self.fps
@@ -426,6 +427,10 @@ def canonical_pairs(text: str) -> list[tuple[str, str]]:
             raise InvalidInput(f"malformed preprocessing string {text!r}")
         pairs.append((name, value))
     return pairs
+
+
+# The finest time base a timestamp is read back as a fraction in (1/90000 s is MPEG's).
+_TIME_DENOMINATOR = 1_000_000
 
 
 def time_tolerance(source_fps: float, fps: Fraction | None) -> float:
@@ -526,9 +531,11 @@ class FrameSelector:
             if self._start_index:  # start_frame: the targets run from that frame's time
                 if self._index < self._start_index:
                     return 0
-                offset = begin * float(o.fps)
+                # That frame's time as the fraction its timestamp is (a millisecond, a
+                # 1/90000 s tick), so that it rounds as start_s at that time does.
+                offset = Fraction(begin).limit_denominator(_TIME_DENOMINATOR) * o.fps
                 self._offset_frames = math.floor(offset)
-                self._offset_rest = offset - self._offset_frames
+                self._offset_rest = float(offset - self._offset_frames)
                 self._start_index = None
             # Targets start + k / fps with k >= emitted so far, before ``end``: the clip's
             # own targets k / fps, offset by start * fps. Counted so, a start at one of the
