@@ -8,7 +8,7 @@ import contextlib
 import io
 import signal
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -116,35 +116,47 @@ def test_arrays_the_service_would_refuse_are_refused_alike(url: str) -> None:
         assert np.array_equal(result.numpy(), result.torch().numpy())
 
 
+def _in_a_fork(child_side: Callable[[], str]) -> tuple[int, str]:
+    """Fork; the child runs ``child_side`` and exits. The child's pid and what it said (a
+    child that hangs fails the test after 30 s instead)."""
+    import os
+    import select
+
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child's outcome goes through the pipe)
+        os.write(write, child_side().encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    try:
+        assert select.select([read], [], [], 30)[0], "the child's call hung"
+        return child, os.read(read, 4000).decode()
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_a_client_used_before_a_fork_is_refused_in_the_child_not_a_hang(url: str) -> None:
     # A DataLoader worker forked after the parent used the client sent its calls to the
     # parent's loop thread, which the child does not have: it waited for ever (its timeout
     # runs on that loop too).
     import os
-    import select
 
     with Client(url, timeout=5) as client:
         client.encode(FRAMES)
-        read, write = os.pipe()
-        child = os.fork()
-        if child == 0:  # pragma: no cover (the child's outcome goes through the pipe)
+
+        def child_side() -> str:
             try:
                 client.encode(FRAMES)
                 said = "answered"
             except RuntimeError as exc:
                 said = str(exc)
             client.close()  # lets go of the parent's (it waited on its loop for ever)
-            os.write(write, said.encode()[:4000])
-            os._exit(0)
-        os.close(write)
-        try:
-            assert select.select([read], [], [], 30)[0], "the child's call hung"
-            said = os.read(read, 4000).decode()
-        finally:
-            os.close(read)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
+            return said
+
+        child, said = _in_a_fork(child_side)
         assert f"used in process {os.getpid()}, and {child} is a fork of it" in said, said
         assert client.encode(FRAMES).info.num_frames == 5  # the parent's is untouched
 
@@ -217,7 +229,6 @@ def test_an_async_client_used_before_a_fork_is_refused_in_the_child(url: str) ->
     # Its gRPC channel or HTTP pool is the parent's: used from the child, two processes
     # would share one connection's state.
     import os
-    import select
 
     from ivvae.client import AsyncClient
 
@@ -226,33 +237,20 @@ def test_an_async_client_used_before_a_fork_is_refused_in_the_child(url: str) ->
         await client.encode(FRAMES)
         return client
 
+    async def child_calls() -> str:
+        try:
+            await client.models()
+            said = "answered"
+        except RuntimeError as exc:
+            said = str(exc)
+        await client.close()  # lets go of the parent's connection
+        return said
+
     loop = asyncio.new_event_loop()
     client = loop.run_until_complete(parent_side())
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover (the child's outcome goes through the pipe)
-        async def child_side() -> str:
-            try:
-                await client.models()
-                said = "answered"
-            except RuntimeError as exc:
-                said = str(exc)
-            await client.close()  # lets go of the parent's connection
-            return said
-
-        said = asyncio.new_event_loop().run_until_complete(child_side())
-        os.write(write, said.encode()[:4000])
-        os._exit(0)
-    os.close(write)
     try:
-        assert select.select([read], [], [], 30)[0], "the child's call hung"
-        said = os.read(read, 4000).decode()
-    finally:
-        os.close(read)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-    try:
+        child, said = _in_a_fork(lambda: asyncio.new_event_loop().run_until_complete(
+            child_calls()))
         assert f"AsyncClient was used in process {os.getpid()}, and {child} is a fork" in said, said
         assert loop.run_until_complete(client.encode(FRAMES)).info.num_frames == 5
     finally:

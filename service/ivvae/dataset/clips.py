@@ -29,6 +29,7 @@ from .sources import Source, clip_key, suffix_of, with_row_options
 if TYPE_CHECKING:
     pass
 
+
 def _named(detail: str, copy: Path | None, source: Source) -> str:
     """An error's text naming the source, not the temporary copy it was read from."""
     return detail.replace(str(copy), source.url) if copy is not None else detail

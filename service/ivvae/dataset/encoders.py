@@ -14,6 +14,7 @@ from .job import ClipOptions, DatasetError, ModelIdentity
 if TYPE_CHECKING:
     from ..config import Settings
 
+
 @dataclass(frozen=True)
 class Encoded:
     data: bytes  # the latent .safetensors file

@@ -40,6 +40,7 @@ from .sources import Source
 if TYPE_CHECKING:
     pass
 
+
 def _now() -> float:
     return round(time.time(), 3)
 

@@ -45,6 +45,7 @@ from .state import (
 if TYPE_CHECKING:
     from ..client import RetryPolicy
 
+
 @dataclass
 class Summary:
     total: int = 0  # clips of this worker

@@ -44,6 +44,7 @@ from .sources import Source, clip_key, worker_of
 if TYPE_CHECKING:
     pass
 
+
 @dataclass
 class State:
     """What earlier runs published: every record, and which outputs exist."""

@@ -24,6 +24,7 @@ from .tensors import DECODE_OUTPUT_KEYS, ENCODE_KEYS
 
 Schema = dict[str, Any]
 
+
 def key_optional(app: FastAPI) -> None:
     """``/openapi.json`` of a server without API keys: the routes that check one say it may
     be left out (``security: [{}, {apiKey: []}]``), so a generated client does not demand
