@@ -39,7 +39,7 @@ from ...service import Service
 from ..metering import OTHER, count_refusal
 from . import ui
 from .answers import cut_off_by
-from .errors import http_status, retry_after
+from .errors import OTHER_HTTP_CODE, UNSERVED_CODES, http_status, retry_after
 from .openapi import key_optional
 from .routes import decode, encode, frames, health, models
 
@@ -188,7 +188,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = UNSERVED_CODES.get(exc.status_code, OTHER_HTTP_CODE)
         _count_unserved(request, code)
         return JSONResponse({"error": code, "detail": str(exc.detail)},
                             status_code=exc.status_code)

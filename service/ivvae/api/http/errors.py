@@ -35,6 +35,12 @@ STATUS: tuple[tuple[type[IVVAEError], int], ...] = (
 )
 
 
+# The codes of what no route served: a path or method that is none of ivvae's, or another
+# status the framework answers with itself.
+UNSERVED_CODES = {404: "not_found", 405: "method_not_allowed"}
+OTHER_HTTP_CODE = "http_error"
+
+
 def http_status(exc: IVVAEError) -> int:
     for cls, status in STATUS:
         if isinstance(exc, cls):

@@ -20,6 +20,7 @@ from ...core.steps import FRAMES_DTYPES
 from ...errors import IVVAEError, UntrustedCertificate
 from ...video.preprocess import CROPS, MAX_COUNT, OPTION_HELP, PREPROCESS_KEYS
 from ...wire import DECODE_KEYS, LATENT_SPACES, WIRE_DTYPES
+from .errors import OTHER_HTTP_CODE, UNSERVED_CODES
 from .tensors import DECODE_OUTPUT_KEYS, ENCODE_KEYS
 
 Schema = dict[str, Any]
@@ -53,7 +54,7 @@ def _codes(cls: type[IVVAEError]) -> set[str]:
 # ``UntrustedCertificate``), and the framework's for a path or method that is not served
 # (``ivvae.api.http.app``).
 ERROR_CODES = tuple(sorted((_codes(IVVAEError) - {UntrustedCertificate.code})
-                           | {"not_found", "method_not_allowed", "http_error"}))
+                           | {*UNSERVED_CODES.values(), OTHER_HTTP_CODE}))
 
 ERROR_SCHEMA: Schema = {
     "type": "object",
