@@ -146,6 +146,7 @@ from .sources import (
     clip_key,
     collect,
     suffix_of,
+    under,
     with_row_options,
     worker_of,
 )
@@ -233,6 +234,7 @@ __all__ = [
     "remove_orphans",
     "run_job",
     "suffix_of",
+    "under",
     "with_row_options",
     "worker_of",
     "write_manifest",

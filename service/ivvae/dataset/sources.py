@@ -183,7 +183,7 @@ def _sources(loc: Location, media: list[str], infos: dict[str, dict[str, Any]],
         ids = dict(zip(sorted(paths), pool.map(ident, sorted(paths)), strict=True))
     sources = []
     for m in media:
-        name = names[m] if names is not None else _under(loc, fs, m) or loc.relative(m)
+        name = names[m] if names is not None else under(loc, fs, m) or loc.relative(m)
         sidecars = tuple(sorted(
             (suffix_of(s), fs.unstrip_protocol(s), ids[s])
             for s in siblings.get(_stem(m), []) if suffix_of(s) not in MEDIA_SUFFIXES))
@@ -497,7 +497,7 @@ def _from_list(listing: Location, hash_threads: int, columns: Columns) -> list[S
     return sources
 
 
-def _under(base: Location, fs: Any, path: str) -> str | None:
+def under(base: Location, fs: Any, path: str) -> str | None:
     """``path`` below ``base``, cut from it (relpath would read "a/../b" in an object key
     as "b", another key); None when it is elsewhere."""
     folder = base.path.rstrip("/") + "/"
@@ -507,7 +507,7 @@ def _under(base: Location, fs: Any, path: str) -> str | None:
 def _output_for(base: Location, fs: Any, path: str) -> str:
     """A source's latent file under OUT: its path below the base folder, else its whole
     URL (``_mirrored``), kept under OUT (``_contained``)."""
-    below = _under(base, fs, path)
+    below = under(base, fs, path)
     return _contained(below if below is not None else _mirrored(fs.unstrip_protocol(path))
                       ) + LATENT_SUFFIX
 

@@ -53,7 +53,15 @@ from ..errors import IVVAEError, TooLarge
 from ..storage import Location, publish_bytes, read_errors, storage_errors
 from .clips import fetch_clip
 from .job import DatasetError
-from .sources import PATH_COLUMNS, TABLE_SUFFIXES, Columns, Source, collect, suffix_of
+from .sources import (
+    PATH_COLUMNS,
+    TABLE_SUFFIXES,
+    Columns,
+    Source,
+    collect,
+    suffix_of,
+    under,
+)
 
 WINDOW_COLUMNS = ("start_frame", "start_s", "num_frames")
 OUTPUT_SUFFIXES = (".csv", ".jsonl")
@@ -182,9 +190,9 @@ def _written_path(source: Source, table: Location) -> str:
     """How ``TABLE`` names the clip: relative to its folder when the clip lies below it,
     else whole (a local path without ``file://``)."""
     clip = Location.of(source.url)
-    folder = posixpath.dirname(table.path).rstrip("/") + "/"
-    if type(clip.fs) is type(table.fs) and clip.path.startswith(folder):
-        return clip.path[len(folder):]
+    below = under(Location(table.fs, posixpath.dirname(table.path)), clip.fs, clip.path)
+    if below is not None:
+        return below
     return clip.path if clip.local else source.url
 
 
@@ -237,12 +245,10 @@ def _cell(value: Any) -> Any:
 
 def main(args: argparse.Namespace) -> int:
     """The ``windows`` subcommand: 0 every clip read, 1 some could not be, 2 no table."""
+    stopped: tuple[type[BaseException], ...] = (DatasetError, *storage_errors())
     try:
         return _main(args)
-    except DatasetError as exc:
-        print(f"windows: {exc}", file=sys.stderr)
-        return 2
-    except storage_errors() as exc:
+    except stopped as exc:
         print(f"windows: {exc}", file=sys.stderr)
         return 2
 

@@ -651,11 +651,7 @@ class VideoReader:
         """
         if chunk < 1:
             raise ValueError(f"chunk must be at least 1, got {chunk}")
-        if self._closed:
-            raise RuntimeError("the reader is closed")
-        if self._started:
-            raise RuntimeError("iter_frames can run only once per open video")
-        self._started = True
+        self._start_once()
         return self._chunks(chunk)
 
     def read_all(self) -> Frames:
@@ -667,8 +663,16 @@ class VideoReader:
         (its checks and errors included), decoding each source frame but converting none:
         the length a clip's windows are cut from (``ivvae.dataset.windows``). Runs once,
         in place of ``iter_frames``."""
-        self.iter_frames(1)  # its checks; the generator it returns is never started
+        self._start_once()
         return sum(1 for _ in self._selected())
+
+    def _start_once(self) -> None:
+        """Decoding streams forward through the upload: frames are read out once."""
+        if self._closed:
+            raise RuntimeError("the reader is closed")
+        if self._started:
+            raise RuntimeError("iter_frames can run only once per open video")
+        self._started = True
 
     def close(self) -> None:
         if self._closed:
